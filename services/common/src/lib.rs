@@ -1,0 +1,13 @@
+//! Shared runtime of the ohx stages: the Avro records and codec, the one Kafka
+//! consumer/producer loop, topic definitions and the retention guard, telemetry and admin
+//! endpoints, the configuration database, and secret encryption.
+pub mod admin;
+pub mod codec;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod kafka;
+pub mod records;
+pub mod service;
+pub mod telemetry;
+pub mod topics;

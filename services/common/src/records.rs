@@ -1,0 +1,242 @@
+//! Rust forms of the Avro records in `schemas/`. Field names and order match the `.avsc` files;
+//! timestamps are epoch milliseconds (Avro `timestamp-millis`).
+
+use serde::{Deserialize, Serialize};
+
+/// A record type with a schema in `schemas/`.
+pub trait Record: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
+    /// The schema file name in `schemas/`.
+    const SCHEMA_FILE: &'static str;
+}
+
+/// Where a record comes from and where it goes; carried by every record so that the middle
+/// stages need no database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    pub organization_id: String,
+    pub ehr_target_id: String,
+    /// The ohx patient id (uuid).
+    pub patient_id: String,
+    /// The patient as the EHR knows it, e.g. `Patient/123`.
+    pub patient_reference: String,
+    /// `withings` | `google-health` | `omron` | `beurer`.
+    pub provider: String,
+    pub link_id: String,
+    pub provider_user_id: String,
+    pub sync_request_id: String,
+    /// `INITIAL` | `WEBHOOK` | `INCREMENTAL` | `NIGHTLY` | `MANUAL`.
+    pub trigger: String,
+    /// Receive time of the originating event, epoch ms (for end-to-end latency).
+    pub received_at: i64,
+}
+
+/// Asks the fetcher to fetch a window of one provider link's data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub context: Context,
+    /// Data categories to fetch: `blood_pressure`, `body_weight`, `heart_rate`.
+    pub categories: Vec<String>,
+    /// Inclusive start, epoch ms; `None` = the strategy's default.
+    pub window_start: Option<i64>,
+    /// Exclusive end, epoch ms; `None` = now.
+    pub window_end: Option<i64>,
+    /// The provider's notification kind, e.g. `appli=4`.
+    pub provider_event: Option<String>,
+}
+
+impl Record for SyncRequest {
+    const SCHEMA_FILE: &'static str = "sync_request.avsc";
+}
+
+/// One value of a measurement (`value` for scalars; `systolic`/`diastolic` for blood pressure).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Component {
+    pub code: String,
+    pub value: f64,
+    /// UCUM unit code.
+    pub unit: String,
+}
+
+/// The device a value was measured with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Device {
+    /// The provider's device id.
+    pub device_id: String,
+    pub model: Option<String>,
+    pub model_id: Option<String>,
+    pub manufacturer: Option<String>,
+}
+
+/// Aggregation policy: mapped one by one, or aggregated per UTC hour first.
+pub const AGGREGATION_INDIVIDUAL: &str = "INDIVIDUAL";
+/// Aggregated per UTC hour by the hourly-aggregator before mapping.
+pub const AGGREGATION_HOURLY: &str = "HOURLY";
+
+/// One normalized data point from a provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub context: Context,
+    /// Deterministic: provider, provider-native id, type.
+    pub measurement_id: String,
+    /// Patient id + data type; the record key.
+    pub series_key: String,
+    pub data_type: String,
+    /// [`AGGREGATION_INDIVIDUAL`] or [`AGGREGATION_HOURLY`].
+    pub aggregation: String,
+    pub effective_start: i64,
+    pub effective_end: Option<i64>,
+    /// The sample's local UTC offset in seconds.
+    pub utc_offset_seconds: Option<i32>,
+    pub components: Vec<Component>,
+    pub device: Option<Device>,
+    /// `device` | `device-ambiguous` | `manual`.
+    pub entry_method: Option<String>,
+    pub provider_group_id: Option<String>,
+    pub provider_modified_at: Option<i64>,
+}
+
+impl Record for Measurement {
+    const SCHEMA_FILE: &'static str = "measurement.avsc";
+}
+
+/// Builds the series key of a patient's data type (the key of `ohx.measurements.v1`).
+pub fn series_key(patient_id: &str, data_type: &str) -> String {
+    format!("{patient_id}/{data_type}")
+}
+
+/// Statistics of one series over one UTC hour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HourlyAggregate {
+    pub context: Context,
+    /// Deterministic: series key + hour.
+    pub aggregate_id: String,
+    pub series_key: String,
+    pub data_type: String,
+    pub unit: String,
+    pub hour_start: i64,
+    pub hour_end: i64,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub sum: f64,
+    pub first_sample_at: i64,
+    pub last_sample_at: i64,
+    pub utc_offset_seconds: Option<i32>,
+    pub device: Option<Device>,
+}
+
+impl Record for HourlyAggregate {
+    const SCHEMA_FILE: &'static str = "hourly_aggregate.avsc";
+}
+
+/// A FHIR R5 resource ready for an EHR target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FhirResource {
+    pub context: Context,
+    /// EHR target + resource type + logical id; the record key.
+    pub identity: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    /// The resource as canonical JSON (object keys sorted).
+    pub resource: String,
+    /// Measurement or aggregate ids it was made from.
+    pub source_ids: Vec<String>,
+}
+
+impl Record for FhirResource {
+    const SCHEMA_FILE: &'static str = "fhir_resource.avsc";
+}
+
+/// Builds the identity (record key) of a resource for an EHR target.
+pub fn resource_identity(ehr_target_id: &str, resource_type: &str, resource_id: &str) -> String {
+    format!("{ehr_target_id}/{resource_type}/{resource_id}")
+}
+
+/// Changelog entry of the deduplicator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DedupState {
+    pub content_hash: String,
+}
+
+impl Record for DedupState {
+    const SCHEMA_FILE: &'static str = "dedup_state.avsc";
+}
+
+/// What the EHR said about a resource. Carries no values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishResult {
+    pub identity: String,
+    pub organization_id: String,
+    pub ehr_target_id: String,
+    pub patient_id: String,
+    pub link_id: String,
+    pub sync_request_id: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    /// `created` | `updated` | `unchanged` | `rejected`.
+    pub outcome: String,
+    pub http_status: i32,
+    pub version_id: Option<String>,
+    pub received_at: i64,
+    pub confirmed_at: i64,
+}
+
+impl Record for PublishResult {
+    const SCHEMA_FILE: &'static str = "publish_result.avsc";
+}
+
+/// A Kafka header kept in a dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub key: String,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// A record a stage could not process, with the reason and the original bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub stage: String,
+    pub reason: String,
+    /// `decode` | `invalid` | `mapping` | `validation` | `rejected` | ...
+    pub error_kind: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub key: Option<Vec<u8>>,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
+    pub failed_at: i64,
+}
+
+impl Record for DeadLetter {
+    const SCHEMA_FILE: &'static str = "dead_letter.avsc";
+}
+
+/// Topic names of the architecture (declared as data in `topics/`).
+pub mod topic {
+    pub const SYNC_REQUESTS: &str = "ohx.sync-requests.v1";
+    pub const MEASUREMENTS: &str = "ohx.measurements.v1";
+    pub const HOURLY_AGGREGATES: &str = "ohx.hourly-aggregates.v1";
+    pub const FHIR_RESOURCES: &str = "ohx.fhir-resources.v1";
+    pub const DEDUP_STATE: &str = "ohx.dedup-state.v1";
+    pub const FHIR_OUTBOX: &str = "ohx.fhir-outbox.v1";
+    pub const PUBLISH_RESULTS: &str = "ohx.publish-results.v1";
+    pub const DEAD_LETTER: &str = "ohx.dead-letter.v1";
+}
+
+/// Returns the content hash of a FHIR resource: hex SHA-256 over its canonical JSON (object
+/// keys sorted) without `meta`. The deduplicator and the publisher must agree on it.
+pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
+    use sha2::{Digest, Sha256};
+    let mut value: serde_json::Value = serde_json::from_str(resource_json)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("meta");
+    }
+    // serde_json's map is ordered by key, so this serialization is canonical.
+    let canonical = serde_json::to_string(&value)?;
+    Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
+}

@@ -1,0 +1,83 @@
+//! Start-up and shutdown shared by every service: telemetry, codec, producer, the retention
+//! guard, the admin endpoints, and the consumer loop.
+
+use crate::admin::{self, Health};
+use crate::codec::Codec;
+use crate::kafka::{KafkaSettings, Processor, Producer, StageSettings, run_stage};
+use crate::topics;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What every service holds once started.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub service: &'static str,
+    pub kafka: KafkaSettings,
+    pub codec: Arc<Codec>,
+    pub producer: Producer,
+    pub health: Health,
+    pub shutdown: CancellationToken,
+    /// `OHX_HTTP_ADDR`: where `/healthz`, `/readyz`, `/metrics` (and the gateway's API) listen.
+    pub http_addr: SocketAddr,
+}
+
+impl Runtime {
+    /// Initializes telemetry, the codec and the producer, and refuses to start if any of
+    /// `topics` is missing or keeps data longer than 24 hours.
+    pub async fn start(service: &'static str, default_port: u16, topics: &[&str]) -> anyhow::Result<Self> {
+        crate::telemetry::init(service)?;
+        let shutdown = admin::shutdown_on_signals();
+        let kafka = KafkaSettings::from_env();
+        let codec = Codec::from_env()?;
+        let producer = Producer::new(&kafka, codec.clone())?;
+        let http_addr: SocketAddr = crate::config::string("OHX_HTTP_ADDR", &format!("0.0.0.0:{default_port}")).parse()?;
+        let wait = crate::config::millis("OHX_STARTUP_TIMEOUT_MS", 60_000)?;
+        verify_topics(&kafka, topics, wait, &shutdown).await?;
+        Ok(Self { service, kafka, codec, producer, health: Health::new(), shutdown, http_addr })
+    }
+
+    /// Serves the admin endpoints merged with `extra` routes until shutdown.
+    pub fn serve_http(&self, extra: axum::Router) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let router = admin::router(self.health.clone()).merge(extra);
+        let addr = self.http_addr;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move { admin::serve(addr, router, shutdown).await })
+    }
+
+    /// Runs a consumer stage with its admin endpoints until SIGTERM, then shuts down gracefully.
+    pub async fn run_stage<P: Processor>(self, settings: StageSettings, processor: P) -> anyhow::Result<()> {
+        let http = self.serve_http(axum::Router::new());
+        let result = run_stage(settings, &self.kafka, self.producer.clone(), processor, self.health.clone(), self.shutdown.clone()).await;
+        self.shutdown.cancel();
+        match http.await {
+            Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
+            Err(error) => tracing::warn!(%error, "http server task failed"),
+            Ok(Ok(())) => {}
+        }
+        result
+    }
+}
+
+/// Waits (up to `wait`) until every topic exists, then checks retention ≤ 24 h.
+pub async fn verify_topics(kafka: &KafkaSettings, topics: &[&str], wait: Duration, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match topics::verify_broker_retention(&admin, topics).await {
+            Ok(()) => return Ok(()),
+            Err(e @ topics::TopicError::Retention { .. }) => return Err(e.into()),
+            Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "topics not ready, waiting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

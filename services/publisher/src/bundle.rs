@@ -1,0 +1,253 @@
+//! Pure parts of publishing: the content-hash tag, transaction and read Bundles, and parsing
+//! the server's answers.
+
+use serde_json::{Value, json};
+
+/// The `meta.tag` system carrying a resource's content hash on the server. The publisher reads
+/// it back to skip resources the server already holds unchanged, so replaying the outbox
+/// creates no new versions.
+pub const HASH_TAG_SYSTEM: &str = "https://ohx.dev/fhir/CodeSystem/content-hash";
+
+/// How resources are written to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpsertMode {
+    /// `PUT {type}/{id}` with the client-assigned id.
+    Put,
+    /// `PUT {type}?identifier={system}|{value}` for servers that forbid client ids.
+    Conditional,
+}
+
+/// One resource to publish.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub resource_type: String,
+    pub resource_id: String,
+    pub resource: Value,
+    pub hash: String,
+}
+
+fn encode_query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Returns the request URL of an item's upsert (relative to the base).
+pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
+    match mode {
+        UpsertMode::Put => Ok(format!("{}/{}", item.resource_type, item.resource_id)),
+        UpsertMode::Conditional => {
+            let ident = item.resource.get("identifier").and_then(|i| i.get(0)).ok_or("resource has no identifier for a conditional upsert")?;
+            let system = ident.get("system").and_then(Value::as_str).ok_or("identifier has no system")?;
+            let value = ident.get("value").and_then(Value::as_str).ok_or("identifier has no value")?;
+            Ok(format!("{}?identifier={}", item.resource_type, encode_query_value(&format!("{system}|{value}"))))
+        }
+    }
+}
+
+/// Returns the resource with the content-hash tag set in `meta.tag` (other tags kept).
+pub fn with_hash_tag(resource: &Value, hash: &str) -> Value {
+    let mut r = resource.clone();
+    if let Some(obj) = r.as_object_mut() {
+        let meta = obj.entry("meta").or_insert_with(|| json!({}));
+        if let Some(meta) = meta.as_object_mut() {
+            let tags = meta.entry("tag").or_insert_with(|| json!([]));
+            if let Some(tags) = tags.as_array_mut() {
+                tags.retain(|t| t.get("system").and_then(Value::as_str) != Some(HASH_TAG_SYSTEM));
+                tags.push(json!({"system": HASH_TAG_SYSTEM, "code": hash}));
+            }
+        }
+    }
+    r
+}
+
+/// Returns the content hash a stored resource carries, if any.
+pub fn stored_hash(resource: &Value) -> Option<&str> {
+    resource
+        .get("meta")?
+        .get("tag")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("system").and_then(Value::as_str) == Some(HASH_TAG_SYSTEM))?
+        .get("code")?
+        .as_str()
+}
+
+/// Returns a `batch` Bundle that reads the current state of each item.
+pub fn read_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, String> {
+    let entries = items
+        .iter()
+        .map(|i| Ok(json!({"request": {"method": "GET", "url": upsert_url(i, mode)?}})))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}))
+}
+
+/// Returns a `transaction` Bundle of upserts.
+pub fn transaction_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, String> {
+    let entries = items
+        .iter()
+        .map(|i| {
+            Ok(json!({
+                "fullUrl": format!("urn:uuid:{}", uuid_from_id(&i.resource_id)),
+                "resource": with_hash_tag(&i.resource, &i.hash),
+                "request": {"method": "PUT", "url": upsert_url(i, mode)?}
+            }))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+}
+
+/// Formats a deterministic UUID-shaped string from a resource id (for `fullUrl`).
+fn uuid_from_id(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(id.as_bytes()));
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// The hash the server holds for each item of a read batch response (None: absent or untagged).
+pub fn current_hashes(response: &Value, count: usize) -> Vec<Option<String>> {
+    let entries = response.get("entry").and_then(Value::as_array);
+    (0..count)
+        .map(|i| {
+            let entry = entries?.get(i)?;
+            let status = entry.get("response")?.get("status")?.as_str()?;
+            if !status.starts_with('2') {
+                return None;
+            }
+            let resource = entry.get("resource")?;
+            // A conditional read answers with a searchset Bundle.
+            let resource = if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                resource.get("entry")?.get(0)?.get("resource")?
+            } else {
+                resource
+            };
+            stored_hash(resource).map(str::to_string)
+        })
+        .collect()
+}
+
+/// The server's answer for one upsert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryOutcome {
+    pub http_status: i32,
+    pub version_id: Option<String>,
+}
+
+/// Parses `"201 Created"`-style statuses and `W/"3"` etags from a transaction response.
+pub fn transaction_outcomes(response: &Value, count: usize) -> Result<Vec<EntryOutcome>, String> {
+    let entries = response.get("entry").and_then(Value::as_array).ok_or("transaction response has no entries")?;
+    if entries.len() != count {
+        return Err(format!("transaction response has {} entries for {count} requests", entries.len()));
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let resp = e.get("response").ok_or("entry without response")?;
+            let status = resp.get("status").and_then(Value::as_str).ok_or("entry without status")?;
+            let code = status.split_whitespace().next().and_then(|c| c.parse::<i32>().ok()).ok_or("unreadable entry status")?;
+            let version_id = resp
+                .get("etag")
+                .and_then(Value::as_str)
+                .map(|t| t.trim_start_matches("W/").trim_matches('"').to_string());
+            Ok(EntryOutcome { http_status: code, version_id })
+        })
+        .collect()
+}
+
+/// Summarizes an OperationOutcome (severity, code, diagnostics) for a dead letter.
+pub fn outcome_summary(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return body.chars().take(500).collect();
+    };
+    let issues = v.get("issue").and_then(Value::as_array).cloned().unwrap_or_default();
+    let parts: Vec<String> = issues
+        .iter()
+        .take(5)
+        .map(|i| {
+            let sev = i.get("severity").and_then(Value::as_str).unwrap_or("?");
+            let code = i.get("code").and_then(Value::as_str).unwrap_or("?");
+            let diag = i
+                .get("diagnostics")
+                .and_then(Value::as_str)
+                .or_else(|| i.get("details").and_then(|d| d.get("text")).and_then(Value::as_str))
+                .unwrap_or("");
+            format!("{sev}/{code}: {diag}")
+        })
+        .collect();
+    if parts.is_empty() { body.chars().take(500).collect() } else { parts.join("; ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: &str) -> Item {
+        Item {
+            resource_type: "Observation".into(),
+            resource_id: id.into(),
+            resource: json!({"resourceType": "Observation", "id": id, "status": "final",
+                "identifier": [{"system": "https://ohx.example/fhir/sid/observation", "value": "withings-1-2 bp"}],
+                "meta": {"source": "https://ohx.example/fhir/source/withings"}}),
+            hash: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn test_upsert_urls_per_mode() {
+        let i = item("ohx-1");
+        assert_eq!(upsert_url(&i, UpsertMode::Put).unwrap(), "Observation/ohx-1");
+        assert_eq!(
+            upsert_url(&i, UpsertMode::Conditional).unwrap(),
+            "Observation?identifier=https://ohx.example/fhir/sid/observation%7Cwithings-1-2%20bp"
+        );
+    }
+
+    #[test]
+    fn test_hash_tag_set_once_and_read_back() {
+        let i = item("x");
+        let tagged = with_hash_tag(&with_hash_tag(&i.resource, "old"), "new");
+        assert_eq!(stored_hash(&tagged), Some("new"));
+        assert_eq!(tagged["meta"]["tag"].as_array().unwrap().len(), 1);
+        assert_eq!(tagged["meta"]["source"], "https://ohx.example/fhir/source/withings");
+    }
+
+    #[test]
+    fn test_transaction_bundle_shape() {
+        let (a, b) = (item("a"), item("b"));
+        let bundle = transaction_bundle(&[&a, &b], UpsertMode::Put).unwrap();
+        assert_eq!(bundle["type"], "transaction");
+        assert_eq!(bundle["entry"][1]["request"]["method"], "PUT");
+        assert_eq!(bundle["entry"][1]["request"]["url"], "Observation/b");
+        assert_eq!(stored_hash(&bundle["entry"][0]["resource"]), Some("abc"));
+        assert!(bundle["entry"][0]["fullUrl"].as_str().unwrap().starts_with("urn:uuid:"));
+    }
+
+    #[test]
+    fn test_parse_transaction_and_read_responses() {
+        let resp = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "201 Created", "etag": "W/\"1\""}},
+            {"response": {"status": "200 OK", "etag": "W/\"4\""}}]});
+        let o = transaction_outcomes(&resp, 2).unwrap();
+        assert_eq!(o[0], EntryOutcome { http_status: 201, version_id: Some("1".into()) });
+        assert_eq!(o[1].version_id.as_deref(), Some("4"));
+        assert!(transaction_outcomes(&resp, 3).is_err());
+
+        let read = json!({"entry": [
+            {"response": {"status": "200 OK"}, "resource": with_hash_tag(&item("a").resource, "h1")},
+            {"response": {"status": "404 Not Found"}},
+            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_hash_tag(&item("c").resource, "h3")}]}}]});
+        assert_eq!(current_hashes(&read, 3), vec![Some("h1".into()), None, Some("h3".into())]);
+    }
+
+    #[test]
+    fn test_outcome_summary() {
+        let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad status"}]}"#;
+        assert_eq!(outcome_summary(body), "error/invalid: bad status");
+        assert_eq!(outcome_summary("plain"), "plain");
+    }
+}

@@ -1,0 +1,23 @@
+//! webhook-gateway binary: wiring only.
+
+use ohx_common::records::topic;
+use ohx_common::service::Runtime;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rt = Runtime::start("webhook-gateway", 8080, &[topic::SYNC_REQUESTS]).await?;
+    let pool = ohx_common::db::pool_from_env()?;
+    let state = webhook_gateway::AppState {
+        pool,
+        producer: rt.producer.clone(),
+        ack_timeout: ohx_common::config::millis("OHX_ACK_TIMEOUT_MS", 1500)?,
+    };
+    let http = rt.serve_http(webhook_gateway::router(state));
+    rt.health.set_ready(true);
+    rt.shutdown.cancelled().await;
+    rt.health.set_ready(false);
+    http.await??;
+    rt.producer.flush(std::time::Duration::from_secs(5));
+    tracing::info!("stopped");
+    Ok(())
+}
