@@ -62,6 +62,33 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Runs two consumer stages (two groups over different inputs) in one process, sharing the
+    /// admin endpoints; if either fails, both stop.
+    pub async fn run_two<P1: Processor, P2: Processor>(self, s1: StageSettings, p1: P1, s2: StageSettings, p2: P2) -> anyhow::Result<()> {
+        let http = self.serve_http(axum::Router::new());
+        let stop = self.shutdown.clone();
+        let a = run_stage(s1, &self.kafka, self.producer.clone(), p1, self.health.clone(), stop.clone());
+        let b = run_stage(s2, &self.kafka, self.producer.clone(), p2, self.health.clone(), stop.clone());
+        let (ra, rb) = tokio::join!(
+            async {
+                let r = a.await;
+                stop.cancel();
+                r
+            },
+            async {
+                let r = b.await;
+                stop.cancel();
+                r
+            }
+        );
+        if let Ok(Err(error)) = http.await {
+            tracing::warn!(%error, "http server failed");
+        }
+        ra.and(rb)
+    }
+}
+
 /// Waits (up to `wait`) until every topic exists, then checks retention ≤ 24 h.
 pub async fn verify_topics(kafka: &KafkaSettings, topics: &[&str], wait: Duration, shutdown: &CancellationToken) -> anyhow::Result<()> {
     if topics.is_empty() {

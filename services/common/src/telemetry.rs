@@ -117,3 +117,11 @@ pub fn new_seconds_histogram(name: &'static str, description: &'static str) -> H
         ])
         .build()
 }
+
+/// Initializes logging for command-line tools: plain text on stderr, `warn` unless `OHX_LOG`.
+pub fn init_cli() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OHX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    Ok(())
+}

@@ -1,1 +1,354 @@
-fn main() {}
+//! `ohx`: the operations command. Applies migrations, topics and schemas; creates the
+//! configuration records (organization, EHR target, patient, provider app and link); emits
+//! manual sync requests; rewinds a stage's consumer group to replay its input.
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ohx_common::codec::{Codec, SCHEMA_FILES};
+use ohx_common::crypto::SecretBox;
+use ohx_common::kafka::{KafkaSettings, Producer};
+use ohx_common::records::{Context, SyncRequest, topic};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "ohx", about = "ohx operations: database, topics, schemas, configuration, replay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates the database if needed and applies migrations (OHX_DATABASE_URL).
+    Migrate,
+    /// Topic definitions from topics/.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Registers schemas/ with the registry (OHX_SCHEMA_REGISTRY=http://…) or lists the pinned ids.
+    Schemas,
+    /// Creates an organization; prints {"id"}.
+    CreateOrg {
+        #[arg(long)]
+        name: String,
+    },
+    /// Creates an EHR target; prints {"id"}.
+    CreateTarget {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        base_url: String,
+        /// none | bearer
+        #[arg(long, default_value = "none")]
+        auth: String,
+        /// Bearer token (sealed with OHX_SECRET_KEYS).
+        #[arg(long, env = "OHX_TARGET_TOKEN")]
+        token: Option<String>,
+        /// put (client ids) | conditional (identifier)
+        #[arg(long, default_value = "put")]
+        mode: String,
+    },
+    /// Creates a patient known to an EHR target; prints {"id"}.
+    CreatePatient {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        target: Uuid,
+        /// The patient as the EHR knows it, e.g. Patient/123.
+        #[arg(long)]
+        reference: String,
+    },
+    /// Creates a provider app; prints {"id", "webhook_path"}.
+    CreateApp {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long, default_value = "withings")]
+        provider: String,
+        #[arg(long)]
+        client_id: String,
+        #[arg(long, env = "OHX_APP_CLIENT_SECRET")]
+        client_secret: String,
+        /// Secret token for the webhook callback URL (?token=…).
+        #[arg(long, env = "OHX_APP_WEBHOOK_TOKEN")]
+        webhook_token: String,
+        /// Provider API base URL (simulators, regional clouds).
+        #[arg(long)]
+        api_base_url: Option<String>,
+    },
+    /// Links a patient to a provider account with its tokens; prints {"id"}.
+    CreateLink {
+        #[arg(long)]
+        app: Uuid,
+        #[arg(long)]
+        patient: Uuid,
+        #[arg(long)]
+        provider_user_id: String,
+        #[arg(long, env = "OHX_LINK_ACCESS_TOKEN")]
+        access_token: String,
+        #[arg(long, env = "OHX_LINK_REFRESH_TOKEN")]
+        refresh_token: String,
+        /// Seconds until the access token expires.
+        #[arg(long, default_value_t = 10800)]
+        expires_in: i64,
+    },
+    /// Emits a sync request for a link (MANUAL or INITIAL).
+    Sync {
+        #[arg(long)]
+        link: Uuid,
+        #[arg(long, default_value = "MANUAL")]
+        trigger: String,
+        /// Comma-separated: blood_pressure,body_weight,heart_rate
+        #[arg(long, default_value = "blood_pressure,body_weight,heart_rate")]
+        categories: String,
+        /// How many days back.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
+    /// Rewinds a stopped stage's consumer group on a topic to the beginning or a timestamp.
+    Replay {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// Epoch milliseconds; omit to replay from the beginning.
+        #[arg(long)]
+        from_ms: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Creates missing topics and alters existing ones (refuses retention above 24 h).
+    Apply {
+        #[arg(long, env = "OHX_TOPIC_REPLICATION", default_value_t = 1)]
+        replication: i32,
+    },
+    /// Checks that every topic exists with retention ≤ 24 h.
+    Check,
+}
+
+fn print(v: serde_json::Value) {
+    println!("{v}");
+}
+
+async fn db() -> anyhow::Result<deadpool_postgres::Client> {
+    let pool = ohx_common::db::pool_from_env()?;
+    Ok(pool.get().await?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber_init();
+    match cli.command {
+        Command::Migrate => {
+            let url = ohx_common::config::string("OHX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ohx");
+            ohx_common::db::create_database(&url).await?;
+            let pool = ohx_common::db::pool_from_env()?;
+            let applied = ohx_common::db::migrate(&pool).await?;
+            print(json!({"applied": applied}));
+        }
+        Command::Topics { action } => {
+            let kafka = KafkaSettings::from_env();
+            let defs = ohx_common::topics::definitions()?;
+            match action {
+                TopicsAction::Apply { replication } => {
+                    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+                    let done = ohx_common::topics::apply(&admin, &defs, replication).await?;
+                    for (name, what) in done {
+                        print(json!({"topic": name, "applied": format!("{what:?}").to_lowercase()}));
+                    }
+                }
+                TopicsAction::Check => {
+                    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+                    let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+                    ohx_common::topics::verify_broker_retention(&admin, &names).await?;
+                    print(json!({"ok": names}));
+                }
+            }
+        }
+        Command::Schemas => register_schemas().await?,
+        Command::CreateOrg { name } => {
+            let id = Uuid::new_v4();
+            db().await?.execute("INSERT INTO organizations (id, name) VALUES ($1, $2)", &[&id, &name]).await?;
+            print(json!({"id": id}));
+        }
+        Command::CreateTarget { org, name, base_url, auth, token, mode } => {
+            let id = Uuid::new_v4();
+            let secret = match (auth.as_str(), token) {
+                ("none", _) => None,
+                ("bearer", Some(t)) => Some(SecretBox::from_env()?.seal(t.as_bytes(), &format!("ehr_target:{id}:auth_secret"))?),
+                ("bearer", None) => bail!("--token is required for bearer auth"),
+                (other, _) => bail!("auth {other} is not supported by this version"),
+            };
+            db().await?
+                .execute(
+                    "INSERT INTO ehr_targets (id, organization_id, name, base_url, auth_kind, auth_secret, upsert_mode) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                    &[&id, &org, &name, &base_url, &auth, &secret, &mode],
+                )
+                .await?;
+            print(json!({"id": id}));
+        }
+        Command::CreatePatient { org, target, reference } => {
+            let id = Uuid::new_v4();
+            db().await?
+                .execute(
+                    "INSERT INTO patients (id, organization_id, ehr_target_id, ehr_patient_reference) VALUES ($1,$2,$3,$4)",
+                    &[&id, &org, &target, &reference],
+                )
+                .await?;
+            print(json!({"id": id}));
+        }
+        Command::CreateApp { org, provider, client_id, client_secret, webhook_token, api_base_url } => {
+            let id = Uuid::new_v4();
+            let sealed = SecretBox::from_env()?.seal(client_secret.as_bytes(), &format!("provider_app:{id}:client_secret"))?;
+            let token_hash = hex::encode(Sha256::digest(webhook_token.as_bytes()));
+            db().await?
+                .execute(
+                    "INSERT INTO provider_apps (id, organization_id, provider, client_id, client_secret, webhook_token_sha256, api_base_url) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                    &[&id, &org, &provider, &client_id, &sealed, &token_hash, &api_base_url],
+                )
+                .await?;
+            print(json!({"id": id, "webhook_path": format!("/webhooks/{provider}?token=<webhook token>")}));
+        }
+        Command::CreateLink { app, patient, provider_user_id, access_token, refresh_token, expires_in } => {
+            let id = Uuid::new_v4();
+            let secrets = SecretBox::from_env()?;
+            let access = secrets.seal(access_token.as_bytes(), &format!("provider_link:{id}:access_token"))?;
+            let refresh = secrets.seal(refresh_token.as_bytes(), &format!("provider_link:{id}:refresh_token"))?;
+            let client = db().await?;
+            let row = client
+                .query_one("SELECT organization_id, provider FROM provider_apps WHERE id = $1", &[&app])
+                .await
+                .context("unknown provider app")?;
+            let org: Uuid = row.get(0);
+            let provider: String = row.get(1);
+            client
+                .execute(
+                    "INSERT INTO provider_links (id, organization_id, patient_id, provider_app_id, provider, provider_user_id, access_token, refresh_token, token_expires_at) \
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8, now() + make_interval(secs => $9))",
+                    &[&id, &org, &patient, &app, &provider, &provider_user_id, &access, &refresh, &(expires_in as f64)],
+                )
+                .await?;
+            print(json!({"id": id}));
+        }
+        Command::Sync { link, trigger, categories, days } => {
+            let row = db().await?
+                .query_one(
+                    "SELECT l.organization_id, p.ehr_target_id, l.patient_id, p.ehr_patient_reference, l.provider, l.provider_user_id \
+                     FROM provider_links l JOIN patients p ON p.id = l.patient_id WHERE l.id = $1",
+                    &[&link],
+                )
+                .await
+                .context("unknown link")?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let request = SyncRequest {
+                context: Context {
+                    organization_id: row.get::<_, Uuid>(0).to_string(),
+                    ehr_target_id: row.get::<_, Uuid>(1).to_string(),
+                    patient_id: row.get::<_, Uuid>(2).to_string(),
+                    patient_reference: row.get(3),
+                    provider: row.get(4),
+                    link_id: link.to_string(),
+                    provider_user_id: row.get(5),
+                    sync_request_id: Uuid::new_v4().to_string(),
+                    trigger: trigger.to_uppercase(),
+                    received_at: now,
+                },
+                categories: categories.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect(),
+                window_start: Some(now - days * 86_400_000),
+                window_end: Some(now),
+                provider_event: None,
+            };
+            let producer = Producer::new(&KafkaSettings::from_env(), Codec::from_env()?)?;
+            producer.send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request).await?;
+            print(json!({"sync_request_id": request.context.sync_request_id}));
+        }
+        Command::Replay { group, topic, from_ms } => {
+            let consumer: BaseConsumer = KafkaSettings::from_env()
+                .client_config()
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                bail!("topic {topic} has no partitions");
+            }
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                let offset = match from_ms {
+                    None => consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?.0,
+                    Some(ms) => {
+                        let mut q = TopicPartitionList::new();
+                        q.add_partition_offset(&topic, *p, Offset::Offset(ms))?;
+                        let found = consumer.offsets_for_times(q, Duration::from_secs(10))?;
+                        match found.find_partition(&topic, *p).map(|e| e.offset()) {
+                            Some(Offset::Offset(o)) => o,
+                            _ => consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?.1,
+                        }
+                    }
+                };
+                tpl.add_partition_offset(&topic, *p, Offset::Offset(offset))?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync).context("commit failed (is the stage stopped?)")?;
+            let offsets: Vec<_> = tpl.elements().iter().map(|e| json!({"partition": e.partition(), "offset": format!("{:?}", e.offset())})).collect();
+            print(json!({"group": group, "topic": topic, "rewound": offsets}));
+        }
+    }
+    Ok(())
+}
+
+fn tracing_subscriber_init() -> anyhow::Result<()> {
+    // The CLI prints results as JSON on stdout; logs go to stderr at warn level.
+    ohx_common::telemetry::init_cli()
+}
+
+async fn register_schemas() -> anyhow::Result<()> {
+    let registry = ohx_common::config::string("OHX_SCHEMA_REGISTRY", "embedded");
+    let defs = ohx_common::topics::definitions()?;
+    if registry == "embedded" {
+        let ids: std::collections::BTreeMap<String, u32> = toml::from_str(ohx_common::codec::REGISTRY_TOML)?;
+        for d in &defs {
+            print(json!({"subject": format!("{}-value", d.name), "schema": d.value_schema, "id": ids.get(&d.value_schema), "mode": "embedded"}));
+        }
+        return Ok(());
+    }
+    let http = reqwest::Client::new();
+    for d in &defs {
+        let raw = SCHEMA_FILES
+            .iter()
+            .find(|(f, _)| *f == d.value_schema)
+            .map(|(_, raw)| *raw)
+            .with_context(|| format!("schema {} missing", d.value_schema))?;
+        let subject = format!("{}-value", d.name);
+        let url = format!("{}/subjects/{}/versions", registry.trim_end_matches('/'), subject);
+        let resp = http
+            .post(&url)
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .json(&json!({"schema": raw, "schemaType": "AVRO"}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or(json!(null));
+        if !status.is_success() {
+            bail!("registering {subject} failed: {status} {body}");
+        }
+        print(json!({"subject": subject, "id": body.get("id"), "mode": "http"}));
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+# Shared settings of the ohx scripts; sourced, not run.
+# OHX_HOME holds installed tools' data (FHIR packages, the HFS data directory) and demo state.
+export OHX_HOME="${OHX_HOME:-$HOME/.cache/ohx}"
+export TANSU_VERSION=0.6.0
+export HFS_VERSION=0.2.7
+export FHIR_CORE_PACKAGE=hl7.fhir.r5.core@5.0.0
+export HFS_DATA_DIR="$OHX_HOME/hfs-data"
+export PATH="$HOME/.cargo/bin:$PATH"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export ROOT
+
+log() { printf '[ohx %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

@@ -1,0 +1,986 @@
+//! Pure normalization of Withings answers into ohx [`Measurement`]s.
+//!
+//! No I/O: input is a decoded answer of [`crate::withings`], the record [`Context`] (filled by
+//! the caller; `context.provider_user_id` must be the Withings `userid`, it is part of every
+//! `measurement_id`) and the user's fallback UTC offset.
+//!
+//! Mapping (`providers.md` §1.4, §1.6):
+//!
+//! | Withings | ohx `data_type` | aggregation | `measurement_id` |
+//! |---|---|---|---|
+//! | `getmeas` types 10 + 9 of one group | `blood_pressure` (systolic, diastolic in `mm[Hg]`) | INDIVIDUAL | `withings:{userid}:{grpid}:bp` |
+//! | `getmeas` type 11 | `heart_rate` (`/min`) | INDIVIDUAL | `withings:{userid}:{grpid}:11` |
+//! | `getmeas` type 1 | `body_weight` (`kg`) | INDIVIDUAL | `withings:{userid}:{grpid}:1` |
+//! | intraday `heart_rate` | `heart_rate` (`/min`) | HOURLY | `withings:{userid}:hr:{epoch}:{deviceid\|none}` |
+//!
+//! # Time zones
+//!
+//! `utc_offset_seconds` is the offset of the answer's IANA `timezone` at the sample's instant,
+//! computed with `jiff` and its embedded tz database (see `Cargo.toml` for why), so results do
+//! not depend on the host's `/usr/share/zoneinfo`. Without a usable time zone name the caller's
+//! fallback offset is used. The UTC instant (`effective_start`) never depends on the zone.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use ohx_common::records::{
+    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
+};
+
+use crate::withings::{
+    CATEGORY_OBJECTIVE, IntradayEntry, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
+};
+
+/// `measurement_id` prefix and manufacturer name.
+pub const PROVIDER_WITHINGS: &str = "withings";
+const MANUFACTURER_WITHINGS: &str = "Withings";
+
+/// Data type of systolic/diastolic pairs.
+pub const DATA_TYPE_BLOOD_PRESSURE: &str = "blood_pressure";
+/// Data type of heart rate (spot and intraday).
+pub const DATA_TYPE_HEART_RATE: &str = "heart_rate";
+/// Data type of body weight.
+pub const DATA_TYPE_BODY_WEIGHT: &str = "body_weight";
+
+/// Withings measure type: weight (kg).
+pub const MEASTYPE_WEIGHT: i32 = 1;
+/// Withings measure type: diastolic blood pressure (mmHg).
+pub const MEASTYPE_DIASTOLIC: i32 = 9;
+/// Withings measure type: systolic blood pressure (mmHg).
+pub const MEASTYPE_SYSTOLIC: i32 = 10;
+/// Withings measure type: heart pulse (bpm).
+pub const MEASTYPE_HEART_PULSE: i32 = 11;
+/// The `getmeas` types this module maps (pass as `meastypes`).
+pub const SUPPORTED_MEASTYPES: [i32; 4] = [
+    MEASTYPE_WEIGHT,
+    MEASTYPE_DIASTOLIC,
+    MEASTYPE_SYSTOLIC,
+    MEASTYPE_HEART_PULSE,
+];
+
+/// UCUM unit of blood pressure.
+pub const UNIT_MM_HG: &str = "mm[Hg]";
+/// UCUM unit of heart rate.
+pub const UNIT_PER_MINUTE: &str = "/min";
+/// UCUM unit of body weight.
+pub const UNIT_KG: &str = "kg";
+
+/// Component code of scalar values.
+pub const COMPONENT_VALUE: &str = "value";
+/// Component code of systolic pressure.
+pub const COMPONENT_SYSTOLIC: &str = "systolic";
+/// Component code of diastolic pressure.
+pub const COMPONENT_DIASTOLIC: &str = "diastolic";
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// What a normalization produced, and what it left out (for metrics).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Normalized {
+    /// Measurements sorted by `effective_start`, then `measurement_id`.
+    pub measurements: Vec<Measurement>,
+    /// Counts of what was skipped.
+    pub stats: NormalizeStats,
+}
+
+/// Counters of a normalization.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NormalizeStats {
+    /// Measure groups read (all categories).
+    pub groups: u64,
+    /// Groups of category 2 (user objectives), skipped.
+    pub objective_groups_skipped: u64,
+    /// Measures dropped because a newer copy of the same (`grpid`, type) was present.
+    pub duplicate_measures_dropped: u64,
+    /// Measures of types not mapped by ohx, per Withings type.
+    pub skipped_types: BTreeMap<i32, u64>,
+    /// Groups with only one of systolic/diastolic (no blood pressure emitted).
+    pub incomplete_blood_pressure: u64,
+    /// Values that decode to a non-finite or non-positive number (skipped).
+    pub invalid_values: u64,
+    /// Intraday entries without `heart_rate` (skipped).
+    pub entries_without_heart_rate: u64,
+    /// A time zone name that is not in the tz database (the fallback offset was used).
+    pub unknown_timezone: Option<String>,
+}
+
+impl NormalizeStats {
+    /// Total measures skipped for their type.
+    #[must_use]
+    pub fn skipped_types_total(&self) -> u64 {
+        self.skipped_types.values().sum()
+    }
+}
+
+/// Decodes a Withings value: `value × 10^unit`.
+///
+/// The exact decimal `{value}e{unit}` is parsed by the standard library, which rounds
+/// correctly, so the result is the `f64` nearest to the true decimal (`12100, -2` → exactly
+/// `121.0`; `72450, -3` → the same `f64` as the literal `72.45`). Multiplying by
+/// `10f64.powi(unit)` would add a second rounding error. `None` if the result is not finite.
+#[must_use]
+pub fn decode_value(value: i64, unit: i32) -> Option<f64> {
+    format!("{value}e{unit}")
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+}
+
+/// Maps a measure group's `attrib` to `entry_method`: 0, 8 → `device`; 1 → `device-ambiguous`;
+/// 2, 4 → `manual`; any other code → `device`; missing → `None`.
+#[must_use]
+pub fn entry_method(attrib: Option<i64>) -> Option<&'static str> {
+    attrib.map(|a| match a {
+        1 => "device-ambiguous",
+        2 | 4 => "manual",
+        _ => "device",
+    })
+}
+
+/// The UTC offset in seconds of IANA zone `timezone` at `epoch_s`; `None` if the zone is
+/// unknown or the instant out of range.
+#[must_use]
+pub fn utc_offset_at(timezone: &str, epoch_s: i64) -> Option<i32> {
+    let tz = TimeZone::get(timezone).ok()?;
+    offset_in(&tz, epoch_s)
+}
+
+fn offset_in(tz: &TimeZone, epoch_s: i64) -> Option<i32> {
+    let ts = Timestamp::from_second(epoch_s).ok()?;
+    Some(tz.to_offset(ts).seconds())
+}
+
+/// Widens `[start_ms, end_ms)` to whole UTC hours: `start` floored to its hour, `end` ceiled
+/// to the next hour boundary (unchanged when already on one). Used for hourly-aggregated
+/// series so that a re-fetch of an hour carries the whole hour.
+#[must_use]
+pub fn widen_to_hours(start_ms: i64, end_ms: i64) -> (i64, i64) {
+    let start = start_ms.saturating_sub(start_ms.rem_euclid(HOUR_MS));
+    let rest = end_ms.rem_euclid(HOUR_MS);
+    let end = if rest == 0 {
+        end_ms
+    } else {
+        end_ms.saturating_add(HOUR_MS - rest)
+    };
+    (start, end)
+}
+
+/// Resolves offsets: the named zone if known, else the fallback.
+struct OffsetResolver {
+    tz: Option<TimeZone>,
+    fallback: Option<i32>,
+}
+
+impl OffsetResolver {
+    fn new(timezone: Option<&str>, fallback: Option<i32>, stats: &mut NormalizeStats) -> Self {
+        let tz = timezone
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .and_then(|name| match TimeZone::get(name) {
+                Ok(tz) => Some(tz),
+                Err(_) => {
+                    stats.unknown_timezone = Some(name.to_owned());
+                    None
+                }
+            });
+        Self { tz, fallback }
+    }
+
+    fn offset_at(&self, epoch_s: i64) -> Option<i32> {
+        self.tz
+            .as_ref()
+            .and_then(|tz| offset_in(tz, epoch_s))
+            .or(self.fallback)
+    }
+}
+
+/// Builds the device of a sample. Third-party sources synced into Withings (model ids
+/// 1051–1099: HealthKit, Google Fit, Health Connect, Samsung, Huawei…) get no manufacturer,
+/// since the device is not a Withings one.
+fn device(device_id: Option<&str>, model: Option<&str>, model_id: Option<i64>) -> Option<Device> {
+    let device_id = device_id?;
+    let third_party = model_id.is_some_and(|m| (1051..=1099).contains(&m));
+    Some(Device {
+        device_id: device_id.to_owned(),
+        model: model.map(str::to_owned),
+        model_id: model_id.map(|m| m.to_string()),
+        manufacturer: (!third_party).then(|| MANUFACTURER_WITHINGS.to_owned()),
+    })
+}
+
+/// A decoded value if it is usable (finite and positive), counting it otherwise.
+fn usable(m: &Measure, stats: &mut NormalizeStats) -> Option<f64> {
+    let v = decode_value(m.value, m.unit).filter(|v| *v > 0.0);
+    if v.is_none() {
+        stats.invalid_values += 1;
+    }
+    v
+}
+
+/// Which copy of a duplicated (`grpid`, type) wins: latest `modified`, then the lower
+/// `attrib` (0 before 8, which mean the same), then the first in answer order.
+fn is_newer(candidate: &MeasureGroup, current: &MeasureGroup) -> bool {
+    let rank = |g: &MeasureGroup| {
+        (
+            g.modified.unwrap_or(i64::MIN),
+            std::cmp::Reverse(g.attrib.unwrap_or(i64::MAX)),
+        )
+    };
+    rank(candidate) > rank(current)
+}
+
+/// The copy of a measure chosen by deduplication, with its group.
+type Chosen<'a> = (&'a MeasureGroup, &'a Measure);
+
+/// Normalizes a `getmeas` answer: blood pressure (types 10 + 9), spot heart rate (11) and
+/// weight (1); everything else is counted in [`NormalizeStats`]. `utc_offset_seconds` comes
+/// from `resp.timezone` at each group's `date`, else `fallback_utc_offset_seconds`.
+#[must_use]
+pub fn normalize_measures(
+    resp: &MeasureResponse,
+    ctx: &Context,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let offsets = OffsetResolver::new(
+        resp.timezone.as_deref(),
+        fallback_utc_offset_seconds,
+        &mut stats,
+    );
+
+    // Dedupe by (grpid, type, position), keeping the newest copy.
+    let mut by_group: BTreeMap<i64, BTreeMap<(i32, Option<i64>), Chosen<'_>>> = BTreeMap::new();
+    for g in &resp.measuregrps {
+        stats.groups += 1;
+        if g.category == Some(i64::from(CATEGORY_OBJECTIVE)) {
+            stats.objective_groups_skipped += 1;
+            continue;
+        }
+        let slots = by_group.entry(g.grpid).or_default();
+        for m in &g.measures {
+            match slots.entry((m.measure_type, m.position)) {
+                Entry::Vacant(slot) => {
+                    slot.insert((g, m));
+                }
+                Entry::Occupied(mut slot) => {
+                    stats.duplicate_measures_dropped += 1;
+                    if is_newer(g, slot.get().0) {
+                        slot.insert((g, m));
+                    }
+                }
+            }
+        }
+    }
+
+    let mut out = Vec::new();
+    for (grpid, mut slots) in by_group {
+        let systolic = slots.remove(&(MEASTYPE_SYSTOLIC, None));
+        let diastolic = slots.remove(&(MEASTYPE_DIASTOLIC, None));
+        match (systolic, diastolic) {
+            (Some((gs, sys)), Some((gd, dia))) => {
+                let (sys_v, dia_v) = (usable(sys, &mut stats), usable(dia, &mut stats));
+                if let (Some(sys_v), Some(dia_v)) = (sys_v, dia_v) {
+                    // Metadata from the newer of the two groups (they differ only for
+                    // duplicates).
+                    let meta = if is_newer(gd, gs) { gd } else { gs };
+                    out.push(group_measurement(
+                        ctx,
+                        meta,
+                        &offsets,
+                        DATA_TYPE_BLOOD_PRESSURE,
+                        &format!("{PROVIDER_WITHINGS}:{}:{grpid}:bp", ctx.provider_user_id),
+                        vec![
+                            component(COMPONENT_SYSTOLIC, sys_v, UNIT_MM_HG),
+                            component(COMPONENT_DIASTOLIC, dia_v, UNIT_MM_HG),
+                        ],
+                    ));
+                }
+            }
+            (None, None) => {}
+            _ => stats.incomplete_blood_pressure += 1,
+        }
+
+        for ((measure_type, _), (g, m)) in slots {
+            let (data_type, unit) = match measure_type {
+                MEASTYPE_HEART_PULSE => (DATA_TYPE_HEART_RATE, UNIT_PER_MINUTE),
+                MEASTYPE_WEIGHT => (DATA_TYPE_BODY_WEIGHT, UNIT_KG),
+                other => {
+                    *stats.skipped_types.entry(other).or_default() += 1;
+                    continue;
+                }
+            };
+            let Some(v) = usable(m, &mut stats) else {
+                continue;
+            };
+            out.push(group_measurement(
+                ctx,
+                g,
+                &offsets,
+                data_type,
+                &format!(
+                    "{PROVIDER_WITHINGS}:{}:{grpid}:{measure_type}",
+                    ctx.provider_user_id
+                ),
+                vec![component(COMPONENT_VALUE, v, unit)],
+            ));
+        }
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+/// Normalizes intraday heart rate: one HOURLY `heart_rate` Measurement per epoch key that
+/// has a `heart_rate`. The intraday answer has no time zone: pass the user's IANA `timezone`
+/// if known (e.g. from the last `getmeas` answer), else only the fallback offset is used.
+#[must_use]
+pub fn normalize_intraday_heart_rate(
+    resp: &IntradayResponse,
+    ctx: &Context,
+    timezone: Option<&str>,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let offsets = OffsetResolver::new(timezone, fallback_utc_offset_seconds, &mut stats);
+    let mut out = Vec::with_capacity(resp.series.len());
+    for (&epoch, entry) in &resp.series {
+        let IntradayEntry {
+            deviceid,
+            model,
+            model_id,
+            heart_rate,
+        } = entry;
+        let Some(hr) = *heart_rate else {
+            stats.entries_without_heart_rate += 1;
+            continue;
+        };
+        if !(hr.is_finite() && hr > 0.0) {
+            stats.invalid_values += 1;
+            continue;
+        }
+        let device_part = deviceid.as_deref().unwrap_or("none");
+        out.push(Measurement {
+            context: ctx.clone(),
+            measurement_id: format!(
+                "{PROVIDER_WITHINGS}:{}:hr:{epoch}:{device_part}",
+                ctx.provider_user_id
+            ),
+            series_key: series_key(&ctx.patient_id, DATA_TYPE_HEART_RATE),
+            data_type: DATA_TYPE_HEART_RATE.to_owned(),
+            aggregation: AGGREGATION_HOURLY.to_owned(),
+            effective_start: epoch.saturating_mul(1000),
+            effective_end: None,
+            utc_offset_seconds: offsets.offset_at(epoch),
+            components: vec![component(COMPONENT_VALUE, hr, UNIT_PER_MINUTE)],
+            device: device(deviceid.as_deref(), model.as_deref(), *model_id),
+            entry_method: Some("device".to_owned()),
+            provider_group_id: None,
+            provider_modified_at: None,
+        });
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+fn component(code: &str, value: f64, unit: &str) -> Component {
+    Component {
+        code: code.to_owned(),
+        value,
+        unit: unit.to_owned(),
+    }
+}
+
+/// A Measurement of a measure group (INDIVIDUAL).
+fn group_measurement(
+    ctx: &Context,
+    g: &MeasureGroup,
+    offsets: &OffsetResolver,
+    data_type: &str,
+    measurement_id: &str,
+    components: Vec<Component>,
+) -> Measurement {
+    Measurement {
+        context: ctx.clone(),
+        measurement_id: measurement_id.to_owned(),
+        series_key: series_key(&ctx.patient_id, data_type),
+        data_type: data_type.to_owned(),
+        aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+        effective_start: g.date.saturating_mul(1000),
+        effective_end: None,
+        utc_offset_seconds: offsets.offset_at(g.date),
+        components,
+        device: device(g.device_id(), g.model.as_deref(), g.model_id()),
+        entry_method: entry_method(g.attrib).map(str::to_owned),
+        provider_group_id: Some(g.grpid.to_string()),
+        provider_modified_at: g.modified.map(|m| m.saturating_mul(1000)),
+    }
+}
+
+fn sort(out: &mut [Measurement]) {
+    out.sort_by(|a, b| {
+        (a.effective_start, &a.measurement_id).cmp(&(b.effective_start, &b.measurement_id))
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
+mod tests {
+    use super::*;
+    use crate::withings::MeasurePage;
+
+    fn ctx() -> Context {
+        Context {
+            organization_id: "org".into(),
+            ehr_target_id: "ehr".into(),
+            patient_id: "p1".into(),
+            patient_reference: "Patient/1".into(),
+            provider: "withings".into(),
+            link_id: "link".into(),
+            provider_user_id: "363".into(),
+            sync_request_id: "sr".into(),
+            trigger: "WEBHOOK".into(),
+            received_at: 1,
+        }
+    }
+
+    /// Parses a `getmeas` body the way the client does (one page).
+    fn resp(body: &str) -> MeasureResponse {
+        let page: MeasurePage = serde_json::from_str(body).unwrap();
+        MeasureResponse {
+            updatetime: page.updatetime,
+            timezone: page.timezone,
+            measuregrps: page.measuregrps,
+        }
+    }
+
+    fn find<'a>(n: &'a Normalized, id: &str) -> &'a Measurement {
+        n.measurements
+            .iter()
+            .find(|m| m.measurement_id == id)
+            .unwrap_or_else(|| panic!("no {id} in {:#?}", n.measurements))
+    }
+
+    fn values(m: &Measurement) -> Vec<(&str, f64, &str)> {
+        m.components
+            .iter()
+            .map(|c| (c.code.as_str(), c.value, c.unit.as_str()))
+            .collect()
+    }
+
+    const BPM_CONNECT: &str = r#"{"measuregrps":[{
+        "grpid": 2726388728, "attrib": 17, "date": 1620039631, "created": 1620237692,
+        "modified": 1620237692, "category": 1,
+        "deviceid": "91a7e556c2022ef54dca6e07a853c3193734d148",
+        "hash_deviceid": "91a7e556c2022ef54dca6e07a853c3193734d148",
+        "measures": [
+          {"value": 10600, "type": 9,  "unit": -2, "algo": 0, "fm": 128},
+          {"value": 14300, "type": 10, "unit": -2, "algo": 0, "fm": 128},
+          {"value": 8200,  "type": 11, "unit": -2, "algo": 0, "fm": 128}
+        ],
+        "modelid": 45, "model": "BPM Connect", "comment": null}]}"#;
+
+    const BPM_CORE: &str = r#"{"updatetime":1690491663,"timezone":"Europe/Berlin","measuregrps":[
+        {"grpid":4716596696,"attrib":0,"date":1690491576,"created":1690491663,"modified":1690491663,"category":1,
+         "deviceid":"c405eb8e0e053f6601e151c7e43c04e29aad6956","hash_deviceid":"c405eb8e0e053f6601e151c7e43c04e29aad6956",
+         "measures":[{"value":89,"type":9,"unit":0,"algo":0,"fm":3},{"value":109,"type":10,"unit":0,"algo":0,"fm":3},
+                     {"value":88,"type":11,"unit":0,"algo":0,"fm":3}],
+         "modelid":44,"model":"BPM Core","comment":null}]}"#;
+
+    // ---- value decoding ----
+
+    #[test]
+    fn test_decode_value_units() {
+        assert_eq!(decode_value(89, 0), Some(89.0));
+        assert_eq!(decode_value(12100, -2), Some(121.0));
+        assert_eq!(decode_value(72450, -3), Some(72.45));
+        assert_eq!(decode_value(118003, -3), Some(118.003));
+        assert_eq!(decode_value(20, -1), Some(2.0));
+        assert_eq!(decode_value(5, 2), Some(500.0));
+        assert_eq!(decode_value(-5, -1), Some(-0.5));
+        assert_eq!(decode_value(0, -3), Some(0.0));
+        assert_eq!(decode_value(1, -400), Some(0.0));
+        assert_eq!(decode_value(1, 400), None);
+    }
+
+    #[test]
+    fn test_decode_value_has_no_float_drift() {
+        // Every value with up to 3 decimals decodes to the literal's f64.
+        for mantissa in (0..200_000_i64).step_by(7) {
+            let want: f64 = format!("{}.{:03}", mantissa / 1000, mantissa % 1000)
+                .parse()
+                .unwrap();
+            assert_eq!(decode_value(mantissa, -3), Some(want), "{mantissa}");
+        }
+    }
+
+    // ---- real examples ----
+
+    #[test]
+    fn test_bpm_connect_unit_minus_2_example() {
+        let n = normalize_measures(&resp(BPM_CONNECT), &ctx(), Some(3600));
+        assert_eq!(n.measurements.len(), 2);
+        let bp = find(&n, "withings:363:2726388728:bp");
+        assert_eq!(
+            values(bp),
+            vec![
+                ("systolic", 143.0, "mm[Hg]"),
+                ("diastolic", 106.0, "mm[Hg]")
+            ]
+        );
+        assert_eq!(bp.data_type, "blood_pressure");
+        assert_eq!(bp.aggregation, AGGREGATION_INDIVIDUAL);
+        assert_eq!(bp.series_key, "p1/blood_pressure");
+        assert_eq!(bp.effective_start, 1_620_039_631_000);
+        assert_eq!(bp.effective_end, None);
+        assert_eq!(bp.provider_group_id.as_deref(), Some("2726388728"));
+        assert_eq!(bp.provider_modified_at, Some(1_620_237_692_000));
+        assert_eq!(bp.entry_method.as_deref(), Some("device")); // attrib 17
+        // No timezone in this answer: the fallback offset.
+        assert_eq!(bp.utc_offset_seconds, Some(3600));
+        assert_eq!(
+            bp.device,
+            Some(Device {
+                device_id: "91a7e556c2022ef54dca6e07a853c3193734d148".into(),
+                model: Some("BPM Connect".into()),
+                model_id: Some("45".into()),
+                manufacturer: Some("Withings".into()),
+            })
+        );
+        assert_eq!(bp.context, ctx());
+
+        let hr = find(&n, "withings:363:2726388728:11");
+        assert_eq!(values(hr), vec![("value", 82.0, "/min")]);
+        assert_eq!(hr.data_type, "heart_rate");
+        assert_eq!(hr.aggregation, AGGREGATION_INDIVIDUAL);
+        assert_eq!(hr.series_key, "p1/heart_rate");
+        assert_eq!(
+            n.stats,
+            NormalizeStats {
+                groups: 1,
+                ..NormalizeStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn test_bpm_core_unit_0_example_with_timezone() {
+        let n = normalize_measures(&resp(BPM_CORE), &ctx(), Some(0));
+        let bp = find(&n, "withings:363:4716596696:bp");
+        assert_eq!(
+            values(bp),
+            vec![("systolic", 109.0, "mm[Hg]"), ("diastolic", 89.0, "mm[Hg]")]
+        );
+        // July in Europe/Berlin: CEST.
+        assert_eq!(bp.utc_offset_seconds, Some(7200));
+        assert_eq!(bp.effective_start, 1_690_491_576_000);
+        let hr = find(&n, "withings:363:4716596696:11");
+        assert_eq!(values(hr), vec![("value", 88.0, "/min")]);
+        assert_eq!(hr.device.as_ref().unwrap().model_id.as_deref(), Some("44"));
+    }
+
+    #[test]
+    fn test_weight_unit_minus_3() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"timezone":"Europe/Berlin","measuregrps":[{"grpid":77,"attrib":0,"date":1700000000,"modified":1700000001,
+                "category":1,"deviceid":"scale","measures":[{"value":118003,"type":1,"unit":-3}],"modelid":5,"model":"Body+"}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n.measurements.len(), 1);
+        let w = find(&n, "withings:363:77:1");
+        assert_eq!(values(w), vec![("value", 118.003, "kg")]);
+        assert_eq!(w.data_type, "body_weight");
+        assert_eq!(w.series_key, "p1/body_weight");
+        assert_eq!(w.aggregation, AGGREGATION_INDIVIDUAL);
+        // November in Europe/Berlin: CET.
+        assert_eq!(w.utc_offset_seconds, Some(3600));
+    }
+
+    #[test]
+    fn test_same_type_with_different_units() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":1,"date":10,"measures":[{"value":12100,"type":10,"unit":-2},{"value":80,"type":9,"unit":0}]},
+                {"grpid":2,"date":20,"measures":[{"value":121,"type":10,"unit":0},{"value":8000,"type":9,"unit":-2}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        let a = find(&n, "withings:363:1:bp");
+        let b = find(&n, "withings:363:2:bp");
+        assert_eq!(values(a), values(b));
+        assert_eq!(values(a)[0].1, 121.0);
+        assert_eq!(values(a)[1].1, 80.0);
+    }
+
+    // ---- devices and entry methods ----
+
+    #[test]
+    fn test_deviceid_null_int_and_string() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":1,"attrib":2,"date":10,"deviceid":null,"hash_deviceid":null,"measures":[{"value":80,"type":1,"unit":0}],"comment":null},
+                {"grpid":2,"attrib":0,"date":20,"deviceid":14546187,"measures":[{"value":80,"type":1,"unit":0}],"probability":100},
+                {"grpid":3,"attrib":8,"date":30,"deviceid":"abc","model":"Body+","modelid":5,"measures":[{"value":80,"type":1,"unit":0,"apppfmid":9}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        let manual = find(&n, "withings:363:1:1");
+        assert_eq!(manual.device, None);
+        assert_eq!(manual.entry_method.as_deref(), Some("manual"));
+        let int_id = find(&n, "withings:363:2:1");
+        assert_eq!(int_id.device.as_ref().unwrap().device_id, "14546187");
+        assert_eq!(int_id.device.as_ref().unwrap().model, None);
+        let s = find(&n, "withings:363:3:1");
+        assert_eq!(s.device.as_ref().unwrap().device_id, "abc");
+        assert_eq!(s.entry_method.as_deref(), Some("device"));
+    }
+
+    #[test]
+    fn test_entry_method_mapping() {
+        assert_eq!(entry_method(Some(0)), Some("device"));
+        assert_eq!(entry_method(Some(8)), Some("device"));
+        assert_eq!(entry_method(Some(1)), Some("device-ambiguous"));
+        assert_eq!(entry_method(Some(2)), Some("manual"));
+        assert_eq!(entry_method(Some(4)), Some("manual"));
+        assert_eq!(entry_method(Some(5)), Some("device"));
+        assert_eq!(entry_method(Some(17)), Some("device"));
+        assert_eq!(entry_method(None), None);
+    }
+
+    #[test]
+    fn test_third_party_model_has_no_withings_manufacturer() {
+        let d = device(Some("x"), Some("Google Health Connect"), Some(1060)).unwrap();
+        assert_eq!(d.manufacturer, None);
+        let d = device(Some("x"), Some("ScanWatch"), Some(93)).unwrap();
+        assert_eq!(d.manufacturer.as_deref(), Some("Withings"));
+        assert_eq!(device(None, Some("ScanWatch"), Some(93)), None);
+    }
+
+    // ---- duplicates, splits, skips ----
+
+    #[test]
+    fn test_duplicate_grpid_keeps_latest_modified() {
+        // The same group twice (attrib 0 and 8), the second edited later.
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":5,"attrib":0,"date":100,"modified":200,"deviceid":"d","measures":[
+                    {"value":14300,"type":10,"unit":-2},{"value":9000,"type":9,"unit":-2},{"value":70,"type":11,"unit":0}]},
+                {"grpid":5,"attrib":8,"date":100,"modified":300,"deviceid":"d","measures":[
+                    {"value":140,"type":10,"unit":0},{"value":91,"type":9,"unit":0},{"value":71,"type":11,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n.measurements.len(), 2);
+        let bp = find(&n, "withings:363:5:bp");
+        assert_eq!(values(bp)[0].1, 140.0);
+        assert_eq!(values(bp)[1].1, 91.0);
+        assert_eq!(bp.provider_modified_at, Some(300_000));
+        assert_eq!(bp.entry_method.as_deref(), Some("device"));
+        assert_eq!(values(find(&n, "withings:363:5:11"))[0].1, 71.0);
+        assert_eq!(n.stats.duplicate_measures_dropped, 3);
+    }
+
+    #[test]
+    fn test_duplicate_grpid_same_modified_prefers_attrib_0_regardless_of_order() {
+        let a = r#"{"grpid":5,"attrib":8,"date":100,"modified":200,"measures":[{"value":80,"type":1,"unit":0}]}"#;
+        let b = r#"{"grpid":5,"attrib":0,"date":100,"modified":200,"measures":[{"value":81,"type":1,"unit":0}]}"#;
+        let n1 = normalize_measures(
+            &resp(&format!(r#"{{"measuregrps":[{a},{b}]}}"#)),
+            &ctx(),
+            None,
+        );
+        let n2 = normalize_measures(
+            &resp(&format!(r#"{{"measuregrps":[{b},{a}]}}"#)),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n1, n2);
+        assert_eq!(values(&n1.measurements[0])[0].1, 81.0);
+    }
+
+    #[test]
+    fn test_ids_deterministic_and_order_independent() {
+        let body = r#"{"timezone":"America/New_York","measuregrps":[
+            {"grpid":2,"attrib":0,"date":200,"modified":1,"deviceid":"d","measures":[{"value":80,"type":1,"unit":0}]},
+            {"grpid":1,"attrib":0,"date":100,"modified":1,"deviceid":"d","measures":[{"value":120,"type":10,"unit":0},{"value":80,"type":9,"unit":0}]}]}"#;
+        let r = resp(body);
+        let a = normalize_measures(&r, &ctx(), None);
+        let b = normalize_measures(&r, &ctx(), None);
+        assert_eq!(a, b);
+        let mut reversed = r.clone();
+        reversed.measuregrps.reverse();
+        assert_eq!(normalize_measures(&reversed, &ctx(), None), a);
+        let ids: Vec<&str> = a
+            .measurements
+            .iter()
+            .map(|m| m.measurement_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["withings:363:1:bp", "withings:363:2:1"]);
+        // 1970-01-01 in New York: EST.
+        assert_eq!(a.measurements[0].utc_offset_seconds, Some(-18000));
+    }
+
+    #[test]
+    fn test_bp_with_only_one_side_is_incomplete() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":1,"date":10,"measures":[{"value":120,"type":10,"unit":0},{"value":60,"type":11,"unit":0}]},
+                {"grpid":2,"date":20,"measures":[{"value":80,"type":9,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n.stats.incomplete_blood_pressure, 2);
+        let ids: Vec<&str> = n
+            .measurements
+            .iter()
+            .map(|m| m.measurement_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["withings:363:1:11"]);
+    }
+
+    #[test]
+    fn test_bp_merges_sides_from_duplicate_groups() {
+        // Systolic only in one copy, diastolic only in the other: one BP from both.
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":9,"attrib":0,"date":10,"modified":5,"measures":[{"value":120,"type":10,"unit":0}]},
+                {"grpid":9,"attrib":8,"date":10,"modified":6,"measures":[{"value":80,"type":9,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n.stats.incomplete_blood_pressure, 0);
+        let bp = find(&n, "withings:363:9:bp");
+        assert_eq!(
+            values(bp),
+            vec![("systolic", 120.0, "mm[Hg]"), ("diastolic", 80.0, "mm[Hg]")]
+        );
+        assert_eq!(bp.provider_modified_at, Some(6000));
+    }
+
+    #[test]
+    fn test_systolic_component_comes_first() {
+        let n = normalize_measures(&resp(BPM_CORE), &ctx(), None);
+        let bp = find(&n, "withings:363:4716596696:bp");
+        assert_eq!(bp.components[0].code, "systolic");
+        assert_eq!(bp.components[1].code, "diastolic");
+    }
+
+    #[test]
+    fn test_objectives_and_unknown_types_are_skipped_and_counted() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":1,"date":10,"category":2,"measures":[{"value":70,"type":1,"unit":0}]},
+                {"grpid":2,"date":10,"category":1,"measures":[{"value":70,"type":1,"unit":0},{"value":2000,"type":6,"unit":-2},
+                    {"value":3650,"type":71,"unit":-2},{"value":2100,"type":6,"unit":-2,"position":12}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert_eq!(n.measurements.len(), 1);
+        assert_eq!(n.measurements[0].measurement_id, "withings:363:2:1");
+        assert_eq!(n.stats.groups, 2);
+        assert_eq!(n.stats.objective_groups_skipped, 1);
+        assert_eq!(n.stats.skipped_types, BTreeMap::from([(6, 2), (71, 1)]));
+        assert_eq!(n.stats.skipped_types_total(), 3);
+        assert_eq!(n.stats.duplicate_measures_dropped, 0);
+    }
+
+    #[test]
+    fn test_non_positive_values_are_invalid() {
+        let n = normalize_measures(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":1,"date":10,"measures":[{"value":0,"type":1,"unit":0}]},
+                {"grpid":2,"date":10,"measures":[{"value":120,"type":10,"unit":0},{"value":-1,"type":9,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        assert!(n.measurements.is_empty());
+        assert_eq!(n.stats.invalid_values, 2);
+    }
+
+    #[test]
+    fn test_empty_answer() {
+        let n = normalize_measures(&MeasureResponse::default(), &ctx(), None);
+        assert_eq!(n, Normalized::default());
+    }
+
+    // ---- time zones ----
+
+    #[test]
+    fn test_utc_offset_follows_dst() {
+        // 2024-01-15 and 2024-07-15, 12:00 UTC.
+        assert_eq!(utc_offset_at("Europe/Berlin", 1_705_320_000), Some(3600));
+        assert_eq!(utc_offset_at("Europe/Berlin", 1_721_044_800), Some(7200));
+        assert_eq!(
+            utc_offset_at("America/New_York", 1_721_044_800),
+            Some(-14400)
+        );
+        assert_eq!(utc_offset_at("Asia/Kolkata", 1_721_044_800), Some(19800));
+        assert_eq!(utc_offset_at("UTC", 0), Some(0));
+        assert_eq!(utc_offset_at("Mars/Olympus", 0), None);
+    }
+
+    #[test]
+    fn test_dst_transition_instant() {
+        // 2024-03-31 01:00:00 UTC: Europe/Berlin switches from +1 to +2.
+        assert_eq!(utc_offset_at("Europe/Berlin", 1_711_846_799), Some(3600));
+        assert_eq!(utc_offset_at("Europe/Berlin", 1_711_846_800), Some(7200));
+    }
+
+    #[test]
+    fn test_unknown_timezone_uses_fallback_and_is_reported() {
+        let mut r = resp(BPM_CORE);
+        r.timezone = Some("Not/AZone".into());
+        let n = normalize_measures(&r, &ctx(), Some(-3600));
+        assert!(
+            n.measurements
+                .iter()
+                .all(|m| m.utc_offset_seconds == Some(-3600))
+        );
+        assert_eq!(n.stats.unknown_timezone.as_deref(), Some("Not/AZone"));
+        // The UTC instant is unaffected.
+        assert_eq!(n.measurements[0].effective_start, 1_690_491_576_000);
+        let n = normalize_measures(&r, &ctx(), None);
+        assert!(
+            n.measurements
+                .iter()
+                .all(|m| m.utc_offset_seconds.is_none())
+        );
+    }
+
+    // ---- intraday ----
+
+    fn intraday(body: &str) -> IntradayResponse {
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn test_intraday_heart_rate_mapping() {
+        let r = intraday(
+            r#"{"series":{
+              "1712720400":{"deviceid":"8923","model":"ScanWatch","model_id":93,"heart_rate":62},
+              "1712720460":{"deviceid":"8923","model":"ScanWatch","model_id":93,"steps":14,"duration":60,"heart_rate":71},
+              "1712720520":{"deviceid":"8923","model":"ScanWatch","model_id":93,"steps":3},
+              "1712720580":{"deviceid":null,"heart_rate":64.5},
+              "1712720640":{"deviceid":"8923","heart_rate":0}}}"#,
+        );
+        let n = normalize_intraday_heart_rate(&r, &ctx(), Some("Europe/Paris"), Some(0));
+        assert_eq!(n.measurements.len(), 3);
+        assert_eq!(n.stats.entries_without_heart_rate, 1);
+        assert_eq!(n.stats.invalid_values, 1);
+
+        let m = find(&n, "withings:363:hr:1712720400:8923");
+        assert_eq!(m.data_type, "heart_rate");
+        assert_eq!(m.aggregation, AGGREGATION_HOURLY);
+        assert_eq!(m.series_key, "p1/heart_rate");
+        assert_eq!(m.effective_start, 1_712_720_400_000);
+        assert_eq!(m.effective_end, None);
+        assert_eq!(m.utc_offset_seconds, Some(7200));
+        assert_eq!(values(m), vec![("value", 62.0, "/min")]);
+        assert_eq!(
+            m.device,
+            Some(Device {
+                device_id: "8923".into(),
+                model: Some("ScanWatch".into()),
+                model_id: Some("93".into()),
+                manufacturer: Some("Withings".into()),
+            })
+        );
+        assert_eq!(m.entry_method.as_deref(), Some("device"));
+        assert_eq!(m.provider_group_id, None);
+        assert_eq!(m.provider_modified_at, None);
+
+        let none = find(&n, "withings:363:hr:1712720580:none");
+        assert_eq!(none.device, None);
+        assert_eq!(values(none)[0].1, 64.5);
+
+        let starts: Vec<i64> = n.measurements.iter().map(|m| m.effective_start).collect();
+        assert!(starts.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn test_intraday_without_timezone_uses_fallback() {
+        let r = intraday(r#"{"series":{"1712720400":{"deviceid":"d","heart_rate":62}}}"#);
+        let n = normalize_intraday_heart_rate(&r, &ctx(), None, Some(-25200));
+        assert_eq!(n.measurements[0].utc_offset_seconds, Some(-25200));
+        let n = normalize_intraday_heart_rate(&r, &ctx(), None, None);
+        assert_eq!(n.measurements[0].utc_offset_seconds, None);
+    }
+
+    #[test]
+    fn test_intraday_ids_are_deterministic() {
+        let r = intraday(
+            r#"{"series":{"1712720460":{"deviceid":"d","heart_rate":71},"1712720400":{"deviceid":"d","heart_rate":62}}}"#,
+        );
+        let a = normalize_intraday_heart_rate(&r, &ctx(), Some("UTC"), None);
+        let b = normalize_intraday_heart_rate(&r, &ctx(), Some("UTC"), None);
+        assert_eq!(a, b);
+        let ids: Vec<&str> = a
+            .measurements
+            .iter()
+            .map(|m| m.measurement_id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                "withings:363:hr:1712720400:d",
+                "withings:363:hr:1712720460:d"
+            ]
+        );
+    }
+
+    // ---- hour widening ----
+
+    #[test]
+    fn test_widen_to_hours_exact_boundaries_unchanged() {
+        let h = HOUR_MS;
+        assert_eq!(widen_to_hours(10 * h, 12 * h), (10 * h, 12 * h));
+        assert_eq!(widen_to_hours(0, h), (0, h));
+        assert_eq!(widen_to_hours(5 * h, 5 * h), (5 * h, 5 * h));
+    }
+
+    #[test]
+    fn test_widen_to_hours_rounds_outwards() {
+        let h = HOUR_MS;
+        assert_eq!(widen_to_hours(10 * h + 1, 12 * h - 1), (10 * h, 12 * h));
+        assert_eq!(widen_to_hours(10 * h - 1, 12 * h + 1), (9 * h, 13 * h));
+        assert_eq!(widen_to_hours(10 * h + 1, 10 * h + 2), (10 * h, 11 * h));
+        // 2024-04-10 03:40:00.123 UTC → 03:00 .. 04:00.
+        assert_eq!(
+            widen_to_hours(1_712_720_400_123, 1_712_720_400_124),
+            (1_712_718_000_000, 1_712_721_600_000)
+        );
+    }
+
+    #[test]
+    fn test_widen_to_hours_before_epoch_and_extremes() {
+        let h = HOUR_MS;
+        assert_eq!(widen_to_hours(-1, 1), (-h, h));
+        assert_eq!(widen_to_hours(-h, -h), (-h, -h));
+        assert_eq!(widen_to_hours(-h - 1, -1), (-2 * h, 0));
+        let (s, e) = widen_to_hours(i64::MIN, i64::MAX);
+        assert!(s <= i64::MIN + h && e == i64::MAX);
+    }
+}

@@ -1,0 +1,6 @@
+//! Maps Measurements and HourlyAggregates to validated FHIR R5 resources.
+
+pub mod map;
+pub mod mapping;
+pub mod validate;
+pub mod stage;

@@ -1,0 +1,561 @@
+//! The mapping table: codes, displays, units, categories and profiles of every ohx data type,
+//! loaded from TOML (`mapping.toml` next to `Cargo.toml` is the built-in default; a deployment
+//! can override it at run time). The table is checked when it is loaded, so a bad table stops
+//! the service at start-up instead of dead-lettering every record.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The built-in table (`services/fhir-mapper/mapping.toml`).
+pub const DEFAULT_TABLE_TOML: &str = include_str!("../mapping.toml");
+
+/// The table format this build understands (the `format` key of the table).
+pub const TABLE_FORMAT: u32 = 1;
+
+/// Codes of R5 `Device.name.type` (required binding `DeviceNameType`).
+pub const DEVICE_NAME_TYPES: [&str; 3] = [
+    "registered-name",
+    "user-friendly-name",
+    "patient-reported-name",
+];
+
+/// Codes of R5 `Device.status` (required binding `FHIRDeviceStatus`).
+pub const DEVICE_STATUSES: [&str; 3] = ["active", "inactive", "entered-in-error"];
+
+/// Codes of R5 `DeviceAssociation.status` (required binding `DeviceAssociationStatus`).
+pub const DEVICE_ASSOCIATION_STATUSES: [&str; 5] = [
+    "implanted",
+    "explanted",
+    "attached",
+    "entered-in-error",
+    "unknown",
+];
+
+/// System of the `DeviceAssociation.status` codes.
+pub const DEVICE_ASSOCIATION_STATUS_SYSTEM: &str = "http://hl7.org/fhir/deviceassociation-status";
+
+/// Why a mapping table could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingTableError {
+    /// The file could not be read.
+    #[error("cannot read mapping table {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not TOML or does not have the table's shape (unknown keys are errors).
+    #[error("mapping table is not valid TOML of the expected shape: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// The table parsed but breaks a rule (named in the message).
+    #[error("mapping table is invalid: {0}")]
+    Invalid(String),
+}
+
+/// One FHIR `Coding`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coding {
+    /// The code system URI.
+    pub system: String,
+    /// The code.
+    pub code: String,
+    /// The human display (informational).
+    #[serde(default)]
+    pub display: Option<String>,
+}
+
+/// A UCUM unit allowed for a value, with its human-readable `Quantity.unit`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unit {
+    /// UCUM code (`Quantity.code`), compared with the unit of the input record.
+    pub code: String,
+    /// Human-readable unit (`Quantity.unit`), e.g. `mmHg` for `mm[Hg]`.
+    pub display: String,
+}
+
+/// Settings of the Device and DeviceAssociation resources.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTable {
+    /// `Device.name.type` of the provider's model name.
+    pub name_type: String,
+    /// `Device.status`, if one is to be written.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// `DeviceAssociation.status` coding.
+    pub association_status: Coding,
+}
+
+/// Per-provider data.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderEntry {
+    /// `Device.manufacturer` when the record's device names none (none: left out).
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+}
+
+/// How one Measurement component becomes an Observation value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueEntry {
+    /// The Measurement component code (`value`, `systolic`, ...).
+    pub source: String,
+    /// Allowed UCUM units; the record's unit must be one of them.
+    pub units: Vec<Unit>,
+    /// Round the value to this many decimals (none: written as received).
+    #[serde(default)]
+    pub decimals: Option<u32>,
+}
+
+/// One `Observation.component` of a panel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentEntry {
+    /// The Measurement component code (`systolic`, `diastolic`, ...).
+    pub source: String,
+    /// Codings of `Observation.component.code`.
+    pub code: Vec<Coding>,
+    /// `Observation.component.code.text`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Allowed UCUM units; the record's unit must be one of them.
+    pub units: Vec<Unit>,
+    /// Round the value to this many decimals (none: written as received).
+    #[serde(default)]
+    pub decimals: Option<u32>,
+}
+
+/// How a Measurement of one data type becomes an Observation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasurementEntry {
+    /// `meta.profile`.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Codings of the single `Observation.category`.
+    pub category: Vec<Coding>,
+    /// Codings of `Observation.code`.
+    pub code: Vec<Coding>,
+    /// `Observation.code.text`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// A single value (`Observation.valueQuantity`); exclusive with `components`.
+    #[serde(default)]
+    pub value: Option<ValueEntry>,
+    /// Panel components, in output order; exclusive with `value`.
+    #[serde(default)]
+    pub components: Vec<ComponentEntry>,
+}
+
+/// A field of an `HourlyAggregate` that becomes a statistic component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Statistic {
+    /// `HourlyAggregate::mean`.
+    Mean,
+    /// `HourlyAggregate::min`.
+    Min,
+    /// `HourlyAggregate::max`.
+    Max,
+    /// `HourlyAggregate::count` (written as `valueInteger`).
+    Count,
+    /// `HourlyAggregate::sum`.
+    Sum,
+}
+
+/// One statistic component of an hourly aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticEntry {
+    /// Which aggregate field.
+    pub statistic: Statistic,
+    /// The `http://hl7.org/fhir/observation-statistics` coding.
+    pub code: Coding,
+    /// Round the value to this many decimals (none: written as received).
+    #[serde(default)]
+    pub decimals: Option<u32>,
+}
+
+/// How an HourlyAggregate of one data type becomes an Observation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateEntry {
+    /// `meta.profile`.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Codings of the single `Observation.category`.
+    pub category: Vec<Coding>,
+    /// Codings of `Observation.code`.
+    pub code: Vec<Coding>,
+    /// `Observation.code.text`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Allowed UCUM units of the aggregate; its `unit` must be one of them.
+    pub units: Vec<Unit>,
+    /// Statistic components, in output order.
+    pub statistics: Vec<StatisticEntry>,
+}
+
+/// A loaded and checked mapping table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    /// Table format; must equal [`TABLE_FORMAT`].
+    pub format: u32,
+    /// Device and DeviceAssociation settings.
+    pub device: DeviceTable,
+    /// Per-provider data, keyed by provider (`withings`, ...).
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderEntry>,
+    /// Spot measurements, keyed by ohx data type.
+    #[serde(default)]
+    pub measurements: BTreeMap<String, MeasurementEntry>,
+    /// Hourly aggregates, keyed by ohx data type.
+    #[serde(default)]
+    pub aggregates: BTreeMap<String, AggregateEntry>,
+}
+
+impl Mapping {
+    /// The built-in table compiled from `mapping.toml`.
+    pub fn default_table() -> Result<Self, MappingTableError> {
+        Self::from_toml_str(DEFAULT_TABLE_TOML)
+    }
+
+    /// Parses and checks a table from TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, MappingTableError> {
+        let table: Mapping = toml::from_str(text)?;
+        table.check()?;
+        Ok(table)
+    }
+
+    /// Reads, parses and checks a table file (a deployment's override).
+    pub fn from_file(path: &Path) -> Result<Self, MappingTableError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MappingTableError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// The entry of a spot-measurement data type.
+    pub fn measurement(&self, data_type: &str) -> Option<&MeasurementEntry> {
+        self.measurements.get(data_type)
+    }
+
+    /// The entry of an hourly-aggregate data type.
+    pub fn aggregate(&self, data_type: &str) -> Option<&AggregateEntry> {
+        self.aggregates.get(data_type)
+    }
+
+    /// The entry of a provider.
+    pub fn provider(&self, provider: &str) -> Option<&ProviderEntry> {
+        self.providers.get(provider)
+    }
+
+    /// Checks the rules a parsed table must follow.
+    fn check(&self) -> Result<(), MappingTableError> {
+        if self.format != TABLE_FORMAT {
+            return invalid(format!(
+                "format {} is not supported (expected {TABLE_FORMAT})",
+                self.format
+            ));
+        }
+        check_device(&self.device)?;
+        for (name, provider) in &self.providers {
+            check_token("provider name", name)?;
+            if let Some(manufacturer) = &provider.manufacturer {
+                check_text(&format!("providers.{name}.manufacturer"), manufacturer)?;
+            }
+        }
+        for (data_type, entry) in &self.measurements {
+            check_measurement(data_type, entry)?;
+        }
+        for (data_type, entry) in &self.aggregates {
+            check_aggregate(data_type, entry)?;
+        }
+        Ok(())
+    }
+}
+
+fn invalid<T>(message: String) -> Result<T, MappingTableError> {
+    Err(MappingTableError::Invalid(message))
+}
+
+fn check_device(device: &DeviceTable) -> Result<(), MappingTableError> {
+    if !DEVICE_NAME_TYPES.contains(&device.name_type.as_str()) {
+        return invalid(format!(
+            "device.name_type `{}` is not one of {DEVICE_NAME_TYPES:?}",
+            device.name_type
+        ));
+    }
+    if let Some(status) = &device.status
+        && !DEVICE_STATUSES.contains(&status.as_str())
+    {
+        return invalid(format!(
+            "device.status `{status}` is not one of {DEVICE_STATUSES:?}"
+        ));
+    }
+    let status = &device.association_status;
+    check_coding("device.association_status", status)?;
+    if status.system != DEVICE_ASSOCIATION_STATUS_SYSTEM
+        || !DEVICE_ASSOCIATION_STATUSES.contains(&status.code.as_str())
+    {
+        return invalid(format!(
+            "device.association_status must be a code of {DEVICE_ASSOCIATION_STATUS_SYSTEM} \
+             ({DEVICE_ASSOCIATION_STATUSES:?})"
+        ));
+    }
+    Ok(())
+}
+
+fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), MappingTableError> {
+    let at = format!("measurements.{data_type}");
+    check_token("data type", data_type)?;
+    check_common(&at, entry.profile.as_deref(), &entry.category, &entry.code)?;
+    match (&entry.value, entry.components.is_empty()) {
+        (Some(_), false) => {
+            return invalid(format!("{at}: has both `value` and `components`"));
+        }
+        (None, true) => {
+            return invalid(format!("{at}: needs `value` or `components`"));
+        }
+        _ => {}
+    }
+    if let Some(value) = &entry.value {
+        check_token(&format!("{at}.value.source"), &value.source)?;
+        check_units(&format!("{at}.value"), &value.units)?;
+        check_decimals(&format!("{at}.value"), value.decimals)?;
+    }
+    let mut sources = BTreeSet::new();
+    for component in &entry.components {
+        let at = format!("{at}.components.{}", component.source);
+        check_token(&at, &component.source)?;
+        if !sources.insert(component.source.as_str()) {
+            return invalid(format!("{at}: component source appears twice"));
+        }
+        check_codings(&format!("{at}.code"), &component.code)?;
+        check_units(&at, &component.units)?;
+        check_decimals(&at, component.decimals)?;
+    }
+    Ok(())
+}
+
+fn check_aggregate(data_type: &str, entry: &AggregateEntry) -> Result<(), MappingTableError> {
+    let at = format!("aggregates.{data_type}");
+    check_token("data type", data_type)?;
+    check_common(&at, entry.profile.as_deref(), &entry.category, &entry.code)?;
+    check_units(&at, &entry.units)?;
+    if entry.statistics.is_empty() {
+        return invalid(format!("{at}: needs at least one statistic"));
+    }
+    let mut seen = BTreeSet::new();
+    for statistic in &entry.statistics {
+        let at = format!("{at}.statistics.{:?}", statistic.statistic);
+        if !seen.insert(statistic.statistic) {
+            return invalid(format!("{at}: statistic appears twice"));
+        }
+        check_coding(&format!("{at}.code"), &statistic.code)?;
+        check_decimals(&at, statistic.decimals)?;
+        if statistic.statistic == Statistic::Count && statistic.decimals.is_some() {
+            return invalid(format!(
+                "{at}: a count is an integer and takes no `decimals`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_common(
+    at: &str,
+    profile: Option<&str>,
+    category: &[Coding],
+    code: &[Coding],
+) -> Result<(), MappingTableError> {
+    if let Some(profile) = profile {
+        check_uri(&format!("{at}.profile"), profile)?;
+    }
+    check_codings(&format!("{at}.category"), category)?;
+    check_codings(&format!("{at}.code"), code)
+}
+
+fn check_codings(at: &str, codings: &[Coding]) -> Result<(), MappingTableError> {
+    if codings.is_empty() {
+        return invalid(format!("{at}: needs at least one coding"));
+    }
+    codings
+        .iter()
+        .try_for_each(|coding| check_coding(at, coding))
+}
+
+fn check_coding(at: &str, coding: &Coding) -> Result<(), MappingTableError> {
+    check_uri(&format!("{at}.system"), &coding.system)?;
+    // FHIR `code`: no leading/trailing whitespace, single inner spaces only.
+    if coding.code.is_empty()
+        || coding
+            .code
+            .split(' ')
+            .any(|part| part.is_empty() || part.contains(char::is_whitespace))
+    {
+        return invalid(format!("{at}: code `{}` is not a FHIR code", coding.code));
+    }
+    if let Some(display) = &coding.display {
+        check_text(&format!("{at}.display"), display)?;
+    }
+    Ok(())
+}
+
+fn check_units(at: &str, units: &[Unit]) -> Result<(), MappingTableError> {
+    if units.is_empty() {
+        return invalid(format!("{at}: needs at least one unit"));
+    }
+    let mut seen = BTreeSet::new();
+    for unit in units {
+        check_token(&format!("{at}.units"), &unit.code)?;
+        check_text(&format!("{at}.units.display"), &unit.display)?;
+        if !seen.insert(unit.code.as_str()) {
+            return invalid(format!("{at}: unit `{}` appears twice", unit.code));
+        }
+    }
+    Ok(())
+}
+
+fn check_decimals(at: &str, decimals: Option<u32>) -> Result<(), MappingTableError> {
+    match decimals {
+        Some(d) if d > 9 => invalid(format!("{at}: decimals must be at most 9")),
+        _ => Ok(()),
+    }
+}
+
+fn check_uri(at: &str, uri: &str) -> Result<(), MappingTableError> {
+    if uri.is_empty() || uri.contains(char::is_whitespace) || !uri.contains(':') {
+        return invalid(format!("{at}: `{uri}` is not an absolute URI"));
+    }
+    Ok(())
+}
+
+fn check_token(at: &str, token: &str) -> Result<(), MappingTableError> {
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return invalid(format!(
+            "{at}: `{token}` must be non-empty without whitespace"
+        ));
+    }
+    Ok(())
+}
+
+fn check_text(at: &str, text: &str) -> Result<(), MappingTableError> {
+    if text.trim().is_empty() || text.trim() != text {
+        return invalid(format!(
+            "{at}: must be non-empty text without surrounding whitespace"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_default_table_loads_with_all_scoped_data_types() {
+        let table = Mapping::default_table().unwrap();
+        for data_type in ["blood_pressure", "heart_rate", "body_weight"] {
+            assert!(table.measurement(data_type).is_some(), "{data_type}");
+        }
+        let hr = table.aggregate("heart_rate").unwrap();
+        let stats: Vec<_> = hr.statistics.iter().map(|s| s.statistic).collect();
+        assert_eq!(
+            stats,
+            [
+                Statistic::Mean,
+                Statistic::Min,
+                Statistic::Max,
+                Statistic::Count
+            ]
+        );
+        for provider in ["withings", "google-health", "omron", "beurer"] {
+            assert!(table.provider(provider).is_some(), "{provider}");
+        }
+        assert_eq!(table.provider("withings").unwrap().manufacturer, None);
+        assert_eq!(
+            table.provider("omron").unwrap().manufacturer.as_deref(),
+            Some("OMRON Healthcare")
+        );
+    }
+
+    #[test]
+    fn test_table_rejects_unknown_keys() {
+        let text = DEFAULT_TABLE_TOML.replace("name_type =", "nametype =");
+        assert!(matches!(
+            Mapping::from_toml_str(&text),
+            Err(MappingTableError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn test_table_rejects_value_and_components_together() {
+        let text = format!(
+            "{DEFAULT_TABLE_TOML}\n[[measurements.heart_rate.components]]\nsource = \"x\"\n\
+             code = [{{ system = \"http://loinc.org\", code = \"1-1\" }}]\n\
+             units = [{{ code = \"/min\", display = \"/min\" }}]\n"
+        );
+        let err = Mapping::from_toml_str(&text).unwrap_err();
+        assert!(
+            err.to_string().contains("both `value` and `components`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn test_table_rejects_unknown_statistic_and_bad_bindings() {
+        let text = DEFAULT_TABLE_TOML.replace("statistic = \"max\"", "statistic = \"median\"");
+        assert!(matches!(
+            Mapping::from_toml_str(&text),
+            Err(MappingTableError::Parse(_))
+        ));
+        let text = DEFAULT_TABLE_TOML.replace(
+            "name_type = \"user-friendly-name\"",
+            "name_type = \"model-name\"",
+        );
+        let err = Mapping::from_toml_str(&text).unwrap_err();
+        assert!(err.to_string().contains("device.name_type"), "{err}");
+        let text = DEFAULT_TABLE_TOML.replace("code = \"attached\"", "code = \"paired\"");
+        assert!(Mapping::from_toml_str(&text).is_err());
+    }
+
+    #[test]
+    fn test_table_rejects_other_format_and_empty_units() {
+        let text = DEFAULT_TABLE_TOML.replace("format = 1", "format = 2");
+        assert!(Mapping::from_toml_str(&text).is_err());
+        let text = DEFAULT_TABLE_TOML.replace(
+            "units = [{ code = \"/min\", display = \"beats/minute\" }] }",
+            "units = [] }",
+        );
+        let err = Mapping::from_toml_str(&text).unwrap_err();
+        assert!(err.to_string().contains("at least one unit"), "{err}");
+    }
+
+    #[test]
+    fn test_table_loads_from_file() {
+        let dir = std::env::temp_dir().join(format!("ohx-mapping-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mapping.toml");
+        std::fs::write(&path, DEFAULT_TABLE_TOML).unwrap();
+        assert_eq!(
+            Mapping::from_file(&path).unwrap(),
+            Mapping::default_table().unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            Mapping::from_file(&path),
+            Err(MappingTableError::Io { .. })
+        ));
+    }
+}

@@ -1,0 +1,4 @@
+//! Aggregates HOURLY series into one statistic per series and UTC hour.
+
+pub mod stage;
+pub mod window;

@@ -1,0 +1,344 @@
+//! Starts the real local stack for end-to-end tests: tansu (SQLite storage, fresh directory),
+//! hfs (R5, in-memory, validation enforced), the Withings simulator, a fresh PostgreSQL
+//! database, the topics, and the six stages as separate processes (so tests can SIGKILL and
+//! restart them). Everything listens on 127.0.0.1 with free ports; children die with the stack.
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// The six stages and their binaries.
+pub const STAGES: &[&str] = &["webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
+
+/// AES-256 key used by the tests (not a production key).
+pub const TEST_SECRET_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// A running child process.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    /// `host:port` of its HTTP endpoint.
+    pub http: String,
+}
+
+/// The running stack.
+#[derive(Debug)]
+pub struct Stack {
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub kafka: String,
+    pub fhir_base: String,
+    pub db_url: String,
+    pub sim_url: String,
+    pub procs: HashMap<String, Proc>,
+    /// Extra environment per stage (kept across restarts).
+    pub stage_env: HashMap<String, Vec<(String, String)>>,
+    pub http: reqwest::Client,
+}
+
+/// Returns a free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+async fn wait_tcp(addr: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what} did not listen on {addr} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Stack {
+    /// Starts everything. Needs `tansu` and `hfs` installed (scripts/install-tools), the
+    /// workspace binaries built (`cargo build --workspace --bins`) and PostgreSQL on 5432.
+    pub async fn start() -> anyhow::Result<Stack> {
+        let dir = target_dir().join("e2e").join(format!("run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let bin_dir = target_dir().join("debug");
+        for b in STAGES.iter().chain(["ohx", "withings-sim"].iter()) {
+            if !bin_dir.join(b).is_file() {
+                bail!("{} is missing: run `cargo build --workspace --bins` first", bin_dir.join(b).display());
+            }
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let mut stack = Stack {
+            dir: dir.clone(),
+            bin_dir,
+            kafka: String::new(),
+            fhir_base: String::new(),
+            db_url: String::new(),
+            sim_url: String::new(),
+            procs: HashMap::new(),
+            stage_env: HashMap::new(),
+            http,
+        };
+
+        // Broker: tansu with SQLite storage in a fresh directory.
+        let tansu = which("tansu").context("tansu is not installed: run scripts/install-tools")?;
+        let kport = free_port()?;
+        stack.kafka = format!("127.0.0.1:{kport}");
+        let mut cmd = Command::new(tansu);
+        cmd.arg("broker")
+            .arg("--listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
+            .arg("--advertised-listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
+            .arg("--storage-engine").arg(format!("sqlite://{}", dir.join("tansu.db").display()))
+            .env("RUST_LOG", "warn");
+        stack.spawn("tansu", cmd, stack.kafka.clone())?;
+        wait_tcp(&stack.kafka, "tansu", Duration::from_secs(30)).await?;
+
+        // FHIR server: hfs, R5, in memory, validation enforced.
+        let hfs = which("hfs").context("hfs is not installed: run scripts/install-tools")?;
+        let hport = free_port()?;
+        let data_dir = std::env::var("HFS_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ohx/hfs-data")
+        });
+        if !data_dir.join("search-parameters-r5.json").is_file() {
+            bail!("HFS data directory {} is missing: run scripts/install-tools", data_dir.display());
+        }
+        let mut cmd = Command::new(hfs);
+        cmd.arg("--port").arg(hport.to_string())
+            .arg("--host").arg("127.0.0.1")
+            .arg("--database-url").arg(":memory:")
+            .arg("--data-dir").arg(&data_dir)
+            .arg("--log-level").arg("warn")
+            .env("HFS_DEFAULT_FHIR_VERSION", "R5")
+            .env("HFS_VALIDATION_MODE", "enforce")
+            .env("HFS_VALIDATION_META_PROFILES", "false")
+            .env("HFS_UI_ENABLED", "false");
+        stack.fhir_base = format!("http://127.0.0.1:{hport}");
+        stack.spawn("hfs", cmd, format!("127.0.0.1:{hport}"))?;
+        stack.wait_http(&format!("{}/health", stack.fhir_base), "hfs", Duration::from_secs(60)).await?;
+
+        // Withings simulator.
+        let sport = free_port()?;
+        let mut cmd = Command::new(stack.bin_dir.join("withings-sim"));
+        cmd.arg("--addr").arg(format!("127.0.0.1:{sport}"));
+        stack.sim_url = format!("http://127.0.0.1:{sport}");
+        stack.spawn("withings-sim", cmd, format!("127.0.0.1:{sport}"))?;
+        wait_tcp(&format!("127.0.0.1:{sport}"), "withings-sim", Duration::from_secs(30)).await?;
+
+        // Database and topics.
+        stack.db_url = format!("postgres://postgres@127.0.0.1:5432/ohx_e2e_{}", std::process::id());
+        stack.ohx(&["migrate"]).await?;
+        stack.ohx(&["topics", "apply"]).await?;
+
+        for s in STAGES {
+            stack.start_stage(s).await?;
+        }
+        Ok(stack)
+    }
+
+    fn spawn(&mut self, name: &str, mut cmd: Command, http: String) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.procs.insert(name.to_string(), Proc { child, http });
+        Ok(())
+    }
+
+    /// Returns the environment every ohx process gets.
+    pub fn ohx_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OHX_KAFKA_BOOTSTRAP".into(), self.kafka.clone()),
+            ("OHX_DATABASE_URL".into(), self.db_url.clone()),
+            ("OHX_SCHEMA_REGISTRY".into(), "embedded".into()),
+            ("OHX_SECRET_KEYS".into(), TEST_SECRET_KEYS.into()),
+            ("OHX_LOG".into(), "info".into()),
+            ("OHX_IDENTIFIER_BASE".into(), "https://ohx.test/fhir".into()),
+            ("OHX_LINGER_MS".into(), "5".into()),
+            ("OHX_TICK_MS".into(), "250".into()),
+        ]
+    }
+
+    /// Starts (or restarts) a stage with the stack's environment plus its extra environment.
+    pub async fn start_stage(&mut self, stage: &str) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut cmd = Command::new(self.bin_dir.join(stage));
+        cmd.envs(self.ohx_env()).env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"));
+        if let Some(extra) = self.stage_env.get(stage) {
+            cmd.envs(extra.iter().cloned());
+        }
+        self.spawn(stage, cmd, format!("127.0.0.1:{port}"))?;
+        self.wait_http(&format!("http://127.0.0.1:{port}/readyz"), stage, Duration::from_secs(90)).await
+    }
+
+    /// Stops a process gracefully (SIGTERM) and waits for it.
+    pub async fn stop(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(mut p) = self.procs.remove(name) else { return Ok(()) };
+        if let Some(pid) = p.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("{name} exited with {status} after SIGTERM");
+                }
+            }
+            Err(_) => {
+                p.child.kill().await?;
+                bail!("{name} did not stop within 30 s of SIGTERM");
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills a process with SIGKILL (a crash).
+    pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(mut p) = self.procs.remove(name) {
+            p.child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Returns the HTTP address of a process.
+    pub fn http_of(&self, name: &str) -> anyhow::Result<String> {
+        Ok(format!("http://{}", self.procs.get(name).with_context(|| format!("{name} is not running"))?.http))
+    }
+
+    async fn wait_http(&self, url: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{what} was not ready at {url} within {timeout:?}; log: {}", self.log_tail(what));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Returns the last lines of a process's log.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Runs the `ohx` operations command and returns its JSON output lines.
+    pub async fn ohx(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+        let out = Command::new(self.bin_dir.join("ohx")).envs(self.ohx_env()).args(args).output().await?;
+        if !out.status.success() {
+            bail!("ohx {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("ohx printed non-JSON: {l}")))
+            .collect()
+    }
+
+    /// Runs `ohx` and returns the `id` it printed.
+    pub async fn ohx_id(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.ohx(args).await?;
+        out.last()
+            .and_then(|v| v.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .with_context(|| format!("ohx {args:?} printed no id"))
+    }
+
+    /// GETs a FHIR path (relative to the base) as JSON.
+    pub async fn fhir(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self.http.get(format!("{}/{}", self.fhir_base, path)).header("Accept", "application/fhir+json").send().await?;
+        let status = r.status();
+        let body = r.text().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Returns every resource of a search (following `next` links).
+    pub async fn search(&self, query: &str) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        let mut page = self.fhir(query).await?;
+        loop {
+            for e in page.get("entry").and_then(Value::as_array).cloned().unwrap_or_default() {
+                if let Some(r) = e.get("resource") {
+                    out.push(r.clone());
+                }
+            }
+            let next = page
+                .get("link")
+                .and_then(Value::as_array)
+                .and_then(|ls| ls.iter().find(|l| l.get("relation").and_then(Value::as_str) == Some("next")))
+                .and_then(|l| l.get("url"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            match next {
+                Some(url) => {
+                    let r = self.http.get(&url).header("Accept", "application/fhir+json").send().await?;
+                    page = r.json().await?;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns the value of a metric summed over the series whose labels contain every filter.
+    pub async fn metric(&self, process: &str, name: &str, filters: &[&str]) -> anyhow::Result<f64> {
+        let text = self.http.get(format!("{}/metrics", self.http_of(process)?)).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter(|l| filters.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Drops the test database.
+    pub async fn drop_database(&self) -> anyhow::Result<()> {
+        let (client, conn) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let name = self.db_url.rsplit('/').next().unwrap_or_default();
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        Ok(())
+    }
+
+    /// Connects to the test database.
+    pub async fn db(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+}
