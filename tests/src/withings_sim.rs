@@ -390,10 +390,7 @@ pub fn demo_user(now: DateTime<Utc>) -> UserSeed {
 
     let hour_start = now_s - now_s.rem_euclid(3_600);
     let mut intraday = BTreeMap::new();
-    for (i, ts) in (hour_start - 3 * 3_600..hour_start)
-        .step_by(60)
-        .enumerate()
-    {
+    for (i, ts) in (hour_start - 3 * 3_600..hour_start).step_by(60).enumerate() {
         let i = i64::try_from(i).unwrap_or(0);
         // A gentle deterministic wave between 58 and 84 bpm.
         let heart_rate = 58 + (i * 7) % 19 + (i / 30) % 8;
@@ -1458,7 +1455,9 @@ impl Inner {
             .to_owned();
         let appli = appli_param(params, true)?.unwrap_or(1);
         let new_appli = match int_param(params, "new_appli")? {
-            Some(a) if !KNOWN_APPLIS.contains(&a) => return Err(Reply::invalid("invalid new_appli")),
+            Some(a) if !KNOWN_APPLIS.contains(&a) => {
+                return Err(Reply::invalid("invalid new_appli"));
+            }
             other => other,
         };
         let new_callbackurl = param(params, "new_callbackurl").map(str::to_owned);
@@ -1474,7 +1473,9 @@ impl Inner {
             .ok_or_else(no_such_notification)?;
         let new = Subscription {
             appli: new_appli.unwrap_or(existing.appli),
-            callbackurl: new_callbackurl.clone().unwrap_or_else(|| callbackurl.clone()),
+            callbackurl: new_callbackurl
+                .clone()
+                .unwrap_or_else(|| callbackurl.clone()),
             comment: comment.unwrap_or_else(|| existing.comment.clone()),
         };
         match new_callbackurl {
@@ -1586,11 +1587,7 @@ async fn authorize(State(st): State<Arc<SimState>>, uri: Uri) -> Response {
             q.append_pair("state", state);
         }
     }
-    (
-        StatusCode::FOUND,
-        [(header::LOCATION, target.to_string())],
-    )
-        .into_response()
+    (StatusCode::FOUND, [(header::LOCATION, target.to_string())]).into_response()
 }
 
 // ---------------------------------------------------------------------------
@@ -1605,21 +1602,29 @@ fn unknown_user(userid: i64) -> Response {
     sim_error(StatusCode::NOT_FOUND, format!("unknown user {userid}"))
 }
 
+/// A control request with an unreadable body (HTTP 400).
+struct BadBody(String);
+
+impl IntoResponse for BadBody {
+    fn into_response(self) -> Response {
+        sim_error(StatusCode::BAD_REQUEST, self.0)
+    }
+}
+
 /// Parses a JSON control body; an empty body means `{}`.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         body
     };
-    serde_json::from_slice(text)
-        .map_err(|e| sim_error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(text).map_err(|e| BadBody(format!("invalid JSON body: {e}")))
 }
 
 async fn sim_create_user(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let seed: UserSeed = match json_body(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let tokens = st.add_user(seed).await;
     axum::Json(tokens).into_response()
@@ -1637,7 +1642,7 @@ async fn sim_measuregrps(
 ) -> Response {
     let b: GroupsBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.upsert_measure_groups(userid, b.measuregrps).await {
         Some(n) => axum::Json(json!({ "upserted": n })).into_response(),
@@ -1657,7 +1662,7 @@ async fn sim_intraday(
 ) -> Response {
     let b: IntradayBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.merge_intraday(userid, b.series).await {
         Some(n) => axum::Json(json!({ "merged": n })).into_response(),
@@ -1706,7 +1711,7 @@ async fn sim_authorization_code(
 ) -> Response {
     let b: CodeBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let mut inner = st.inner.lock().await;
     let Some(client_id) = inner.users.get(&userid).map(|u| u.client_id.clone()) else {
@@ -1761,7 +1766,7 @@ fn default_fail_status() -> i64 {
 async fn sim_fail_next(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let b: FailNextBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let error = b.error.unwrap_or_else(|| {
         match b.status {
@@ -1790,7 +1795,7 @@ struct ClockBody {
 async fn sim_clock_advance(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let b: ClockBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let mut inner = st.inner.lock().await;
     inner.clock_offset_secs = inner.clock_offset_secs.saturating_add(b.seconds);
@@ -1820,7 +1825,7 @@ struct NotifyBody {
 async fn sim_notify(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let b: NotifyBody = match json_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let callbacks: Vec<String> = {
         let inner = st.inner.lock().await;
@@ -2150,13 +2155,16 @@ mod tests {
         );
 
         // Unknown actions get the invalid-params status.
-        let unknown = sim.call("/measure", Some("tok-1"), &[("action", "nope")]).await;
+        let unknown = sim
+            .call("/measure", Some("tok-1"), &[("action", "nope")])
+            .await;
         assert_eq!(unknown["status"], STATUS_INVALID_PARAMS);
         assert_eq!(unknown["body"], json!({}));
         let unknown = sim.call("/v2/oauth2", None, &[("action", "nope")]).await;
         assert_eq!(unknown["status"], STATUS_INVALID_PARAMS);
 
-        sim.sim("/_sim/users/1/expire-access-token", json!({})).await;
+        sim.sim("/_sim/users/1/expire-access-token", json!({}))
+            .await;
         assert_eq!(sim.getmeas("tok-1", &[]).await, expected_401);
 
         let stats = sim.stats().await;
@@ -2208,7 +2216,13 @@ mod tests {
         let sim = start(config(2, 1000)).await;
         sim.user(3, "tok", "ref").await;
         let groups: Vec<Value> = (0..5)
-            .map(|i| weight(200 + i, 1_700_000_000 + i * 3_600, 1_700_000_000 + i * 3_600))
+            .map(|i| {
+                weight(
+                    200 + i,
+                    1_700_000_000 + i * 3_600,
+                    1_700_000_000 + i * 3_600,
+                )
+            })
             .collect();
         sim.groups(3, json!(groups)).await;
 
@@ -2264,7 +2278,10 @@ mod tests {
         sim.user(5, "tok", "ref").await;
         sim.groups(
             5,
-            json!([bp(400, 1_700_000_000, 1_700_000_100), weight(401, 1_700_003_600, 1_700_003_700)]),
+            json!([
+                bp(400, 1_700_000_000, 1_700_000_100),
+                weight(401, 1_700_003_600, 1_700_003_700)
+            ]),
         )
         .await;
 
@@ -2277,7 +2294,9 @@ mod tests {
                 .starts_with("Invalid Params")
         );
 
-        let single = sim.getmeas("tok", &[("meastype", "1"), ("category", "1")]).await;
+        let single = sim
+            .getmeas("tok", &[("meastype", "1"), ("category", "1")])
+            .await;
         assert_eq!(grpids(&single), vec![401]);
 
         let plural = sim.getmeas("tok", &[("meastypes", "9,10")]).await;
@@ -2606,7 +2625,11 @@ mod tests {
             .call(
                 "/notify",
                 Some("tok"),
-                &[("action", "subscribe"), ("callbackurl", &post_only), ("appli", "4")],
+                &[
+                    ("action", "subscribe"),
+                    ("callbackurl", &post_only),
+                    ("appli", "4"),
+                ],
             )
             .await;
         assert_eq!(refused["status"], STATUS_INVALID_CALLBACK);
@@ -2621,12 +2644,18 @@ mod tests {
             .call(
                 "/notify",
                 Some("tok"),
-                &[("action", "subscribe"), ("callbackurl", &closed_url), ("appli", "1")],
+                &[
+                    ("action", "subscribe"),
+                    ("callbackurl", &closed_url),
+                    ("appli", "1"),
+                ],
             )
             .await;
         assert_eq!(unreachable["status"], 293);
 
-        let list = sim.call("/notify", Some("tok"), &[("action", "list")]).await;
+        let list = sim
+            .call("/notify", Some("tok"), &[("action", "list")])
+            .await;
         assert_eq!(
             list,
             json!({"status": 0, "body": {"profiles": [
@@ -2669,9 +2698,15 @@ mod tests {
             .await;
         assert_eq!(none, json!({"deliveries": []}));
 
-        let revoke = [("action", "revoke"), ("callbackurl", ok_url.as_str()), ("appli", "1")];
+        let revoke = [
+            ("action", "revoke"),
+            ("callbackurl", ok_url.as_str()),
+            ("appli", "1"),
+        ];
         assert_eq!(sim.call("/notify", Some("tok"), &revoke).await["status"], 0);
-        let list = sim.call("/notify", Some("tok"), &[("action", "list")]).await;
+        let list = sim
+            .call("/notify", Some("tok"), &[("action", "list")])
+            .await;
         assert_eq!(list["body"], json!({"profiles": []}));
         assert_eq!(
             sim.call("/notify", Some("tok"), &revoke).await["status"],
@@ -2715,7 +2750,9 @@ mod tests {
         assert_eq!(demo.intraday.keys().next(), Some(&(hour - 3 * 3_600)));
         assert_eq!(demo.intraday.keys().next_back(), Some(&(hour - 60)));
         assert!(demo.intraday.values().all(|e| {
-            e["model_id"] == 93 && e["deviceid"] == DEMO_SCANWATCH_DEVICEID && e["heart_rate"].is_i64()
+            e["model_id"] == 93
+                && e["deviceid"] == DEMO_SCANWATCH_DEVICEID
+                && e["heart_rate"].is_i64()
         }));
 
         let sim = start(SimConfig {
@@ -2729,7 +2766,10 @@ mod tests {
             .call(
                 "/v2/measure",
                 Some(DEMO_ACCESS_TOKEN),
-                &[("action", "getintradayactivity"), ("data_fields", "heart_rate")],
+                &[
+                    ("action", "getintradayactivity"),
+                    ("data_fields", "heart_rate"),
+                ],
             )
             .await;
         assert_eq!(hr["body"]["series"].as_object().unwrap().len(), 180);

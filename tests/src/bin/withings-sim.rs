@@ -41,9 +41,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<A
         match flag.as_str() {
             "--addr" => {
                 let v = value("--addr")?;
-                addr = v
-                    .parse()
-                    .with_context(|| format!("invalid --addr {v:?}"))?;
+                addr = v.parse().with_context(|| format!("invalid --addr {v:?}"))?;
             }
             "--page-size" => {
                 let v = value("--page-size")?;
