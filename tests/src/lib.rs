@@ -1,4 +1,4 @@
 //! Test harness.
-pub mod withings_sim;
 pub mod kafka_util;
 pub mod stack;
+pub mod withings_sim;

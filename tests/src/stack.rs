@@ -110,7 +110,9 @@ impl Stack {
         cmd.arg("broker")
             .arg("--listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
             .arg("--advertised-listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
-            .arg("--storage-engine").arg(format!("sqlite://{}", dir.join("tansu.db").display()))
+            // tansu resolves the SQLite path relative to its working directory.
+            .arg("--storage-engine").arg("sqlite://tansu.db")
+            .current_dir(&dir)
             .env("RUST_LOG", "warn");
         stack.spawn("tansu", cmd, stack.kafka.clone())?;
         wait_tcp(&stack.kafka, "tansu", Duration::from_secs(30)).await?;

@@ -123,6 +123,7 @@ pub async fn verify_broker_retention(admin: &AdminClient<DefaultClientContext>, 
 pub enum Applied {
     Created,
     Altered,
+    Unchanged,
 }
 
 /// Creates missing topics and sets the configuration of existing ones.
@@ -150,23 +151,51 @@ pub async fn apply(admin: &AdminClient<DefaultClientContext>, defs: &[TopicDef],
             Err((name, code)) => return Err(TopicError::Invalid { topic: name, reason: format!("create failed: {code}") }),
         }
     }
-    if !to_alter.is_empty() {
-        let alters: Vec<AlterConfig<'_>> = to_alter
-            .iter()
-            .map(|d| {
-                let mut a = AlterConfig::new(ResourceSpecifier::Topic(&d.name));
-                for (k, v) in &d.config {
-                    a = a.set(k, v);
-                }
-                a
-            })
-            .collect();
-        let results = admin.alter_configs(alters.iter(), &options()).await?;
-        for (d, r) in to_alter.iter().zip(results) {
-            match r {
-                Ok(_) => outcome.push((d.name.clone(), Applied::Altered)),
-                Err((_, code)) => return Err(TopicError::Invalid { topic: d.name.clone(), reason: format!("alter failed: {code}") }),
+    if to_alter.is_empty() {
+        return Ok(outcome);
+    }
+    // Only alter what differs: some brokers (tansu) cannot alter configs at all, and an
+    // unchanged topic must not fail `apply`.
+    let specs: Vec<ResourceSpecifier<'_>> = to_alter.iter().map(|d| ResourceSpecifier::Topic(&d.name)).collect();
+    let current = admin.describe_configs(specs.iter(), &options()).await?;
+    let mut differing = Vec::new();
+    for (d, r) in to_alter.iter().zip(current) {
+        let resource = r.map_err(|code| TopicError::Invalid { topic: d.name.clone(), reason: format!("describe failed: {code}") })?;
+        let same = d.config.iter().all(|(k, v)| resource.get(k).and_then(|e| e.value.as_deref()) == Some(v.as_str()));
+        if same {
+            outcome.push((d.name.clone(), Applied::Unchanged));
+        } else {
+            differing.push(*d);
+        }
+    }
+    if differing.is_empty() {
+        return Ok(outcome);
+    }
+    let alters: Vec<AlterConfig<'_>> = differing
+        .iter()
+        .map(|d| {
+            let mut a = AlterConfig::new(ResourceSpecifier::Topic(&d.name));
+            for (k, v) in &d.config {
+                a = a.set(k, v);
             }
+            a
+        })
+        .collect();
+    let results = match admin.alter_configs(alters.iter(), &options()).await {
+        Ok(r) => r,
+        Err(rdkafka::error::KafkaError::AdminOp(RDKafkaErrorCode::UnsupportedFeature)) => {
+            let names: Vec<&str> = differing.iter().map(|d| d.name.as_str()).collect();
+            return Err(TopicError::Invalid {
+                topic: names.join(", "),
+                reason: "configuration differs from topics/ and this broker cannot alter topic configs; recreate the topics".into(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for (d, r) in differing.iter().zip(results) {
+        match r {
+            Ok(_) => outcome.push((d.name.clone(), Applied::Altered)),
+            Err((_, code)) => return Err(TopicError::Invalid { topic: d.name.clone(), reason: format!("alter failed: {code}") }),
         }
     }
     Ok(outcome)

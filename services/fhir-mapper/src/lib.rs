@@ -2,5 +2,5 @@
 
 pub mod map;
 pub mod mapping;
-pub mod validate;
 pub mod stage;
+pub mod validate;

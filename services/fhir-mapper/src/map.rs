@@ -8,7 +8,7 @@
 //!
 //! | resource | `identifier.system` | `identifier.value` |
 //! |---|---|---|
-//! | Observation (measurement) | `{base}/sid/observation` | `{provider}-{provider_user_id}-{measurement_id}` |
+//! | Observation (measurement) | `{base}/sid/observation` | `{provider}-{provider_user_id}-{native id}` (see [`measurement_identifier_value`]) |
 //! | Observation (aggregate) | `{base}/sid/observation` | `{provider}-{provider_user_id}-{data_type}-PT1H-{hour start, RFC 3339 UTC}` |
 //! | Device | `{base}/sid/device` | `{provider}-{device_id}` |
 //! | DeviceAssociation | `{base}/sid/device-association` | `{provider}-{provider_user_id}-{device_id}` |

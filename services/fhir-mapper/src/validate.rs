@@ -6,7 +6,7 @@
 //!   unknown elements, wrong JSON types, primitive patterns, choice-type names and R4-only
 //!   elements, but not cardinalities of primitives, code bindings, invariants or profiles.
 //! * [`check_profile_rules`]: the rules the schema cannot express that ohx relies on: required
-//!   status bindings, the R5 core vital-signs profiles (category, subject, effective[x], vs-1,
+//!   status bindings, the R5 core vital-signs profiles (category, subject, `effective[x]`, vs-1,
 //!   vs-2, vs-3, fixed LOINC codes and UCUM units), obs-6, obs-7, and the required bindings of
 //!   Device and DeviceAssociation.
 //!
