@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use ohx_common::codec::Codec;
 use ohx_common::kafka::{KafkaSettings, Producer};
 use ohx_common::records::{
-    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Device, Measurement, series_key, topic,
+    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Device,
+    Measurement, series_key, topic,
 };
 use ohx_tests::kafka_util::{GROUPS, high_watermark_sum, produce_raw, read_all, wait_settled};
 use ohx_tests::stack::Stack;
@@ -55,8 +56,10 @@ impl Env {
         let r = s
             .http
             .post(format!("{}/_sim/users", s.sim_url))
-            .json(&json!({"userid": userid, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                          "access_token": access, "refresh_token": refresh, "expires_in": 10800}))
+            .json(
+                &json!({"userid": userid, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                          "access_token": access, "refresh_token": refresh, "expires_in": 10800}),
+            )
             .send()
             .await?;
         ensure!(r.status().is_success(), "sim user: {}", r.text().await?);
@@ -69,39 +72,88 @@ impl Env {
             .json(&json!({"resourceType": "Patient", "id": fhir_id, "active": true}))
             .send()
             .await?;
-        ensure!(r.status().is_success(), "create Patient: {}", r.text().await?);
+        ensure!(
+            r.status().is_success(),
+            "create Patient: {}",
+            r.text().await?
+        );
         let reference = format!("Patient/{fhir_id}");
-        let patient_id = s.ohx_id(&["create-patient", "--org", &self.org, "--target", &self.target, "--reference", &reference]).await?;
-        let link_id = s
-            .ohx_id(&["create-link", "--app", &self.app, "--patient", &patient_id, "--provider-user-id", &userid.to_string(),
-                       "--access-token", &access, "--refresh-token", &refresh])
+        let patient_id = s
+            .ohx_id(&[
+                "create-patient",
+                "--org",
+                &self.org,
+                "--target",
+                &self.target,
+                "--reference",
+                &reference,
+            ])
             .await?;
-        Ok(Patient { userid, patient_id, reference, link_id })
+        let link_id = s
+            .ohx_id(&[
+                "create-link",
+                "--app",
+                &self.app,
+                "--patient",
+                &patient_id,
+                "--provider-user-id",
+                &userid.to_string(),
+                "--access-token",
+                &access,
+                "--refresh-token",
+                &refresh,
+            ])
+            .await?;
+        Ok(Patient {
+            userid,
+            patient_id,
+            reference,
+            link_id,
+        })
     }
 
     async fn add_groups(&self, userid: i64, groups: Value) -> anyhow::Result<()> {
         let s = self;
-        let r = s.http.post(format!("{}/_sim/users/{userid}/measuregrps", s.sim_url)).json(&json!({"measuregrps": groups})).send().await?;
+        let r = s
+            .http
+            .post(format!("{}/_sim/users/{userid}/measuregrps", s.sim_url))
+            .json(&json!({"measuregrps": groups}))
+            .send()
+            .await?;
         ensure!(r.status().is_success(), "sim groups: {}", r.text().await?);
         Ok(())
     }
 
     async fn add_intraday(&self, userid: i64, series: Value) -> anyhow::Result<()> {
         let s = self;
-        let r = s.http.post(format!("{}/_sim/users/{userid}/intraday", s.sim_url)).json(&json!({"series": series})).send().await?;
+        let r = s
+            .http
+            .post(format!("{}/_sim/users/{userid}/intraday", s.sim_url))
+            .json(&json!({"series": series}))
+            .send()
+            .await?;
         ensure!(r.status().is_success(), "sim intraday: {}", r.text().await?);
         Ok(())
     }
 
     async fn sim_post(&self, path: &str) -> anyhow::Result<Value> {
         let s = self;
-        let r = s.http.post(format!("{}{path}", s.sim_url)).json(&json!({})).send().await?;
+        let r = s
+            .http
+            .post(format!("{}{path}", s.sim_url))
+            .json(&json!({}))
+            .send()
+            .await?;
         ensure!(r.status().is_success(), "sim {path}: {}", r.status());
         Ok(r.json().await.unwrap_or(Value::Null))
     }
 
     /// Posts a Withings notification to the gateway; returns (status, content type, body).
-    async fn webhook(&self, token: &str, form: &[(&str, String)]) -> anyhow::Result<(u16, String, String)> {
+    async fn webhook(
+        &self,
+        token: &str,
+        form: &[(&str, String)],
+    ) -> anyhow::Result<(u16, String, String)> {
         let gateway = self.stack.lock().await.http_of("webhook-gateway")?;
         let r = self
             .http
@@ -110,21 +162,44 @@ impl Env {
             .send()
             .await?;
         let status = r.status().as_u16();
-        let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         Ok((status, ct, r.text().await?))
     }
 
-    async fn notify(&self, userid: i64, appli: i32, start_ms: i64, end_ms: i64) -> anyhow::Result<()> {
+    async fn notify(
+        &self,
+        userid: i64,
+        appli: i32,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> anyhow::Result<()> {
         let (status, _, body) = self
-            .webhook(WEBHOOK_TOKEN, &[("userid", userid.to_string()), ("appli", appli.to_string()),
-                                      ("startdate", (start_ms / 1000).to_string()), ("enddate", (end_ms / 1000).to_string())])
+            .webhook(
+                WEBHOOK_TOKEN,
+                &[
+                    ("userid", userid.to_string()),
+                    ("appli", appli.to_string()),
+                    ("startdate", (start_ms / 1000).to_string()),
+                    ("enddate", (end_ms / 1000).to_string()),
+                ],
+            )
             .await?;
         ensure!(status == 200, "webhook answered {status}: {body}");
         Ok(())
     }
 
     /// Waits until a search returns at least `n` resources.
-    async fn wait_for(&self, query: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+    async fn wait_for(
+        &self,
+        query: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let found = self.search(query).await?;
@@ -132,7 +207,10 @@ impl Env {
                 return Ok(found);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{query}: {} resources after {timeout:?}, expected {n}", found.len());
+                bail!(
+                    "{query}: {} resources after {timeout:?}, expected {n}",
+                    found.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -176,13 +254,24 @@ impl Env {
             effective_start: ts,
             effective_end: None,
             utc_offset_seconds: Some(3600),
-            components: vec![Component { code: "value".into(), value: bpm, unit: "/min".into() }],
-            device: Some(Device { device_id: format!("watch-{}", p.userid), model: Some("ScanWatch".into()), model_id: Some("93".into()), manufacturer: Some("Withings".into()) }),
+            components: vec![Component {
+                code: "value".into(),
+                value: bpm,
+                unit: "/min".into(),
+            }],
+            device: Some(Device {
+                device_id: format!("watch-{}", p.userid),
+                model: Some("ScanWatch".into()),
+                model_id: Some("93".into()),
+                manufacturer: Some("Withings".into()),
+            }),
             entry_method: Some("device".into()),
             provider_group_id: None,
             provider_modified_at: None,
         };
-        self.producer.send_record(topic::MEASUREMENTS, &m.series_key, &m).await?;
+        self.producer
+            .send_record(topic::MEASUREMENTS, &m.series_key, &m)
+            .await?;
         Ok(())
     }
 }
@@ -192,22 +281,44 @@ fn hour_floor(ms: i64) -> i64 {
 }
 
 fn instant(s: &str) -> anyhow::Result<i64> {
-    Ok(DateTime::parse_from_rfc3339(s).with_context(|| format!("not a dateTime: {s}"))?.timestamp_millis())
+    Ok(DateTime::parse_from_rfc3339(s)
+        .with_context(|| format!("not a dateTime: {s}"))?
+        .timestamp_millis())
 }
 
 fn code_of(r: &Value) -> String {
-    r["code"]["coding"].as_array().and_then(|c| c.iter().find(|x| x["system"] == "http://loinc.org")).and_then(|x| x["code"].as_str()).unwrap_or("").to_string()
+    r["code"]["coding"]
+        .as_array()
+        .and_then(|c| c.iter().find(|x| x["system"] == "http://loinc.org"))
+        .and_then(|x| x["code"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 fn component<'a>(r: &'a Value, system: &str, code: &str) -> Option<&'a Value> {
-    r["component"].as_array()?.iter().find(|c| c["code"]["coding"].as_array().is_some_and(|cs| cs.iter().any(|x| x["system"] == system && x["code"] == code)))
+    r["component"].as_array()?.iter().find(|c| {
+        c["code"]["coding"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|x| x["system"] == system && x["code"] == code)
+        })
+    })
 }
 
 fn quantity(v: &Value) -> (f64, String) {
-    (v["value"].as_f64().unwrap_or(f64::NAN), v["code"].as_str().unwrap_or("").to_string())
+    (
+        v["value"].as_f64().unwrap_or(f64::NAN),
+        v["code"].as_str().unwrap_or("").to_string(),
+    )
 }
 
-fn bp_group(grpid: i64, date_ms: i64, device: &str, sys: (i64, i32), dia: (i64, i32), pulse: (i64, i32)) -> Value {
+fn bp_group(
+    grpid: i64,
+    date_ms: i64,
+    device: &str,
+    sys: (i64, i32),
+    dia: (i64, i32),
+    pulse: (i64, i32),
+) -> Value {
     json!({"grpid": grpid, "attrib": 0, "date": date_ms / 1000, "created": date_ms / 1000 + 60, "modified": date_ms / 1000 + 60,
            "category": 1, "deviceid": device, "hash_deviceid": device, "modelid": 45, "model": "BPM Connect", "comment": null,
            "measures": [{"value": dia.0, "type": 9, "unit": dia.1, "algo": 0, "fm": 3},
@@ -248,21 +359,41 @@ fn expected_hour(hour_index: i64, start: i64) -> Expect {
 /// Every resource of a patient: observations, associations and the associated devices.
 async fn patient_resources(env: &Env, p: &Patient) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut all = BTreeMap::new();
-    for r in env.search(&format!("Observation?subject={}&_count=200", p.reference)).await? {
+    for r in env
+        .search(&format!("Observation?subject={}&_count=200", p.reference))
+        .await?
+    {
         all.insert(format!("Observation/{}", r["id"].as_str().unwrap_or("")), r);
     }
-    for a in env.search(&format!("DeviceAssociation?subject={}&_count=200", p.reference)).await? {
+    for a in env
+        .search(&format!(
+            "DeviceAssociation?subject={}&_count=200",
+            p.reference
+        ))
+        .await?
+    {
         if let Some(d) = a["device"]["reference"].as_str() {
             let dev = env.fhir(d).await?;
             all.insert(d.to_string(), dev);
         }
-        all.insert(format!("DeviceAssociation/{}", a["id"].as_str().unwrap_or("")), a);
+        all.insert(
+            format!("DeviceAssociation/{}", a["id"].as_str().unwrap_or("")),
+            a,
+        );
     }
     Ok(all)
 }
 
 fn versions(resources: &BTreeMap<String, Value>) -> BTreeMap<String, String> {
-    resources.iter().map(|(k, v)| (k.clone(), v["meta"]["versionId"].as_str().unwrap_or("?").to_string())).collect()
+    resources
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v["meta"]["versionId"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,12 +407,23 @@ async fn webhook_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
     let t_bp1 = h1 + 17 * 60_000 + 5_000;
     let t_bp2 = h1 + 40 * 60_000;
     // Same measure types with different unit exponents.
-    env.add_groups(p.userid, json!([
-        bp_group(900_001, t_bp1, "bpm-5001", (12100, -2), (8000, -2), (7200, -2)),
-        bp_group(900_002, t_bp2, "bpm-5001", (118, 0), (76, 0), (65, 0)),
-        weight_group(900_003, h1 + 5 * 60_000, "scale-5001", 72450, -3),
-        weight_group(900_004, h2 + 5 * 60_000, "scale-5001", 7260, -2),
-    ])).await?;
+    env.add_groups(
+        p.userid,
+        json!([
+            bp_group(
+                900_001,
+                t_bp1,
+                "bpm-5001",
+                (12100, -2),
+                (8000, -2),
+                (7200, -2)
+            ),
+            bp_group(900_002, t_bp2, "bpm-5001", (118, 0), (76, 0), (65, 0)),
+            weight_group(900_003, h1 + 5 * 60_000, "scale-5001", 72450, -3),
+            weight_group(900_004, h2 + 5 * 60_000, "scale-5001", 7260, -2),
+        ]),
+    )
+    .await?;
     let mut series = serde_json::Map::new();
     for (hi, hs) in [(0i64, h1), (1, h2)] {
         for m in 0..60 {
@@ -290,62 +432,165 @@ async fn webhook_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
     }
     env.add_intraday(p.userid, Value::Object(series)).await?;
 
-    env.notify(p.userid, 4, t_bp1 - 60_000, t_bp2 + 60_000).await?;
+    env.notify(p.userid, 4, t_bp1 - 60_000, t_bp2 + 60_000)
+        .await?;
     env.notify(p.userid, 1, h1, h2 + HOUR).await?;
     // A notified window inside the hours: the fetcher widens it to whole UTC hours.
-    env.notify(p.userid, 16, h1 + 10 * 60_000, h2 + 20 * 60_000).await?;
+    env.notify(p.userid, 16, h1 + 10 * 60_000, h2 + 20 * 60_000)
+        .await?;
 
-    let obs = env.wait_for(&format!("Observation?subject={}&_count=200", p.reference), 8, Duration::from_secs(90)).await?;
-    ensure!(obs.len() == 8, "expected exactly 8 observations, got {}", obs.len());
-    let by_code = |c: &str| obs.iter().filter(|o| code_of(o) == c).cloned().collect::<Vec<_>>();
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}&_count=200", p.reference),
+            8,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(
+        obs.len() == 8,
+        "expected exactly 8 observations, got {}",
+        obs.len()
+    );
+    let by_code = |c: &str| {
+        obs.iter()
+            .filter(|o| code_of(o) == c)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
 
     // Blood pressure panels.
     let mut bps = by_code("85354-9");
-    ensure!(bps.len() == 2, "expected 2 blood pressure panels, got {}", bps.len());
+    ensure!(
+        bps.len() == 2,
+        "expected 2 blood pressure panels, got {}",
+        bps.len()
+    );
     bps.sort_by_key(|o| instant(o["effectiveDateTime"].as_str().unwrap_or("")).unwrap_or(0));
     for (o, t, sys, dia) in [(&bps[0], t_bp1, 121.0, 80.0), (&bps[1], t_bp2, 118.0, 76.0)] {
-        ensure!(instant(o["effectiveDateTime"].as_str().unwrap_or(""))? == t, "bp effective time");
-        ensure!(o["status"] == "final" && o["subject"]["reference"] == p.reference.as_str(), "bp status/subject");
-        ensure!(o.get("valueQuantity").is_none(), "bp panel carries no value");
-        let s = quantity(&component(o, "http://loinc.org", "8480-6").context("systolic")?["valueQuantity"]);
-        let d = quantity(&component(o, "http://loinc.org", "8462-4").context("diastolic")?["valueQuantity"]);
-        ensure!(s == (sys, "mm[Hg]".into()) && d == (dia, "mm[Hg]".into()), "bp values {s:?} {d:?}");
-        let dev = env.fhir(o["device"]["reference"].as_str().context("bp device")?).await?;
-        ensure!(dev["identifier"].to_string().contains("bpm-5001"), "bp device identifier: {dev}");
-        ensure!(o["category"].to_string().contains("vital-signs"), "bp category");
+        ensure!(
+            instant(o["effectiveDateTime"].as_str().unwrap_or(""))? == t,
+            "bp effective time"
+        );
+        ensure!(
+            o["status"] == "final" && o["subject"]["reference"] == p.reference.as_str(),
+            "bp status/subject"
+        );
+        ensure!(
+            o.get("valueQuantity").is_none(),
+            "bp panel carries no value"
+        );
+        let s = quantity(
+            &component(o, "http://loinc.org", "8480-6").context("systolic")?["valueQuantity"],
+        );
+        let d = quantity(
+            &component(o, "http://loinc.org", "8462-4").context("diastolic")?["valueQuantity"],
+        );
+        ensure!(
+            s == (sys, "mm[Hg]".into()) && d == (dia, "mm[Hg]".into()),
+            "bp values {s:?} {d:?}"
+        );
+        let dev = env
+            .fhir(o["device"]["reference"].as_str().context("bp device")?)
+            .await?;
+        ensure!(
+            dev["identifier"].to_string().contains("bpm-5001"),
+            "bp device identifier: {dev}"
+        );
+        ensure!(
+            o["category"].to_string().contains("vital-signs"),
+            "bp category"
+        );
     }
     // Pulse from the cuff as heart-rate observations (individual, spot).
-    let mut spot_hr: Vec<f64> = by_code("8867-4").iter().filter(|o| o.get("valueQuantity").is_some()).map(|o| quantity(&o["valueQuantity"]).0).collect();
+    let mut spot_hr: Vec<f64> = by_code("8867-4")
+        .iter()
+        .filter(|o| o.get("valueQuantity").is_some())
+        .map(|o| quantity(&o["valueQuantity"]).0)
+        .collect();
     spot_hr.sort_by(f64::total_cmp);
     ensure!(spot_hr == vec![65.0, 72.0], "cuff pulse values {spot_hr:?}");
-    ensure!(by_code("8867-4").iter().filter(|o| o.get("valueQuantity").is_some()).all(|o| o["valueQuantity"]["code"] == "/min"), "pulse unit");
+    ensure!(
+        by_code("8867-4")
+            .iter()
+            .filter(|o| o.get("valueQuantity").is_some())
+            .all(|o| o["valueQuantity"]["code"] == "/min"),
+        "pulse unit"
+    );
     // Weights after 10^unit decoding.
-    let mut w: Vec<(f64, String)> = by_code("29463-7").iter().map(|o| quantity(&o["valueQuantity"])).collect();
+    let mut w: Vec<(f64, String)> = by_code("29463-7")
+        .iter()
+        .map(|o| quantity(&o["valueQuantity"]))
+        .collect();
     w.sort_by(|a, b| a.0.total_cmp(&b.0));
-    ensure!(w == vec![(72.45, "kg".into()), (72.6, "kg".into())], "weights {w:?}");
+    ensure!(
+        w == vec![(72.45, "kg".into()), (72.6, "kg".into())],
+        "weights {w:?}"
+    );
     // Hourly heart-rate statistics, one per whole UTC hour.
-    let mut agg: Vec<Value> = by_code("8867-4").into_iter().filter(|o| o.get("effectivePeriod").is_some()).collect();
-    ensure!(agg.len() == 2, "expected 2 hourly aggregates, got {}", agg.len());
+    let mut agg: Vec<Value> = by_code("8867-4")
+        .into_iter()
+        .filter(|o| o.get("effectivePeriod").is_some())
+        .collect();
+    ensure!(
+        agg.len() == 2,
+        "expected 2 hourly aggregates, got {}",
+        agg.len()
+    );
     agg.sort_by_key(|o| instant(o["effectivePeriod"]["start"].as_str().unwrap_or("")).unwrap_or(0));
     let stats = "http://hl7.org/fhir/observation-statistics";
     for (o, e) in agg.iter().zip([expected_hour(0, h1), expected_hour(1, h2)]) {
-        ensure!(instant(o["effectivePeriod"]["start"].as_str().unwrap_or(""))? == e.start, "aggregate start");
-        ensure!(instant(o["effectivePeriod"]["end"].as_str().unwrap_or(""))? == e.start + HOUR, "aggregate end");
+        ensure!(
+            instant(o["effectivePeriod"]["start"].as_str().unwrap_or(""))? == e.start,
+            "aggregate start"
+        );
+        ensure!(
+            instant(o["effectivePeriod"]["end"].as_str().unwrap_or(""))? == e.start + HOUR,
+            "aggregate end"
+        );
         let count = component(o, stats, "count").context("count")?["valueInteger"].as_i64();
         ensure!(count == Some(e.count), "count {count:?}");
         let min = quantity(&component(o, stats, "minimum").context("minimum")?["valueQuantity"]);
         let max = quantity(&component(o, stats, "maximum").context("maximum")?["valueQuantity"]);
         let avg = quantity(&component(o, stats, "average").context("average")?["valueQuantity"]);
-        ensure!(min == (e.min, "/min".into()) && max == (e.max, "/min".into()), "min/max {min:?} {max:?}");
-        ensure!((avg.0 - e.mean).abs() < 1e-6 && avg.1 == "/min", "mean {avg:?} vs {}", e.mean);
-        let dev = env.fhir(o["device"]["reference"].as_str().context("aggregate device")?).await?;
-        ensure!(dev["identifier"].to_string().contains("watch-5001"), "aggregate device");
+        ensure!(
+            min == (e.min, "/min".into()) && max == (e.max, "/min".into()),
+            "min/max {min:?} {max:?}"
+        );
+        ensure!(
+            (avg.0 - e.mean).abs() < 1e-6 && avg.1 == "/min",
+            "mean {avg:?} vs {}",
+            e.mean
+        );
+        let dev = env
+            .fhir(
+                o["device"]["reference"]
+                    .as_str()
+                    .context("aggregate device")?,
+            )
+            .await?;
+        ensure!(
+            dev["identifier"].to_string().contains("watch-5001"),
+            "aggregate device"
+        );
     }
     // One Device and one DeviceAssociation per device.
-    let assoc = env.wait_for(&format!("DeviceAssociation?subject={}", p.reference), 3, Duration::from_secs(30)).await?;
-    ensure!(assoc.len() == 3, "expected 3 device associations, got {}", assoc.len());
+    let assoc = env
+        .wait_for(
+            &format!("DeviceAssociation?subject={}", p.reference),
+            3,
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(
+        assoc.len() == 3,
+        "expected 3 device associations, got {}",
+        assoc.len()
+    );
     for a in &assoc {
-        ensure!(a["status"]["coding"][0]["code"] == "attached", "association status");
+        ensure!(
+            a["status"]["coding"][0]["code"] == "attached",
+            "association status"
+        );
     }
     Ok(())
 }
@@ -356,7 +601,18 @@ async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
     let p = env.new_patient(5002).await?;
     let now = Utc::now().timestamp_millis();
     let h = hour_floor(now) - 6 * HOUR;
-    env.add_groups(p.userid, json!([bp_group(900_101, h + 600_000, "bpm-5002", (13000, -2), (8500, -2), (7000, -2))])).await?;
+    env.add_groups(
+        p.userid,
+        json!([bp_group(
+            900_101,
+            h + 600_000,
+            "bpm-5002",
+            (13000, -2),
+            (8500, -2),
+            (7000, -2)
+        )]),
+    )
+    .await?;
     let mut series = serde_json::Map::new();
     for m in 0..60 {
         series.insert(((h + m * 60_000) / 1000).to_string(), json!({"deviceid": "watch-5002", "model": "ScanWatch", "model_id": 93, "heart_rate": bpm(3, m)}));
@@ -366,23 +622,44 @@ async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
         env.notify(p.userid, 4, h, h + HOUR).await?;
         env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
     }
-    env.wait_for(&format!("Observation?subject={}", p.reference), 3, Duration::from_secs(90)).await?;
+    env.wait_for(
+        &format!("Observation?subject={}", p.reference),
+        3,
+        Duration::from_secs(90),
+    )
+    .await?;
     wait_settled(&env.kafka, Duration::from_secs(120)).await?;
     let before = patient_resources(&env, &p).await?;
-    ensure!(before.len() == 3 + 2 * 2, "expected 3 observations + 2 devices + 2 associations, got {}: {:?}", before.len(), before.keys());
+    ensure!(
+        before.len() == 3 + 2 * 2,
+        "expected 3 observations + 2 devices + 2 associations, got {}: {:?}",
+        before.len(),
+        before.keys()
+    );
     let v1 = versions(&before);
-    ensure!(v1.values().all(|v| v == "1"), "a redelivered webhook created versions: {v1:?}");
+    ensure!(
+        v1.values().all(|v| v == "1"),
+        "a redelivered webhook created versions: {v1:?}"
+    );
 
     // Replay every stage's input from the beginning: stop the consumers, rewind every group,
     // start them again.
     {
         let mut stack = env.stack.lock().await;
-        let consumers = ["fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
+        let consumers = [
+            "fetcher",
+            "hourly-aggregator",
+            "fhir-mapper",
+            "deduplicator",
+            "publisher",
+        ];
         for s in consumers {
             stack.stop(s).await?;
         }
         for (group, t) in GROUPS {
-            stack.ohx(&["replay", "--group", group, "--topic", t]).await?;
+            stack
+                .ohx(&["replay", "--group", group, "--topic", t])
+                .await?;
         }
         for s in consumers {
             stack.start_stage(s).await?;
@@ -390,12 +667,17 @@ async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
     }
     wait_settled(&env.kafka, Duration::from_secs(180)).await?;
     let after = patient_resources(&env, &p).await?;
-    ensure!(after.keys().collect::<Vec<_>>() == before.keys().collect::<Vec<_>>(), "replay changed the set of resources");
+    ensure!(
+        after.keys().collect::<Vec<_>>() == before.keys().collect::<Vec<_>>(),
+        "replay changed the set of resources"
+    );
     let v2 = versions(&after);
-    ensure!(v1 == v2, "replay created versions: before {v1:?} after {v2:?}");
+    ensure!(
+        v1 == v2,
+        "replay created versions: before {v1:?} after {v2:?}"
+    );
     Ok(())
 }
-
 
 /// SIGKILL of the aggregator in the middle of an hour's samples: after the restart the hourly
 /// aggregate equals the one from a run without the crash, and no partial aggregate was published.
@@ -405,7 +687,10 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
         let mut stack = env.stack.lock().await;
         stack.stage_env.insert(
             "hourly-aggregator".into(),
-            vec![("OHX_IDLE_GRACE_MS".into(), "172800000".into()), ("OHX_ALLOWED_LATENESS_MS".into(), "60000".into())],
+            vec![
+                ("OHX_IDLE_GRACE_MS".into(), "172800000".into()),
+                ("OHX_ALLOWED_LATENESS_MS".into(), "60000".into()),
+            ],
         );
         stack.stop("hourly-aggregator").await?;
         stack.start_stage("hourly-aggregator").await?;
@@ -417,58 +702,105 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
 
     // Without a crash.
     for m in 0..60 {
-        env.produce_hr(&calm, h_calm + m * 60_000, bpm(7, m) as f64).await?;
+        env.produce_hr(&calm, h_calm + m * 60_000, bpm(7, m) as f64)
+            .await?;
     }
-    env.produce_hr(&calm, h_calm + HOUR + 30 * 60_000, 99.0).await?; // moves the watermark past the hour
+    env.produce_hr(&calm, h_calm + HOUR + 30 * 60_000, 99.0)
+        .await?; // moves the watermark past the hour
 
     // With a crash after half of the hour.
-    let start_count = env.metric("hourly-aggregator", "ohx_records_consumed_total", &["hourly-aggregator"]).await?;
+    let start_count = env
+        .metric(
+            "hourly-aggregator",
+            "ohx_records_consumed_total",
+            &["hourly-aggregator"],
+        )
+        .await?;
     for m in 0..30 {
-        env.produce_hr(&crash, h_crash + m * 60_000, bpm(7, m) as f64).await?;
+        env.produce_hr(&crash, h_crash + m * 60_000, bpm(7, m) as f64)
+            .await?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let n = env.metric("hourly-aggregator", "ohx_records_consumed_total", &["hourly-aggregator"]).await?;
+        let n = env
+            .metric(
+                "hourly-aggregator",
+                "ohx_records_consumed_total",
+                &["hourly-aggregator"],
+            )
+            .await?;
         if n >= start_count + 30.0 {
             break;
         }
-        ensure!(tokio::time::Instant::now() < deadline, "aggregator did not consume the first half ({n})");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "aggregator did not consume the first half ({n})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.stack.lock().await.kill("hourly-aggregator").await?;
     for m in 30..60 {
-        env.produce_hr(&crash, h_crash + m * 60_000, bpm(7, m) as f64).await?;
+        env.produce_hr(&crash, h_crash + m * 60_000, bpm(7, m) as f64)
+            .await?;
     }
-    env.produce_hr(&crash, h_crash + HOUR + 30 * 60_000, 99.0).await?;
-    env.stack.lock().await.start_stage("hourly-aggregator").await?;
+    env.produce_hr(&crash, h_crash + HOUR + 30 * 60_000, 99.0)
+        .await?;
+    env.stack
+        .lock()
+        .await
+        .start_stage("hourly-aggregator")
+        .await?;
 
     let stats = "http://hl7.org/fhir/observation-statistics";
     let find = |obs: &[Value], start: i64| {
         obs.iter()
-            .find(|o| o["effectivePeriod"]["start"].as_str().and_then(|s| instant(s).ok()) == Some(start))
+            .find(|o| {
+                o["effectivePeriod"]["start"]
+                    .as_str()
+                    .and_then(|s| instant(s).ok())
+                    == Some(start)
+            })
             .cloned()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let (a, b) = loop {
-        let calm_obs = env.search(&format!("Observation?subject={}", calm.reference)).await?;
-        let crash_obs = env.search(&format!("Observation?subject={}", crash.reference)).await?;
-        if let (Some(a), Some(b)) = (find(&calm_obs, h_calm), find(&crash_obs, h_crash)) {
-            if component(&b, stats, "count").and_then(|c| c["valueInteger"].as_i64()) == Some(60) {
-                break (a, b);
-            }
+        let calm_obs = env
+            .search(&format!("Observation?subject={}", calm.reference))
+            .await?;
+        let crash_obs = env
+            .search(&format!("Observation?subject={}", crash.reference))
+            .await?;
+        if let (Some(a), Some(b)) = (find(&calm_obs, h_calm), find(&crash_obs, h_crash))
+            && component(&b, stats, "count").and_then(|c| c["valueInteger"].as_i64()) == Some(60)
+        {
+            break (a, b);
         }
-        ensure!(tokio::time::Instant::now() < deadline, "hourly aggregates did not arrive");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "hourly aggregates did not arrive"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     for stat in ["count", "minimum", "maximum", "average"] {
         let x = component(&a, stats, stat).context("calm stat")?;
         let y = component(&b, stats, stat).context("crash stat")?;
-        ensure!(x.get("valueInteger") == y.get("valueInteger") && x["valueQuantity"]["value"] == y["valueQuantity"]["value"], "{stat} differs: {x} vs {y}");
+        ensure!(
+            x.get("valueInteger") == y.get("valueInteger")
+                && x["valueQuantity"]["value"] == y["valueQuantity"]["value"],
+            "{stat} differs: {x} vs {y}"
+        );
     }
     let e = expected_hour(7, 0);
-    ensure!(component(&b, stats, "count").and_then(|c| c["valueInteger"].as_i64()) == Some(e.count), "count");
-    ensure!(b["meta"]["versionId"] == "1", "a partial aggregate was published before the crash: version {}", b["meta"]["versionId"]);
+    ensure!(
+        component(&b, stats, "count").and_then(|c| c["valueInteger"].as_i64()) == Some(e.count),
+        "count"
+    );
+    ensure!(
+        b["meta"]["versionId"] == "1",
+        "a partial aggregate was published before the crash: version {}",
+        b["meta"]["versionId"]
+    );
 
     // Back to the default windowing for the scenarios after this one.
     let mut stack = env.stack.lock().await;
@@ -482,22 +814,69 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
 async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
     let before = high_watermark_sum(&env.kafka, topic::SYNC_REQUESTS)?;
     // Malformed body: 400 problem+json, nothing produced.
-    let (status, ct, body) = env.webhook(WEBHOOK_TOKEN, &[("userid", "not-a-user".into()), ("appli", "4".into()), ("startdate", "1".into()), ("enddate", "2".into())]).await?;
-    ensure!(status == 400 && ct.starts_with("application/problem+json"), "malformed: {status} {ct} {body}");
+    let (status, ct, body) = env
+        .webhook(
+            WEBHOOK_TOKEN,
+            &[
+                ("userid", "not-a-user".into()),
+                ("appli", "4".into()),
+                ("startdate", "1".into()),
+                ("enddate", "2".into()),
+            ],
+        )
+        .await?;
+    ensure!(
+        status == 400 && ct.starts_with("application/problem+json"),
+        "malformed: {status} {ct} {body}"
+    );
     let problem: Value = serde_json::from_str(&body)?;
-    ensure!(problem["status"] == 400 && problem["title"].is_string(), "problem body {problem}");
+    ensure!(
+        problem["status"] == 400 && problem["title"].is_string(),
+        "problem body {problem}"
+    );
     let (status, ct, _) = env.webhook(WEBHOOK_TOKEN, &[("appli", "4".into())]).await?;
-    ensure!(status == 400 && ct.starts_with("application/problem+json"), "missing userid: {status}");
+    ensure!(
+        status == 400 && ct.starts_with("application/problem+json"),
+        "missing userid: {status}"
+    );
     // Wrong token: 401.
-    let (status, _, _) = env.webhook("wrong-token", &[("userid", "1".into()), ("appli", "4".into())]).await?;
+    let (status, _, _) = env
+        .webhook(
+            "wrong-token",
+            &[("userid", "1".into()), ("appli", "4".into())],
+        )
+        .await?;
     ensure!(status == 401, "wrong token answered {status}");
     // Unknown user: 2xx, counted, nothing produced.
-    let unknown_before = env.metric("webhook-gateway", "ohx_webhooks_total", &["unknown_user"]).await?;
-    let (status, _, _) = env.webhook(WEBHOOK_TOKEN, &[("userid", "424242999".into()), ("appli", "4".into()), ("startdate", "1".into()), ("enddate", "2".into())]).await?;
-    ensure!((200..300).contains(&status), "unknown user answered {status}");
-    let unknown_after = env.metric("webhook-gateway", "ohx_webhooks_total", &["unknown_user"]).await?;
-    ensure!(unknown_after == unknown_before + 1.0, "unknown_user metric {unknown_before} -> {unknown_after}");
-    ensure!(high_watermark_sum(&env.kafka, topic::SYNC_REQUESTS)? == before, "bad webhooks produced sync requests");
+    let unknown_before = env
+        .metric("webhook-gateway", "ohx_webhooks_total", &["unknown_user"])
+        .await?;
+    let (status, _, _) = env
+        .webhook(
+            WEBHOOK_TOKEN,
+            &[
+                ("userid", "424242999".into()),
+                ("appli", "4".into()),
+                ("startdate", "1".into()),
+                ("enddate", "2".into()),
+            ],
+        )
+        .await?;
+    ensure!(
+        (200..300).contains(&status),
+        "unknown user answered {status}"
+    );
+    let unknown_after = env
+        .metric("webhook-gateway", "ohx_webhooks_total", &["unknown_user"])
+        .await?;
+    ensure!(
+        unknown_after == unknown_before + 1.0,
+        "unknown_user metric {unknown_before} -> {unknown_after}"
+    );
+    ensure!(
+        high_watermark_sum(&env.kafka, topic::SYNC_REQUESTS)? == before,
+        "bad webhooks produced sync requests"
+    );
 
     // An undecodable record lands in the dead-letter topic and the stage keeps going.
     let garbage = b"\x00\x00\x00\x00\x02this is not avro".to_vec();
@@ -513,15 +892,30 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         effective_start: t,
         effective_end: None,
         utc_offset_seconds: None,
-        components: vec![Component { code: "value".into(), value: 81.3, unit: "kg".into() }],
+        components: vec![Component {
+            code: "value".into(),
+            value: 81.3,
+            unit: "kg".into(),
+        }],
         device: None,
         entry_method: Some("manual".into()),
         provider_group_id: Some("777".into()),
         provider_modified_at: None,
     };
-    env.producer.send_record(topic::MEASUREMENTS, &m.series_key, &m).await?;
-    let obs = env.wait_for(&format!("Observation?subject={}", p.reference), 1, Duration::from_secs(60)).await?;
-    ensure!(quantity(&obs[0]["valueQuantity"]) == (81.3, "kg".into()), "weight after garbage");
+    env.producer
+        .send_record(topic::MEASUREMENTS, &m.series_key, &m)
+        .await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}", p.reference),
+            1,
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(
+        quantity(&obs[0]["valueQuantity"]) == (81.3, "kg".into()),
+        "weight after garbage"
+    );
     let codec = Codec::embedded()?;
     let mut found = Vec::new();
     for (_, payload) in read_all(&env.kafka, topic::DEAD_LETTER)? {
@@ -530,41 +924,106 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
             found.push(dl);
         }
     }
-    let mapper = found.iter().find(|d| d.stage == "fhir-mapper").context("no dead letter from the fhir-mapper")?;
-    ensure!(mapper.error_kind == "decode" && !mapper.reason.is_empty() && mapper.topic == topic::MEASUREMENTS, "dead letter {mapper:?}");
-    ensure!(found.iter().any(|d| d.stage == "hourly-aggregator"), "no dead letter from the aggregator");
+    let mapper = found
+        .iter()
+        .find(|d| d.stage == "fhir-mapper")
+        .context("no dead letter from the fhir-mapper")?;
+    ensure!(
+        mapper.error_kind == "decode"
+            && !mapper.reason.is_empty()
+            && mapper.topic == topic::MEASUREMENTS,
+        "dead letter {mapper:?}"
+    );
+    ensure!(
+        found.iter().any(|d| d.stage == "hourly-aggregator"),
+        "no dead letter from the aggregator"
+    );
 
     // An expired access token is refreshed once, then the data flows.
     let p = env.new_patient(5006).await?;
     let h = hour_floor(Utc::now().timestamp_millis()) - 8 * HOUR;
-    env.add_groups(p.userid, json!([weight_group(900_201, h + 60_000, "scale-5006", 6900, -2)])).await?;
-    env.sim_post(&format!("/_sim/users/{}/expire-access-token", p.userid)).await?;
+    env.add_groups(
+        p.userid,
+        json!([weight_group(900_201, h + 60_000, "scale-5006", 6900, -2)]),
+    )
+    .await?;
+    env.sim_post(&format!("/_sim/users/{}/expire-access-token", p.userid))
+        .await?;
     let db = env.stack.lock().await.db().await?;
-    let sealed_before: String = db.query_one("SELECT refresh_token FROM provider_links WHERE id = $1::text::uuid", &[&p.link_id]).await?.get(0);
+    let sealed_before: String = db
+        .query_one(
+            "SELECT refresh_token FROM provider_links WHERE id = $1::text::uuid",
+            &[&p.link_id],
+        )
+        .await?
+        .get(0);
     env.notify(p.userid, 1, h, h + HOUR).await?;
-    let obs = env.wait_for(&format!("Observation?subject={}", p.reference), 1, Duration::from_secs(60)).await?;
-    ensure!(quantity(&obs[0]["valueQuantity"]) == (69.0, "kg".into()), "weight after refresh");
-    let stats: Value = env.http.get(format!("{}/_sim/stats", env.sim_url)).send().await?.json().await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}", p.reference),
+            1,
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(
+        quantity(&obs[0]["valueQuantity"]) == (69.0, "kg".into()),
+        "weight after refresh"
+    );
+    let stats: Value = env
+        .http
+        .get(format!("{}/_sim/stats", env.sim_url))
+        .send()
+        .await?
+        .json()
+        .await?;
     let refreshes = stats.to_string();
-    let row = db.query_one("SELECT refresh_token, status FROM provider_links WHERE id = $1::text::uuid", &[&p.link_id]).await?;
+    let row = db
+        .query_one(
+            "SELECT refresh_token, status FROM provider_links WHERE id = $1::text::uuid",
+            &[&p.link_id],
+        )
+        .await?;
     let sealed_after: String = row.get(0);
-    ensure!(sealed_after != sealed_before, "the rotated refresh token was not stored");
-    ensure!(!sealed_after.contains(&format!("refresh-{}", p.userid)), "refresh token stored in clear");
-    ensure!(row.get::<_, String>(1) == "active", "link not active after refresh");
-    ensure!(refreshes.contains("refresh"), "simulator stats show no refresh: {refreshes}");
+    ensure!(
+        sealed_after != sealed_before,
+        "the rotated refresh token was not stored"
+    );
+    ensure!(
+        !sealed_after.contains(&format!("refresh-{}", p.userid)),
+        "refresh token stored in clear"
+    );
+    ensure!(
+        row.get::<_, String>(1) == "active",
+        "link not active after refresh"
+    );
+    ensure!(
+        refreshes.contains("refresh"),
+        "simulator stats show no refresh: {refreshes}"
+    );
 
     // A revoked grant marks the link reauth_required, without a retry loop.
     let p = env.new_patient(5007).await?;
-    env.sim_post(&format!("/_sim/users/{}/expire-access-token", p.userid)).await?;
-    env.sim_post(&format!("/_sim/users/{}/revoke", p.userid)).await?;
+    env.sim_post(&format!("/_sim/users/{}/expire-access-token", p.userid))
+        .await?;
+    env.sim_post(&format!("/_sim/users/{}/revoke", p.userid))
+        .await?;
     env.notify(p.userid, 1, h, h + HOUR).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let status: String = db.query_one("SELECT status FROM provider_links WHERE id = $1::text::uuid", &[&p.link_id]).await?.get(0);
+        let status: String = db
+            .query_one(
+                "SELECT status FROM provider_links WHERE id = $1::text::uuid",
+                &[&p.link_id],
+            )
+            .await?
+            .get(0);
         if status == "reauth_required" {
             break;
         }
-        ensure!(tokio::time::Instant::now() < deadline, "link status stayed {status}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "link status stayed {status}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     wait_settled(&env.kafka, Duration::from_secs(60)).await?;
@@ -576,22 +1035,57 @@ type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
         ("webhook_to_fhir", |e| Box::pin(webhook_to_fhir(e))),
-        ("idempotent_redelivery_and_replay", |e| Box::pin(idempotent_redelivery_and_replay(e))),
-        ("aggregator_crash_mid_hour", |e| Box::pin(aggregator_crash_mid_hour(e))),
+        ("idempotent_redelivery_and_replay", |e| {
+            Box::pin(idempotent_redelivery_and_replay(e))
+        }),
+        ("aggregator_crash_mid_hour", |e| {
+            Box::pin(aggregator_crash_mid_hour(e))
+        }),
         ("bad_input", |e| Box::pin(bad_input(e))),
     ]
 }
 
 async fn setup() -> anyhow::Result<Env> {
     let stack = Stack::start().await?;
-    let org = stack.ohx_id(&["create-org", "--name", "E2E Hospital"]).await?;
-    let target = stack.ohx_id(&["create-target", "--org", &org, "--name", "local hfs", "--base-url", &stack.fhir_base]).await?;
+    let org = stack
+        .ohx_id(&["create-org", "--name", "E2E Hospital"])
+        .await?;
+    let target = stack
+        .ohx_id(&[
+            "create-target",
+            "--org",
+            &org,
+            "--name",
+            "local hfs",
+            "--base-url",
+            &stack.fhir_base,
+        ])
+        .await?;
     let sim_api = stack.sim_url.clone();
     let app = stack
-        .ohx_id(&["create-app", "--org", &org, "--provider", "withings", "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET,
-                   "--webhook-token", WEBHOOK_TOKEN, "--api-base-url", &sim_api])
+        .ohx_id(&[
+            "create-app",
+            "--org",
+            &org,
+            "--provider",
+            "withings",
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret",
+            CLIENT_SECRET,
+            "--webhook-token",
+            WEBHOOK_TOKEN,
+            "--api-base-url",
+            &sim_api,
+        ])
         .await?;
-    let producer = Producer::new(&KafkaSettings { bootstrap: stack.kafka.clone(), extra: vec![] }, Arc::new(Codec::embedded()?))?;
+    let producer = Producer::new(
+        &KafkaSettings {
+            bootstrap: stack.kafka.clone(),
+            extra: vec![],
+        },
+        Arc::new(Codec::embedded()?),
+    )?;
     Ok(Env {
         kafka: stack.kafka.clone(),
         sim_url: stack.sim_url.clone(),
@@ -613,7 +1107,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let selected: Vec<_> = scenarios().into_iter().filter(|(n, _)| filter.as_deref().is_none_or(|f| n.contains(f))).collect();
+    let selected: Vec<_> = scenarios()
+        .into_iter()
+        .filter(|(n, _)| filter.as_deref().is_none_or(|f| n.contains(f)))
+        .collect();
     println!("\nrunning {} end-to-end scenarios", selected.len());
     let (mut passed, mut failed) = (0, 0);
     runtime.block_on(async {
@@ -627,7 +1124,8 @@ fn main() {
         };
         for (name, scenario) in &selected {
             let started = std::time::Instant::now();
-            let result = tokio::time::timeout(Duration::from_secs(600), scenario(env.clone())).await;
+            let result =
+                tokio::time::timeout(Duration::from_secs(600), scenario(env.clone())).await;
             let outcome = match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("{e:#}")),
@@ -636,13 +1134,26 @@ fn main() {
             match outcome {
                 Ok(()) => {
                     passed += 1;
-                    println!("test {name} ... ok ({:.1} s)", started.elapsed().as_secs_f64());
+                    println!(
+                        "test {name} ... ok ({:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 Err(e) => {
                     failed += 1;
-                    println!("test {name} ... FAILED ({:.1} s)\n    {e}", started.elapsed().as_secs_f64());
+                    println!(
+                        "test {name} ... FAILED ({:.1} s)\n    {e}",
+                        started.elapsed().as_secs_f64()
+                    );
                     let stack = env.stack.lock().await;
-                    for p in ["fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher", "webhook-gateway"] {
+                    for p in [
+                        "fetcher",
+                        "hourly-aggregator",
+                        "fhir-mapper",
+                        "deduplicator",
+                        "publisher",
+                        "webhook-gateway",
+                    ] {
                         println!("--- last log lines of {p}:\n{}", stack.log_tail(p));
                     }
                 }

@@ -11,15 +11,27 @@ use std::time::Duration;
 
 fn config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap).set("broker.address.family", "v4");
+    c.set("bootstrap.servers", bootstrap)
+        .set("broker.address.family", "v4");
     c
 }
 
 /// Produces raw bytes (e.g. garbage, to test dead-lettering) and waits for the ack.
-pub async fn produce_raw(bootstrap: &str, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
-    let producer: FutureProducer = config(bootstrap).set("acks", "all").set("partitioner", "murmur2_random").create()?;
+pub async fn produce_raw(
+    bootstrap: &str,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = config(bootstrap)
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .create()?;
     producer
-        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
         .await
         .map_err(|(e, _)| e)?;
     Ok(())
@@ -28,22 +40,36 @@ pub async fn produce_raw(bootstrap: &str, topic: &str, key: &str, payload: &[u8]
 /// Returns the partition ids of a topic.
 fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect())
+    Ok(md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
 }
 
 /// Sums the high watermarks of a topic (its total number of records ever written).
 pub fn high_watermark_sum(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
-    let consumer: BaseConsumer = config(bootstrap).set("group.id", "ohx.e2e.watermarks").create()?;
+    let consumer: BaseConsumer = config(bootstrap)
+        .set("group.id", "ohx.e2e.watermarks")
+        .create()?;
     let mut sum = 0;
     for p in partitions(&consumer, topic)? {
-        sum += consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1;
+        sum += consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))?
+            .1;
     }
     Ok(sum)
 }
 
+/// A record read back: key and payload.
+pub type Raw = (Option<Vec<u8>>, Vec<u8>);
+
 /// Reads every record of a topic, returning (key, payload) pairs.
-pub fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(Option<Vec<u8>>, Vec<u8>)>> {
-    let consumer: BaseConsumer = config(bootstrap).set("group.id", "ohx.e2e.reader").set("enable.auto.commit", "false").create()?;
+pub fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Raw>> {
+    let consumer: BaseConsumer = config(bootstrap)
+        .set("group.id", "ohx.e2e.reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = 0i64;
     let mut ends = std::collections::HashMap::new();
@@ -68,7 +94,10 @@ pub fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(Option<Vec<
         }
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec).unwrap_or_default()));
+                out.push((
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                ));
                 if m.offset() + 1 >= ends[&m.partition()] {
                     done.insert(m.partition());
                 }
@@ -82,7 +111,10 @@ pub fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(Option<Vec<
 
 /// Returns the records a group has not committed yet on a topic.
 pub fn group_lag(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<i64> {
-    let consumer: BaseConsumer = config(bootstrap).set("group.id", group).set("enable.auto.commit", "false").create()?;
+    let consumer: BaseConsumer = config(bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in partitions(&consumer, topic)? {
         tpl.add_partition(topic, p);
@@ -90,7 +122,8 @@ pub fn group_lag(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<i6
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
     let mut lag = 0;
     for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+        let (low, high) =
+            consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
         let at = match e.offset() {
             Offset::Offset(o) => o,
             _ => low,
@@ -133,7 +166,10 @@ pub async fn wait_settled(bootstrap: &str, timeout: Duration) -> anyhow::Result<
             quiet = 0;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("pipeline not settled after {timeout:?}: {}", detail.join(", "));
+            bail!(
+                "pipeline not settled after {timeout:?}: {}",
+                detail.join(", ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

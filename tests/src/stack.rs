@@ -12,7 +12,14 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 /// The six stages and their binaries.
-pub const STAGES: &[&str] = &["webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
+pub const STAGES: &[&str] = &[
+    "webhook-gateway",
+    "fetcher",
+    "hourly-aggregator",
+    "fhir-mapper",
+    "deduplicator",
+    "publisher",
+];
 
 /// AES-256 key used by the tests (not a production key).
 pub const TEST_SECRET_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -47,11 +54,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -80,16 +92,23 @@ impl Stack {
     /// Starts everything. Needs `tansu` and `hfs` installed (scripts/install-tools), the
     /// workspace binaries built (`cargo build --workspace --bins`) and PostgreSQL on 5432.
     pub async fn start() -> anyhow::Result<Stack> {
-        let dir = target_dir().join("e2e").join(format!("run-{}", std::process::id()));
+        let dir = target_dir()
+            .join("e2e")
+            .join(format!("run-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
         let bin_dir = target_dir().join("debug");
         for b in STAGES.iter().chain(["ohx", "withings-sim"].iter()) {
             if !bin_dir.join(b).is_file() {
-                bail!("{} is missing: run `cargo build --workspace --bins` first", bin_dir.join(b).display());
+                bail!(
+                    "{} is missing: run `cargo build --workspace --bins` first",
+                    bin_dir.join(b).display()
+                );
             }
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         let mut stack = Stack {
             dir: dir.clone(),
             bin_dir,
@@ -108,10 +127,13 @@ impl Stack {
         stack.kafka = format!("127.0.0.1:{kport}");
         let mut cmd = Command::new(tansu);
         cmd.arg("broker")
-            .arg("--listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
-            .arg("--advertised-listener-url").arg(format!("tcp://127.0.0.1:{kport}"))
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{kport}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://127.0.0.1:{kport}"))
             // tansu resolves the SQLite path relative to its working directory.
-            .arg("--storage-engine").arg("sqlite://tansu.db")
+            .arg("--storage-engine")
+            .arg("sqlite://tansu.db")
             .current_dir(&dir)
             .env("RUST_LOG", "warn");
         stack.spawn("tansu", cmd, stack.kafka.clone())?;
@@ -120,25 +142,41 @@ impl Stack {
         // FHIR server: hfs, R5, in memory, validation enforced.
         let hfs = which("hfs").context("hfs is not installed: run scripts/install-tools")?;
         let hport = free_port()?;
-        let data_dir = std::env::var("HFS_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ohx/hfs-data")
-        });
+        let data_dir = std::env::var("HFS_DATA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ohx/hfs-data")
+            });
         if !data_dir.join("search-parameters-r5.json").is_file() {
-            bail!("HFS data directory {} is missing: run scripts/install-tools", data_dir.display());
+            bail!(
+                "HFS data directory {} is missing: run scripts/install-tools",
+                data_dir.display()
+            );
         }
         let mut cmd = Command::new(hfs);
-        cmd.arg("--port").arg(hport.to_string())
-            .arg("--host").arg("127.0.0.1")
-            .arg("--database-url").arg(":memory:")
-            .arg("--data-dir").arg(&data_dir)
-            .arg("--log-level").arg("warn")
+        cmd.arg("--port")
+            .arg(hport.to_string())
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--database-url")
+            .arg(":memory:")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--log-level")
+            .arg("warn")
             .env("HFS_DEFAULT_FHIR_VERSION", "R5")
             .env("HFS_VALIDATION_MODE", "enforce")
             .env("HFS_VALIDATION_META_PROFILES", "false")
             .env("HFS_UI_ENABLED", "false");
         stack.fhir_base = format!("http://127.0.0.1:{hport}");
         stack.spawn("hfs", cmd, format!("127.0.0.1:{hport}"))?;
-        stack.wait_http(&format!("{}/health", stack.fhir_base), "hfs", Duration::from_secs(60)).await?;
+        stack
+            .wait_http(
+                &format!("{}/health", stack.fhir_base),
+                "hfs",
+                Duration::from_secs(60),
+            )
+            .await?;
 
         // Withings simulator.
         let sport = free_port()?;
@@ -146,10 +184,18 @@ impl Stack {
         cmd.arg("--addr").arg(format!("127.0.0.1:{sport}"));
         stack.sim_url = format!("http://127.0.0.1:{sport}");
         stack.spawn("withings-sim", cmd, format!("127.0.0.1:{sport}"))?;
-        wait_tcp(&format!("127.0.0.1:{sport}"), "withings-sim", Duration::from_secs(30)).await?;
+        wait_tcp(
+            &format!("127.0.0.1:{sport}"),
+            "withings-sim",
+            Duration::from_secs(30),
+        )
+        .await?;
 
         // Database and topics.
-        stack.db_url = format!("postgres://postgres@127.0.0.1:5432/ohx_e2e_{}", std::process::id());
+        stack.db_url = format!(
+            "postgres://postgres@127.0.0.1:5432/ohx_e2e_{}",
+            std::process::id()
+        );
         stack.ohx(&["migrate"]).await?;
         stack.ohx(&["topics", "apply"]).await?;
 
@@ -160,7 +206,10 @@ impl Stack {
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command, http: String) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{name}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -190,19 +239,30 @@ impl Stack {
     pub async fn start_stage(&mut self, stage: &str) -> anyhow::Result<()> {
         let port = free_port()?;
         let mut cmd = Command::new(self.bin_dir.join(stage));
-        cmd.envs(self.ohx_env()).env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"));
+        cmd.envs(self.ohx_env())
+            .env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"));
         if let Some(extra) = self.stage_env.get(stage) {
             cmd.envs(extra.iter().cloned());
         }
         self.spawn(stage, cmd, format!("127.0.0.1:{port}"))?;
-        self.wait_http(&format!("http://127.0.0.1:{port}/readyz"), stage, Duration::from_secs(90)).await
+        self.wait_http(
+            &format!("http://127.0.0.1:{port}/readyz"),
+            stage,
+            Duration::from_secs(90),
+        )
+        .await
     }
 
     /// Stops a process gracefully (SIGTERM) and waits for it.
     pub async fn stop(&mut self, name: &str) -> anyhow::Result<()> {
-        let Some(mut p) = self.procs.remove(name) else { return Ok(()) };
+        let Some(mut p) = self.procs.remove(name) else {
+            return Ok(());
+        };
         if let Some(pid) = p.child.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
         match tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await {
             Ok(status) => {
@@ -229,19 +289,28 @@ impl Stack {
 
     /// Returns the HTTP address of a process.
     pub fn http_of(&self, name: &str) -> anyhow::Result<String> {
-        Ok(format!("http://{}", self.procs.get(name).with_context(|| format!("{name} is not running"))?.http))
+        Ok(format!(
+            "http://{}",
+            self.procs
+                .get(name)
+                .with_context(|| format!("{name} is not running"))?
+                .http
+        ))
     }
 
     async fn wait_http(&self, url: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Ok(r) = self.http.get(url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(r) = self.http.get(url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{what} was not ready at {url} within {timeout:?}; log: {}", self.log_tail(what));
+                bail!(
+                    "{what} was not ready at {url} within {timeout:?}; log: {}",
+                    self.log_tail(what)
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -249,16 +318,24 @@ impl Stack {
 
     /// Returns the last lines of a process's log.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log")))
+            .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// Runs the `ohx` operations command and returns its JSON output lines.
     pub async fn ohx(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
-        let out = Command::new(self.bin_dir.join("ohx")).envs(self.ohx_env()).args(args).output().await?;
+        let out = Command::new(self.bin_dir.join("ohx"))
+            .envs(self.ohx_env())
+            .args(args)
+            .output()
+            .await?;
         if !out.status.success() {
-            bail!("ohx {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ohx {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -279,7 +356,12 @@ impl Stack {
 
     /// GETs a FHIR path (relative to the base) as JSON.
     pub async fn fhir(&self, path: &str) -> anyhow::Result<Value> {
-        let r = self.http.get(format!("{}/{}", self.fhir_base, path)).header("Accept", "application/fhir+json").send().await?;
+        let r = self
+            .http
+            .get(format!("{}/{}", self.fhir_base, path))
+            .header("Accept", "application/fhir+json")
+            .send()
+            .await?;
         let status = r.status();
         let body = r.text().await?;
         if !status.is_success() {
@@ -293,7 +375,12 @@ impl Stack {
         let mut out = Vec::new();
         let mut page = self.fhir(query).await?;
         loop {
-            for e in page.get("entry").and_then(Value::as_array).cloned().unwrap_or_default() {
+            for e in page
+                .get("entry")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
                 if let Some(r) = e.get("resource") {
                     out.push(r.clone());
                 }
@@ -301,13 +388,21 @@ impl Stack {
             let next = page
                 .get("link")
                 .and_then(Value::as_array)
-                .and_then(|ls| ls.iter().find(|l| l.get("relation").and_then(Value::as_str) == Some("next")))
+                .and_then(|ls| {
+                    ls.iter()
+                        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
+                })
                 .and_then(|l| l.get("url"))
                 .and_then(Value::as_str)
                 .map(str::to_string);
             match next {
                 Some(url) => {
-                    let r = self.http.get(&url).header("Accept", "application/fhir+json").send().await?;
+                    let r = self
+                        .http
+                        .get(&url)
+                        .header("Accept", "application/fhir+json")
+                        .send()
+                        .await?;
                     page = r.json().await?;
                 }
                 None => break,
@@ -318,7 +413,13 @@ impl Stack {
 
     /// Returns the value of a metric summed over the series whose labels contain every filter.
     pub async fn metric(&self, process: &str, name: &str, filters: &[&str]) -> anyhow::Result<f64> {
-        let text = self.http.get(format!("{}/metrics", self.http_of(process)?)).send().await?.text().await?;
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.http_of(process)?))
+            .send()
+            .await?
+            .text()
+            .await?;
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -330,10 +431,16 @@ impl Stack {
 
     /// Drops the test database.
     pub async fn drop_database(&self) -> anyhow::Result<()> {
-        let (client, conn) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+        let (client, conn) = tokio_postgres::connect(
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            tokio_postgres::NoTls,
+        )
+        .await?;
         tokio::spawn(conn);
         let name = self.db_url.rsplit('/').next().unwrap_or_default();
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
         Ok(())
     }
 

@@ -59,7 +59,11 @@ pub fn router(health: Health) -> Router {
 }
 
 /// Serves `router` on `addr` until `shutdown` is cancelled.
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     axum::serve(listener, router)

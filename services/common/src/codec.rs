@@ -22,13 +22,34 @@ use std::sync::Arc;
 
 /// The `.avsc` files of `schemas/`, compiled in.
 pub const SCHEMA_FILES: &[(&str, &str)] = &[
-    ("sync_request.avsc", include_str!("../../../schemas/sync_request.avsc")),
-    ("measurement.avsc", include_str!("../../../schemas/measurement.avsc")),
-    ("hourly_aggregate.avsc", include_str!("../../../schemas/hourly_aggregate.avsc")),
-    ("fhir_resource.avsc", include_str!("../../../schemas/fhir_resource.avsc")),
-    ("dedup_state.avsc", include_str!("../../../schemas/dedup_state.avsc")),
-    ("publish_result.avsc", include_str!("../../../schemas/publish_result.avsc")),
-    ("dead_letter.avsc", include_str!("../../../schemas/dead_letter.avsc")),
+    (
+        "sync_request.avsc",
+        include_str!("../../../schemas/sync_request.avsc"),
+    ),
+    (
+        "measurement.avsc",
+        include_str!("../../../schemas/measurement.avsc"),
+    ),
+    (
+        "hourly_aggregate.avsc",
+        include_str!("../../../schemas/hourly_aggregate.avsc"),
+    ),
+    (
+        "fhir_resource.avsc",
+        include_str!("../../../schemas/fhir_resource.avsc"),
+    ),
+    (
+        "dedup_state.avsc",
+        include_str!("../../../schemas/dedup_state.avsc"),
+    ),
+    (
+        "publish_result.avsc",
+        include_str!("../../../schemas/publish_result.avsc"),
+    ),
+    (
+        "dead_letter.avsc",
+        include_str!("../../../schemas/dead_letter.avsc"),
+    ),
 ];
 
 /// The pinned ids of the embedded registry.
@@ -76,7 +97,14 @@ pub struct Codec {
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
-            .field("mode", &if self.http.is_some() { "http" } else { "embedded" })
+            .field(
+                "mode",
+                &if self.http.is_some() {
+                    "http"
+                } else {
+                    "embedded"
+                },
+            )
             .finish()
     }
 }
@@ -99,14 +127,20 @@ impl Codec {
         let mut schemas = HashMap::new();
         let mut by_id = HashMap::new();
         for (file, raw) in SCHEMA_FILES {
-            let schema = Schema::parse_str(raw).map_err(|e| CodecError::Config(format!("{file}: {e}")))?;
+            let schema =
+                Schema::parse_str(raw).map_err(|e| CodecError::Config(format!("{file}: {e}")))?;
             let id = *ids
                 .get(*file)
                 .ok_or_else(|| CodecError::Config(format!("{file} has no pinned id")))?;
             by_id.insert(id, schema.clone());
             schemas.insert(*file, (schema, *raw));
         }
-        Ok(Self { schemas, ids, by_id, http: None })
+        Ok(Self {
+            schemas,
+            ids,
+            by_id,
+            http: None,
+        })
     }
 
     /// Returns a codec that uses a Confluent-compatible registry at `url`.
@@ -226,30 +260,60 @@ mod tests {
             effective_start: 1_700_000_000_000,
             effective_end: None,
             utc_offset_seconds: Some(3600),
-            components: vec![Component { code: "systolic".into(), value: 121.0, unit: "mm[Hg]".into() }],
-            device: Some(Device { device_id: "d".into(), model: Some("BPM Core".into()), model_id: None, manufacturer: None }),
+            components: vec![Component {
+                code: "systolic".into(),
+                value: 121.0,
+                unit: "mm[Hg]".into(),
+            }],
+            device: Some(Device {
+                device_id: "d".into(),
+                model: Some("BPM Core".into()),
+                model_id: None,
+                manufacturer: None,
+            }),
             entry_method: Some("device".into()),
             provider_group_id: Some("1".into()),
             provider_modified_at: None,
         };
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(bytes[0], 0);
-        assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), 2);
+        assert_eq!(
+            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
+            2
+        );
         assert_eq!(codec.decode::<Measurement>(&bytes).await.unwrap(), m);
 
-        let sr = SyncRequest { context: ctx(), categories: vec!["heart_rate".into()], window_start: Some(1), window_end: None, provider_event: Some("appli=16".into()) };
+        let sr = SyncRequest {
+            context: ctx(),
+            categories: vec!["heart_rate".into()],
+            window_start: Some(1),
+            window_end: None,
+            provider_event: Some("appli=16".into()),
+        };
         let b = codec.encode(topic::SYNC_REQUESTS, &sr).await.unwrap();
         assert_eq!(codec.decode::<SyncRequest>(&b).await.unwrap(), sr);
 
         let dl = DeadLetter {
-            stage: "fhir-mapper".into(), reason: "r".into(), error_kind: "decode".into(), topic: "x".into(),
-            partition: 1, offset: 7, key: Some(b"k".to_vec()), payload: Some(vec![0, 1, 2, 255]),
-            headers: vec![Header { key: "h".into(), value: None }], failed_at: 5,
+            stage: "fhir-mapper".into(),
+            reason: "r".into(),
+            error_kind: "decode".into(),
+            topic: "x".into(),
+            partition: 1,
+            offset: 7,
+            key: Some(b"k".to_vec()),
+            payload: Some(vec![0, 1, 2, 255]),
+            headers: vec![Header {
+                key: "h".into(),
+                value: None,
+            }],
+            failed_at: 5,
         };
         let b = codec.encode(topic::DEAD_LETTER, &dl).await.unwrap();
         assert_eq!(codec.decode::<DeadLetter>(&b).await.unwrap(), dl);
 
-        let st = DedupState { content_hash: "abc".into() };
+        let st = DedupState {
+            content_hash: "abc".into(),
+        };
         let b = codec.encode(topic::DEDUP_STATE, &st).await.unwrap();
         assert_eq!(codec.decode::<DedupState>(&b).await.unwrap(), st);
     }
@@ -257,9 +321,18 @@ mod tests {
     #[tokio::test]
     async fn test_garbage_and_unknown_ids_are_errors() {
         let codec = Codec::embedded().unwrap();
-        assert!(matches!(codec.decode::<DedupState>(b"hello").await, Err(CodecError::NotConfluent)));
-        assert!(matches!(codec.decode::<DedupState>(&[0, 0, 0, 0, 99, 2]).await, Err(CodecError::UnknownSchemaId(99))));
+        assert!(matches!(
+            codec.decode::<DedupState>(b"hello").await,
+            Err(CodecError::NotConfluent)
+        ));
+        assert!(matches!(
+            codec.decode::<DedupState>(&[0, 0, 0, 0, 99, 2]).await,
+            Err(CodecError::UnknownSchemaId(99))
+        ));
         // a valid header with a truncated body
-        assert!(matches!(codec.decode::<Measurement>(&[0, 0, 0, 0, 2, 10]).await, Err(CodecError::Avro(_))));
+        assert!(matches!(
+            codec.decode::<Measurement>(&[0, 0, 0, 0, 2, 10]).await,
+            Err(CodecError::Avro(_))
+        ));
     }
 }

@@ -88,7 +88,13 @@ impl SecretBox {
             .ok_or_else(|| CryptoError::UnknownKey(self.active.clone()))?;
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let ct = cipher
-            .encrypt(&nonce, Payload { msg: plaintext, aad: aad.as_bytes() })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| CryptoError::Decrypt)?;
         let mut buf = nonce.to_vec();
         buf.extend_from_slice(&ct);
@@ -108,7 +114,13 @@ impl SecretBox {
         }
         let (nonce, ct) = raw.split_at(12);
         cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: aad.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| CryptoError::Decrypt)
     }
 
@@ -128,11 +140,20 @@ mod tests {
     #[test]
     fn test_seal_open_round_trip_and_aad_binding() {
         let b = SecretBox::from_spec(K1, None).unwrap();
-        let sealed = b.seal(b"refresh-token", "provider_link:1:refresh_token").unwrap();
+        let sealed = b
+            .seal(b"refresh-token", "provider_link:1:refresh_token")
+            .unwrap();
         assert!(sealed.starts_with("k1:"));
         assert!(!sealed.contains("refresh-token"));
-        assert_eq!(b.open_string(&sealed, "provider_link:1:refresh_token").unwrap(), "refresh-token");
-        assert!(matches!(b.open(&sealed, "provider_link:2:refresh_token"), Err(CryptoError::Decrypt)));
+        assert_eq!(
+            b.open_string(&sealed, "provider_link:1:refresh_token")
+                .unwrap(),
+            "refresh-token"
+        );
+        assert!(matches!(
+            b.open(&sealed, "provider_link:2:refresh_token"),
+            Err(CryptoError::Decrypt)
+        ));
     }
 
     #[test]

@@ -117,7 +117,10 @@ impl Producer {
         for (k, v) in &settings.extra {
             config.set(k, v);
         }
-        Ok(Self { inner: config.create()?, codec })
+        Ok(Self {
+            inner: config.create()?,
+            codec,
+        })
     }
 
     /// Returns the codec the producer encodes with.
@@ -126,9 +129,20 @@ impl Producer {
     }
 
     /// Encodes and produces one record, returning once the broker acknowledged it.
-    pub async fn send_record<T: Record>(&self, topic: &str, key: &str, value: &T) -> Result<(), ProduceError> {
+    pub async fn send_record<T: Record>(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ProduceError> {
         let payload = self.codec.encode(topic, value).await?;
-        let record = OutRecord { topic: topic.to_string(), partition: None, key: Some(key.as_bytes().to_vec()), payload, headers: vec![] };
+        let record = OutRecord {
+            topic: topic.to_string(),
+            partition: None,
+            key: Some(key.as_bytes().to_vec()),
+            payload,
+            headers: vec![],
+        };
         self.send_all(std::slice::from_ref(&record)).await
     }
 
@@ -138,19 +152,21 @@ impl Producer {
         for r in records {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &r.headers {
-                headers = headers.insert(KHeader { key: k, value: Some(v) });
+                headers = headers.insert(KHeader {
+                    key: k,
+                    value: Some(v),
+                });
             }
-            let mut fr = FutureRecord::to(&r.topic).payload(&r.payload).headers(headers);
+            let mut fr = FutureRecord::to(&r.topic)
+                .payload(&r.payload)
+                .headers(headers);
             if let Some(k) = &r.key {
                 fr = fr.key(k);
             }
             if let Some(p) = r.partition {
                 fr = fr.partition(p);
             }
-            let delivery = self
-                .inner
-                .send_result(fr)
-                .map_err(|(e, _)| e);
+            let delivery = self.inner.send_result(fr).map_err(|(e, _)| e);
             match delivery {
                 Ok(f) => pending.push((r.topic.as_str(), f)),
                 Err(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
@@ -174,7 +190,9 @@ impl Producer {
         }
         for (topic, f) in pending {
             match f.await {
-                Ok(Ok(_)) => telemetry::RECORDS_PRODUCED.add(1, &[KeyValue::new("topic", topic.to_string())]),
+                Ok(Ok(_)) => {
+                    telemetry::RECORDS_PRODUCED.add(1, &[KeyValue::new("topic", topic.to_string())])
+                }
                 Ok(Err((e, _))) => return Err(e.into()),
                 Err(_) => return Err(KafkaError::Canceled.into()),
             }
@@ -209,7 +227,11 @@ pub enum StageError {
     /// Retrying later can succeed (a server is down, a rate limit): the batch is retried and no
     /// offset advances. `retry_after` pauses the stage for that long instead of backing off.
     #[error("transient ({kind}): {reason}")]
-    Transient { kind: &'static str, reason: String, retry_after: Option<Duration> },
+    Transient {
+        kind: &'static str,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// The stage cannot go on (misconfiguration); it stops with an error.
     #[error("fatal: {0}")]
     Fatal(String),
@@ -218,7 +240,11 @@ pub enum StageError {
 impl StageError {
     /// Returns a transient error without a server-given pause.
     pub fn transient(kind: &'static str, reason: impl std::fmt::Display) -> Self {
-        StageError::Transient { kind, reason: reason.to_string(), retry_after: None }
+        StageError::Transient {
+            kind,
+            reason: reason.to_string(),
+            retry_after: None,
+        }
     }
 }
 
@@ -231,18 +257,29 @@ pub struct Emitter {
 
 impl std::fmt::Debug for Emitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emitter").field("records", &self.records.len()).finish()
+        f.debug_struct("Emitter")
+            .field("records", &self.records.len())
+            .finish()
     }
 }
 
 impl Emitter {
     /// Returns an empty emitter for `stage`.
     pub fn new(stage: &'static str, codec: Arc<Codec>) -> Self {
-        Self { stage, codec, records: Vec::new() }
+        Self {
+            stage,
+            codec,
+            records: Vec::new(),
+        }
     }
 
     /// Encodes and queues an output record.
-    pub async fn emit<T: Record>(&mut self, topic: &str, key: &str, value: &T) -> Result<(), StageError> {
+    pub async fn emit<T: Record>(
+        &mut self,
+        topic: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StageError> {
         let payload = self.codec.encode(topic, value).await.map_err(|e| match e {
             CodecError::Registry(r) => StageError::transient("schema_registry", r),
             other => StageError::Fatal(format!("cannot encode {}: {other}", T::SCHEMA_FILE)),
@@ -258,9 +295,23 @@ impl Emitter {
     }
 
     /// Queues a dead letter for `input` with its original bytes.
-    pub async fn dead_letter<T>(&mut self, input: &Input<T>, kind: &'static str, reason: impl Into<String>) -> Result<(), StageError> {
-        self.dead_letter_raw(&input.topic, input.partition, input.offset, input.key.clone(), Some(input.payload.clone()), &input.headers, kind, reason.into())
-            .await
+    pub async fn dead_letter<T>(
+        &mut self,
+        input: &Input<T>,
+        kind: &'static str,
+        reason: impl Into<String>,
+    ) -> Result<(), StageError> {
+        self.dead_letter_raw(
+            &input.topic,
+            input.partition,
+            input.offset,
+            input.key.clone(),
+            Some(input.payload.clone()),
+            &input.headers,
+            kind,
+            reason.into(),
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -276,7 +327,13 @@ impl Emitter {
         reason: String,
     ) -> Result<(), StageError> {
         tracing::warn!(stage = self.stage, topic = source_topic, partition, offset, kind, reason = %reason, "dead letter");
-        telemetry::DEAD_LETTERS.add(1, &[KeyValue::new("stage", self.stage), KeyValue::new("kind", kind)]);
+        telemetry::DEAD_LETTERS.add(
+            1,
+            &[
+                KeyValue::new("stage", self.stage),
+                KeyValue::new("kind", kind),
+            ],
+        );
         let dl = DeadLetter {
             stage: self.stage.to_string(),
             reason,
@@ -286,14 +343,30 @@ impl Emitter {
             offset,
             key: key.clone(),
             payload,
-            headers: headers.iter().map(|(k, v)| Header { key: k.clone(), value: Some(v.clone()) }).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| Header {
+                    key: k.clone(),
+                    value: Some(v.clone()),
+                })
+                .collect(),
             failed_at: chrono::Utc::now().timestamp_millis(),
         };
-        let bytes = self.codec.encode(topic::DEAD_LETTER, &dl).await.map_err(|e| match e {
-            CodecError::Registry(r) => StageError::transient("schema_registry", r),
-            other => StageError::Fatal(format!("cannot encode dead letter: {other}")),
-        })?;
-        self.records.push(OutRecord { topic: topic::DEAD_LETTER.to_string(), partition: None, key, payload: bytes, headers: vec![] });
+        let bytes = self
+            .codec
+            .encode(topic::DEAD_LETTER, &dl)
+            .await
+            .map_err(|e| match e {
+                CodecError::Registry(r) => StageError::transient("schema_registry", r),
+                other => StageError::Fatal(format!("cannot encode dead letter: {other}")),
+            })?;
+        self.records.push(OutRecord {
+            topic: topic::DEAD_LETTER.to_string(),
+            partition: None,
+            key,
+            payload: bytes,
+            headers: vec![],
+        });
         Ok(())
     }
 
@@ -316,11 +389,20 @@ pub trait Processor: Send + 'static {
     /// Processes a batch (records of one or more partitions, in offset order per partition).
     /// Outputs and dead letters go to `out`. On `Err(Transient)` the batch is retried as a whole,
     /// so processing must be idempotent.
-    fn process(&mut self, batch: &[Input<Self::In>], out: &mut Emitter) -> impl Future<Output = Result<(), StageError>> + Send;
+    fn process(
+        &mut self,
+        batch: &[Input<Self::In>],
+        out: &mut Emitter,
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
 
     /// Runs every `tick` (if the stage has one). `caught_up` holds the partitions that reached
     /// their end since their last record.
-    fn tick(&mut self, _now_ms: i64, _caught_up: &BTreeSet<(String, i32)>, _out: &mut Emitter) -> impl Future<Output = Result<(), StageError>> + Send {
+    fn tick(
+        &mut self,
+        _now_ms: i64,
+        _caught_up: &BTreeSet<(String, i32)>,
+        _out: &mut Emitter,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
         async { Ok(()) }
     }
 
@@ -358,7 +440,10 @@ pub struct StageSettings {
 impl StageSettings {
     /// Returns settings for `stage` reading `input_topics`, with `OHX_GROUP_ID`, `OHX_MAX_BATCH`
     /// and `OHX_LINGER_MS` from the environment.
-    pub fn from_env(stage: &'static str, input_topics: Vec<&'static str>) -> Result<Self, crate::config::ConfigError> {
+    pub fn from_env(
+        stage: &'static str,
+        input_topics: Vec<&'static str>,
+    ) -> Result<Self, crate::config::ConfigError> {
         Ok(Self {
             stage,
             group_id: crate::config::string("OHX_GROUP_ID", &format!("ohx.{stage}")),
@@ -402,7 +487,11 @@ impl ClientContext for StageContext {
 }
 
 impl ConsumerContext for StageContext {
-    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         let Ok(mut log) = self.log.lock() else { return };
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -437,7 +526,10 @@ pub async fn run_stage<P: Processor>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let log = Arc::new(Mutex::new(RebalanceLog::default()));
-    let context = StageContext { group: settings.group_id.clone(), log: log.clone() };
+    let context = StageContext {
+        group: settings.group_id.clone(),
+        log: log.clone(),
+    };
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.bootstrap)
@@ -527,7 +619,10 @@ pub async fn run_stage<P: Processor>(
         // Rebalances were served inside recv(): forget revoked partitions before processing.
         {
             let (revoked, assigned) = match log.lock() {
-                Ok(mut l) => (std::mem::take(&mut l.revoked), std::mem::take(&mut l.assigned)),
+                Ok(mut l) => (
+                    std::mem::take(&mut l.revoked),
+                    std::mem::take(&mut l.assigned),
+                ),
                 Err(_) => (vec![], vec![]),
             };
             if !revoked.is_empty() {
@@ -559,7 +654,9 @@ pub async fn run_stage<P: Processor>(
         loop {
             out.clear();
             let result = if is_tick {
-                processor.tick(chrono::Utc::now().timestamp_millis(), &caught_up, &mut out).await
+                processor
+                    .tick(chrono::Utc::now().timestamp_millis(), &caught_up, &mut out)
+                    .await
             } else if batch.is_empty() {
                 Ok(())
             } else {
@@ -567,8 +664,15 @@ pub async fn run_stage<P: Processor>(
             };
             match result {
                 Ok(()) => break,
-                Err(StageError::Transient { kind, reason, retry_after }) => {
-                    telemetry::RETRIES.add(1, &[KeyValue::new("stage", stage), KeyValue::new("kind", kind)]);
+                Err(StageError::Transient {
+                    kind,
+                    reason,
+                    retry_after,
+                }) => {
+                    telemetry::RETRIES.add(
+                        1,
+                        &[KeyValue::new("stage", stage), KeyValue::new("kind", kind)],
+                    );
                     let wait = retry_after.unwrap_or_else(|| backoff(attempt));
                     tracing::warn!(stage, kind, reason = %reason, wait_ms = wait.as_millis() as u64, "transient failure, retrying");
                     attempt += 1;
@@ -592,7 +696,13 @@ pub async fn run_stage<P: Processor>(
             match producer.send_all(&records).await {
                 Ok(()) => break,
                 Err(error) => {
-                    telemetry::RETRIES.add(1, &[KeyValue::new("stage", stage), KeyValue::new("kind", "produce")]);
+                    telemetry::RETRIES.add(
+                        1,
+                        &[
+                            KeyValue::new("stage", stage),
+                            KeyValue::new("kind", "produce"),
+                        ],
+                    );
                     tracing::warn!(stage, %error, "produce failed, retrying");
                     attempt += 1;
                     tokio::select! {
@@ -620,21 +730,24 @@ pub async fn run_stage<P: Processor>(
 
         // Commit what the processor allows.
         let tpl = commit_list(&processor, &positions, &mut committed)?;
-        if tpl.count() > 0 {
-            if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!(stage, %error, "commit failed");
-            }
+        if tpl.count() > 0
+            && let Err(error) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::warn!(stage, %error, "commit failed");
         }
-        telemetry::BATCH_SECONDS.record(started.elapsed().as_secs_f64(), &[KeyValue::new("stage", stage)]);
+        telemetry::BATCH_SECONDS.record(
+            started.elapsed().as_secs_f64(),
+            &[KeyValue::new("stage", stage)],
+        );
     }
 
     // Graceful shutdown: everything processed is acknowledged; commit synchronously.
     health.set_ready(false);
     let tpl = commit_list(&processor, &positions, &mut committed)?;
-    if tpl.count() > 0 {
-        if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(stage, %error, "final commit failed");
-        }
+    if tpl.count() > 0
+        && let Err(error) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        tracing::warn!(stage, %error, "final commit failed");
     }
     producer.flush(Duration::from_secs(10));
     consumer.unsubscribe();

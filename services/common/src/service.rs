@@ -28,16 +28,29 @@ pub struct Runtime {
 impl Runtime {
     /// Initializes telemetry, the codec and the producer, and refuses to start if any of
     /// `topics` is missing or keeps data longer than 24 hours.
-    pub async fn start(service: &'static str, default_port: u16, topics: &[&str]) -> anyhow::Result<Self> {
+    pub async fn start(
+        service: &'static str,
+        default_port: u16,
+        topics: &[&str],
+    ) -> anyhow::Result<Self> {
         crate::telemetry::init(service)?;
         let shutdown = admin::shutdown_on_signals();
         let kafka = KafkaSettings::from_env();
         let codec = Codec::from_env()?;
         let producer = Producer::new(&kafka, codec.clone())?;
-        let http_addr: SocketAddr = crate::config::string("OHX_HTTP_ADDR", &format!("0.0.0.0:{default_port}")).parse()?;
+        let http_addr: SocketAddr =
+            crate::config::string("OHX_HTTP_ADDR", &format!("0.0.0.0:{default_port}")).parse()?;
         let wait = crate::config::millis("OHX_STARTUP_TIMEOUT_MS", 60_000)?;
         verify_topics(&kafka, topics, wait, &shutdown).await?;
-        Ok(Self { service, kafka, codec, producer, health: Health::new(), shutdown, http_addr })
+        Ok(Self {
+            service,
+            kafka,
+            codec,
+            producer,
+            health: Health::new(),
+            shutdown,
+            http_addr,
+        })
     }
 
     /// Serves the admin endpoints merged with `extra` routes until shutdown.
@@ -49,9 +62,21 @@ impl Runtime {
     }
 
     /// Runs a consumer stage with its admin endpoints until SIGTERM, then shuts down gracefully.
-    pub async fn run_stage<P: Processor>(self, settings: StageSettings, processor: P) -> anyhow::Result<()> {
+    pub async fn run_stage<P: Processor>(
+        self,
+        settings: StageSettings,
+        processor: P,
+    ) -> anyhow::Result<()> {
         let http = self.serve_http(axum::Router::new());
-        let result = run_stage(settings, &self.kafka, self.producer.clone(), processor, self.health.clone(), self.shutdown.clone()).await;
+        let result = run_stage(
+            settings,
+            &self.kafka,
+            self.producer.clone(),
+            processor,
+            self.health.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
         self.shutdown.cancel();
         match http.await {
             Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
@@ -65,11 +90,31 @@ impl Runtime {
 impl Runtime {
     /// Runs two consumer stages (two groups over different inputs) in one process, sharing the
     /// admin endpoints; if either fails, both stop.
-    pub async fn run_two<P1: Processor, P2: Processor>(self, s1: StageSettings, p1: P1, s2: StageSettings, p2: P2) -> anyhow::Result<()> {
+    pub async fn run_two<P1: Processor, P2: Processor>(
+        self,
+        s1: StageSettings,
+        p1: P1,
+        s2: StageSettings,
+        p2: P2,
+    ) -> anyhow::Result<()> {
         let http = self.serve_http(axum::Router::new());
         let stop = self.shutdown.clone();
-        let a = run_stage(s1, &self.kafka, self.producer.clone(), p1, self.health.clone(), stop.clone());
-        let b = run_stage(s2, &self.kafka, self.producer.clone(), p2, self.health.clone(), stop.clone());
+        let a = run_stage(
+            s1,
+            &self.kafka,
+            self.producer.clone(),
+            p1,
+            self.health.clone(),
+            stop.clone(),
+        );
+        let b = run_stage(
+            s2,
+            &self.kafka,
+            self.producer.clone(),
+            p2,
+            self.health.clone(),
+            stop.clone(),
+        );
         let (ra, rb) = tokio::join!(
             async {
                 let r = a.await;
@@ -90,7 +135,12 @@ impl Runtime {
 }
 
 /// Waits (up to `wait`) until every topic exists, then checks retention ≤ 24 h.
-pub async fn verify_topics(kafka: &KafkaSettings, topics: &[&str], wait: Duration, shutdown: &CancellationToken) -> anyhow::Result<()> {
+pub async fn verify_topics(
+    kafka: &KafkaSettings,
+    topics: &[&str],
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     if topics.is_empty() {
         return Ok(());
     }
@@ -100,7 +150,9 @@ pub async fn verify_topics(kafka: &KafkaSettings, topics: &[&str], wait: Duratio
         match topics::verify_broker_retention(&admin, topics).await {
             Ok(()) => return Ok(()),
             Err(e @ topics::TopicError::Retention { .. }) => return Err(e.into()),
-            Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() => return Err(e.into()),
+            Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() => {
+                return Err(e.into());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "topics not ready, waiting");
                 tokio::time::sleep(Duration::from_secs(1)).await;

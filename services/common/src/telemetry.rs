@@ -74,17 +74,33 @@ fn counter(name: &'static str, description: &'static str) -> Counter<u64> {
 }
 
 /// Records consumed by a stage, by stage and topic.
-pub static RECORDS_CONSUMED: LazyLock<Counter<u64>> =
-    LazyLock::new(|| counter("ohx_records_consumed", "Records consumed, by stage and topic"));
+pub static RECORDS_CONSUMED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    counter(
+        "ohx_records_consumed",
+        "Records consumed, by stage and topic",
+    )
+});
 /// Records produced by a stage, by stage and topic.
-pub static RECORDS_PRODUCED: LazyLock<Counter<u64>> =
-    LazyLock::new(|| counter("ohx_records_produced", "Records produced and acknowledged, by stage and topic"));
+pub static RECORDS_PRODUCED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    counter(
+        "ohx_records_produced",
+        "Records produced and acknowledged, by stage and topic",
+    )
+});
 /// Dead letters, by stage and kind.
-pub static DEAD_LETTERS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| counter("ohx_dead_letters", "Records sent to the dead-letter topic, by stage and kind"));
+pub static DEAD_LETTERS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    counter(
+        "ohx_dead_letters",
+        "Records sent to the dead-letter topic, by stage and kind",
+    )
+});
 /// Transient failures that made a stage retry, by stage and kind.
-pub static RETRIES: LazyLock<Counter<u64>> =
-    LazyLock::new(|| counter("ohx_stage_retries", "Transient failures retried, by stage and kind"));
+pub static RETRIES: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    counter(
+        "ohx_stage_retries",
+        "Transient failures retried, by stage and kind",
+    )
+});
 /// Consumer lag per group, topic and partition (from librdkafka statistics).
 pub static CONSUMER_LAG: LazyLock<Gauge<i64>> = LazyLock::new(|| {
     meter()
@@ -122,6 +138,9 @@ pub fn new_seconds_histogram(name: &'static str, description: &'static str) -> H
 pub fn init_cli() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OHX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     Ok(())
 }

@@ -8,7 +8,9 @@
 //! a resource (the publisher then finds it unchanged on the server); it never loses one.
 
 use ohx_common::codec::Codec;
-use ohx_common::kafka::{Emitter, Input, KafkaSettings, OutRecord, Processor, Producer, StageError};
+use ohx_common::kafka::{
+    Emitter, Input, KafkaSettings, OutRecord, Processor, Producer, StageError,
+};
 use ohx_common::records::{DedupState, FhirResource, content_hash, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -21,7 +23,10 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 static RESOURCES: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_counter("ohx_resources_deduplicated", "Resources seen by the deduplicator, by type and outcome (forwarded, unchanged)")
+    ohx_common::telemetry::new_counter(
+        "ohx_resources_deduplicated",
+        "Resources seen by the deduplicator, by type and outcome (forwarded, unchanged)",
+    )
 });
 
 /// The decision for one resource.
@@ -56,7 +61,9 @@ pub struct Deduplicator {
 
 impl std::fmt::Debug for Deduplicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deduplicator").field("partitions", &self.states.len()).finish()
+        f.debug_struct("Deduplicator")
+            .field("partitions", &self.states.len())
+            .finish()
     }
 }
 
@@ -64,7 +71,14 @@ impl Deduplicator {
     /// Creates the stage.
     pub fn new(kafka: KafkaSettings, producer: Producer, restore_timeout: Duration) -> Self {
         let codec = producer.codec().clone();
-        Self { kafka, codec, producer, states: HashMap::new(), pending_changelog: Vec::new(), restore_timeout }
+        Self {
+            kafka,
+            codec,
+            producer,
+            states: HashMap::new(),
+            pending_changelog: Vec::new(),
+            restore_timeout,
+        }
     }
 
     /// Reads one changelog partition from the beginning to its end.
@@ -86,13 +100,16 @@ impl Deduplicator {
             return Ok(state);
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic::DEDUP_STATE, partition, Offset::Beginning).map_err(transient)?;
+        tpl.add_partition_offset(topic::DEDUP_STATE, partition, Offset::Beginning)
+            .map_err(transient)?;
         consumer.assign(&tpl).map_err(transient)?;
         let deadline = tokio::time::Instant::now() + self.restore_timeout;
         loop {
             let msg = tokio::time::timeout_at(deadline, consumer.recv())
                 .await
-                .map_err(|_| StageError::transient("changelog_restore", "timed out reading the changelog"))?
+                .map_err(|_| {
+                    StageError::transient("changelog_restore", "timed out reading the changelog")
+                })?
                 .map_err(transient)?;
             if let (Some(key), Some(payload)) = (msg.key(), msg.payload()) {
                 let identity = String::from_utf8_lossy(key).into_owned();
@@ -100,8 +117,12 @@ impl Deduplicator {
                     Ok(s) => {
                         state.insert(identity, s.content_hash);
                     }
-                    Err(e) if e.is_transient() => return Err(StageError::transient("schema_registry", e)),
-                    Err(error) => tracing::warn!(%error, partition, offset = msg.offset(), "skipping undecodable changelog record"),
+                    Err(e) if e.is_transient() => {
+                        return Err(StageError::transient("schema_registry", e));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, partition, offset = msg.offset(), "skipping undecodable changelog record")
+                    }
                 }
             } else if let Some(key) = msg.key() {
                 // A tombstone forgets the identity.
@@ -119,7 +140,11 @@ impl Deduplicator {
 impl Processor for Deduplicator {
     type In = FhirResource;
 
-    async fn process(&mut self, batch: &[Input<FhirResource>], out: &mut Emitter) -> Result<(), StageError> {
+    async fn process(
+        &mut self,
+        batch: &[Input<FhirResource>],
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
         for input in batch {
             if !self.states.contains_key(&input.partition) {
                 let restored = self.restore(input.partition).await?;
@@ -132,17 +157,30 @@ impl Processor for Deduplicator {
             let hash = match content_hash(&r.resource) {
                 Ok(h) => h,
                 Err(e) => {
-                    out.dead_letter(input, "invalid", format!("resource is not JSON: {e}")).await?;
+                    out.dead_letter(input, "invalid", format!("resource is not JSON: {e}"))
+                        .await?;
                     continue;
                 }
             };
             let state = self.states.entry(input.partition).or_default();
             match decide(state, &r.identity, hash) {
                 Decision::Unchanged => {
-                    RESOURCES.add(1, &[KeyValue::new("type", r.resource_type.clone()), KeyValue::new("outcome", "unchanged")]);
+                    RESOURCES.add(
+                        1,
+                        &[
+                            KeyValue::new("type", r.resource_type.clone()),
+                            KeyValue::new("outcome", "unchanged"),
+                        ],
+                    );
                 }
                 Decision::Forward { hash } => {
-                    RESOURCES.add(1, &[KeyValue::new("type", r.resource_type.clone()), KeyValue::new("outcome", "forwarded")]);
+                    RESOURCES.add(
+                        1,
+                        &[
+                            KeyValue::new("type", r.resource_type.clone()),
+                            KeyValue::new("outcome", "forwarded"),
+                        ],
+                    );
                     out.emit(topic::FHIR_OUTBOX, &r.identity, r).await?;
                     let payload = self
                         .codec
@@ -188,7 +226,8 @@ mod tests {
 
     #[test]
     fn test_hash_ignores_meta_and_key_order() {
-        let a = r#"{"resourceType":"Observation","id":"x","meta":{"versionId":"1"},"status":"final"}"#;
+        let a =
+            r#"{"resourceType":"Observation","id":"x","meta":{"versionId":"1"},"status":"final"}"#;
         let b = r#"{"status":"final","id":"x","resourceType":"Observation","meta":{"versionId":"7","tag":[]}}"#;
         assert_eq!(content_hash(a).unwrap(), content_hash(b).unwrap());
         let c = r#"{"resourceType":"Observation","id":"x","status":"amended"}"#;
@@ -199,10 +238,22 @@ mod tests {
     #[test]
     fn test_decide_forwards_new_and_changed_only() {
         let mut s = HashMap::new();
-        assert_eq!(decide(&mut s, "t/Observation/1", "h1".into()), Decision::Forward { hash: "h1".into() });
-        assert_eq!(decide(&mut s, "t/Observation/1", "h1".into()), Decision::Unchanged);
-        assert_eq!(decide(&mut s, "t/Observation/1", "h2".into()), Decision::Forward { hash: "h2".into() });
-        assert_eq!(decide(&mut s, "t/Observation/2", "h1".into()), Decision::Forward { hash: "h1".into() });
+        assert_eq!(
+            decide(&mut s, "t/Observation/1", "h1".into()),
+            Decision::Forward { hash: "h1".into() }
+        );
+        assert_eq!(
+            decide(&mut s, "t/Observation/1", "h1".into()),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            decide(&mut s, "t/Observation/1", "h2".into()),
+            Decision::Forward { hash: "h2".into() }
+        );
+        assert_eq!(
+            decide(&mut s, "t/Observation/2", "h1".into()),
+            Decision::Forward { hash: "h1".into() }
+        );
         assert_eq!(s.len(), 2);
     }
 }

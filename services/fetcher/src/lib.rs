@@ -1,5 +1,5 @@
 //! Fetches provider data for sync requests and normalizes it to Measurements.
 pub mod normalize;
-pub mod withings;
 pub mod stage;
 pub mod store;
+pub mod withings;

@@ -8,16 +8,34 @@ use ohx_common::service::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start("fetcher", 9101, &[topic::SYNC_REQUESTS, topic::MEASUREMENTS, topic::DEAD_LETTER]).await?;
+    let rt = Runtime::start(
+        "fetcher",
+        9101,
+        &[
+            topic::SYNC_REQUESTS,
+            topic::MEASUREMENTS,
+            topic::DEAD_LETTER,
+        ],
+    )
+    .await?;
     let mut stage = StageSettings::from_env("fetcher", vec![topic::SYNC_REQUESTS])?;
     stage.max_batch = ohx_common::config::parse("OHX_FETCH_BATCH", 20usize)?.max(1);
     let settings = FetcherSettings {
-        withings_base_url: ohx_common::config::string("OHX_WITHINGS_API_URL", fetcher::withings::DEFAULT_BASE_URL),
-        withings_rate_per_minute: ohx_common::config::parse("OHX_WITHINGS_RATE_PER_MINUTE", 120u32)?,
+        withings_base_url: ohx_common::config::string(
+            "OHX_WITHINGS_API_URL",
+            fetcher::withings::DEFAULT_BASE_URL,
+        ),
+        withings_rate_per_minute: ohx_common::config::parse(
+            "OHX_WITHINGS_RATE_PER_MINUTE",
+            120u32,
+        )?,
         rate_limit_pause: ohx_common::config::millis("OHX_RATE_LIMIT_PAUSE_MS", 60_000)?,
         default_days: ohx_common::config::parse("OHX_DEFAULT_SYNC_DAYS", 7i64)?,
         http_timeout: ohx_common::config::millis("OHX_PROVIDER_TIMEOUT_MS", 30_000)?,
     };
-    let store = Store::new(ohx_common::db::pool_from_env()?, ohx_common::crypto::SecretBox::from_env()?);
+    let store = Store::new(
+        ohx_common::db::pool_from_env()?,
+        ohx_common::crypto::SecretBox::from_env()?,
+    );
     rt.run_stage(stage, Fetcher::new(store, settings)?).await
 }

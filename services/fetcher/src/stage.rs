@@ -7,7 +7,9 @@
 //! (Withings 601) and transient failures pause and retry the batch; nothing is committed until
 //! the measurements are acknowledged, and only then are sync runs and cursors recorded.
 
-use crate::normalize::{self, DATA_TYPE_BLOOD_PRESSURE, DATA_TYPE_BODY_WEIGHT, DATA_TYPE_HEART_RATE};
+use crate::normalize::{
+    self, DATA_TYPE_BLOOD_PRESSURE, DATA_TYPE_BODY_WEIGHT, DATA_TYPE_HEART_RATE,
+};
 use crate::store::{Link, PgRateGate, Refreshed, Store, StoreError, SyncRun};
 use crate::withings::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
@@ -19,16 +21,36 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use uuid::Uuid;
 
-static MEASUREMENTS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_measurements", "Measurements produced, by provider and data type"));
-static API_CALLS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_provider_api_calls", "Provider API requests sent, by provider"));
-static RATE_LIMITED: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_rate_limit_hits", "Provider rate-limit answers, by provider"));
-static REFRESHES: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_token_refreshes", "Token refreshes, by provider and outcome"));
-static SYNCS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_sync_runs", "Sync requests handled, by provider, trigger and status"));
+static MEASUREMENTS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_measurements",
+        "Measurements produced, by provider and data type",
+    )
+});
+static API_CALLS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_provider_api_calls",
+        "Provider API requests sent, by provider",
+    )
+});
+static RATE_LIMITED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_rate_limit_hits",
+        "Provider rate-limit answers, by provider",
+    )
+});
+static REFRESHES: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_token_refreshes",
+        "Token refreshes, by provider and outcome",
+    )
+});
+static SYNCS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_sync_runs",
+        "Sync requests handled, by provider, trigger and status",
+    )
+});
 
 /// Settings of the fetcher.
 #[derive(Debug, Clone)]
@@ -77,7 +99,11 @@ pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
         t.push(normalize::MEASTYPE_WEIGHT);
     }
     if categories.contains(DATA_TYPE_BLOOD_PRESSURE) {
-        t.extend([normalize::MEASTYPE_DIASTOLIC, normalize::MEASTYPE_SYSTOLIC, normalize::MEASTYPE_HEART_PULSE]);
+        t.extend([
+            normalize::MEASTYPE_DIASTOLIC,
+            normalize::MEASTYPE_SYSTOLIC,
+            normalize::MEASTYPE_HEART_PULSE,
+        ]);
     }
     t
 }
@@ -92,7 +118,9 @@ enum LinkOutcome {
 
 fn store_err(e: StoreError) -> StageError {
     match e {
-        StoreError::Secret(e) => StageError::Fatal(format!("cannot open a stored secret (wrong OHX_SECRET_KEYS?): {e}")),
+        StoreError::Secret(e) => StageError::Fatal(format!(
+            "cannot open a stored secret (wrong OHX_SECRET_KEYS?): {e}"
+        )),
         other => StageError::transient("database", other),
     }
 }
@@ -100,10 +128,18 @@ fn store_err(e: StoreError) -> StageError {
 fn api_err(e: WithingsError, pause: Duration) -> Result<StageError, WithingsError> {
     if e.is_rate_limited() {
         RATE_LIMITED.add(1, &[KeyValue::new("provider", "withings")]);
-        return Ok(StageError::Transient { kind: "rate_limited", reason: e.to_string(), retry_after: Some(e.retry_after().unwrap_or(pause)) });
+        return Ok(StageError::Transient {
+            kind: "rate_limited",
+            reason: e.to_string(),
+            retry_after: Some(e.retry_after().unwrap_or(pause)),
+        });
     }
     if e.is_retryable() {
-        return Ok(StageError::Transient { kind: "provider", reason: e.to_string(), retry_after: e.retry_after() });
+        return Ok(StageError::Transient {
+            kind: "provider",
+            reason: e.to_string(),
+            retry_after: e.retry_after(),
+        });
     }
     Err(e)
 }
@@ -119,48 +155,90 @@ pub struct Fetcher {
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetcher").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Fetcher")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
 impl Fetcher {
     /// Creates the stage.
     pub fn new(store: Store, settings: FetcherSettings) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(settings.http_timeout).build()?;
-        Ok(Self { store, settings, http, clients: HashMap::new(), pending_runs: Vec::new() })
+        let http = reqwest::Client::builder()
+            .timeout(settings.http_timeout)
+            .build()?;
+        Ok(Self {
+            store,
+            settings,
+            http,
+            clients: HashMap::new(),
+            pending_runs: Vec::new(),
+        })
     }
 
     fn client(&mut self, link: &Link) -> WithingsClient {
-        let base = link.api_base_url.clone().unwrap_or_else(|| self.settings.withings_base_url.clone());
-        let (pool, per_minute) = (self.store.pool.clone(), self.settings.withings_rate_per_minute);
+        let base = link
+            .api_base_url
+            .clone()
+            .unwrap_or_else(|| self.settings.withings_base_url.clone());
+        let (pool, per_minute) = (
+            self.store.pool.clone(),
+            self.settings.withings_rate_per_minute,
+        );
         self.clients
             .entry(link.app_id)
             .or_insert_with(|| {
-                let gate = PgRateGate::new(pool, format!("withings:{}", link.client_id), per_minute, API_CALLS.clone());
+                let gate = PgRateGate::new(
+                    pool,
+                    format!("withings:{}", link.client_id),
+                    per_minute,
+                    API_CALLS.clone(),
+                );
                 WithingsClient::new(self.http.clone(), base).with_rate_gate(Arc::new(gate))
             })
             .clone()
     }
 
     /// Returns a usable access token, refreshing it if expired or rejected.
-    async fn token(&self, client: &WithingsClient, link: &Link, failed: Option<&str>) -> Result<Option<String>, StageError> {
-        let fresh = link.token_expires_at.is_some_and(|e| e > chrono::Utc::now() + chrono::Duration::seconds(60));
+    async fn token(
+        &self,
+        client: &WithingsClient,
+        link: &Link,
+        failed: Option<&str>,
+    ) -> Result<Option<String>, StageError> {
+        let fresh = link
+            .token_expires_at
+            .is_some_and(|e| e > chrono::Utc::now() + chrono::Duration::seconds(60));
         if failed.is_none() && fresh && !link.access_token.is_empty() {
             return Ok(Some(link.access_token.clone()));
         }
         let (id, secret) = (link.client_id.clone(), link.client_secret.clone());
         let result = self
             .store
-            .refresh(link, failed, |refresh_token| async move { client.refresh_token(&id, &secret, &refresh_token).await })
+            .refresh(link, failed, |refresh_token| async move {
+                client.refresh_token(&id, &secret, &refresh_token).await
+            })
             .await
             .map_err(store_err)?;
         match result {
             Ok(Refreshed::Token(t)) => {
-                REFRESHES.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("outcome", "refreshed")]);
+                REFRESHES.add(
+                    1,
+                    &[
+                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("outcome", "refreshed"),
+                    ],
+                );
                 Ok(Some(t))
             }
             Ok(Refreshed::Revoked) => {
-                REFRESHES.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("outcome", "revoked")]);
+                REFRESHES.add(
+                    1,
+                    &[
+                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("outcome", "revoked"),
+                    ],
+                );
                 Ok(None)
             }
             Err(e) => Err(match api_err(e, self.settings.rate_limit_pause) {
@@ -171,10 +249,17 @@ impl Fetcher {
     }
 
     /// Fetches everything a plan asks for, refreshing the token once on rejection.
-    async fn fetch_link(&mut self, link_id: Uuid, plan: &Plan, request: &SyncRequest) -> Result<LinkOutcome, StageError> {
+    async fn fetch_link(
+        &mut self,
+        link_id: Uuid,
+        plan: &Plan,
+        request: &SyncRequest,
+    ) -> Result<LinkOutcome, StageError> {
         let mut link = match self.store.load_link(link_id).await {
             Ok(l) => l,
-            Err(StoreError::UnknownLink(id)) => return Ok(LinkOutcome::Inactive(format!("link {id} was deleted"))),
+            Err(StoreError::UnknownLink(id)) => {
+                return Ok(LinkOutcome::Inactive(format!("link {id} was deleted")));
+            }
             Err(e) => return Err(store_err(e)),
         };
         if link.status != "active" {
@@ -197,44 +282,100 @@ impl Fetcher {
                     }
                 }
                 Err(WithingsError::InvalidToken { status }) => {
-                    self.store.mark_reauth(link.id, &format!("fresh access token rejected (status {status})")).await.map_err(store_err)?;
-                    return Ok(LinkOutcome::Reauth(format!("fresh access token rejected (status {status})")));
+                    self.store
+                        .mark_reauth(
+                            link.id,
+                            &format!("fresh access token rejected (status {status})"),
+                        )
+                        .await
+                        .map_err(store_err)?;
+                    return Ok(LinkOutcome::Reauth(format!(
+                        "fresh access token rejected (status {status})"
+                    )));
                 }
                 Err(e) => {
                     return match api_err(e, self.settings.rate_limit_pause) {
                         Ok(transient) => Err(transient),
-                        Err(permanent) => Ok(LinkOutcome::Inactive(format!("provider refused the request: {permanent}"))),
+                        Err(permanent) => Ok(LinkOutcome::Inactive(format!(
+                            "provider refused the request: {permanent}"
+                        ))),
                     };
                 }
             }
         }
     }
 
-    async fn fetch_with(&self, client: &WithingsClient, token: &str, plan: &Plan, request: &SyncRequest) -> Result<(Vec<Measurement>, i32), WithingsError> {
+    async fn fetch_with(
+        &self,
+        client: &WithingsClient,
+        token: &str,
+        plan: &Plan,
+        request: &SyncRequest,
+    ) -> Result<(Vec<Measurement>, i32), WithingsError> {
         let mut out = Vec::new();
         let mut calls = 0;
         let mut timezone: Option<String> = None;
         // Spot measures (getmeas): one call (with paging) over the union of their windows.
-        let spot: BTreeSet<&str> = plan.windows.keys().map(String::as_str).filter(|c| *c != DATA_TYPE_HEART_RATE).collect();
+        let spot: BTreeSet<&str> = plan
+            .windows
+            .keys()
+            .map(String::as_str)
+            .filter(|c| *c != DATA_TYPE_HEART_RATE)
+            .collect();
         let types = meastypes(&spot);
         if !types.is_empty() {
-            let start = spot.iter().filter_map(|c| plan.windows.get(*c)).map(|w| w.0).min().unwrap_or(0);
-            let end = spot.iter().filter_map(|c| plan.windows.get(*c)).map(|w| w.1).max().unwrap_or(0);
-            let window = Window { start_s: start.div_euclid(1000), end_s: (end + 999).div_euclid(1000) };
-            let resp = client.get_measures(token, &types, CATEGORY_REAL, MeasureSelector::Window(window)).await?;
+            let start = spot
+                .iter()
+                .filter_map(|c| plan.windows.get(*c))
+                .map(|w| w.0)
+                .min()
+                .unwrap_or(0);
+            let end = spot
+                .iter()
+                .filter_map(|c| plan.windows.get(*c))
+                .map(|w| w.1)
+                .max()
+                .unwrap_or(0);
+            let window = Window {
+                start_s: start.div_euclid(1000),
+                end_s: (end + 999).div_euclid(1000),
+            };
+            let resp = client
+                .get_measures(
+                    token,
+                    &types,
+                    CATEGORY_REAL,
+                    MeasureSelector::Window(window),
+                )
+                .await?;
             calls += 1;
             timezone = resp.timezone.clone();
             let n = normalize::normalize_measures(&resp, &request.context, None);
-            out.extend(n.measurements.into_iter().filter(|m| spot.contains(m.data_type.as_str()) || m.data_type == DATA_TYPE_HEART_RATE && spot.contains(DATA_TYPE_BLOOD_PRESSURE)));
+            out.extend(n.measurements.into_iter().filter(|m| {
+                spot.contains(m.data_type.as_str())
+                    || m.data_type == DATA_TYPE_HEART_RATE
+                        && spot.contains(DATA_TYPE_BLOOD_PRESSURE)
+            }));
         }
         // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
         if let Some(&(start, end)) = plan.windows.get(DATA_TYPE_HEART_RATE) {
             let (hs, he) = normalize::widen_to_hours(start, end);
             // Withings' enddate is inclusive: stop one second before the next hour.
-            let resp = client.get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1).await?;
+            let resp = client
+                .get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1)
+                .await?;
             calls += 1;
-            let n = normalize::normalize_intraday_heart_rate(&resp, &request.context, timezone.as_deref(), None);
-            out.extend(n.measurements.into_iter().filter(|m| m.effective_start >= hs && m.effective_start < he));
+            let n = normalize::normalize_intraday_heart_rate(
+                &resp,
+                &request.context,
+                timezone.as_deref(),
+                None,
+            );
+            out.extend(
+                n.measurements
+                    .into_iter()
+                    .filter(|m| m.effective_start >= hs && m.effective_start < he),
+            );
         }
         Ok((out, calls))
     }
@@ -243,18 +384,26 @@ impl Fetcher {
 impl Processor for Fetcher {
     type In = SyncRequest;
 
-    async fn process(&mut self, batch: &[Input<SyncRequest>], out: &mut Emitter) -> Result<(), StageError> {
+    async fn process(
+        &mut self,
+        batch: &[Input<SyncRequest>],
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
         self.pending_runs.clear();
         let now = chrono::Utc::now().timestamp_millis();
         // Coalesce by link, keeping the first request's context for the measurements.
         let mut by_link: BTreeMap<String, Vec<&Input<SyncRequest>>> = BTreeMap::new();
         for input in batch {
-            by_link.entry(input.value.context.link_id.clone()).or_default().push(input);
+            by_link
+                .entry(input.value.context.link_id.clone())
+                .or_default()
+                .push(input);
         }
         for (link_str, inputs) in by_link {
             let Ok(link_id) = Uuid::parse_str(&link_str) else {
                 for i in inputs {
-                    out.dead_letter(i, "invalid", format!("link id {link_str} is not a uuid")).await?;
+                    out.dead_letter(i, "invalid", format!("link id {link_str} is not a uuid"))
+                        .await?;
                 }
                 continue;
             };
@@ -266,7 +415,13 @@ impl Processor for Fetcher {
                 LinkOutcome::Done(measurements, calls) => {
                     let count = measurements.len() as i32;
                     for m in &measurements {
-                        MEASUREMENTS.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("type", m.data_type.clone())]);
+                        MEASUREMENTS.add(
+                            1,
+                            &[
+                                KeyValue::new("provider", "withings"),
+                                KeyValue::new("type", m.data_type.clone()),
+                            ],
+                        );
                         out.emit(topic::MEASUREMENTS, &m.series_key, m).await?;
                     }
                     tracing::info!(link_id = %link_id, requests = requests.len(), measurements = count, api_calls = calls, "fetched");
@@ -282,8 +437,18 @@ impl Processor for Fetcher {
                 }
             };
             for r in &requests {
-                SYNCS.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("trigger", r.context.trigger.clone()), KeyValue::new("status", status)]);
-                let w = plan.windows.values().fold((i64::MAX, i64::MIN), |a, w| (a.0.min(w.0), a.1.max(w.1)));
+                SYNCS.add(
+                    1,
+                    &[
+                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("trigger", r.context.trigger.clone()),
+                        KeyValue::new("status", status),
+                    ],
+                );
+                let w = plan
+                    .windows
+                    .values()
+                    .fold((i64::MAX, i64::MIN), |a, w| (a.0.min(w.0), a.1.max(w.1)));
                 self.pending_runs.push(SyncRun {
                     sync_request_id: r.context.sync_request_id.clone(),
                     link_id,
@@ -317,9 +482,16 @@ mod tests {
     fn req(cats: &[&str], s: Option<i64>, e: Option<i64>) -> SyncRequest {
         SyncRequest {
             context: Context {
-                organization_id: "o".into(), ehr_target_id: "t".into(), patient_id: "p".into(), patient_reference: "Patient/1".into(),
-                provider: "withings".into(), link_id: "l".into(), provider_user_id: "1".into(), sync_request_id: "s".into(),
-                trigger: "WEBHOOK".into(), received_at: 0,
+                organization_id: "o".into(),
+                ehr_target_id: "t".into(),
+                patient_id: "p".into(),
+                patient_reference: "Patient/1".into(),
+                provider: "withings".into(),
+                link_id: "l".into(),
+                provider_user_id: "1".into(),
+                sync_request_id: "s".into(),
+                trigger: "WEBHOOK".into(),
+                received_at: 0,
             },
             categories: cats.iter().map(|c| c.to_string()).collect(),
             window_start: s,
@@ -343,7 +515,10 @@ mod tests {
     #[test]
     fn test_meastypes_per_category() {
         assert_eq!(meastypes(&BTreeSet::from(["body_weight"])), vec![1]);
-        assert_eq!(meastypes(&BTreeSet::from(["blood_pressure"])), vec![9, 10, 11]);
+        assert_eq!(
+            meastypes(&BTreeSet::from(["blood_pressure"])),
+            vec![9, 10, 11]
+        );
         assert!(meastypes(&BTreeSet::from(["heart_rate"])).is_empty());
     }
 }

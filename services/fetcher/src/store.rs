@@ -47,7 +47,10 @@ pub struct Link {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("id", &self.id).field("status", &self.status).finish_non_exhaustive()
+        f.debug_struct("Link")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,7 +112,10 @@ impl Store {
             access_token,
             token_expires_at: row.get(5),
             client_id: row.get(6),
-            client_secret: self.secrets.open_string(&sealed_secret, &format!("provider_app:{app_id}:client_secret"))?,
+            client_secret: self.secrets.open_string(
+                &sealed_secret,
+                &format!("provider_app:{app_id}:client_secret"),
+            )?,
             api_base_url: row.get(8),
         })
     }
@@ -117,7 +123,12 @@ impl Store {
     /// Refreshes the link's tokens under a row lock, so concurrent replicas never use a rotated
     /// refresh token twice. `failed_access` is the token the provider just rejected (None for a
     /// refresh because of expiry). `refresh` performs the provider call.
-    pub async fn refresh<F, Fut, E>(&self, link: &Link, failed_access: Option<&str>, refresh: F) -> Result<Result<Refreshed, E>, StoreError>
+    pub async fn refresh<F, Fut, E>(
+        &self,
+        link: &Link,
+        failed_access: Option<&str>,
+        refresh: F,
+    ) -> Result<Result<Refreshed, E>, StoreError>
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<TokenSet, E>>,
@@ -133,7 +144,9 @@ impl Store {
             return Ok(Ok(Refreshed::Revoked));
         }
         let current_access = match row.get::<_, Option<String>>(0) {
-            Some(s) => self.secrets.open_string(&s, &aad(link.id, "access_token"))?,
+            Some(s) => self
+                .secrets
+                .open_string(&s, &aad(link.id, "access_token"))?,
             None => String::new(),
         };
         let expires: Option<chrono::DateTime<chrono::Utc>> = row.get(2);
@@ -152,11 +165,19 @@ impl Store {
             tx.commit().await?;
             return Ok(Ok(Refreshed::Revoked));
         };
-        let refresh_token = self.secrets.open_string(&sealed_refresh, &aad(link.id, "refresh_token"))?;
+        let refresh_token = self
+            .secrets
+            .open_string(&sealed_refresh, &aad(link.id, "refresh_token"))?;
         match refresh(refresh_token).await {
             Ok(tokens) => {
-                let access = self.secrets.seal(tokens.access_token.as_bytes(), &aad(link.id, "access_token"))?;
-                let refresh = self.secrets.seal(tokens.refresh_token.as_bytes(), &aad(link.id, "refresh_token"))?;
+                let access = self.secrets.seal(
+                    tokens.access_token.as_bytes(),
+                    &aad(link.id, "access_token"),
+                )?;
+                let refresh = self.secrets.seal(
+                    tokens.refresh_token.as_bytes(),
+                    &aad(link.id, "refresh_token"),
+                )?;
                 tx.execute(
                     "UPDATE provider_links SET access_token = $2, refresh_token = $3, token_expires_at = now() + make_interval(secs => $4), \
                      scopes = COALESCE($5, scopes), updated_at = now() WHERE id = $1",
@@ -244,7 +265,11 @@ pub trait RefreshFailure {
 
 impl RefreshFailure for crate::withings::WithingsError {
     fn is_revoked(&self) -> bool {
-        matches!(self, crate::withings::WithingsError::InvalidGrant { .. } | crate::withings::WithingsError::InvalidToken { .. })
+        matches!(
+            self,
+            crate::withings::WithingsError::InvalidGrant { .. }
+                | crate::withings::WithingsError::InvalidToken { .. }
+        )
     }
     fn reason(&self) -> String {
         self.to_string()
@@ -264,15 +289,29 @@ pub struct PgRateGate {
 
 impl std::fmt::Debug for PgRateGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgRateGate").field("name", &self.name).field("capacity", &self.capacity).finish()
+        f.debug_struct("PgRateGate")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
 impl PgRateGate {
     /// Creates a gate named `name` allowing `per_minute` requests per minute.
-    pub fn new(pool: Pool, name: String, per_minute: u32, calls: opentelemetry::metrics::Counter<u64>) -> Self {
+    pub fn new(
+        pool: Pool,
+        name: String,
+        per_minute: u32,
+        calls: opentelemetry::metrics::Counter<u64>,
+    ) -> Self {
         let capacity = f64::from(per_minute.max(1));
-        Self { pool, name, capacity, refill_per_second: capacity / 60.0, calls }
+        Self {
+            pool,
+            name,
+            capacity,
+            refill_per_second: capacity / 60.0,
+            calls,
+        }
     }
 
     /// Takes a token if one is available; otherwise returns how long to wait.
@@ -294,9 +333,18 @@ impl PgRateGate {
         let (left, wait) = if available >= 1.0 {
             (available - 1.0, None)
         } else {
-            (available, Some(Duration::from_secs_f64(((1.0 - available) / self.refill_per_second).max(0.01))))
+            (
+                available,
+                Some(Duration::from_secs_f64(
+                    ((1.0 - available) / self.refill_per_second).max(0.01),
+                )),
+            )
         };
-        tx.execute("UPDATE rate_buckets SET tokens = $2, updated_at = clock_timestamp() WHERE name = $1", &[&self.name, &left]).await?;
+        tx.execute(
+            "UPDATE rate_buckets SET tokens = $2, updated_at = clock_timestamp() WHERE name = $1",
+            &[&self.name, &left],
+        )
+        .await?;
         tx.commit().await?;
         Ok(wait)
     }
@@ -308,7 +356,8 @@ impl RateGate for PgRateGate {
             loop {
                 match self.try_take().await {
                     Ok(None) => {
-                        self.calls.add(1, &[opentelemetry::KeyValue::new("provider", "withings")]);
+                        self.calls
+                            .add(1, &[opentelemetry::KeyValue::new("provider", "withings")]);
                         return Ok(());
                     }
                     Ok(Some(wait)) => tokio::time::sleep(wait).await,

@@ -11,17 +11,40 @@ use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start("fhir-mapper", 9103, &[topic::MEASUREMENTS, topic::HOURLY_AGGREGATES, topic::FHIR_RESOURCES, topic::DEAD_LETTER]).await?;
+    let rt = Runtime::start(
+        "fhir-mapper",
+        9103,
+        &[
+            topic::MEASUREMENTS,
+            topic::HOURLY_AGGREGATES,
+            topic::FHIR_RESOURCES,
+            topic::DEAD_LETTER,
+        ],
+    )
+    .await?;
     let table = match std::env::var("OHX_MAPPING_FILE") {
-        Ok(path) if !path.is_empty() => Mapping::from_toml_str(&std::fs::read_to_string(&path)?)?,
+        Ok(path) if !path.is_empty() => Mapping::from_file(std::path::Path::new(&path))?,
         _ => Mapping::default_table()?,
     };
-    let settings = MapperSettings { identifier_base: ohx_common::config::string("OHX_IDENTIFIER_BASE", "https://ohx.example/fhir") };
-    let core = Arc::new(MapperCore { table, settings, validator: FhirValidator::new()? });
+    let settings = MapperSettings::new(ohx_common::config::string(
+        "OHX_IDENTIFIER_BASE",
+        "https://ohx.example/fhir",
+    ))?;
+    let core = Arc::new(MapperCore {
+        table,
+        settings,
+        validator: FhirValidator::new()?,
+    });
     let group = ohx_common::config::string("OHX_GROUP_ID", "ohx.fhir-mapper");
     let mut measurements = StageSettings::from_env("fhir-mapper", vec![topic::MEASUREMENTS])?;
     measurements.group_id = format!("{group}.measurements");
     let mut aggregates = StageSettings::from_env("fhir-mapper", vec![topic::HOURLY_AGGREGATES])?;
     aggregates.group_id = format!("{group}.aggregates");
-    rt.run_two(measurements, MeasurementMapper(core.clone()), aggregates, AggregateMapper(core)).await
+    rt.run_two(
+        measurements,
+        MeasurementMapper(core.clone()),
+        aggregates,
+        AggregateMapper(core),
+    )
+    .await
 }

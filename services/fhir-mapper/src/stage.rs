@@ -7,13 +7,20 @@ use crate::map::{MappedResource, MapperSettings, canonical_json, map_aggregate, 
 use crate::mapping::Mapping;
 use crate::validate::FhirValidator;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{AGGREGATION_HOURLY, Context, FhirResource, HourlyAggregate, Measurement, resource_identity, topic};
+use ohx_common::records::{
+    AGGREGATION_HOURLY, Context, FhirResource, HourlyAggregate, Measurement, resource_identity,
+    topic,
+};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use std::sync::{Arc, LazyLock};
 
-static MAPPED: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_resources_mapped", "FHIR resources mapped, by type and outcome (valid, invalid)"));
+static MAPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_resources_mapped",
+        "FHIR resources mapped, by type and outcome (valid, invalid)",
+    )
+});
 
 /// What both mapper loops share: the code table, settings and the schema validator.
 #[derive(Debug)]
@@ -25,16 +32,41 @@ pub struct MapperCore {
 
 impl MapperCore {
     /// Validates and emits mapped resources; an invalid resource dead-letters its input.
-    async fn emit<T>(&self, input: &Input<T>, context: &Context, source_id: &str, resources: Vec<MappedResource>, out: &mut Emitter) -> Result<(), StageError> {
+    async fn emit<T>(
+        &self,
+        input: &Input<T>,
+        context: &Context,
+        source_id: &str,
+        resources: Vec<MappedResource>,
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
         // Validate all first: a record either produces all its resources or none.
         for r in &resources {
-            if let Err(e) = self.validator.validate(&r.json) {
-                MAPPED.add(1, &[KeyValue::new("type", r.resource_type.clone()), KeyValue::new("outcome", "invalid")]);
-                return out.dead_letter(input, "validation", format!("{} {} is not valid FHIR R5: {e}", r.resource_type, r.id)).await;
+            if let Err(e) = self.validator.validate_all(&r.json) {
+                MAPPED.add(
+                    1,
+                    &[
+                        KeyValue::new("type", r.resource_type.clone()),
+                        KeyValue::new("outcome", "invalid"),
+                    ],
+                );
+                return out
+                    .dead_letter(
+                        input,
+                        "validation",
+                        format!("{} {} is not valid FHIR R5: {e}", r.resource_type, r.id),
+                    )
+                    .await;
             }
         }
         for r in resources {
-            MAPPED.add(1, &[KeyValue::new("type", r.resource_type.clone()), KeyValue::new("outcome", "valid")]);
+            MAPPED.add(
+                1,
+                &[
+                    KeyValue::new("type", r.resource_type.clone()),
+                    KeyValue::new("outcome", "valid"),
+                ],
+            );
             let identity = resource_identity(&context.ehr_target_id, &r.resource_type, &r.id);
             let record = FhirResource {
                 context: context.clone(),
@@ -57,14 +89,22 @@ pub struct MeasurementMapper(pub Arc<MapperCore>);
 impl Processor for MeasurementMapper {
     type In = Measurement;
 
-    async fn process(&mut self, batch: &[Input<Measurement>], out: &mut Emitter) -> Result<(), StageError> {
+    async fn process(
+        &mut self,
+        batch: &[Input<Measurement>],
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
         for input in batch {
             let m = &input.value;
             if m.aggregation == AGGREGATION_HOURLY {
                 continue; // the hourly-aggregator's output is mapped instead
             }
             match map_measurement(m, &self.0.table, &self.0.settings) {
-                Ok(resources) => self.0.emit(input, &m.context, &m.measurement_id, resources, out).await?,
+                Ok(resources) => {
+                    self.0
+                        .emit(input, &m.context, &m.measurement_id, resources, out)
+                        .await?
+                }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }
@@ -79,11 +119,19 @@ pub struct AggregateMapper(pub Arc<MapperCore>);
 impl Processor for AggregateMapper {
     type In = HourlyAggregate;
 
-    async fn process(&mut self, batch: &[Input<HourlyAggregate>], out: &mut Emitter) -> Result<(), StageError> {
+    async fn process(
+        &mut self,
+        batch: &[Input<HourlyAggregate>],
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
         for input in batch {
             let a = &input.value;
             match map_aggregate(a, &self.0.table, &self.0.settings) {
-                Ok(resources) => self.0.emit(input, &a.context, &a.aggregate_id, resources, out).await?,
+                Ok(resources) => {
+                    self.0
+                        .emit(input, &a.context, &a.aggregate_id, resources, out)
+                        .await?
+                }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }

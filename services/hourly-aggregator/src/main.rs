@@ -8,7 +8,16 @@ use ohx_common::service::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start("hourly-aggregator", 9102, &[topic::MEASUREMENTS, topic::HOURLY_AGGREGATES, topic::DEAD_LETTER]).await?;
+    let rt = Runtime::start(
+        "hourly-aggregator",
+        9102,
+        &[
+            topic::MEASUREMENTS,
+            topic::HOURLY_AGGREGATES,
+            topic::DEAD_LETTER,
+        ],
+    )
+    .await?;
     let mut settings = StageSettings::from_env("hourly-aggregator", vec![topic::MEASUREMENTS])?;
     settings.tick = Some(ohx_common::config::millis("OHX_TICK_MS", 5_000)?);
     let config = WindowConfig {

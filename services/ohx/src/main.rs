@@ -18,7 +18,10 @@ use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "ohx", about = "ohx operations: database, topics, schemas, configuration, replay")]
+#[command(
+    name = "ohx",
+    about = "ohx operations: database, topics, schemas, configuration, replay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -152,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = tracing_subscriber_init();
     match cli.command {
         Command::Migrate => {
-            let url = ohx_common::config::string("OHX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ohx");
+            let url = ohx_common::config::string(
+                "OHX_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/ohx",
+            );
             ohx_common::db::create_database(&url).await?;
             let pool = ohx_common::db::pool_from_env()?;
             let applied = ohx_common::db::migrate(&pool).await?;
@@ -163,14 +169,18 @@ async fn main() -> anyhow::Result<()> {
             let defs = ohx_common::topics::definitions()?;
             match action {
                 TopicsAction::Apply { replication } => {
-                    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+                    let admin: AdminClient<DefaultClientContext> =
+                        kafka.client_config().create()?;
                     let done = ohx_common::topics::apply(&admin, &defs, replication).await?;
                     for (name, what) in done {
-                        print(json!({"topic": name, "applied": format!("{what:?}").to_lowercase()}));
+                        print(
+                            json!({"topic": name, "applied": format!("{what:?}").to_lowercase()}),
+                        );
                     }
                 }
                 TopicsAction::Check => {
-                    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+                    let admin: AdminClient<DefaultClientContext> =
+                        kafka.client_config().create()?;
                     let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
                     ohx_common::topics::verify_broker_retention(&admin, &names).await?;
                     print(json!({"ok": names}));
@@ -180,14 +190,29 @@ async fn main() -> anyhow::Result<()> {
         Command::Schemas => register_schemas().await?,
         Command::CreateOrg { name } => {
             let id = Uuid::new_v4();
-            db().await?.execute("INSERT INTO organizations (id, name) VALUES ($1, $2)", &[&id, &name]).await?;
+            db().await?
+                .execute(
+                    "INSERT INTO organizations (id, name) VALUES ($1, $2)",
+                    &[&id, &name],
+                )
+                .await?;
             print(json!({"id": id}));
         }
-        Command::CreateTarget { org, name, base_url, auth, token, mode } => {
+        Command::CreateTarget {
+            org,
+            name,
+            base_url,
+            auth,
+            token,
+            mode,
+        } => {
             let id = Uuid::new_v4();
             let secret = match (auth.as_str(), token) {
                 ("none", _) => None,
-                ("bearer", Some(t)) => Some(SecretBox::from_env()?.seal(t.as_bytes(), &format!("ehr_target:{id}:auth_secret"))?),
+                ("bearer", Some(t)) => Some(
+                    SecretBox::from_env()?
+                        .seal(t.as_bytes(), &format!("ehr_target:{id}:auth_secret"))?,
+                ),
                 ("bearer", None) => bail!("--token is required for bearer auth"),
                 (other, _) => bail!("auth {other} is not supported by this version"),
             };
@@ -199,7 +224,11 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             print(json!({"id": id}));
         }
-        Command::CreatePatient { org, target, reference } => {
+        Command::CreatePatient {
+            org,
+            target,
+            reference,
+        } => {
             let id = Uuid::new_v4();
             db().await?
                 .execute(
@@ -209,9 +238,19 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             print(json!({"id": id}));
         }
-        Command::CreateApp { org, provider, client_id, client_secret, webhook_token, api_base_url } => {
+        Command::CreateApp {
+            org,
+            provider,
+            client_id,
+            client_secret,
+            webhook_token,
+            api_base_url,
+        } => {
             let id = Uuid::new_v4();
-            let sealed = SecretBox::from_env()?.seal(client_secret.as_bytes(), &format!("provider_app:{id}:client_secret"))?;
+            let sealed = SecretBox::from_env()?.seal(
+                client_secret.as_bytes(),
+                &format!("provider_app:{id}:client_secret"),
+            )?;
             let token_hash = hex::encode(Sha256::digest(webhook_token.as_bytes()));
             db().await?
                 .execute(
@@ -219,16 +258,34 @@ async fn main() -> anyhow::Result<()> {
                     &[&id, &org, &provider, &client_id, &sealed, &token_hash, &api_base_url],
                 )
                 .await?;
-            print(json!({"id": id, "webhook_path": format!("/webhooks/{provider}?token=<webhook token>")}));
+            print(
+                json!({"id": id, "webhook_path": format!("/webhooks/{provider}?token=<webhook token>")}),
+            );
         }
-        Command::CreateLink { app, patient, provider_user_id, access_token, refresh_token, expires_in } => {
+        Command::CreateLink {
+            app,
+            patient,
+            provider_user_id,
+            access_token,
+            refresh_token,
+            expires_in,
+        } => {
             let id = Uuid::new_v4();
             let secrets = SecretBox::from_env()?;
-            let access = secrets.seal(access_token.as_bytes(), &format!("provider_link:{id}:access_token"))?;
-            let refresh = secrets.seal(refresh_token.as_bytes(), &format!("provider_link:{id}:refresh_token"))?;
+            let access = secrets.seal(
+                access_token.as_bytes(),
+                &format!("provider_link:{id}:access_token"),
+            )?;
+            let refresh = secrets.seal(
+                refresh_token.as_bytes(),
+                &format!("provider_link:{id}:refresh_token"),
+            )?;
             let client = db().await?;
             let row = client
-                .query_one("SELECT organization_id, provider FROM provider_apps WHERE id = $1", &[&app])
+                .query_one(
+                    "SELECT organization_id, provider FROM provider_apps WHERE id = $1",
+                    &[&app],
+                )
                 .await
                 .context("unknown provider app")?;
             let org: Uuid = row.get(0);
@@ -242,7 +299,12 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             print(json!({"id": id}));
         }
-        Command::Sync { link, trigger, categories, days } => {
+        Command::Sync {
+            link,
+            trigger,
+            categories,
+            days,
+        } => {
             let row = db().await?
                 .query_one(
                     "SELECT l.organization_id, p.ehr_target_id, l.patient_id, p.ehr_patient_reference, l.provider, l.provider_user_id \
@@ -265,16 +327,26 @@ async fn main() -> anyhow::Result<()> {
                     trigger: trigger.to_uppercase(),
                     received_at: now,
                 },
-                categories: categories.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect(),
+                categories: categories
+                    .split(',')
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| !c.is_empty())
+                    .collect(),
                 window_start: Some(now - days * 86_400_000),
                 window_end: Some(now),
                 provider_event: None,
             };
             let producer = Producer::new(&KafkaSettings::from_env(), Codec::from_env()?)?;
-            producer.send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request).await?;
+            producer
+                .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request)
+                .await?;
             print(json!({"sync_request_id": request.context.sync_request_id}));
         }
-        Command::Replay { group, topic, from_ms } => {
+        Command::Replay {
+            group,
+            topic,
+            from_ms,
+        } => {
             let consumer: BaseConsumer = KafkaSettings::from_env()
                 .client_config()
                 .set("group.id", &group)
@@ -292,21 +364,35 @@ async fn main() -> anyhow::Result<()> {
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 let offset = match from_ms {
-                    None => consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?.0,
+                    None => {
+                        consumer
+                            .fetch_watermarks(&topic, *p, Duration::from_secs(10))?
+                            .0
+                    }
                     Some(ms) => {
                         let mut q = TopicPartitionList::new();
                         q.add_partition_offset(&topic, *p, Offset::Offset(ms))?;
                         let found = consumer.offsets_for_times(q, Duration::from_secs(10))?;
                         match found.find_partition(&topic, *p).map(|e| e.offset()) {
                             Some(Offset::Offset(o)) => o,
-                            _ => consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?.1,
+                            _ => {
+                                consumer
+                                    .fetch_watermarks(&topic, *p, Duration::from_secs(10))?
+                                    .1
+                            }
                         }
                     }
                 };
                 tpl.add_partition_offset(&topic, *p, Offset::Offset(offset))?;
             }
-            consumer.commit(&tpl, CommitMode::Sync).context("commit failed (is the stage stopped?)")?;
-            let offsets: Vec<_> = tpl.elements().iter().map(|e| json!({"partition": e.partition(), "offset": format!("{:?}", e.offset())})).collect();
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .context("commit failed (is the stage stopped?)")?;
+            let offsets: Vec<_> = tpl
+                .elements()
+                .iter()
+                .map(|e| json!({"partition": e.partition(), "offset": format!("{:?}", e.offset())}))
+                .collect();
             print(json!({"group": group, "topic": topic, "rewound": offsets}));
         }
     }
@@ -322,9 +408,12 @@ async fn register_schemas() -> anyhow::Result<()> {
     let registry = ohx_common::config::string("OHX_SCHEMA_REGISTRY", "embedded");
     let defs = ohx_common::topics::definitions()?;
     if registry == "embedded" {
-        let ids: std::collections::BTreeMap<String, u32> = toml::from_str(ohx_common::codec::REGISTRY_TOML)?;
+        let ids: std::collections::BTreeMap<String, u32> =
+            toml::from_str(ohx_common::codec::REGISTRY_TOML)?;
         for d in &defs {
-            print(json!({"subject": format!("{}-value", d.name), "schema": d.value_schema, "id": ids.get(&d.value_schema), "mode": "embedded"}));
+            print(
+                json!({"subject": format!("{}-value", d.name), "schema": d.value_schema, "id": ids.get(&d.value_schema), "mode": "embedded"}),
+            );
         }
         return Ok(());
     }
@@ -336,7 +425,11 @@ async fn register_schemas() -> anyhow::Result<()> {
             .map(|(_, raw)| *raw)
             .with_context(|| format!("schema {} missing", d.value_schema))?;
         let subject = format!("{}-value", d.name);
-        let url = format!("{}/subjects/{}/versions", registry.trim_end_matches('/'), subject);
+        let url = format!(
+            "{}/subjects/{}/versions",
+            registry.trim_end_matches('/'),
+            subject
+        );
         let resp = http
             .post(&url)
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")

@@ -30,7 +30,9 @@ fn encode_query_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -42,10 +44,24 @@ pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
     match mode {
         UpsertMode::Put => Ok(format!("{}/{}", item.resource_type, item.resource_id)),
         UpsertMode::Conditional => {
-            let ident = item.resource.get("identifier").and_then(|i| i.get(0)).ok_or("resource has no identifier for a conditional upsert")?;
-            let system = ident.get("system").and_then(Value::as_str).ok_or("identifier has no system")?;
-            let value = ident.get("value").and_then(Value::as_str).ok_or("identifier has no value")?;
-            Ok(format!("{}?identifier={}", item.resource_type, encode_query_value(&format!("{system}|{value}"))))
+            let ident = item
+                .resource
+                .get("identifier")
+                .and_then(|i| i.get(0))
+                .ok_or("resource has no identifier for a conditional upsert")?;
+            let system = ident
+                .get("system")
+                .and_then(Value::as_str)
+                .ok_or("identifier has no system")?;
+            let value = ident
+                .get("value")
+                .and_then(Value::as_str)
+                .ok_or("identifier has no value")?;
+            Ok(format!(
+                "{}?identifier={}",
+                item.resource_type,
+                encode_query_value(&format!("{system}|{value}"))
+            ))
         }
     }
 }
@@ -106,7 +122,14 @@ pub fn transaction_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, St
 fn uuid_from_id(id: &str) -> String {
     use sha2::{Digest, Sha256};
     let h = hex::encode(Sha256::digest(id.as_bytes()));
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// The hash the server holds for each item of a read batch response (None: absent or untagged).
@@ -121,7 +144,8 @@ pub fn current_hashes(response: &Value, count: usize) -> Vec<Option<String>> {
             }
             let resource = entry.get("resource")?;
             // A conditional read answers with a searchset Bundle.
-            let resource = if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+            let resource = if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+            {
                 resource.get("entry")?.get(0)?.get("resource")?
             } else {
                 resource
@@ -140,21 +164,37 @@ pub struct EntryOutcome {
 
 /// Parses `"201 Created"`-style statuses and `W/"3"` etags from a transaction response.
 pub fn transaction_outcomes(response: &Value, count: usize) -> Result<Vec<EntryOutcome>, String> {
-    let entries = response.get("entry").and_then(Value::as_array).ok_or("transaction response has no entries")?;
+    let entries = response
+        .get("entry")
+        .and_then(Value::as_array)
+        .ok_or("transaction response has no entries")?;
     if entries.len() != count {
-        return Err(format!("transaction response has {} entries for {count} requests", entries.len()));
+        return Err(format!(
+            "transaction response has {} entries for {count} requests",
+            entries.len()
+        ));
     }
     entries
         .iter()
         .map(|e| {
             let resp = e.get("response").ok_or("entry without response")?;
-            let status = resp.get("status").and_then(Value::as_str).ok_or("entry without status")?;
-            let code = status.split_whitespace().next().and_then(|c| c.parse::<i32>().ok()).ok_or("unreadable entry status")?;
+            let status = resp
+                .get("status")
+                .and_then(Value::as_str)
+                .ok_or("entry without status")?;
+            let code = status
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse::<i32>().ok())
+                .ok_or("unreadable entry status")?;
             let version_id = resp
                 .get("etag")
                 .and_then(Value::as_str)
                 .map(|t| t.trim_start_matches("W/").trim_matches('"').to_string());
-            Ok(EntryOutcome { http_status: code, version_id })
+            Ok(EntryOutcome {
+                http_status: code,
+                version_id,
+            })
         })
         .collect()
 }
@@ -164,7 +204,11 @@ pub fn outcome_summary(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
         return body.chars().take(500).collect();
     };
-    let issues = v.get("issue").and_then(Value::as_array).cloned().unwrap_or_default();
+    let issues = v
+        .get("issue")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let parts: Vec<String> = issues
         .iter()
         .take(5)
@@ -174,12 +218,20 @@ pub fn outcome_summary(body: &str) -> String {
             let diag = i
                 .get("diagnostics")
                 .and_then(Value::as_str)
-                .or_else(|| i.get("details").and_then(|d| d.get("text")).and_then(Value::as_str))
+                .or_else(|| {
+                    i.get("details")
+                        .and_then(|d| d.get("text"))
+                        .and_then(Value::as_str)
+                })
                 .unwrap_or("");
             format!("{sev}/{code}: {diag}")
         })
         .collect();
-    if parts.is_empty() { body.chars().take(500).collect() } else { parts.join("; ") }
+    if parts.is_empty() {
+        body.chars().take(500).collect()
+    } else {
+        parts.join("; ")
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +252,10 @@ mod tests {
     #[test]
     fn test_upsert_urls_per_mode() {
         let i = item("ohx-1");
-        assert_eq!(upsert_url(&i, UpsertMode::Put).unwrap(), "Observation/ohx-1");
+        assert_eq!(
+            upsert_url(&i, UpsertMode::Put).unwrap(),
+            "Observation/ohx-1"
+        );
         assert_eq!(
             upsert_url(&i, UpsertMode::Conditional).unwrap(),
             "Observation?identifier=https://ohx.example/fhir/sid/observation%7Cwithings-1-2%20bp"
@@ -213,7 +268,10 @@ mod tests {
         let tagged = with_hash_tag(&with_hash_tag(&i.resource, "old"), "new");
         assert_eq!(stored_hash(&tagged), Some("new"));
         assert_eq!(tagged["meta"]["tag"].as_array().unwrap().len(), 1);
-        assert_eq!(tagged["meta"]["source"], "https://ohx.example/fhir/source/withings");
+        assert_eq!(
+            tagged["meta"]["source"],
+            "https://ohx.example/fhir/source/withings"
+        );
     }
 
     #[test]
@@ -224,7 +282,12 @@ mod tests {
         assert_eq!(bundle["entry"][1]["request"]["method"], "PUT");
         assert_eq!(bundle["entry"][1]["request"]["url"], "Observation/b");
         assert_eq!(stored_hash(&bundle["entry"][0]["resource"]), Some("abc"));
-        assert!(bundle["entry"][0]["fullUrl"].as_str().unwrap().starts_with("urn:uuid:"));
+        assert!(
+            bundle["entry"][0]["fullUrl"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:uuid:")
+        );
     }
 
     #[test]
@@ -233,7 +296,13 @@ mod tests {
             {"response": {"status": "201 Created", "etag": "W/\"1\""}},
             {"response": {"status": "200 OK", "etag": "W/\"4\""}}]});
         let o = transaction_outcomes(&resp, 2).unwrap();
-        assert_eq!(o[0], EntryOutcome { http_status: 201, version_id: Some("1".into()) });
+        assert_eq!(
+            o[0],
+            EntryOutcome {
+                http_status: 201,
+                version_id: Some("1".into())
+            }
+        );
         assert_eq!(o[1].version_id.as_deref(), Some("4"));
         assert!(transaction_outcomes(&resp, 3).is_err());
 
@@ -241,7 +310,10 @@ mod tests {
             {"response": {"status": "200 OK"}, "resource": with_hash_tag(&item("a").resource, "h1")},
             {"response": {"status": "404 Not Found"}},
             {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_hash_tag(&item("c").resource, "h3")}]}}]});
-        assert_eq!(current_hashes(&read, 3), vec![Some("h1".into()), None, Some("h3".into())]);
+        assert_eq!(
+            current_hashes(&read, 3),
+            vec![Some("h1".into()), None, Some("h3".into())]
+        );
     }
 
     #[test]

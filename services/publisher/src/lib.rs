@@ -22,13 +22,22 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 static PUBLISHED: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_counter("ohx_resources_published", "Resources sent to EHR targets, by type and outcome (created, updated, unchanged, rejected)")
+    ohx_common::telemetry::new_counter(
+        "ohx_resources_published",
+        "Resources sent to EHR targets, by type and outcome (created, updated, unchanged, rejected)",
+    )
 });
 static E2E_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_seconds_histogram("ohx_end_to_end_latency", "Originating event received to EHR confirmed, by resource type")
+    ohx_common::telemetry::new_seconds_histogram(
+        "ohx_end_to_end_latency",
+        "Originating event received to EHR confirmed, by resource type",
+    )
 });
 static PUBLISH_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_seconds_histogram("ohx_publish_latency", "Duration of one transaction against an EHR target")
+    ohx_common::telemetry::new_seconds_histogram(
+        "ohx_publish_latency",
+        "Duration of one transaction against an EHR target",
+    )
 });
 
 /// How the publisher authenticates to a target.
@@ -59,7 +68,10 @@ pub struct Target {
 #[derive(Debug, thiserror::Error)]
 enum CallError {
     #[error("transient: {reason}")]
-    Transient { reason: String, retry_after: Option<Duration> },
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     #[error("rejected with {status}: {body}")]
     Rejected { status: u16, body: String },
 }
@@ -67,11 +79,23 @@ enum CallError {
 impl From<CallError> for StageError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Transient { reason, retry_after } => StageError::Transient { kind: "ehr", reason, retry_after },
-            CallError::Rejected { status, body } => StageError::transient("ehr", format!("unexpected rejection {status}: {body}")),
+            CallError::Transient {
+                reason,
+                retry_after,
+            } => StageError::Transient {
+                kind: "ehr",
+                reason,
+                retry_after,
+            },
+            CallError::Rejected { status, body } => {
+                StageError::transient("ehr", format!("unexpected rejection {status}: {body}"))
+            }
         }
     }
 }
+
+/// What the server did with one resource: (outcome, HTTP status, version), or why it rejected it.
+type ItemResult = Result<(String, i32, Option<String>), String>;
 
 /// The publisher stage.
 pub struct Publisher {
@@ -85,21 +109,43 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("targets", &self.targets.len()).finish()
+        f.debug_struct("Publisher")
+            .field("targets", &self.targets.len())
+            .finish()
     }
 }
 
 impl Publisher {
     /// Creates the stage. `secrets` opens target credentials (needed only for bearer targets).
-    pub fn new(pool: Pool, secrets: Option<SecretBox>, request_timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(request_timeout).build()?;
-        Ok(Self { http, pool, secrets, targets: HashMap::new(), targets_loaded: None, targets_ttl: Duration::from_secs(60) })
+    pub fn new(
+        pool: Pool,
+        secrets: Option<SecretBox>,
+        request_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .build()?;
+        Ok(Self {
+            http,
+            pool,
+            secrets,
+            targets: HashMap::new(),
+            targets_loaded: None,
+            targets_ttl: Duration::from_secs(60),
+        })
     }
 
     async fn load_targets(&mut self) -> Result<(), StageError> {
-        let client = self.pool.get().await.map_err(|e| StageError::transient("database", e))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StageError::transient("database", e))?;
         let rows = client
-            .query("SELECT id, base_url, auth_kind, auth_secret, upsert_mode FROM ehr_targets", &[])
+            .query(
+                "SELECT id, base_url, auth_kind, auth_secret, upsert_mode FROM ehr_targets",
+                &[],
+            )
             .await
             .map_err(|e| StageError::transient("database", e))?;
         let mut targets = HashMap::new();
@@ -128,9 +174,20 @@ impl Publisher {
                 }
             };
             let mode: String = row.get(4);
-            let mode = if mode == "conditional" { UpsertMode::Conditional } else { UpsertMode::Put };
+            let mode = if mode == "conditional" {
+                UpsertMode::Conditional
+            } else {
+                UpsertMode::Put
+            };
             let base_url: String = row.get(1);
-            targets.insert(id.to_string(), Target { base_url: base_url.trim_end_matches('/').to_string(), auth, mode });
+            targets.insert(
+                id.to_string(),
+                Target {
+                    base_url: base_url.trim_end_matches('/').to_string(),
+                    auth,
+                    mode,
+                },
+            );
         }
         self.targets = targets;
         self.targets_loaded = Some(Instant::now());
@@ -147,7 +204,10 @@ impl Publisher {
         if let Auth::Bearer(token) = &target.auth {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|e| CallError::Transient { reason: format!("request failed: {e}"), retry_after: None })?;
+        let resp = req.send().await.map_err(|e| CallError::Transient {
+            reason: format!("request failed: {e}"),
+            retry_after: None,
+        })?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -155,23 +215,43 @@ impl Publisher {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = resp.text().await.map_err(|e| CallError::Transient { reason: format!("reading response failed: {e}"), retry_after: None })?;
+        let body = resp.text().await.map_err(|e| CallError::Transient {
+            reason: format!("reading response failed: {e}"),
+            retry_after: None,
+        })?;
         if status.is_success() {
-            serde_json::from_str(&body).map_err(|e| CallError::Transient { reason: format!("unreadable response: {e}"), retry_after: None })
-        } else if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 401 || status.as_u16() == 408 {
-            Err(CallError::Transient { reason: format!("{status}: {}", bundle::outcome_summary(&body)), retry_after })
+            serde_json::from_str(&body).map_err(|e| CallError::Transient {
+                reason: format!("unreadable response: {e}"),
+                retry_after: None,
+            })
+        } else if status.as_u16() == 429
+            || status.is_server_error()
+            || status.as_u16() == 401
+            || status.as_u16() == 408
+        {
+            Err(CallError::Transient {
+                reason: format!("{status}: {}", bundle::outcome_summary(&body)),
+                retry_after,
+            })
         } else {
-            Err(CallError::Rejected { status: status.as_u16(), body })
+            Err(CallError::Rejected {
+                status: status.as_u16(),
+                body,
+            })
         }
     }
 
     /// Publishes one target's items; returns (item index, outcome, status, version) per item or
     /// a rejection reason.
-    async fn publish_target(&self, target: &Target, items: &[Item]) -> Result<Vec<Result<(String, i32, Option<String>), String>>, StageError> {
-        let mut results: Vec<Option<Result<(String, i32, Option<String>), String>>> = vec![None; items.len()];
+    async fn publish_target(
+        &self,
+        target: &Target,
+        items: &[Item],
+    ) -> Result<Vec<ItemResult>, StageError> {
+        let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
         // 1. What does the server already hold?
         let refs: Vec<&Item> = items.iter().collect();
-        let read = bundle::read_bundle(&refs, target.mode).map_err(|e| StageError::Fatal(e))?;
+        let read = bundle::read_bundle(&refs, target.mode).map_err(StageError::Fatal)?;
         let current = match self.post_bundle(target, &read).await {
             Ok(resp) => bundle::current_hashes(&resp, items.len()),
             Err(CallError::Rejected { status, body }) => {
@@ -196,9 +276,14 @@ impl Publisher {
             match self.post_bundle(target, &tx).await {
                 Ok(resp) => {
                     PUBLISH_LATENCY.record(started.elapsed().as_secs_f64(), &[]);
-                    let outcomes = bundle::transaction_outcomes(&resp, todo.len()).map_err(|e| StageError::transient("ehr", e))?;
+                    let outcomes = bundle::transaction_outcomes(&resp, todo.len())
+                        .map_err(|e| StageError::transient("ehr", e))?;
                     for (i, o) in todo.iter().zip(outcomes) {
-                        let kind = if o.http_status == 201 { "created" } else { "updated" };
+                        let kind = if o.http_status == 201 {
+                            "created"
+                        } else {
+                            "updated"
+                        };
                         results[*i] = Some(Ok((kind.into(), o.http_status, o.version_id)));
                     }
                 }
@@ -206,16 +291,26 @@ impl Publisher {
                     // 3. Isolate the rejected resource(s): one transaction per resource.
                     tracing::warn!(status, reason = %bundle::outcome_summary(&body), "transaction rejected; retrying resources one by one");
                     for i in &todo {
-                        let one = bundle::transaction_bundle(&[&items[*i]], target.mode).map_err(StageError::Fatal)?;
+                        let one = bundle::transaction_bundle(&[&items[*i]], target.mode)
+                            .map_err(StageError::Fatal)?;
                         match self.post_bundle(target, &one).await {
                             Ok(resp) => {
-                                let o = bundle::transaction_outcomes(&resp, 1).map_err(|e| StageError::transient("ehr", e))?;
+                                let o = bundle::transaction_outcomes(&resp, 1)
+                                    .map_err(|e| StageError::transient("ehr", e))?;
                                 let o = &o[0];
-                                let kind = if o.http_status == 201 { "created" } else { "updated" };
-                                results[*i] = Some(Ok((kind.into(), o.http_status, o.version_id.clone())));
+                                let kind = if o.http_status == 201 {
+                                    "created"
+                                } else {
+                                    "updated"
+                                };
+                                results[*i] =
+                                    Some(Ok((kind.into(), o.http_status, o.version_id.clone())));
                             }
                             Err(CallError::Rejected { status, body }) => {
-                                results[*i] = Some(Err(format!("{status}: {}", bundle::outcome_summary(&body))));
+                                results[*i] = Some(Err(format!(
+                                    "{status}: {}",
+                                    bundle::outcome_summary(&body)
+                                )));
                             }
                             Err(e) => return Err(e.into()),
                         }
@@ -224,16 +319,27 @@ impl Publisher {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err("no outcome".into()))).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err("no outcome".into())))
+            .collect())
     }
 }
 
 impl Processor for Publisher {
     type In = FhirResource;
 
-    async fn process(&mut self, batch: &[Input<FhirResource>], out: &mut Emitter) -> Result<(), StageError> {
-        let stale = self.targets_loaded.is_none_or(|t| t.elapsed() > self.targets_ttl);
-        let unknown = batch.iter().any(|i| !self.targets.contains_key(&i.value.context.ehr_target_id));
+    async fn process(
+        &mut self,
+        batch: &[Input<FhirResource>],
+        out: &mut Emitter,
+    ) -> Result<(), StageError> {
+        let stale = self
+            .targets_loaded
+            .is_none_or(|t| t.elapsed() > self.targets_ttl);
+        let unknown = batch
+            .iter()
+            .any(|i| !self.targets.contains_key(&i.value.context.ehr_target_id));
         if stale || unknown {
             self.load_targets().await?;
         }
@@ -249,13 +355,26 @@ impl Processor for Publisher {
             }
             let r = &input.value;
             if !self.targets.contains_key(&r.context.ehr_target_id) {
-                out.dead_letter(input, "unknown_target", format!("EHR target {} is not configured or not usable", r.context.ehr_target_id)).await?;
+                out.dead_letter(
+                    input,
+                    "unknown_target",
+                    format!(
+                        "EHR target {} is not configured or not usable",
+                        r.context.ehr_target_id
+                    ),
+                )
+                .await?;
                 continue;
             }
-            by_target.entry(r.context.ehr_target_id.clone()).or_default().push(i);
+            by_target
+                .entry(r.context.ehr_target_id.clone())
+                .or_default()
+                .push(i);
         }
         for (target_id, indices) in by_target {
-            let Some(target) = self.targets.get(&target_id).cloned() else { continue };
+            let Some(target) = self.targets.get(&target_id).cloned() else {
+                continue;
+            };
             let mut items = Vec::new();
             let mut inputs = Vec::new();
             for i in indices {
@@ -264,18 +383,25 @@ impl Processor for Publisher {
                 let parsed: Value = match serde_json::from_str(&r.resource) {
                     Ok(v) => v,
                     Err(e) => {
-                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}")).await?;
+                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}"))
+                            .await?;
                         continue;
                     }
                 };
                 let hash = match content_hash(&r.resource) {
                     Ok(h) => h,
                     Err(e) => {
-                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}")).await?;
+                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}"))
+                            .await?;
                         continue;
                     }
                 };
-                items.push(Item { resource_type: r.resource_type.clone(), resource_id: r.resource_id.clone(), resource: parsed, hash });
+                items.push(Item {
+                    resource_type: r.resource_type.clone(),
+                    resource_id: r.resource_id.clone(),
+                    resource: parsed,
+                    hash,
+                });
                 inputs.push(input);
             }
             if items.is_empty() {
@@ -292,7 +418,13 @@ impl Processor for Publisher {
                         ("rejected".to_string(), 422, None)
                     }
                 };
-                PUBLISHED.add(1, &[KeyValue::new("type", r.resource_type.clone()), KeyValue::new("outcome", outcome.clone())]);
+                PUBLISHED.add(
+                    1,
+                    &[
+                        KeyValue::new("type", r.resource_type.clone()),
+                        KeyValue::new("outcome", outcome.clone()),
+                    ],
+                );
                 if outcome != "rejected" && outcome != "unchanged" {
                     let latency = (now - r.context.received_at).max(0) as f64 / 1000.0;
                     E2E_LATENCY.record(latency, &[KeyValue::new("type", r.resource_type.clone())]);
@@ -312,10 +444,10 @@ impl Processor for Publisher {
                     received_at: r.context.received_at,
                     confirmed_at: now,
                 };
-                out.emit(topic::PUBLISH_RESULTS, &r.identity, &result).await?;
+                out.emit(topic::PUBLISH_RESULTS, &r.identity, &result)
+                    .await?;
             }
         }
         Ok(())
     }
 }
-

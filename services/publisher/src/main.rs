@@ -6,7 +6,16 @@ use ohx_common::service::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start("publisher", 9105, &[topic::FHIR_OUTBOX, topic::PUBLISH_RESULTS, topic::DEAD_LETTER]).await?;
+    let rt = Runtime::start(
+        "publisher",
+        9105,
+        &[
+            topic::FHIR_OUTBOX,
+            topic::PUBLISH_RESULTS,
+            topic::DEAD_LETTER,
+        ],
+    )
+    .await?;
     let mut settings = StageSettings::from_env("publisher", vec![topic::FHIR_OUTBOX])?;
     settings.max_batch = ohx_common::config::parse("OHX_PUBLISH_BATCH_SIZE", 100usize)?.max(1);
     settings.linger = ohx_common::config::millis("OHX_PUBLISH_LINGER_MS", 20)?;

@@ -23,10 +23,18 @@ use sha2::{Digest, Sha256};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-static WEBHOOKS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_webhooks", "Provider webhooks received, by provider and outcome"));
-static SYNC_REQUESTS: LazyLock<Counter<u64>> =
-    LazyLock::new(|| ohx_common::telemetry::new_counter("ohx_sync_requests", "Sync requests emitted, by provider and trigger"));
+static WEBHOOKS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_webhooks",
+        "Provider webhooks received, by provider and outcome",
+    )
+});
+static SYNC_REQUESTS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_sync_requests",
+        "Sync requests emitted, by provider and trigger",
+    )
+});
 
 /// Shared state of the gateway's handlers.
 #[derive(Clone, Debug)]
@@ -40,7 +48,12 @@ pub struct AppState {
 /// Returns the webhook routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/webhooks/withings", post(withings_webhook).head(|| async { StatusCode::OK }).get(|| async { StatusCode::OK }))
+        .route(
+            "/webhooks/withings",
+            post(withings_webhook)
+                .head(|| async { StatusCode::OK })
+                .get(|| async { StatusCode::OK }),
+        )
         .with_state(state)
 }
 
@@ -73,7 +86,11 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
     if userid.is_empty() || !userid.chars().all(|c| c.is_ascii_digit()) {
         return Err("userid must be a Withings user id (digits)".into());
     }
-    let appli: i32 = n.appli.trim().parse().map_err(|_| "appli must be an integer".to_string())?;
+    let appli: i32 = n
+        .appli
+        .trim()
+        .parse()
+        .map_err(|_| "appli must be an integer".to_string())?;
     let categories: Vec<String> = match appli {
         1 => vec!["body_weight".into()],
         4 => vec!["blood_pressure".into()],
@@ -83,7 +100,10 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
     let parse_ts = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
         match v.as_deref().map(str::trim) {
             None | Some("") => Ok(None),
-            Some(s) => s.parse::<i64>().map(Some).map_err(|_| format!("{name} must be epoch seconds")),
+            Some(s) => s
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| format!("{name} must be epoch seconds")),
         }
     };
     let start = parse_ts("startdate", &n.startdate)?;
@@ -97,7 +117,12 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
     if !categories.is_empty() && window.is_none() {
         return Err("startdate and enddate are required for data notifications".into());
     }
-    Ok(Notified { userid: userid.to_string(), appli, categories, window })
+    Ok(Notified {
+        userid: userid.to_string(),
+        appli,
+        categories,
+        window,
+    })
 }
 
 /// Returns the hex SHA-256 of a webhook token (how tokens are stored).
@@ -111,11 +136,19 @@ struct TokenQuery {
 }
 
 fn count(outcome: &'static str) {
-    WEBHOOKS.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("outcome", outcome)]);
+    WEBHOOKS.add(
+        1,
+        &[
+            KeyValue::new("provider", "withings"),
+            KeyValue::new("outcome", outcome),
+        ],
+    );
 }
 
 fn unavailable(detail: impl Into<String>) -> Response {
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable").detail(detail).into_response()
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+        .detail(detail)
+        .into_response()
 }
 
 async fn withings_webhook(
@@ -126,7 +159,9 @@ async fn withings_webhook(
     let received_at = chrono::Utc::now().timestamp_millis();
     let Some(token) = query.token.filter(|t| !t.is_empty()) else {
         count("unauthorized");
-        return Problem::new(StatusCode::UNAUTHORIZED, "Missing webhook token").detail("the callback URL must carry ?token=").into_response();
+        return Problem::new(StatusCode::UNAUTHORIZED, "Missing webhook token")
+            .detail("the callback URL must carry ?token=")
+            .into_response();
     };
     let client = match state.pool.get().await {
         Ok(c) => c,
@@ -155,14 +190,18 @@ async fn withings_webhook(
         Ok(f) => f,
         Err(rejection) => {
             count("bad_request");
-            return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification").detail(rejection.body_text()).into_response();
+            return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification")
+                .detail(rejection.body_text())
+                .into_response();
         }
     };
     let notified = match interpret(&notification) {
         Ok(n) => n,
         Err(detail) => {
             count("bad_request");
-            return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification").detail(detail).into_response();
+            return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification")
+                .detail(detail)
+                .into_response();
         }
     };
     if notified.categories.is_empty() {
@@ -219,11 +258,20 @@ async fn withings_webhook(
             window_end: notified.window.map(|w| w.1),
             provider_event: Some(format!("appli={}", notified.appli)),
         };
-        let send = state.producer.send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request);
+        let send =
+            state
+                .producer
+                .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request);
         match tokio::time::timeout(state.ack_timeout, send).await {
             Ok(Ok(())) => {
                 sent += 1;
-                SYNC_REQUESTS.add(1, &[KeyValue::new("provider", "withings"), KeyValue::new("trigger", "WEBHOOK")]);
+                SYNC_REQUESTS.add(
+                    1,
+                    &[
+                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("trigger", "WEBHOOK"),
+                    ],
+                );
                 tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, appli = notified.appli, "sync request emitted");
             }
             Ok(Err(error)) => {
@@ -263,9 +311,24 @@ mod tests {
         let x = interpret(&n("12345", "4", Some("1530576000"), Some("1530698753"))).unwrap();
         assert_eq!(x.categories, vec!["blood_pressure"]);
         assert_eq!(x.window, Some((1_530_576_000_000, 1_530_698_754_000)));
-        assert_eq!(interpret(&n("1", "1", Some("0"), Some("0"))).unwrap().categories, vec!["body_weight"]);
-        assert_eq!(interpret(&n("1", "16", Some("0"), Some("10"))).unwrap().categories, vec!["heart_rate"]);
-        assert!(interpret(&n("1", "44", None, None)).unwrap().categories.is_empty());
+        assert_eq!(
+            interpret(&n("1", "1", Some("0"), Some("0")))
+                .unwrap()
+                .categories,
+            vec!["body_weight"]
+        );
+        assert_eq!(
+            interpret(&n("1", "16", Some("0"), Some("10")))
+                .unwrap()
+                .categories,
+            vec!["heart_rate"]
+        );
+        assert!(
+            interpret(&n("1", "44", None, None))
+                .unwrap()
+                .categories
+                .is_empty()
+        );
     }
 
     #[test]
@@ -281,6 +344,9 @@ mod tests {
 
     #[test]
     fn test_token_hash_is_sha256_hex() {
-        assert_eq!(token_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }
