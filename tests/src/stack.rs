@@ -232,6 +232,8 @@ impl Stack {
             ("OHX_IDENTIFIER_BASE".into(), "https://ohx.test/fhir".into()),
             ("OHX_LINGER_MS".into(), "5".into()),
             ("OHX_TICK_MS".into(), "250".into()),
+            // Idle hours close 2 s after their last sample (production: 5 min).
+            ("OHX_IDLE_GRACE_MS".into(), "2000".into()),
         ]
     }
 

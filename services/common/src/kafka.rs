@@ -412,10 +412,20 @@ pub trait Processor: Send + 'static {
     }
 
     /// Returns the offset that may be committed for a partition whose next unread offset is
-    /// `next_offset`. The default commits everything processed.
-    fn commit_offset(&self, _topic: &str, _partition: i32, next_offset: i64) -> i64 {
-        next_offset
+    /// `next_offset`, with metadata to store beside it (given back by [`Processor::assigned`]).
+    /// The default commits everything processed, without metadata.
+    fn commit_point(
+        &self,
+        _topic: &str,
+        _partition: i32,
+        next_offset: i64,
+    ) -> (i64, Option<String>) {
+        (next_offset, None)
     }
+
+    /// Tells the processor that it now owns these partitions, with the metadata committed with
+    /// their offsets (if any), before any of their records is processed.
+    fn assigned(&mut self, _partitions: &[(String, i32, Option<String>)]) {}
 
     /// Tells the processor that it no longer owns these partitions (drop their state).
     fn revoked(&mut self, _partitions: &[(String, i32)]) {}
@@ -468,6 +478,14 @@ struct StageContext {
 }
 
 impl ClientContext for StageContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching the end of a partition is reported through the consumer, not an error.
+        if matches!(error, KafkaError::PartitionEOF(_)) || reason.contains("PartitionEOF") {
+            return;
+        }
+        tracing::error!(%error, reason, "librdkafka error");
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in stats.topics {
             for (partition, p) in t.partitions {
@@ -640,6 +658,8 @@ pub async fn run_stage<P: Processor>(
             }
             if !assigned.is_empty() {
                 tracing::info!(stage, partitions = ?assigned, "partitions assigned");
+                let with_metadata = committed_metadata(&consumer, &assigned);
+                processor.assigned(&with_metadata);
             }
         }
 
@@ -755,6 +775,31 @@ pub async fn run_stage<P: Processor>(
     Ok(())
 }
 
+/// Reads the metadata committed with the offsets of `partitions`.
+fn committed_metadata<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    partitions: &[(String, i32)],
+) -> Vec<(String, i32, Option<String>)> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in partitions {
+        tpl.add_partition(t, *p);
+    }
+    let found = consumer.committed_offsets(tpl, Duration::from_secs(10));
+    partitions
+        .iter()
+        .map(|(t, p)| {
+            let md = match &found {
+                Ok(list) => list.find_partition(t, *p).map(|e| e.metadata().to_string()).filter(|m| !m.is_empty()),
+                Err(error) => {
+                    tracing::warn!(%error, topic = %t, partition = p, "cannot read committed metadata");
+                    None
+                }
+            };
+            (t.clone(), *p, md)
+        })
+        .collect()
+}
+
 fn commit_list<P: Processor>(
     processor: &P,
     positions: &HashMap<(String, i32), i64>,
@@ -762,10 +807,14 @@ fn commit_list<P: Processor>(
 ) -> Result<TopicPartitionList, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for ((t, p), next) in positions {
-        let allowed = processor.commit_offset(t, *p, *next).min(*next);
+        let (allowed, metadata) = processor.commit_point(t, *p, *next);
+        let allowed = allowed.min(*next);
         let prev = committed.get(&(t.clone(), *p)).copied().unwrap_or(-1);
         if allowed > prev {
             tpl.add_partition_offset(t, *p, Offset::Offset(allowed))?;
+            if let (Some(md), Some(mut e)) = (metadata, tpl.find_partition(t, *p)) {
+                e.set_metadata(md);
+            }
             committed.insert((t.clone(), *p), allowed);
         }
     }

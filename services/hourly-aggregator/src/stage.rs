@@ -1,10 +1,11 @@
 //! The Kafka side of the hourly-aggregator: one [`PartitionWindows`] per input partition.
 //!
 //! Offsets: per partition, only up to the lowest offset still held by an open window is
-//! committed; after a crash or rebalance the stage re-reads from there and rebuilds its windows.
-//! Re-emitted aggregates are identical and the deduplicator drops them.
+//! committed, with the highest event time seen before it as commit metadata; after a crash or
+//! rebalance the stage resumes with that event time, re-reads from the committed offset and
+//! rebuilds its windows. Re-emitted aggregates are identical and the deduplicator drops them.
 
-use crate::window::{PartitionWindows, WindowConfig};
+use crate::window::{CommitPoint, PartitionWindows, WindowConfig};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, HourlyAggregate, Measurement, topic};
 use opentelemetry::KeyValue;
@@ -127,10 +128,32 @@ impl Processor for Aggregator {
         Ok(())
     }
 
-    fn commit_offset(&self, _topic: &str, partition: i32, next_offset: i64) -> i64 {
+    fn commit_point(
+        &self,
+        _topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> (i64, Option<String>) {
         match self.partitions.get(&partition) {
-            Some(w) => w.commit_offset(next_offset),
-            None => next_offset,
+            Some(w) => {
+                let point = w.commit_point(next_offset);
+                (point.offset, Some(point.metadata()))
+            }
+            None => (next_offset, None),
+        }
+    }
+
+    fn assigned(&mut self, partitions: &[(String, i32, Option<String>)]) {
+        // Resume with the event time seen before the committed offset, so windows rebuilt
+        // from there close exactly as they did before the restart.
+        for (_, p, metadata) in partitions {
+            let max_event_time = metadata
+                .as_deref()
+                .and_then(CommitPoint::max_event_time_from_metadata);
+            self.partitions.insert(
+                *p,
+                PartitionWindows::resume(self.config.clone(), max_event_time),
+            );
         }
     }
 
