@@ -44,6 +44,8 @@ pub struct Stack {
     pub procs: HashMap<String, Proc>,
     /// Extra environment per stage (kept across restarts).
     pub stage_env: HashMap<String, Vec<(String, String)>>,
+    /// Extra environment for every ohx process.
+    pub extra_env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
@@ -88,16 +90,33 @@ async fn wait_tcp(addr: &str, what: &str, timeout: Duration) -> anyhow::Result<(
     }
 }
 
+/// Options of a stack (benchmarks raise the simulated application's rate budget).
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// `--rate-limit-per-minute` of the simulator (0 = off); default: Withings' 120.
+    pub sim_rate_limit_per_minute: Option<u32>,
+    /// Extra environment for every stage.
+    pub stage_env: Vec<(String, String)>,
+}
+
 impl Stack {
+    /// Starts everything with default options.
+    pub async fn start() -> anyhow::Result<Stack> {
+        Self::start_with(StackOptions::default()).await
+    }
+
     /// Starts everything. Needs `tansu` and `hfs` installed (scripts/install-tools), the
     /// workspace binaries built (`cargo build --workspace --bins`) and PostgreSQL on 5432.
-    pub async fn start() -> anyhow::Result<Stack> {
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Stack> {
         let dir = target_dir()
             .join("e2e")
             .join(format!("run-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
-        let bin_dir = target_dir().join("debug");
+        // OHX_BIN_DIR points the stack at other builds (the latency benchmark uses release).
+        let bin_dir = std::env::var_os("OHX_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target_dir().join("debug"));
         for b in STAGES.iter().chain(["ohx", "withings-sim"].iter()) {
             if !bin_dir.join(b).is_file() {
                 bail!(
@@ -118,6 +137,7 @@ impl Stack {
             sim_url: String::new(),
             procs: HashMap::new(),
             stage_env: HashMap::new(),
+            extra_env: options.stage_env.clone(),
             http,
         };
 
@@ -182,6 +202,9 @@ impl Stack {
         let sport = free_port()?;
         let mut cmd = Command::new(stack.bin_dir.join("withings-sim"));
         cmd.arg("--addr").arg(format!("127.0.0.1:{sport}"));
+        if let Some(limit) = options.sim_rate_limit_per_minute {
+            cmd.arg("--rate-limit-per-minute").arg(limit.to_string());
+        }
         stack.sim_url = format!("http://127.0.0.1:{sport}");
         stack.spawn("withings-sim", cmd, format!("127.0.0.1:{sport}"))?;
         wait_tcp(
@@ -235,6 +258,9 @@ impl Stack {
             // Idle hours close 2 s after their last sample (production: 5 min).
             ("OHX_IDLE_GRACE_MS".into(), "2000".into()),
         ]
+        .into_iter()
+        .chain(self.extra_env.iter().cloned())
+        .collect()
     }
 
     /// Starts (or restarts) a stage with the stack's environment plus its extra environment.

@@ -1,0 +1,395 @@
+//! Each stage's own processing in records per second, without a broker: Avro decode of the
+//! input, the stage's pure core, Avro encode of the outputs. Also the aggregator's memory per
+//! open series-hour. Run: `cargo bench -p ohx-tests --bench stages`.
+
+use fhir_mapper::map::{MapperSettings, canonical_json, map_aggregate, map_measurement};
+use fhir_mapper::mapping::Mapping;
+use fhir_mapper::validate::FhirValidator;
+use hourly_aggregator::window::{PartitionWindows, WindowConfig};
+use ohx_common::codec::Codec;
+use ohx_common::records::{
+    AGGREGATION_HOURLY, Component, Context, Device, FhirResource, HourlyAggregate, Measurement,
+    SyncRequest, content_hash, resource_identity, series_key, topic,
+};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::hint::black_box;
+use std::time::Instant;
+
+const HOUR: i64 = 3_600_000;
+
+fn ctx() -> Context {
+    Context {
+        organization_id: "3f1d3b5e-0000-4000-8000-000000000001".into(),
+        ehr_target_id: "3f1d3b5e-0000-4000-8000-000000000002".into(),
+        patient_id: "3f1d3b5e-0000-4000-8000-000000000003".into(),
+        patient_reference: "Patient/p1".into(),
+        provider: "withings".into(),
+        link_id: "3f1d3b5e-0000-4000-8000-000000000004".into(),
+        provider_user_id: "4242".into(),
+        sync_request_id: "3f1d3b5e-0000-4000-8000-000000000005".into(),
+        trigger: "WEBHOOK".into(),
+        received_at: 1_790_000_000_000,
+    }
+}
+
+fn hr(i: i64, series: &str) -> Measurement {
+    let t = 1_790_000_000_000 - 1_790_000_000_000 % HOUR + i * 60_000;
+    Measurement {
+        context: ctx(),
+        measurement_id: format!("withings:4242:hr:{}:watch", t / 1000),
+        series_key: series.to_string(),
+        data_type: "heart_rate".into(),
+        aggregation: AGGREGATION_HOURLY.into(),
+        effective_start: t,
+        effective_end: None,
+        utc_offset_seconds: Some(3600),
+        components: vec![Component {
+            code: "value".into(),
+            value: 60.0 + (i % 40) as f64,
+            unit: "/min".into(),
+        }],
+        device: Some(Device {
+            device_id: "watch".into(),
+            model: Some("ScanWatch".into()),
+            model_id: Some("93".into()),
+            manufacturer: Some("Withings".into()),
+        }),
+        entry_method: Some("device".into()),
+        provider_group_id: None,
+        provider_modified_at: None,
+    }
+}
+
+fn bp(i: i64) -> Measurement {
+    Measurement {
+        context: ctx(),
+        measurement_id: format!("withings:4242:{}:bp", 1_000_000 + i),
+        series_key: series_key("p", "blood_pressure"),
+        data_type: "blood_pressure".into(),
+        aggregation: "INDIVIDUAL".into(),
+        effective_start: 1_790_000_000_000 + i * 1000,
+        effective_end: None,
+        utc_offset_seconds: Some(3600),
+        components: vec![
+            Component {
+                code: "systolic".into(),
+                value: 120.0 + (i % 20) as f64,
+                unit: "mm[Hg]".into(),
+            },
+            Component {
+                code: "diastolic".into(),
+                value: 80.0 + (i % 10) as f64,
+                unit: "mm[Hg]".into(),
+            },
+        ],
+        device: Some(Device {
+            device_id: "bpm".into(),
+            model: Some("BPM Connect".into()),
+            model_id: Some("45".into()),
+            manufacturer: Some("Withings".into()),
+        }),
+        entry_method: Some("device".into()),
+        provider_group_id: Some((1_000_000 + i).to_string()),
+        provider_modified_at: None,
+    }
+}
+
+fn report(stage: &str, what: &str, n: usize, started: Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{stage:<18} {what:<58} {:>10.0} records/s  ({n} in {secs:.2} s)",
+        n as f64 / secs
+    );
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let codec = Codec::embedded()?;
+    let n = 20_000usize;
+
+    // webhook-gateway: validate a notification, encode the SyncRequest.
+    let started = Instant::now();
+    rt.block_on(async {
+        for i in 0..n {
+            let notification = webhook_gateway::WithingsNotification {
+                userid: "4242".into(),
+                appli: "4".into(),
+                startdate: Some((1_790_000_000 + i).to_string()),
+                enddate: Some((1_790_000_100 + i).to_string()),
+                date: None,
+                deviceid: None,
+                action: None,
+            };
+            let x = webhook_gateway::interpret(&notification).map_err(anyhow::Error::msg)?;
+            let req = SyncRequest {
+                context: ctx(),
+                categories: x.categories,
+                window_start: x.window.map(|w| w.0),
+                window_end: x.window.map(|w| w.1),
+                provider_event: None,
+            };
+            black_box(codec.encode(topic::SYNC_REQUESTS, &req).await?);
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "webhook-gateway",
+        "notification -> SyncRequest (Avro)",
+        n,
+        started,
+    );
+
+    // fetcher: provider JSON -> Measurements (Avro).
+    let groups: Vec<serde_json::Value> = (0..100)
+        .map(|g| json!({"grpid": 5_000_000 + g, "attrib": 0, "date": 1_790_000_000 + g * 60, "created": 1_790_000_100, "modified": 1_790_000_100,
+                        "category": 1, "deviceid": "bpm", "hash_deviceid": "bpm", "modelid": 45, "model": "BPM Connect", "comment": null,
+                        "measures": [{"value": 12100, "type": 10, "unit": -2}, {"value": 80, "type": 9, "unit": 0}, {"value": 7200, "type": 11, "unit": -2}]}))
+        .collect();
+    let page = json!({"status": 0, "body": {"updatetime": 1_790_000_200, "timezone": "Europe/Berlin", "measuregrps": groups, "more": 0, "offset": 0}});
+    let page_text = page.to_string();
+    let rounds = 100;
+    let started = Instant::now();
+    let mut produced = 0usize;
+    rt.block_on(async {
+        for _ in 0..rounds {
+            let v: serde_json::Value = serde_json::from_str(&page_text)?;
+            let resp = fetcher::withings::MeasureResponse {
+                updatetime: v["body"]["updatetime"].as_i64(),
+                timezone: v["body"]["timezone"].as_str().map(str::to_string),
+                measuregrps: serde_json::from_value(v["body"]["measuregrps"].clone())?,
+            };
+            let out = fetcher::normalize::normalize_measures(&resp, &ctx(), None);
+            for m in &out.measurements {
+                black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                produced += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "fetcher",
+        "getmeas JSON -> Measurements (Avro), per measurement",
+        produced,
+        started,
+    );
+
+    // hourly-aggregator: decode a sample, add it to its window; closes and encodes aggregates.
+    let series: Vec<String> = (0..50).map(|s| format!("patient-{s}/heart_rate")).collect();
+    let mut encoded = Vec::new();
+    rt.block_on(async {
+        for i in 0..(n as i64) {
+            encoded.push(
+                codec
+                    .encode(topic::MEASUREMENTS, &hr(i / 50, &series[(i % 50) as usize]))
+                    .await?,
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    let mut windows = PartitionWindows::new(WindowConfig {
+        allowed_lateness_ms: 600_000,
+        idle_grace_ms: 300_000,
+    });
+    let mut aggregates = 0usize;
+    let started = Instant::now();
+    rt.block_on(async {
+        for (offset, bytes) in encoded.iter().enumerate() {
+            let m: Measurement = codec.decode(bytes).await?;
+            for a in windows
+                .on_sample(offset as i64, &m)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                black_box(codec.encode(topic::HOURLY_AGGREGATES, &a).await?);
+                aggregates += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "hourly-aggregator",
+        &format!("sample -> window ({aggregates} aggregates closed)"),
+        n,
+        started,
+    );
+
+    // Memory per open series-hour (60 samples each), from the process's resident set.
+    let before = rss_bytes();
+    let mut held = PartitionWindows::new(WindowConfig {
+        allowed_lateness_ms: 100 * HOUR,
+        idle_grace_ms: 100 * HOUR,
+    });
+    let series_hours = 5_000i64;
+    for s in 0..series_hours {
+        let key = format!("patient-{s}/heart_rate");
+        for minute in 0..60 {
+            held.on_sample(s * 60 + minute, &hr(minute, &key))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let after = rss_bytes();
+    println!(
+        "{:<18} {:<58} {:>10.0} bytes per open series-hour ({} windows, {} samples)",
+        "hourly-aggregator",
+        "memory, 60 samples per series-hour",
+        (after.saturating_sub(before)) as f64 / series_hours as f64,
+        held.open_windows(),
+        held.held_samples()
+    );
+    drop(held);
+
+    // fhir-mapper: decode, map, validate (R5 schema + profile rules), encode.
+    let table = Mapping::default_table()?;
+    let settings = MapperSettings::new("https://ohx.example/fhir")?;
+    let validator = FhirValidator::new()?;
+    let bps: Vec<Vec<u8>> = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..5_000 {
+            v.push(codec.encode(topic::MEASUREMENTS, &bp(i)).await?);
+        }
+        anyhow::Ok(v)
+    })?;
+    let mut resources = Vec::new();
+    let started = Instant::now();
+    rt.block_on(async {
+        for bytes in &bps {
+            let m: Measurement = codec.decode(bytes).await?;
+            for r in map_measurement(&m, &table, &settings)? {
+                validator
+                    .validate_all(&r.json)
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let record = FhirResource {
+                    context: m.context.clone(),
+                    identity: resource_identity(&m.context.ehr_target_id, &r.resource_type, &r.id),
+                    resource_type: r.resource_type.clone(),
+                    resource_id: r.id.clone(),
+                    resource: canonical_json(&r.json),
+                    source_ids: vec![m.measurement_id.clone()],
+                };
+                let bytes = codec.encode(topic::FHIR_RESOURCES, &record).await?;
+                resources.push(bytes);
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "fhir-mapper",
+        &format!(
+            "BP Measurement -> 3 validated resources ({} out)",
+            resources.len()
+        ),
+        bps.len(),
+        started,
+    );
+    let agg = HourlyAggregate {
+        context: ctx(),
+        aggregate_id: "a".into(),
+        series_key: "p/heart_rate".into(),
+        data_type: "heart_rate".into(),
+        unit: "/min".into(),
+        hour_start: 1_789_999_200_000,
+        hour_end: 1_789_999_200_000 + HOUR,
+        count: 60,
+        min: 55.0,
+        max: 99.0,
+        mean: 71.3,
+        sum: 4278.0,
+        first_sample_at: 1_789_999_200_000,
+        last_sample_at: 1_789_999_200_000 + 59 * 60_000,
+        utc_offset_seconds: Some(3600),
+        device: None,
+    };
+    let started = Instant::now();
+    for _ in 0..5_000 {
+        for r in map_aggregate(&agg, &table, &settings)? {
+            validator
+                .validate_all(&r.json)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            black_box(canonical_json(&r.json));
+        }
+    }
+    report(
+        "fhir-mapper",
+        "HourlyAggregate -> validated Observation",
+        5_000,
+        started,
+    );
+
+    // deduplicator: decode, hash, decide, encode outbox + changelog.
+    let mut state: HashMap<String, String> = HashMap::new();
+    let started = Instant::now();
+    let mut forwarded = 0usize;
+    rt.block_on(async {
+        for bytes in &resources {
+            let r: FhirResource = codec.decode(bytes).await?;
+            let hash = content_hash(&r.resource)?;
+            if let deduplicator::Decision::Forward { hash } =
+                deduplicator::decide(&mut state, &r.identity, hash)
+            {
+                black_box(codec.encode(topic::FHIR_OUTBOX, &r).await?);
+                black_box(
+                    codec
+                        .encode(
+                            topic::DEDUP_STATE,
+                            &ohx_common::records::DedupState { content_hash: hash },
+                        )
+                        .await?,
+                );
+                forwarded += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "deduplicator",
+        &format!("resource -> hash, decide, outbox ({forwarded} forwarded)"),
+        resources.len(),
+        started,
+    );
+
+    // publisher: decode, hash, build the transaction Bundle (100 per Bundle) and serialize it.
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut items = Vec::new();
+        for bytes in &resources {
+            let r: FhirResource = codec.decode(bytes).await?;
+            items.push(publisher::bundle::Item {
+                resource_type: r.resource_type.clone(),
+                resource_id: r.resource_id.clone(),
+                hash: content_hash(&r.resource)?,
+                resource: serde_json::from_str(&r.resource)?,
+            });
+            if items.len() == 100 {
+                let refs: Vec<&publisher::bundle::Item> = items.iter().collect();
+                let b = publisher::bundle::transaction_bundle(
+                    &refs,
+                    publisher::bundle::UpsertMode::Put,
+                )
+                .map_err(anyhow::Error::msg)?;
+                black_box(serde_json::to_vec(&b)?);
+                items.clear();
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "publisher",
+        "resource -> transaction Bundle entry (HTTP excluded)",
+        resources.len(),
+        started,
+    );
+    let _ = BTreeMap::<i32, i32>::new();
+    Ok(())
+}
