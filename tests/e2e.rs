@@ -220,6 +220,19 @@ impl Env {
         self.stack.lock().await.search(query).await
     }
 
+    async fn sim_stat(&self, key: &str) -> anyhow::Result<i64> {
+        let stats: Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.sim_url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        stats[key]
+            .as_i64()
+            .with_context(|| format!("simulator stats have no {key}: {stats}"))
+    }
+
     async fn metric(&self, process: &str, name: &str, filters: &[&str]) -> anyhow::Result<f64> {
         self.stack.lock().await.metric(process, name, filters).await
     }
@@ -1030,6 +1043,114 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Withings answers 601 (rate limit): the fetcher pauses instead of spinning, then the data
+/// arrives.
+async fn rate_limit_pauses(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5008).await?;
+    let h = hour_floor(Utc::now().timestamp_millis()) - 9 * HOUR;
+    env.add_groups(
+        p.userid,
+        json!([weight_group(900_301, h + 60_000, "scale-5008", 7777, -2)]),
+    )
+    .await?;
+    let limited_before = env.sim_stat("status_601").await?;
+    let hits_before = env
+        .metric("fetcher", "ohx_rate_limit_hits_total", &[])
+        .await?;
+    let r = env
+        .http
+        .post(format!("{}/_sim/fail-next", env.sim_url))
+        .json(&json!({"count": 2, "status": 601}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "fail-next: {}", r.status());
+    let started = std::time::Instant::now();
+    env.notify(p.userid, 1, h, h + HOUR).await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}", p.reference),
+            1,
+            Duration::from_secs(60),
+        )
+        .await?;
+    ensure!(
+        quantity(&obs[0]["valueQuantity"]) == (77.77, "kg".into()),
+        "weight after the rate limit"
+    );
+    let limited = env.sim_stat("status_601").await? - limited_before;
+    let hits = env
+        .metric("fetcher", "ohx_rate_limit_hits_total", &[])
+        .await?
+        - hits_before;
+    ensure!(
+        limited == 2,
+        "the simulator answered 601 {limited} times; the fetcher must not spin"
+    );
+    ensure!(hits == 2.0, "ohx_rate_limit_hits_total grew by {hits}");
+    // Two pauses of OHX_RATE_LIMIT_PAUSE_MS (1 s in this stack).
+    ensure!(
+        started.elapsed() >= Duration::from_millis(2000),
+        "no pause after 601: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// A stage refuses to start against a topic that keeps data longer than 24 hours.
+async fn retention_guard(env: Arc<Env>) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let (dir, bin_dir, db_url) = {
+        let s = env.stack.lock().await;
+        (
+            s.dir.join("retention-guard"),
+            s.bin_dir.clone(),
+            s.db_url.clone(),
+        )
+    };
+    let (_broker, addr) = ohx_tests::stack::spawn_tansu(&dir, "tansu-48h").await?;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .create()?;
+    let topic_48h = NewTopic::new(topic::SYNC_REQUESTS, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "172800000");
+    for r in admin
+        .create_topics([&topic_48h], &AdminOptions::new())
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("create {t}: {e}"))?;
+    }
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(bin_dir.join("webhook-gateway"))
+            .env("OHX_KAFKA_BOOTSTRAP", &addr)
+            .env("OHX_DATABASE_URL", &db_url)
+            .env("OHX_HTTP_ADDR", "127.0.0.1:0")
+            .env("OHX_STARTUP_TIMEOUT_MS", "5000")
+            .output(),
+    )
+    .await
+    .context("the gateway did not exit")??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success(),
+        "the gateway started against a 48-hour topic"
+    );
+    ensure!(
+        text.contains("exceeds 24 hours"),
+        "unexpected refusal: {text}"
+    );
+    // And `ohx topics apply` refuses nothing it declares: every declared retention is ≤ 24 h.
+    let checked = env.stack.lock().await.ohx(&["topics", "check"]).await?;
+    ensure!(!checked.is_empty(), "topics check printed nothing");
+    Ok(())
+}
+
 type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
@@ -1042,6 +1163,8 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
             Box::pin(aggregator_crash_mid_hour(e))
         }),
         ("bad_input", |e| Box::pin(bad_input(e))),
+        ("rate_limit_pauses", |e| Box::pin(rate_limit_pauses(e))),
+        ("retention_guard", |e| Box::pin(retention_guard(e))),
     ]
 }
 

@@ -99,6 +99,37 @@ pub struct StackOptions {
     pub stage_env: Vec<(String, String)>,
 }
 
+/// Starts a tansu broker (SQLite storage) in `dir` on a free port; returns it and its address.
+pub async fn spawn_tansu(dir: &Path, name: &str) -> anyhow::Result<(Child, String)> {
+    let tansu = which("tansu").context("tansu is not installed: run scripts/install-tools")?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))?;
+    let child = Command::new(tansu)
+        .arg("broker")
+        .arg("--listener-url")
+        .arg(format!("tcp://{addr}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://{addr}"))
+        // tansu resolves the SQLite path relative to its working directory.
+        .arg("--storage-engine")
+        .arg(format!("sqlite://{name}.db"))
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start tansu")?;
+    wait_tcp(&addr, "tansu", Duration::from_secs(30)).await?;
+    Ok((child, addr))
+}
+
 impl Stack {
     /// Starts everything with default options.
     pub async fn start() -> anyhow::Result<Stack> {
@@ -142,22 +173,11 @@ impl Stack {
         };
 
         // Broker: tansu with SQLite storage in a fresh directory.
-        let tansu = which("tansu").context("tansu is not installed: run scripts/install-tools")?;
-        let kport = free_port()?;
-        stack.kafka = format!("127.0.0.1:{kport}");
-        let mut cmd = Command::new(tansu);
-        cmd.arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{kport}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{kport}"))
-            // tansu resolves the SQLite path relative to its working directory.
-            .arg("--storage-engine")
-            .arg("sqlite://tansu.db")
-            .current_dir(&dir)
-            .env("RUST_LOG", "warn");
-        stack.spawn("tansu", cmd, stack.kafka.clone())?;
-        wait_tcp(&stack.kafka, "tansu", Duration::from_secs(30)).await?;
+        let (child, kafka) = spawn_tansu(&dir, "tansu").await?;
+        stack.kafka = kafka.clone();
+        stack
+            .procs
+            .insert("tansu".into(), Proc { child, http: kafka });
 
         // FHIR server: hfs, R5, in memory, validation enforced.
         let hfs = which("hfs").context("hfs is not installed: run scripts/install-tools")?;
@@ -257,6 +277,8 @@ impl Stack {
             ("OHX_TICK_MS".into(), "250".into()),
             // Idle hours close 2 s after their last sample (production: 5 min).
             ("OHX_IDLE_GRACE_MS".into(), "2000".into()),
+            // Pause 1 s after a provider rate limit (production: 60 s).
+            ("OHX_RATE_LIMIT_PAUSE_MS".into(), "1000".into()),
         ]
         .into_iter()
         .chain(self.extra_env.iter().cloned())
