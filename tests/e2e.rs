@@ -1151,6 +1151,80 @@ async fn retention_guard(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Without a broker acknowledgement the gateway answers 503 (Withings retries), never 2xx.
+async fn gateway_503_without_broker(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5009).await?;
+    let (dir, bin_dir, mut stage_env) = {
+        let s = env.stack.lock().await;
+        (s.dir.join("broker-down"), s.bin_dir.clone(), s.ohx_env())
+    };
+    let (mut broker, addr) = ohx_tests::stack::spawn_tansu(&dir, "tansu-down").await?;
+    stage_env.retain(|(k, _)| k != "OHX_KAFKA_BOOTSTRAP");
+    stage_env.push(("OHX_KAFKA_BOOTSTRAP".into(), addr.clone()));
+    let out = tokio::process::Command::new(bin_dir.join("ohx"))
+        .envs(stage_env.clone())
+        .args(["topics", "apply"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "topics apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = ohx_tests::stack::free_port()?;
+    let log = std::fs::File::create(dir.join("logs").join("gateway.log"))?;
+    let mut gateway = tokio::process::Command::new(bin_dir.join("webhook-gateway"))
+        .envs(stage_env)
+        .env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !env
+        .http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+    {
+        ensure!(tokio::time::Instant::now() < deadline, "gateway not ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let form = [
+        ("userid", p.userid.to_string()),
+        ("appli", "1".to_string()),
+        ("startdate", "1700000000".to_string()),
+        ("enddate", "1700003600".to_string()),
+    ];
+    let hook = format!("{url}/webhooks/withings?token={WEBHOOK_TOKEN}");
+    let r = env.http.post(&hook).form(&form).send().await?;
+    ensure!(r.status() == 200, "with the broker up: {}", r.status());
+    broker.kill().await?;
+    let started = std::time::Instant::now();
+    let r = env.http.post(&hook).form(&form).send().await?;
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    ensure!(
+        status == 503 && ct.starts_with("application/problem+json"),
+        "with the broker down: {status} {ct}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after {:?}, past Withings' 2 s",
+        started.elapsed()
+    );
+    gateway.kill().await?;
+    Ok(())
+}
+
 type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
@@ -1165,6 +1239,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("bad_input", |e| Box::pin(bad_input(e))),
         ("rate_limit_pauses", |e| Box::pin(rate_limit_pauses(e))),
         ("retention_guard", |e| Box::pin(retention_guard(e))),
+        ("gateway_503_without_broker", |e| {
+            Box::pin(gateway_503_without_broker(e))
+        }),
     ]
 }
 
