@@ -579,6 +579,9 @@ pub async fn run_stage<P: Processor>(
     'outer: loop {
         let mut out = Emitter::new(stage, codec.clone());
         let mut batch: Vec<Input<P::In>> = Vec::new();
+        // Next offsets of this batch; they join `positions` only once its outputs are
+        // acknowledged, so a shutdown in the middle of a retry never commits them.
+        let mut batch_positions: HashMap<(String, i32), i64> = HashMap::new();
         let is_tick;
         tokio::select! {
             biased;
@@ -593,7 +596,7 @@ pub async fn run_stage<P: Processor>(
                         Ok(msg) => {
                             let tp = (msg.topic().to_string(), msg.partition());
                             caught_up.remove(&tp);
-                            positions.insert(tp, msg.offset() + 1);
+                            batch_positions.insert(tp, msg.offset() + 1);
                             telemetry::RECORDS_CONSUMED.add(1, &[KeyValue::new("stage", stage), KeyValue::new("topic", msg.topic().to_string())]);
                             let payload = msg.payload().map(<[u8]>::to_vec).unwrap_or_default();
                             let headers: Vec<(String, Vec<u8>)> = msg.headers().map(|h| h.iter().map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()).unwrap_or_default();
@@ -604,7 +607,7 @@ pub async fn run_stage<P: Processor>(
                                     // Registry unreachable: do not advance; retry this record later.
                                     tracing::warn!(stage, error = %e, "schema registry unavailable");
                                     telemetry::RETRIES.add(1, &[KeyValue::new("stage", stage), KeyValue::new("kind", "schema_registry")]);
-                                    positions.insert((msg.topic().to_string(), msg.partition()), msg.offset());
+                                    batch_positions.insert((msg.topic().to_string(), msg.partition()), msg.offset());
                                     consumer.seek(msg.topic(), msg.partition(), Offset::Offset(msg.offset()), Duration::from_secs(5))?;
                                     break;
                                 }
@@ -646,6 +649,7 @@ pub async fn run_stage<P: Processor>(
             if !revoked.is_empty() {
                 for tp in &revoked {
                     positions.remove(tp);
+                    batch_positions.remove(tp);
                     committed.remove(tp);
                     caught_up.remove(tp);
                 }
@@ -748,7 +752,8 @@ pub async fn run_stage<P: Processor>(
             }
         }
 
-        // Commit what the processor allows.
+        // Everything of this batch is acknowledged: commit what the processor allows.
+        positions.extend(batch_positions);
         let tpl = commit_list(&processor, &positions, &mut committed)?;
         if tpl.count() > 0
             && let Err(error) = consumer.commit(&tpl, CommitMode::Async)
