@@ -480,7 +480,7 @@ struct StageContext {
 impl ClientContext for StageContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // Reaching the end of a partition is reported through the consumer, not an error.
-        if matches!(error, KafkaError::PartitionEOF(_)) || reason.contains("PartitionEOF") {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
             return;
         }
         tracing::error!(%error, reason, "librdkafka error");
