@@ -558,7 +558,9 @@ pub async fn run_stage<P: Processor>(
         .set("enable.partition.eof", "true")
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "300000")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Each hop otherwise waits up to 500 ms for a fetch to fill; the pipeline has four.
+        .set("fetch.wait.max.ms", "50");
     for (k, v) in &kafka.extra {
         config.set(k, v);
     }
