@@ -326,7 +326,16 @@ impl Emitter {
         kind: &'static str,
         reason: String,
     ) -> Result<(), StageError> {
-        tracing::warn!(stage = self.stage, topic = source_topic, partition, offset, kind, reason = %reason, "dead letter");
+        // The reason can quote the record (a server's diagnostics, a decoder's message): it
+        // travels in the dead letter, which expires with the topic, not in the log.
+        tracing::warn!(
+            stage = self.stage,
+            topic = source_topic,
+            partition,
+            offset,
+            kind,
+            "dead letter"
+        );
         telemetry::DEAD_LETTERS.add(
             1,
             &[

@@ -199,6 +199,34 @@ pub fn transaction_outcomes(response: &Value, count: usize) -> Result<Vec<EntryO
         .collect()
 }
 
+/// Summarizes an OperationOutcome by its issues' severity and code only, without diagnostics
+/// (which may quote values): safe for logs and transient-failure reasons.
+pub fn outcome_codes(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return format!("{} bytes, not an OperationOutcome", body.len());
+    };
+    let codes: Vec<String> = v
+        .get("issue")
+        .and_then(Value::as_array)
+        .map(|issues| {
+            issues
+                .iter()
+                .take(5)
+                .map(|i| {
+                    let sev = i.get("severity").and_then(Value::as_str).unwrap_or("?");
+                    let code = i.get("code").and_then(Value::as_str).unwrap_or("?");
+                    format!("{sev}/{code}")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if codes.is_empty() {
+        "no issues".to_string()
+    } else {
+        codes.join("; ")
+    }
+}
+
 /// Summarizes an OperationOutcome (severity, code, diagnostics) for a dead letter.
 pub fn outcome_summary(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
@@ -321,5 +349,7 @@ mod tests {
         let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad status"}]}"#;
         assert_eq!(outcome_summary(body), "error/invalid: bad status");
         assert_eq!(outcome_summary("plain"), "plain");
+        assert_eq!(outcome_codes(body), "error/invalid");
+        assert!(!outcome_codes("value 72 is wrong").contains("72"));
     }
 }

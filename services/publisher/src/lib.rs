@@ -230,7 +230,7 @@ impl Publisher {
             || status.as_u16() == 408
         {
             Err(CallError::Transient {
-                reason: format!("{status}: {}", bundle::outcome_summary(&body)),
+                reason: format!("{status}: {}", bundle::outcome_codes(&body)),
                 retry_after,
             })
         } else {
@@ -255,7 +255,7 @@ impl Publisher {
         let current = match self.post_bundle(target, &read).await {
             Ok(resp) => bundle::current_hashes(&resp, items.len()),
             Err(CallError::Rejected { status, body }) => {
-                tracing::warn!(status, reason = %bundle::outcome_summary(&body), "read batch rejected; publishing without the unchanged check");
+                tracing::warn!(status, issues = %bundle::outcome_codes(&body), "read batch rejected; publishing without the unchanged check");
                 vec![None; items.len()]
             }
             Err(e) => return Err(e.into()),
@@ -289,7 +289,7 @@ impl Publisher {
                 }
                 Err(CallError::Rejected { status, body }) => {
                     // 3. Isolate the rejected resource(s): one transaction per resource.
-                    tracing::warn!(status, reason = %bundle::outcome_summary(&body), "transaction rejected; retrying resources one by one");
+                    tracing::warn!(status, issues = %bundle::outcome_codes(&body), "transaction rejected; retrying resources one by one");
                     for i in &todo {
                         let one = bundle::transaction_bundle(&[&items[*i]], target.mode)
                             .map_err(StageError::Fatal)?;
