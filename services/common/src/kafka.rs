@@ -166,26 +166,22 @@ impl Producer {
             if let Some(p) = r.partition {
                 fr = fr.partition(p);
             }
-            let delivery = self.inner.send_result(fr).map_err(|(e, _)| e);
-            match delivery {
-                Ok(f) => pending.push((r.topic.as_str(), f)),
-                Err(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
-                    // Wait for the queue to drain, then block on this record.
-                    self.inner.poll(Duration::from_millis(100));
-                    let mut fr = FutureRecord::to(&r.topic).payload(&r.payload);
-                    if let Some(k) = &r.key {
-                        fr = fr.key(k);
+            // A full local queue drains in the background: wait, then retry the same record.
+            loop {
+                match self.inner.send_result(fr) {
+                    Ok(delivery) => {
+                        pending.push((r.topic.as_str(), delivery));
+                        break;
                     }
-                    if let Some(p) = r.partition {
-                        fr = fr.partition(p);
+                    Err((
+                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        back,
+                    )) => {
+                        fr = back;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    self.inner
-                        .send(fr, Duration::from_secs(30))
-                        .await
-                        .map_err(|(e, _)| e)?;
-                    telemetry::RECORDS_PRODUCED.add(1, &[KeyValue::new("topic", r.topic.clone())]);
+                    Err((e, _)) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         for (topic, f) in pending {
