@@ -66,7 +66,8 @@ pub fn meter() -> Meter {
     opentelemetry::global::meter("ohx")
 }
 
-fn counter(name: &'static str, description: &'static str) -> Counter<u64> {
+/// Creates a counter with the given name and description.
+pub fn new_counter(name: &'static str, description: &'static str) -> Counter<u64> {
     meter()
         .u64_counter(name)
         .with_description(description)
@@ -75,28 +76,28 @@ fn counter(name: &'static str, description: &'static str) -> Counter<u64> {
 
 /// Records consumed by a stage, by stage and topic.
 pub static RECORDS_CONSUMED: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    counter(
+    new_counter(
         "ohx_records_consumed",
         "Records consumed, by stage and topic",
     )
 });
 /// Records produced by a stage, by stage and topic.
 pub static RECORDS_PRODUCED: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    counter(
+    new_counter(
         "ohx_records_produced",
         "Records produced and acknowledged, by stage and topic",
     )
 });
 /// Dead letters, by stage and kind.
 pub static DEAD_LETTERS: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    counter(
+    new_counter(
         "ohx_dead_letters",
         "Records sent to the dead-letter topic, by stage and kind",
     )
 });
 /// Transient failures that made a stage retry, by stage and kind.
 pub static RETRIES: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    counter(
+    new_counter(
         "ohx_stage_retries",
         "Transient failures retried, by stage and kind",
     )
@@ -116,11 +117,6 @@ pub static BATCH_SECONDS: LazyLock<Histogram<f64>> = LazyLock::new(|| {
         .with_description("Time to process a batch and have its outputs acknowledged, by stage")
         .build()
 });
-
-/// Creates a counter with the given name and description (for service-specific metrics).
-pub fn new_counter(name: &'static str, description: &'static str) -> Counter<u64> {
-    counter(name, description)
-}
 
 /// Creates a histogram in seconds with buckets suited to end-to-end latencies.
 pub fn new_seconds_histogram(name: &'static str, description: &'static str) -> Histogram<f64> {
