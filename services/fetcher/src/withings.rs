@@ -232,7 +232,7 @@ fn parse_envelope<T: DeserializeOwned>(
     endpoint: Endpoint,
 ) -> Result<T, WithingsError> {
     let env: RawEnvelope = serde_json::from_slice(bytes)
-        .map_err(|e| WithingsError::Decode(format!("envelope: {e}")))?;
+        .map_err(|e| WithingsError::Decode(format!("envelope: {}", describe_json_error(&e))))?;
     if env.status != 0 {
         let message = match env.error {
             Value::Null => String::new(),
@@ -241,7 +241,24 @@ fn parse_envelope<T: DeserializeOwned>(
         };
         return Err(map_status(env.status, message, endpoint));
     }
-    serde_json::from_value(env.body).map_err(|e| WithingsError::Decode(format!("body: {e}")))
+    serde_json::from_value(env.body)
+        .map_err(|e| WithingsError::Decode(format!("body: {}", describe_json_error(&e))))
+}
+
+/// Describes a JSON error by its category and position only: serde's message can quote the
+/// offending value (a measurement), and this text reaches logs and `sync_runs.error`.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let category = match e.classify() {
+        serde_json::error::Category::Io => "io error",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "unexpected shape or type",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    if e.line() == 0 {
+        category.to_string()
+    } else {
+        format!("{category} at line {} column {}", e.line(), e.column())
+    }
 }
 
 /// OAuth2 tokens as returned by `requesttoken`.
@@ -927,6 +944,19 @@ mod tests {
     fn test_envelope_missing_error_text_gives_empty_message() {
         let e = data_err(r#"{"status":293}"#);
         assert!(matches!(e, WithingsError::Api { status: 293, ref message } if message.is_empty()));
+    }
+
+    #[test]
+    fn test_decode_errors_never_quote_values() {
+        // A measure value of the wrong type: serde's own message would quote it.
+        let body = r#"{"status":0,"body":{"measuregrps":[{"grpid":1,"date":1,"measures":[{"value":72.45,"type":1,"unit":-3}]}]}}"#;
+        let e = parse_envelope::<MeasurePage>(body.as_bytes(), Endpoint::Data).unwrap_err();
+        assert!(matches!(e, WithingsError::Decode(_)), "{e:?}");
+        assert!(
+            !e.to_string().contains("72.45"),
+            "a value leaked into the error: {e}"
+        );
+        assert!(e.to_string().contains("unexpected shape or type"), "{e}");
     }
 
     #[test]
