@@ -278,7 +278,11 @@ impl Emitter {
     ) -> Result<(), StageError> {
         let payload = self.codec.encode(topic, value).await.map_err(|e| match e {
             CodecError::Registry(r) => StageError::transient("schema_registry", r),
-            other => StageError::Fatal(format!("cannot encode {}: {other}", T::SCHEMA_FILE)),
+            // apache-avro's message can dump the record: name the schema only.
+            _ => StageError::Fatal(format!(
+                "cannot encode a record as {} (a bug: the record does not fit its schema)",
+                T::SCHEMA_FILE
+            )),
         })?;
         self.records.push(OutRecord {
             topic: topic.to_string(),
@@ -363,7 +367,9 @@ impl Emitter {
             .await
             .map_err(|e| match e {
                 CodecError::Registry(r) => StageError::transient("schema_registry", r),
-                other => StageError::Fatal(format!("cannot encode dead letter: {other}")),
+                _ => StageError::Fatal(
+                    "cannot encode a dead letter (a bug: it does not fit its schema)".to_string(),
+                ),
             })?;
         self.records.push(OutRecord {
             topic: topic::DEAD_LETTER.to_string(),
