@@ -231,12 +231,24 @@ pub mod topic {
 /// Returns the content hash of a FHIR resource: hex SHA-256 over its canonical JSON (object
 /// keys sorted) without `meta`. The deduplicator and the publisher must agree on it.
 pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_str(resource_json)?;
+    content_hash_of(&value)
+}
+
+/// [`content_hash`] of an already parsed resource.
+pub fn content_hash_of(resource: &serde_json::Value) -> Result<String, serde_json::Error> {
     use sha2::{Digest, Sha256};
-    let mut value: serde_json::Value = serde_json::from_str(resource_json)?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.remove("meta");
-    }
-    // serde_json's map is ordered by key, so this serialization is canonical.
-    let canonical = serde_json::to_string(&value)?;
+    // serde_json's map is ordered by key, so serialization is canonical; `meta` is left out.
+    let canonical = match resource.as_object() {
+        Some(obj) if obj.contains_key("meta") => {
+            let without: serde_json::Map<String, serde_json::Value> = obj
+                .iter()
+                .filter(|(k, _)| k.as_str() != "meta")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            serde_json::to_string(&without)?
+        }
+        _ => serde_json::to_string(resource)?,
+    };
     Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
 }

@@ -13,7 +13,7 @@ use bundle::{Item, UpsertMode};
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{FhirResource, PublishResult, content_hash, topic};
+use ohx_common::records::{FhirResource, PublishResult, content_hash_of, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use serde_json::Value;
@@ -388,11 +388,15 @@ impl Processor for Publisher {
                         continue;
                     }
                 };
-                let hash = match content_hash(&r.resource) {
+                let hash = match content_hash_of(&parsed) {
                     Ok(h) => h,
                     Err(e) => {
-                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}"))
-                            .await?;
+                        out.dead_letter(
+                            input,
+                            "invalid",
+                            format!("resource cannot be hashed: {e}"),
+                        )
+                        .await?;
                         continue;
                     }
                 };
