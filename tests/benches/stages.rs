@@ -9,7 +9,7 @@ use hourly_aggregator::window::{PartitionWindows, WindowConfig};
 use ohx_common::codec::Codec;
 use ohx_common::records::{
     AGGREGATION_HOURLY, Component, Context, Device, FhirResource, HourlyAggregate, Measurement,
-    SyncRequest, content_hash, resource_identity, series_key, topic,
+    SyncRequest, content_hash, content_hash_of, resource_identity, series_key, topic,
 };
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -365,11 +365,12 @@ fn main() -> anyhow::Result<()> {
         let mut items = Vec::new();
         for bytes in &resources {
             let r: FhirResource = codec.decode(bytes).await?;
+            let resource: serde_json::Value = serde_json::from_str(&r.resource)?;
             items.push(publisher::bundle::Item {
                 resource_type: r.resource_type.clone(),
                 resource_id: r.resource_id.clone(),
-                hash: content_hash(&r.resource)?,
-                resource: serde_json::from_str(&r.resource)?,
+                hash: content_hash_of(&resource)?,
+                resource,
             });
             if items.len() == 100 {
                 let refs: Vec<&publisher::bundle::Item> = items.iter().collect();

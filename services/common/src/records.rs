@@ -238,17 +238,17 @@ pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
 /// [`content_hash`] of an already parsed resource.
 pub fn content_hash_of(resource: &serde_json::Value) -> Result<String, serde_json::Error> {
     use sha2::{Digest, Sha256};
-    // serde_json's map is ordered by key, so serialization is canonical; `meta` is left out.
-    let canonical = match resource.as_object() {
-        Some(obj) if obj.contains_key("meta") => {
-            let without: serde_json::Map<String, serde_json::Value> = obj
-                .iter()
-                .filter(|(k, _)| k.as_str() != "meta")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            serde_json::to_string(&without)?
+    /// Serializes an object's members except `meta`, without copying them.
+    struct WithoutMeta<'a>(&'a serde_json::Map<String, serde_json::Value>);
+    impl Serialize for WithoutMeta<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().filter(|(k, _)| k.as_str() != "meta"))
         }
-        _ => serde_json::to_string(resource)?,
+    }
+    // serde_json's map is ordered by key, so serialization is canonical.
+    let canonical = match resource.as_object() {
+        Some(obj) => serde_json::to_vec(&WithoutMeta(obj))?,
+        None => serde_json::to_vec(resource)?,
     };
-    Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
+    Ok(hex::encode(Sha256::digest(&canonical)))
 }
