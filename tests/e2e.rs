@@ -1299,6 +1299,8 @@ async fn setup() -> anyhow::Result<Env> {
             extra: vec![],
         },
         Arc::new(Codec::embedded()?),
+        Duration::from_secs(30),
+        ohx_common::admin::Health::new(),
     )?;
     Ok(Env {
         kafka: stack.kafka.clone(),

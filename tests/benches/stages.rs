@@ -336,8 +336,9 @@ fn main() -> anyhow::Result<()> {
             let r: FhirResource = codec.decode(bytes).await?;
             let hash = content_hash(&r.resource)?;
             if let deduplicator::Decision::Forward { hash } =
-                deduplicator::decide(&mut state, &r.identity, hash)
+                deduplicator::decide(state.get(&r.identity).map(String::as_str), hash)
             {
+                state.insert(r.identity.clone(), hash.clone());
                 black_box(codec.encode(topic::FHIR_OUTBOX, &r).await?);
                 black_box(
                     codec

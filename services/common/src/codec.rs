@@ -197,6 +197,15 @@ impl Codec {
         }
     }
 
+    /// Forgets the registry answers the client cached as errors (a registry answers 404 for a
+    /// moment while it re-reads its schemas after a restart): call before retrying.
+    pub fn clear_registry_errors(&self) {
+        if let Some(http) = &self.http {
+            http.encoder.remove_errors_from_cache();
+            http.decoder.remove_errors_from_cache();
+        }
+    }
+
     /// Decodes a record of type `T` written with any schema known to the registry.
     #[allow(deprecated)]
     pub async fn decode<T: Record>(&self, bytes: &[u8]) -> Result<T, CodecError> {

@@ -23,6 +23,8 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// `OHX_HTTP_ADDR`: where `/healthz`, `/readyz`, `/metrics` (and the gateway's API) listen.
     pub http_addr: SocketAddr,
+    /// The bound listener, taken by [`Runtime::serve_http`].
+    listener: Arc<std::sync::Mutex<Option<tokio::net::TcpListener>>>,
 }
 
 impl Runtime {
@@ -37,9 +39,13 @@ impl Runtime {
         let shutdown = admin::shutdown_on_signals();
         let kafka = KafkaSettings::from_env();
         let codec = Codec::from_env()?;
-        let producer = Producer::new(&kafka, codec.clone())?;
+        let health = Health::new();
+        let produce_timeout = crate::config::millis("OHX_PRODUCE_TIMEOUT_MS", 30_000)?;
+        let producer = Producer::new(&kafka, codec.clone(), produce_timeout, health.clone())?;
         let http_addr: SocketAddr =
             crate::config::string("OHX_HTTP_ADDR", &format!("0.0.0.0:{default_port}")).parse()?;
+        // A service that cannot serve its port exits with the reason instead of running deaf.
+        let listener = admin::bind(http_addr).await?;
         let wait = crate::config::millis("OHX_STARTUP_TIMEOUT_MS", 60_000)?;
         verify_topics(&kafka, topics, wait, &shutdown).await?;
         Ok(Self {
@@ -47,18 +53,27 @@ impl Runtime {
             kafka,
             codec,
             producer,
-            health: Health::new(),
+            health,
             shutdown,
             http_addr,
+            listener: Arc::new(std::sync::Mutex::new(Some(listener))),
         })
     }
 
     /// Serves the admin endpoints merged with `extra` routes until shutdown.
     pub fn serve_http(&self, extra: axum::Router) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let router = admin::router(self.health.clone()).merge(extra);
-        let addr = self.http_addr;
+        let listener = match self.listener.lock() {
+            Ok(mut l) => l.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move { admin::serve(addr, router, shutdown).await })
+        tokio::spawn(async move {
+            match listener {
+                Some(listener) => admin::serve(listener, router, shutdown).await,
+                None => anyhow::bail!("the http listener was already taken"),
+            }
+        })
     }
 
     /// Runs a consumer stage with its admin endpoints until SIGTERM, then shuts down gracefully.
@@ -68,6 +83,7 @@ impl Runtime {
         processor: P,
     ) -> anyhow::Result<()> {
         let http = self.serve_http(axum::Router::new());
+        self.health.set_ready(true);
         let result = run_stage(
             settings,
             &self.kafka,
@@ -98,6 +114,7 @@ impl Runtime {
         p2: P2,
     ) -> anyhow::Result<()> {
         let http = self.serve_http(axum::Router::new());
+        self.health.set_ready(true);
         let stop = self.shutdown.clone();
         let a = run_stage(
             s1,

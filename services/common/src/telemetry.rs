@@ -102,6 +102,27 @@ pub static RETRIES: LazyLock<Counter<u64>> = LazyLock::new(|| {
         "Transient failures retried, by stage and kind",
     )
 });
+/// Producers replaced because their idempotent state broke (fatal error, timeout).
+pub static PRODUCER_REPLACEMENTS: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    new_counter(
+        "ohx_producer_replacements",
+        "Producers replaced after a fatal error or an acknowledgement timeout",
+    )
+});
+/// Rebalances seen by a stage's consumer, by stage and kind (assigned, revoked).
+pub static REBALANCES: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    new_counter(
+        "ohx_rebalances",
+        "Partition assignments and revocations, by stage and kind",
+    )
+});
+/// Records polled but dropped because their partition was revoked before they were processed.
+pub static RECORDS_REVOKED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    new_counter(
+        "ohx_records_revoked",
+        "Polled records left to the partition's next owner (revoked before processing), by stage",
+    )
+});
 /// Consumer lag per group, topic and partition (from librdkafka statistics).
 pub static CONSUMER_LAG: LazyLock<Gauge<i64>> = LazyLock::new(|| {
     meter()

@@ -8,9 +8,7 @@
 //! a resource (the publisher then finds it unchanged on the server); it never loses one.
 
 use ohx_common::codec::Codec;
-use ohx_common::kafka::{
-    Emitter, Input, KafkaSettings, OutRecord, Processor, Producer, StageError,
-};
+use ohx_common::kafka::{Emitter, Input, KafkaSettings, Processor, Producer, StageError};
 use ohx_common::records::{DedupState, FhirResource, content_hash, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -36,26 +34,24 @@ pub enum Decision {
     Unchanged,
 }
 
-/// Decides whether to forward, updating the state (pure).
-pub fn decide(state: &mut HashMap<String, String>, identity: &str, hash: String) -> Decision {
-    match state.get(identity) {
-        Some(h) if *h == hash => Decision::Unchanged,
-        _ => {
-            state.insert(identity.to_string(), hash.clone());
-            Decision::Forward { hash }
-        }
+/// Decides whether to forward a resource with content `hash`, given the last hash forwarded
+/// for its identity (pure; the state changes only once the output is acknowledged).
+pub fn decide(last: Option<&str>, hash: String) -> Decision {
+    match last {
+        Some(h) if h == hash => Decision::Unchanged,
+        _ => Decision::Forward { hash },
     }
 }
+
+/// What a batch forwarded: partition, identity, hash (applied once acknowledged).
+pub type Forwarded = Vec<(i32, String, String)>;
 
 /// The deduplicator stage.
 pub struct Deduplicator {
     kafka: KafkaSettings,
     codec: Arc<Codec>,
-    producer: Producer,
     /// identity → hash, per input partition.
     states: HashMap<i32, HashMap<String, String>>,
-    /// Changelog records to write once the outbox records are acknowledged.
-    pending_changelog: Vec<OutRecord>,
     restore_timeout: Duration,
 }
 
@@ -74,9 +70,7 @@ impl Deduplicator {
         Self {
             kafka,
             codec,
-            producer,
             states: HashMap::new(),
-            pending_changelog: Vec::new(),
             restore_timeout,
         }
     }
@@ -139,19 +133,22 @@ impl Deduplicator {
 
 impl Processor for Deduplicator {
     type In = FhirResource;
+    type Change = Forwarded;
 
     async fn process(
         &mut self,
         batch: &[Input<FhirResource>],
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
+    ) -> Result<Forwarded, StageError> {
         for input in batch {
             if !self.states.contains_key(&input.partition) {
                 let restored = self.restore(input.partition).await?;
                 self.states.insert(input.partition, restored);
             }
         }
-        let mut changelog = Vec::new();
+        // Decisions within the batch see the batch's own earlier forwards.
+        let mut seen: HashMap<(i32, &str), String> = HashMap::new();
+        let mut forwarded = Vec::new();
         for input in batch {
             let r = &input.value;
             let hash = match content_hash(&r.resource) {
@@ -162,54 +159,56 @@ impl Processor for Deduplicator {
                     continue;
                 }
             };
-            let state = self.states.entry(input.partition).or_default();
-            match decide(state, &r.identity, hash) {
-                Decision::Unchanged => {
-                    RESOURCES.add(
-                        1,
-                        &[
-                            KeyValue::new("type", r.resource_type.clone()),
-                            KeyValue::new("outcome", "unchanged"),
-                        ],
-                    );
-                }
+            let last = seen
+                .get(&(input.partition, r.identity.as_str()))
+                .map(String::as_str)
+                .or_else(|| {
+                    self.states
+                        .get(&input.partition)
+                        .and_then(|s| s.get(&r.identity))
+                        .map(String::as_str)
+                });
+            let outcome = match decide(last, hash) {
+                Decision::Unchanged => "unchanged",
                 Decision::Forward { hash } => {
-                    RESOURCES.add(
-                        1,
-                        &[
-                            KeyValue::new("type", r.resource_type.clone()),
-                            KeyValue::new("outcome", "forwarded"),
-                        ],
-                    );
                     out.emit(topic::FHIR_OUTBOX, &r.identity, r).await?;
-                    let payload = self
-                        .codec
-                        .encode(topic::DEDUP_STATE, &DedupState { content_hash: hash })
-                        .await
-                        .map_err(|e| StageError::transient("schema_registry", e))?;
-                    changelog.push(OutRecord {
-                        topic: topic::DEDUP_STATE.to_string(),
-                        partition: Some(input.partition),
-                        key: Some(r.identity.as_bytes().to_vec()),
-                        payload,
-                        headers: vec![],
-                    });
+                    seen.insert((input.partition, r.identity.as_str()), hash.clone());
+                    forwarded.push((input.partition, r.identity.clone(), hash));
+                    "forwarded"
                 }
-            }
+            };
+            RESOURCES.add(
+                1,
+                &[
+                    KeyValue::new("type", r.resource_type.clone()),
+                    KeyValue::new("outcome", outcome),
+                ],
+            );
         }
-        self.pending_changelog = changelog;
-        Ok(())
+        // The changelog only after the outbox is acknowledged: a crash in between re-forwards
+        // (the publisher finds the resource unchanged); it never records an unsent resource.
+        out.barrier();
+        for (partition, identity, hash) in &forwarded {
+            out.emit_to(
+                topic::DEDUP_STATE,
+                Some(*partition),
+                identity,
+                &DedupState {
+                    content_hash: hash.clone(),
+                },
+            )
+            .await?;
+        }
+        Ok(forwarded)
     }
 
-    async fn acked(&mut self) -> Result<(), StageError> {
-        if self.pending_changelog.is_empty() {
-            return Ok(());
+    async fn apply(&mut self, forwarded: &Forwarded) -> Result<(), StageError> {
+        for (partition, identity, hash) in forwarded {
+            // A partition revoked meanwhile is rebuilt from the changelog by its next owner.
+            if let Some(state) = self.states.get_mut(partition) {
+                state.insert(identity.clone(), hash.clone());
+            }
         }
-        self.producer
-            .send_all(&self.pending_changelog)
-            .await
-            .map_err(|e| StageError::transient("changelog_produce", e))?;
-        self.pending_changelog.clear();
         Ok(())
     }
 
@@ -237,23 +236,14 @@ mod tests {
 
     #[test]
     fn test_decide_forwards_new_and_changed_only() {
-        let mut s = HashMap::new();
         assert_eq!(
-            decide(&mut s, "t/Observation/1", "h1".into()),
+            decide(None, "h1".into()),
             Decision::Forward { hash: "h1".into() }
         );
+        assert_eq!(decide(Some("h1"), "h1".into()), Decision::Unchanged);
         assert_eq!(
-            decide(&mut s, "t/Observation/1", "h1".into()),
-            Decision::Unchanged
-        );
-        assert_eq!(
-            decide(&mut s, "t/Observation/1", "h2".into()),
+            decide(Some("h1"), "h2".into()),
             Decision::Forward { hash: "h2".into() }
         );
-        assert_eq!(
-            decide(&mut s, "t/Observation/2", "h1".into()),
-            Decision::Forward { hash: "h1".into() }
-        );
-        assert_eq!(s.len(), 2);
     }
 }

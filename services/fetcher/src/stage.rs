@@ -150,7 +150,6 @@ pub struct Fetcher {
     settings: FetcherSettings,
     http: reqwest::Client,
     clients: HashMap<Uuid, WithingsClient>,
-    pending_runs: Vec<SyncRun>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -172,7 +171,6 @@ impl Fetcher {
             settings,
             http,
             clients: HashMap::new(),
-            pending_runs: Vec::new(),
         })
     }
 
@@ -383,13 +381,14 @@ impl Fetcher {
 
 impl Processor for Fetcher {
     type In = SyncRequest;
+    type Change = Vec<SyncRun>;
 
     async fn process(
         &mut self,
         batch: &[Input<SyncRequest>],
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
-        self.pending_runs.clear();
+    ) -> Result<Vec<SyncRun>, StageError> {
+        let mut runs = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
         // Coalesce by link, keeping the first request's context for the measurements.
         let mut by_link: BTreeMap<String, Vec<&Input<SyncRequest>>> = BTreeMap::new();
@@ -449,7 +448,7 @@ impl Processor for Fetcher {
                     .windows
                     .values()
                     .fold((i64::MAX, i64::MIN), |a, w| (a.0.min(w.0), a.1.max(w.1)));
-                self.pending_runs.push(SyncRun {
+                runs.push(SyncRun {
                     sync_request_id: r.context.sync_request_id.clone(),
                     link_id,
                     trigger: r.context.trigger.clone(),
@@ -461,16 +460,14 @@ impl Processor for Fetcher {
                 });
             }
         }
-        Ok(())
+        Ok(runs)
     }
 
-    async fn acked(&mut self) -> Result<(), StageError> {
-        let runs = std::mem::take(&mut self.pending_runs);
-        if let Err(e) = self.store.record_runs(&runs).await {
-            self.pending_runs = runs;
-            return Err(StageError::transient("database", e));
-        }
-        Ok(())
+    async fn apply(&mut self, runs: &Vec<SyncRun>) -> Result<(), StageError> {
+        self.store
+            .record_runs(runs)
+            .await
+            .map_err(|e| StageError::transient("database", e))
     }
 }
 

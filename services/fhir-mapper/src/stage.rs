@@ -88,6 +88,7 @@ pub struct MeasurementMapper(pub Arc<MapperCore>);
 
 impl Processor for MeasurementMapper {
     type In = Measurement;
+    type Change = ();
 
     async fn process(
         &mut self,
@@ -118,6 +119,7 @@ pub struct AggregateMapper(pub Arc<MapperCore>);
 
 impl Processor for AggregateMapper {
     type In = HourlyAggregate;
+    type Change = ();
 
     async fn process(
         &mut self,

@@ -80,6 +80,7 @@ impl Aggregator {
 
 impl Processor for Aggregator {
     type In = Measurement;
+    type Change = ();
 
     async fn process(
         &mut self,
@@ -114,7 +115,7 @@ impl Processor for Aggregator {
         now_ms: i64,
         caught_up: &BTreeSet<(String, i32)>,
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
+    ) -> Result<Option<()>, StageError> {
         let mut closed = Vec::new();
         for (p, windows) in &mut self.partitions {
             let up = caught_up.contains(&(topic::MEASUREMENTS.to_string(), *p));
@@ -125,7 +126,7 @@ impl Processor for Aggregator {
         for p in parts {
             self.observe(p);
         }
-        Ok(())
+        Ok(None)
     }
 
     fn commit_point(

@@ -336,7 +336,12 @@ async fn main() -> anyhow::Result<()> {
                 window_end: Some(now),
                 provider_event: None,
             };
-            let producer = Producer::new(&KafkaSettings::from_env(), Codec::from_env()?)?;
+            let producer = Producer::new(
+                &KafkaSettings::from_env(),
+                Codec::from_env()?,
+                std::time::Duration::from_secs(30),
+                ohx_common::admin::Health::new(),
+            )?;
             producer
                 .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request)
                 .await?;

@@ -328,6 +328,7 @@ impl Publisher {
 
 impl Processor for Publisher {
     type In = FhirResource;
+    type Change = ();
 
     async fn process(
         &mut self,

@@ -1,0 +1,388 @@
+//! The runtime's bookkeeping, free of I/O so every rule is unit-tested: which partitions this
+//! consumer owns and since when ([`Ownership`]), which polled records still belong to it
+//! ([`Collected`]), and which offsets may be committed ([`Offsets`]).
+//!
+//! The rule that keeps a rebalance from losing records: librdkafka serves a rebalance inside a
+//! poll, so one collection pass can see "record of P, revoke P, assign P, record of P". The
+//! records polled before the revoke are stale (the new owner, maybe this very consumer, reads
+//! them again from the committed offset); the ones polled after the assign are live. Every
+//! polled record is tagged with its partition's *generation* (bumped by each revoke) and only
+//! records of the current generation are processed and counted towards commits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A topic partition.
+pub type Tp = (String, i32);
+
+/// A change of assignment, in the order librdkafka served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+/// The partitions this consumer owns, with a generation per partition.
+#[derive(Debug, Default)]
+pub struct Ownership {
+    owned: BTreeSet<Tp>,
+    generation: HashMap<Tp, u64>,
+    /// Whether the group coordinator has given this member an assignment (possibly empty)
+    /// since it last lost one: the stage is a working member of its group.
+    member: bool,
+}
+
+impl Ownership {
+    /// Applies a rebalance event.
+    pub fn apply(&mut self, event: &RebalanceEvent) {
+        match event {
+            RebalanceEvent::Assigned(tps) => {
+                self.owned.extend(tps.iter().cloned());
+                self.member = true;
+            }
+            RebalanceEvent::Revoked(tps) => {
+                for tp in tps {
+                    self.owned.remove(tp);
+                    *self.generation.entry(tp.clone()).or_default() += 1;
+                }
+                if self.owned.is_empty() {
+                    self.member = false;
+                }
+            }
+        }
+    }
+
+    /// The partition's current generation.
+    pub fn generation(&self, tp: &Tp) -> u64 {
+        self.generation.get(tp).copied().unwrap_or(0)
+    }
+
+    /// Whether this consumer owns the partition now.
+    pub fn owns(&self, tp: &Tp) -> bool {
+        self.owned.contains(tp)
+    }
+
+    /// Whether a record tagged with `generation` still belongs to this consumer.
+    pub fn is_current(&self, tp: &Tp, generation: u64) -> bool {
+        self.owns(tp) && self.generation(tp) == generation
+    }
+
+    /// The partitions owned now.
+    pub fn owned(&self) -> &BTreeSet<Tp> {
+        &self.owned
+    }
+
+    /// Whether the coordinator has assigned this member its share (possibly none).
+    pub fn is_member(&self) -> bool {
+        self.member
+    }
+}
+
+/// A polled record (or anything positioned in a partition) tagged with its generation.
+#[derive(Debug, Clone)]
+pub struct Tagged<T> {
+    pub tp: Tp,
+    pub offset: i64,
+    pub generation: u64,
+    pub item: T,
+}
+
+/// The records collected for one batch, in poll order.
+#[derive(Debug)]
+pub struct Collected<T> {
+    items: Vec<Tagged<T>>,
+}
+
+impl<T> Default for Collected<T> {
+    fn default() -> Self {
+        Self { items: Vec::new() }
+    }
+}
+
+impl<T> Collected<T> {
+    /// Adds a record polled now, tagging it with its partition's current generation.
+    pub fn push(&mut self, ownership: &Ownership, tp: Tp, offset: i64, item: T) {
+        let generation = ownership.generation(&tp);
+        self.items.push(Tagged {
+            tp,
+            offset,
+            generation,
+            item,
+        });
+    }
+
+    /// Drops the records whose partition was revoked since they were polled (even if it was
+    /// assigned back: the new assignment reads them again from the committed offset).
+    /// Returns how many were dropped.
+    pub fn retain_current(&mut self, ownership: &Ownership) -> usize {
+        let before = self.items.len();
+        self.items
+            .retain(|t| ownership.is_current(&t.tp, t.generation));
+        before - self.items.len()
+    }
+
+    /// The next offset per partition after the collected records.
+    pub fn next_offsets(&self) -> BTreeMap<Tp, i64> {
+        let mut next = BTreeMap::new();
+        for t in &self.items {
+            let e = next.entry(t.tp.clone()).or_insert(t.offset + 1);
+            *e = (*e).max(t.offset + 1);
+        }
+        next
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn items(&self) -> &[Tagged<T>] {
+        &self.items
+    }
+
+    pub fn into_items(self) -> Vec<Tagged<T>> {
+        self.items
+    }
+}
+
+/// An offset to commit, with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitEntry {
+    pub tp: Tp,
+    pub offset: i64,
+    pub metadata: Option<String>,
+}
+
+/// What has been acknowledged, sent for commit and confirmed, per owned partition.
+#[derive(Debug, Default)]
+pub struct Offsets {
+    /// Next offset after the records whose outputs are all acknowledged.
+    acked: BTreeMap<Tp, i64>,
+    /// Offsets sent for commit and not yet answered.
+    in_flight: HashMap<Tp, i64>,
+    /// Offsets the broker confirmed as committed.
+    confirmed: HashMap<Tp, i64>,
+}
+
+impl Offsets {
+    /// Records that every output of the records before `next` (per partition) is acknowledged.
+    pub fn acknowledge(&mut self, next: &BTreeMap<Tp, i64>, ownership: &Ownership) {
+        for (tp, n) in next {
+            if !ownership.owns(tp) {
+                continue;
+            }
+            let e = self.acked.entry(tp.clone()).or_insert(*n);
+            *e = (*e).max(*n);
+        }
+    }
+
+    /// The offsets to commit now: for each partition, what `commit_point` allows of its
+    /// acknowledged position, if that is beyond what is committed or being committed.
+    /// `commit_point(tp, next)` returns the allowed offset (≤ next) and its metadata.
+    pub fn due(
+        &self,
+        mut commit_point: impl FnMut(&Tp, i64) -> (i64, Option<String>),
+    ) -> Vec<CommitEntry> {
+        let mut due = Vec::new();
+        for (tp, next) in &self.acked {
+            let (allowed, metadata) = commit_point(tp, *next);
+            let allowed = allowed.min(*next);
+            let done = self
+                .confirmed
+                .get(tp)
+                .copied()
+                .max(self.in_flight.get(tp).copied())
+                .unwrap_or(-1);
+            if allowed > done {
+                due.push(CommitEntry {
+                    tp: tp.clone(),
+                    offset: allowed,
+                    metadata,
+                });
+            }
+        }
+        due
+    }
+
+    /// Marks entries as sent for commit.
+    pub fn sent(&mut self, entries: &[CommitEntry]) {
+        for e in entries {
+            self.in_flight.insert(e.tp.clone(), e.offset);
+        }
+    }
+
+    /// Records the broker's answer to a commit of `offset` on `tp`.
+    pub fn answered(&mut self, tp: &Tp, offset: i64, ok: bool) {
+        if self.in_flight.get(tp) == Some(&offset) {
+            self.in_flight.remove(tp);
+        }
+        if ok {
+            let e = self.confirmed.entry(tp.clone()).or_insert(offset);
+            *e = (*e).max(offset);
+        }
+    }
+
+    /// Forgets revoked partitions: their offsets are the next owner's.
+    pub fn forget(&mut self, tps: &[Tp]) {
+        for tp in tps {
+            self.acked.remove(tp);
+            self.in_flight.remove(tp);
+            self.confirmed.remove(tp);
+        }
+    }
+
+    /// The confirmed committed offset of a partition, if any.
+    pub fn confirmed(&self, tp: &Tp) -> Option<i64> {
+        self.confirmed.get(tp).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("in".to_string(), p)
+    }
+
+    fn owning(ps: &[i32]) -> Ownership {
+        let mut o = Ownership::default();
+        o.apply(&RebalanceEvent::Assigned(
+            ps.iter().map(|p| tp(*p)).collect(),
+        ));
+        o
+    }
+
+    #[test]
+    fn test_revoke_and_reassign_in_one_pass_keeps_records_polled_after_the_reassign() {
+        // The lost-records bug: record of P0, then (inside one recv) revoke all and assign P0
+        // back, then P0's records re-fetched from the committed offset.
+        let mut o = owning(&[0, 1]);
+        let mut c = Collected::default();
+        c.push(&o, tp(0), 10, "a");
+        c.push(&o, tp(0), 11, "b");
+        c.push(&o, tp(1), 5, "x");
+        o.apply(&RebalanceEvent::Revoked(vec![tp(0), tp(1)]));
+        o.apply(&RebalanceEvent::Assigned(vec![tp(0)]));
+        c.push(&o, tp(0), 10, "a");
+        c.push(&o, tp(0), 11, "b");
+        c.push(&o, tp(0), 12, "c");
+        assert_eq!(c.retain_current(&o), 3);
+        let kept: Vec<(i64, &str)> = c.items().iter().map(|t| (t.offset, t.item)).collect();
+        assert_eq!(kept, vec![(10, "a"), (11, "b"), (12, "c")]);
+        assert_eq!(c.next_offsets(), BTreeMap::from([(tp(0), 13)]));
+    }
+
+    #[test]
+    fn test_records_of_a_partition_given_away_are_dropped() {
+        let mut o = owning(&[0, 1]);
+        let mut c = Collected::default();
+        c.push(&o, tp(0), 1, ());
+        c.push(&o, tp(1), 1, ());
+        o.apply(&RebalanceEvent::Revoked(vec![tp(0), tp(1)]));
+        o.apply(&RebalanceEvent::Assigned(vec![tp(1)]));
+        assert_eq!(c.retain_current(&o), 2);
+        assert!(c.is_empty());
+        assert!(c.next_offsets().is_empty());
+    }
+
+    #[test]
+    fn test_records_survive_when_no_rebalance_happened() {
+        let o = owning(&[0]);
+        let mut c = Collected::default();
+        c.push(&o, tp(0), 7, ());
+        c.push(&o, tp(0), 8, ());
+        assert_eq!(c.retain_current(&o), 0);
+        assert_eq!(c.next_offsets(), BTreeMap::from([(tp(0), 9)]));
+    }
+
+    #[test]
+    fn test_membership_follows_assignment() {
+        let mut o = Ownership::default();
+        assert!(!o.is_member());
+        o.apply(&RebalanceEvent::Assigned(vec![]));
+        assert!(o.is_member(), "an empty assignment is still membership");
+        o.apply(&RebalanceEvent::Assigned(vec![tp(0)]));
+        o.apply(&RebalanceEvent::Revoked(vec![tp(0)]));
+        assert!(
+            !o.is_member(),
+            "revoking everything ends membership until the next assign"
+        );
+        assert_eq!(o.generation(&tp(0)), 1);
+    }
+
+    #[test]
+    fn test_commit_waits_for_acknowledgement() {
+        let o = owning(&[0]);
+        let mut off = Offsets::default();
+        assert!(off.due(|_, n| (n, None)).is_empty());
+        off.acknowledge(&BTreeMap::from([(tp(0), 5)]), &o);
+        assert_eq!(
+            off.due(|_, n| (n, None)),
+            vec![CommitEntry {
+                tp: tp(0),
+                offset: 5,
+                metadata: None
+            }]
+        );
+    }
+
+    #[test]
+    fn test_commit_point_limits_the_commit_and_never_exceeds_the_acknowledged_position() {
+        let o = owning(&[0]);
+        let mut off = Offsets::default();
+        off.acknowledge(&BTreeMap::from([(tp(0), 50)]), &o);
+        let due = off.due(|_, _| (20, Some("md".into())));
+        assert_eq!(due[0].offset, 20);
+        assert_eq!(due[0].metadata.as_deref(), Some("md"));
+        let due = off.due(|_, _| (99, None));
+        assert_eq!(due[0].offset, 50);
+    }
+
+    #[test]
+    fn test_a_failed_async_commit_is_sent_again() {
+        let o = owning(&[0]);
+        let mut off = Offsets::default();
+        off.acknowledge(&BTreeMap::from([(tp(0), 5)]), &o);
+        let due = off.due(|_, n| (n, None));
+        off.sent(&due);
+        assert!(
+            off.due(|_, n| (n, None)).is_empty(),
+            "not sent twice while in flight"
+        );
+        off.answered(&tp(0), 5, false);
+        assert_eq!(
+            off.due(|_, n| (n, None)).len(),
+            1,
+            "a failed commit is due again"
+        );
+        off.sent(&due);
+        off.answered(&tp(0), 5, true);
+        assert!(off.due(|_, n| (n, None)).is_empty());
+        assert_eq!(off.confirmed(&tp(0)), Some(5));
+    }
+
+    #[test]
+    fn test_acknowledgements_never_move_backwards_and_skip_partitions_not_owned() {
+        let o = owning(&[0]);
+        let mut off = Offsets::default();
+        off.acknowledge(&BTreeMap::from([(tp(0), 9), (tp(1), 3)]), &o);
+        off.acknowledge(&BTreeMap::from([(tp(0), 4)]), &o);
+        let due = off.due(|_, n| (n, None));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].offset, 9);
+    }
+
+    #[test]
+    fn test_revoked_partitions_are_forgotten() {
+        let o = owning(&[0, 1]);
+        let mut off = Offsets::default();
+        off.acknowledge(&BTreeMap::from([(tp(0), 9), (tp(1), 3)]), &o);
+        off.forget(&[tp(0)]);
+        let due = off.due(|_, n| (n, None));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].tp, tp(1));
+    }
+}
