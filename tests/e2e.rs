@@ -281,6 +281,7 @@ impl Env {
             entry_method: Some("device".into()),
             provider_group_id: None,
             provider_modified_at: None,
+            fetched_through: None,
         };
         self.producer
             .send_record(topic::MEASUREMENTS, &m.series_key, &m)
@@ -917,6 +918,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         entry_method: Some("manual".into()),
         provider_group_id: Some("777".into()),
         provider_modified_at: None,
+        fetched_through: None,
     };
     env.producer
         .send_record(topic::MEASUREMENTS, &m.series_key, &m)

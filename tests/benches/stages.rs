@@ -58,6 +58,7 @@ fn hr(i: i64, series: &str) -> Measurement {
         entry_method: Some("device".into()),
         provider_group_id: None,
         provider_modified_at: None,
+        fetched_through: None,
     }
 }
 
@@ -92,6 +93,7 @@ fn bp(i: i64) -> Measurement {
         entry_method: Some("device".into()),
         provider_group_id: Some((1_000_000 + i).to_string()),
         provider_modified_at: None,
+        fetched_through: None,
     }
 }
 
@@ -277,6 +279,7 @@ fn main() -> anyhow::Result<()> {
                     resource_id: r.id.clone(),
                     resource: canonical_json(&r.json),
                     source_ids: vec![m.measurement_id.clone()],
+                    source_revision: m.provider_modified_at.unwrap_or(0),
                 };
                 let bytes = codec.encode(topic::FHIR_RESOURCES, &record).await?;
                 resources.push(bytes);
@@ -310,6 +313,8 @@ fn main() -> anyhow::Result<()> {
         last_sample_at: 1_789_999_200_000 + 59 * 60_000,
         utc_offset_seconds: Some(3600),
         device: None,
+        revision: 0,
+        amends: false,
     };
     let started = Instant::now();
     for _ in 0..5_000 {

@@ -283,6 +283,7 @@ mod tests {
             entry_method: Some("device".into()),
             provider_group_id: Some("1".into()),
             provider_modified_at: None,
+            fetched_through: None,
         };
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(bytes[0], 0);

@@ -93,6 +93,10 @@ pub struct Measurement {
     pub entry_method: Option<String>,
     pub provider_group_id: Option<String>,
     pub provider_modified_at: Option<i64>,
+    /// Set on the last measurement of a series in one fetch: the provider's data of the series
+    /// before this time has been fetched (the series' event-time progress, epoch ms).
+    #[serde(default)]
+    pub fetched_through: Option<i64>,
 }
 
 impl Record for Measurement {
@@ -124,6 +128,13 @@ pub struct HourlyAggregate {
     pub last_sample_at: i64,
     pub utc_offset_seconds: Option<i32>,
     pub device: Option<Device>,
+    /// Source revision: the highest input offset among the hour's samples, so a later emission
+    /// of the hour (more samples) has a higher one and a replay gives the same one.
+    #[serde(default)]
+    pub revision: i64,
+    /// The hour was already emitted and this emission revises it (FHIR status `amended`).
+    #[serde(default)]
+    pub amends: bool,
 }
 
 impl Record for HourlyAggregate {
@@ -142,6 +153,10 @@ pub struct FhirResource {
     pub resource: String,
     /// Measurement or aggregate ids it was made from.
     pub source_ids: Vec<String>,
+    /// Orders the contents of one identity (provider modification time, aggregate revision):
+    /// content with a lower revision never replaces content with a higher one.
+    #[serde(default)]
+    pub source_revision: i64,
 }
 
 impl Record for FhirResource {

@@ -380,6 +380,7 @@ pub fn normalize_intraday_heart_rate(
             entry_method: Some("device".to_owned()),
             provider_group_id: None,
             provider_modified_at: None,
+            fetched_through: None,
         });
     }
     sort(&mut out);
@@ -420,6 +421,7 @@ fn group_measurement(
         entry_method: entry_method(g.attrib).map(str::to_owned),
         provider_group_id: Some(g.grpid.to_string()),
         provider_modified_at: g.modified.map(|m| m.saturating_mul(1000)),
+        fetched_through: None,
     }
 }
 

@@ -836,6 +836,7 @@ mod tests {
             entry_method: Some("device".to_owned()),
             provider_group_id: Some("987654322".to_owned()),
             provider_modified_at: Some(ms("2026-11-20T07:16:00Z")),
+            fetched_through: None,
         }
     }
 
@@ -897,6 +898,8 @@ mod tests {
                 model_id: Some("HWA10".to_owned()),
                 manufacturer: None,
             }),
+            revision: 0,
+            amends: false,
         }
     }
 

@@ -38,6 +38,7 @@ impl MapperCore {
         context: &Context,
         source_id: &str,
         resources: Vec<MappedResource>,
+        source_revision: i64,
         out: &mut Emitter,
     ) -> Result<(), StageError> {
         // Validate all first: a record either produces all its resources or none.
@@ -75,6 +76,7 @@ impl MapperCore {
                 resource_id: r.id,
                 resource: canonical_json(&r.json),
                 source_ids: vec![source_id.to_string()],
+                source_revision,
             };
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
@@ -103,7 +105,14 @@ impl Processor for MeasurementMapper {
             match map_measurement(m, &self.0.table, &self.0.settings) {
                 Ok(resources) => {
                     self.0
-                        .emit(input, &m.context, &m.measurement_id, resources, out)
+                        .emit(
+                            input,
+                            &m.context,
+                            &m.measurement_id,
+                            resources,
+                            m.provider_modified_at.unwrap_or(0),
+                            out,
+                        )
                         .await?
                 }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
@@ -131,7 +140,14 @@ impl Processor for AggregateMapper {
             match map_aggregate(a, &self.0.table, &self.0.settings) {
                 Ok(resources) => {
                     self.0
-                        .emit(input, &a.context, &a.aggregate_id, resources, out)
+                        .emit(
+                            input,
+                            &a.context,
+                            &a.aggregate_id,
+                            resources,
+                            a.revision,
+                            out,
+                        )
                         .await?
                 }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,

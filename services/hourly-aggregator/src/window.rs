@@ -358,6 +358,8 @@ impl Window {
             last_sample_at: last.effective_start,
             utc_offset_seconds: last.utc_offset_seconds,
             device: last.device.as_deref().cloned(),
+            revision: self.last_offset,
+            amends: self.kind == WindowKind::Revision,
         })
     }
 }
@@ -851,6 +853,7 @@ mod tests {
             entry_method: Some("device".to_owned()),
             provider_group_id: None,
             provider_modified_at: None,
+            fetched_through: None,
         }
     }
 
