@@ -74,7 +74,7 @@ impl StageSettings {
             linger: crate::config::millis("OHX_LINGER_MS", 5)?,
             tick: None,
             registry_give_up: crate::config::millis("OHX_REGISTRY_GIVE_UP_MS", 300_000)?,
-            rejoin_after: crate::config::millis("OHX_REJOIN_AFTER_MS", 30_000)?,
+            rejoin_after: crate::config::millis("OHX_REJOIN_AFTER_MS", 20_000)?,
         })
     }
 }
@@ -285,6 +285,8 @@ pub async fn run_stage<P: Processor>(
         carry: Collected::default(),
         revoked_log: Vec::new(),
         without_assignment_since: Instant::now(),
+        stalled_lag: None,
+        paused: BTreeSet::new(),
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
@@ -310,6 +312,10 @@ struct Stage<P: Processor> {
     /// Every partition revoked so far, in order (a batch looks at what came after its start).
     revoked_log: Vec<Tp>,
     without_assignment_since: Instant,
+    /// The group's lag and committed offsets at the previous stall check.
+    stalled_lag: Option<(i64, Vec<i64>)>,
+    /// Partitions this loop paused (kept across revokes until resumed).
+    paused: BTreeSet<Tp>,
 }
 
 /// How a wait ended.
@@ -494,24 +500,41 @@ impl<P: Processor> Stage<P> {
         }
     }
 
-    /// Periodic checks while idle: commit answers, and a member left without an assignment
-    /// for too long (its group is stuck waiting on a dead member) leaves and rejoins.
+    /// Periodic checks while idle. A consumer that owns no partition for `rejoin_after` leaves
+    /// and rejoins its group when the group looks stuck: it is not a member at all (its join
+    /// waits on a dead member), or it is a member with nothing assigned while the group has lag
+    /// whose committed offsets did not move (tansu 0.6 can leave partitions without an owner
+    /// after evicting a dead member). A rejoin makes the coordinator assign everything again.
     fn housekeeping(&mut self) {
         self.serve_events();
-        if self.ownership.is_member() {
+        if !self.ownership.owned().is_empty() {
+            self.stalled_lag = None;
             return;
+        }
+        if self.ownership.is_member() && self.stalled_lag.is_none() {
+            // The first look at the group since this member was left with nothing.
+            self.stalled_lag = self.group_lag();
         }
         let waited = self.without_assignment_since.elapsed();
         if waited < self.settings.rejoin_after {
             return;
         }
-        self.health.failing(
-            "group",
-            "no partition assignment from the group coordinator",
-        );
+        self.without_assignment_since = Instant::now();
+        if self.ownership.is_member() {
+            let now = self.group_lag();
+            let stuck = match (&self.stalled_lag, &now) {
+                (Some(before), Some(now)) => now.0 > 0 && before.1 == now.1,
+                _ => false,
+            };
+            self.stalled_lag = now;
+            if !stuck {
+                return;
+            }
+        }
+        self.health
+            .failing("group", "no partition assignment while the group has work");
         tracing::warn!(
             stage = self.settings.stage,
-            waited_s = waited.as_secs(),
             "no assignment, rejoining the group"
         );
         self.consumer.unsubscribe();
@@ -519,7 +542,38 @@ impl<P: Processor> Stage<P> {
         if let Err(error) = self.consumer.subscribe(&self.settings.input_topics) {
             tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
         }
-        self.without_assignment_since = Instant::now();
+        self.stalled_lag = None;
+    }
+
+    /// The group's total lag on the input topics and its committed offsets, or `None` when the
+    /// broker cannot tell.
+    fn group_lag(&self) -> Option<(i64, Vec<i64>)> {
+        let timeout = Duration::from_secs(5);
+        let mut tpl = TopicPartitionList::new();
+        for topic in &self.settings.input_topics {
+            let metadata = self.consumer.fetch_metadata(Some(topic), timeout).ok()?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition(topic, p.id());
+                }
+            }
+        }
+        let committed = self.consumer.committed_offsets(tpl, timeout).ok()?;
+        let mut lag = 0i64;
+        let mut offsets = Vec::new();
+        for e in committed.elements() {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
+                .ok()?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            lag += (high - at).max(0);
+            offsets.push(at);
+        }
+        Some((lag, offsets))
     }
 
     /// Decodes, processes, produces and applies one batch; records revoked meanwhile are
@@ -828,16 +882,16 @@ impl<P: Processor> Stage<P> {
         }
     }
 
-    fn partition_list(&self) -> TopicPartitionList {
+    /// Pauses every owned partition not paused yet. librdkafka keeps the application's pause
+    /// across a revoke and a later assign, and remembers the position of the last record
+    /// returned, so fetching resumes exactly after it.
+    fn pause_all(&mut self) {
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in self.ownership.owned() {
-            tpl.add_partition(t, *p);
+        for tp in self.ownership.owned() {
+            if self.paused.insert(tp.clone()) {
+                tpl.add_partition(&tp.0, tp.1);
+            }
         }
-        tpl
-    }
-
-    fn pause_all(&self) {
-        let tpl = self.partition_list();
         if tpl.count() > 0
             && let Err(error) = self.consumer.pause(&tpl)
         {
@@ -845,11 +899,17 @@ impl<P: Processor> Stage<P> {
         }
     }
 
-    fn resume_all(&self) {
-        let tpl = self.partition_list();
-        if tpl.count() > 0
-            && let Err(error) = self.consumer.resume(&tpl)
-        {
+    /// Resumes exactly the partitions this loop paused (resuming one that is not paused would
+    /// make librdkafka drop its prefetched records and fetch them again).
+    fn resume_all(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for tp in std::mem::take(&mut self.paused) {
+            tpl.add_partition(&tp.0, tp.1);
+        }
+        if let Err(error) = self.consumer.resume(&tpl) {
             tracing::warn!(stage = self.settings.stage, %error, "cannot resume");
         }
     }
