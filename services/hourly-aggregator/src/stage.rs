@@ -42,7 +42,7 @@ static OPEN_WINDOWS: LazyLock<Gauge<u64>> = LazyLock::new(|| {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// An aggregate to produce.
-    Aggregate(HourlyAggregate),
+    Aggregate(Box<HourlyAggregate>),
     /// The input at this index of the batch cannot be aggregated: dead-letter it.
     Rejected(usize, WindowError),
 }
@@ -112,7 +112,12 @@ impl Aggregator {
                 outputs.push(Output::Rejected(index, error));
             }
             change.count(&outcome.closed);
-            outputs.extend(outcome.closed.into_iter().map(Output::Aggregate));
+            outputs.extend(
+                outcome
+                    .closed
+                    .into_iter()
+                    .map(|a| Output::Aggregate(Box::new(a))),
+            );
         }
         (outputs, change)
     }
@@ -255,5 +260,196 @@ impl Processor for Aggregator {
             self.partitions.remove(p);
             self.late_seen.remove(p);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::window::{HOUR_MS, aggregate_id, hour_start};
+    use ohx_common::codec::Codec;
+    use ohx_common::records::{Component, Context, DeadLetter};
+    use std::sync::Arc;
+
+    const STAGE: &str = "hourly-aggregator";
+    const HR: &str = "p1/heart_rate";
+    const MIN: i64 = 60_000;
+
+    /// The start of the hour 12 hours before now, so every sample is in the past.
+    fn base() -> i64 {
+        hour_start(chrono::Utc::now().timestamp_millis()) - 12 * HOUR_MS
+    }
+
+    fn input(offset: i64, id: &str, ts: i64, fetched_through: Option<i64>) -> Input<Measurement> {
+        let value = Measurement {
+            context: Context {
+                organization_id: "org-1".to_owned(),
+                ehr_target_id: "ehr-1".to_owned(),
+                patient_id: "p1".to_owned(),
+                patient_reference: "Patient/1".to_owned(),
+                provider: "withings".to_owned(),
+                link_id: "link-1".to_owned(),
+                provider_user_id: "u1".to_owned(),
+                sync_request_id: "sync-1".to_owned(),
+                trigger: "WEBHOOK".to_owned(),
+                received_at: ts,
+            },
+            measurement_id: id.to_owned(),
+            series_key: HR.to_owned(),
+            data_type: "heart_rate".to_owned(),
+            aggregation: AGGREGATION_HOURLY.to_owned(),
+            effective_start: ts,
+            effective_end: None,
+            utc_offset_seconds: Some(3600),
+            components: vec![Component {
+                code: "value".to_owned(),
+                value: 70.0,
+                unit: "/min".to_owned(),
+            }],
+            device: None,
+            entry_method: Some("device".to_owned()),
+            provider_group_id: None,
+            provider_modified_at: None,
+            fetched_through,
+        };
+        Input {
+            topic: topic::MEASUREMENTS.to_owned(),
+            partition: 0,
+            offset,
+            key: Some(HR.as_bytes().to_vec()),
+            value,
+            payload: vec![1, 2, 3],
+            headers: Vec::new(),
+        }
+    }
+
+    fn stage() -> Aggregator {
+        let mut stage = Aggregator::new(WindowConfig::default());
+        stage.assigned(&[(topic::MEASUREMENTS.to_owned(), 0, None)]);
+        stage
+    }
+
+    fn emitter() -> (Emitter, Arc<Codec>) {
+        let codec = Arc::new(Codec::embedded().unwrap());
+        (Emitter::new(STAGE, Arc::clone(&codec)), codec)
+    }
+
+    /// Returns the aggregates queued in `out`.
+    async fn aggregates(out: &Emitter, codec: &Codec) -> Vec<HourlyAggregate> {
+        let mut found = Vec::new();
+        for record in out.records() {
+            if record.topic == topic::HOURLY_AGGREGATES {
+                found.push(codec.decode(&record.payload).await.unwrap());
+            }
+        }
+        found
+    }
+
+    fn commit(stage: &Aggregator, next: i64) -> i64 {
+        stage.commit_point(topic::MEASUREMENTS, 0, next).0
+    }
+
+    #[tokio::test]
+    async fn test_batch_processed_again_without_apply_emits_the_same_aggregate() {
+        let (h, mut stage) = (base(), stage());
+        let (mut out, codec) = emitter();
+        let first = [
+            input(0, "a", h + 10 * MIN, None),
+            input(1, "b", h + 50 * MIN, None),
+        ];
+        let change = stage.process(&first, &mut out).await.unwrap();
+        assert!(out.is_empty());
+        stage.apply(&change).await.unwrap();
+        assert_eq!(commit(&stage, 2), 0);
+
+        // The fetch ends: its last record of the series carries the progress to the hour's end.
+        let batch = [
+            input(2, "c", h + 55 * MIN, Some(h + HOUR_MS)),
+            input(3, "d", h + HOUR_MS + 5 * MIN, None),
+        ];
+        let (mut out, _) = emitter();
+        let change = stage.process(&batch, &mut out).await.unwrap();
+        let emitted = aggregates(&out, &codec).await;
+        assert_eq!(emitted.len(), 1);
+        assert_eq!(emitted[0].aggregate_id, aggregate_id(HR, h));
+        assert_eq!((emitted[0].count, emitted[0].revision), (3, 2));
+        // Produce failed: not applied. The hour is still open, nothing beyond it committed.
+        let windows = stage.windows(0).unwrap();
+        assert_eq!((windows.open_windows(), windows.held_samples()), (1, 2));
+        assert_eq!(commit(&stage, 4), 0);
+        drop(change);
+
+        // Processed again: the same aggregate, byte for byte.
+        let (mut again, _) = emitter();
+        let change = stage.process(&batch, &mut again).await.unwrap();
+        assert_eq!(aggregates(&again, &codec).await, emitted);
+        let bytes =
+            |out: &Emitter| -> Vec<Vec<u8>> { out.records().map(|r| r.payload.clone()).collect() };
+        assert_eq!(bytes(&again), bytes(&out));
+
+        // Acknowledged and applied: the hour is gone, the commit moves to the next hour.
+        stage.apply(&change).await.unwrap();
+        stage.apply(&change).await.unwrap();
+        let windows = stage.windows(0).unwrap();
+        assert_eq!((windows.open_windows(), windows.held_samples()), (1, 1));
+        assert_eq!(commit(&stage, 4), 3);
+    }
+
+    #[tokio::test]
+    async fn test_tick_processed_again_without_apply_emits_the_same_aggregate() {
+        let (h, mut stage) = (base(), stage());
+        let (mut out, codec) = emitter();
+        let change = stage
+            .process(&[input(0, "a", h + 10 * MIN, None)], &mut out)
+            .await
+            .unwrap();
+        stage.apply(&change).await.unwrap();
+        let none = BTreeSet::new();
+        let caught_up = BTreeSet::from([(topic::MEASUREMENTS.to_owned(), 0)]);
+        let change = stage.tick(h + 11 * MIN, &none, &mut out).await.unwrap();
+        stage.apply(&change.unwrap()).await.unwrap();
+
+        let idle = h + HOUR_MS + 5 * MIN;
+        let mut emitted = Vec::new();
+        for _ in 0..2 {
+            let (mut out, _) = emitter();
+            let change = stage.tick(idle, &caught_up, &mut out).await.unwrap();
+            assert!(change.is_some());
+            emitted.push(aggregates(&out, &codec).await);
+            // Not applied: the window is still open and held.
+            assert_eq!(stage.windows(0).unwrap().open_windows(), 1);
+            assert_eq!(commit(&stage, 1), 0);
+        }
+        assert_eq!(emitted[0].len(), 1);
+        assert_eq!(emitted[0], emitted[1]);
+
+        let (mut out, _) = emitter();
+        let change = stage.tick(idle, &caught_up, &mut out).await.unwrap();
+        stage.apply(&change.unwrap()).await.unwrap();
+        assert_eq!(stage.windows(0).unwrap().open_windows(), 0);
+        assert_eq!(commit(&stage, 1), 1);
+    }
+
+    #[tokio::test]
+    async fn test_future_dated_sample_is_dead_lettered_as_future_timestamp() {
+        let mut stage = stage();
+        let (mut out, codec) = emitter();
+        let now = chrono::Utc::now().timestamp_millis();
+        let future = now + 7 * HOUR_MS;
+        let batch = [input(0, "a", future, Some(future))];
+        let change = stage.process(&batch, &mut out).await.unwrap();
+        let records: Vec<_> = out.records().collect();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].topic, topic::DEAD_LETTER);
+        let letter: DeadLetter = codec.decode(&records[0].payload).await.unwrap();
+        assert_eq!(letter.error_kind, "future_timestamp");
+        assert!(letter.reason.contains("21600000 ms"), "{}", letter.reason);
+        assert!(!letter.reason.contains(&future.to_string()));
+        stage.apply(&change).await.unwrap();
+        let windows = stage.windows(0).unwrap();
+        assert_eq!(windows.open_windows(), 0);
+        assert_eq!(windows.stats().ignored_progress, 1);
+        assert_eq!(commit(&stage, 1), 1);
     }
 }
