@@ -258,6 +258,18 @@ impl Env {
 
     /// Produces an intraday heart-rate sample onto ohx.measurements.v1, as the fetcher would.
     async fn produce_hr(&self, p: &Patient, ts: i64, bpm: f64) -> anyhow::Result<()> {
+        self.produce_hr_through(p, ts, bpm, None).await
+    }
+
+    /// Produces a heart-rate sample; `fetched_through` marks it as the last record of its
+    /// series in a fetch that reached that time (the aggregator closes the hours before it).
+    async fn produce_hr_through(
+        &self,
+        p: &Patient,
+        ts: i64,
+        bpm: f64,
+        fetched_through: Option<i64>,
+    ) -> anyhow::Result<()> {
         let m = Measurement {
             context: self.context(p),
             measurement_id: format!("withings:{}:hr:{}:watch-{}", p.userid, ts / 1000, p.userid),
@@ -281,7 +293,7 @@ impl Env {
             entry_method: Some("device".into()),
             provider_group_id: None,
             provider_modified_at: None,
-            fetched_through: None,
+            fetched_through,
         };
         self.producer
             .send_record(topic::MEASUREMENTS, &m.series_key, &m)
@@ -696,15 +708,12 @@ async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
 /// SIGKILL of the aggregator in the middle of an hour's samples: after the restart the hourly
 /// aggregate equals the one from a run without the crash, and no partial aggregate was published.
 async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
-    // Windows close only by the event-time watermark in this scenario (no idle close).
+    // Windows close only by their series' fetch progress in this scenario (no idle close).
     {
         let mut stack = env.stack.lock().await;
         stack.stage_env.insert(
             "hourly-aggregator".into(),
-            vec![
-                ("OHX_IDLE_GRACE_MS".into(), "172800000".into()),
-                ("OHX_ALLOWED_LATENESS_MS".into(), "60000".into()),
-            ],
+            vec![("OHX_IDLE_GRACE_MS".into(), "172800000".into())],
         );
         stack.stop("hourly-aggregator").await?;
         stack.start_stage("hourly-aggregator").await?;
@@ -719,8 +728,14 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
         env.produce_hr(&calm, h_calm + m * 60_000, bpm(7, m) as f64)
             .await?;
     }
-    env.produce_hr(&calm, h_calm + HOUR + 30 * 60_000, 99.0)
-        .await?; // moves the watermark past the hour
+    // The end of the fetch: progress past the hour closes it.
+    env.produce_hr_through(
+        &calm,
+        h_calm + HOUR + 30 * 60_000,
+        99.0,
+        Some(h_calm + HOUR),
+    )
+    .await?;
 
     // With a crash after half of the hour.
     let start_count = env
@@ -758,8 +773,13 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
         env.produce_hr(&crash, h_crash + m * 60_000, bpm(7, m) as f64)
             .await?;
     }
-    env.produce_hr(&crash, h_crash + HOUR + 30 * 60_000, 99.0)
-        .await?;
+    env.produce_hr_through(
+        &crash,
+        h_crash + HOUR + 30 * 60_000,
+        99.0,
+        Some(h_crash + HOUR),
+    )
+    .await?;
     // tansu evicts the killed member once its session (10 s) has expired; a member joining
     // before that waits for it (Kafka and Redpanda expire it on their own).
     tokio::time::sleep(Duration::from_secs(11)).await;

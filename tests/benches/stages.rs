@@ -58,7 +58,8 @@ fn hr(i: i64, series: &str) -> Measurement {
         entry_method: Some("device".into()),
         provider_group_id: None,
         provider_modified_at: None,
-        fetched_through: None,
+        // Each hour's last sample ends a fetch through the end of that hour.
+        fetched_through: (i.rem_euclid(60) == 59).then_some(t + 60_000),
     }
 }
 
@@ -201,22 +202,27 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let mut windows = PartitionWindows::new(WindowConfig {
-        allowed_lateness_ms: 600_000,
-        idle_grace_ms: 300_000,
-    });
+    // As the stage runs it: each batch of 500 on a copy-on-write clone, kept once acknowledged.
+    let mut windows = PartitionWindows::new(WindowConfig::default());
+    let now = 1_790_000_000_000 + 30 * 24 * HOUR;
     let mut aggregates = 0usize;
     let started = Instant::now();
     rt.block_on(async {
-        for (offset, bytes) in encoded.iter().enumerate() {
-            let m: Measurement = codec.decode(bytes).await?;
-            for a in windows
-                .on_sample(offset as i64, &m)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-            {
-                black_box(codec.encode(topic::HOURLY_AGGREGATES, &a).await?);
-                aggregates += 1;
+        for (batch_index, batch) in encoded.chunks(500).enumerate() {
+            let mut next = windows.clone();
+            for (i, bytes) in batch.iter().enumerate() {
+                let offset = (batch_index * 500 + i) as i64;
+                let m: Measurement = codec.decode(bytes).await?;
+                let outcome = next.on_sample(offset, &m, now);
+                if let Some(e) = outcome.rejected {
+                    anyhow::bail!("{e}");
+                }
+                for a in outcome.closed {
+                    black_box(codec.encode(topic::HOURLY_AGGREGATES, &a).await?);
+                    aggregates += 1;
+                }
             }
+            windows = next;
         }
         anyhow::Ok(())
     })?;
@@ -229,16 +235,17 @@ fn main() -> anyhow::Result<()> {
 
     // Memory per open series-hour (60 samples each), from the process's resident set.
     let before = rss_bytes();
-    let mut held = PartitionWindows::new(WindowConfig {
-        allowed_lateness_ms: 100 * HOUR,
-        idle_grace_ms: 100 * HOUR,
-    });
+    let mut held = PartitionWindows::new(WindowConfig::default());
     let series_hours = 5_000i64;
     for s in 0..series_hours {
         let key = format!("patient-{s}/heart_rate");
         for minute in 0..60 {
-            held.on_sample(s * 60 + minute, &hr(minute, &key))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut m = hr(minute, &key);
+            m.fetched_through = None;
+            let outcome = held.on_sample(s * 60 + minute, &m, now);
+            if let Some(e) = outcome.rejected {
+                anyhow::bail!("{e}");
+            }
         }
     }
     let after = rss_bytes();

@@ -337,7 +337,9 @@ pub fn map_measurement(
 
 /// Maps an HourlyAggregate to its resources: `[Device, DeviceAssociation, Observation]` when it
 /// has a device, else `[Observation]`. The Observation has `effectivePeriod` = the UTC hour,
-/// no value, and one `component` per statistic of the table (`count` as `valueInteger`).
+/// no value, and one `component` per statistic of the table (`count` as `valueInteger`). Its
+/// `status` is `amended` when the aggregate revises an hour already emitted (`amends`), else
+/// `final`; the id is the same either way.
 pub fn map_aggregate(
     a: &HourlyAggregate,
     table: &Mapping,
@@ -370,6 +372,10 @@ pub fn map_aggregate(
         code: &entry.code,
         text: entry.text.as_deref(),
     })?;
+    if a.amends {
+        // A revision of an hour already emitted under the same id (R5 `ObservationStatus`).
+        obs.insert("status".to_owned(), json!("amended"));
+    }
     obs.insert(
         "effectivePeriod".to_owned(),
         json!({ "start": utc_date_time(a.hour_start)?, "end": utc_date_time(a.hour_end)? }),
@@ -1320,6 +1326,24 @@ mod tests {
         );
         assert_eq!(obs, example);
         assert!(obs.get("valueQuantity").is_none());
+    }
+
+    #[test]
+    fn test_amending_aggregate_maps_to_amended_observation_with_the_same_id() {
+        let first = map_aggregate(&hourly_hr(), &table(), &settings()).unwrap();
+        let mut revised = hourly_hr();
+        revised.amends = true;
+        revised.revision = 42;
+        let amended = map_aggregate(&revised, &table(), &settings()).unwrap();
+        let (first, amended) = (only(&first, "Observation"), only(&amended, "Observation"));
+        assert_eq!(first["status"], "final");
+        assert_eq!(amended["status"], "amended");
+        assert_eq!(amended["id"], first["id"]);
+        assert_eq!(amended["identifier"], first["identifier"]);
+        let mut without_status = amended.clone();
+        without_status["status"] = json!("final");
+        assert_eq!(&without_status, first);
+        shared_test_validator().validate_all(amended).unwrap();
     }
 
     #[test]

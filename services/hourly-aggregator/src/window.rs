@@ -1,7 +1,7 @@
 //! The event-time window state machine of the hourly-aggregator: one [`PartitionWindows`] per
 //! input partition, fed with measurements and wall-clock ticks, returning the
 //! [`HourlyAggregate`]s to produce and the offset that is safe to commit. Pure: no I/O, no
-//! clock, no Kafka.
+//! Kafka, no clock (the caller passes `now`).
 //!
 //! # Windows
 //! Tumbling one-hour UTC windows per series key; a sample belongs to the hour of its
@@ -9,53 +9,51 @@
 //! sample whose id it already holds replaces the held one (a redelivery, or a re-fetch with a
 //! corrected value), and a sample whose id is held by another open window of its series (the
 //! provider corrected its time) is moved. The window's unit is the unit of its first sample;
-//! a sample with another unit is rejected.
-//!
-//! # Watermark
-//! The partition's watermark is the highest `effective_start` accepted so far minus
-//! [`WindowConfig::allowed_lateness_ms`]; it never goes back and ticks do not move it.
-//! A sample is *late* when its hour ended at or before the watermark on arrival.
+//! a sample with another unit is rejected, and so is a sample dated more than
+//! [`WindowConfig::max_future_skew_ms`] after `now` (a device clock error): it opens no
+//! window and closes none.
 //!
 //! # Closing rules
-//! A window opened by a sample that is not late is a *regular* window. It closes
-//! 1. when the watermark reaches its end (`hour_end <= watermark`), checked after every sample;
-//! 2. on an idle tick (see below).
+//! When an hour closes is decided per series, never by another series' data:
+//! 1. **Fetch progress.** The fetcher sets `fetched_through = t` on the last record of each
+//!    series in one fetch: the provider's data of that series before `t` has been fetched.
+//!    After that record's sample is added, every open window of its series with
+//!    `hour_end <= t` closes. The progress counts even when the record's sample is rejected
+//!    (it is the fetcher's, not the device's), unless `t` itself lies beyond
+//!    `now + max_future_skew_ms` (then it is ignored and counted).
+//! 2. **Idle.** [`PartitionWindows::on_tick`] with `caught_up` (the caller has seen the end
+//!    of the partition since its last record) closes every window with
+//!    `now >= max(hour_end, heard) + idle_grace`, where `heard` is the time of the first tick
+//!    after the window's latest sample: for series that go quiet, or whose records carry no
+//!    progress. The `heard` term keeps a window open while a fetch is still being delivered.
 //!
-//! A window opened by a late sample is a *revision* window: its hour was already emitted (or
-//! never seen). The watermark is already past its end, so it does not close on it; the fetcher
-//! re-fetches whole UTC hours and produces a series' samples in time order, so the whole hour
-//! arrives before the series' next hour. It closes
-//! 1. when a sample of the same series with `effective_start >= hour_end` is accepted;
-//! 2. on an idle tick (see below).
+//! A closed window emits one aggregate with the deterministic id [`aggregate_id`]. Its
+//! statistics are computed over the samples sorted by (`effective_start`, `measurement_id`),
+//! so they do not depend on arrival order; its `revision` is the highest offset of a record
+//! that changed the window. Aggregates closed by one call are sorted by (hour, series key).
+//! The window is dropped and its hour remembered as emitted (for [`AMENDS_MEMORY_MS`]): a
+//! later sample of that hour (a re-fetch; the fetcher re-fetches whole hours) opens a new
+//! window, closed by the same rules, whose aggregate has the same id, `amends = true` and a
+//! higher `revision` (its records come later in the partition).
 //!
-//! Idle tick: [`PartitionWindows::on_tick`] with `caught_up` (the caller has seen the end of
-//! the partition since its last record) closes every window, regular or revision, with
-//! `now >= max(hour_end, heard) + idle_grace`, where `heard` is the time of the first tick
-//! after the window's latest sample. The second term keeps a window open while a fetch is
-//! still delivering its hour (between two producer batches the consumer may briefly be caught
-//! up); for a regular window it only matters when samples arrive after the hour ended.
-//!
-//! Every closed window emits one aggregate with the deterministic id [`aggregate_id`]; a
-//! revision emits the same id again with the statistics of the re-fetched hour. Statistics are
-//! computed over the samples sorted by (`effective_start`, `measurement_id`), so they do not
-//! depend on arrival order. Aggregates closed by one call are returned sorted by (hour,
-//! series key). Closed windows are dropped.
+//! # Retries
+//! [`PartitionWindows`] is cheap to clone: series and windows are shared and copied on write
+//! (a window's samples once per batch that changes them). The stage processes a batch or a
+//! tick on clones and keeps them only once the outputs are acknowledged, so a retried batch
+//! sees the state it saw the first time, and a dropped change is redone identically.
 //!
 //! # Restart safety
-//! No state store: the input topic is the state. [`PartitionWindows::commit_point`] returns
+//! No state store: the input topic is the state. [`PartitionWindows::commit_offset`] returns
 //! the lowest offset still held by an open window, lowered to the first offset of an already
 //! emitted window whose records lie on both sides of it (so a restart never rebuilds a part of
-//! an emitted hour), or `next_offset` when nothing is held; and the highest event time seen
-//! before that offset. A restarted stage reads from that offset into
-//! [`PartitionWindows::resume`] with that event time, and then emits exactly the aggregates
-//! the crashed one would have emitted (those already emitted are dropped by the
-//! deduplicator). Store the event time in the offset commit's metadata
-//! ([`CommitPoint::metadata`]), as Kafka Streams does with its partition time; without it the
-//! rebuilt state starts with no watermark, which gives the same aggregates only while no
-//! other series' newer records are interleaved into a replayed re-fetch. Idle closes depend on
-//! the wall clock and are not replayed exactly; they rely on the whole-hour re-fetch rule.
+//! an emitted hour), or `next_offset` when nothing is held. A stage restarted from there
+//! rebuilds the open windows from their records; progress travels with the records, so it
+//! closes them as the crashed one would have. Two things are not replayed: idle closes follow
+//! the wall clock (they rely on the whole-hour re-fetch rule), and hours emitted before the
+//! commit point are not remembered, so a revision rebuilt after a restart carries
+//! `amends = false` (same id and revision; the deduplicator orders contents by revision).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat};
@@ -73,8 +71,12 @@ pub const MIN_EFFECTIVE_START: i64 = -62_167_219_200_000;
 /// The highest supported `effective_start`: 9999-12-31T23:59:59.999Z.
 pub const MAX_EFFECTIVE_START: i64 = 253_402_300_799_999;
 
-/// Prefix of [`CommitPoint::metadata`], versioned so the format can change.
-const METADATA_PREFIX: &str = "ohx-hourly-window/v1 max_event_time=";
+/// How long an emitted hour is remembered (by hour start, against the tick's wall clock) so
+/// that its revisions are marked `amends`: 8 days, the nightly re-fetch's 7 days and a margin.
+pub const AMENDS_MEMORY_MS: i64 = 8 * 24 * HOUR_MS;
+
+/// The default [`WindowConfig::max_future_skew_ms`]: 6 hours.
+pub const DEFAULT_MAX_FUTURE_SKEW_MS: i64 = 6 * HOUR_MS;
 
 /// Returns the start of the UTC hour containing `ts_ms` (epoch milliseconds), i.e.
 /// `ts - ts.rem_euclid(HOUR_MS)`, saturating at `i64::MIN`.
@@ -96,28 +98,30 @@ pub fn aggregate_id(series_key: &str, hour_start_ms: i64) -> String {
     }
 }
 
-/// Tuning of the windows of one partition. Both durations are milliseconds and non-negative.
+/// Tuning of the windows of one partition. Durations are milliseconds and non-negative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowConfig {
-    /// How far the watermark trails the highest event time seen, e.g. 10 minutes.
-    pub allowed_lateness_ms: i64,
     /// How long after its hour ended, and after its latest sample, an idle window waits on a
     /// caught-up partition before it closes, e.g. 5 minutes.
     pub idle_grace_ms: i64,
+    /// How far after `now` a sample (or a fetch progress) may be dated. A sample beyond is a
+    /// device clock error and is rejected. Keep it well below the input's retention (24 h):
+    /// a window of a future hour holds the commit point until that hour has passed.
+    pub max_future_skew_ms: i64,
 }
 
 impl Default for WindowConfig {
-    /// Returns 10 minutes of allowed lateness and 5 minutes of idle grace.
+    /// Returns 5 minutes of idle grace and [`DEFAULT_MAX_FUTURE_SKEW_MS`].
     fn default() -> Self {
         Self {
-            allowed_lateness_ms: 10 * 60_000,
             idle_grace_ms: 5 * 60_000,
+            max_future_skew_ms: DEFAULT_MAX_FUTURE_SKEW_MS,
         }
     }
 }
 
-/// Why a measurement cannot be aggregated; the caller sends it to the dead-letter topic. No
-/// window changes when an error is returned.
+/// Why a measurement cannot be aggregated; the caller sends it to the dead-letter topic. The
+/// sample joins no window.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
     /// The measurement's aggregation policy is not [`AGGREGATION_HOURLY`].
@@ -143,6 +147,13 @@ pub enum WindowError {
     /// `effective_start` lies outside [`MIN_EFFECTIVE_START`]..=[`MAX_EFFECTIVE_START`].
     #[error("effective_start {0} is outside the supported time range")]
     TimestampOutOfRange(i64),
+    /// `effective_start` lies more than the allowed skew after the clock. Names the bound,
+    /// not the value.
+    #[error("effective_start is more than {max_skew_ms} ms ahead of the clock (max future skew)")]
+    FutureTimestamp {
+        /// The configured [`WindowConfig::max_future_skew_ms`].
+        max_skew_ms: i64,
+    },
 }
 
 impl WindowError {
@@ -155,6 +166,7 @@ impl WindowError {
             Self::NonFiniteValue => "non_finite_value",
             Self::UnitMismatch { .. } => "unit_mismatch",
             Self::TimestampOutOfRange(_) => "timestamp_out_of_range",
+            Self::FutureTimestamp { .. } => "future_timestamp",
         }
     }
 }
@@ -162,14 +174,13 @@ impl WindowError {
 /// Counters of one partition's windows, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowStats {
-    /// Windows currently open (regular and revision).
+    /// Windows currently open.
     pub open_windows: usize,
-    /// Revision windows currently open.
+    /// Open windows of an hour already emitted (their aggregate amends it).
     pub revision_windows: usize,
     /// Samples currently held by open windows.
     pub held_samples: usize,
-    /// Accepted samples whose hour had ended at or before the watermark on arrival, since
-    /// creation.
+    /// Accepted samples of an hour already emitted, since creation.
     pub late_samples: u64,
     /// Accepted samples with the id and content of a held one (redeliveries, counted once),
     /// since creation.
@@ -179,33 +190,17 @@ pub struct WindowStats {
     pub replaced_samples: u64,
     /// Aggregates emitted, since creation.
     pub emitted_aggregates: u64,
+    /// Fetch progress ignored because it lay beyond the allowed future skew, since creation.
+    pub ignored_progress: u64,
 }
 
-/// Where a restarted stage resumes a partition: the offset to commit, and the highest event
-/// time seen before it, to pass to [`PartitionWindows::resume`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommitPoint {
-    /// The offset to commit (the next offset to read after a restart).
-    pub offset: i64,
-    /// The highest `effective_start` accepted before `offset`; `None` if none.
-    pub max_event_time: Option<i64>,
-}
-
-impl CommitPoint {
-    /// Returns the string to store as the metadata of the offset commit, e.g.
-    /// `ohx-hourly-window/v1 max_event_time=1772323200000`.
-    pub fn metadata(&self) -> String {
-        match self.max_event_time {
-            Some(time) => format!("{METADATA_PREFIX}{time}"),
-            None => format!("{METADATA_PREFIX}none"),
-        }
-    }
-
-    /// Returns the max event time stored by [`CommitPoint::metadata`]; `None` when it stored
-    /// none, or the metadata is absent, foreign or unreadable (resume without a watermark).
-    pub fn max_event_time_from_metadata(metadata: &str) -> Option<i64> {
-        metadata.strip_prefix(METADATA_PREFIX)?.parse().ok()
-    }
+/// What one record did: the aggregates it closed, and why its sample was rejected (if it was).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampleOutcome {
+    /// Aggregates of the windows the record's fetch progress closed, sorted by hour.
+    pub closed: Vec<HourlyAggregate>,
+    /// Why the sample joined no window; send the record to the dead-letter topic.
+    pub rejected: Option<WindowError>,
 }
 
 /// What an accepted sample did to the samples held for its hour.
@@ -214,13 +209,6 @@ enum SampleEffect {
     Added,
     Replaced,
     Duplicate,
-}
-
-/// Regular windows close on the watermark, revision windows on their series' next hour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WindowKind {
-    Regular,
-    Revision,
 }
 
 /// What a window keeps of one sample.
@@ -233,10 +221,11 @@ struct Sample {
     device: Option<Arc<Device>>,
 }
 
-/// The samples of one series in one hour, not yet emitted.
-#[derive(Debug)]
+/// The samples of one series in one hour, not yet emitted. Cloning shares the samples.
+#[derive(Debug, Clone)]
 struct Window {
-    kind: WindowKind,
+    /// The hour was emitted before: the aggregate amends it.
+    amends: bool,
     data_type: String,
     unit: String,
     /// Context of the most recently received sample.
@@ -245,9 +234,7 @@ struct Window {
     /// offsets in between for the commit rule.
     first_offset: i64,
     last_offset: i64,
-    /// The partition's max event time before `first_offset` was processed.
-    max_event_time_before: Option<i64>,
-    samples: HashMap<String, Sample>,
+    samples: Arc<HashMap<Arc<str>, Sample>>,
     /// The distinct devices of the samples.
     devices: Vec<Arc<Device>>,
     /// Received a sample since the last tick.
@@ -258,16 +245,15 @@ struct Window {
 
 impl Window {
     /// Returns an empty window opened by the record at `offset`.
-    fn new(kind: WindowKind, m: &Measurement, unit: &str, offset: i64, max: Option<i64>) -> Self {
+    fn new(amends: bool, m: &Measurement, unit: &str, offset: i64) -> Self {
         Self {
-            kind,
+            amends,
             data_type: m.data_type.clone(),
             unit: unit.to_owned(),
             context: m.context.clone(),
             first_offset: offset,
             last_offset: offset,
-            max_event_time_before: max,
-            samples: HashMap::new(),
+            samples: Arc::new(HashMap::new()),
             devices: Vec::new(),
             touched: true,
             heard_at: i64::MIN,
@@ -293,7 +279,7 @@ impl Window {
     }
 
     /// Adds or replaces the sample of `m` (already validated) and returns what it did.
-    fn apply(&mut self, m: &Measurement, value: f64, offset: i64) -> SampleEffect {
+    fn add(&mut self, m: &Measurement, value: f64, offset: i64) -> SampleEffect {
         let sample = Sample {
             effective_start: m.effective_start,
             value,
@@ -307,14 +293,17 @@ impl Window {
         if self.data_type != m.data_type {
             self.data_type = m.data_type.clone();
         }
-        match self.samples.get_mut(&m.measurement_id) {
-            Some(held) if *held == sample => SampleEffect::Duplicate,
+        if self.samples.get(m.measurement_id.as_str()) == Some(&sample) {
+            return SampleEffect::Duplicate;
+        }
+        let samples = Arc::make_mut(&mut self.samples);
+        match samples.get_mut(m.measurement_id.as_str()) {
             Some(held) => {
                 *held = sample;
                 SampleEffect::Replaced
             }
             None => {
-                self.samples.insert(m.measurement_id.clone(), sample);
+                samples.insert(Arc::from(m.measurement_id.as_str()), sample);
                 SampleEffect::Added
             }
         }
@@ -322,7 +311,7 @@ impl Window {
 
     /// Returns the aggregate of the held samples, `None` if there are none.
     fn aggregate(&self, series_key: &str, hour_start: i64) -> Option<HourlyAggregate> {
-        let mut sorted: Vec<(&String, &Sample)> = self.samples.iter().collect();
+        let mut sorted: Vec<(&Arc<str>, &Sample)> = self.samples.iter().collect();
         sorted.sort_by(|(a_id, a), (b_id, b)| {
             a.effective_start
                 .cmp(&b.effective_start)
@@ -359,31 +348,62 @@ impl Window {
             utc_offset_seconds: last.utc_offset_seconds,
             device: last.device.as_deref().cloned(),
             revision: self.last_offset,
-            amends: self.kind == WindowKind::Revision,
+            amends: self.amends,
         })
     }
 }
 
-/// Offsets and watermark of an emitted window, kept while a commit could split it.
+/// The open windows of one series, and the hours it emitted recently. Cloning shares the
+/// windows.
+#[derive(Debug, Clone, Default)]
+struct Series {
+    /// Open windows by hour start.
+    windows: BTreeMap<i64, Arc<Window>>,
+    /// Hours emitted within [`AMENDS_MEMORY_MS`], by hour start.
+    emitted: BTreeSet<i64>,
+}
+
+impl Series {
+    /// Removes the sample `id` from the open windows of other hours than `hour` (its time was
+    /// corrected) and returns whether one held it. A window left empty is dropped without
+    /// emitting.
+    fn remove_from_other_hours(&mut self, id: &str, hour: i64, offset: i64) -> bool {
+        let holders: Vec<i64> = self
+            .windows
+            .iter()
+            .filter(|(h, w)| **h != hour && w.samples.contains_key(id))
+            .map(|(h, _)| *h)
+            .collect();
+        for other in &holders {
+            if let Some(shared) = self.windows.get_mut(other) {
+                let window = Arc::make_mut(shared);
+                Arc::make_mut(&mut window.samples).remove(id);
+                window.touch(offset);
+                if window.samples.is_empty() {
+                    self.windows.remove(other);
+                }
+            }
+        }
+        !holders.is_empty()
+    }
+}
+
+/// Offsets of an emitted window, kept while a commit could split it.
 #[derive(Debug, Clone, Copy)]
 struct ClosedRange {
     first_offset: i64,
     last_offset: i64,
-    max_event_time_before: Option<i64>,
 }
 
 /// The open hourly windows of one input partition (see the module documentation for the
-/// rules). Create one per assigned partition; drop it when the partition is revoked.
-#[derive(Debug)]
+/// rules). Create one per assigned partition; drop it when the partition is revoked. Cheap to
+/// clone (copy on write).
+#[derive(Debug, Clone)]
 pub struct PartitionWindows {
     config: WindowConfig,
-    /// Regular windows by hour start, then series key.
-    regular: BTreeMap<i64, BTreeMap<String, Window>>,
-    /// Revision windows by series key, then hour start.
-    revisions: BTreeMap<String, BTreeMap<i64, Window>>,
+    series: BTreeMap<Arc<str>, Arc<Series>>,
     /// Emitted windows that may still straddle the commit point.
     closed: Vec<ClosedRange>,
-    max_event_time: Option<i64>,
     /// One past the highest offset passed to `on_sample`.
     next_offset: Option<i64>,
     held_samples: usize,
@@ -391,51 +411,58 @@ pub struct PartitionWindows {
     duplicate_samples: u64,
     replaced_samples: u64,
     emitted_aggregates: u64,
+    ignored_progress: u64,
 }
 
 impl PartitionWindows {
-    /// Returns the state of a partition read from its committed offset without a stored
-    /// event time (first start, or metadata missing).
+    /// Returns the state of a partition read from its committed offset.
     pub fn new(config: WindowConfig) -> Self {
-        Self::resume(config, None)
-    }
-
-    /// Returns the state of a partition read from a [`CommitPoint`]'s offset, with the
-    /// watermark restored from its `max_event_time`.
-    pub fn resume(config: WindowConfig, max_event_time: Option<i64>) -> Self {
         Self {
             config,
-            regular: BTreeMap::new(),
-            revisions: BTreeMap::new(),
+            series: BTreeMap::new(),
             closed: Vec::new(),
-            max_event_time,
             next_offset: None,
             held_samples: 0,
             late_samples: 0,
             duplicate_samples: 0,
             replaced_samples: 0,
             emitted_aggregates: 0,
+            ignored_progress: 0,
         }
     }
 
-    /// Adds the measurement read at `offset` (offsets increase) to its window and returns
-    /// the aggregates of the windows that closed, sorted by (hour, series key): revision
-    /// windows of its series whose hour ended at or before its `effective_start`, and regular
-    /// windows reached by the watermark. Late samples, duplicates and replacements are
-    /// counted in [`PartitionWindows::stats`]. Returns an error, changing no window, for a measurement this stage cannot
-    /// aggregate (the offset still counts as processed).
-    pub fn on_sample(
-        &mut self,
-        offset: i64,
-        m: &Measurement,
-    ) -> Result<Vec<HourlyAggregate>, WindowError> {
+    /// Adds the sample of the measurement read at `offset` (offsets increase) to its window,
+    /// then applies its fetch progress; `now_ms` is the wall clock, for the future-skew bound.
+    /// Returns the aggregates of the windows the progress closed (sorted by hour) and why the
+    /// sample was rejected, if it was (the offset counts as processed either way).
+    pub fn on_sample(&mut self, offset: i64, m: &Measurement, now_ms: i64) -> SampleOutcome {
         let after = offset.saturating_add(1);
         self.next_offset = Some(self.next_offset.map_or(after, |next| next.max(after)));
+        let rejected = self.add(offset, m, now_ms).err();
+        let limit = now_ms.saturating_add(self.config.max_future_skew_ms);
+        let closed = match m.fetched_through {
+            Some(through) if through <= limit => self.close_through(&m.series_key, through),
+            Some(_) => {
+                self.ignored_progress += 1;
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        SampleOutcome { closed, rejected }
+    }
+
+    /// Adds the sample of `m` to its window, or returns why it cannot be aggregated.
+    fn add(&mut self, offset: i64, m: &Measurement, now_ms: i64) -> Result<(), WindowError> {
         let (value, unit) = validate(m)?;
-        let ts = m.effective_start;
-        let start = hour_start(ts);
-        let existing = self.window(&m.series_key, start);
-        if let Some(window) = existing
+        let max_skew_ms = self.config.max_future_skew_ms;
+        if m.effective_start > now_ms.saturating_add(max_skew_ms) {
+            return Err(WindowError::FutureTimestamp { max_skew_ms });
+        }
+        let start = hour_start(m.effective_start);
+        if let Some(window) = self
+            .series
+            .get(m.series_key.as_str())
+            .and_then(|series| series.windows.get(&start))
             && window.unit != unit
         {
             return Err(WindowError::UnitMismatch {
@@ -443,31 +470,24 @@ impl PartitionWindows {
                 window_unit: window.unit.clone(),
             });
         }
-        let late = self.watermark().is_some_and(|w| start + HOUR_MS <= w);
-        let kind = match existing {
-            Some(window) => window.kind,
-            None if late => WindowKind::Revision,
-            None => WindowKind::Regular,
+        if !self.series.contains_key(m.series_key.as_str()) {
+            self.series
+                .insert(Arc::from(m.series_key.as_str()), Arc::default());
+        }
+        let Some(shared) = self.series.get_mut(m.series_key.as_str()) else {
+            return Ok(());
         };
-
-        let moved = self.remove_from_other_hours(&m.series_key, &m.measurement_id, start, offset);
-        let max_before = self.max_event_time;
-        let open = || Window::new(kind, m, unit, offset, max_before);
-        let window = match kind {
-            WindowKind::Regular => self
-                .regular
+        let series = Arc::make_mut(shared);
+        let moved = series.remove_from_other_hours(&m.measurement_id, start, offset);
+        let amends = series.emitted.contains(&start);
+        let window = Arc::make_mut(
+            series
+                .windows
                 .entry(start)
-                .or_default()
-                .entry(m.series_key.clone())
-                .or_insert_with(open),
-            WindowKind::Revision => self
-                .revisions
-                .entry(m.series_key.clone())
-                .or_default()
-                .entry(start)
-                .or_insert_with(open),
-        };
-        let mut effect = window.apply(m, value, offset);
+                .or_insert_with(|| Arc::new(Window::new(amends, m, unit, offset))),
+        );
+        let late = window.amends;
+        let mut effect = window.add(m, value, offset);
         if effect == SampleEffect::Added {
             self.held_samples += 1;
         }
@@ -483,143 +503,111 @@ impl PartitionWindows {
         if late {
             self.late_samples += 1;
         }
-        self.max_event_time = Some(self.max_event_time.map_or(ts, |max| max.max(ts)));
+        Ok(())
+    }
 
-        let mut due = Vec::new();
-        if let Some(hours) = self.revisions.get_mut(&m.series_key) {
-            // Keeps the hours that end after `ts`, i.e. start after `ts - HOUR_MS`.
-            let open = hours.split_off(&(ts - HOUR_MS + 1));
-            let ended = std::mem::replace(hours, open);
-            if hours.is_empty() {
-                self.revisions.remove(&m.series_key);
-            }
-            due.extend(
-                ended
-                    .into_iter()
-                    .map(|(hour, w)| (hour, m.series_key.clone(), w)),
-            );
+    /// Closes the open windows of a series whose hour ended at or before `through`.
+    fn close_through(&mut self, series_key: &str, through: i64) -> Vec<HourlyAggregate> {
+        let Some((key, shared)) = self.series.get_key_value(series_key) else {
+            return Vec::new();
+        };
+        // Hours that end at or before `through` start at or before `through - HOUR_MS`.
+        let last_due = through.saturating_sub(HOUR_MS);
+        if shared.windows.range(..=last_due).next().is_none() {
+            return Vec::new();
         }
-        if let Some(watermark) = self.watermark() {
-            while let Some(entry) = self.regular.first_entry() {
-                if *entry.key() + HOUR_MS > watermark {
-                    break;
-                }
-                let (hour, windows) = entry.remove_entry();
-                due.extend(windows.into_iter().map(|(key, w)| (hour, key, w)));
-            }
-        }
-        Ok(self.emit(due))
+        let key = Arc::clone(key);
+        let Some(shared) = self.series.get_mut(series_key) else {
+            return Vec::new();
+        };
+        let series = Arc::make_mut(shared);
+        let open = series.windows.split_off(&last_due.saturating_add(1));
+        let ended = std::mem::replace(&mut series.windows, open);
+        series.emitted.extend(ended.keys().copied());
+        let due = ended
+            .into_iter()
+            .map(|(hour, window)| (hour, Arc::clone(&key), window))
+            .collect();
+        self.emit(due)
     }
 
     /// Notes the wall-clock time `now_ms` and, if the partition is `caught_up` (end of
     /// partition seen since the last record), returns the aggregates of the windows with
     /// `now >= max(hour_end, heard) + idle_grace`, `heard` being the time of the first tick
-    /// after the window's latest sample. Call it at a fixed interval shorter than the grace.
+    /// after the window's latest sample. Forgets emitted hours older than
+    /// [`AMENDS_MEMORY_MS`]. Call it at a fixed interval shorter than the grace.
     pub fn on_tick(&mut self, now_ms: i64, caught_up: bool) -> Vec<HourlyAggregate> {
-        let windows = self.regular.values_mut().flat_map(BTreeMap::values_mut);
-        let revisions = self.revisions.values_mut().flat_map(BTreeMap::values_mut);
-        for window in windows.chain(revisions) {
-            if window.touched {
-                window.touched = false;
-                window.heard_at = now_ms;
-            }
-        }
-        if !caught_up {
-            return Vec::new();
-        }
         let threshold = now_ms.saturating_sub(self.config.idle_grace_ms);
-        let is_due = |hour: i64, w: &Window| hour + HOUR_MS <= threshold && w.heard_at <= threshold;
+        let forget_before = now_ms.saturating_sub(AMENDS_MEMORY_MS);
+        let is_due = |hour: i64, heard_at: i64| {
+            caught_up && hour.saturating_add(HOUR_MS) <= threshold && heard_at <= threshold
+        };
         let mut due = Vec::new();
-        let ended: Vec<i64> = self
-            .regular
-            .range(..=threshold.saturating_sub(HOUR_MS))
-            .map(|(hour, _)| *hour)
-            .collect();
-        for hour in ended {
-            if let Some(windows) = self.regular.get_mut(&hour) {
-                take_due(
-                    windows,
-                    |_, w| is_due(hour, w),
-                    |key, w| due.push((hour, key, w)),
-                );
-                if windows.is_empty() {
-                    self.regular.remove(&hour);
+        for (key, shared) in &mut self.series {
+            let changes = shared.windows.iter().any(|(hour, w)| {
+                let heard_at = if w.touched { now_ms } else { w.heard_at };
+                w.touched || is_due(*hour, heard_at)
+            }) || shared.emitted.first().is_some_and(|h| *h < forget_before);
+            if !changes {
+                continue;
+            }
+            let series = Arc::make_mut(shared);
+            for shared_window in series.windows.values_mut() {
+                if shared_window.touched {
+                    let window = Arc::make_mut(shared_window);
+                    window.touched = false;
+                    window.heard_at = now_ms;
                 }
             }
+            let ended: Vec<i64> = series
+                .windows
+                .iter()
+                .filter(|(hour, w)| is_due(**hour, w.heard_at))
+                .map(|(hour, _)| *hour)
+                .collect();
+            for hour in ended {
+                if let Some(window) = series.windows.remove(&hour) {
+                    series.emitted.insert(hour);
+                    due.push((hour, Arc::clone(key), window));
+                }
+            }
+            series.emitted = series.emitted.split_off(&forget_before);
         }
-        self.revisions.retain(|key, hours| {
-            take_due(
-                hours,
-                |hour, w| is_due(*hour, w),
-                |hour, w| {
-                    due.push((hour, key.clone(), w));
-                },
-            );
-            !hours.is_empty()
-        });
+        self.series
+            .retain(|_, series| !series.windows.is_empty() || !series.emitted.is_empty());
         self.emit(due)
     }
 
-    /// Returns the offset that is safe to commit: the lowest offset held by an open window
-    /// (lowered as described in [`PartitionWindows::commit_point`]), or `next_offset` when
-    /// no window is open.
-    pub fn commit_offset(&self, next_offset: i64) -> i64 {
-        self.commit_point(next_offset).offset
-    }
-
-    /// Returns where a restart must resume: the lowest first offset of an open window,
+    /// Returns the offset that is safe to commit: the lowest first offset of an open window,
     /// lowered to the first offset of any emitted window whose offsets straddle it, or
-    /// `next_offset` when none; with the max event time seen before that offset.
+    /// `next_offset` when none.
     ///
     /// `next_offset` is one past the last offset passed to [`PartitionWindows::on_sample`]
     /// (or skipped by the caller). Commit the result only once every aggregate returned so
     /// far has been acknowledged by the broker.
-    pub fn commit_point(&self, next_offset: i64) -> CommitPoint {
-        let mut point = CommitPoint {
-            offset: next_offset,
-            max_event_time: self.max_event_time,
-        };
-        for window in self.open() {
-            if window.first_offset < point.offset {
-                point = CommitPoint {
-                    offset: window.first_offset,
-                    max_event_time: window.max_event_time_before,
-                };
-            }
-        }
+    pub fn commit_offset(&self, next_offset: i64) -> i64 {
+        let mut offset = self
+            .open()
+            .map(|window| window.first_offset)
+            .fold(next_offset, i64::min);
         // Terminates: the offset strictly decreases on every pass that changes it.
         loop {
             let mut lowered = false;
             for range in &self.closed {
-                if range.first_offset < point.offset && point.offset <= range.last_offset {
-                    point = CommitPoint {
-                        offset: range.first_offset,
-                        max_event_time: range.max_event_time_before,
-                    };
+                if range.first_offset < offset && offset <= range.last_offset {
+                    offset = range.first_offset;
                     lowered = true;
                 }
             }
             if !lowered {
-                return point;
+                return offset;
             }
         }
     }
 
-    /// Returns the watermark: the highest event time accepted minus the allowed lateness;
-    /// `None` before the first sample (and without a resumed event time).
-    pub fn watermark(&self) -> Option<i64> {
-        self.max_event_time
-            .map(|max| max.saturating_sub(self.config.allowed_lateness_ms))
-    }
-
-    /// Returns the highest `effective_start` accepted so far (or resumed from).
-    pub fn max_event_time(&self) -> Option<i64> {
-        self.max_event_time
-    }
-
-    /// Returns the number of open windows (regular and revision).
+    /// Returns the number of open windows.
     pub fn open_windows(&self) -> usize {
-        self.regular.values().map(BTreeMap::len).sum::<usize>() + self.revision_windows()
+        self.series.values().map(|s| s.windows.len()).sum()
     }
 
     /// Returns the number of samples held by open windows.
@@ -627,7 +615,8 @@ impl PartitionWindows {
         self.held_samples
     }
 
-    /// Returns the number of late samples accepted since creation.
+    /// Returns the number of late samples (of an hour already emitted) accepted since
+    /// creation.
     pub fn late_samples(&self) -> u64 {
         self.late_samples
     }
@@ -636,81 +625,26 @@ impl PartitionWindows {
     pub fn stats(&self) -> WindowStats {
         WindowStats {
             open_windows: self.open_windows(),
-            revision_windows: self.revision_windows(),
+            revision_windows: self.open().filter(|w| w.amends).count(),
             held_samples: self.held_samples,
             late_samples: self.late_samples,
             duplicate_samples: self.duplicate_samples,
             replaced_samples: self.replaced_samples,
             emitted_aggregates: self.emitted_aggregates,
+            ignored_progress: self.ignored_progress,
         }
-    }
-
-    fn revision_windows(&self) -> usize {
-        self.revisions.values().map(BTreeMap::len).sum()
     }
 
     /// Returns all open windows.
     fn open(&self) -> impl Iterator<Item = &Window> {
-        let regular = self.regular.values().flat_map(BTreeMap::values);
-        regular.chain(self.revisions.values().flat_map(BTreeMap::values))
-    }
-
-    /// Returns the open window of a series and hour. At most one exists: a regular window
-    /// ends after the watermark, a revision window at or before it.
-    fn window(&self, series_key: &str, hour: i64) -> Option<&Window> {
-        let regular = self.regular.get(&hour).and_then(|w| w.get(series_key));
-        regular.or_else(|| self.revisions.get(series_key)?.get(&hour))
-    }
-
-    /// Removes the sample `id` from the series' open windows of other hours than `hour`
-    /// (its time was corrected) and returns whether it held one. A window left empty is
-    /// dropped without emitting.
-    fn remove_from_other_hours(
-        &mut self,
-        series_key: &str,
-        id: &str,
-        hour: i64,
-        offset: i64,
-    ) -> bool {
-        let mut removed = false;
-        let mut emptied = Vec::new();
-        for (other, windows) in self.regular.iter_mut().filter(|(h, _)| **h != hour) {
-            if let Some(window) = windows.get_mut(series_key)
-                && window.samples.remove(id).is_some()
-            {
-                window.touch(offset);
-                removed = true;
-                if window.samples.is_empty() {
-                    emptied.push(*other);
-                }
-            }
-        }
-        for other in emptied {
-            if let Some(windows) = self.regular.get_mut(&other) {
-                windows.remove(series_key);
-                if windows.is_empty() {
-                    self.regular.remove(&other);
-                }
-            }
-        }
-        if let Some(hours) = self.revisions.get_mut(series_key) {
-            for (_, window) in hours.iter_mut().filter(|(h, _)| **h != hour) {
-                if window.samples.remove(id).is_some() {
-                    window.touch(offset);
-                    removed = true;
-                }
-            }
-            hours.retain(|_, window| !window.samples.is_empty());
-            if hours.is_empty() {
-                self.revisions.remove(series_key);
-            }
-        }
-        removed
+        self.series
+            .values()
+            .flat_map(|series| series.windows.values().map(AsRef::as_ref))
     }
 
     /// Returns the aggregates of closed windows sorted by (hour, series key) and forgets them
     /// except for their offsets.
-    fn emit(&mut self, mut due: Vec<(i64, String, Window)>) -> Vec<HourlyAggregate> {
+    fn emit(&mut self, mut due: Vec<(i64, Arc<str>, Arc<Window>)>) -> Vec<HourlyAggregate> {
         if due.is_empty() {
             return Vec::new();
         }
@@ -721,7 +655,6 @@ impl PartitionWindows {
             self.closed.push(ClosedRange {
                 first_offset: window.first_offset,
                 last_offset: window.last_offset,
-                max_event_time_before: window.max_event_time_before,
             });
             out.extend(window.aggregate(&series_key, hour));
         }
@@ -735,28 +668,10 @@ impl PartitionWindows {
     fn prune_closed(&mut self) {
         match self.next_offset {
             Some(next) => {
-                let floor = self.commit_point(next).offset;
+                let floor = self.commit_offset(next);
                 self.closed.retain(|range| range.last_offset >= floor);
             }
             None => self.closed.clear(),
-        }
-    }
-}
-
-/// Moves the entries of `map` for which `is_due` holds to `take`.
-fn take_due<K: Ord + Clone>(
-    map: &mut BTreeMap<K, Window>,
-    is_due: impl Fn(&K, &Window) -> bool,
-    mut take: impl FnMut(K, Window),
-) {
-    let keys: Vec<K> = map
-        .iter()
-        .filter(|(key, window)| is_due(key, window))
-        .map(|(key, _)| key.clone())
-        .collect();
-    for key in keys {
-        if let Some(window) = map.remove(&key) {
-            take(key, window);
         }
     }
 }
@@ -803,10 +718,15 @@ mod tests {
         T0 + hour * HOUR_MS + minute * MIN
     }
 
+    /// The wall clock of the tests that do not look at it: long after their samples.
+    fn now() -> i64 {
+        at(48, 0)
+    }
+
     fn config() -> WindowConfig {
         WindowConfig {
-            allowed_lateness_ms: 10 * MIN,
             idle_grace_ms: 5 * MIN,
+            max_future_skew_ms: 6 * HOUR_MS,
         }
     }
 
@@ -857,8 +777,14 @@ mod tests {
         }
     }
 
+    /// Returns `m` as the last record of its series in a fetch that reached `through`.
+    fn last_of_fetch(mut m: Measurement, through: i64) -> Measurement {
+        m.fetched_through = Some(through);
+        m
+    }
+
     /// What one sample did.
-    struct SampleOutcome {
+    struct Sent {
         closed: Vec<HourlyAggregate>,
         late: bool,
         effect: SampleEffect,
@@ -879,11 +805,12 @@ mod tests {
         }
 
         /// Sends a sample and reports what it did, from the counters.
-        fn send(&mut self, m: &Measurement) -> SampleOutcome {
+        fn send(&mut self, m: &Measurement) -> Sent {
             let offset = self.next_offset;
             self.next_offset += 1;
             let before = self.windows.stats();
-            let closed = self.windows.on_sample(offset, m).expect("accepted");
+            let outcome = self.windows.on_sample(offset, m, now());
+            assert_eq!(outcome.rejected, None, "rejected");
             let after = self.windows.stats();
             let effect = if after.replaced_samples > before.replaced_samples {
                 SampleEffect::Replaced
@@ -892,8 +819,8 @@ mod tests {
             } else {
                 SampleEffect::Added
             };
-            SampleOutcome {
-                closed,
+            Sent {
+                closed: outcome.closed,
                 late: after.late_samples > before.late_samples,
                 effect,
             }
@@ -908,6 +835,19 @@ mod tests {
             value: f64,
         ) -> Vec<HourlyAggregate> {
             self.send(&measurement(series_key, id, ts, value)).closed
+        }
+
+        /// Sends a sample that ends a fetch of its series through `through`.
+        fn last(
+            &mut self,
+            series_key: &str,
+            id: &str,
+            ts: i64,
+            value: f64,
+            through: i64,
+        ) -> Vec<HourlyAggregate> {
+            let m = last_of_fetch(measurement(series_key, id, ts, value), through);
+            self.send(&m).closed
         }
 
         fn tick(&mut self, now: i64, caught_up: bool) -> Vec<HourlyAggregate> {
@@ -953,26 +893,27 @@ mod tests {
         p.value(HR, "a", at(11, 0) - 1, 1.0);
         p.value(HR, "b", at(11, 0), 2.0);
         assert_eq!(p.windows.open_windows(), 2);
-        let closed = p.value(HR, "c", at(11, 20), 3.0);
+        let closed = p.last(HR, "c", at(11, 20), 3.0, at(11, 0));
         assert_eq!(ids(&closed), ["p1/heart_rate/PT1H/2026-03-01T10:00:00Z"]);
         assert_eq!(closed[0].count, 1);
         assert_eq!(closed[0].last_sample_at, at(11, 0) - 1);
-        let closed = p.value(HR, "d", at(12, 10), 4.0);
+        let closed = p.last(HR, "d", at(12, 10), 4.0, at(12, 0));
         assert_eq!(ids(&closed), ["p1/heart_rate/PT1H/2026-03-01T11:00:00Z"]);
         assert_eq!((closed[0].count, closed[0].sum), (2, 5.0));
         assert_eq!(closed[0].first_sample_at, at(11, 0));
     }
 
     #[test]
-    fn test_window_closes_when_watermark_reaches_its_end() {
+    fn test_window_closes_exactly_when_its_series_progress_passes_its_end() {
         let mut p = Partition::new();
         assert!(p.value(HR, "a", at(10, 5), 60.0).is_empty());
+        // Later samples alone close nothing, however far they go.
         assert!(p.value(HR, "b", at(10, 30), 80.0).is_empty());
-        // Watermark 10:59:59.999: one millisecond short of the end.
-        assert!(p.value(HR, "c", at(11, 10) - 1, 70.0).is_empty());
-        assert_eq!(p.windows.watermark(), Some(at(11, 0) - 1));
-        let closed = p.value(HR, "d", at(11, 10), 75.0);
-        assert_eq!(p.windows.watermark(), Some(at(11, 0)));
+        assert!(p.value(HR, "c", at(13, 10), 70.0).is_empty());
+        // Progress one millisecond short of the end.
+        assert!(p.last(HR, "d", at(10, 40), 60.0, at(11, 0) - 1).is_empty());
+        assert_eq!(p.windows.open_windows(), 2);
+        let closed = p.last(HR, "e", at(10, 50), 80.0, at(11, 0));
         assert_eq!(closed.len(), 1);
         let aggregate = &closed[0];
         assert_eq!(aggregate.aggregate_id, aggregate_id(HR, at(10, 0)));
@@ -980,27 +921,73 @@ mod tests {
             (aggregate.hour_start, aggregate.hour_end),
             (at(10, 0), at(11, 0))
         );
+        // The record that carried the progress is in the hour it closed.
         assert_eq!(
             (aggregate.count, aggregate.sum, aggregate.mean),
-            (2, 140.0, 70.0)
+            (4, 280.0, 70.0)
         );
+        assert!(!aggregate.amends);
+        assert_eq!(aggregate.revision, 104);
         assert_eq!(p.windows.open_windows(), 1);
-        assert_eq!(p.windows.held_samples(), 2);
+        assert_eq!(p.windows.held_samples(), 1);
+        // Progress past several hours closes each of them, sorted by hour.
+        p.value(HR, "f", at(11, 10), 1.0);
+        let closed = p.last(HR, "g", at(12, 10), 1.0, at(14, 0));
+        assert_eq!(
+            ids(&closed),
+            [
+                aggregate_id(HR, at(11, 0)),
+                aggregate_id(HR, at(12, 0)),
+                aggregate_id(HR, at(13, 0))
+            ]
+        );
+        assert_eq!(p.windows.open_windows(), 0);
     }
 
     #[test]
-    fn test_allowed_lateness_keeps_window_open_for_out_of_order_samples() {
+    fn test_samples_of_a_later_hour_do_not_make_earlier_samples_late() {
         let mut p = Partition::new();
         p.value(HR, "a", at(10, 50), 1.0);
         assert!(p.value(HR, "b", at(11, 5), 2.0).is_empty());
         let outcome = p.send(&measurement(HR, "c", at(10, 58), 3.0));
         assert!(!outcome.late);
         assert!(outcome.closed.is_empty());
-        let closed = p.value(HR, "d", at(11, 10), 4.0);
+        let closed = p.last(HR, "d", at(11, 10), 4.0, at(11, 0));
         assert_eq!(closed.len(), 1);
         assert_eq!((closed[0].count, closed[0].sum), (2, 4.0));
         assert_eq!(closed[0].last_sample_at, at(10, 58));
         assert_eq!(p.windows.late_samples(), 0);
+    }
+
+    #[test]
+    fn test_one_series_progress_never_closes_another_series_hour() {
+        // Two patients on one partition, interleaved; HR2's device syncs later than HR's.
+        let mut p = Partition::new();
+        for minute in (0..60).step_by(10) {
+            p.value(HR, &format!("hr-{minute}"), at(10, minute), 60.0);
+            if minute < 30 {
+                p.value(HR2, &format!("h2-{minute}"), at(10, minute + 1), 90.0);
+            }
+        }
+        // HR's fetch has gone far beyond hour 10; HR2's has not reported any progress yet.
+        let closed = p.last(HR, "hr-next", at(12, 30), 61.0, at(12, 0));
+        assert_eq!(ids(&closed), [aggregate_id(HR, at(10, 0))]);
+        assert_eq!(p.windows.open_windows(), 2);
+        // HR2's next fetch delivers the rest of its hour, later, and only then closes it.
+        for minute in (30..60).step_by(10) {
+            assert!(
+                p.value(HR2, &format!("h2-{minute}"), at(10, minute + 1), 90.0)
+                    .is_empty()
+            );
+        }
+        assert!(
+            p.last(HR, "hr-more", at(12, 40), 62.0, at(12, 0))
+                .is_empty()
+        );
+        let closed = p.last(HR2, "h2-end", at(10, 59), 90.0, at(11, 0));
+        assert_eq!(ids(&closed), [aggregate_id(HR2, at(10, 0))]);
+        assert_eq!((closed[0].count, closed[0].amends), (7, false));
+        assert_eq!(p.windows.open_windows(), 1);
     }
 
     #[test]
@@ -1011,10 +998,9 @@ mod tests {
         latest.device = Some(device("d2"));
         p.send(&latest);
         p.value(HR, "a", at(10, 10), 1.0);
-        let mut received_last = measurement(HR, "b", at(10, 25), 2.0);
+        let mut received_last = last_of_fetch(measurement(HR, "b", at(10, 25), 2.0), at(11, 0));
         received_last.context = context("sync-3");
-        p.send(&received_last);
-        let closed = p.value(HR2, "x", at(11, 10), 9.0);
+        let closed = p.send(&received_last).closed;
         assert_eq!(closed.len(), 1);
         let a = &closed[0];
         assert_eq!(a.series_key, HR);
@@ -1045,7 +1031,7 @@ mod tests {
         let outcome = p.send(&measurement(HR, "a", at(10, 10), 70.0));
         assert_eq!(outcome.effect, SampleEffect::Duplicate);
         assert_eq!(p.windows.held_samples(), 1);
-        let closed = p.value(HR, "b", at(11, 10), 1.0);
+        let closed = p.last(HR, "b", at(11, 10), 1.0, at(11, 0));
         assert_eq!((closed[0].count, closed[0].sum), (1, 70.0));
         assert_eq!(p.windows.stats().duplicate_samples, 1);
     }
@@ -1058,7 +1044,7 @@ mod tests {
         let outcome = p.send(&measurement(HR, "a", at(10, 10), 75.0));
         assert_eq!(outcome.effect, SampleEffect::Replaced);
         assert_eq!(p.windows.held_samples(), 2);
-        let closed = p.value(HR, "c", at(11, 10), 1.0);
+        let closed = p.last(HR, "c", at(11, 10), 1.0, at(11, 0));
         let a = &closed[0];
         assert_eq!((a.count, a.sum, a.min, a.max), (2, 155.0, 75.0, 80.0));
         assert_eq!(p.windows.stats().replaced_samples, 1);
@@ -1072,7 +1058,7 @@ mod tests {
         let outcome = p.send(&measurement(HR, "x", at(11, 2), 1.0));
         assert_eq!(outcome.effect, SampleEffect::Replaced);
         assert_eq!(p.windows.held_samples(), 2);
-        let closed = p.value(HR, "z", at(11, 15), 3.0);
+        let closed = p.last(HR, "z", at(11, 15), 3.0, at(11, 0));
         assert_eq!((closed[0].count, closed[0].sum), (1, 2.0));
 
         // Moving the only sample of an hour drops that window without emitting.
@@ -1081,10 +1067,10 @@ mod tests {
         let outcome = p.send(&measurement(HR, "q", at(11, 50), 4.0));
         assert!(outcome.closed.is_empty());
         assert_eq!(p.windows.open_windows(), 1);
-        let closed = p.value(HR2, "w", at(12, 10), 0.0);
+        let closed = p.last(HR, "w", at(11, 5), 0.0, at(13, 0));
         assert_eq!(ids(&closed), [aggregate_id(HR, at(11, 0))]);
-        assert_eq!((closed[0].count, closed[0].sum), (3, 8.0));
-        assert_eq!(p.windows.open_windows(), 1);
+        assert_eq!((closed[0].count, closed[0].sum), (4, 8.0));
+        assert_eq!(p.windows.open_windows(), 0);
     }
 
     #[test]
@@ -1100,6 +1086,7 @@ mod tests {
         let infinite = measurement(HR, "a", at(10, 0), f64::INFINITY);
         let too_late = measurement(HR, "a", MAX_EFFECTIVE_START + 1, 1.0);
         let too_early = measurement(HR, "a", MIN_EFFECTIVE_START - 1, 1.0);
+        let future = measurement(HR, "a", now() + 6 * HOUR_MS + 1, 1.0);
         let cases = [
             (
                 individual,
@@ -1124,32 +1111,88 @@ mod tests {
                 WindowError::TimestampOutOfRange(MIN_EFFECTIVE_START - 1),
                 "timestamp_out_of_range",
             ),
+            (
+                future,
+                WindowError::FutureTimestamp {
+                    max_skew_ms: 6 * HOUR_MS,
+                },
+                "future_timestamp",
+            ),
         ];
         for (offset, (m, error, label)) in (0..).zip(cases) {
-            assert_eq!(p.windows.on_sample(offset, &m), Err(error.clone()));
+            let outcome = p.windows.on_sample(offset, &m, now());
+            assert_eq!(outcome.rejected, Some(error.clone()));
+            assert!(outcome.closed.is_empty());
             assert_eq!(error.label(), label);
         }
         assert_eq!(p.windows.open_windows(), 0);
-        assert_eq!(p.windows.watermark(), None);
-        assert_eq!(p.windows.commit_offset(7), 7);
+        assert_eq!(p.windows.commit_offset(8), 8);
 
         // The unit is fixed by the hour's first sample; other hours may differ.
         p.value(HR, "a", at(10, 0), 1.0);
         let mut other_unit = measurement(HR, "b", at(10, 5), 5.0);
         other_unit.components[0].unit = "mmol/L".to_owned();
-        let error = p.windows.on_sample(200, &other_unit).unwrap_err();
+        let error = p.windows.on_sample(200, &other_unit, now()).rejected;
         assert_eq!(
             error,
-            WindowError::UnitMismatch {
+            Some(WindowError::UnitMismatch {
                 unit: "mmol/L".to_owned(),
                 window_unit: "/min".to_owned()
-            }
+            })
         );
-        assert_eq!(error.label(), "unit_mismatch");
+        assert_eq!(error.unwrap().label(), "unit_mismatch");
         assert_eq!(p.windows.held_samples(), 1);
-        assert_eq!(p.windows.max_event_time(), Some(at(10, 0)));
         other_unit.effective_start = at(11, 5);
-        assert!(p.windows.on_sample(201, &other_unit).is_ok());
+        assert_eq!(p.windows.on_sample(201, &other_unit, now()).rejected, None);
+    }
+
+    #[test]
+    fn test_future_dated_sample_is_rejected_and_opens_or_closes_nothing() {
+        let mut w = PartitionWindows::new(config());
+        let clock = at(10, 30);
+        w.on_sample(0, &measurement(HR, "a", at(10, 10), 1.0), clock);
+        // At the bound: accepted (a device a little ahead of the clock).
+        let edge = measurement(HR, "b", clock + 6 * HOUR_MS, 1.0);
+        assert_eq!(w.on_sample(1, &edge, clock).rejected, None);
+        assert_eq!(w.open_windows(), 2);
+        // One millisecond beyond: rejected, names the bound and not the value.
+        let year_9999 = last_of_fetch(measurement(HR, "c", MAX_EFFECTIVE_START, 1.0), at(10, 0));
+        let beyond = measurement(HR2, "d", clock + 6 * HOUR_MS + 1, 1.0);
+        for (offset, m) in [(2, &year_9999), (3, &beyond)] {
+            let outcome = w.on_sample(offset, m, clock);
+            let error = outcome.rejected.expect("rejected");
+            assert_eq!(error.label(), "future_timestamp");
+            assert_eq!(
+                error.to_string(),
+                "effective_start is more than 21600000 ms ahead of the clock (max future skew)"
+            );
+            assert!(outcome.closed.is_empty());
+        }
+        assert_eq!(w.open_windows(), 2);
+        assert_eq!(w.held_samples(), 2);
+        // The same sample is accepted once the clock has caught up with it.
+        assert_eq!(w.on_sample(4, &beyond, clock + 1).rejected, None);
+        assert_eq!(w.open_windows(), 3);
+    }
+
+    #[test]
+    fn test_future_progress_is_ignored_and_a_rejected_sample_progress_counts() {
+        let mut w = PartitionWindows::new(config());
+        let clock = at(10, 30);
+        w.on_sample(0, &measurement(HR, "a", at(10, 10), 1.0), clock);
+        w.on_sample(1, &measurement(HR, "b", at(9, 10), 1.0), clock);
+        // A fetch progress far in the future would close every window of the series.
+        let far = last_of_fetch(measurement(HR, "c", at(10, 11), 1.0), MAX_EFFECTIVE_START);
+        let outcome = w.on_sample(2, &far, clock);
+        assert_eq!(outcome, SampleOutcome::default());
+        assert_eq!(w.stats().ignored_progress, 1);
+        assert_eq!(w.open_windows(), 2);
+        // The fetcher's progress is not the device's value: it counts for an invalid sample.
+        let nan = last_of_fetch(measurement(HR, "d", at(10, 12), f64::NAN), at(10, 0));
+        let outcome = w.on_sample(3, &nan, clock);
+        assert_eq!(outcome.rejected, Some(WindowError::NonFiniteValue));
+        assert_eq!(ids(&outcome.closed), [aggregate_id(HR, at(9, 0))]);
+        assert_eq!(w.open_windows(), 1);
     }
 
     #[test]
@@ -1180,7 +1223,7 @@ mod tests {
         let mut p = Partition::new();
         p.value(HR, "a", at(10, 30), 1.0);
         p.tick(at(10, 31), true);
-        // A sample of the ended hour arrives at 11:03, within allowed lateness.
+        // A sample of the ended hour arrives at 11:03.
         p.value(HR, "b", at(10, 58), 2.0);
         assert!(p.tick(at(11, 3), true).is_empty());
         assert!(p.tick(at(11, 8) - 1, true).is_empty());
@@ -1189,32 +1232,33 @@ mod tests {
         assert_eq!(closed[0].count, 2);
     }
 
-    /// Emits hour 10 of HR with samples a (10:10, 60) and b (10:50, 70), leaving hour 11 open
-    /// with c (11:15, 80).
+    /// Emits hour 10 of HR with samples a (10:10, 60) and b (10:50, 70) at offsets 100 and
+    /// 101, leaving hour 11 open with c (11:15, 80), which carried the progress to 11:00.
     fn partition_with_emitted_hour() -> Partition {
         let mut p = Partition::new();
         p.value(HR, "a", at(10, 10), 60.0);
         p.value(HR, "b", at(10, 50), 70.0);
-        let closed = p.value(HR, "c", at(11, 15), 80.0);
+        let closed = p.last(HR, "c", at(11, 15), 80.0, at(11, 0));
         assert_eq!(ids(&closed), [aggregate_id(HR, at(10, 0))]);
         assert_eq!((closed[0].count, closed[0].sum), (2, 130.0));
+        assert_eq!((closed[0].revision, closed[0].amends), (101, false));
         p
     }
 
     #[test]
-    fn test_revision_window_collects_the_whole_refetched_hour_and_reuses_the_id() {
+    fn test_revision_collects_the_refetched_hour_amends_it_with_a_higher_revision() {
         let mut p = partition_with_emitted_hour();
         // The fetcher re-fetches hour 10 (with one new sample) and the hour after it.
         for (id, minute, value) in [("a", 10, 60.0), ("m", 30, 65.0), ("b", 50, 70.0)] {
             let outcome = p.send(&measurement(HR, id, at(10, minute), value));
             assert!(outcome.late);
-            assert!(
-                outcome.closed.is_empty(),
-                "closed on a sample of its own hour"
-            );
+            assert!(outcome.closed.is_empty(), "closed without progress");
         }
         assert_eq!(p.windows.stats().revision_windows, 1);
-        let outcome = p.send(&measurement(HR, "c", at(11, 15), 80.0));
+        let outcome = p.send(&last_of_fetch(
+            measurement(HR, "c", at(11, 15), 80.0),
+            at(11, 0),
+        ));
         assert!(!outcome.late);
         assert_eq!(outcome.effect, SampleEffect::Duplicate);
         assert_eq!(ids(&outcome.closed), [aggregate_id(HR, at(10, 0))]);
@@ -1227,21 +1271,28 @@ mod tests {
             (revision.hour_start, revision.hour_end),
             (at(10, 0), at(11, 0))
         );
+        assert!(revision.amends);
+        assert_eq!(revision.revision, 105);
         assert_eq!(p.windows.stats().revision_windows, 0);
         assert_eq!(p.windows.late_samples(), 3);
+        // A second re-fetch amends it again, with a still higher revision.
+        let closed = p.last(HR, "a", at(10, 10), 61.0, at(11, 0));
+        assert_eq!((closed[0].amends, closed[0].revision), (true, 107));
+        assert_eq!(closed[0].count, 1);
     }
 
     #[test]
-    fn test_revision_window_ignores_watermark_and_other_series() {
+    fn test_revision_window_ignores_other_series_progress() {
         let mut p = partition_with_emitted_hour();
         p.value(HR, "a", at(10, 10), 60.0);
-        // Another series moves the watermark far past hour 10 and closes HR's hour 11.
-        let closed = p.value(HR2, "x", at(12, 30), 1.0);
-        assert_eq!(ids(&closed), [aggregate_id(HR, at(11, 0))]);
+        // Another series' progress goes far past hour 10: HR's hours stay open.
+        p.value(HR2, "x", at(12, 30), 1.0);
+        let closed = p.last(HR2, "y", at(12, 40), 1.0, at(13, 0));
+        assert_eq!(ids(&closed), [aggregate_id(HR2, at(12, 0))]);
         assert_eq!(p.windows.stats().revision_windows, 1);
         // A sample of HR still in hour 10 joins the revision.
         assert!(p.value(HR, "b", at(10, 59), 70.0).is_empty());
-        let closed = p.value(HR, "d", at(11, 0), 1.0);
+        let closed = p.last(HR, "d", at(11, 0), 1.0, at(11, 0));
         assert_eq!(ids(&closed), [aggregate_id(HR, at(10, 0))]);
         assert_eq!((closed[0].count, closed[0].sum), (2, 130.0));
         assert_eq!(closed[0].last_sample_at, at(10, 59));
@@ -1265,7 +1316,47 @@ mod tests {
             [aggregate_id(HR, at(10, 0)), aggregate_id(HR, at(11, 0))]
         );
         assert_eq!((closed[0].count, closed[0].sum), (1, 61.0));
+        assert_eq!((closed[0].amends, closed[1].amends), (true, false));
         assert_eq!(p.windows.open_windows(), 0);
+    }
+
+    #[test]
+    fn test_idle_closed_hour_completed_later_is_amended() {
+        // A device that syncs late: its hour closes idle, partial; the fetch that brings the
+        // rest re-fetches the whole hour and amends it.
+        let mut p = Partition::new();
+        p.value(HR, "a", at(10, 10), 60.0);
+        p.tick(at(10, 11), false);
+        let closed = p.tick(at(11, 5), true);
+        assert_eq!((closed[0].count, closed[0].amends), (1, false));
+        p.value(HR, "a", at(10, 10), 60.0);
+        let closed = p.last(HR, "b", at(10, 40), 70.0, at(11, 0));
+        assert_eq!((closed[0].count, closed[0].amends), (2, true));
+        assert!(closed[0].revision > 100);
+    }
+
+    #[test]
+    fn test_emitted_hours_are_forgotten_after_the_amends_memory() {
+        let mut p = partition_with_emitted_hour();
+        p.tick(at(11, 16), false);
+        assert_eq!(ids(&p.tick(at(12, 5), true)), [aggregate_id(HR, at(11, 0))]);
+        let emitted = |p: &Partition| -> Vec<i64> {
+            p.windows
+                .series
+                .get(HR)
+                .map(|s| s.emitted.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(emitted(&p), [at(10, 0), at(11, 0)]);
+        p.tick(at(10, 0) + AMENDS_MEMORY_MS, true);
+        assert_eq!(emitted(&p), [at(10, 0), at(11, 0)]);
+        p.tick(at(10, 0) + AMENDS_MEMORY_MS + 1, true);
+        assert_eq!(emitted(&p), [at(11, 0)]);
+        // A re-fetch of a forgotten hour is emitted without `amends`.
+        let closed = p.last(HR, "a", at(10, 10), 60.0, at(11, 0));
+        assert!(!closed[0].amends);
+        p.tick(at(12, 0) + AMENDS_MEMORY_MS + 1, true);
+        assert!(p.windows.series.is_empty(), "series kept without state");
     }
 
     #[test]
@@ -1274,53 +1365,61 @@ mod tests {
         assert_eq!(p.windows.late_samples(), 0);
         assert!(p.send(&measurement(HR, "a", at(10, 10), 60.0)).late);
         assert!(p.send(&measurement(HR, "a", at(10, 10), 60.0)).late);
-        assert!(p.send(&measurement(HR2, "y", at(9, 0), 1.0)).late);
+        assert!(!p.send(&measurement(HR2, "y", at(9, 0), 1.0)).late);
         assert!(!p.send(&measurement(HR, "e", at(11, 20), 1.0)).late);
-        assert_eq!(p.windows.late_samples(), 3);
-        assert_eq!(p.windows.stats().late_samples, 3);
-        // HR's revision closed on its sample of hour 11; HR2's hour 9 is still open.
+        assert_eq!(p.windows.late_samples(), 2);
+        assert_eq!(p.windows.stats().late_samples, 2);
         assert_eq!(p.windows.stats().revision_windows, 1);
+    }
+
+    #[test]
+    fn test_clone_is_a_copy_on_write_snapshot() {
+        // The stage works on a clone and keeps it only once the outputs are acknowledged.
+        let mut p = Partition::new();
+        p.value(HR, "a", at(10, 10), 60.0);
+        p.value(HR2, "b", at(10, 20), 70.0);
+        let kept = p.windows.clone();
+        let close = last_of_fetch(measurement(HR, "c", at(10, 30), 80.0), at(11, 0));
+        let mut attempt = kept.clone();
+        let first = attempt.on_sample(102, &close, now());
+        assert_eq!(first.closed.len(), 1);
+        attempt.on_tick(at(12, 0), false);
+        assert_eq!(attempt.on_tick(at(12, 10), true).len(), 1);
+        assert_eq!(attempt.open_windows(), 0);
+        // Not kept: the original is untouched, and a retry closes the same hour identically.
+        assert_eq!(kept.open_windows(), 2);
+        assert_eq!(kept.held_samples(), 2);
+        assert_eq!(kept.commit_offset(103), 100);
+        let mut retry = kept.clone();
+        assert_eq!(retry.on_sample(102, &close, now()), first);
+        assert_eq!(retry.open_windows(), 1);
+        // HR2's hour holds 101, inside HR's emitted hour (100..=102).
+        assert_eq!(retry.commit_offset(103), 100);
     }
 
     #[test]
     fn test_commit_offset_is_lowest_offset_held_by_an_open_window() {
         let mut w = PartitionWindows::new(config());
-        w.on_sample(100, &measurement(HR, "a", at(10, 10), 1.0))
-            .unwrap();
-        w.on_sample(101, &measurement(HR2, "b", at(10, 20), 1.0))
-            .unwrap();
-        w.on_sample(102, &measurement(HR, "c", at(11, 1), 1.0))
-            .unwrap();
+        let send = |w: &mut PartitionWindows, offset: i64, m: Measurement| {
+            w.on_sample(offset, &m, now()).closed
+        };
+        send(&mut w, 100, measurement(HR, "a", at(10, 10), 1.0));
+        send(&mut w, 101, measurement(HR2, "b", at(10, 20), 1.0));
+        send(&mut w, 102, measurement(HR, "c", at(11, 1), 1.0));
         assert_eq!(w.commit_offset(103), 100);
-        assert_eq!(w.commit_point(103).max_event_time, None);
-        let closed = w
-            .on_sample(103, &measurement(HR2, "d", at(11, 12), 1.0))
-            .unwrap();
-        assert_eq!(closed.len(), 2);
-        assert_eq!(
-            w.commit_point(104),
-            CommitPoint {
-                offset: 102,
-                max_event_time: Some(at(10, 20))
-            }
-        );
+        let m = last_of_fetch(measurement(HR, "d", at(11, 12), 1.0), at(11, 0));
+        assert_eq!(send(&mut w, 103, m).len(), 1);
+        assert_eq!(w.commit_offset(104), 101);
         w.on_tick(at(11, 30), false);
         assert_eq!(w.on_tick(at(12, 5), true).len(), 2);
-        assert_eq!(
-            w.commit_point(104),
-            CommitPoint {
-                offset: 104,
-                max_event_time: Some(at(11, 12))
-            }
-        );
+        assert_eq!(w.commit_offset(104), 104);
     }
 
     #[test]
     fn test_commit_offset_is_next_offset_when_no_window_is_open() {
         let mut w = PartitionWindows::new(config());
         assert_eq!(w.commit_offset(42), 42);
-        w.on_sample(42, &measurement(HR, "a", at(10, 10), 1.0))
-            .unwrap();
+        w.on_sample(42, &measurement(HR, "a", at(10, 10), 1.0), now());
         assert_eq!(w.commit_offset(43), 42);
         w.on_tick(at(10, 11), false);
         assert_eq!(w.on_tick(at(11, 5), true).len(), 1);
@@ -1331,119 +1430,30 @@ mod tests {
     #[test]
     fn test_commit_offset_covers_an_emitted_window_straddling_an_open_one() {
         let mut w = PartitionWindows::new(config());
-        w.on_sample(0, &measurement(HR, "a", at(10, 59), 1.0))
-            .unwrap();
-        w.on_sample(1, &measurement(HR, "b", at(11, 1), 2.0))
-            .unwrap();
-        w.on_sample(2, &measurement(HR, "c", at(10, 58), 3.0))
-            .unwrap();
-        let closed = w
-            .on_sample(3, &measurement(HR, "d", at(11, 12), 4.0))
-            .unwrap();
-        assert_eq!((closed[0].count, closed[0].sum), (2, 4.0));
-        // Hour 11 holds offset 1, but hour 10 (offsets 0 and 2) was emitted: committing 1
-        // would make a restart rebuild hour 10 from offset 2 alone.
-        assert_eq!(w.commit_offset(4), 0);
-        let mut from_one = PartitionWindows::resume(config(), Some(at(10, 59)));
-        for (offset, id, ts, value) in [(1, "b", at(11, 1), 2.0), (2, "c", at(10, 58), 3.0)] {
-            from_one
-                .on_sample(offset, &measurement(HR, id, ts, value))
-                .unwrap();
+        for (offset, m) in [
+            (0, measurement(HR, "a", at(10, 59), 1.0)),
+            (1, measurement(HR2, "b", at(11, 1), 2.0)),
+        ] {
+            w.on_sample(offset, &m, now());
         }
-        let partial = from_one
-            .on_sample(3, &measurement(HR, "d", at(11, 12), 4.0))
-            .unwrap();
+        let m = last_of_fetch(measurement(HR, "c", at(10, 58), 3.0), at(11, 0));
+        let closed = w.on_sample(2, &m, now()).closed;
+        assert_eq!((closed[0].count, closed[0].sum), (2, 4.0));
+        // HR2's hour holds offset 1, but HR's hour 10 (offsets 0 and 2) was emitted:
+        // committing 1 would make a restart rebuild hour 10 from offset 2 alone.
+        assert_eq!(w.commit_offset(3), 0);
+        let mut from_one = PartitionWindows::new(config());
+        from_one.on_sample(1, &measurement(HR2, "b", at(11, 1), 2.0), now());
+        let partial = from_one.on_sample(2, &m, now()).closed;
         assert_ne!(partial, closed);
 
-        w.on_sample(4, &measurement(HR, "e", at(12, 11), 5.0))
-            .unwrap();
-        assert_eq!(w.commit_offset(5), 4);
-    }
-
-    #[test]
-    fn test_commit_point_metadata_round_trips_and_resume_restores_watermark() {
-        let point = CommitPoint {
-            offset: 7,
-            max_event_time: Some(at(10, 30)),
-        };
-        let metadata = point.metadata();
-        assert_eq!(
-            metadata,
-            format!("ohx-hourly-window/v1 max_event_time={}", at(10, 30))
+        w.on_sample(3, &measurement(HR2, "e", at(12, 11), 5.0), now());
+        w.on_sample(
+            4,
+            &last_of_fetch(measurement(HR2, "f", at(12, 12), 5.0), at(12, 0)),
+            now(),
         );
-        assert_eq!(
-            CommitPoint::max_event_time_from_metadata(&metadata),
-            Some(at(10, 30))
-        );
-        let none = CommitPoint {
-            offset: 7,
-            max_event_time: None,
-        };
-        assert_eq!(
-            CommitPoint::max_event_time_from_metadata(&none.metadata()),
-            None
-        );
-        assert_eq!(CommitPoint::max_event_time_from_metadata(""), None);
-        assert_eq!(CommitPoint::max_event_time_from_metadata("other=5"), None);
-
-        let mut w = PartitionWindows::resume(config(), Some(at(11, 30)));
-        assert_eq!(w.watermark(), Some(at(11, 20)));
-        w.on_sample(7, &measurement(HR, "a", at(10, 40), 1.0))
-            .unwrap();
-        assert_eq!(w.late_samples(), 1);
-        w.on_sample(8, &measurement(HR, "b", at(11, 5), 1.0))
-            .unwrap();
-        assert_eq!(w.late_samples(), 1);
-    }
-
-    #[test]
-    fn test_watermark_is_monotonic_and_trails_max_event_time() {
-        let mut p = Partition::new();
-        assert_eq!(p.windows.watermark(), None);
-        p.value(HR, "a", at(10, 30), 1.0);
-        assert_eq!(p.windows.watermark(), Some(at(10, 20)));
-        p.value(HR, "b", at(10, 5), 1.0);
-        assert_eq!(p.windows.watermark(), Some(at(10, 20)));
-        p.tick(at(18, 0), true);
-        assert_eq!(p.windows.watermark(), Some(at(10, 20)));
-        p.value(HR2, "c", at(10, 45), 1.0);
-        assert_eq!(p.windows.watermark(), Some(at(10, 35)));
-        assert_eq!(p.windows.max_event_time(), Some(at(10, 45)));
-    }
-
-    #[test]
-    fn test_multiple_series_interleaved_in_one_partition() {
-        let mut p = Partition::new();
-        for minute in (0..60).step_by(10) {
-            p.value(
-                HR,
-                &format!("hr-{minute}"),
-                at(10, minute),
-                60.0 + minute as f64,
-            );
-            p.value(STEPS, &format!("st-{minute}"), at(10, minute + 1), 10.0);
-            p.value(HR2, &format!("h2-{minute}"), at(10, minute + 2), 90.0);
-        }
-        p.value(HR2, "h2-late", at(11, 1), 91.0);
-        assert_eq!(p.windows.open_windows(), 4);
-        assert_eq!(p.windows.held_samples(), 19);
-        // One series' data moves the partition watermark for all of them.
-        let closed = p.value(HR2, "h2-next", at(11, 10), 92.0);
-        assert_eq!(
-            ids(&closed),
-            [
-                aggregate_id(HR, at(10, 0)),
-                aggregate_id(STEPS, at(10, 0)),
-                aggregate_id(HR2, at(10, 0)),
-            ]
-        );
-        let stats: Vec<(&str, i64, f64)> = closed
-            .iter()
-            .map(|a| (a.series_key.as_str(), a.count, a.sum))
-            .collect();
-        assert_eq!(stats, [(HR, 6, 510.0), (STEPS, 6, 60.0), (HR2, 6, 540.0)]);
-        assert_eq!(closed[1].data_type, "steps");
-        assert_eq!(p.windows.open_windows(), 1);
+        assert_eq!(w.commit_offset(5), 3);
     }
 
     #[test]
@@ -1453,7 +1463,8 @@ mod tests {
         p.value(HR2, "b11", at(11, 5), 1.0);
         p.value(HR, "a10", at(10, 58), 1.0);
         p.value(HR, "a11", at(11, 6), 1.0);
-        let closed = p.value(STEPS, "s12", at(12, 30), 1.0);
+        p.tick(at(11, 7), false);
+        let closed = p.tick(at(12, 30), true);
         assert_eq!(
             ids(&closed),
             [
@@ -1476,10 +1487,13 @@ mod tests {
             (p.windows.open_windows(), p.windows.held_samples()),
             (2, 60)
         );
-        assert_eq!(p.value(HR, "next", at(11, 10), 1.0).len(), 2);
-        assert_eq!((p.windows.open_windows(), p.windows.held_samples()), (1, 1));
+        assert_eq!(p.last(HR, "next", at(11, 10), 1.0, at(11, 0)).len(), 1);
+        assert_eq!(
+            (p.windows.open_windows(), p.windows.held_samples()),
+            (2, 31)
+        );
         p.tick(at(11, 11), false);
-        assert_eq!(p.tick(at(12, 5), true).len(), 1);
+        assert_eq!(p.tick(at(12, 5), true).len(), 2);
         assert_eq!(
             p.windows.stats(),
             WindowStats {
@@ -1524,12 +1538,13 @@ mod tests {
                 m
             })
             .collect();
-        let closer = measurement(HR2, "closer", at(12, 0), 0.0);
+        // The end of the fetch: a sample of the next hour with the progress.
+        let closer = last_of_fetch(measurement(HR, "next", at(11, 10), 0.0), at(11, 0));
         let aggregate_of = |order: &[usize], rng: &mut Lcg, by_tick: bool| {
             let mut w = PartitionWindows::new(config());
             let mut offset = 0;
             for &i in order {
-                w.on_sample(offset, &samples[i]).unwrap();
+                w.on_sample(offset, &samples[i], now());
                 offset += 1;
                 if rng.below(3) == 0 {
                     // A batch boundary: the poll loop ticks between batches.
@@ -1540,9 +1555,11 @@ mod tests {
                 w.on_tick(at(11, 0), false);
                 w.on_tick(at(11, 5), true)
             } else {
-                w.on_sample(offset, &closer).unwrap()
+                w.on_sample(offset, &closer, now()).closed
             };
             assert_eq!(closed.len(), 1);
+            // The revision is the offset of the last sample, whatever the order.
+            assert_eq!(closed[0].revision, values.len() as i64 - 1);
             closed[0].clone()
         };
         let mut rng = Lcg(7);
@@ -1592,12 +1609,24 @@ mod tests {
         let mut out = Vec::new();
         for (i, event) in events.iter().enumerate() {
             let closed = match event {
-                Event::Sample(offset, m) => windows.on_sample(*offset, m).unwrap_or_default(),
+                Event::Sample(offset, m) => windows.on_sample(*offset, m, now()).closed,
                 Event::Tick(now, caught_up) => windows.on_tick(*now, *caught_up),
             };
             out.extend(closed.into_iter().map(|a| (first_index + i, a)));
         }
         out
+    }
+
+    /// Returns the aggregates with `amends` cleared: a restarted stage does not remember the
+    /// hours emitted before its commit point.
+    fn without_amends(out: &[(usize, HourlyAggregate)]) -> Vec<(usize, HourlyAggregate)> {
+        out.iter()
+            .map(|(i, a)| {
+                let mut a = a.clone();
+                a.amends = false;
+                (*i, a)
+            })
+            .collect()
     }
 
     /// Returns the aggregates by id, the last emitted winning (what the EHR ends up with).
@@ -1610,13 +1639,13 @@ mod tests {
             .collect()
     }
 
-    /// Crashes after every prefix of `events`, restarts a fresh state at the commit point
-    /// (resumed with its event time if `resume`), replays and compares with a straight run.
-    /// With `resume` the replay must emit exactly what the straight run emitted after the
-    /// crash; without, the final aggregate of every id must match. Returns how many crash
-    /// points committed below the next offset (windows held).
-    fn assert_restart_equivalent(events: &[Event], resume: bool) -> usize {
-        let straight = run(&mut PartitionWindows::new(config()), events, 0);
+    /// Crashes after every prefix of `events`, restarts a fresh state at the commit offset,
+    /// replays and compares with a straight run: the replay must emit exactly what the
+    /// straight run emitted after the crash (but for `amends`), and re-emit only aggregates
+    /// the straight run emitted. Returns how many crash points committed below the next
+    /// offset (windows held).
+    fn assert_restart_equivalent(events: &[Event]) -> usize {
+        let straight = without_amends(&run(&mut PartitionWindows::new(config()), events, 0));
         let offset_of = |e: &Event| match e {
             Event::Sample(offset, _) => Some(*offset),
             Event::Tick(..) => None,
@@ -1625,58 +1654,51 @@ mod tests {
         let mut held = 0;
         for crash in 0..=events.len() {
             let mut before_crash = PartitionWindows::new(config());
-            let emitted = run(&mut before_crash, &events[..crash], 0);
+            let emitted = without_amends(&run(&mut before_crash, &events[..crash], 0));
             let next = events[..crash]
                 .iter()
                 .filter_map(offset_of)
                 .max()
                 .map_or(first_offset, |last| last + 1);
-            let point = before_crash.commit_point(next);
-            assert_eq!(before_crash.commit_offset(next), point.offset);
-            assert!(point.offset <= next);
-            if point.offset < next {
+            let commit = before_crash.commit_offset(next);
+            assert!(commit <= next);
+            if commit < next {
                 held += 1;
             }
             // Re-read from the committed offset; ticks after the last record before it too.
             let start = events
                 .iter()
-                .rposition(|e| offset_of(e).is_some_and(|o| o < point.offset))
+                .rposition(|e| offset_of(e).is_some_and(|o| o < commit))
                 .map_or(0, |i| i + 1);
-            let mut restarted = if resume {
-                PartitionWindows::resume(config(), point.max_event_time)
-            } else {
-                PartitionWindows::new(config())
-            };
-            let replayed = run(&mut restarted, &events[start..], start);
+            let mut restarted = PartitionWindows::new(config());
+            let replayed = without_amends(&run(&mut restarted, &events[start..], start));
             assert_eq!(
                 last_wins(emitted.iter().chain(&replayed)),
                 last_wins(&straight),
-                "crash after {crash} events, restart at offset {}",
-                point.offset
+                "crash after {crash} events, restart at offset {commit}"
             );
-            if resume {
-                let after = |out: &[(usize, HourlyAggregate)]| -> Vec<(usize, HourlyAggregate)> {
-                    out.iter().filter(|(i, _)| *i >= crash).cloned().collect()
-                };
-                assert_eq!(
-                    after(&replayed),
-                    after(&straight),
-                    "crash after {crash} events"
+            let after = |out: &[(usize, HourlyAggregate)]| -> Vec<(usize, HourlyAggregate)> {
+                out.iter().filter(|(i, _)| *i >= crash).cloned().collect()
+            };
+            assert_eq!(
+                after(&replayed),
+                after(&straight),
+                "crash after {crash} events"
+            );
+            for item in replayed.iter().filter(|(i, _)| *i < crash) {
+                assert!(
+                    straight.contains(item),
+                    "crash after {crash}: extra {item:?}"
                 );
-                for item in replayed.iter().filter(|(i, _)| *i < crash) {
-                    assert!(
-                        straight.contains(item),
-                        "crash after {crash}: extra {item:?}"
-                    );
-                }
             }
         }
         held
     }
 
-    /// Live data of three series over five hours, in time order, with a redelivery, a
-    /// whole-hour re-fetch of hours 10 and 11 of HR (with a corrected and a new sample) in
-    /// the middle of hour 12, ticks, and a final idle close.
+    /// Live data of three series over five hours, in time order, delivered by fetches that
+    /// end every 20 minutes (the last record of each series carries the progress, in whole
+    /// hours), with a redelivery, a whole-hour re-fetch of hours 10 and 11 of HR (with a
+    /// corrected and a new sample) in the middle of hour 12, ticks, and a final idle close.
     fn in_order_events() -> Vec<Event> {
         let mut live: Vec<Measurement> = Vec::new();
         for (series, step, base) in [(HR, 7, 60.0), (HR2, 11, 80.0), (STEPS, 15, 0.0)] {
@@ -1693,6 +1715,17 @@ mod tests {
             }
         }
         live.sort_by_key(|m| (m.effective_start, m.measurement_id.clone()));
+        // The last sample of each series before every 20-minute fetch boundary ends a fetch.
+        let fetch = |ts: i64| ts.div_euclid(20 * MIN);
+        for i in 0..live.len() {
+            let (key, f) = (live[i].series_key.clone(), fetch(live[i].effective_start));
+            let more = live[i + 1..]
+                .iter()
+                .any(|m| m.series_key == key && fetch(m.effective_start) == f);
+            if !more {
+                live[i].fetched_through = Some(hour_start(live[i].effective_start));
+            }
+        }
         let mut events = Vec::new();
         let mut offset = 1_000;
         let mut push = |events: &mut Vec<Event>, m: Measurement| {
@@ -1712,14 +1745,16 @@ mod tests {
             if ts == at(12, 34) && m.series_key == HR {
                 let mut refetch: Vec<Measurement> = live
                     .iter()
-                    .filter(|r| r.series_key == HR && r.effective_start <= ts)
+                    .filter(|r| r.series_key == HR && r.effective_start < at(12, 0))
                     .cloned()
                     .collect();
                 refetch[2].components[0].value += 5.0;
                 refetch.push(measurement(HR, "hr-new", at(11, 30), 99.0));
                 refetch.sort_by_key(|m| (m.effective_start, m.measurement_id.clone()));
-                for mut r in refetch {
+                let last = refetch.len() - 1;
+                for (i, mut r) in refetch.into_iter().enumerate() {
                     r.context = context("sync-refetch");
+                    r.fetched_through = (i == last).then_some(at(12, 0));
                     push(&mut events, r);
                 }
             }
@@ -1730,19 +1765,25 @@ mod tests {
     }
 
     #[test]
-    fn test_restart_from_commit_offset_reproduces_aggregates_of_an_in_order_stream() {
+    fn test_restart_from_commit_offset_reproduces_exact_emissions_of_an_in_order_stream() {
         let events = in_order_events();
         let straight = run(&mut PartitionWindows::new(config()), &events, 0);
         // 3 series x 5 hours, plus the revisions of hours 10 and 11 of HR.
         assert_eq!(last_wins(&straight).len(), 15);
         assert_eq!(straight.len(), 17);
-        assert!(assert_restart_equivalent(&events, false) > events.len() / 2);
-    }
-
-    #[test]
-    fn test_restart_from_commit_point_reproduces_exact_emissions() {
-        let events = in_order_events();
-        assert!(assert_restart_equivalent(&events, true) > events.len() / 2);
+        let amending: Vec<&str> = straight
+            .iter()
+            .filter(|(_, a)| a.amends)
+            .map(|(_, a)| a.aggregate_id.as_str())
+            .collect();
+        assert_eq!(
+            amending,
+            [aggregate_id(HR, at(10, 0)), aggregate_id(HR, at(11, 0))]
+        );
+        // Only the last hour of each series closes idle; the rest by fetch progress.
+        let idle = straight.iter().filter(|(i, _)| *i >= events.len() - 2);
+        assert_eq!(idle.count(), 3);
+        assert!(assert_restart_equivalent(&events) > events.len() / 2);
     }
 
     /// HR's hours 10 and 11, HR2's hour 13 closed idle, then a re-fetch of HR's hours 10
@@ -1750,39 +1791,27 @@ mod tests {
     fn interleaved_refetch_events() -> Vec<Event> {
         let mut events = Vec::new();
         let mut offset = 0;
-        let mut push = |events: &mut Vec<Event>, series: &str, id: &str, ts: i64, value: f64| {
-            events.push(Event::Sample(
-                offset,
-                Box::new(measurement(series, id, ts, value)),
-            ));
+        let mut push = |events: &mut Vec<Event>, m: Measurement| {
+            events.push(Event::Sample(offset, Box::new(m)));
             offset += 1;
         };
         for minute in (0..120).step_by(10) {
-            push(
-                &mut events,
-                HR,
-                &format!("hr-{minute}"),
-                at(10, minute),
-                60.0,
-            );
+            let m = measurement(HR, &format!("hr-{minute}"), at(10, minute), 60.0);
+            push(&mut events, m);
         }
-        push(&mut events, HR2, "live-0", at(13, 0), 80.0);
+        push(&mut events, measurement(HR2, "live-0", at(13, 0), 80.0));
         events.push(Event::Tick(at(13, 1), true));
         events.push(Event::Tick(at(14, 6), true));
         for minute in (0..130).step_by(10) {
+            let mut m = measurement(HR, &format!("hr-{minute}"), at(10, minute), 61.0);
+            if minute == 120 {
+                m.fetched_through = Some(at(12, 0));
+            }
+            push(&mut events, m);
+            let ts = at(14, 6) + minute * SEC;
             push(
                 &mut events,
-                HR,
-                &format!("hr-{minute}"),
-                at(10, minute),
-                61.0,
-            );
-            push(
-                &mut events,
-                HR2,
-                &format!("live-{minute}"),
-                at(14, 6) + minute * SEC,
-                80.0,
+                measurement(HR2, &format!("live-{minute}"), ts, 80.0),
             );
         }
         events.push(Event::Tick(at(14, 10), true));
@@ -1791,45 +1820,19 @@ mod tests {
     }
 
     #[test]
-    fn test_restart_from_commit_point_survives_refetch_interleaved_with_newer_data() {
+    fn test_restart_from_commit_offset_survives_refetch_interleaved_with_newer_data() {
         let events = interleaved_refetch_events();
         let straight = run(&mut PartitionWindows::new(config()), &events, 0);
         let hour_10 = &last_wins(&straight)[&aggregate_id(HR, at(10, 0))];
-        assert_eq!((hour_10.count, hour_10.sum), (6, 366.0));
-        assert!(assert_restart_equivalent(&events, true) > 0);
+        assert_eq!(
+            (hour_10.count, hour_10.sum, hour_10.amends),
+            (6, 366.0, true)
+        );
+        assert!(assert_restart_equivalent(&events) > 0);
     }
 
-    #[test]
-    fn test_restart_without_event_time_splits_refetch_interleaved_with_newer_data() {
-        // Why the commit point carries the event time: restarted at the re-fetch without it,
-        // hour 10 is first a regular window, closed early by HR2's newer data.
-        let events = interleaved_refetch_events();
-        let straight = last_wins(&run(&mut PartitionWindows::new(config()), &events, 0));
-        let refetch_start = events
-            .iter()
-            .rposition(|e| matches!(e, Event::Tick(now, _) if *now == at(14, 6)))
-            .unwrap()
-            + 1;
-        let mut prefix = PartitionWindows::new(config());
-        run(&mut prefix, &events[..refetch_start], 0);
-        let Some(Event::Sample(first_refetched, _)) = events.get(refetch_start) else {
-            panic!("no sample after the tick");
-        };
-        let point = prefix.commit_point(*first_refetched);
-        assert_eq!(point.offset, *first_refetched);
-        let replay = |mut windows: PartitionWindows| {
-            last_wins(&run(&mut windows, &events[refetch_start..], refetch_start))
-        };
-        let id = aggregate_id(HR, at(10, 0));
-        let resumed = replay(PartitionWindows::resume(config(), point.max_event_time));
-        assert_eq!(resumed[&id], straight[&id]);
-        let fresh = replay(PartitionWindows::new(config()));
-        assert!(fresh[&id].count < straight[&id].count);
-    }
-
-    /// Returns a random sequence: live samples with jitter beyond the allowed lateness,
-    /// redeliveries, corrected values and times, whole-hour re-fetches, invalid records and
-    /// ticks.
+    /// Returns a random sequence: live samples with jitter, fetch progress, redeliveries,
+    /// corrected values and times, whole-hour re-fetches, invalid records and ticks.
     fn random_events(seed: u64, len: usize) -> Vec<Event> {
         let mut rng = Lcg(seed);
         let series = [HR, HR2, STEPS];
@@ -1851,8 +1854,12 @@ mod tests {
                 let key = series[rng.below(3) as usize];
                 let ts = clock - rng.below(15 * 60) as i64 * SEC;
                 let value = rng.below(200) as f64 + rng.below(10) as f64 / 10.0;
-                let m = measurement(key, &format!("{key}-{}", events.len()), ts, value);
+                let mut m = measurement(key, &format!("{key}-{}", events.len()), ts, value);
                 latest.insert(m.measurement_id.clone(), m.clone());
+                if rng.below(5) == 0 {
+                    // The end of a fetch, in whole hours.
+                    m.fetched_through = Some(hour_start(clock));
+                }
                 sample(&mut events, m);
             } else if roll < 60 {
                 sample(&mut events, pick(&mut rng));
@@ -1867,7 +1874,7 @@ mod tests {
                 latest.insert(m.measurement_id.clone(), m.clone());
                 sample(&mut events, m);
             } else if roll < 80 {
-                // Re-fetch a whole hour of one series, then its next sample.
+                // Re-fetch whole hours of one series, up to the clock's hour.
                 let chosen = pick(&mut rng);
                 let hour = hour_start(chosen.effective_start);
                 let mut refetch: Vec<Measurement> = known
@@ -1877,6 +1884,9 @@ mod tests {
                     .cloned()
                     .collect();
                 refetch.sort_by_key(|m| (m.effective_start, m.measurement_id.clone()));
+                if let Some(last) = refetch.last_mut() {
+                    last.fetched_through = Some(hour_start(clock));
+                }
                 for m in refetch {
                     sample(&mut events, m);
                 }
@@ -1895,20 +1905,30 @@ mod tests {
     }
 
     #[test]
-    fn test_restart_from_commit_point_reproduces_exact_emissions_of_random_streams() {
+    fn test_restart_from_commit_offset_reproduces_exact_emissions_of_random_streams() {
         let mut held = 0;
         let mut late = 0;
         let mut emitted = 0;
+        let mut by_progress = 0;
         for seed in 1..=12 {
             let events = random_events(seed, 150);
             let mut straight = PartitionWindows::new(config());
-            emitted += run(&mut straight, &events, 0).len();
+            let out = run(&mut straight, &events, 0);
+            emitted += out.len();
+            by_progress += out
+                .iter()
+                .filter(|(i, _)| matches!(events[*i], Event::Sample(..)))
+                .count();
             late += straight.late_samples();
-            held += assert_restart_equivalent(&events, true);
+            held += assert_restart_equivalent(&events);
         }
         // The sequences exercise what they are meant to.
         assert!(held > 1_000, "held {held}");
         assert!(late > 50, "late {late}");
         assert!(emitted > 100, "emitted {emitted}");
+        assert!(
+            by_progress > emitted / 3,
+            "closed by progress {by_progress}"
+        );
     }
 }
