@@ -21,7 +21,7 @@
 use super::KafkaSettings;
 use super::processor::{Emitter, Input, OutRecord, Processor, RawInput, StageError};
 use super::producer::Producer;
-use super::track::{Collected, CommitEntry, Offsets, Ownership, RebalanceEvent, Tp};
+use super::track::{Collected, CommitEntry, Offsets, Ownership, RebalanceEvent, Span, Tp};
 use crate::admin::Health;
 use crate::codec::Codec;
 use crate::telemetry;
@@ -33,7 +33,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -579,10 +579,14 @@ impl<P: Processor> Stage<P> {
     /// Decodes, processes, produces and applies one batch; records revoked meanwhile are
     /// dropped at each step.
     async fn run_batch(&mut self, raw: Collected<Raw>) -> anyhow::Result<Waited> {
-        let revoked_mark = self.revoked_log.len();
-        let (mut batch, mut generations, dead, next) = match self.decode(raw).await? {
-            Some(decoded) => decoded,
-            None => return Ok(Waited::Shutdown),
+        let Some(Decoded {
+            mut batch,
+            mut generations,
+            dead,
+            spans,
+        }) = self.decode(raw).await?
+        else {
+            return Ok(Waited::Shutdown);
         };
         let mut out = Emitter::new(self.settings.stage, self.codec.clone());
         let mut attempt = 0u32;
@@ -613,6 +617,8 @@ impl<P: Processor> Stage<P> {
                 }
             }
         };
+        // From here on, a revoke of any partition of the batch voids the change.
+        let revoked_mark = self.revoked_log.len();
         let mut phases = out.take_phases();
         if !dead.is_empty() {
             match phases.first_mut() {
@@ -625,14 +631,58 @@ impl<P: Processor> Stage<P> {
         if let Waited::Shutdown = self.produce(phases).await {
             return Ok(Waited::Shutdown);
         }
-        let partitions: BTreeSet<Tp> = next.keys().cloned().collect();
-        if let Some(change) = change
-            && let Waited::Shutdown = self.apply(change, &partitions, revoked_mark).await?
-        {
-            return Ok(Waited::Shutdown);
+        let partitions: BTreeSet<Tp> = spans
+            .iter()
+            .filter(|(tp, span)| self.ownership.is_current(tp, span.generation))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        let applied = match change {
+            Some(change) => self.apply(change, &partitions, revoked_mark).await?,
+            None => Applied::Yes,
+        };
+        match applied {
+            Applied::Yes => self.offsets.acknowledge(&spans, &self.ownership),
+            Applied::Dropped => self.rewind(&spans),
+            Applied::Shutdown => return Ok(Waited::Shutdown),
         }
-        self.offsets.acknowledge(&next, &self.ownership);
         Ok(Waited::Elapsed)
+    }
+
+    /// A batch whose change was dropped is read again, from its first offset, in every
+    /// partition this consumer still owns in the same generation (the others are read again
+    /// by their new assignment from the committed offset).
+    fn rewind(&mut self, spans: &BTreeMap<Tp, Span>) {
+        let mut carry = std::mem::take(&mut self.carry);
+        for (tp, span) in spans {
+            if !self.ownership.is_current(tp, span.generation) {
+                continue;
+            }
+            carry.retain_except(tp);
+            if let Err(error) = self.consumer.seek(
+                &tp.0,
+                tp.1,
+                Offset::Offset(span.first),
+                Duration::from_secs(10),
+            ) {
+                // Without the seek the records would be skipped: give the partition up so its
+                // next owner reads them from the committed offset.
+                tracing::error!(stage = self.settings.stage, %error, topic = %tp.0, partition = tp.1, "cannot rewind, rejoining the group");
+                self.consumer.unsubscribe();
+                self.serve_events();
+                if let Err(error) = self.consumer.subscribe(&self.settings.input_topics) {
+                    tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
+                }
+                break;
+            }
+        }
+        self.carry = carry;
+        telemetry::RETRIES.add(
+            1,
+            &[
+                KeyValue::new("stage", self.settings.stage),
+                KeyValue::new("kind", "rewind"),
+            ],
+        );
     }
 
     async fn run_tick(&mut self) -> anyhow::Result<Waited> {
@@ -653,26 +703,17 @@ impl<P: Processor> Stage<P> {
         if let Waited::Shutdown = self.produce(out.take_phases()).await {
             return Ok(Waited::Shutdown);
         }
-        if let Some(change) = change {
-            return self.apply(change, &partitions, revoked_mark).await;
+        if let Some(change) = change
+            && let Applied::Shutdown = self.apply(change, &partitions, revoked_mark).await?
+        {
+            return Ok(Waited::Shutdown);
         }
         Ok(Waited::Elapsed)
     }
 
     /// Decodes the current records. Returns the inputs with their generations, the dead letters
     /// of undecodable records, and the next offset per partition; `None` on shutdown.
-    #[allow(clippy::type_complexity)]
-    async fn decode(
-        &mut self,
-        mut raw: Collected<Raw>,
-    ) -> anyhow::Result<
-        Option<(
-            Vec<Input<P::In>>,
-            Vec<u64>,
-            Vec<OutRecord>,
-            std::collections::BTreeMap<Tp, i64>,
-        )>,
-    > {
+    async fn decode(&mut self, mut raw: Collected<Raw>) -> anyhow::Result<Option<Decoded<P::In>>> {
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
@@ -730,7 +771,12 @@ impl<P: Processor> Stage<P> {
             }
             let Some(reason) = registry_down else {
                 let dead: Vec<OutRecord> = dead.take_phases().into_iter().flatten().collect();
-                return Ok(Some((inputs, generations, dead, raw.next_offsets())));
+                return Ok(Some(Decoded {
+                    batch: inputs,
+                    generations,
+                    dead,
+                    spans: raw.spans(),
+                }));
             };
             // The registry could not answer: forget its cached errors and try again later.
             telemetry::RETRIES.add(
@@ -818,27 +864,27 @@ impl<P: Processor> Stage<P> {
     }
 
     /// Applies a change whose outputs are acknowledged, unless a partition it concerns was
-    /// revoked since the batch started (then the change is dropped, which is safe).
+    /// revoked since it was computed: then the change is dropped (its records are read again).
     async fn apply(
         &mut self,
         change: P::Change,
         partitions: &BTreeSet<Tp>,
         revoked_mark: usize,
-    ) -> anyhow::Result<Waited> {
-        if self.revoked_log[revoked_mark..]
-            .iter()
-            .any(|tp| partitions.contains(tp))
-        {
-            tracing::info!(
-                stage = self.settings.stage,
-                "state change dropped: a partition of the batch was revoked"
-            );
-            return Ok(Waited::Elapsed);
-        }
+    ) -> anyhow::Result<Applied> {
         let mut attempt = 0u32;
         loop {
+            if self.revoked_log[revoked_mark..]
+                .iter()
+                .any(|tp| partitions.contains(tp))
+            {
+                tracing::info!(
+                    stage = self.settings.stage,
+                    "state change dropped: a partition of the batch was revoked"
+                );
+                return Ok(Applied::Dropped);
+            }
             match self.processor.apply(&change).await {
-                Ok(()) => return Ok(Waited::Elapsed),
+                Ok(()) => return Ok(Applied::Yes),
                 Err(StageError::Fatal(reason)) => {
                     anyhow::bail!("{}: {reason}", self.settings.stage)
                 }
@@ -846,13 +892,7 @@ impl<P: Processor> Stage<P> {
                     tracing::warn!(stage = self.settings.stage, kind, reason = %reason, "post-acknowledge step failed, retrying");
                     attempt += 1;
                     if let Waited::Shutdown = self.wait_polling(backoff(attempt)).await {
-                        return Ok(Waited::Shutdown);
-                    }
-                    if self.revoked_log[revoked_mark..]
-                        .iter()
-                        .any(|tp| partitions.contains(tp))
-                    {
-                        return Ok(Waited::Elapsed);
+                        return Ok(Applied::Shutdown);
                     }
                 }
             }
@@ -985,6 +1025,22 @@ impl<P: Processor> Stage<P> {
         self.consumer.unsubscribe();
         tracing::info!(stage = self.settings.stage, "stopped");
     }
+}
+
+/// A batch decoded: inputs with their generations, dead letters of undecodable records, and
+/// what it covers per partition.
+struct Decoded<T> {
+    batch: Vec<Input<T>>,
+    generations: Vec<u64>,
+    dead: Vec<OutRecord>,
+    spans: BTreeMap<Tp, Span>,
+}
+
+/// What became of a change.
+enum Applied {
+    Yes,
+    Dropped,
+    Shutdown,
 }
 
 enum Step<C> {

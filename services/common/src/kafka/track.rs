@@ -122,12 +122,30 @@ impl<T> Collected<T> {
 
     /// The next offset per partition after the collected records.
     pub fn next_offsets(&self) -> BTreeMap<Tp, i64> {
-        let mut next = BTreeMap::new();
+        self.spans()
+            .into_iter()
+            .map(|(tp, span)| (tp, span.next))
+            .collect()
+    }
+
+    /// What the collected records cover, per partition.
+    pub fn spans(&self) -> BTreeMap<Tp, Span> {
+        let mut spans: BTreeMap<Tp, Span> = BTreeMap::new();
         for t in &self.items {
-            let e = next.entry(t.tp.clone()).or_insert(t.offset + 1);
-            *e = (*e).max(t.offset + 1);
+            let span = spans.entry(t.tp.clone()).or_insert(Span {
+                first: t.offset,
+                next: t.offset + 1,
+                generation: t.generation,
+            });
+            span.first = span.first.min(t.offset);
+            span.next = span.next.max(t.offset + 1);
         }
-        next
+        spans
+    }
+
+    /// Drops the records of one partition (it is being read again from an earlier offset).
+    pub fn retain_except(&mut self, tp: &Tp) {
+        self.items.retain(|t| &t.tp != tp);
     }
 
     pub fn len(&self) -> usize {
@@ -145,6 +163,14 @@ impl<T> Collected<T> {
     pub fn into_items(self) -> Vec<Tagged<T>> {
         self.items
     }
+}
+
+/// The offsets a batch covers in one partition, and the generation they were polled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub first: i64,
+    pub next: i64,
+    pub generation: u64,
 }
 
 /// An offset to commit, with its metadata.
@@ -167,14 +193,16 @@ pub struct Offsets {
 }
 
 impl Offsets {
-    /// Records that every output of the records before `next` (per partition) is acknowledged.
-    pub fn acknowledge(&mut self, next: &BTreeMap<Tp, i64>, ownership: &Ownership) {
-        for (tp, n) in next {
-            if !ownership.owns(tp) {
+    /// Records that every output of the records of `spans` is acknowledged and their state
+    /// applied. A span polled in an older generation of its partition is ignored: the
+    /// partition's new assignment starts again from the committed offset.
+    pub fn acknowledge(&mut self, spans: &BTreeMap<Tp, Span>, ownership: &Ownership) {
+        for (tp, span) in spans {
+            if !ownership.is_current(tp, span.generation) {
                 continue;
             }
-            let e = self.acked.entry(tp.clone()).or_insert(*n);
-            *e = (*e).max(*n);
+            let e = self.acked.entry(tp.clone()).or_insert(span.next);
+            *e = (*e).max(span.next);
         }
     }
 
@@ -245,6 +273,21 @@ mod tests {
 
     fn tp(p: i32) -> Tp {
         ("in".to_string(), p)
+    }
+
+    fn spans(o: &Ownership, next: &[(Tp, i64)]) -> BTreeMap<Tp, Span> {
+        next.iter()
+            .map(|(tp, n)| {
+                (
+                    tp.clone(),
+                    Span {
+                        first: 0,
+                        next: *n,
+                        generation: o.generation(tp),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn owning(ps: &[i32]) -> Ownership {
@@ -318,7 +361,7 @@ mod tests {
         let o = owning(&[0]);
         let mut off = Offsets::default();
         assert!(off.due(|_, n| (n, None)).is_empty());
-        off.acknowledge(&BTreeMap::from([(tp(0), 5)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 5)]), &o);
         assert_eq!(
             off.due(|_, n| (n, None)),
             vec![CommitEntry {
@@ -333,7 +376,7 @@ mod tests {
     fn test_commit_point_limits_the_commit_and_never_exceeds_the_acknowledged_position() {
         let o = owning(&[0]);
         let mut off = Offsets::default();
-        off.acknowledge(&BTreeMap::from([(tp(0), 50)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 50)]), &o);
         let due = off.due(|_, _| (20, Some("md".into())));
         assert_eq!(due[0].offset, 20);
         assert_eq!(due[0].metadata.as_deref(), Some("md"));
@@ -345,7 +388,7 @@ mod tests {
     fn test_a_failed_async_commit_is_sent_again() {
         let o = owning(&[0]);
         let mut off = Offsets::default();
-        off.acknowledge(&BTreeMap::from([(tp(0), 5)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 5)]), &o);
         let due = off.due(|_, n| (n, None));
         off.sent(&due);
         assert!(
@@ -368,18 +411,51 @@ mod tests {
     fn test_acknowledgements_never_move_backwards_and_skip_partitions_not_owned() {
         let o = owning(&[0]);
         let mut off = Offsets::default();
-        off.acknowledge(&BTreeMap::from([(tp(0), 9), (tp(1), 3)]), &o);
-        off.acknowledge(&BTreeMap::from([(tp(0), 4)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 9), (tp(1), 3)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 4)]), &o);
         let due = off.due(|_, n| (n, None));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].offset, 9);
     }
 
     #[test]
+    fn test_a_span_from_before_a_revoke_is_not_acknowledged_even_if_reassigned() {
+        let mut o = owning(&[0]);
+        let old = spans(&o, &[(tp(0), 9)]);
+        o.apply(&RebalanceEvent::Revoked(vec![tp(0)]));
+        o.apply(&RebalanceEvent::Assigned(vec![tp(0)]));
+        let mut off = Offsets::default();
+        off.acknowledge(&old, &o);
+        assert!(off.due(|_, n| (n, None)).is_empty());
+        off.acknowledge(&spans(&o, &[(tp(0), 4)]), &o);
+        assert_eq!(off.due(|_, n| (n, None))[0].offset, 4);
+    }
+
+    #[test]
+    fn test_spans_cover_first_and_next_offset_per_partition() {
+        let o = owning(&[0, 1]);
+        let mut c = Collected::default();
+        c.push(&o, tp(0), 7, ());
+        c.push(&o, tp(1), 3, ());
+        c.push(&o, tp(0), 9, ());
+        let s = c.spans();
+        assert_eq!(
+            s[&tp(0)],
+            Span {
+                first: 7,
+                next: 10,
+                generation: 0
+            }
+        );
+        assert_eq!(s[&tp(1)].first, 3);
+        assert_eq!(s[&tp(1)].next, 4);
+    }
+
+    #[test]
     fn test_revoked_partitions_are_forgotten() {
         let o = owning(&[0, 1]);
         let mut off = Offsets::default();
-        off.acknowledge(&BTreeMap::from([(tp(0), 9), (tp(1), 3)]), &o);
+        off.acknowledge(&spans(&o, &[(tp(0), 9), (tp(1), 3)]), &o);
         off.forget(&[tp(0)]);
         let due = off.due(|_, n| (n, None));
         assert_eq!(due.len(), 1);
