@@ -113,7 +113,46 @@ pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
 enum LinkOutcome {
     Done(Vec<Measurement>, i32),
     Reauth(String),
+    /// The link is deleted, disabled or awaits re-authorization. Not an error of the request:
+    /// a patient who disconnects (or a revoked grant) makes every later notification land
+    /// here, and dead-lettering them would bury real failures. The run is recorded as
+    /// `skipped` with the reason, and the request is committed.
     Inactive(String),
+    /// The provider refused the request permanently, or its answer cannot be decoded: the
+    /// requests are dead-lettered (retrying gives the same answer) and the run is `failed`.
+    Failed {
+        kind: &'static str,
+        reason: String,
+    },
+}
+
+/// Classifies a permanent provider failure as a dead-letter kind and a reason made of
+/// categories and codes only: the provider's own message or a decoder's text could quote
+/// payload values, and the reason reaches the dead-letter topic, logs and `sync_runs`.
+pub fn permanent_failure(e: &WithingsError) -> (&'static str, String) {
+    match e {
+        WithingsError::Decode(_) => ("decode", "withings answer could not be decoded".into()),
+        WithingsError::Api { status, .. } => (
+            "provider",
+            format!("withings refused the request (status {status})"),
+        ),
+        WithingsError::InvalidGrant { status, .. } => (
+            "provider",
+            format!("withings rejected the grant (status {status})"),
+        ),
+        WithingsError::InvalidToken { status } => (
+            "provider",
+            format!("withings rejected the access token (status {status})"),
+        ),
+        WithingsError::Transport { http_status, .. } => (
+            "provider",
+            format!("withings answered http status {http_status}"),
+        ),
+        WithingsError::Http(_) => ("provider", "withings http request failed".into()),
+        WithingsError::RateLimited
+        | WithingsError::Retryable { .. }
+        | WithingsError::RateGate(_) => ("provider", "withings transient failure".into()),
+    }
 }
 
 fn store_err(e: StoreError) -> StageError {
@@ -294,9 +333,10 @@ impl Fetcher {
                 Err(e) => {
                     return match api_err(e, self.settings.rate_limit_pause) {
                         Ok(transient) => Err(transient),
-                        Err(permanent) => Ok(LinkOutcome::Inactive(format!(
-                            "provider refused the request: {permanent}"
-                        ))),
+                        Err(permanent) => {
+                            let (kind, reason) = permanent_failure(&permanent);
+                            Ok(LinkOutcome::Failed { kind, reason })
+                        }
                     };
                 }
             }
@@ -434,6 +474,13 @@ impl Processor for Fetcher {
                     tracing::info!(link_id = %link_id, reason = %reason, "sync skipped");
                     ("skipped", Some(reason), 0, 0)
                 }
+                LinkOutcome::Failed { kind, reason } => {
+                    tracing::warn!(link_id = %link_id, requests = inputs.len(), kind, reason = %reason, "permanent provider failure: dead-lettering the requests");
+                    for i in &inputs {
+                        out.dead_letter(i, kind, reason.clone()).await?;
+                    }
+                    ("failed", Some(reason), 0, 0)
+                }
             };
             for r in &requests {
                 SYNCS.add(
@@ -507,6 +554,27 @@ mod tests {
         let c = req(&["body_weight"], None, None);
         let p = plan(&[&c], 10 * 86_400_000, 7);
         assert_eq!(p.windows["body_weight"], (3 * 86_400_000, 10 * 86_400_000));
+    }
+
+    #[test]
+    fn test_permanent_failure_reasons_are_categories_without_provider_text() {
+        let secret = "SECRET-VALUE 123.4 kg";
+        let (kind, reason) = permanent_failure(&WithingsError::Api {
+            status: 2554,
+            message: secret.into(),
+        });
+        assert_eq!(kind, "provider");
+        assert!(reason.contains("2554"), "{reason}");
+        assert!(!reason.contains(secret), "{reason}");
+        let (kind, reason) = permanent_failure(&WithingsError::Decode(secret.into()));
+        assert_eq!(kind, "decode");
+        assert!(!reason.contains(secret), "{reason}");
+        let (kind, reason) = permanent_failure(&WithingsError::Transport {
+            http_status: 404,
+            retry_after_seconds: None,
+        });
+        assert_eq!(kind, "provider");
+        assert!(reason.contains("404"), "{reason}");
     }
 
     #[test]

@@ -219,8 +219,10 @@ impl Store {
         let tx = client.transaction().await?;
         for r in runs {
             tx.execute(
+                // A deleted link's run cannot reference it: it is only logged, not recorded.
                 "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at) \
-                 VALUES ($1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now()) \
+                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now() \
+                 WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $2) \
                  ON CONFLICT (sync_request_id) DO UPDATE SET status = EXCLUDED.status, api_calls = sync_runs.api_calls + EXCLUDED.api_calls, \
                    measurements = EXCLUDED.measurements, error = EXCLUDED.error, attempts = sync_runs.attempts + 1, finished_at = now()",
                 &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error],
@@ -248,7 +250,7 @@ pub struct SyncRun {
     pub link_id: Uuid,
     pub trigger: String,
     pub window: (i64, i64),
-    /// `ok` | `reauth_required` | `link_inactive` | `failed`.
+    /// `ok` | `reauth_required` | `skipped` (link inactive or deleted) | `failed` (dead-lettered).
     pub status: String,
     pub api_calls: i32,
     pub measurements: i32,
