@@ -140,6 +140,10 @@ pub fn permanent_failure(e: &WithingsError) -> (&'static str, String) {
             "provider",
             format!("withings rejected the grant (status {status})"),
         ),
+        WithingsError::InvalidClient { status } => (
+            "provider",
+            format!("withings rejected the client credentials (status {status})"),
+        ),
         WithingsError::InvalidToken { status } => (
             "provider",
             format!("withings rejected the access token (status {status})"),
@@ -277,6 +281,24 @@ impl Fetcher {
                     ],
                 );
                 Ok(None)
+            }
+            Err(WithingsError::InvalidClient { status }) => {
+                // The app's client id/secret is wrong (e.g. a rotated secret): every link of
+                // the app would fail the same way, and none of them is at fault.
+                tracing::error!(
+                    app_id = %link.app_id,
+                    link_id = %link.id,
+                    status,
+                    "withings rejected the application's client credentials: fix the provider app's client id/secret; links are not marked"
+                );
+                Err(StageError::Transient {
+                    kind: "provider_config",
+                    reason: format!(
+                        "withings rejected the client credentials of app {} (status {status})",
+                        link.app_id
+                    ),
+                    retry_after: Some(self.settings.rate_limit_pause),
+                })
             }
             Err(e) => Err(match api_err(e, self.settings.rate_limit_pause) {
                 Ok(transient) => transient,

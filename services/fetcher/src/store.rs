@@ -266,12 +266,10 @@ pub trait RefreshFailure {
 }
 
 impl RefreshFailure for crate::withings::WithingsError {
+    /// Only a real invalid grant: an outage (HTTP 5xx, timeouts, a bare 503 status) or the
+    /// app's own credentials being rejected (`InvalidClient`) says nothing about the link.
     fn is_revoked(&self) -> bool {
-        matches!(
-            self,
-            crate::withings::WithingsError::InvalidGrant { .. }
-                | crate::withings::WithingsError::InvalidToken { .. }
-        )
+        matches!(self, crate::withings::WithingsError::InvalidGrant { .. })
     }
     fn reason(&self) -> String {
         self.to_string()
