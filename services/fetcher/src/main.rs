@@ -31,6 +31,11 @@ async fn main() -> anyhow::Result<()> {
         )?,
         rate_limit_pause: ohx_common::config::millis("OHX_RATE_LIMIT_PAUSE_MS", 60_000)?,
         default_days: ohx_common::config::parse("OHX_DEFAULT_SYNC_DAYS", 7i64)?,
+        max_window_days: ohx_common::config::parse(
+            "OHX_MAX_FETCH_WINDOW_DAYS",
+            fetcher::stage::DEFAULT_MAX_FETCH_WINDOW_DAYS,
+        )?
+        .max(1),
         http_timeout: ohx_common::config::millis("OHX_PROVIDER_TIMEOUT_MS", 30_000)?,
     };
     let store = Store::new(

@@ -63,6 +63,9 @@ pub struct FetcherSettings {
     pub rate_limit_pause: Duration,
     /// Window for requests without one (days back).
     pub default_days: i64,
+    /// Longest window fetched for one request (days, `OHX_MAX_FETCH_WINDOW_DAYS`): a defence
+    /// behind the gateway's own bound, whatever produced the request.
+    pub max_window_days: i64,
     pub http_timeout: Duration,
 }
 
@@ -73,12 +76,26 @@ pub struct Plan {
     pub windows: BTreeMap<String, (i64, i64)>,
 }
 
-/// Merges the requests of one link: per category, the union of the windows.
-pub fn plan(requests: &[&SyncRequest], now_ms: i64, default_days: i64) -> Plan {
+/// Default of [`FetcherSettings::max_window_days`].
+pub const DEFAULT_MAX_FETCH_WINDOW_DAYS: i64 = 31;
+
+/// Clamps a requested window (epoch ms, end exclusive) so that it ends no later than now and
+/// spans at most `max_days`, keeping its most recent part (data not yet notified is never
+/// claimed, and a `startdate=0` request costs a bounded number of provider calls).
+pub fn clamp_window(start: i64, end: i64, now_ms: i64, max_days: i64) -> (i64, i64) {
+    let end = end.min(now_ms);
+    let start = start.max(end.saturating_sub(max_days.max(1).saturating_mul(86_400_000)));
+    (start.min(end), end)
+}
+
+/// Merges the requests of one link: per category, the union of the windows, each clamped by
+/// [`clamp_window`].
+pub fn plan(requests: &[&SyncRequest], now_ms: i64, default_days: i64, max_days: i64) -> Plan {
     let mut windows: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for r in requests {
         let start = r.window_start.unwrap_or(now_ms - default_days * 86_400_000);
         let end = r.window_end.unwrap_or(now_ms).max(start);
+        let (start, end) = clamp_window(start, end, now_ms, max_days);
         for c in &r.categories {
             windows
                 .entry(c.clone())
@@ -469,7 +486,12 @@ impl Processor for Fetcher {
                 continue;
             };
             let requests: Vec<&SyncRequest> = inputs.iter().map(|i| &i.value).collect();
-            let plan = plan(&requests, now, self.settings.default_days);
+            let plan = plan(
+                &requests,
+                now,
+                self.settings.default_days,
+                self.settings.max_window_days,
+            );
             let first = requests[0];
             let outcome = self.fetch_link(link_id, &plan, first).await?;
             let (status, error, count, calls) = match outcome {
@@ -570,11 +592,11 @@ mod tests {
     fn test_plan_merges_windows_per_category() {
         let a = req(&["blood_pressure"], Some(100), Some(200));
         let b = req(&["blood_pressure", "heart_rate"], Some(50), Some(150));
-        let p = plan(&[&a, &b], 1_000, 30);
+        let p = plan(&[&a, &b], 1_000, 30, 31);
         assert_eq!(p.windows["blood_pressure"], (50, 200));
         assert_eq!(p.windows["heart_rate"], (50, 150));
         let c = req(&["body_weight"], None, None);
-        let p = plan(&[&c], 10 * 86_400_000, 7);
+        let p = plan(&[&c], 10 * 86_400_000, 7, 31);
         assert_eq!(p.windows["body_weight"], (3 * 86_400_000, 10 * 86_400_000));
     }
 
@@ -597,6 +619,19 @@ mod tests {
         });
         assert_eq!(kind, "provider");
         assert!(reason.contains("404"), "{reason}");
+    }
+
+    #[test]
+    fn test_clamp_window_bounds_length_and_now() {
+        let day = 86_400_000;
+        let now = 100 * day;
+        assert_eq!(clamp_window(0, now, now, 31), (69 * day, now));
+        assert_eq!(clamp_window(90 * day, 200 * day, now, 31), (90 * day, now));
+        assert_eq!(clamp_window(99 * day, now, now, 31), (99 * day, now));
+        // entirely in the future: empty at now
+        assert_eq!(clamp_window(now + day, now + 2 * day, now, 31), (now, now));
+        let p = plan(&[&req(&["heart_rate"], Some(0), Some(now))], now, 7, 31);
+        assert_eq!(p.windows["heart_rate"], (69 * day, now));
     }
 
     #[test]

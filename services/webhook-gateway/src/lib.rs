@@ -43,6 +43,43 @@ pub struct AppState {
     pub producer: Producer,
     /// How long to wait for the broker's acknowledgement before answering 503.
     pub ack_timeout: Duration,
+    /// Longest notified window accepted (`OHX_MAX_WEBHOOK_WINDOW_DAYS`, default
+    /// [`DEFAULT_MAX_WEBHOOK_WINDOW_DAYS`]).
+    pub max_window: Duration,
+}
+
+/// Default longest window of a notification, in days. Withings notifies the window of the data
+/// that changed (minutes to hours; days after a device was offline). A window from
+/// `startdate=0` would cost ~20,000 provider calls and exhaust the application-wide budget of
+/// 120 requests/min for hours, so longer windows are refused (400): a long backfill is an
+/// INITIAL or MANUAL sync, not a webhook.
+pub const DEFAULT_MAX_WEBHOOK_WINDOW_DAYS: u64 = 31;
+
+/// How far into the future a notified window may end (device and provider clocks drift).
+pub const MAX_FUTURE_SKEW_MS: i64 = 10 * 60 * 1000;
+
+/// Checks a notified window (epoch ms, end exclusive) against the maximum length and the
+/// allowed clock skew into the future.
+pub fn validate_window(
+    window: (i64, i64),
+    now_ms: i64,
+    max_window: Duration,
+) -> Result<(), String> {
+    let (start, end) = window;
+    let max_ms = i64::try_from(max_window.as_millis()).unwrap_or(i64::MAX);
+    if end.saturating_sub(start) > max_ms {
+        return Err(format!(
+            "the window from startdate to enddate is longer than the maximum of {} days",
+            max_window.as_secs() / 86_400
+        ));
+    }
+    if end > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
+        return Err(format!(
+            "enddate is more than {} minutes in the future",
+            MAX_FUTURE_SKEW_MS / 60_000
+        ));
+    }
+    Ok(())
 }
 
 /// Returns the webhook routes.
@@ -204,6 +241,15 @@ async fn withings_webhook(
                 .into_response();
         }
     };
+    if let Some(window) = notified.window
+        && let Err(detail) = validate_window(window, received_at, state.max_window)
+    {
+        count("bad_request");
+        tracing::info!(appli = notified.appli, "notification window refused");
+        return Problem::new(StatusCode::BAD_REQUEST, "Notification window refused")
+            .detail(detail)
+            .into_response();
+    }
     if notified.categories.is_empty() {
         count("ignored_category");
         tracing::info!(appli = notified.appli, "notification category not synced");
@@ -340,6 +386,23 @@ mod tests {
         assert!(interpret(&n("1", "4", Some("5"), Some("2"))).is_err());
         assert!(interpret(&n("1", "4", Some("5"), None)).is_err());
         assert!(interpret(&n("1", "4", None, None)).is_err());
+    }
+
+    #[test]
+    fn test_validate_window_bounds_length_and_future() {
+        let day = 86_400_000;
+        let max = Duration::from_secs(31 * 86_400);
+        let now = 1_800_000_000_000;
+        assert!(validate_window((now - day, now), now, max).is_ok());
+        assert!(validate_window((now - 31 * day, now), now, max).is_ok());
+        assert!(validate_window((now - 31 * day - 1, now), now, max).is_err());
+        // startdate=0 (the whole history).
+        assert!(validate_window((0, now), now, max).is_err());
+        // a small skew into the future is tolerated, more is not
+        assert!(validate_window((now - day, now + MAX_FUTURE_SKEW_MS), now, max).is_ok());
+        assert!(validate_window((now - day, now + MAX_FUTURE_SKEW_MS + 1), now, max).is_err());
+        // the maximum is configurable
+        assert!(validate_window((now - 2 * day, now), now, Duration::from_secs(86_400)).is_err());
     }
 
     #[test]
