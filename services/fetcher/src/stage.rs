@@ -13,7 +13,7 @@ use crate::normalize::{
 use crate::store::{Link, PgRateGate, Refreshed, Store, StoreError, SyncRun};
 use crate::withings::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{Measurement, SyncRequest, topic};
+use ohx_common::records::{AGGREGATION_HOURLY, Measurement, SyncRequest, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -123,6 +123,40 @@ pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
         ]);
     }
     t
+}
+
+/// The fetch progress of an hourly series: the widened window's end, but never past the start
+/// of the hour now in progress (an unfinished or future hour is not fetched yet, whatever the
+/// request said).
+pub fn hourly_progress_end(widened_end_ms: i64, now_ms: i64) -> i64 {
+    widened_end_ms.min(now_ms - now_ms.rem_euclid(normalize::HOUR_MS))
+}
+
+/// Orders one fetch's measurements by series and event time, and sets `fetched_through` on
+/// the last measurement of each series to the end of the window fetched for it
+/// (`progress_end`, by the measurement's source). The series is counted per aggregation
+/// policy: a blood-pressure cuff's pulse (INDIVIDUAL) shares the `heart_rate` series key with
+/// intraday heart rate (HOURLY), but the aggregator only reads HOURLY measurements, so each
+/// policy's last measurement carries the progress of its own source window. A series without
+/// any measurement in the fetch carries no progress (there is no record to carry it); the
+/// aggregator closes its hours on wall-clock grace instead.
+pub fn mark_progress(out: &mut [Measurement], progress_end: impl Fn(&Measurement) -> Option<i64>) {
+    out.sort_by(|a, b| {
+        (&a.series_key, a.effective_start, &a.measurement_id).cmp(&(
+            &b.series_key,
+            b.effective_start,
+            &b.measurement_id,
+        ))
+    });
+    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, m) in out.iter().enumerate() {
+        last.insert((m.series_key.as_str(), m.aggregation.as_str()), i);
+    }
+    let mut idx: Vec<usize> = last.into_values().collect();
+    idx.sort_unstable();
+    for i in idx {
+        out[i].fetched_through = progress_end(&out[i]);
+    }
 }
 
 /// Why a link's fetch stopped.
@@ -392,6 +426,8 @@ impl Fetcher {
         let mut out = Vec::new();
         let mut calls = 0;
         let mut timezone: Option<String> = None;
+        let now = chrono::Utc::now().timestamp_millis();
+        let (mut spot_end, mut hourly_end) = (None, None);
         // Spot measures (getmeas): one call (with paging) over the union of their windows.
         let spot: BTreeSet<&str> = plan
             .windows
@@ -426,6 +462,7 @@ impl Fetcher {
                 )
                 .await?;
             calls += 1;
+            spot_end = Some(end.min(now));
             timezone = resp.timezone.clone();
             let n = normalize::normalize_measures(&resp, &request.context, None);
             out.extend(n.measurements.into_iter().filter(|m| {
@@ -442,6 +479,7 @@ impl Fetcher {
                 .get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1)
                 .await?;
             calls += 1;
+            hourly_end = Some(hourly_progress_end(he, now));
             let n = normalize::normalize_intraday_heart_rate(
                 &resp,
                 &request.context,
@@ -454,6 +492,13 @@ impl Fetcher {
                     .filter(|m| m.effective_start >= hs && m.effective_start < he),
             );
         }
+        mark_progress(&mut out, |m| {
+            if m.aggregation == AGGREGATION_HOURLY {
+                hourly_end
+            } else {
+                spot_end
+            }
+        });
         Ok((out, calls))
     }
 }
@@ -632,6 +677,84 @@ mod tests {
         assert_eq!(clamp_window(now + day, now + 2 * day, now, 31), (now, now));
         let p = plan(&[&req(&["heart_rate"], Some(0), Some(now))], now, 7, 31);
         assert_eq!(p.windows["heart_rate"], (69 * day, now));
+    }
+
+    fn meas(series: &str, aggregation: &str, t: i64) -> Measurement {
+        Measurement {
+            context: req(&[], None, None).context,
+            measurement_id: format!("{series}-{aggregation}-{t}"),
+            series_key: series.into(),
+            data_type: series.rsplit('/').next().unwrap_or_default().into(),
+            aggregation: aggregation.into(),
+            effective_start: t,
+            effective_end: None,
+            utc_offset_seconds: None,
+            components: vec![],
+            device: None,
+            entry_method: None,
+            provider_group_id: None,
+            provider_modified_at: None,
+            fetched_through: None,
+        }
+    }
+
+    #[test]
+    fn test_hourly_progress_end_never_claims_the_current_hour() {
+        let h = normalize::HOUR_MS;
+        // widened end in the past: kept
+        assert_eq!(hourly_progress_end(10 * h, 12 * h + 5), 10 * h);
+        // widened end past now: the start of the hour in progress
+        assert_eq!(hourly_progress_end(13 * h, 12 * h + 5), 12 * h);
+        assert_eq!(hourly_progress_end(40 * h, 12 * h), 12 * h);
+    }
+
+    #[test]
+    fn test_mark_progress_sets_last_of_each_series_in_event_order() {
+        use ohx_common::records::AGGREGATION_INDIVIDUAL as IND;
+        let h = normalize::HOUR_MS;
+        let mut out = vec![
+            meas("p/blood_pressure", IND, 50),
+            meas("p/heart_rate", IND, 300),
+            meas("p/heart_rate", AGGREGATION_HOURLY, 200),
+            meas("p/blood_pressure", IND, 10),
+            meas("p/heart_rate", AGGREGATION_HOURLY, 100),
+            meas("p/body_weight", IND, 5),
+        ];
+        mark_progress(&mut out, |m| {
+            Some(if m.aggregation == AGGREGATION_HOURLY {
+                3 * h
+            } else {
+                1_000
+            })
+        });
+        // each series in event-time order
+        for w in out.windows(2) {
+            if w[0].series_key == w[1].series_key {
+                assert!(w[0].effective_start <= w[1].effective_start);
+            }
+        }
+        let marked: Vec<(&str, &str, i64, i64)> = out
+            .iter()
+            .filter_map(|m| {
+                m.fetched_through.map(|f| {
+                    (
+                        m.series_key.as_str(),
+                        m.aggregation.as_str(),
+                        m.effective_start,
+                        f,
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(
+            marked,
+            vec![
+                ("p/blood_pressure", IND, 50, 1_000),
+                ("p/body_weight", IND, 5, 1_000),
+                ("p/heart_rate", AGGREGATION_HOURLY, 200, 3 * h),
+                ("p/heart_rate", IND, 300, 1_000),
+            ]
+        );
     }
 
     #[test]
