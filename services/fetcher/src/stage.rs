@@ -16,7 +16,7 @@ use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, Measurement, SyncRequest, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use uuid::Uuid;
@@ -157,6 +157,29 @@ pub fn mark_progress(out: &mut [Measurement], progress_end: impl Fn(&Measurement
     for i in idx {
         out[i].fetched_through = progress_end(&out[i]);
     }
+}
+
+/// The requests of a batch worth fetching: without those whose sync request id already has a
+/// successful run (`done`) and without repeats of an id earlier in the batch (a provider's
+/// retry of a webhook carries the same id). Returns them with the number of each left out.
+pub fn select_requests<'a>(
+    batch: &'a [Input<SyncRequest>],
+    done: &HashSet<String>,
+) -> (Vec<&'a Input<SyncRequest>>, usize, usize) {
+    let mut seen = HashSet::new();
+    let (mut already_done, mut repeated) = (0, 0);
+    let mut keep = Vec::new();
+    for input in batch {
+        let id = input.value.context.sync_request_id.as_str();
+        if done.contains(id) {
+            already_done += 1;
+        } else if !seen.insert(id) {
+            repeated += 1;
+        } else {
+            keep.push(input);
+        }
+    }
+    (keep, already_done, repeated)
 }
 
 /// Why a link's fetch stopped.
@@ -514,9 +537,27 @@ impl Processor for Fetcher {
     ) -> Result<Vec<SyncRun>, StageError> {
         let mut runs = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
+        // Duplicates (a webhook retried by the provider after a 503, a request replayed) cost
+        // one lookup for the whole batch instead of a fetch each.
+        let mut ids: Vec<String> = batch
+            .iter()
+            .map(|i| i.value.context.sync_request_id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let done = self.store.completed_runs(&ids).await.map_err(store_err)?;
+        let (selected, already_done, repeated) = select_requests(batch, &done);
+        if already_done + repeated > 0 {
+            tracing::info!(
+                requests = batch.len(),
+                already_done,
+                repeated,
+                "duplicate sync requests skipped"
+            );
+        }
         // Coalesce by link, keeping the first request's context for the measurements.
         let mut by_link: BTreeMap<String, Vec<&Input<SyncRequest>>> = BTreeMap::new();
-        for input in batch {
+        for input in selected {
             by_link
                 .entry(input.value.context.link_id.clone())
                 .or_default()
@@ -755,6 +796,36 @@ mod tests {
                 ("p/heart_rate", IND, 300, 1_000),
             ]
         );
+    }
+
+    fn input(id: &str, offset: i64) -> Input<SyncRequest> {
+        let mut r = req(&["blood_pressure"], Some(0), Some(1));
+        r.context.sync_request_id = id.into();
+        Input {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: None,
+            value: r,
+            payload: vec![],
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn test_select_requests_skips_done_and_coalesces_repeats() {
+        let batch = vec![
+            input("a", 0),
+            input("b", 1),
+            input("a", 2),
+            input("c", 3),
+            input("b", 4),
+        ];
+        let done = HashSet::from(["c".to_string()]);
+        let (keep, already_done, repeated) = select_requests(&batch, &done);
+        let offsets: Vec<i64> = keep.iter().map(|i| i.offset).collect();
+        assert_eq!(offsets, vec![0, 1]);
+        assert_eq!((already_done, repeated), (1, 2));
     }
 
     #[test]

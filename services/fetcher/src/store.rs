@@ -209,6 +209,24 @@ impl Store {
         Ok(())
     }
 
+    /// Returns which of `ids` already have a successful run (one lookup on the primary key).
+    pub async fn completed_runs(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT sync_request_id FROM sync_runs WHERE sync_request_id = ANY($1) AND status = 'ok'",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Records the outcome of sync requests and advances the links' cursors (after the
     /// measurements are acknowledged by the broker).
     pub async fn record_runs(&self, runs: &[SyncRun]) -> Result<(), StoreError> {

@@ -165,6 +165,39 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
     })
 }
 
+/// Returns the deterministic sync request id of a notification for a link: a UUID (version 8,
+/// from SHA-256) of the provider, the link, the user id, `appli` and the notified window.
+///
+/// Why deterministic: a webhook answered 503 (or answered after Withings' 2 s deadline) is
+/// retried by Withings, though its SyncRequest was usually stored anyway. Every retry carries
+/// the same fields, so it gets the same id, and the fetcher skips a request whose id already
+/// has a successful run (one indexed lookup per batch) and coalesces same-id requests of a
+/// batch: a duplicate costs one database lookup instead of a full fetch. The link id (not in
+/// the notification) keeps apart two organizations' links of the same Withings user, whose
+/// runs would otherwise share one `sync_runs` row. A later notification of the very same
+/// window (an edit inside it) is skipped too; NIGHTLY reconciliation fetches such late edits.
+pub fn sync_request_id(
+    provider: &str,
+    link_id: &str,
+    userid: &str,
+    appli: i32,
+    window: Option<(i64, i64)>,
+) -> String {
+    let (start, end) = window.map_or((String::new(), String::new()), |(s, e)| {
+        (s.to_string(), e.to_string())
+    });
+    let digest = Sha256::digest(
+        [provider, link_id, userid, &appli.to_string(), &start, &end]
+            .join("\u{1f}")
+            .as_bytes(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
+
 /// Returns the hex SHA-256 of a webhook token (how tokens are stored).
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -187,6 +220,11 @@ fn count(outcome: &'static str) {
 
 /// What kept a notification from being stored. Answered 503 so that Withings retries; the
 /// problem names the dependency, for the operator reading the provider's delivery log.
+///
+/// What a 503 means: "not known to be stored, send it again". Withings will retry. The
+/// request may have been stored after all (the broker acknowledged after the deadline): the
+/// retry then produces a request with the same [`sync_request_id`], and the duplicate costs
+/// the fetcher one database lookup, not a fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
     /// The configuration database (down, unreachable, too slow: see `OHX_DATABASE_TIMEOUT_MS`).
@@ -368,7 +406,13 @@ async fn withings_webhook(
                 provider: "withings".into(),
                 link_id: link_id.to_string(),
                 provider_user_id: notified.userid.clone(),
-                sync_request_id: uuid::Uuid::new_v4().to_string(),
+                sync_request_id: sync_request_id(
+                    "withings",
+                    &link_id.to_string(),
+                    &notified.userid,
+                    notified.appli,
+                    notified.window,
+                ),
                 trigger: "WEBHOOK".into(),
                 received_at,
             },
@@ -667,6 +711,25 @@ mod tests {
             Some(Unavailable::SchemaRegistry)
         );
         assert_eq!(encode_failure(&CodecError::Avro("bad".into())), None);
+    }
+
+    #[test]
+    fn test_sync_request_id_is_deterministic_per_notification() {
+        let w = Some((1_000, 2_000));
+        let a = sync_request_id("withings", "l1", "42", 4, w);
+        assert_eq!(a, sync_request_id("withings", "l1", "42", 4, w));
+        assert!(uuid::Uuid::parse_str(&a).is_ok());
+        assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 8);
+        for other in [
+            sync_request_id("withings", "l2", "42", 4, w),
+            sync_request_id("withings", "l1", "43", 4, w),
+            sync_request_id("withings", "l1", "42", 1, w),
+            sync_request_id("withings", "l1", "42", 4, Some((1_000, 2_001))),
+            sync_request_id("withings", "l1", "42", 4, Some((999, 2_000))),
+            sync_request_id("omron", "l1", "42", 4, w),
+        ] {
+            assert_ne!(a, other);
+        }
     }
 
     #[test]
