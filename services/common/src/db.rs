@@ -8,8 +8,13 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// Migrations in order; each runs once, recorded in `ohx_migrations`.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    (
+        "0002_gcra_rate_limits",
+        include_str!("../migrations/0002_gcra_rate_limits.sql"),
+    ),
+];
 
 /// A database error.
 #[derive(Debug, thiserror::Error)]
