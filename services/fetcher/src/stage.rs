@@ -182,8 +182,63 @@ pub fn select_requests<'a>(
     (keep, already_done, repeated)
 }
 
-/// Why a link's fetch stopped.
+/// Remembers what was fetched for each link of the batch being processed, so that when the
+/// batch is processed again after a transient failure (a provider rate limit on the third
+/// link), the links already fetched are not fetched again: the retry calls the provider only
+/// for what is left. Entries live until the batch's change is applied, or until a different
+/// batch arrives (the runtime moved on, e.g. after a rebalance).
+///
+/// This does not bend the runtime's contract: the memo decides no output that a fresh fetch
+/// could not have produced, it only spares the provider calls (and the shared 120/min budget).
 #[derive(Debug)]
+pub struct BatchMemo<K, V> {
+    batch: Vec<(String, i32, i64)>,
+    entries: BTreeMap<K, V>,
+}
+
+impl<K: Ord, V> Default for BatchMemo<K, V> {
+    fn default() -> Self {
+        Self {
+            batch: Vec::new(),
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord, V> BatchMemo<K, V> {
+    /// Starts processing a batch (its records' topic, partition and offset): keeps the
+    /// entries if it is the batch they were made for, else forgets them. Returns how many
+    /// entries are kept.
+    pub fn begin(&mut self, batch: Vec<(String, i32, i64)>) -> usize {
+        if self.batch != batch {
+            self.entries.clear();
+            self.batch = batch;
+        }
+        self.entries.len()
+    }
+
+    /// Returns the entry for `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key)
+    }
+
+    /// Remembers `value` for `key` in the current batch.
+    pub fn insert(&mut self, key: K, value: V) {
+        self.entries.insert(key, value);
+    }
+
+    /// Forgets everything (the batch is done).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.batch.clear();
+    }
+}
+
+/// The memo key of one link's fetch in a batch: the link and its requests' ids.
+type MemoKey = (String, Vec<String>);
+
+/// Why a link's fetch stopped.
+#[derive(Debug, Clone)]
 enum LinkOutcome {
     Done(Vec<Measurement>, i32),
     Reauth(String),
@@ -267,6 +322,8 @@ pub struct Fetcher {
     settings: FetcherSettings,
     http: reqwest::Client,
     clients: HashMap<Uuid, WithingsClient>,
+    /// Links already fetched in the current batch (see [`BatchMemo`]).
+    memo: BatchMemo<MemoKey, (Plan, LinkOutcome)>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -288,6 +345,7 @@ impl Fetcher {
             settings,
             http,
             clients: HashMap::new(),
+            memo: BatchMemo::default(),
         })
     }
 
@@ -537,6 +595,19 @@ impl Processor for Fetcher {
     ) -> Result<Vec<SyncRun>, StageError> {
         let mut runs = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
+        let resumed = self.memo.begin(
+            batch
+                .iter()
+                .map(|i| (i.topic.clone(), i.partition, i.offset))
+                .collect(),
+        );
+        if resumed > 0 {
+            tracing::info!(
+                requests = batch.len(),
+                links_done = resumed,
+                "batch retried: links already fetched are not fetched again"
+            );
+        }
         // Duplicates (a webhook retried by the provider after a 503, a request replayed) cost
         // one lookup for the whole batch instead of a fetch each.
         let mut ids: Vec<String> = batch
@@ -572,14 +643,27 @@ impl Processor for Fetcher {
                 continue;
             };
             let requests: Vec<&SyncRequest> = inputs.iter().map(|i| &i.value).collect();
-            let plan = plan(
-                &requests,
-                now,
-                self.settings.default_days,
-                self.settings.max_window_days,
+            let key: MemoKey = (
+                link_str.clone(),
+                requests
+                    .iter()
+                    .map(|r| r.context.sync_request_id.clone())
+                    .collect(),
             );
-            let first = requests[0];
-            let outcome = self.fetch_link(link_id, &plan, first).await?;
+            let (plan, outcome) = match self.memo.get(&key) {
+                Some(done) => done.clone(),
+                None => {
+                    let plan = plan(
+                        &requests,
+                        now,
+                        self.settings.default_days,
+                        self.settings.max_window_days,
+                    );
+                    let outcome = self.fetch_link(link_id, &plan, requests[0]).await?;
+                    self.memo.insert(key, (plan.clone(), outcome.clone()));
+                    (plan, outcome)
+                }
+            };
             let (status, error, count, calls) = match outcome {
                 LinkOutcome::Done(measurements, calls) => {
                     let count = measurements.len() as i32;
@@ -641,6 +725,8 @@ impl Processor for Fetcher {
     }
 
     async fn apply(&mut self, runs: &Vec<SyncRun>) -> Result<(), StageError> {
+        // The batch's outputs are acknowledged: its memo is no longer needed.
+        self.memo.clear();
         self.store
             .record_runs(runs)
             .await
@@ -826,6 +912,27 @@ mod tests {
         let offsets: Vec<i64> = keep.iter().map(|i| i.offset).collect();
         assert_eq!(offsets, vec![0, 1]);
         assert_eq!((already_done, repeated), (1, 2));
+    }
+
+    #[test]
+    fn test_batch_memo_survives_a_retry_of_the_same_batch_only() {
+        let b1 = vec![("t".to_string(), 0, 10), ("t".to_string(), 0, 11)];
+        let b2 = vec![("t".to_string(), 0, 12)];
+        let mut memo: BatchMemo<String, i32> = BatchMemo::default();
+        assert_eq!(memo.begin(b1.clone()), 0);
+        memo.insert("link-a".into(), 1);
+        // the same batch again (a retry after a rate limit): link-a is kept
+        assert_eq!(memo.begin(b1.clone()), 1);
+        assert_eq!(memo.get(&"link-a".to_string()), Some(&1));
+        assert_eq!(memo.get(&"link-b".to_string()), None);
+        // another batch: forgotten
+        assert_eq!(memo.begin(b2), 0);
+        assert_eq!(memo.get(&"link-a".to_string()), None);
+        // applied: forgotten even if the same batch came again
+        memo.begin(b1.clone());
+        memo.insert("link-a".into(), 1);
+        memo.clear();
+        assert_eq!(memo.begin(b1), 0);
     }
 
     #[test]
