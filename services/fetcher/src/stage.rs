@@ -61,11 +61,8 @@ pub struct FetcherSettings {
     pub withings_rate_per_minute: u32,
     /// How long to pause after a provider rate-limit answer.
     pub rate_limit_pause: Duration,
-    /// Window for requests without one (days back).
-    pub default_days: i64,
-    /// Longest window fetched for one request (days, `OHX_MAX_FETCH_WINDOW_DAYS`): a defence
-    /// behind the gateway's own bound, whatever produced the request.
-    pub max_window_days: i64,
+    /// How windows are chosen per trigger, and bounded.
+    pub strategy: Strategy,
     pub http_timeout: Duration,
 }
 
@@ -76,26 +73,85 @@ pub struct Plan {
     pub windows: BTreeMap<String, (i64, i64)>,
 }
 
-/// Default of [`FetcherSettings::max_window_days`].
+const DAY_MS: i64 = 86_400_000;
+
+/// Default of [`Strategy::max_days`].
 pub const DEFAULT_MAX_FETCH_WINDOW_DAYS: i64 = 31;
+
+/// How the window of a request that names none is chosen, per trigger, and how every window is
+/// bounded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Strategy {
+    /// WEBHOOK, MANUAL and unknown triggers without a window, and INCREMENTAL for a link never
+    /// synced: this many days back (`OHX_DEFAULT_SYNC_DAYS`).
+    pub default_days: i64,
+    /// INITIAL: the backfill after a link is connected (`OHX_INITIAL_SYNC_DAYS`, 30).
+    pub initial_days: i64,
+    /// NIGHTLY reconciliation: providers deliver late (Withings retries for hours, Google up
+    /// to a week), so this many days back (`OHX_NIGHTLY_SYNC_DAYS`, 7).
+    pub nightly_days: i64,
+    /// INCREMENTAL: from the link's cursor (the end of its last successful window) minus this
+    /// overlap, so data stored late just before the cursor is fetched again
+    /// (`OHX_INCREMENTAL_OVERLAP_MS`, 1 h).
+    pub incremental_overlap_ms: i64,
+    /// Longest window fetched for one request (days, `OHX_MAX_FETCH_WINDOW_DAYS`): a defence
+    /// behind the gateway's own bound, whatever produced the request; it bounds INITIAL too.
+    pub max_days: i64,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Self {
+            default_days: 7,
+            initial_days: 30,
+            nightly_days: 7,
+            incremental_overlap_ms: 3_600_000,
+            max_days: DEFAULT_MAX_FETCH_WINDOW_DAYS,
+        }
+    }
+}
+
+impl Strategy {
+    /// The start of the window of a request with `trigger` that names none (it ends now).
+    /// `cursor_ms` is the link's cursor, the end of its last successful window.
+    pub fn default_start(&self, trigger: &str, now_ms: i64, cursor_ms: Option<i64>) -> i64 {
+        let days_back = |d: i64| now_ms.saturating_sub(d.saturating_mul(DAY_MS));
+        match trigger {
+            "INITIAL" => days_back(self.initial_days),
+            "NIGHTLY" => days_back(self.nightly_days),
+            "INCREMENTAL" => match cursor_ms {
+                Some(c) => c.saturating_sub(self.incremental_overlap_ms),
+                None => days_back(self.default_days),
+            },
+            _ => days_back(self.default_days),
+        }
+    }
+}
 
 /// Clamps a requested window (epoch ms, end exclusive) so that it ends no later than now and
 /// spans at most `max_days`, keeping its most recent part (data not yet notified is never
 /// claimed, and a `startdate=0` request costs a bounded number of provider calls).
 pub fn clamp_window(start: i64, end: i64, now_ms: i64, max_days: i64) -> (i64, i64) {
     let end = end.min(now_ms);
-    let start = start.max(end.saturating_sub(max_days.max(1).saturating_mul(86_400_000)));
+    let start = start.max(end.saturating_sub(max_days.max(1).saturating_mul(DAY_MS)));
     (start.min(end), end)
 }
 
 /// Merges the requests of one link: per category, the union of the windows, each clamped by
-/// [`clamp_window`].
-pub fn plan(requests: &[&SyncRequest], now_ms: i64, default_days: i64, max_days: i64) -> Plan {
+/// [`clamp_window`]. A request without a window gets its trigger's ([`Strategy`]).
+pub fn plan(
+    requests: &[&SyncRequest],
+    now_ms: i64,
+    strategy: &Strategy,
+    cursor_ms: Option<i64>,
+) -> Plan {
     let mut windows: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for r in requests {
-        let start = r.window_start.unwrap_or(now_ms - default_days * 86_400_000);
+        let start = r
+            .window_start
+            .unwrap_or_else(|| strategy.default_start(&r.context.trigger, now_ms, cursor_ms));
         let end = r.window_end.unwrap_or(now_ms).max(start);
-        let (start, end) = clamp_window(start, end, now_ms, max_days);
+        let (start, end) = clamp_window(start, end, now_ms, strategy.max_days);
         for c in &r.categories {
             windows
                 .entry(c.clone())
@@ -439,23 +495,41 @@ impl Fetcher {
         }
     }
 
-    /// Fetches everything a plan asks for, refreshing the token once on rejection.
-    async fn fetch_link(
+    /// Loads the link, plans its requests (INCREMENTAL reads the link's cursor) and fetches.
+    async fn plan_and_fetch(
         &mut self,
         link_id: Uuid,
-        plan: &Plan,
-        request: &SyncRequest,
-    ) -> Result<LinkOutcome, StageError> {
-        let mut link = match self.store.load_link(link_id).await {
+        requests: &[&SyncRequest],
+        now_ms: i64,
+    ) -> Result<(Plan, LinkOutcome), StageError> {
+        let strategy = &self.settings.strategy;
+        let link = match self.store.load_link(link_id).await {
             Ok(l) => l,
             Err(StoreError::UnknownLink(id)) => {
-                return Ok(LinkOutcome::Inactive(format!("link {id} was deleted")));
+                let plan = plan(requests, now_ms, strategy, None);
+                return Ok((
+                    plan,
+                    LinkOutcome::Inactive(format!("link {id} was deleted")),
+                ));
             }
             Err(e) => return Err(store_err(e)),
         };
+        let plan = plan(requests, now_ms, strategy, link.cursor_ms);
         if link.status != "active" {
-            return Ok(LinkOutcome::Inactive(format!("link is {}", link.status)));
+            let reason = format!("link is {}", link.status);
+            return Ok((plan, LinkOutcome::Inactive(reason)));
         }
+        let outcome = self.fetch_link(link, &plan, requests[0]).await?;
+        Ok((plan, outcome))
+    }
+
+    /// Fetches everything a plan asks for, refreshing the token once on rejection.
+    async fn fetch_link(
+        &mut self,
+        mut link: Link,
+        plan: &Plan,
+        request: &SyncRequest,
+    ) -> Result<LinkOutcome, StageError> {
         let client = self.client(&link);
         let Some(mut token) = self.token(&client, &link, None).await? else {
             return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
@@ -653,15 +727,9 @@ impl Processor for Fetcher {
             let (plan, outcome) = match self.memo.get(&key) {
                 Some(done) => done.clone(),
                 None => {
-                    let plan = plan(
-                        &requests,
-                        now,
-                        self.settings.default_days,
-                        self.settings.max_window_days,
-                    );
-                    let outcome = self.fetch_link(link_id, &plan, requests[0]).await?;
-                    self.memo.insert(key, (plan.clone(), outcome.clone()));
-                    (plan, outcome)
+                    let done = self.plan_and_fetch(link_id, &requests, now).await?;
+                    self.memo.insert(key, done.clone());
+                    done
                 }
             };
             let (status, error, count, calls) = match outcome {
@@ -764,11 +832,11 @@ mod tests {
     fn test_plan_merges_windows_per_category() {
         let a = req(&["blood_pressure"], Some(100), Some(200));
         let b = req(&["blood_pressure", "heart_rate"], Some(50), Some(150));
-        let p = plan(&[&a, &b], 1_000, 30, 31);
+        let p = plan(&[&a, &b], 1_000, &Strategy::default(), None);
         assert_eq!(p.windows["blood_pressure"], (50, 200));
         assert_eq!(p.windows["heart_rate"], (50, 150));
         let c = req(&["body_weight"], None, None);
-        let p = plan(&[&c], 10 * 86_400_000, 7, 31);
+        let p = plan(&[&c], 10 * 86_400_000, &Strategy::default(), None);
         assert_eq!(p.windows["body_weight"], (3 * 86_400_000, 10 * 86_400_000));
     }
 
@@ -802,7 +870,12 @@ mod tests {
         assert_eq!(clamp_window(99 * day, now, now, 31), (99 * day, now));
         // entirely in the future: empty at now
         assert_eq!(clamp_window(now + day, now + 2 * day, now, 31), (now, now));
-        let p = plan(&[&req(&["heart_rate"], Some(0), Some(now))], now, 7, 31);
+        let p = plan(
+            &[&req(&["heart_rate"], Some(0), Some(now))],
+            now,
+            &Strategy::default(),
+            None,
+        );
         assert_eq!(p.windows["heart_rate"], (69 * day, now));
     }
 
@@ -933,6 +1006,51 @@ mod tests {
         memo.insert("link-a".into(), 1);
         memo.clear();
         assert_eq!(memo.begin(b1), 0);
+    }
+
+    #[test]
+    fn test_plan_per_trigger() {
+        let day = DAY_MS;
+        let now = 100 * day;
+        let s = Strategy::default();
+        let with = |trigger: &str| {
+            let mut r = req(&["body_weight"], None, None);
+            r.context.trigger = trigger.into();
+            r
+        };
+        let w = |trigger: &str, cursor: Option<i64>| {
+            plan(&[&with(trigger)], now, &s, cursor).windows["body_weight"]
+        };
+        assert_eq!(w("INITIAL", None), (70 * day, now));
+        assert_eq!(w("NIGHTLY", Some(99 * day)), (93 * day, now));
+        // INCREMENTAL: from the cursor minus the overlap, to now
+        assert_eq!(
+            w("INCREMENTAL", Some(99 * day)),
+            (99 * day - 3_600_000, now)
+        );
+        // never synced: the default window
+        assert_eq!(w("INCREMENTAL", None), (93 * day, now));
+        // a cursor long ago: bounded by the maximum window
+        assert_eq!(w("INCREMENTAL", Some(day)), (69 * day, now));
+        // a cursor in the future (clock skew): an empty window at now, not a negative one
+        assert_eq!(w("INCREMENTAL", Some(now + day)), (now, now));
+        assert_eq!(w("WEBHOOK", None), (93 * day, now));
+        // an explicit window wins over the trigger's
+        let mut r = with("NIGHTLY");
+        r.window_start = Some(98 * day);
+        assert_eq!(
+            plan(&[&r], now, &s, None).windows["body_weight"],
+            (98 * day, now)
+        );
+        // the maximum also bounds INITIAL
+        let short = Strategy {
+            max_days: 10,
+            ..Strategy::default()
+        };
+        assert_eq!(
+            plan(&[&with("INITIAL")], now, &short, None).windows["body_weight"],
+            (90 * day, now)
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Link {
     pub client_id: String,
     pub client_secret: String,
     pub api_base_url: Option<String>,
+    /// The link's cursor: the end of its last successful window (epoch ms), if any.
+    pub cursor_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Link {
@@ -96,7 +98,7 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
-                        a.client_id, a.client_secret, a.api_base_url \
+                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id WHERE l.id = $1",
                 &[&id],
             )
@@ -122,6 +124,7 @@ impl Store {
                 &format!("provider_app:{app_id}:client_secret"),
             )?,
             api_base_url: row.get(8),
+            cursor_ms: row.get(9),
         })
     }
 
