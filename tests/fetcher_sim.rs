@@ -383,6 +383,25 @@ async fn test_permanent_provider_error_is_dead_lettered() {
         .get(0);
     assert_eq!(status, "failed");
     assert_eq!(env.link_status(&a).await, "active");
+
+    // The same on the token endpoint (an expired token is refreshed first): a refusal that
+    // names neither the grant nor the client is permanent, not a retry loop.
+    let b = env.link(unique_userid(), true).await;
+    env.sim_post("/_sim/fail-next", json!({"count": 1, "status": 2554}))
+        .await;
+    let mut out = env.emitter();
+    let runs = fetcher
+        .process(&[env.request(&b, 1)], &mut out)
+        .await
+        .unwrap();
+    assert_eq!(runs[0].status, "failed");
+    assert_eq!(
+        out.records()
+            .filter(|r| r.topic == topic::DEAD_LETTER)
+            .count(),
+        1
+    );
+    assert_eq!(env.link_status(&b).await, "active");
 }
 
 /// Item 5: a rejected client secret is the app's configuration, not the link's grant; a

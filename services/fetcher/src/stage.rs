@@ -311,6 +311,23 @@ enum LinkOutcome {
     },
 }
 
+impl LinkOutcome {
+    fn failed(e: &WithingsError) -> Self {
+        let (kind, reason) = permanent_failure(e);
+        LinkOutcome::Failed { kind, reason }
+    }
+}
+
+/// What getting an access token gave.
+enum TokenOutcome {
+    Token(String),
+    /// The grant is revoked: the link is `reauth_required`.
+    Revoked,
+    /// The token endpoint refused permanently (neither the grant nor the client, e.g. a
+    /// malformed answer): the requests are dead-lettered like any permanent provider error.
+    Refused(WithingsError),
+}
+
 /// Classifies a permanent provider failure as a dead-letter kind and a reason made of
 /// categories and codes only: the provider's own message or a decoder's text could quote
 /// payload values, and the reason reaches the dead-letter topic, logs and `sync_runs`.
@@ -434,12 +451,12 @@ impl Fetcher {
         client: &WithingsClient,
         link: &Link,
         failed: Option<&str>,
-    ) -> Result<Option<String>, StageError> {
+    ) -> Result<TokenOutcome, StageError> {
         let fresh = link
             .token_expires_at
             .is_some_and(|e| e > chrono::Utc::now() + chrono::Duration::seconds(60));
         if failed.is_none() && fresh && !link.access_token.is_empty() {
-            return Ok(Some(link.access_token.clone()));
+            return Ok(TokenOutcome::Token(link.access_token.clone()));
         }
         let (id, secret) = (link.client_id.clone(), link.client_secret.clone());
         let result = self
@@ -458,7 +475,7 @@ impl Fetcher {
                         KeyValue::new("outcome", "refreshed"),
                     ],
                 );
-                Ok(Some(t))
+                Ok(TokenOutcome::Token(t))
             }
             Ok(Refreshed::Revoked) => {
                 REFRESHES.add(
@@ -468,7 +485,7 @@ impl Fetcher {
                         KeyValue::new("outcome", "revoked"),
                     ],
                 );
-                Ok(None)
+                Ok(TokenOutcome::Revoked)
             }
             Err(WithingsError::InvalidClient { status }) => {
                 // The app's client id/secret is wrong (e.g. a rotated secret): every link of
@@ -488,10 +505,12 @@ impl Fetcher {
                     retry_after: Some(self.settings.rate_limit_pause),
                 })
             }
-            Err(e) => Err(match api_err(e, self.settings.rate_limit_pause) {
-                Ok(transient) => transient,
-                Err(other) => StageError::transient("token_refresh", other),
-            }),
+            Err(e) => match api_err(e, self.settings.rate_limit_pause) {
+                Ok(transient) => Err(transient),
+                // A malformed answer or a refusal that names neither the grant nor the
+                // client: retrying the batch gives the same answer.
+                Err(permanent) => Ok(TokenOutcome::Refused(permanent)),
+            },
         }
     }
 
@@ -531,8 +550,12 @@ impl Fetcher {
         request: &SyncRequest,
     ) -> Result<LinkOutcome, StageError> {
         let client = self.client(&link);
-        let Some(mut token) = self.token(&client, &link, None).await? else {
-            return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
+        let mut token = match self.token(&client, &link, None).await? {
+            TokenOutcome::Token(t) => t,
+            TokenOutcome::Revoked => {
+                return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
+            }
+            TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(&e)),
         };
         let mut refreshed = false;
         loop {
@@ -542,8 +565,11 @@ impl Fetcher {
                     refreshed = true;
                     link.access_token = token.clone();
                     match self.token(&client, &link, Some(&token)).await? {
-                        Some(t) => token = t,
-                        None => return Ok(LinkOutcome::Reauth("refresh token rejected".into())),
+                        TokenOutcome::Token(t) => token = t,
+                        TokenOutcome::Revoked => {
+                            return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
+                        }
+                        TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(&e)),
                     }
                 }
                 Err(WithingsError::InvalidToken { status }) => {
@@ -561,10 +587,7 @@ impl Fetcher {
                 Err(e) => {
                     return match api_err(e, self.settings.rate_limit_pause) {
                         Ok(transient) => Err(transient),
-                        Err(permanent) => {
-                            let (kind, reason) = permanent_failure(&permanent);
-                            Ok(LinkOutcome::Failed { kind, reason })
-                        }
+                        Err(permanent) => Ok(LinkOutcome::failed(&permanent)),
                     };
                 }
             }
