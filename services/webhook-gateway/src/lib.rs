@@ -353,6 +353,11 @@ async fn withings_webhook(
                 .into_response();
         }
     };
+    if notified.categories.is_empty() {
+        count("ignored_category");
+        tracing::info!(appli = notified.appli, "notification category not synced");
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if let Some(window) = notified.window
         && let Err(detail) = validate_window(window, received_at, state.max_window)
     {
@@ -361,11 +366,6 @@ async fn withings_webhook(
         return Problem::new(StatusCode::BAD_REQUEST, "Notification window refused")
             .detail(detail)
             .into_response();
-    }
-    if notified.categories.is_empty() {
-        count("ignored_category");
-        tracing::info!(appli = notified.appli, "notification category not synced");
-        return StatusCode::NO_CONTENT.into_response();
     }
     let rows = match db_step(
         state.db_timeout,
@@ -595,6 +595,16 @@ mod tests {
 
     async fn call(state: AppState, token: &str, userid: &str) -> (StatusCode, serde_json::Value) {
         let now = chrono::Utc::now().timestamp();
+        call_window(state, token, userid, now - 3600, now).await
+    }
+
+    async fn call_window(
+        state: AppState,
+        token: &str,
+        userid: &str,
+        start: i64,
+        end: i64,
+    ) -> (StatusCode, serde_json::Value) {
         let response = withings_webhook(
             State(state),
             Query(TokenQuery {
@@ -603,8 +613,8 @@ mod tests {
             Ok(Form(n(
                 userid,
                 "4",
-                Some(&(now - 3600).to_string()),
-                Some(&now.to_string()),
+                Some(&start.to_string()),
+                Some(&end.to_string()),
             ))),
         )
         .await;
@@ -702,6 +712,33 @@ mod tests {
             call(state(pool, Codec::embedded().unwrap()), &token, &userid).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
         assert_eq!(problem["title"], "Broker unavailable");
+    }
+
+    /// `startdate=0`: 400 problem+json, nothing produced (the producer points nowhere, so a
+    /// produce attempt would answer 503).
+    #[tokio::test]
+    async fn test_unbounded_window_is_refused_with_400() {
+        let (pool, token, userid) = seeded_pool().await;
+        let now = chrono::Utc::now().timestamp();
+        let (status, problem) = call_window(
+            state(pool.clone(), Codec::embedded().unwrap()),
+            &token,
+            &userid,
+            0,
+            now,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+        assert_eq!(problem["title"], "Notification window refused");
+        let (status, problem) = call_window(
+            state(pool, Codec::embedded().unwrap()),
+            &token,
+            &userid,
+            now,
+            now + 86_400,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
     }
 
     #[test]
