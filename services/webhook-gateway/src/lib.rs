@@ -668,7 +668,10 @@ mod tests {
     /// Seeds a database on the local PostgreSQL with one active link for a fresh user id.
     async fn seeded_pool() -> (Pool, String, String) {
         let url = "postgres://postgres@127.0.0.1:5432/ohx_gateway_test";
-        ohx_common::db::create_database(url).await.unwrap();
+        // Tests run in parallel: the loser of a race to create the database finds it there.
+        if ohx_common::db::create_database(url).await.is_err() {
+            ohx_common::db::create_database(url).await.unwrap();
+        }
         let pool = ohx_common::db::pool(url, 2).unwrap();
         ohx_common::db::migrate(&pool).await.unwrap();
         let c = pool.get().await.unwrap();
