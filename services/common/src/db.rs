@@ -3,12 +3,18 @@
 //! PostgreSQL holds configuration, encrypted credentials and bookkeeping (ids, times, counts,
 //! statuses) — never measurement values.
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// Migrations in order; each runs once, recorded in `ohx_migrations`.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    (
+        "0002_gcra_rate_limits",
+        include_str!("../migrations/0002_gcra_rate_limits.sql"),
+    ),
+];
 
 /// A database error.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +33,27 @@ impl From<deadpool_postgres::PoolError> for DbError {
     }
 }
 
-/// Returns a pool for `url` (e.g. `postgres://postgres@127.0.0.1:5432/ohx`).
+/// Default of `OHX_DATABASE_TIMEOUT_MS`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+
+/// Returns a pool for `url` (e.g. `postgres://postgres@127.0.0.1:5432/ohx`) whose
+/// [`DEFAULT_TIMEOUT_MS`] bounds waiting for a connection, opening one and recycling one.
 pub fn pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config = url
+    pool_with_timeout(url, max_size, Duration::from_millis(DEFAULT_TIMEOUT_MS))
+}
+
+/// Returns a pool for `url` whose `timeout` bounds waiting for a free connection, opening a
+/// new one (connect and authenticate, also set as the connect timeout) and recycling one. With
+/// the database down or unreachable, `get()` fails within about `timeout` instead of hanging
+/// (a webhook must still be answered, 503, inside the provider's deadline). The timeouts need
+/// a runtime: the pool uses Tokio's.
+pub fn pool_with_timeout(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, DbError> {
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -41,6 +63,10 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
     );
     Pool::builder(manager)
         .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
 }
@@ -50,7 +76,9 @@ pub fn pool_from_env() -> Result<Pool, DbError> {
     let url = crate::config::string("OHX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ohx");
     let size = crate::config::parse("OHX_DATABASE_POOL_SIZE", 8usize)
         .map_err(|e| DbError::Url(e.to_string()))?;
-    pool(&url, size)
+    let timeout = crate::config::millis("OHX_DATABASE_TIMEOUT_MS", DEFAULT_TIMEOUT_MS)
+        .map_err(|e| DbError::Url(e.to_string()))?;
+    pool_with_timeout(&url, size, timeout.max(Duration::from_millis(1)))
 }
 
 /// Creates the database named in `url` if it does not exist (connecting to `postgres`).
@@ -101,4 +129,39 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<&'static str>, DbError> {
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A server that accepts connections and never answers (a hung or unreachable database):
+    /// the pool gives up within its timeout instead of hanging.
+    #[tokio::test]
+    async fn test_get_fails_within_the_timeout_when_the_database_hangs() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let pool = pool_with_timeout(
+            &format!("postgres://postgres@{addr}/ohx"),
+            2,
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), pool.get()).await;
+        assert!(matches!(result, Ok(Err(_))), "{result:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
+    }
 }

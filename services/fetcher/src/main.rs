@@ -1,6 +1,6 @@
 //! fetcher binary: wiring only.
 
-use fetcher::stage::{Fetcher, FetcherSettings};
+use fetcher::stage::{Fetcher, FetcherSettings, Strategy};
 use fetcher::store::Store;
 use ohx_common::kafka::StageSettings;
 use ohx_common::records::topic;
@@ -30,7 +30,21 @@ async fn main() -> anyhow::Result<()> {
             120u32,
         )?,
         rate_limit_pause: ohx_common::config::millis("OHX_RATE_LIMIT_PAUSE_MS", 60_000)?,
-        default_days: ohx_common::config::parse("OHX_DEFAULT_SYNC_DAYS", 7i64)?,
+        strategy: Strategy {
+            default_days: ohx_common::config::parse("OHX_DEFAULT_SYNC_DAYS", 7i64)?,
+            initial_days: ohx_common::config::parse("OHX_INITIAL_SYNC_DAYS", 30i64)?,
+            nightly_days: ohx_common::config::parse("OHX_NIGHTLY_SYNC_DAYS", 7i64)?,
+            incremental_overlap_ms: ohx_common::config::parse(
+                "OHX_INCREMENTAL_OVERLAP_MS",
+                3_600_000i64,
+            )?
+            .max(0),
+            max_days: ohx_common::config::parse(
+                "OHX_MAX_FETCH_WINDOW_DAYS",
+                fetcher::stage::DEFAULT_MAX_FETCH_WINDOW_DAYS,
+            )?
+            .max(1),
+        },
         http_timeout: ohx_common::config::millis("OHX_PROVIDER_TIMEOUT_MS", 30_000)?,
     };
     let store = Store::new(

@@ -74,7 +74,8 @@ pub const COMPONENT_SYSTOLIC: &str = "systolic";
 /// Component code of diastolic pressure.
 pub const COMPONENT_DIASTOLIC: &str = "diastolic";
 
-const HOUR_MS: i64 = 3_600_000;
+/// One hour in milliseconds.
+pub const HOUR_MS: i64 = 3_600_000;
 
 /// What a normalization produced, and what it left out (for metrics).
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -21,7 +21,12 @@ pub enum StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Db(e.to_string())
+        // The server's message and code ("db error" alone says nothing); its detail, which
+        // can quote row values, is left out.
+        match e.as_db_error() {
+            Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
+            None => StoreError::Db(e.to_string()),
+        }
     }
 }
 
@@ -43,6 +48,8 @@ pub struct Link {
     pub client_id: String,
     pub client_secret: String,
     pub api_base_url: Option<String>,
+    /// The link's cursor: the end of its last successful window (epoch ms), if any.
+    pub cursor_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Link {
@@ -91,7 +98,7 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
-                        a.client_id, a.client_secret, a.api_base_url \
+                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id WHERE l.id = $1",
                 &[&id],
             )
@@ -117,6 +124,7 @@ impl Store {
                 &format!("provider_app:{app_id}:client_secret"),
             )?,
             api_base_url: row.get(8),
+            cursor_ms: row.get(9),
         })
     }
 
@@ -209,6 +217,24 @@ impl Store {
         Ok(())
     }
 
+    /// Returns which of `ids` already have a successful run (one lookup on the primary key).
+    pub async fn completed_runs(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT sync_request_id FROM sync_runs WHERE sync_request_id = ANY($1) AND status = 'ok'",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Records the outcome of sync requests and advances the links' cursors (after the
     /// measurements are acknowledged by the broker).
     pub async fn record_runs(&self, runs: &[SyncRun]) -> Result<(), StoreError> {
@@ -219,8 +245,10 @@ impl Store {
         let tx = client.transaction().await?;
         for r in runs {
             tx.execute(
+                // A deleted link's run cannot reference it: it is only logged, not recorded.
                 "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at) \
-                 VALUES ($1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now()) \
+                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now() \
+                 WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $2) \
                  ON CONFLICT (sync_request_id) DO UPDATE SET status = EXCLUDED.status, api_calls = sync_runs.api_calls + EXCLUDED.api_calls, \
                    measurements = EXCLUDED.measurements, error = EXCLUDED.error, attempts = sync_runs.attempts + 1, finished_at = now()",
                 &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error],
@@ -248,7 +276,7 @@ pub struct SyncRun {
     pub link_id: Uuid,
     pub trigger: String,
     pub window: (i64, i64),
-    /// `ok` | `reauth_required` | `link_inactive` | `failed`.
+    /// `ok` | `reauth_required` | `skipped` (link inactive or deleted) | `failed` (dead-lettered).
     pub status: String,
     pub api_calls: i32,
     pub measurements: i32,
@@ -264,26 +292,69 @@ pub trait RefreshFailure {
 }
 
 impl RefreshFailure for crate::withings::WithingsError {
+    /// Only a real invalid grant: an outage (HTTP 5xx, timeouts, a bare 503 status) or the
+    /// app's own credentials being rejected (`InvalidClient`) says nothing about the link.
     fn is_revoked(&self) -> bool {
-        matches!(
-            self,
-            crate::withings::WithingsError::InvalidGrant { .. }
-                | crate::withings::WithingsError::InvalidToken { .. }
-        )
+        matches!(self, crate::withings::WithingsError::InvalidGrant { .. })
     }
     fn reason(&self) -> String {
         self.to_string()
     }
 }
 
-/// A token bucket in PostgreSQL shared by every fetcher replica (Withings allows 120 requests
-/// per minute for the whole application).
+/// The Generic Cell Rate Algorithm over one limit: each conforming request moves the
+/// theoretical arrival time (TAT) one emission interval later; a request conforms when the
+/// TAT is at most `tolerance` ahead of now. Times are integer microseconds.
+///
+/// # Why the tolerance is zero
+/// Take any `n + 1` conforming requests at `t_1 ≤ … ≤ t_{n+1}`. Each moves the TAT by `T`, and
+/// TAT never falls below an allowed request's time, so before the last one TAT ≥ `t_1 + n·T`,
+/// and it conforms only if `t_{n+1} ≥ TAT − τ ≥ t_1 + n·T − τ`. With `T = window / limit` and
+/// `n = limit`: `t_{limit+1} − t_1 ≥ window − τ`. So `limit + 1` requests never fit in a
+/// half-open window `[s, s + window)` exactly when `τ = 0`; any positive tolerance (a burst)
+/// lets an idle limit admit `limit + 1` within one window (the old token bucket admitted up to
+/// `2 × limit`). `T` is rounded up to whole microseconds so that `limit · T ≥ window`. The
+/// price is pacing: requests leave one every `T` (500 ms at 120/min), never in bursts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    /// `T`, in microseconds.
+    pub emission_interval_us: i64,
+    /// `τ`, in microseconds.
+    pub tolerance_us: i64,
+}
+
+impl Gcra {
+    /// At most `limit` requests in any `window`: `T = ⌈window / limit⌉`, `τ = 0`.
+    pub fn per_window(limit: u32, window: Duration) -> Self {
+        let window_us = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+        let limit = i64::from(limit.max(1));
+        Self {
+            emission_interval_us: (window_us + limit - 1) / limit,
+            tolerance_us: 0,
+        }
+    }
+
+    /// Decides a request at `now_us` against the stored TAT (`None`: never used). Returns the
+    /// new TAT to store if the request conforms, else how long to wait (µs) before it would.
+    pub fn check(&self, tat_us: Option<i64>, now_us: i64) -> Result<i64, i64> {
+        let tat = tat_us.unwrap_or(now_us).max(now_us);
+        let ahead = tat - now_us;
+        if ahead > self.tolerance_us {
+            Err(ahead - self.tolerance_us)
+        } else {
+            Ok(tat + self.emission_interval_us)
+        }
+    }
+}
+
+/// A GCRA limit in PostgreSQL shared by every fetcher replica (Withings allows 120 requests per
+/// minute for the whole application): one row per limit in `rate_limits`, decided by one
+/// atomic upsert against the database's clock (replicas' clocks need not agree).
 #[derive(Clone)]
 pub struct PgRateGate {
     pool: Pool,
     name: String,
-    capacity: f64,
-    refill_per_second: f64,
+    gcra: Gcra,
     calls: opentelemetry::metrics::Counter<u64>,
 }
 
@@ -291,62 +362,85 @@ impl std::fmt::Debug for PgRateGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgRateGate")
             .field("name", &self.name)
-            .field("capacity", &self.capacity)
+            .field("gcra", &self.gcra)
             .finish()
     }
 }
 
+/// What one attempt on the shared limit decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Conforming: sent at this database time (epoch µs).
+    Allowed { at_us: i64 },
+    /// Not yet: try again after this long.
+    Wait(Duration),
+}
+
 impl PgRateGate {
-    /// Creates a gate named `name` allowing `per_minute` requests per minute.
+    /// Creates a gate named `name` allowing `per_minute` requests in any 60 s.
     pub fn new(
         pool: Pool,
         name: String,
         per_minute: u32,
         calls: opentelemetry::metrics::Counter<u64>,
     ) -> Self {
-        let capacity = f64::from(per_minute.max(1));
+        Self::per_window(pool, name, per_minute, Duration::from_secs(60), calls)
+    }
+
+    /// Creates a gate allowing `limit` requests in any `window`.
+    pub fn per_window(
+        pool: Pool,
+        name: String,
+        limit: u32,
+        window: Duration,
+        calls: opentelemetry::metrics::Counter<u64>,
+    ) -> Self {
         Self {
             pool,
             name,
-            capacity,
-            refill_per_second: capacity / 60.0,
+            gcra: Gcra::per_window(limit, window),
             calls,
         }
     }
 
-    /// Takes a token if one is available; otherwise returns how long to wait.
-    pub async fn try_take(&self) -> Result<Option<Duration>, StoreError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO rate_buckets (name, tokens, capacity, refill_per_second) VALUES ($1, $2, $2, $3) ON CONFLICT (name) DO NOTHING",
-            &[&self.name, &self.capacity, &self.refill_per_second],
-        )
-        .await?;
-        let row = tx
+    /// Takes a permit if the limit allows one now ([`Gcra::check`] in one atomic statement:
+    /// the upsert's `WHERE` is evaluated on the locked, latest row).
+    pub async fn try_take(&self) -> Result<Take, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
             .query_one(
-                "SELECT LEAST(capacity, tokens + EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 * refill_per_second) FROM rate_buckets WHERE name = $1 FOR UPDATE",
-                &[&self.name],
+                "WITH clock AS (SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint AS now_us), \
+                 taken AS ( \
+                   INSERT INTO rate_limits AS r (name, tat_us, updated_at) \
+                   SELECT $1, clock.now_us + $2, clock_timestamp() FROM clock \
+                   ON CONFLICT (name) DO UPDATE \
+                     SET tat_us = GREATEST(r.tat_us, (SELECT now_us FROM clock)) + $2, updated_at = clock_timestamp() \
+                     WHERE GREATEST(r.tat_us, (SELECT now_us FROM clock)) - (SELECT now_us FROM clock) <= $3 \
+                   RETURNING r.tat_us) \
+                 SELECT (SELECT now_us FROM clock), (SELECT tat_us FROM taken), \
+                        (SELECT tat_us FROM rate_limits WHERE name = $1)",
+                &[
+                    &self.name,
+                    &self.gcra.emission_interval_us,
+                    &self.gcra.tolerance_us,
+                ],
             )
             .await?;
-        let available: f64 = row.get(0);
-        let (left, wait) = if available >= 1.0 {
-            (available - 1.0, None)
-        } else {
-            (
-                available,
-                Some(Duration::from_secs_f64(
-                    ((1.0 - available) / self.refill_per_second).max(0.01),
-                )),
-            )
+        let now_us: i64 = row.get(0);
+        let taken: Option<i64> = row.get(1);
+        if taken.is_some() {
+            return Ok(Take::Allowed { at_us: now_us });
+        }
+        // Denied: the TAT read from the statement's snapshot may be older than the row that
+        // denied us; the wait is a hint, and the next attempt decides again.
+        let tat: Option<i64> = row.get(2);
+        let wait_us = match self.gcra.check(tat, now_us) {
+            Err(w) => w,
+            Ok(_) => 1_000,
         };
-        tx.execute(
-            "UPDATE rate_buckets SET tokens = $2, updated_at = clock_timestamp() WHERE name = $1",
-            &[&self.name, &left],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(wait)
+        Ok(Take::Wait(Duration::from_micros(
+            u64::try_from(wait_us.max(1_000)).unwrap_or(1_000),
+        )))
     }
 }
 
@@ -355,15 +449,157 @@ impl RateGate for PgRateGate {
         Box::pin(async move {
             loop {
                 match self.try_take().await {
-                    Ok(None) => {
+                    Ok(Take::Allowed { .. }) => {
                         self.calls
                             .add(1, &[opentelemetry::KeyValue::new("provider", "withings")]);
                         return Ok(());
                     }
-                    Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                    Ok(Take::Wait(wait)) => tokio::time::sleep(wait).await,
                     Err(e) => return Err(Box::new(e) as crate::withings::GateError),
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const MINUTE_US: i64 = 60_000_000;
+
+    /// The largest number of times in any half-open window `[t, t + window)` (sorted times).
+    fn max_in_window(times: &[i64], window: i64) -> usize {
+        let (mut best, mut lo) = (0, 0);
+        for hi in 0..times.len() {
+            while times[hi] - times[lo] >= window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    /// Hammers a limit for five simulated minutes: 8 clients, each retrying after the wait it
+    /// was told (plus jitter) or right after a success, and one greedy client that asks every
+    /// millisecond. Returns the allowed times.
+    fn hammer(gcra: Gcra, minutes: i64) -> Vec<i64> {
+        let mut tat: Option<i64> = None;
+        let mut allowed = Vec::new();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |bound: i64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            i64::try_from((seed >> 33) % u64::try_from(bound).unwrap()).unwrap()
+        };
+        let mut clients: Vec<i64> = (0..8).map(|_| next(1_000_000)).collect();
+        let end = minutes * MINUTE_US;
+        let mut greedy = 0;
+        loop {
+            // the earliest next attempt among the clients and the greedy one
+            let (i, &t) = clients.iter().enumerate().min_by_key(|(_, t)| **t).unwrap();
+            let (who, now) = if greedy < t {
+                (None, greedy)
+            } else {
+                (Some(i), t)
+            };
+            if now >= end {
+                break;
+            }
+            let decision = gcra.check(tat, now);
+            if let Ok(new_tat) = decision {
+                tat = Some(new_tat);
+                allowed.push(now);
+            }
+            match who {
+                None => greedy += 1_000,
+                Some(i) => {
+                    clients[i] = now
+                        + match decision {
+                            Ok(_) => next(50_000),
+                            Err(wait) => wait + next(3_000),
+                        }
+                }
+            }
+        }
+        allowed
+    }
+
+    #[test]
+    fn test_gcra_never_admits_more_than_the_limit_in_any_60s() {
+        let gcra = Gcra::per_window(120, Duration::from_secs(60));
+        assert_eq!(gcra.emission_interval_us, 500_000);
+        assert_eq!(gcra.tolerance_us, 0);
+        let allowed = hammer(gcra, 5);
+        assert_eq!(max_in_window(&allowed, MINUTE_US), 120);
+        // and it does not starve: the whole budget is used
+        assert!(allowed.len() >= 5 * 120 - 1, "{}", allowed.len());
+        // a limit that does not divide the window
+        let gcra = Gcra::per_window(7, Duration::from_secs(60));
+        assert!(max_in_window(&hammer(gcra, 5), MINUTE_US) <= 7);
+    }
+
+    #[test]
+    fn test_gcra_with_a_burst_tolerance_would_exceed_the_limit() {
+        // Why the tolerance is zero: one interval of tolerance already admits 121.
+        let gcra = Gcra {
+            emission_interval_us: 500_000,
+            tolerance_us: 500_000,
+        };
+        assert!(max_in_window(&hammer(gcra, 5), MINUTE_US) > 120);
+    }
+
+    #[test]
+    fn test_gcra_check_waits_until_the_tat() {
+        let gcra = Gcra::per_window(120, Duration::from_secs(60));
+        assert_eq!(gcra.check(None, 1_000), Ok(501_000));
+        assert_eq!(gcra.check(Some(501_000), 1_000), Err(500_000));
+        assert_eq!(gcra.check(Some(501_000), 501_000), Ok(1_001_000));
+        // an idle limit does not bank credit
+        assert_eq!(gcra.check(Some(0), 10_000_000), Ok(10_500_000));
+    }
+
+    /// The SQL makes the same decisions against the shared row, under concurrency (needs the
+    /// local PostgreSQL): 4 tasks hammer a limit of 5 per second for 3 s.
+    #[tokio::test]
+    async fn test_pg_gate_holds_the_limit_under_concurrency() {
+        let url = "postgres://postgres@127.0.0.1:5432/ohx_fetcher_test";
+        ohx_common::db::create_database(url).await.unwrap();
+        let pool = ohx_common::db::pool(url, 8).unwrap();
+        ohx_common::db::migrate(&pool).await.unwrap();
+        let counter = opentelemetry::global::meter("test")
+            .u64_counter("calls")
+            .build();
+        let gate = PgRateGate::per_window(
+            pool,
+            format!("test:{}", Uuid::new_v4()),
+            5,
+            Duration::from_secs(1),
+            counter,
+        );
+        let stop = std::time::Instant::now() + Duration::from_secs(3);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let gate = gate.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut at = Vec::new();
+                while std::time::Instant::now() < stop {
+                    match gate.try_take().await.unwrap() {
+                        Take::Allowed { at_us } => at.push(at_us),
+                        Take::Wait(w) => tokio::time::sleep(w.min(Duration::from_millis(50))).await,
+                    }
+                }
+                at
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert!(all.len() >= 12, "{}", all.len());
+        assert!(max_in_window(&all, 1_000_000) <= 5, "{all:?}");
     }
 }

@@ -103,6 +103,14 @@ pub enum WithingsError {
         /// The `error` text of the envelope.
         message: String,
     },
+    /// The token endpoint rejected the application's own credentials (wrong `client_id` or
+    /// `client_secret`, e.g. a rotated secret not yet configured): an app-level configuration
+    /// error. No link's grant is at fault, so no link may be marked for re-authorization.
+    #[error("withings: client credentials rejected (status {status})")]
+    InvalidClient {
+        /// The Withings status.
+        status: i64,
+    },
     /// Any other non-zero status (invalid parameters, unauthorized service, bad state…).
     #[error("withings: api error (status {status}): {message}")]
     Api {
@@ -144,6 +152,7 @@ impl WithingsError {
             }
             Self::InvalidToken { .. }
             | Self::InvalidGrant { .. }
+            | Self::InvalidClient { .. }
             | Self::Api { .. }
             | Self::Decode(_) => false,
         }
@@ -196,6 +205,51 @@ fn is_transient(status: i64) -> bool {
     matches!(status, 516..=522 | 525..=531 | 533)
 }
 
+/// What a failed token call (`requesttoken`) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFailure {
+    /// The refresh token or code is invalid, expired, revoked or already used: the link needs
+    /// re-authorization. The only outcome that may mark a link.
+    InvalidGrant,
+    /// The application's client id or secret is wrong: configuration, not the link's grant.
+    InvalidClient,
+    /// Rate limit, timeout or a Withings-side error: retry later.
+    Transient,
+    /// Anything else (malformed parameters, redirect mismatch): not the grant's fault.
+    Other,
+}
+
+/// Classifies a non-zero status of the token endpoint with its `error` text.
+///
+/// Withings answers token errors at HTTP 200 with a status and an `Invalid Params: …` text
+/// (research/providers.md §1.2 and §1.5; the simulator's table): `503 "Invalid Params: invalid
+/// refresh_token"` / `"invalid code"` for a bad grant, `503 "Invalid Params: invalid client_id
+/// or client_secret"` for wrong app credentials; the "authentication failed" family (401,
+/// 100–102, 200) also means the grant. A bare 503 (no text naming the grant) is not trusted to
+/// mean a revoked grant: outages answer with 5xx-range statuses too, and marking every link
+/// `reauth_required` on an outage would force every patient to reconnect. HTTP-level 5xx,
+/// timeouts and connection errors never reach here (they are `Transport` / `Http`).
+pub fn classify_token_status(status: i64, message: &str) -> TokenFailure {
+    let m = message.to_ascii_lowercase();
+    if status == 601 || is_transient(status) {
+        return TokenFailure::Transient;
+    }
+    if m.contains("client_id") || m.contains("client_secret") || m.contains("invalid_client") {
+        return TokenFailure::InvalidClient;
+    }
+    let names_grant = m.contains("refresh_token")
+        || m.contains("invalid_grant")
+        || m.contains("invalid code")
+        || m.contains("expired code");
+    if is_auth_failed(status) || (names_grant && (500..=511).contains(&status)) {
+        return TokenFailure::InvalidGrant;
+    }
+    if (500..600).contains(&status) {
+        return TokenFailure::Transient;
+    }
+    TokenFailure::Other
+}
+
 /// Maps a non-zero envelope status to an error.
 fn map_status(status: i64, message: String, endpoint: Endpoint) -> WithingsError {
     if status == 601 {
@@ -205,13 +259,14 @@ fn map_status(status: i64, message: String, endpoint: Endpoint) -> WithingsError
         return WithingsError::Retryable { status };
     }
     match endpoint {
-        // 503 is what Withings answers for an invalid, expired or already used code or
-        // refresh token; an authentication failure on the token endpoint means the same.
-        Endpoint::Token if status == 503 || is_auth_failed(status) => {
-            WithingsError::InvalidGrant { status, message }
-        }
+        Endpoint::Token => match classify_token_status(status, &message) {
+            TokenFailure::InvalidGrant => WithingsError::InvalidGrant { status, message },
+            TokenFailure::InvalidClient => WithingsError::InvalidClient { status },
+            TokenFailure::Transient => WithingsError::Retryable { status },
+            TokenFailure::Other => WithingsError::Api { status, message },
+        },
         Endpoint::Data if is_auth_failed(status) => WithingsError::InvalidToken { status },
-        _ => WithingsError::Api { status, message },
+        Endpoint::Data => WithingsError::Api { status, message },
     }
 }
 
@@ -976,6 +1031,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, WithingsError::Decode(_)));
+    }
+
+    #[test]
+    fn test_classify_token_status() {
+        use TokenFailure::*;
+        let cases: &[(i64, &str, TokenFailure)] = &[
+            (503, "Invalid Params: invalid refresh_token", InvalidGrant),
+            (503, "Invalid Params: invalid code", InvalidGrant),
+            (401, "", InvalidGrant),
+            (100, "whatever", InvalidGrant),
+            (
+                503,
+                "Invalid Params: invalid client_id or client_secret",
+                InvalidClient,
+            ),
+            (401, "invalid_client", InvalidClient),
+            (503, "", Transient),
+            (503, "Service Unavailable", Transient),
+            (500, "", Transient),
+            (522, "", Transient),
+            (601, "", Transient),
+            (503, "Invalid Params: redirect_uri_mismatch", Transient),
+            (293, "invalid refresh_token", Other),
+            (2554, "", Other),
+        ];
+        for (status, msg, want) in cases {
+            assert_eq!(
+                classify_token_status(*status, msg),
+                *want,
+                "{status} {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_token_endpoint_outage_and_client_errors_are_not_invalid_grant() {
+        let e = token_err(r#"{"status":503,"body":{}}"#);
+        assert!(
+            matches!(e, WithingsError::Retryable { status: 503 }),
+            "{e:?}"
+        );
+        let e = token_err(
+            r#"{"status":503,"body":{},"error":"Invalid Params: invalid client_id or client_secret"}"#,
+        );
+        assert!(
+            matches!(e, WithingsError::InvalidClient { status: 503 }),
+            "{e:?}"
+        );
     }
 
     #[test]

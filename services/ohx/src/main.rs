@@ -1,6 +1,7 @@
 //! `ohx`: the operations command. Applies migrations, topics and schemas; creates the
 //! configuration records (organization, EHR target, patient, provider app and link); emits
-//! manual sync requests; rewinds a stage's consumer group to replay its input.
+//! manual sync requests and the nightly reconciliation; rewinds a stage's consumer group to
+//! replay its input.
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -117,6 +118,15 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         days: i64,
     },
+    /// Emits a NIGHTLY sync request for every active link (run daily by a Kubernetes
+    /// CronJob). The fetcher picks the window (OHX_NIGHTLY_SYNC_DAYS back). Request ids are
+    /// deterministic per link and UTC day, so a CronJob run again the same day (after a
+    /// failure half-way) costs the fetcher a lookup for the links already reconciled.
+    Reconcile {
+        /// Comma-separated: blood_pressure,body_weight,heart_rate
+        #[arg(long, default_value = "blood_pressure,body_weight,heart_rate")]
+        categories: String,
+    },
     /// Rewinds a stopped stage's consumer group on a topic to the beginning or a timestamp.
     Replay {
         #[arg(long)]
@@ -138,6 +148,69 @@ enum TopicsAction {
     },
     /// Checks that every topic exists with retention ≤ 24 h.
     Check,
+}
+
+/// What a sync request needs to know about a link (columns 0–6, the link id last).
+const LINK_CONTEXT: &str = "SELECT l.organization_id, p.ehr_target_id, l.patient_id, p.ehr_patient_reference, l.provider, l.provider_user_id, l.id \
+     FROM provider_links l JOIN patients p ON p.id = l.patient_id";
+
+/// Builds a sync request for the link of a [`LINK_CONTEXT`] row (`window`: `None` lets the
+/// fetcher choose the trigger's window).
+fn sync_request(
+    row: &deadpool_postgres::tokio_postgres::Row,
+    sync_request_id: String,
+    trigger: &str,
+    categories: &str,
+    window: Option<(i64, i64)>,
+    now: i64,
+) -> SyncRequest {
+    SyncRequest {
+        context: Context {
+            organization_id: row.get::<_, Uuid>(0).to_string(),
+            ehr_target_id: row.get::<_, Uuid>(1).to_string(),
+            patient_id: row.get::<_, Uuid>(2).to_string(),
+            patient_reference: row.get(3),
+            provider: row.get(4),
+            link_id: row.get::<_, Uuid>(6).to_string(),
+            provider_user_id: row.get(5),
+            sync_request_id,
+            trigger: trigger.to_string(),
+            received_at: now,
+        },
+        categories: parse_categories(categories),
+        window_start: window.map(|w| w.0),
+        window_end: window.map(|w| w.1),
+        provider_event: None,
+    }
+}
+
+fn parse_categories(categories: &str) -> Vec<String> {
+    categories
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// The NIGHTLY request id of a link for the UTC day of `now_ms`: a UUID (version 8, from
+/// SHA-256), the same for every run of the reconciliation that day.
+fn nightly_request_id(link: Uuid, now_ms: i64) -> String {
+    let day = now_ms.div_euclid(86_400_000);
+    let digest = Sha256::digest(format!("NIGHTLY\u{1f}{link}\u{1f}{day}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(bytes).to_string()
+}
+
+fn producer() -> anyhow::Result<Producer> {
+    Ok(Producer::new(
+        &KafkaSettings::from_env(),
+        Codec::from_env()?,
+        std::time::Duration::from_secs(30),
+        ohx_common::admin::Health::new(),
+    )?)
 }
 
 fn print(v: serde_json::Value) {
@@ -305,47 +378,56 @@ async fn main() -> anyhow::Result<()> {
             categories,
             days,
         } => {
-            let row = db().await?
-                .query_one(
-                    "SELECT l.organization_id, p.ehr_target_id, l.patient_id, p.ehr_patient_reference, l.provider, l.provider_user_id \
-                     FROM provider_links l JOIN patients p ON p.id = l.patient_id WHERE l.id = $1",
-                    &[&link],
-                )
+            let row = db()
+                .await?
+                .query_one(&format!("{LINK_CONTEXT} WHERE l.id = $1"), &[&link])
                 .await
                 .context("unknown link")?;
             let now = chrono::Utc::now().timestamp_millis();
-            let request = SyncRequest {
-                context: Context {
-                    organization_id: row.get::<_, Uuid>(0).to_string(),
-                    ehr_target_id: row.get::<_, Uuid>(1).to_string(),
-                    patient_id: row.get::<_, Uuid>(2).to_string(),
-                    patient_reference: row.get(3),
-                    provider: row.get(4),
-                    link_id: link.to_string(),
-                    provider_user_id: row.get(5),
-                    sync_request_id: Uuid::new_v4().to_string(),
-                    trigger: trigger.to_uppercase(),
-                    received_at: now,
-                },
-                categories: categories
-                    .split(',')
-                    .map(|c| c.trim().to_string())
-                    .filter(|c| !c.is_empty())
-                    .collect(),
-                window_start: Some(now - days * 86_400_000),
-                window_end: Some(now),
-                provider_event: None,
-            };
-            let producer = Producer::new(
-                &KafkaSettings::from_env(),
-                Codec::from_env()?,
-                std::time::Duration::from_secs(30),
-                ohx_common::admin::Health::new(),
-            )?;
-            producer
+            let request = sync_request(
+                &row,
+                Uuid::new_v4().to_string(),
+                &trigger.to_uppercase(),
+                &categories,
+                Some((now - days * 86_400_000, now)),
+                now,
+            );
+            producer()?
                 .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request)
                 .await?;
             print(json!({"sync_request_id": request.context.sync_request_id}));
+        }
+        Command::Reconcile { categories } => {
+            let rows = db()
+                .await?
+                .query(
+                    &format!("{LINK_CONTEXT} WHERE l.status = 'active' ORDER BY l.id"),
+                    &[],
+                )
+                .await?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let producer = producer()?;
+            let mut sent = 0usize;
+            for row in &rows {
+                let link: Uuid = row.get(6);
+                let request = sync_request(
+                    row,
+                    nightly_request_id(link, now),
+                    "NIGHTLY",
+                    &categories,
+                    None,
+                    now,
+                );
+                producer
+                    .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request)
+                    .await
+                    .with_context(|| {
+                        format!("link {link}: sync request not stored ({sent} sent)")
+                    })?;
+                sent += 1;
+            }
+
+            print(json!({"links": rows.len(), "sent": sent}));
         }
         Command::Replay {
             group,
@@ -450,4 +532,32 @@ async fn register_schemas() -> anyhow::Result<()> {
         print(json!({"subject": subject, "id": body.get("id"), "mode": "http"}));
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nightly_request_id_is_stable_per_link_and_utc_day() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let day = 86_400_000;
+        let t = 20_000 * day + 5;
+        assert_eq!(
+            nightly_request_id(a, t),
+            nightly_request_id(a, t + day - 10)
+        );
+        assert_ne!(nightly_request_id(a, t), nightly_request_id(a, t + day));
+        assert_ne!(nightly_request_id(a, t), nightly_request_id(b, t));
+        assert!(Uuid::parse_str(&nightly_request_id(a, t)).is_ok());
+    }
+
+    #[test]
+    fn test_parse_categories() {
+        assert_eq!(
+            parse_categories(" blood_pressure, ,heart_rate"),
+            vec!["blood_pressure", "heart_rate"]
+        );
+    }
 }

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use deadpool_postgres::Pool;
 use ohx_common::admin::Problem;
-use ohx_common::kafka::Producer;
+use ohx_common::codec::CodecError;
+use ohx_common::kafka::{OutRecord, Producer};
 use ohx_common::records::{Context, SyncRequest, topic};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -43,6 +44,45 @@ pub struct AppState {
     pub producer: Producer,
     /// How long to wait for the broker's acknowledgement before answering 503.
     pub ack_timeout: Duration,
+    /// Bound of each configuration-database step of a webhook (`OHX_DATABASE_TIMEOUT_MS`).
+    pub db_timeout: Duration,
+    /// Longest notified window accepted (`OHX_MAX_WEBHOOK_WINDOW_DAYS`, default
+    /// [`DEFAULT_MAX_WEBHOOK_WINDOW_DAYS`]).
+    pub max_window: Duration,
+}
+
+/// Default longest window of a notification, in days. Withings notifies the window of the data
+/// that changed (minutes to hours; days after a device was offline). A window from
+/// `startdate=0` would cost ~20,000 provider calls and exhaust the application-wide budget of
+/// 120 requests/min for hours, so longer windows are refused (400): a long backfill is an
+/// INITIAL or MANUAL sync, not a webhook.
+pub const DEFAULT_MAX_WEBHOOK_WINDOW_DAYS: u64 = 31;
+
+/// How far into the future a notified window may end (device and provider clocks drift).
+pub const MAX_FUTURE_SKEW_MS: i64 = 10 * 60 * 1000;
+
+/// Checks a notified window (epoch ms, end exclusive) against the maximum length and the
+/// allowed clock skew into the future.
+pub fn validate_window(
+    window: (i64, i64),
+    now_ms: i64,
+    max_window: Duration,
+) -> Result<(), String> {
+    let (start, end) = window;
+    let max_ms = i64::try_from(max_window.as_millis()).unwrap_or(i64::MAX);
+    if end.saturating_sub(start) > max_ms {
+        return Err(format!(
+            "the window from startdate to enddate is longer than the maximum of {} days",
+            max_window.as_secs() / 86_400
+        ));
+    }
+    if end > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
+        return Err(format!(
+            "enddate is more than {} minutes in the future",
+            MAX_FUTURE_SKEW_MS / 60_000
+        ));
+    }
+    Ok(())
 }
 
 /// Returns the webhook routes.
@@ -125,6 +165,39 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
     })
 }
 
+/// Returns the deterministic sync request id of a notification for a link: a UUID (version 8,
+/// from SHA-256) of the provider, the link, the user id, `appli` and the notified window.
+///
+/// Why deterministic: a webhook answered 503 (or answered after Withings' 2 s deadline) is
+/// retried by Withings, though its SyncRequest was usually stored anyway. Every retry carries
+/// the same fields, so it gets the same id, and the fetcher skips a request whose id already
+/// has a successful run (one indexed lookup per batch) and coalesces same-id requests of a
+/// batch: a duplicate costs one database lookup instead of a full fetch. The link id (not in
+/// the notification) keeps apart two organizations' links of the same Withings user, whose
+/// runs would otherwise share one `sync_runs` row. A later notification of the very same
+/// window (an edit inside it) is skipped too; NIGHTLY reconciliation fetches such late edits.
+pub fn sync_request_id(
+    provider: &str,
+    link_id: &str,
+    userid: &str,
+    appli: i32,
+    window: Option<(i64, i64)>,
+) -> String {
+    let (start, end) = window.map_or((String::new(), String::new()), |(s, e)| {
+        (s.to_string(), e.to_string())
+    });
+    let digest = Sha256::digest(
+        [provider, link_id, userid, &appli.to_string(), &start, &end]
+            .join("\u{1f}")
+            .as_bytes(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
+
 /// Returns the hex SHA-256 of a webhook token (how tokens are stored).
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -145,10 +218,88 @@ fn count(outcome: &'static str) {
     );
 }
 
-fn unavailable(detail: impl Into<String>) -> Response {
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+/// What kept a notification from being stored. Answered 503 so that Withings retries; the
+/// problem names the dependency, for the operator reading the provider's delivery log.
+///
+/// What a 503 means: "not known to be stored, send it again". Withings will retry. The
+/// request may have been stored after all (the broker acknowledged after the deadline): the
+/// retry then produces a request with the same [`sync_request_id`], and the duplicate costs
+/// the fetcher one database lookup, not a fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The configuration database (down, unreachable, too slow: see `OHX_DATABASE_TIMEOUT_MS`).
+    Database,
+    /// The schema registry could not give the SyncRequest schema's id.
+    SchemaRegistry,
+    /// The broker did not acknowledge the sync request in time.
+    Broker,
+}
+
+impl Unavailable {
+    /// The problem's title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Unavailable::Database => "Configuration database unavailable",
+            Unavailable::SchemaRegistry => "Schema registry unavailable",
+            Unavailable::Broker => "Broker unavailable",
+        }
+    }
+
+    /// The label of `ohx_webhooks{outcome}`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Unavailable::Database => "unavailable_database",
+            Unavailable::SchemaRegistry => "unavailable_schema_registry",
+            Unavailable::Broker => "unavailable_broker",
+        }
+    }
+}
+
+/// Returns the 503 problem+json naming what failed.
+pub fn unavailable(what: Unavailable, detail: impl Into<String>) -> Response {
+    count(what.outcome());
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, what.title())
         .detail(detail)
         .into_response()
+}
+
+/// Classifies an encoding failure: the registry is a dependency that can come back (503);
+/// anything else is a record that does not fit its schema, a bug (`None`).
+pub fn encode_failure(e: &CodecError) -> Option<Unavailable> {
+    match e {
+        CodecError::Registry(_) => Some(Unavailable::SchemaRegistry),
+        _ => None,
+    }
+}
+
+/// Runs a database step under the pool's timeout (a connection taken from the pool can still
+/// hang on a query if the server stalls).
+async fn db_step<T, E: std::fmt::Display>(
+    timeout: Duration,
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Response> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(error)) => {
+            tracing::error!(%error, step = what, "configuration database failed");
+            Err(unavailable(
+                Unavailable::Database,
+                "the configuration database failed; retry",
+            ))
+        }
+        Err(_) => {
+            tracing::error!(
+                step = what,
+                timeout_ms = timeout.as_millis() as u64,
+                "configuration database timed out"
+            );
+            Err(unavailable(
+                Unavailable::Database,
+                "the configuration database did not answer in time; retry",
+            ))
+        }
+    }
 }
 
 async fn withings_webhook(
@@ -163,28 +314,26 @@ async fn withings_webhook(
             .detail("the callback URL must carry ?token=")
             .into_response();
     };
-    let client = match state.pool.get().await {
+    let client = match db_step(state.db_timeout, "connect", state.pool.get()).await {
         Ok(c) => c,
-        Err(error) => {
-            count("unavailable");
-            tracing::error!(%error, "database unavailable");
-            return unavailable("configuration database unavailable");
-        }
+        Err(response) => return response,
     };
-    let app = match client
-        .query_opt("SELECT id FROM provider_apps WHERE provider = 'withings' AND webhook_token_sha256 = $1", &[&token_hash(&token)])
-        .await
+    let app = match db_step(
+        state.db_timeout,
+        "app lookup",
+        client.query_opt(
+            "SELECT id FROM provider_apps WHERE provider = 'withings' AND webhook_token_sha256 = $1",
+            &[&token_hash(&token)],
+        ),
+    )
+    .await
     {
         Ok(Some(row)) => row.get::<_, uuid::Uuid>(0),
         Ok(None) => {
             count("unauthorized");
             return Problem::new(StatusCode::UNAUTHORIZED, "Unknown webhook token").into_response();
         }
-        Err(error) => {
-            count("unavailable");
-            tracing::error!(%error, "app lookup failed");
-            return unavailable("configuration database unavailable");
-        }
+        Err(response) => return response,
     };
     let Form(notification) = match form {
         Ok(f) => f,
@@ -209,21 +358,29 @@ async fn withings_webhook(
         tracing::info!(appli = notified.appli, "notification category not synced");
         return StatusCode::NO_CONTENT.into_response();
     }
-    let rows = match client
-        .query(
+    if let Some(window) = notified.window
+        && let Err(detail) = validate_window(window, received_at, state.max_window)
+    {
+        count("bad_request");
+        tracing::info!(appli = notified.appli, "notification window refused");
+        return Problem::new(StatusCode::BAD_REQUEST, "Notification window refused")
+            .detail(detail)
+            .into_response();
+    }
+    let rows = match db_step(
+        state.db_timeout,
+        "link lookup",
+        client.query(
             "SELECT l.id, l.organization_id, l.patient_id, p.ehr_target_id, p.ehr_patient_reference, l.status \
              FROM provider_links l JOIN patients p ON p.id = l.patient_id \
              WHERE l.provider_app_id = $1 AND l.provider_user_id = $2",
             &[&app, &notified.userid],
-        )
-        .await
+        ),
+    )
+    .await
     {
         Ok(rows) => rows,
-        Err(error) => {
-            count("unavailable");
-            tracing::error!(%error, "link lookup failed");
-            return unavailable("configuration database unavailable");
-        }
+        Err(response) => return response,
     };
     drop(client);
     if rows.is_empty() {
@@ -249,7 +406,13 @@ async fn withings_webhook(
                 provider: "withings".into(),
                 link_id: link_id.to_string(),
                 provider_user_id: notified.userid.clone(),
-                sync_request_id: uuid::Uuid::new_v4().to_string(),
+                sync_request_id: sync_request_id(
+                    "withings",
+                    &link_id.to_string(),
+                    &notified.userid,
+                    notified.appli,
+                    notified.window,
+                ),
                 trigger: "WEBHOOK".into(),
                 received_at,
             },
@@ -258,11 +421,53 @@ async fn withings_webhook(
             window_end: notified.window.map(|w| w.1),
             provider_event: Some(format!("appli={}", notified.appli)),
         };
-        let send =
+        // Encode first (the schema registry may be asked for the id), then produce, both
+        // within the one acknowledgement deadline, so that a 503 names what failed.
+        let deadline = tokio::time::Instant::now() + state.ack_timeout;
+        let encoded = tokio::time::timeout_at(
+            deadline,
             state
                 .producer
-                .send_record(topic::SYNC_REQUESTS, &request.context.link_id, &request);
-        match tokio::time::timeout(state.ack_timeout, send).await {
+                .codec()
+                .encode(topic::SYNC_REQUESTS, &request),
+        )
+        .await;
+        let payload = match encoded {
+            Ok(Ok(p)) => p,
+            Ok(Err(error)) => {
+                return match encode_failure(&error) {
+                    Some(what) => {
+                        tracing::error!(%error, link_id = %link_id, "schema registry failed");
+                        unavailable(what, "the schema registry failed; retry")
+                    }
+                    None => {
+                        count("error");
+                        tracing::error!(%error, link_id = %link_id, "cannot encode the sync request");
+                        Problem::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Cannot encode the sync request",
+                        )
+                        .into_response()
+                    }
+                };
+            }
+            Err(_) => {
+                tracing::error!(link_id = %link_id, "schema registry timed out");
+                return unavailable(
+                    Unavailable::SchemaRegistry,
+                    "the schema registry did not answer in time; retry",
+                );
+            }
+        };
+        let record = OutRecord {
+            topic: topic::SYNC_REQUESTS.to_string(),
+            partition: None,
+            key: Some(request.context.link_id.as_bytes().to_vec()),
+            payload,
+            headers: vec![],
+        };
+        let send = state.producer.send_all(std::slice::from_ref(&record));
+        match tokio::time::timeout_at(deadline, send).await {
             Ok(Ok(())) => {
                 sent += 1;
                 SYNC_REQUESTS.add(
@@ -275,14 +480,18 @@ async fn withings_webhook(
                 tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, appli = notified.appli, "sync request emitted");
             }
             Ok(Err(error)) => {
-                count("unavailable");
-                tracing::error!(%error, "broker did not acknowledge the sync request");
-                return unavailable("the sync request could not be stored; retry");
+                tracing::error!(%error, link_id = %link_id, "broker did not acknowledge the sync request");
+                return unavailable(
+                    Unavailable::Broker,
+                    "the broker did not store the sync request; retry",
+                );
             }
             Err(_) => {
-                count("unavailable");
-                tracing::error!("broker acknowledgement timed out");
-                return unavailable("the sync request could not be stored in time; retry");
+                tracing::error!(link_id = %link_id, "broker acknowledgement timed out");
+                return unavailable(
+                    Unavailable::Broker,
+                    "the broker did not store the sync request in time; retry",
+                );
             }
         }
     }
@@ -291,6 +500,7 @@ async fn withings_webhook(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -340,6 +550,226 @@ mod tests {
         assert!(interpret(&n("1", "4", Some("5"), Some("2"))).is_err());
         assert!(interpret(&n("1", "4", Some("5"), None)).is_err());
         assert!(interpret(&n("1", "4", None, None)).is_err());
+    }
+
+    #[test]
+    fn test_validate_window_bounds_length_and_future() {
+        let day = 86_400_000;
+        let max = Duration::from_secs(31 * 86_400);
+        let now = 1_800_000_000_000;
+        assert!(validate_window((now - day, now), now, max).is_ok());
+        assert!(validate_window((now - 31 * day, now), now, max).is_ok());
+        assert!(validate_window((now - 31 * day - 1, now), now, max).is_err());
+        // startdate=0 (the whole history).
+        assert!(validate_window((0, now), now, max).is_err());
+        // a small skew into the future is tolerated, more is not
+        assert!(validate_window((now - day, now + MAX_FUTURE_SKEW_MS), now, max).is_ok());
+        assert!(validate_window((now - day, now + MAX_FUTURE_SKEW_MS + 1), now, max).is_err());
+        // the maximum is configurable
+        assert!(validate_window((now - 2 * day, now), now, Duration::from_secs(86_400)).is_err());
+    }
+
+    use ohx_common::codec::Codec;
+    use ohx_common::kafka::KafkaSettings;
+    use std::sync::Arc;
+
+    fn state(pool: Pool, codec: Codec) -> AppState {
+        let producer = Producer::new(
+            &KafkaSettings {
+                bootstrap: "127.0.0.1:1".into(),
+                extra: vec![],
+            },
+            Arc::new(codec),
+            Duration::from_millis(300),
+            ohx_common::admin::Health::new(),
+        )
+        .unwrap();
+        AppState {
+            pool,
+            producer,
+            ack_timeout: Duration::from_millis(600),
+            db_timeout: Duration::from_millis(300),
+            max_window: Duration::from_secs(31 * 86_400),
+        }
+    }
+
+    async fn call(state: AppState, token: &str, userid: &str) -> (StatusCode, serde_json::Value) {
+        let now = chrono::Utc::now().timestamp();
+        call_window(state, token, userid, now - 3600, now).await
+    }
+
+    async fn call_window(
+        state: AppState,
+        token: &str,
+        userid: &str,
+        start: i64,
+        end: i64,
+    ) -> (StatusCode, serde_json::Value) {
+        let response = withings_webhook(
+            State(state),
+            Query(TokenQuery {
+                token: Some(token.into()),
+            }),
+            Ok(Form(n(
+                userid,
+                "4",
+                Some(&start.to_string()),
+                Some(&end.to_string()),
+            ))),
+        )
+        .await;
+        let status = response.status();
+        let ct = response
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        if status.is_success() {
+            return (status, serde_json::Value::Null);
+        }
+        assert!(ct.starts_with("application/problem+json"), "{ct}");
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A database that accepts connections and never answers: 503 naming the database, well
+    /// inside Withings' 2 s deadline.
+    #[tokio::test]
+    async fn test_hung_database_answers_503_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let pool = ohx_common::db::pool_with_timeout(
+            &format!("postgres://postgres@{addr}/ohx"),
+            2,
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (status, problem) = call(state(pool, Codec::embedded().unwrap()), "t", "1").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(problem["title"], "Configuration database unavailable");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
+    }
+
+    /// Seeds a database on the local PostgreSQL with one active link for a fresh user id.
+    async fn seeded_pool() -> (Pool, String, String) {
+        let url = "postgres://postgres@127.0.0.1:5432/ohx_gateway_test";
+        // Tests run in parallel: the loser of a race to create the database finds it there.
+        if ohx_common::db::create_database(url).await.is_err() {
+            ohx_common::db::create_database(url).await.unwrap();
+        }
+        let pool = ohx_common::db::pool(url, 2).unwrap();
+        ohx_common::db::migrate(&pool).await.unwrap();
+        let c = pool.get().await.unwrap();
+        let (org, target, patient, app, link) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let userid = (uuid::Uuid::new_v4().as_u128() % 1_000_000_000).to_string();
+        let token = uuid::Uuid::new_v4().to_string();
+        c.execute(
+            "INSERT INTO organizations (id, name) VALUES ($1, 'gw test')",
+            &[&org],
+        )
+        .await
+        .unwrap();
+        c.execute("INSERT INTO ehr_targets (id, organization_id, name, base_url) VALUES ($1, $2, 't', 'http://127.0.0.1:1')", &[&target, &org]).await.unwrap();
+        c.execute("INSERT INTO patients (id, organization_id, ehr_target_id, ehr_patient_reference) VALUES ($1, $2, $3, $4)", &[&patient, &org, &target, &format!("Patient/{patient}")]).await.unwrap();
+        c.execute("INSERT INTO provider_apps (id, organization_id, provider, client_id, client_secret, webhook_token_sha256) VALUES ($1, $2, 'withings', 'cid', 'sealed', $3)", &[&app, &org, &token_hash(&token)]).await.unwrap();
+        c.execute("INSERT INTO provider_links (id, organization_id, patient_id, provider_app_id, provider, provider_user_id) VALUES ($1, $2, $3, $4, 'withings', $5)", &[&link, &org, &patient, &app, &userid]).await.unwrap();
+        drop(c);
+        (pool, token, userid)
+    }
+
+    /// The schema registry down: 503 naming it. The broker down: 503 naming it. (Needs the
+    /// local PostgreSQL, as the other database tests.)
+    #[tokio::test]
+    async fn test_registry_and_broker_failures_are_named() {
+        let (pool, token, userid) = seeded_pool().await;
+        let (status, problem) = call(
+            state(pool.clone(), Codec::http("http://127.0.0.1:1").unwrap()),
+            &token,
+            &userid,
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+        assert_eq!(problem["title"], "Schema registry unavailable");
+        let (status, problem) =
+            call(state(pool, Codec::embedded().unwrap()), &token, &userid).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+        assert_eq!(problem["title"], "Broker unavailable");
+    }
+
+    /// `startdate=0`: 400 problem+json, nothing produced (the producer points nowhere, so a
+    /// produce attempt would answer 503).
+    #[tokio::test]
+    async fn test_unbounded_window_is_refused_with_400() {
+        let (pool, token, userid) = seeded_pool().await;
+        let now = chrono::Utc::now().timestamp();
+        let (status, problem) = call_window(
+            state(pool.clone(), Codec::embedded().unwrap()),
+            &token,
+            &userid,
+            0,
+            now,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+        assert_eq!(problem["title"], "Notification window refused");
+        let (status, problem) = call_window(
+            state(pool, Codec::embedded().unwrap()),
+            &token,
+            &userid,
+            now,
+            now + 86_400,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    }
+
+    #[test]
+    fn test_encode_failure_names_the_registry_only() {
+        assert_eq!(
+            encode_failure(&CodecError::Registry("down".into())),
+            Some(Unavailable::SchemaRegistry)
+        );
+        assert_eq!(encode_failure(&CodecError::Avro("bad".into())), None);
+    }
+
+    #[test]
+    fn test_sync_request_id_is_deterministic_per_notification() {
+        let w = Some((1_000, 2_000));
+        let a = sync_request_id("withings", "l1", "42", 4, w);
+        assert_eq!(a, sync_request_id("withings", "l1", "42", 4, w));
+        assert!(uuid::Uuid::parse_str(&a).is_ok());
+        assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 8);
+        for other in [
+            sync_request_id("withings", "l2", "42", 4, w),
+            sync_request_id("withings", "l1", "43", 4, w),
+            sync_request_id("withings", "l1", "42", 1, w),
+            sync_request_id("withings", "l1", "42", 4, Some((1_000, 2_001))),
+            sync_request_id("withings", "l1", "42", 4, Some((999, 2_000))),
+            sync_request_id("omron", "l1", "42", 4, w),
+        ] {
+            assert_ne!(a, other);
+        }
     }
 
     #[test]

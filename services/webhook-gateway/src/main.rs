@@ -11,6 +11,18 @@ async fn main() -> anyhow::Result<()> {
         pool,
         producer: rt.producer.clone(),
         ack_timeout: ohx_common::config::millis("OHX_ACK_TIMEOUT_MS", 1500)?,
+        db_timeout: ohx_common::config::millis(
+            "OHX_DATABASE_TIMEOUT_MS",
+            ohx_common::db::DEFAULT_TIMEOUT_MS,
+        )?,
+        max_window: std::time::Duration::from_secs(
+            ohx_common::config::parse(
+                "OHX_MAX_WEBHOOK_WINDOW_DAYS",
+                webhook_gateway::DEFAULT_MAX_WEBHOOK_WINDOW_DAYS,
+            )?
+            .clamp(1, 3650)
+                * 86_400,
+        ),
     };
     let http = rt.serve_http(webhook_gateway::router(state));
     rt.health.set_ready(true);
