@@ -172,6 +172,9 @@ pub fn resource_identity(ehr_target_id: &str, resource_type: &str, resource_id: 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DedupState {
     pub content_hash: String,
+    /// Source revision of the last forwarded content (0: unknown or written before revisions).
+    #[serde(default)]
+    pub revision: i64,
 }
 
 impl Record for DedupState {
