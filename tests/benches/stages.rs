@@ -386,6 +386,7 @@ fn main() -> anyhow::Result<()> {
                 resource_id: r.resource_id.clone(),
                 hash: content_hash_of(&resource)?,
                 resource,
+                revision: r.source_revision,
             });
             if items.len() == 100 {
                 let refs: Vec<&publisher::bundle::Item> = items.iter().collect();

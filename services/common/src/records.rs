@@ -192,7 +192,8 @@ pub struct PublishResult {
     pub sync_request_id: String,
     pub resource_type: String,
     pub resource_id: String,
-    /// `created` | `updated` | `unchanged` | `rejected`.
+    /// `created` | `updated` | `unchanged` | `stale` (the server holds newer content) |
+    /// `rejected`.
     pub outcome: String,
     pub http_status: i32,
     pub version_id: Option<String>,
