@@ -105,6 +105,7 @@ impl Ehr {
         target: &Target,
         bundle: &Value,
         scope: Scope,
+        timeout: Option<Duration>,
     ) -> Result<Value, CallFailure> {
         let mut req = self
             .http
@@ -114,6 +115,9 @@ impl Ehr {
             .json(bundle);
         if let Auth::Bearer(token) = &target.auth {
             req = req.bearer_auth(token);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
         }
         let resp = req.send().await.map_err(|e| {
             let chain = error_chain(&e);
@@ -169,6 +173,7 @@ impl Ehr {
         &self,
         target: &Target,
         items: &[&Item],
+        timeout: Option<Duration>,
     ) -> Result<Vec<ItemResult>, CallFailure> {
         let tx = bundle::transaction_bundle(items, target.mode).map_err(|e| CallFailure {
             class: Class::Resource,
@@ -184,6 +189,7 @@ impl Ehr {
                 Scope::Transaction {
                     entries: items.len(),
                 },
+                timeout,
             )
             .await?;
         PUBLISH_LATENCY.record(started.elapsed().as_secs_f64(), &[]);
@@ -201,8 +207,14 @@ impl Ehr {
 
     /// Publishes items to a target: reads what the server holds, decides per item
     /// ([`publish_decision`]), writes one transaction and, if the server rejects it for
-    /// content, isolates the rejected resources one by one.
-    pub async fn publish_target(&self, target: &Target, items: &[Item]) -> TargetRun {
+    /// content, isolates the rejected resources one by one. `timeout` overrides the client's
+    /// request timeout (a shorter one while a target is failing: its calls stall the stage).
+    pub async fn publish_target(
+        &self,
+        target: &Target,
+        items: &[Item],
+        timeout: Option<Duration>,
+    ) -> TargetRun {
         let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
         let stop = |results, failure| TargetRun {
             results,
@@ -214,7 +226,7 @@ impl Ehr {
             Ok(r) => r,
             Err(e) => return stop(results, CallFailure::transient(e)),
         };
-        let resp = match self.post_bundle(target, &read, Scope::Read).await {
+        let resp = match self.post_bundle(target, &read, Scope::Read, timeout).await {
             Ok(r) => r,
             Err(f) => return stop(results, f),
         };
@@ -255,7 +267,7 @@ impl Ehr {
         }
         // 2. One transaction of upserts.
         let refs: Vec<&Item> = todo.iter().map(|i| &items[*i]).collect();
-        let failure = match self.transaction(target, &refs).await {
+        let failure = match self.transaction(target, &refs, timeout).await {
             Ok(done) => {
                 for (i, r) in todo.iter().zip(done) {
                     results[*i] = Some(r);
@@ -287,7 +299,7 @@ impl Ehr {
         tracing::warn!(reason = %failure.reason, resources = todo.len(), "transaction rejected; retrying resources one by one");
         let mut refusals = Vec::with_capacity(todo.len());
         for i in &todo {
-            match self.transaction(target, &[&items[*i]]).await {
+            match self.transaction(target, &[&items[*i]], timeout).await {
                 Ok(mut done) => {
                     results[*i] = done.pop();
                     refusals.push(None);

@@ -22,6 +22,9 @@ pub mod ehr;
 pub mod ledger;
 pub mod targets;
 
+#[cfg(test)]
+mod stage_tests;
+
 use breaker::{Breaker, BreakerSettings, Failure};
 use bundle::Item;
 use deadpool_postgres::Pool;
@@ -103,6 +106,8 @@ impl Change {
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
     pub request_timeout: Duration,
+    /// Request timeout while a target is failing (its calls stall the stage while they wait).
+    pub probe_timeout: Duration,
     /// How long a loaded target configuration is used before it is read again.
     pub targets_ttl: Duration,
     pub breaker: BreakerSettings,
@@ -118,6 +123,7 @@ impl Default for PublisherSettings {
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(5),
             targets_ttl: Duration::from_secs(60),
             breaker: BreakerSettings::default(),
             chunk: 100,
@@ -135,6 +141,8 @@ pub struct Publisher {
     settings: PublisherSettings,
     targets: HashMap<String, Entry>,
     targets_loaded: Option<Instant>,
+    /// Read the configuration again before the next call (a target failed at target level).
+    reload_soon: bool,
     ledger: Ledger,
     breakers: HashMap<String, Tracked>,
     /// The last change handed to the runtime and not applied yet (see [`ledger`]).
@@ -166,6 +174,7 @@ impl Publisher {
             settings,
             targets: HashMap::new(),
             targets_loaded: None,
+            reload_soon: false,
             ledger: Ledger::default(),
             breakers: HashMap::new(),
             unconfirmed: None,
@@ -175,12 +184,15 @@ impl Publisher {
     async fn load_targets(&mut self) -> Result<(), StageError> {
         self.targets = targets::load(&self.pool, self.secrets.as_ref()).await?;
         self.targets_loaded = Some(Instant::now());
+        self.reload_soon = false;
         Ok(())
     }
 
     fn targets_stale(&self) -> bool {
-        self.targets_loaded
-            .is_none_or(|t| t.elapsed() > self.settings.targets_ttl)
+        self.reload_soon
+            || self
+                .targets_loaded
+                .is_none_or(|t| t.elapsed() > self.settings.targets_ttl)
     }
 
     /// Applies the part of a change the runtime dropped (a partition of its batch was revoked
@@ -208,7 +220,7 @@ impl Publisher {
             self.breakers.insert(target.clone(), tracked.clone());
         }
         if change.reload_targets {
-            self.targets_loaded = None;
+            self.reload_soon = true;
         }
         self.export_gauges(chrono::Utc::now().timestamp_millis());
     }
@@ -278,7 +290,8 @@ impl Publisher {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let run = self.ehr.publish_target(target, &items).await;
+        let timeout = (prior.breaker != Breaker::default()).then_some(self.settings.probe_timeout);
+        let run = self.ehr.publish_target(target, &items, timeout).await;
         let now = chrono::Utc::now().timestamp_millis();
         let mut undelivered = Vec::new();
         let mut rejected = 0usize;
@@ -466,8 +479,13 @@ impl Processor for Publisher {
         let unknown = batch
             .iter()
             .any(|i| !self.targets.contains_key(&i.value.context.ehr_target_id));
-        if self.targets_stale() || unknown {
+        if unknown || self.targets_loaded.is_none() {
             self.load_targets().await?;
+        } else if self.targets_stale()
+            && let Err(error) = self.load_targets().await
+        {
+            // Keep delivering with the last configuration; a new target waits for the database.
+            tracing::warn!(%error, "cannot reload EHR targets; using the last configuration");
         }
         let now = chrono::Utc::now().timestamp_millis();
         let mut change = Change::default();

@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let publisher_settings = PublisherSettings {
         request_timeout: ohx_common::config::millis("OHX_EHR_TIMEOUT_MS", 30_000)?,
+        probe_timeout: ohx_common::config::millis("OHX_EHR_PROBE_TIMEOUT_MS", 5_000)?,
         targets_ttl: ohx_common::config::millis("OHX_TARGETS_TTL_MS", 60_000)?,
         breaker: BreakerSettings {
             threshold: ohx_common::config::parse("OHX_BREAKER_THRESHOLD", 3u32)?.max(1),
