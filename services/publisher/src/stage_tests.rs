@@ -409,3 +409,47 @@ async fn test_a_change_dropped_by_the_runtime_keeps_its_holds_for_owned_partitio
     // Partition 1 commits nothing until its new owner epoch has read it again.
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 1, 8).0, -1);
 }
+
+#[tokio::test]
+async fn test_new_records_queue_behind_held_ones_and_a_superseded_held_record_is_not_sent() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, _) = emitter();
+    let change = p
+        .process(&[record(0, 0, "b", "x", 1, "preliminary")], &mut out)
+        .await
+        .unwrap();
+    p.apply(&change).await.unwrap();
+    // The target is back and its breaker would allow a call, but v1 is still held: v2 must
+    // not overtake it.
+    lock(&b).mode = Some(Mode::Ok);
+    p.breakers.insert("b".into(), Tracked::default());
+    let calls = lock(&b).transactions;
+    let (mut out, codec) = emitter();
+    let change = p
+        .process(&[record(0, 1, "b", "x", 2, "final")], &mut out)
+        .await
+        .unwrap();
+    assert!(emitted(&out, &codec).await.0.is_empty());
+    assert_eq!(lock(&b).transactions, calls);
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 2);
+    // The tick sends the identity's last content only, once.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, codec) = emitter();
+    let change = p
+        .tick(now, &BTreeSet::new(), &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        emitted(&out, &codec).await.0,
+        vec![("x".into(), "created".into())]
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 0);
+    let f = lock(&b);
+    assert_eq!(f.store["Observation/x"].0["status"], "final");
+    assert_eq!(f.store["Observation/x"].1, 1);
+}
