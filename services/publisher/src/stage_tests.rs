@@ -7,10 +7,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use ohx_common::codec::Codec;
-use ohx_common::records::{Context, DeadLetter};
-use serde_json::json;
+use ohx_common::records::{Context, DeadLetter, PublishResult, topic};
+use serde_json::{Value, json};
 use std::sync::Mutex;
-use targets::{Auth, Target};
+use targets::{Auth, Configured, Target};
 
 /// How the fake answers transactions (reads always work unless `down_reads`).
 #[derive(Debug, Clone, PartialEq)]
