@@ -11,8 +11,15 @@
 //! URL, TLS, FHIR version) or a transient one (429, 5xx, timeouts) affects **that target only**:
 //! its records are held in memory while other targets keep flowing ([`ledger`]), its circuit
 //! breaker ([`breaker`]) decides when the stage's tick probes it again, and commits never pass a
-//! held record. Target configuration is reloaded after a TTL and before probing a target that
-//! failed at the target level, so a fixed target recovers without a restart.
+//! held record. Held records live in memory only: after a restart they are re-read from the
+//! topic (from the oldest held offset, which is where the commit stopped), and a target down for
+//! longer than the topic's 24 h retention loses the records retention deletes (see [`ledger`]).
+//! Target configuration is reloaded after a TTL and before probing a target that failed at the
+//! target level, so a fixed target recovers without a restart.
+//!
+//! Known cost: calls are made from the stage's loop, one target after the other, so a target
+//! that stops answering stalls every target for its request timeout the first time and for the
+//! (shorter) probe timeout at each probe, spaced by its breaker's growing cool-down.
 
 pub mod breaker;
 pub mod bundle;
@@ -205,7 +212,9 @@ impl Publisher {
     }
 
     fn export_gauges(&self, now_ms: i64) {
-        for (target, t) in &self.breakers {
+        let closed = Tracked::default();
+        for target in self.targets.keys().chain(self.breakers.keys()) {
+            let t = self.breakers.get(target).unwrap_or(&closed);
             BREAKER_STATE.record(
                 t.breaker.state(now_ms) as i64,
                 &[KeyValue::new("target", target.clone())],
