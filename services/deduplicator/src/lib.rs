@@ -97,12 +97,65 @@ pub fn decide(last: Option<&Seen>, revision: i64, hash: &str) -> Decision {
 /// What a batch remembers: partition, identity, (revision, hash) (applied once acknowledged).
 pub type Forwarded = Vec<(i32, String, Seen)>;
 
+/// Identity → last forwarded content, per input partition.
+pub type States = HashMap<i32, HashMap<String, Seen>>;
+
+/// Decides the resources of one batch in order, each decision seeing the batch's earlier ones
+/// (the state itself changes only once the batch's outputs are acknowledged).
+#[derive(Debug)]
+pub struct BatchDecider<'s> {
+    state: &'s States,
+    seen: HashMap<(i32, String), Seen>,
+    remembered: Forwarded,
+}
+
+impl<'s> BatchDecider<'s> {
+    /// Starts a batch over `state`.
+    pub fn new(state: &'s States) -> Self {
+        Self {
+            state,
+            seen: HashMap::new(),
+            remembered: Vec::new(),
+        }
+    }
+
+    /// Decides one resource of the batch.
+    pub fn decide(
+        &mut self,
+        partition: i32,
+        identity: &str,
+        revision: i64,
+        hash: &str,
+    ) -> Decision {
+        let key = (partition, identity.to_string());
+        let last = self
+            .seen
+            .get(&key)
+            .or_else(|| self.state.get(&partition).and_then(|s| s.get(identity)));
+        let decision = decide(last, revision, hash);
+        if decision.remembers() {
+            let s = Seen {
+                revision,
+                hash: hash.to_string(),
+            };
+            self.seen.insert(key, s.clone());
+            self.remembered.push((partition, identity.to_string(), s));
+        }
+        decision
+    }
+
+    /// What the batch remembers, in order (the changelog records and the state change).
+    pub fn into_remembered(self) -> Forwarded {
+        self.remembered
+    }
+}
+
 /// The deduplicator stage.
 pub struct Deduplicator {
     kafka: KafkaSettings,
     codec: Arc<Codec>,
     /// identity → last forwarded (revision, hash), per input partition.
-    states: HashMap<i32, HashMap<String, Seen>>,
+    states: States,
     restore_timeout: Duration,
 }
 
@@ -203,9 +256,7 @@ impl Processor for Deduplicator {
                 self.states.insert(input.partition, restored);
             }
         }
-        // Decisions within the batch see the batch's own earlier decisions.
-        let mut seen: HashMap<(i32, &str), Seen> = HashMap::new();
-        let mut remembered: Forwarded = Vec::new();
+        let mut decider = BatchDecider::new(&self.states);
         for input in batch {
             let r = &input.value;
             let hash = match content_hash(&r.resource) {
@@ -216,29 +267,15 @@ impl Processor for Deduplicator {
                     continue;
                 }
             };
-            let key = (input.partition, r.identity.as_str());
-            let last = seen.get(&key).or_else(|| {
-                self.states
-                    .get(&input.partition)
-                    .and_then(|s| s.get(&r.identity))
-            });
-            let decision = decide(last, r.source_revision, &hash);
-            let outcome = match decision {
-                Decision::Stale => "stale",
-                Decision::Unchanged { .. } => "unchanged",
-                Decision::Forward => {
-                    out.emit(topic::FHIR_OUTBOX, &r.identity, r).await?;
-                    "forwarded"
-                }
-            };
-            if decision.remembers() {
-                let s = Seen {
-                    revision: r.source_revision,
-                    hash,
+            let outcome =
+                match decider.decide(input.partition, &r.identity, r.source_revision, &hash) {
+                    Decision::Stale => "stale",
+                    Decision::Unchanged { .. } => "unchanged",
+                    Decision::Forward => {
+                        out.emit(topic::FHIR_OUTBOX, &r.identity, r).await?;
+                        "forwarded"
+                    }
                 };
-                seen.insert(key, s.clone());
-                remembered.push((input.partition, r.identity.clone(), s));
-            }
             RESOURCES.add(
                 1,
                 &[
@@ -247,6 +284,7 @@ impl Processor for Deduplicator {
                 ],
             );
         }
+        let remembered = decider.into_remembered();
         // The changelog only after the outbox is acknowledged: a crash in between re-forwards
         // (the publisher finds the resource unchanged); it never records an unsent resource.
         out.barrier();
@@ -355,21 +393,51 @@ mod tests {
         assert_eq!(decide(Some(&seen(7, "h1")), 7, "h2"), Decision::Forward);
     }
 
-    /// Runs the batch logic of `process` over (revision, hash) contents of one identity.
+    /// Runs the batch logic of `process` over (revision, hash) contents of one identity in
+    /// partition 0, from `state`; returns the decisions and what the state becomes once applied.
     fn run(state: Option<Seen>, contents: &[(i64, &str)]) -> (Vec<Decision>, Option<Seen>) {
-        let mut last = state;
-        let mut decisions = Vec::new();
-        for (rev, hash) in contents {
-            let d = decide(last.as_ref(), *rev, hash);
-            if matches!(
-                d,
-                Decision::Forward | Decision::Unchanged { remember: true }
-            ) {
-                last = Some(seen(*rev, hash));
-            }
-            decisions.push(d);
+        let mut states = States::new();
+        if let Some(s) = state {
+            states.entry(0).or_default().insert("id".into(), s);
         }
+        let mut decider = BatchDecider::new(&states);
+        let decisions = contents
+            .iter()
+            .map(|(rev, hash)| decider.decide(0, "id", *rev, hash))
+            .collect();
+        let last = decider.into_remembered().pop().map(|(_, _, s)| s);
+        let last = last.or_else(|| states.get(&0).and_then(|s| s.get("id")).cloned());
         (decisions, last)
+    }
+
+    #[test]
+    fn test_batch_decisions_are_per_partition_and_identity() {
+        let mut states = States::new();
+        states
+            .entry(0)
+            .or_default()
+            .insert("a".into(), seen(5, "h5"));
+        let mut d = BatchDecider::new(&states);
+        assert_eq!(d.decide(0, "a", 4, "h4"), Decision::Stale);
+        // Another identity, and the same identity in another partition, start fresh.
+        assert_eq!(d.decide(0, "b", 4, "h4"), Decision::Forward);
+        assert_eq!(d.decide(1, "a", 4, "h4"), Decision::Forward);
+        assert_eq!(
+            d.decide(0, "a", 6, "h5"),
+            Decision::Unchanged { remember: true }
+        );
+        assert_eq!(d.decide(0, "a", 5, "h6"), Decision::Stale);
+        let remembered = d.into_remembered();
+        assert_eq!(
+            remembered,
+            vec![
+                (0, "b".to_string(), seen(4, "h4")),
+                (1, "a".to_string(), seen(4, "h4")),
+                (0, "a".to_string(), seen(6, "h5")),
+            ]
+        );
+        // The state itself is untouched until apply.
+        assert_eq!(states[&0]["a"], seen(5, "h5"));
     }
 
     #[test]
