@@ -3,7 +3,7 @@
 use crate::breaker::{Breaker, Failure};
 use crate::bundle::{self, Item};
 use crate::ehr::{self, ItemResult};
-use crate::targets::{Configured, Entry};
+use crate::targets::{Configured, Entry, Target};
 use crate::{Change, Publisher, Tracked, classify};
 use ohx_common::kafka::{Emitter, Input, StageError};
 use ohx_common::records::{FhirResource, PublishResult, content_hash_of, topic};
@@ -12,6 +12,7 @@ use opentelemetry::metrics::{Counter, Histogram};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 static PUBLISHED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_counter(
@@ -36,6 +37,20 @@ static TARGET_FAILURES: LazyLock<Counter<u64>> = LazyLock::new(|| {
 /// The records a delivery could not deliver (indices into its input), to hold.
 type Undelivered = Vec<usize>;
 
+/// A target's records ready to be sent, or what to hold without a call.
+pub(crate) enum Prepared {
+    /// Send `items` (made from the records at `sent`).
+    Call {
+        target: Target,
+        items: Vec<Item>,
+        sent: Vec<usize>,
+        timeout: Option<Duration>,
+        prior: Tracked,
+    },
+    /// No call: hold these records.
+    Hold(Undelivered),
+}
+
 impl Publisher {
     /// Delivers one target's records (in offset order per partition, at most one per
     /// identity), emitting results and dead letters; records the breaker's new state in
@@ -48,8 +63,37 @@ impl Publisher {
         now_ms: i64,
         change: &mut Change,
     ) -> Result<Undelivered, StageError> {
+        match self
+            .prepare(target_id, records, out, now_ms, change)
+            .await?
+        {
+            Prepared::Hold(undelivered) => Ok(undelivered),
+            Prepared::Call {
+                target,
+                items,
+                sent,
+                timeout,
+                prior,
+            } => {
+                let run = self.ehr.publish_target(&target, &items, timeout).await;
+                self.finish(target_id, records, sent, &prior, run, out, now_ms, change)
+                    .await
+            }
+        }
+    }
+
+    /// Makes the items to send for a target's records (dead-lettering those that cannot be
+    /// sent); a target whose configuration cannot be used holds them all.
+    pub(crate) async fn prepare(
+        &self,
+        target_id: &str,
+        records: &[&Input<FhirResource>],
+        out: &mut Emitter,
+        now_ms: i64,
+        change: &mut Change,
+    ) -> Result<Prepared, StageError> {
         let Some(entry) = self.targets.get(target_id) else {
-            return Ok((0..records.len()).collect());
+            return Ok(Prepared::Hold((0..records.len()).collect()));
         };
         let prior = self.tracked(change, target_id);
         let target = match &entry.target {
@@ -62,7 +106,7 @@ impl Publisher {
                     body: String::new(),
                 };
                 self.record_failure(target_id, entry, &prior, &failure, now_ms, change);
-                return Ok((0..records.len()).collect());
+                return Ok(Prepared::Hold((0..records.len()).collect()));
             }
         };
         let mut items = Vec::with_capacity(records.len());
@@ -77,10 +121,35 @@ impl Publisher {
             }
         }
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Prepared::Hold(Vec::new()));
         }
         let timeout = (prior.breaker != Breaker::default()).then_some(self.settings.probe_timeout);
-        let run = self.ehr.publish_target(target, &items, timeout).await;
+        Ok(Prepared::Call {
+            target: target.clone(),
+            items,
+            sent,
+            timeout,
+            prior,
+        })
+    }
+
+    /// Emits what a call did for a target's records (results, dead letters), records the
+    /// breaker's new state, and returns the records not delivered, to hold.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn finish(
+        &self,
+        target_id: &str,
+        records: &[&Input<FhirResource>],
+        sent: Vec<usize>,
+        prior: &Tracked,
+        run: ehr::TargetRun,
+        out: &mut Emitter,
+        now_ms: i64,
+        change: &mut Change,
+    ) -> Result<Undelivered, StageError> {
+        let Some(entry) = self.targets.get(target_id) else {
+            return Ok((0..records.len()).collect());
+        };
         let now = chrono::Utc::now().timestamp_millis();
         let mut undelivered = Vec::new();
         let mut rejected = 0usize;
@@ -135,7 +204,7 @@ impl Publisher {
         }
         match &run.failure {
             Some(failure) => {
-                self.record_failure(target_id, entry, &prior, failure, now_ms, change);
+                self.record_failure(target_id, entry, prior, failure, now_ms, change);
             }
             None => {
                 if prior.breaker != Breaker::default() {

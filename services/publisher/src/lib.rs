@@ -91,6 +91,9 @@ impl Change {
     }
 }
 
+/// A target's records and the indices of those to hold.
+type ToHold<'a> = (&'a str, &'a [&'a Input<FhirResource>], Vec<usize>);
+
 /// Tunables of the publisher.
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
@@ -310,16 +313,56 @@ impl Processor for Publisher {
             }
             by_target.entry(target_id).or_default().push(input);
         }
-        for (target_id, records) in by_target {
+        // Targets are called concurrently; their results are emitted one target after another.
+        let mut undelivered: Vec<ToHold<'_>> = Vec::new();
+        let mut pending = Vec::new();
+        let mut calls = tokio::task::JoinSet::new();
+        for (target_id, records) in &by_target {
             // A target with held records keeps its order: new records queue behind them.
-            let undelivered =
-                if self.ledger.held_count(target_id) > 0 || !self.may_call(target_id, now) {
-                    (0..records.len()).collect()
-                } else {
-                    self.deliver(target_id, &records, out, now, &mut change)
-                        .await?
-                };
-            for i in undelivered {
+            if self.ledger.held_count(target_id) > 0 || !self.may_call(target_id, now) {
+                undelivered.push((target_id, records, (0..records.len()).collect()));
+                continue;
+            }
+            match self
+                .prepare(target_id, records, out, now, &mut change)
+                .await?
+            {
+                deliver::Prepared::Hold(u) => undelivered.push((target_id, records, u)),
+                deliver::Prepared::Call {
+                    target,
+                    items,
+                    sent,
+                    timeout,
+                    prior,
+                } => {
+                    let ehr = self.ehr.clone();
+                    let index = pending.len();
+                    calls.spawn(async move {
+                        (index, ehr.publish_target(&target, &items, timeout).await)
+                    });
+                    pending.push((*target_id, records.as_slice(), sent, prior));
+                }
+            }
+        }
+        let mut runs: Vec<Option<ehr::TargetRun>> = vec![None; pending.len()];
+        while let Some(joined) = calls.join_next().await {
+            let (index, run) =
+                joined.map_err(|e| StageError::Fatal(format!("a publishing task failed: {e}")))?;
+            if let Some(slot) = runs.get_mut(index) {
+                *slot = Some(run);
+            }
+        }
+        for ((target_id, records, sent, prior), run) in pending.into_iter().zip(runs) {
+            let Some(run) = run else {
+                return Err(StageError::Fatal("a publishing task gave no result".into()));
+            };
+            let u = self
+                .finish(target_id, records, sent, &prior, run, out, now, &mut change)
+                .await?;
+            undelivered.push((target_id, records, u));
+        }
+        for (target_id, records, indices) in undelivered {
+            for i in indices {
                 change.ledger.hold.push(Held {
                     target: target_id.to_string(),
                     input: Arc::new(records[i].clone()),

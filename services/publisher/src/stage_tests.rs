@@ -28,6 +28,8 @@ struct FakeState {
     /// "Type/id" → (stored resource, version).
     store: HashMap<String, (Value, u32)>,
     transactions: usize,
+    /// Delay before answering a transaction.
+    delay: Duration,
 }
 
 type Fake = Arc<Mutex<FakeState>>;
@@ -42,6 +44,10 @@ fn outcome(code: &str) -> String {
 
 async fn handle(State(fake): State<Fake>, body: String) -> (StatusCode, String) {
     let bundle: Value = serde_json::from_str(&body).unwrap();
+    let delay = lock(&fake).delay;
+    if bundle["type"] == "transaction" && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut f = lock(&fake);
     let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
     let status = |s: u16| StatusCode::from_u16(s).unwrap();
@@ -452,4 +458,27 @@ async fn test_new_records_queue_behind_held_ones_and_a_superseded_held_record_is
     let f = lock(&b);
     assert_eq!(f.store["Observation/x"].0["status"], "final");
     assert_eq!(f.store["Observation/x"].1, 1);
+}
+
+#[tokio::test]
+async fn test_targets_are_called_concurrently() {
+    let (a, a_url) = fake_ehr().await;
+    let (b, b_url) = fake_ehr().await;
+    lock(&a).delay = Duration::from_millis(1_500);
+    lock(&b).delay = Duration::from_millis(1_500);
+    let mut p = publisher(&[("a", &a_url), ("b", &b_url)]);
+    let (mut out, codec) = emitter();
+    let started = Instant::now();
+    let batch = vec![
+        record(0, 0, "a", "a1", 1, "final"),
+        record(0, 1, "b", "b1", 1, "final"),
+    ];
+    let change = p.process(&batch, &mut out).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(2_900),
+        "one slow target after the other took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(emitted(&out, &codec).await.0.len(), 2);
+    assert!(change.ledger.hold.is_empty());
 }
