@@ -17,9 +17,11 @@
 //! Target configuration is reloaded after a TTL and before probing a target that failed at the
 //! target level, so a fixed target recovers without a restart.
 //!
-//! Known cost: calls are made from the stage's loop, one target after the other, so a target
-//! that stops answering stalls every target for its request timeout the first time and for the
-//! (shorter) probe timeout at each probe, spaced by its breaker's growing cool-down.
+//! Known cost: calls are made from the stage's loop. The targets of a batch are called
+//! concurrently, but the batch (and the tick's probes, one target after the other) waits for
+//! the slowest: a target that stops answering delays the others by its request timeout the
+//! first time and by the (shorter) probe timeout at each probe, spaced by its breaker's growing
+//! cool-down.
 
 pub mod breaker;
 pub mod bundle;
