@@ -482,3 +482,29 @@ async fn test_targets_are_called_concurrently() {
     assert_eq!(emitted(&out, &codec).await.0.len(), 2);
     assert!(change.ledger.hold.is_empty());
 }
+
+#[tokio::test]
+async fn test_an_unusable_target_configuration_holds_and_flags_without_dead_letters() {
+    let mut p = publisher(&[]);
+    p.targets.insert(
+        "c".into(),
+        Entry {
+            target: Configured::Unusable("target credentials cannot be opened"),
+            fingerprint: "fp-c".into(),
+        },
+    );
+    let (mut out, codec) = emitter();
+    let change = p
+        .process(&[record(2, 3, "c", "c1", 1, "final")], &mut out)
+        .await
+        .unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(results.is_empty() && dead.is_empty());
+    assert_eq!(change.ledger.hold.len(), 1);
+    p.apply(&change).await.unwrap();
+    assert_eq!(
+        p.breakers["c"].breaker.fault(),
+        Some(classify::TargetFault::Unusable)
+    );
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 2, 4).0, 3);
+}
