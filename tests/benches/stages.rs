@@ -340,23 +340,32 @@ fn main() -> anyhow::Result<()> {
     );
 
     // deduplicator: decode, hash, decide, encode outbox + changelog.
-    let mut state: HashMap<String, String> = HashMap::new();
+    let mut state: HashMap<String, deduplicator::Seen> = HashMap::new();
     let started = Instant::now();
     let mut forwarded = 0usize;
     rt.block_on(async {
         for bytes in &resources {
             let r: FhirResource = codec.decode(bytes).await?;
             let hash = content_hash(&r.resource)?;
-            if let deduplicator::Decision::Forward { hash } =
-                deduplicator::decide(state.get(&r.identity).map(String::as_str), hash)
+            if let deduplicator::Decision::Forward =
+                deduplicator::decide(state.get(&r.identity), r.source_revision, &hash)
             {
-                state.insert(r.identity.clone(), hash.clone());
+                state.insert(
+                    r.identity.clone(),
+                    deduplicator::Seen {
+                        revision: r.source_revision,
+                        hash: hash.clone(),
+                    },
+                );
                 black_box(codec.encode(topic::FHIR_OUTBOX, &r).await?);
                 black_box(
                     codec
                         .encode(
                             topic::DEDUP_STATE,
-                            &ohx_common::records::DedupState { content_hash: hash },
+                            &ohx_common::records::DedupState {
+                                content_hash: hash,
+                                revision: r.source_revision,
+                            },
                         )
                         .await?,
                 );
@@ -384,6 +393,7 @@ fn main() -> anyhow::Result<()> {
                 resource_id: r.resource_id.clone(),
                 hash: content_hash_of(&resource)?,
                 resource,
+                revision: r.source_revision,
             });
             if items.len() == 100 {
                 let refs: Vec<&publisher::bundle::Item> = items.iter().collect();

@@ -323,9 +323,38 @@ mod tests {
 
         let st = DedupState {
             content_hash: "abc".into(),
+            revision: 7,
         };
         let b = codec.encode(topic::DEDUP_STATE, &st).await.unwrap();
         assert_eq!(codec.decode::<DedupState>(&b).await.unwrap(), st);
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn test_dedup_state_written_without_revision_reads_as_revision_zero() {
+        // The changelog is compacted: entries written before `revision` existed stay readable.
+        let old = Schema::parse_str(
+            r#"{"type":"record","name":"DedupState","namespace":"ohx.v1",
+                "fields":[{"name":"content_hash","type":"string"}]}"#,
+        )
+        .unwrap();
+        let (new, _) = Codec::embedded()
+            .unwrap()
+            .schema(DedupState::SCHEMA_FILE)
+            .unwrap()
+            .clone();
+        let mut record = apache_avro::types::Record::new(&old).unwrap();
+        record.put("content_hash", "abc");
+        let body = apache_avro::to_avro_datum(&old, record).unwrap();
+        let value = apache_avro::from_avro_datum(&old, &mut body.as_slice(), Some(&new)).unwrap();
+        let st: DedupState = apache_avro::from_value(&value).unwrap();
+        assert_eq!(
+            st,
+            DedupState {
+                content_hash: "abc".into(),
+                revision: 0
+            }
+        );
     }
 
     #[tokio::test]

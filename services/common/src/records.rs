@@ -172,6 +172,9 @@ pub fn resource_identity(ehr_target_id: &str, resource_type: &str, resource_id: 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DedupState {
     pub content_hash: String,
+    /// Source revision of the last forwarded content (0: unknown or written before revisions).
+    #[serde(default)]
+    pub revision: i64,
 }
 
 impl Record for DedupState {
@@ -189,7 +192,8 @@ pub struct PublishResult {
     pub sync_request_id: String,
     pub resource_type: String,
     pub resource_id: String,
-    /// `created` | `updated` | `unchanged` | `rejected`.
+    /// `created` | `updated` | `unchanged` | `stale` (the server holds newer content) |
+    /// `rejected`.
     pub outcome: String,
     pub http_status: i32,
     pub version_id: Option<String>,

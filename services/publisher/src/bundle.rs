@@ -1,5 +1,5 @@
-//! Pure parts of publishing: the content-hash tag, transaction and read Bundles, and parsing
-//! the server's answers.
+//! Pure parts of publishing: the content-hash and source-revision tags, transaction and read
+//! Bundles, and parsing the server's answers.
 
 use serde_json::{Value, json};
 
@@ -7,6 +7,11 @@ use serde_json::{Value, json};
 /// it back to skip resources the server already holds unchanged, so replaying the outbox
 /// creates no new versions.
 pub const HASH_TAG_SYSTEM: &str = "https://ohx.dev/fhir/CodeSystem/content-hash";
+
+/// The `meta.tag` system carrying the source revision of a resource's content on the server
+/// (code = the revision in decimal). The publisher reads it back so that content with an older
+/// revision never replaces newer content (see [`crate::decision`]).
+pub const REVISION_TAG_SYSTEM: &str = "https://ohx.dev/fhir/CodeSystem/source-revision";
 
 /// How resources are written to a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +29,8 @@ pub struct Item {
     pub resource_id: String,
     pub resource: Value,
     pub hash: String,
+    /// The content's source revision (0: unknown).
+    pub revision: i64,
 }
 
 fn encode_query_value(s: &str) -> String {
@@ -66,32 +73,57 @@ pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
     }
 }
 
-/// Returns the resource with the content-hash tag set in `meta.tag` (other tags kept).
-pub fn with_hash_tag(resource: &Value, hash: &str) -> Value {
+/// Returns the resource with the content-hash and source-revision tags set in `meta.tag`
+/// (other tags kept).
+pub fn with_tags(resource: &Value, hash: &str, revision: i64) -> Value {
     let mut r = resource.clone();
     if let Some(obj) = r.as_object_mut() {
         let meta = obj.entry("meta").or_insert_with(|| json!({}));
         if let Some(meta) = meta.as_object_mut() {
             let tags = meta.entry("tag").or_insert_with(|| json!([]));
             if let Some(tags) = tags.as_array_mut() {
-                tags.retain(|t| t.get("system").and_then(Value::as_str) != Some(HASH_TAG_SYSTEM));
+                tags.retain(|t| {
+                    let system = t.get("system").and_then(Value::as_str);
+                    system != Some(HASH_TAG_SYSTEM) && system != Some(REVISION_TAG_SYSTEM)
+                });
                 tags.push(json!({"system": HASH_TAG_SYSTEM, "code": hash}));
+                tags.push(json!({"system": REVISION_TAG_SYSTEM, "code": revision.to_string()}));
             }
         }
     }
     r
 }
 
-/// Returns the content hash a stored resource carries, if any.
-pub fn stored_hash(resource: &Value) -> Option<&str> {
+fn tag_code<'a>(resource: &'a Value, system: &str) -> Option<&'a str> {
     resource
         .get("meta")?
         .get("tag")?
         .as_array()?
         .iter()
-        .find(|t| t.get("system").and_then(Value::as_str) == Some(HASH_TAG_SYSTEM))?
+        .find(|t| t.get("system").and_then(Value::as_str) == Some(system))?
         .get("code")?
         .as_str()
+}
+
+/// Returns the content hash a stored resource carries, if any.
+pub fn stored_hash(resource: &Value) -> Option<&str> {
+    tag_code(resource, HASH_TAG_SYSTEM)
+}
+
+/// Returns the source revision a stored resource carries (0 if untagged or unreadable: written
+/// before revisions were tagged, or by someone else).
+pub fn stored_revision(resource: &Value) -> i64 {
+    tag_code(resource, REVISION_TAG_SYSTEM)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the server holds for a resource: its source revision and content hash (`None`:
+/// untagged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub revision: i64,
+    pub hash: Option<String>,
 }
 
 /// Returns a `batch` Bundle that reads the current state of each item.
@@ -110,7 +142,7 @@ pub fn transaction_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, St
         .map(|i| {
             Ok(json!({
                 "fullUrl": format!("urn:uuid:{}", uuid_from_id(&i.resource_id)),
-                "resource": with_hash_tag(&i.resource, &i.hash),
+                "resource": with_tags(&i.resource, &i.hash, i.revision),
                 "request": {"method": "PUT", "url": upsert_url(i, mode)?}
             }))
         })
@@ -132,25 +164,48 @@ fn uuid_from_id(id: &str) -> String {
     )
 }
 
-/// The hash the server holds for each item of a read batch response (None: absent or untagged).
-pub fn current_hashes(response: &Value, count: usize) -> Vec<Option<String>> {
+/// What the server holds for each item of a read batch response: `Ok(None)` if absent
+/// (404/410), `Ok(Some(..))` if present, `Err(status)` if the server could not say (any other
+/// entry status, or a missing entry), so nothing is written without knowing.
+pub fn current_states(response: &Value, count: usize) -> Vec<Result<Option<ServerState>, String>> {
     let entries = response.get("entry").and_then(Value::as_array);
     (0..count)
         .map(|i| {
-            let entry = entries?.get(i)?;
-            let status = entry.get("response")?.get("status")?.as_str()?;
-            if !status.starts_with('2') {
-                return None;
+            let entry = entries
+                .and_then(|e| e.get(i))
+                .ok_or_else(|| format!("read response has no entry {i}"))?;
+            let status = entry
+                .get("response")
+                .and_then(|r| r.get("status"))
+                .and_then(Value::as_str)
+                .ok_or("read entry without status")?;
+            if status.starts_with("404") || status.starts_with("410") {
+                return Ok(None);
             }
-            let resource = entry.get("resource")?;
-            // A conditional read answers with a searchset Bundle.
+            if !status.starts_with('2') {
+                return Err(format!("read entry status {status}"));
+            }
+            let Some(resource) = entry.get("resource") else {
+                return Err("read entry without resource".to_string());
+            };
+            // A conditional read answers with a searchset Bundle (empty: absent).
             let resource = if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle")
             {
-                resource.get("entry")?.get(0)?.get("resource")?
+                match resource
+                    .get("entry")
+                    .and_then(|e| e.get(0))
+                    .and_then(|e| e.get("resource"))
+                {
+                    Some(r) => r,
+                    None => return Ok(None),
+                }
             } else {
                 resource
             };
-            stored_hash(resource).map(str::to_string)
+            Ok(Some(ServerState {
+                revision: stored_revision(resource),
+                hash: stored_hash(resource).map(str::to_string),
+            }))
         })
         .collect()
 }
@@ -274,6 +329,7 @@ mod tests {
                 "identifier": [{"system": "https://ohx.example/fhir/sid/observation", "value": "withings-1-2 bp"}],
                 "meta": {"source": "https://ohx.example/fhir/source/withings"}}),
             hash: "abc".into(),
+            revision: 12,
         }
     }
 
@@ -291,11 +347,13 @@ mod tests {
     }
 
     #[test]
-    fn test_hash_tag_set_once_and_read_back() {
+    fn test_tags_set_once_and_read_back() {
         let i = item("x");
-        let tagged = with_hash_tag(&with_hash_tag(&i.resource, "old"), "new");
+        let tagged = with_tags(&with_tags(&i.resource, "old", 1), "new", 2);
         assert_eq!(stored_hash(&tagged), Some("new"));
-        assert_eq!(tagged["meta"]["tag"].as_array().unwrap().len(), 1);
+        assert_eq!(stored_revision(&tagged), 2);
+        assert_eq!(tagged["meta"]["tag"].as_array().unwrap().len(), 2);
+        assert_eq!(stored_revision(&i.resource), 0);
         assert_eq!(
             tagged["meta"]["source"],
             "https://ohx.example/fhir/source/withings"
@@ -310,6 +368,7 @@ mod tests {
         assert_eq!(bundle["entry"][1]["request"]["method"], "PUT");
         assert_eq!(bundle["entry"][1]["request"]["url"], "Observation/b");
         assert_eq!(stored_hash(&bundle["entry"][0]["resource"]), Some("abc"));
+        assert_eq!(stored_revision(&bundle["entry"][0]["resource"]), 12);
         assert!(
             bundle["entry"][0]["fullUrl"]
                 .as_str()
@@ -335,13 +394,26 @@ mod tests {
         assert!(transaction_outcomes(&resp, 3).is_err());
 
         let read = json!({"entry": [
-            {"response": {"status": "200 OK"}, "resource": with_hash_tag(&item("a").resource, "h1")},
+            {"response": {"status": "200 OK"}, "resource": with_tags(&item("a").resource, "h1", 5)},
             {"response": {"status": "404 Not Found"}},
-            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_hash_tag(&item("c").resource, "h3")}]}}]});
-        assert_eq!(
-            current_hashes(&read, 3),
-            vec![Some("h1".into()), None, Some("h3".into())]
-        );
+            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_tags(&item("c").resource, "h3", 0)}]}},
+            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset"}},
+            {"response": {"status": "200 OK"}, "resource": item("e").resource},
+            {"response": {"status": "500 Internal Server Error"}}]});
+        let state = |revision, hash: Option<&str>| {
+            Ok(Some(ServerState {
+                revision,
+                hash: hash.map(str::to_string),
+            }))
+        };
+        let got = current_states(&read, 7);
+        assert_eq!(got[0], state(5, Some("h1")));
+        assert_eq!(got[1], Ok(None));
+        assert_eq!(got[2], state(0, Some("h3")));
+        assert_eq!(got[3], Ok(None));
+        assert_eq!(got[4], state(0, None));
+        assert!(got[5].is_err());
+        assert!(got[6].is_err(), "a missing entry is not an absent resource");
     }
 
     #[test]

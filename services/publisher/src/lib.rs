@@ -1,110 +1,146 @@
 //! Sends FHIR resources to EHR targets as transaction Bundles of idempotent upserts.
 //!
-//! Per batch and target: one `batch` read of the resources' current state (skipping those the
-//! server already holds with the same content hash, so replays create no versions), one
-//! `transaction` of `PUT` upserts, and a `PublishResult` (no values) per resource. 429/5xx and
-//! network errors are transient: the batch is retried with backoff (Retry-After honoured) and no
-//! offset advances. A rejected transaction (4xx) is retried resource by resource to isolate the
-//! invalid one, which goes to the dead-letter topic with the server's OperationOutcome.
+//! Per batch and target: one `batch` read of the resources' current state, one `transaction`
+//! of `PUT` upserts for what must be written, and a `PublishResult` (no values) per resource.
+//! Resources are tagged with their content hash and source revision; what the server already
+//! holds unchanged is skipped (replays create no versions) and what it holds with a newer source
+//! revision is never overwritten ([`decision`]).
+//!
+//! Failures are classified ([`classify`]): a resource rejected for its content goes to the
+//! dead-letter topic with the server's OperationOutcome; a target-level failure (credentials,
+//! URL, TLS, FHIR version) or a transient one (429, 5xx, timeouts) affects **that target only**:
+//! its records are held in memory while other targets keep flowing ([`ledger`]), its circuit
+//! breaker ([`breaker`]) decides when the stage's tick probes it again, and commits never pass a
+//! held record. Held records live in memory only: after a restart they are re-read from the
+//! topic (from the oldest held offset, which is where the commit stopped), and a target down for
+//! longer than the topic's 24 h retention loses the records retention deletes (see [`ledger`]).
+//! Target configuration is reloaded after a TTL and before probing a target that failed at the
+//! target level, so a fixed target recovers without a restart.
+//!
+//! Known cost: calls are made from the stage's loop. The targets of a batch are called
+//! concurrently, but the batch (and the tick's probes, one target after the other) waits for
+//! the slowest: a target that stops answering delays the others by its request timeout the
+//! first time and by the (shorter) probe timeout at each probe, spaced by its breaker's growing
+//! cool-down.
 
+pub mod breaker;
 pub mod bundle;
+pub mod classify;
+pub mod decision;
+mod deliver;
+pub mod ehr;
+pub mod ledger;
+pub mod targets;
 
-use bundle::{Item, UpsertMode};
+#[cfg(test)]
+mod stage_tests;
+
+use breaker::{Breaker, BreakerSettings};
 use deadpool_postgres::Pool;
+use deliver::last_per_identity;
+use ehr::Ehr;
+use ledger::{Held, Ledger, LedgerChange, Tp};
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{FhirResource, PublishResult, content_hash_of, topic};
+use ohx_common::records::FhirResource;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram};
-use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::LazyLock;
+use opentelemetry::metrics::Gauge;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+use targets::Entry;
 
-static PUBLISHED: LazyLock<Counter<u64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_counter(
-        "ohx_resources_published",
-        "Resources sent to EHR targets, by type and outcome (created, updated, unchanged, rejected)",
-    )
+static BREAKER_STATE: LazyLock<Gauge<i64>> = LazyLock::new(|| {
+    ohx_common::telemetry::meter()
+        .i64_gauge("ohx_circuit_breaker_state")
+        .with_description("Circuit breaker per EHR target: 0 closed, 1 half-open, 2 open")
+        .build()
 });
-static E2E_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_seconds_histogram(
-        "ohx_end_to_end_latency",
-        "Originating event received to EHR confirmed, by resource type",
-    )
-});
-static PUBLISH_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
-    ohx_common::telemetry::new_seconds_histogram(
-        "ohx_publish_latency",
-        "Duration of one transaction against an EHR target",
-    )
+static HELD_RECORDS: LazyLock<Gauge<i64>> = LazyLock::new(|| {
+    ohx_common::telemetry::meter()
+        .i64_gauge("ohx_publisher_held_records")
+        .with_description("Records held in memory for an EHR target that cannot take them now")
+        .build()
 });
 
-/// How the publisher authenticates to a target.
-#[derive(Clone)]
-pub enum Auth {
-    None,
-    Bearer(String),
+/// A target's breaker with the configuration fingerprint it last failed with.
+#[derive(Debug, Clone, Default)]
+pub struct Tracked {
+    pub breaker: Breaker,
+    pub fingerprint: String,
 }
 
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::Bearer(_) => f.write_str("Bearer(***)"),
-        }
+/// What a batch or tick changes, applied once its outputs are acknowledged.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub ledger: LedgerChange,
+    pub breakers: Vec<(String, Tracked)>,
+    /// Reload the targets' configuration before the next call (a target-level failure).
+    pub reload_targets: bool,
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.ledger.is_empty() && self.breakers.is_empty() && !self.reload_targets
+    }
+
+    fn breaker(&self, target: &str) -> Option<&Tracked> {
+        self.breakers
+            .iter()
+            .rev()
+            .find(|(t, _)| t == target)
+            .map(|(_, b)| b)
     }
 }
 
-/// An EHR target as the publisher uses it.
+/// A target's records and the indices of those to hold.
+type ToHold<'a> = (&'a str, &'a [&'a Input<FhirResource>], Vec<usize>);
+
+/// Tunables of the publisher.
 #[derive(Debug, Clone)]
-pub struct Target {
-    pub base_url: String,
-    pub auth: Auth,
-    pub mode: UpsertMode,
+pub struct PublisherSettings {
+    pub request_timeout: Duration,
+    /// Request timeout while a target is failing (its calls stall the stage while they wait).
+    pub probe_timeout: Duration,
+    /// How long a loaded target configuration is used before it is read again.
+    pub targets_ttl: Duration,
+    pub breaker: BreakerSettings,
+    /// Held records sent per transaction by the tick.
+    pub chunk: usize,
+    /// Chunks per target per tick.
+    pub chunks_per_tick: usize,
+    /// Held records (all targets) above which each tick logs a warning.
+    pub held_warn: usize,
 }
 
-/// A failed call to an EHR.
-#[derive(Debug, thiserror::Error)]
-enum CallError {
-    #[error("transient: {reason}")]
-    Transient {
-        reason: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("rejected with {status}: {body}")]
-    Rejected { status: u16, body: String },
-}
-
-impl From<CallError> for StageError {
-    fn from(e: CallError) -> Self {
-        match e {
-            CallError::Transient {
-                reason,
-                retry_after,
-            } => StageError::Transient {
-                kind: "ehr",
-                reason,
-                retry_after,
-            },
-            CallError::Rejected { status, body } => {
-                StageError::transient("ehr", format!("unexpected rejection {status}: {body}"))
-            }
+impl Default for PublisherSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(5),
+            targets_ttl: Duration::from_secs(60),
+            breaker: BreakerSettings::default(),
+            chunk: 100,
+            chunks_per_tick: 10,
+            held_warn: 50_000,
         }
     }
 }
-
-/// What the server did with one resource: (outcome, HTTP status, version), or why it rejected it.
-type ItemResult = Result<(String, i32, Option<String>), String>;
 
 /// The publisher stage.
 pub struct Publisher {
-    http: reqwest::Client,
+    ehr: Ehr,
     pool: Pool,
     secrets: Option<SecretBox>,
-    targets: HashMap<String, Target>,
+    settings: PublisherSettings,
+    targets: HashMap<String, Entry>,
     targets_loaded: Option<Instant>,
-    targets_ttl: Duration,
+    /// Read the configuration again before the next call (a target failed at target level).
+    reload_soon: bool,
+    ledger: Ledger,
+    breakers: HashMap<String, Tracked>,
+    /// The last change handed to the runtime and not applied yet (see [`ledger`]).
+    unconfirmed: Option<Change>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -120,339 +156,346 @@ impl Publisher {
     pub fn new(
         pool: Pool,
         secrets: Option<SecretBox>,
-        request_timeout: Duration,
+        settings: PublisherSettings,
     ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .build()?;
         Ok(Self {
-            http,
+            ehr: Ehr::new(settings.request_timeout)?,
             pool,
             secrets,
+            settings,
             targets: HashMap::new(),
             targets_loaded: None,
-            targets_ttl: Duration::from_secs(60),
+            reload_soon: false,
+            ledger: Ledger::default(),
+            breakers: HashMap::new(),
+            unconfirmed: None,
         })
     }
 
     async fn load_targets(&mut self) -> Result<(), StageError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StageError::transient("database", e))?;
-        let rows = client
-            .query(
-                "SELECT id, base_url, auth_kind, auth_secret, upsert_mode FROM ehr_targets",
-                &[],
-            )
-            .await
-            .map_err(|e| StageError::transient("database", e))?;
-        let mut targets = HashMap::new();
-        for row in rows {
-            let id: uuid::Uuid = row.get(0);
-            let kind: String = row.get(2);
-            let secret: Option<String> = row.get(3);
-            let auth = match (kind.as_str(), secret) {
-                ("none", _) => Auth::None,
-                ("bearer", Some(sealed)) => {
-                    let Some(secrets) = &self.secrets else {
-                        tracing::error!(target_id = %id, "bearer target but OHX_SECRET_KEYS is not set");
-                        continue;
-                    };
-                    match secrets.open_string(&sealed, &format!("ehr_target:{id}:auth_secret")) {
-                        Ok(token) => Auth::Bearer(token),
-                        Err(error) => {
-                            tracing::error!(target_id = %id, %error, "cannot open target credentials");
-                            continue;
-                        }
-                    }
-                }
-                (other, _) => {
-                    tracing::error!(target_id = %id, auth_kind = other, "auth kind not supported by this publisher version");
-                    continue;
-                }
-            };
-            let mode: String = row.get(4);
-            let mode = if mode == "conditional" {
-                UpsertMode::Conditional
-            } else {
-                UpsertMode::Put
-            };
-            let base_url: String = row.get(1);
-            targets.insert(
-                id.to_string(),
-                Target {
-                    base_url: base_url.trim_end_matches('/').to_string(),
-                    auth,
-                    mode,
-                },
-            );
-        }
-        self.targets = targets;
+        self.targets = targets::load(&self.pool, self.secrets.as_ref()).await?;
         self.targets_loaded = Some(Instant::now());
+        self.reload_soon = false;
         Ok(())
     }
 
-    async fn post_bundle(&self, target: &Target, bundle: &Value) -> Result<Value, CallError> {
-        let mut req = self
-            .http
-            .post(&target.base_url)
-            .header("Content-Type", "application/fhir+json")
-            .header("Accept", "application/fhir+json")
-            .json(bundle);
-        if let Auth::Bearer(token) = &target.auth {
-            req = req.bearer_auth(token);
-        }
-        let resp = req.send().await.map_err(|e| CallError::Transient {
-            reason: format!("request failed: {e}"),
-            retry_after: None,
-        })?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = resp.text().await.map_err(|e| CallError::Transient {
-            reason: format!("reading response failed: {e}"),
-            retry_after: None,
-        })?;
-        if status.is_success() {
-            serde_json::from_str(&body).map_err(|e| CallError::Transient {
-                reason: format!("unreadable response: {e}"),
-                retry_after: None,
-            })
-        } else if status.as_u16() == 429
-            || status.is_server_error()
-            || status.as_u16() == 401
-            || status.as_u16() == 408
-        {
-            Err(CallError::Transient {
-                reason: format!("{status}: {}", bundle::outcome_codes(&body)),
-                retry_after,
-            })
-        } else {
-            Err(CallError::Rejected {
-                status: status.as_u16(),
-                body,
-            })
+    fn targets_stale(&self) -> bool {
+        self.reload_soon
+            || self
+                .targets_loaded
+                .is_none_or(|t| t.elapsed() > self.settings.targets_ttl)
+    }
+
+    /// Applies the part of a change the runtime dropped (a partition of its batch was revoked
+    /// before the acknowledgement) that concerns partitions still owned: the runtime commits
+    /// their offsets anyway, so their held records must not be forgotten.
+    fn salvage(&mut self) {
+        if let Some(change) = self.unconfirmed.take() {
+            tracing::info!(
+                held = change.ledger.hold.len(),
+                "applying a state change the runtime dropped, for the partitions still owned"
+            );
+            self.apply_change(&change);
         }
     }
 
-    /// Publishes one target's items; returns (item index, outcome, status, version) per item or
-    /// a rejection reason.
-    async fn publish_target(
-        &self,
-        target: &Target,
-        items: &[Item],
-    ) -> Result<Vec<ItemResult>, StageError> {
-        let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
-        // 1. What does the server already hold?
-        let refs: Vec<&Item> = items.iter().collect();
-        let read = bundle::read_bundle(&refs, target.mode).map_err(StageError::Fatal)?;
-        let current = match self.post_bundle(target, &read).await {
-            Ok(resp) => bundle::current_hashes(&resp, items.len()),
-            Err(CallError::Rejected { status, body }) => {
-                tracing::warn!(status, issues = %bundle::outcome_codes(&body), "read batch rejected; publishing without the unchanged check");
-                vec![None; items.len()]
-            }
-            Err(e) => return Err(e.into()),
+    fn apply_change(&mut self, change: &Change) {
+        let skipped = self.ledger.apply(&change.ledger);
+        if skipped > 0 {
+            tracing::info!(
+                partitions = skipped,
+                "held records of revoked partitions left to their next owner"
+            );
+        }
+        for (target, tracked) in &change.breakers {
+            self.breakers.insert(target.clone(), tracked.clone());
+        }
+        if change.reload_targets {
+            self.reload_soon = true;
+        }
+        self.export_gauges(chrono::Utc::now().timestamp_millis());
+    }
+
+    fn export_gauges(&self, now_ms: i64) {
+        let closed = Tracked::default();
+        for target in self.targets.keys().chain(self.breakers.keys()) {
+            let t = self.breakers.get(target).unwrap_or(&closed);
+            BREAKER_STATE.record(
+                t.breaker.state(now_ms) as i64,
+                &[KeyValue::new("target", target.clone())],
+            );
+        }
+        for (target, n) in self.ledger.counts() {
+            HELD_RECORDS.record(
+                i64::try_from(*n).unwrap_or(i64::MAX),
+                &[KeyValue::new("target", target.clone())],
+            );
+        }
+    }
+
+    fn tracked(&self, change: &Change, target: &str) -> Tracked {
+        change
+            .breaker(target)
+            .or_else(|| self.breakers.get(target))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether a target may be called now: its breaker allows it, or its configuration changed
+    /// since it failed (probe the fix at once).
+    fn may_call(&self, target_id: &str, now_ms: i64) -> bool {
+        let Some(t) = self.breakers.get(target_id) else {
+            return true;
         };
-        let mut todo = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            if current[i].as_deref() == Some(item.hash.as_str()) {
-                results[i] = Some(Ok(("unchanged".into(), 200, None)));
-            } else {
-                todo.push(i);
-            }
+        t.breaker.allows(now_ms)
+            || self
+                .targets
+                .get(target_id)
+                .is_some_and(|e| !t.fingerprint.is_empty() && e.fingerprint != t.fingerprint)
+    }
+
+    fn warn_if_many_held(&self) {
+        let total: usize = self.ledger.counts().values().sum();
+        if total >= self.settings.held_warn {
+            let per_target: BTreeMap<&String, &usize> = self
+                .ledger
+                .counts()
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .collect();
+            tracing::warn!(total, targets = ?per_target, "many records held in memory for unavailable EHR targets");
         }
-        if !todo.is_empty() {
-            // 2. One transaction of upserts.
-            let refs: Vec<&Item> = todo.iter().map(|i| &items[*i]).collect();
-            let tx = bundle::transaction_bundle(&refs, target.mode).map_err(StageError::Fatal)?;
-            let started = Instant::now();
-            match self.post_bundle(target, &tx).await {
-                Ok(resp) => {
-                    PUBLISH_LATENCY.record(started.elapsed().as_secs_f64(), &[]);
-                    let outcomes = bundle::transaction_outcomes(&resp, todo.len())
-                        .map_err(|e| StageError::transient("ehr", e))?;
-                    for (i, o) in todo.iter().zip(outcomes) {
-                        let kind = if o.http_status == 201 {
-                            "created"
-                        } else {
-                            "updated"
-                        };
-                        results[*i] = Some(Ok((kind.into(), o.http_status, o.version_id)));
-                    }
-                }
-                Err(CallError::Rejected { status, body }) => {
-                    // 3. Isolate the rejected resource(s): one transaction per resource.
-                    tracing::warn!(status, issues = %bundle::outcome_codes(&body), "transaction rejected; retrying resources one by one");
-                    for i in &todo {
-                        let one = bundle::transaction_bundle(&[&items[*i]], target.mode)
-                            .map_err(StageError::Fatal)?;
-                        match self.post_bundle(target, &one).await {
-                            Ok(resp) => {
-                                let o = bundle::transaction_outcomes(&resp, 1)
-                                    .map_err(|e| StageError::transient("ehr", e))?;
-                                let o = &o[0];
-                                let kind = if o.http_status == 201 {
-                                    "created"
-                                } else {
-                                    "updated"
-                                };
-                                results[*i] =
-                                    Some(Ok((kind.into(), o.http_status, o.version_id.clone())));
-                            }
-                            Err(CallError::Rejected { status, body }) => {
-                                results[*i] = Some(Err(format!(
-                                    "{status}: {}",
-                                    bundle::outcome_summary(&body)
-                                )));
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err("no outcome".into())))
-            .collect())
     }
 }
 
 impl Processor for Publisher {
     type In = FhirResource;
-    type Change = ();
+    type Change = Change;
 
     async fn process(
         &mut self,
         batch: &[Input<FhirResource>],
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
-        let stale = self
-            .targets_loaded
-            .is_none_or(|t| t.elapsed() > self.targets_ttl);
+    ) -> Result<Change, StageError> {
+        self.salvage();
         let unknown = batch
             .iter()
             .any(|i| !self.targets.contains_key(&i.value.context.ehr_target_id));
-        if stale || unknown {
+        if unknown || self.targets_loaded.is_none() {
             self.load_targets().await?;
+        } else if self.targets_stale()
+            && let Err(error) = self.load_targets().await
+        {
+            // Keep delivering with the last configuration; a new target waits for the database.
+            tracing::warn!(%error, "cannot reload EHR targets; using the last configuration");
         }
-        // Group by target; within a batch keep only the last record of an identity.
-        let mut last_of: HashMap<&str, usize> = HashMap::new();
-        for (i, input) in batch.iter().enumerate() {
-            last_of.insert(input.value.identity.as_str(), i);
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut change = Change::default();
+        // Every record of the batch is accounted for once this change applies.
+        for input in batch {
+            let tp: Tp = (input.topic.clone(), input.partition);
+            change.ledger.touch(&tp, self.ledger.epoch(&tp));
+            change.ledger.covered.push((tp, input.offset + 1));
         }
-        let mut by_target: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, input) in batch.iter().enumerate() {
-            if last_of.get(input.value.identity.as_str()) != Some(&i) {
-                continue;
-            }
-            let r = &input.value;
-            if !self.targets.contains_key(&r.context.ehr_target_id) {
+        // Within a batch only the last record of an identity matters.
+        let all: Vec<&Input<FhirResource>> = batch.iter().collect();
+        let (kept, _superseded) = last_per_identity(&all);
+        let mut by_target: BTreeMap<&str, Vec<&Input<FhirResource>>> = BTreeMap::new();
+        for i in kept {
+            let input = all[i];
+            let target_id = input.value.context.ehr_target_id.as_str();
+            if !self.targets.contains_key(target_id) {
                 out.dead_letter(
                     input,
                     "unknown_target",
-                    format!(
-                        "EHR target {} is not configured or not usable",
-                        r.context.ehr_target_id
-                    ),
+                    format!("EHR target {target_id} is not configured"),
                 )
                 .await?;
                 continue;
             }
-            by_target
-                .entry(r.context.ehr_target_id.clone())
-                .or_default()
-                .push(i);
+            by_target.entry(target_id).or_default().push(input);
         }
-        for (target_id, indices) in by_target {
-            let Some(target) = self.targets.get(&target_id).cloned() else {
-                continue;
-            };
-            let mut items = Vec::new();
-            let mut inputs = Vec::new();
-            for i in indices {
-                let input = &batch[i];
-                let r = &input.value;
-                let parsed: Value = match serde_json::from_str(&r.resource) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        out.dead_letter(input, "invalid", format!("resource is not JSON: {e}"))
-                            .await?;
-                        continue;
-                    }
-                };
-                let hash = match content_hash_of(&parsed) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        out.dead_letter(
-                            input,
-                            "invalid",
-                            format!("resource cannot be hashed: {e}"),
-                        )
-                        .await?;
-                        continue;
-                    }
-                };
-                items.push(Item {
-                    resource_type: r.resource_type.clone(),
-                    resource_id: r.resource_id.clone(),
-                    resource: parsed,
-                    hash,
-                });
-                inputs.push(input);
-            }
-            if items.is_empty() {
+        // Targets are called concurrently; their results are emitted one target after another.
+        let mut undelivered: Vec<ToHold<'_>> = Vec::new();
+        let mut pending = Vec::new();
+        let mut calls = tokio::task::JoinSet::new();
+        for (target_id, records) in &by_target {
+            // A target with held records keeps its order: new records queue behind them.
+            if self.ledger.held_count(target_id) > 0 || !self.may_call(target_id, now) {
+                undelivered.push((target_id, records, (0..records.len()).collect()));
                 continue;
             }
-            let results = self.publish_target(&target, &items).await?;
-            let now = chrono::Utc::now().timestamp_millis();
-            for (input, result) in inputs.into_iter().zip(results) {
-                let r = &input.value;
-                let (outcome, status, version) = match result {
-                    Ok(ok) => ok,
-                    Err(reason) => {
-                        out.dead_letter(input, "rejected", reason).await?;
-                        ("rejected".to_string(), 422, None)
-                    }
-                };
-                PUBLISHED.add(
-                    1,
-                    &[
-                        KeyValue::new("type", r.resource_type.clone()),
-                        KeyValue::new("outcome", outcome.clone()),
-                    ],
-                );
-                if outcome != "rejected" && outcome != "unchanged" {
-                    let latency = (now - r.context.received_at).max(0) as f64 / 1000.0;
-                    E2E_LATENCY.record(latency, &[KeyValue::new("type", r.resource_type.clone())]);
+            match self
+                .prepare(target_id, records, out, now, &mut change)
+                .await?
+            {
+                deliver::Prepared::Hold(u) => undelivered.push((target_id, records, u)),
+                deliver::Prepared::Call {
+                    target,
+                    items,
+                    sent,
+                    timeout,
+                    prior,
+                } => {
+                    let ehr = self.ehr.clone();
+                    let index = pending.len();
+                    calls.spawn(async move {
+                        (index, ehr.publish_target(&target, &items, timeout).await)
+                    });
+                    pending.push((*target_id, records.as_slice(), sent, prior));
                 }
-                let result = PublishResult {
-                    identity: r.identity.clone(),
-                    organization_id: r.context.organization_id.clone(),
-                    ehr_target_id: r.context.ehr_target_id.clone(),
-                    patient_id: r.context.patient_id.clone(),
-                    link_id: r.context.link_id.clone(),
-                    sync_request_id: r.context.sync_request_id.clone(),
-                    resource_type: r.resource_type.clone(),
-                    resource_id: r.resource_id.clone(),
-                    outcome,
-                    http_status: status,
-                    version_id: version,
-                    received_at: r.context.received_at,
-                    confirmed_at: now,
-                };
-                out.emit(topic::PUBLISH_RESULTS, &r.identity, &result)
-                    .await?;
             }
         }
+        let mut runs: Vec<Option<ehr::TargetRun>> = vec![None; pending.len()];
+        while let Some(joined) = calls.join_next().await {
+            let (index, run) =
+                joined.map_err(|e| StageError::Fatal(format!("a publishing task failed: {e}")))?;
+            if let Some(slot) = runs.get_mut(index) {
+                *slot = Some(run);
+            }
+        }
+        for ((target_id, records, sent, prior), run) in pending.into_iter().zip(runs) {
+            let Some(run) = run else {
+                return Err(StageError::Fatal("a publishing task gave no result".into()));
+            };
+            let u = self
+                .finish(target_id, records, sent, &prior, run, out, now, &mut change)
+                .await?;
+            undelivered.push((target_id, records, u));
+        }
+        for (target_id, records, indices) in undelivered {
+            for i in indices {
+                change.ledger.hold.push(Held {
+                    target: target_id.to_string(),
+                    input: Arc::new(records[i].clone()),
+                });
+            }
+        }
+        if !change.ledger.hold.is_empty() {
+            tracing::info!(
+                records = change.ledger.hold.len(),
+                "records held for unavailable EHR targets"
+            );
+        }
+        self.unconfirmed = Some(change.clone());
+        Ok(change)
+    }
+
+    async fn tick(
+        &mut self,
+        now_ms: i64,
+        _caught_up: &BTreeSet<(String, i32)>,
+        out: &mut Emitter,
+    ) -> Result<Option<Change>, StageError> {
+        self.salvage();
+        let mut change = Change::default();
+        let mut held_targets = self.ledger.targets();
+        held_targets.sort();
+        if held_targets.is_empty() {
+            self.export_gauges(now_ms);
+            return Ok(None);
+        }
+        if self.targets_stale() {
+            // A database outage must not stop the delivery of held records: keep the last
+            // configuration and try again next tick.
+            if let Err(error) = self.load_targets().await {
+                tracing::warn!(%error, "cannot reload EHR targets; using the last configuration");
+            }
+        }
+        for target_id in held_targets {
+            let held: Vec<Held> = self
+                .ledger
+                .held_for(&target_id)
+                .into_iter()
+                .cloned()
+                .collect();
+            if !self.targets.contains_key(&target_id) && self.targets_loaded.is_some() {
+                // The target was removed from the configuration: nowhere to send them.
+                for h in &held {
+                    let tp = h.tp();
+                    change.ledger.touch(&tp, self.ledger.epoch(&tp));
+                    out.dead_letter(
+                        &*h.input,
+                        "unknown_target",
+                        format!("EHR target {target_id} is not configured"),
+                    )
+                    .await?;
+                    change.ledger.release.push((tp, h.input.offset));
+                }
+                continue;
+            }
+            for chunk in held
+                .chunks(self.settings.chunk.max(1))
+                .take(self.settings.chunks_per_tick.max(1))
+            {
+                let tracked = self.tracked(&change, &target_id);
+                let allowed = if change.breaker(&target_id).is_some() {
+                    tracked.breaker.allows(now_ms)
+                } else {
+                    self.may_call(&target_id, now_ms)
+                };
+                if !allowed {
+                    break;
+                }
+                let records: Vec<&Input<FhirResource>> = chunk.iter().map(|h| &*h.input).collect();
+                let (kept, superseded) = last_per_identity(&records);
+                for h in chunk {
+                    let tp = h.tp();
+                    change.ledger.touch(&tp, self.ledger.epoch(&tp));
+                }
+                for i in superseded {
+                    change
+                        .ledger
+                        .release
+                        .push((chunk[i].tp(), chunk[i].input.offset));
+                }
+                let kept_records: Vec<&Input<FhirResource>> =
+                    kept.iter().map(|i| records[*i]).collect();
+                let undelivered = self
+                    .deliver(&target_id, &kept_records, out, now_ms, &mut change)
+                    .await?;
+                let undelivered: BTreeSet<usize> = undelivered.into_iter().collect();
+                for (k, i) in kept.iter().enumerate() {
+                    if !undelivered.contains(&k) {
+                        change
+                            .ledger
+                            .release
+                            .push((chunk[*i].tp(), chunk[*i].input.offset));
+                    }
+                }
+                if !undelivered.is_empty() {
+                    break;
+                }
+            }
+        }
+        self.warn_if_many_held();
+        self.export_gauges(now_ms);
+        if change.is_empty() {
+            return Ok(None);
+        }
+        self.unconfirmed = Some(change.clone());
+        Ok(Some(change))
+    }
+
+    async fn apply(&mut self, change: &Change) -> Result<(), StageError> {
+        self.apply_change(change);
+        self.unconfirmed = None;
         Ok(())
+    }
+
+    fn commit_point(&self, topic: &str, partition: i32, next_offset: i64) -> (i64, Option<String>) {
+        let tp: Tp = (topic.to_string(), partition);
+        let mut allowed = self.ledger.commit_point(&tp, next_offset);
+        if let Some(pending) = &self.unconfirmed {
+            allowed = allowed.min(pending.ledger.commit_limit(&tp));
+        }
+        (allowed, None)
+    }
+
+    fn revoked(&mut self, partitions: &[(String, i32)]) {
+        for tp in partitions {
+            self.ledger.revoked(tp);
+        }
+        self.export_gauges(chrono::Utc::now().timestamp_millis());
     }
 }

@@ -1,0 +1,337 @@
+//! Calls to one EHR target: read the current state, write a transaction of upserts, isolate a
+//! rejected resource. Every failure is classified ([`crate::classify`]).
+
+use crate::breaker::Failure;
+use crate::bundle::{self, Item};
+use crate::classify::{self, Class, Scope, TargetFault, TransportError};
+use crate::decision::{PublishDecision, publish_decision};
+use crate::targets::{Auth, Target};
+use opentelemetry::metrics::Histogram;
+use serde_json::Value;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+static PUBLISH_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_seconds_histogram(
+        "ohx_publish_latency",
+        "Duration of one transaction against an EHR target",
+    )
+});
+
+/// A failed call: its class and a reason safe for logs (status and issue codes, no
+/// diagnostics), plus the body for a dead letter.
+#[derive(Debug, Clone)]
+pub struct CallFailure {
+    pub class: Class,
+    pub status: Option<u16>,
+    pub reason: String,
+    pub body: String,
+}
+
+impl CallFailure {
+    fn transient(reason: impl Into<String>) -> Self {
+        Self {
+            class: Class::Transient { retry_after: None },
+            status: None,
+            reason: reason.into(),
+            body: String::new(),
+        }
+    }
+
+    /// The failure as the breaker sees it (a resource-level class here means the target
+    /// refused a call that carried no single resource's fault).
+    pub fn as_failure(&self) -> Failure {
+        match self.class {
+            Class::Transient { retry_after } => Failure::Transient { retry_after },
+            Class::Target(f) => Failure::Target(f),
+            Class::Resource | Class::Isolate => Failure::Target(TargetFault::Refused),
+        }
+    }
+}
+
+/// What happened to one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemResult {
+    /// `created`, `updated`, `unchanged` or `stale`, with the HTTP status and version.
+    Done {
+        outcome: &'static str,
+        status: i32,
+        version: Option<String>,
+    },
+    /// Rejected for its content: status and the OperationOutcome summary (for the dead letter).
+    Rejected { status: u16, outcome: String },
+}
+
+/// The result of publishing items to a target: a result per item (`None`: not done, to hold)
+/// and the failure that stopped the run, if any.
+#[derive(Debug, Clone)]
+pub struct TargetRun {
+    pub results: Vec<Option<ItemResult>>,
+    pub failure: Option<CallFailure>,
+}
+
+/// The HTTP side of the publisher.
+#[derive(Debug, Clone)]
+pub struct Ehr {
+    http: reqwest::Client,
+}
+
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        source = err.source();
+    }
+    s
+}
+
+fn written(status: i32) -> &'static str {
+    if status == 201 { "created" } else { "updated" }
+}
+
+impl Ehr {
+    /// Creates the client with a timeout per request.
+    pub fn new(request_timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .build()?;
+        Ok(Self { http })
+    }
+
+    async fn post_bundle(
+        &self,
+        target: &Target,
+        bundle: &Value,
+        scope: Scope,
+        timeout: Option<Duration>,
+    ) -> Result<Value, CallFailure> {
+        let mut req = self
+            .http
+            .post(&target.base_url)
+            .header("Content-Type", "application/fhir+json")
+            .header("Accept", "application/fhir+json")
+            .json(bundle);
+        if let Auth::Bearer(token) = &target.auth {
+            req = req.bearer_auth(token);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let chain = error_chain(&e);
+            CallFailure {
+                class: classify::classify_transport(TransportError {
+                    timeout: e.is_timeout(),
+                    connect: e.is_connect(),
+                    chain: &chain,
+                }),
+                status: None,
+                reason: format!("request failed: {chain}"),
+                body: String::new(),
+            }
+        })?;
+        let status = resp.status();
+        let now = chrono::Utc::now().timestamp_millis();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| classify::parse_retry_after(v, now));
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| CallFailure::transient(format!("reading response failed: {e}")))?;
+        if classify::wrong_fhir_version(content_type.as_deref()) {
+            return Err(CallFailure {
+                class: Class::Target(TargetFault::FhirVersion),
+                status: Some(status.as_u16()),
+                reason: format!("{status}: not a FHIR R5 endpoint (content type)"),
+                body,
+            });
+        }
+        if status.is_success() {
+            return serde_json::from_str(&body)
+                .map_err(|e| CallFailure::transient(format!("unreadable response: {e}")));
+        }
+        Err(CallFailure {
+            class: classify::classify_status(status.as_u16(), scope, &body, retry_after),
+            status: Some(status.as_u16()),
+            reason: format!("{status}: {}", bundle::outcome_codes(&body)),
+            body,
+        })
+    }
+
+    /// Sends one transaction of upserts; returns the outcome per item.
+    async fn transaction(
+        &self,
+        target: &Target,
+        items: &[&Item],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<ItemResult>, CallFailure> {
+        let tx = bundle::transaction_bundle(items, target.mode).map_err(|e| CallFailure {
+            class: Class::Resource,
+            status: None,
+            reason: e.clone(),
+            body: e,
+        })?;
+        let started = Instant::now();
+        let resp = self
+            .post_bundle(
+                target,
+                &tx,
+                Scope::Transaction {
+                    entries: items.len(),
+                },
+                timeout,
+            )
+            .await?;
+        PUBLISH_LATENCY.record(started.elapsed().as_secs_f64(), &[]);
+        let outcomes =
+            bundle::transaction_outcomes(&resp, items.len()).map_err(CallFailure::transient)?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| ItemResult::Done {
+                outcome: written(o.http_status),
+                status: o.http_status,
+                version: o.version_id,
+            })
+            .collect())
+    }
+
+    /// Publishes items to a target: reads what the server holds, decides per item
+    /// ([`publish_decision`]), writes one transaction and, if the server rejects it for
+    /// content, isolates the rejected resources one by one. `timeout` overrides the client's
+    /// request timeout (a shorter one while a target is failing: its calls stall the stage).
+    pub async fn publish_target(
+        &self,
+        target: &Target,
+        items: &[Item],
+        timeout: Option<Duration>,
+    ) -> TargetRun {
+        let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
+        let stop = |results, failure| TargetRun {
+            results,
+            failure: Some(failure),
+        };
+        // 1. What does the server hold?
+        let refs: Vec<&Item> = items.iter().collect();
+        let read = match bundle::read_bundle(&refs, target.mode) {
+            Ok(r) => r,
+            Err(e) => return stop(results, CallFailure::transient(e)),
+        };
+        let resp = match self.post_bundle(target, &read, Scope::Read, timeout).await {
+            Ok(r) => r,
+            Err(f) => return stop(results, f),
+        };
+        let states = bundle::current_states(&resp, items.len());
+        let mut todo = Vec::new();
+        for (i, (item, state)) in items.iter().zip(states).enumerate() {
+            let state = match state {
+                Ok(s) => s,
+                // Without knowing what the server holds nothing is written (it could be newer).
+                Err(reason) => return stop(results, CallFailure::transient(reason)),
+            };
+            let server = state
+                .as_ref()
+                .map(|s| (s.revision, s.hash.as_deref().unwrap_or("")));
+            match publish_decision(server, (item.revision, &item.hash)) {
+                PublishDecision::Put => todo.push(i),
+                PublishDecision::Unchanged => {
+                    results[i] = Some(ItemResult::Done {
+                        outcome: "unchanged",
+                        status: 200,
+                        version: None,
+                    })
+                }
+                PublishDecision::Stale => {
+                    results[i] = Some(ItemResult::Done {
+                        outcome: "stale",
+                        status: 200,
+                        version: None,
+                    })
+                }
+            }
+        }
+        if todo.is_empty() {
+            return TargetRun {
+                results,
+                failure: None,
+            };
+        }
+        // 2. One transaction of upserts.
+        let refs: Vec<&Item> = todo.iter().map(|i| &items[*i]).collect();
+        let failure = match self.transaction(target, &refs, timeout).await {
+            Ok(done) => {
+                for (i, r) in todo.iter().zip(done) {
+                    results[*i] = Some(r);
+                }
+                return TargetRun {
+                    results,
+                    failure: None,
+                };
+            }
+            Err(f) => f,
+        };
+        match failure.class {
+            Class::Isolate => {}
+            Class::Resource => {
+                for i in &todo {
+                    results[*i] = Some(ItemResult::Rejected {
+                        status: failure.status.unwrap_or(422),
+                        outcome: bundle::outcome_summary(&failure.body),
+                    });
+                }
+                return TargetRun {
+                    results,
+                    failure: None,
+                };
+            }
+            Class::Target(_) | Class::Transient { .. } => return stop(results, failure),
+        }
+        // 3. Isolate: one transaction per resource.
+        tracing::warn!(reason = %failure.reason, resources = todo.len(), "transaction rejected; retrying resources one by one");
+        let mut refusals = Vec::with_capacity(todo.len());
+        for i in &todo {
+            match self.transaction(target, &[&items[*i]], timeout).await {
+                Ok(mut done) => {
+                    results[*i] = done.pop();
+                    refusals.push(None);
+                }
+                Err(f) if f.class == Class::Resource => {
+                    let status = f.status.unwrap_or(422);
+                    results[*i] = Some(ItemResult::Rejected {
+                        status,
+                        outcome: bundle::outcome_summary(&f.body),
+                    });
+                    refusals.push(Some(status));
+                }
+                Err(f) => return stop(results, f),
+            }
+        }
+        if classify::isolation_blames_target(&refusals) {
+            for i in &todo {
+                results[*i] = None;
+            }
+            return stop(
+                results,
+                CallFailure {
+                    class: Class::Target(TargetFault::Refused),
+                    status: failure.status,
+                    reason: format!("every resource refused one by one ({})", failure.reason),
+                    body: failure.body,
+                },
+            );
+        }
+        TargetRun {
+            results,
+            failure: None,
+        }
+    }
+}

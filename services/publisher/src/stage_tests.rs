@@ -1,0 +1,510 @@
+//! The publisher as a processor against fake EHRs (a minimal FHIR server over HTTP): isolation
+//! of a failing target, commits held back, the tick's retry, stale content, content rejections.
+
+use super::*;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use ohx_common::codec::Codec;
+use ohx_common::records::{Context, DeadLetter, PublishResult, topic};
+use serde_json::{Value, json};
+use std::sync::Mutex;
+use targets::{Auth, Configured, Target};
+
+/// How the fake answers transactions (reads always work unless `down_reads`).
+#[derive(Debug, Clone, PartialEq)]
+enum Mode {
+    Ok,
+    Status(u16),
+}
+
+#[derive(Default)]
+struct FakeState {
+    mode: Option<Mode>,
+    down_reads: bool,
+    /// Resource ids whose content the server rejects with 422.
+    reject: Vec<String>,
+    /// "Type/id" → (stored resource, version).
+    store: HashMap<String, (Value, u32)>,
+    transactions: usize,
+    /// Delay before answering a transaction.
+    delay: Duration,
+}
+
+type Fake = Arc<Mutex<FakeState>>;
+
+fn lock(f: &Fake) -> std::sync::MutexGuard<'_, FakeState> {
+    f.lock().unwrap()
+}
+
+fn outcome(code: &str) -> String {
+    json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": "d"}]}).to_string()
+}
+
+async fn handle(State(fake): State<Fake>, body: String) -> (StatusCode, String) {
+    let bundle: Value = serde_json::from_str(&body).unwrap();
+    let delay = lock(&fake).delay;
+    if bundle["type"] == "transaction" && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut f = lock(&fake);
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let status = |s: u16| StatusCode::from_u16(s).unwrap();
+    if bundle["type"] == "batch" {
+        if f.down_reads
+            && let Some(Mode::Status(s)) = f.mode
+        {
+            return (status(s), outcome("exception"));
+        }
+        let answers: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                let url = e["request"]["url"].as_str().unwrap();
+                match f.store.get(url) {
+                    Some((r, _)) => json!({"response": {"status": "200 OK"}, "resource": r}),
+                    None => json!({"response": {"status": "404 Not Found"}}),
+                }
+            })
+            .collect();
+        return (
+            StatusCode::OK,
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": answers})
+                .to_string(),
+        );
+    }
+    f.transactions += 1;
+    if let Some(Mode::Status(s)) = f.mode {
+        return (status(s), outcome("exception"));
+    }
+    if entries.iter().any(|e| {
+        f.reject
+            .iter()
+            .any(|id| e["resource"]["id"].as_str() == Some(id))
+    }) {
+        return (StatusCode::UNPROCESSABLE_ENTITY, outcome("invalid"));
+    }
+    let mut answers = Vec::new();
+    for e in entries {
+        let url = e["request"]["url"].as_str().unwrap().to_string();
+        let slot = f.store.entry(url).or_insert((Value::Null, 0));
+        slot.0 = e["resource"].clone();
+        slot.1 += 1;
+        let code = if slot.1 == 1 { "201 Created" } else { "200 OK" };
+        answers.push(json!({"response": {"status": code, "etag": format!("W/\"{}\"", slot.1)}}));
+    }
+    (
+        StatusCode::OK,
+        json!({"resourceType": "Bundle", "type": "transaction-response", "entry": answers})
+            .to_string(),
+    )
+}
+
+async fn fake_ehr() -> (Fake, String) {
+    let fake: Fake = Arc::new(Mutex::new(FakeState {
+        mode: Some(Mode::Ok),
+        ..FakeState::default()
+    }));
+    let app = Router::new()
+        .route("/fhir", post(handle))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (fake, format!("http://{addr}/fhir"))
+}
+
+fn publisher(targets: &[(&str, &str)]) -> Publisher {
+    let pool = ohx_common::db::pool("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+    let mut p = Publisher::new(
+        pool,
+        None,
+        PublisherSettings {
+            request_timeout: Duration::from_secs(5),
+            ..PublisherSettings::default()
+        },
+    )
+    .unwrap();
+    for (id, url) in targets {
+        p.targets.insert(
+            id.to_string(),
+            Entry {
+                target: Configured::Usable(Target {
+                    base_url: url.to_string(),
+                    auth: Auth::None,
+                    mode: bundle::UpsertMode::Put,
+                }),
+                fingerprint: format!("fp-{id}"),
+            },
+        );
+    }
+    p.targets_loaded = Some(Instant::now());
+    p
+}
+
+fn record(
+    partition: i32,
+    offset: i64,
+    target: &str,
+    id: &str,
+    revision: i64,
+    status: &str,
+) -> Input<FhirResource> {
+    let resource = json!({"resourceType": "Observation", "id": id, "status": status}).to_string();
+    Input {
+        topic: topic::FHIR_OUTBOX.into(),
+        partition,
+        offset,
+        key: None,
+        value: FhirResource {
+            context: Context {
+                organization_id: "o".into(),
+                ehr_target_id: target.into(),
+                patient_id: "p".into(),
+                patient_reference: "Patient/1".into(),
+                provider: "withings".into(),
+                link_id: "l".into(),
+                provider_user_id: "u".into(),
+                sync_request_id: "s".into(),
+                trigger: "WEBHOOK".into(),
+                received_at: 0,
+            },
+            identity: format!("{target}/Observation/{id}"),
+            resource_type: "Observation".into(),
+            resource_id: id.into(),
+            resource,
+            source_ids: vec![],
+            source_revision: revision,
+        },
+        payload: vec![],
+        headers: vec![],
+    }
+}
+
+fn emitter() -> (Emitter, Arc<Codec>) {
+    let codec = Arc::new(Codec::embedded().unwrap());
+    (Emitter::new("publisher", codec.clone()), codec)
+}
+
+/// The outcomes of the publish results and the kinds of the dead letters emitted.
+async fn emitted(out: &Emitter, codec: &Codec) -> (Vec<(String, String)>, Vec<String>) {
+    let mut results = Vec::new();
+    let mut dead = Vec::new();
+    for r in out.records() {
+        if r.topic == topic::PUBLISH_RESULTS {
+            let pr: PublishResult = codec.decode(&r.payload).await.unwrap();
+            results.push((pr.resource_id, pr.outcome));
+        } else if r.topic == topic::DEAD_LETTER {
+            let dl: DeadLetter = codec.decode(&r.payload).await.unwrap();
+            dead.push(dl.error_kind);
+        }
+    }
+    results.sort();
+    (results, dead)
+}
+
+fn outbox(p: i32) -> Tp {
+    (topic::FHIR_OUTBOX.to_string(), p)
+}
+
+#[tokio::test]
+async fn test_a_failing_target_is_held_while_another_flows_then_delivered_by_the_tick() {
+    let (a, a_url) = fake_ehr().await;
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("a", &a_url), ("b", &b_url)]);
+    let batch = vec![
+        record(0, 10, "b", "b1", 1, "final"),
+        record(0, 11, "a", "a1", 1, "final"),
+        record(0, 12, "a", "a2", 1, "final"),
+    ];
+    let (mut out, codec) = emitter();
+    let change = p.process(&batch, &mut out).await.unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert_eq!(
+        results,
+        vec![
+            ("a1".into(), "created".into()),
+            ("a2".into(), "created".into())
+        ]
+    );
+    assert!(dead.is_empty(), "a target failure dead-letters nothing");
+    assert_eq!(lock(&a).store.len(), 2);
+    // Until applied, the pending change already keeps the commit below the held record.
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 13).0, 10);
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 1);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 13).0, 10);
+
+    // A new record of b queues behind the held one, without a call; a keeps flowing.
+    let calls = lock(&b).transactions;
+    let (mut out, _) = emitter();
+    let batch = vec![
+        record(0, 13, "b", "b2", 1, "final"),
+        record(0, 14, "a", "a3", 1, "final"),
+    ];
+    let change = p.process(&batch, &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    assert_eq!(lock(&b).transactions, calls);
+    assert_eq!(p.ledger.held_count("b"), 2);
+    assert_eq!(lock(&a).store.len(), 3);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 15).0, 10);
+
+    // The tick does not call b before its backoff; after it, with b back, delivers both.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, _) = emitter();
+    assert!(
+        p.tick(now, &BTreeSet::new(), &mut out)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    lock(&b).mode = Some(Mode::Ok);
+    let (mut out, codec) = emitter();
+    let change = p
+        .tick(now + 60_000, &BTreeSet::new(), &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    let (results, _) = emitted(&out, &codec).await;
+    assert_eq!(
+        results,
+        vec![
+            ("b1".into(), "created".into()),
+            ("b2".into(), "created".into())
+        ]
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 0);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 15).0, 15);
+    assert_eq!(p.breakers["b"].breaker, Breaker::default());
+}
+
+#[tokio::test]
+async fn test_refused_credentials_hold_flag_and_open_the_breaker() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(401));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, codec) = emitter();
+    let change = p
+        .process(&[record(1, 0, "b", "b1", 1, "final")], &mut out)
+        .await
+        .unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(results.is_empty() && dead.is_empty());
+    assert!(
+        change.reload_targets,
+        "credentials are read again before the probe"
+    );
+    p.apply(&change).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let t = &p.breakers["b"].breaker;
+    assert_eq!(t.state(now), breaker::State::Open);
+    assert_eq!(t.fault(), Some(classify::TargetFault::Unauthorized));
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 1, 1).0, 0);
+}
+
+#[tokio::test]
+async fn test_a_fixed_configuration_is_probed_at_once() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(404));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, _) = emitter();
+    let change = p
+        .process(&[record(0, 0, "b", "b1", 1, "final")], &mut out)
+        .await
+        .unwrap();
+    p.apply(&change).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, _) = emitter();
+    lock(&b).mode = Some(Mode::Ok);
+    assert!(
+        p.tick(now, &BTreeSet::new(), &mut out)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The operator fixes the target (a new fingerprint): the tick probes without waiting.
+    if let Some(e) = p.targets.get_mut("b") {
+        e.fingerprint = "fixed".into();
+    }
+    let change = p
+        .tick(now, &BTreeSet::new(), &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 0);
+    assert_eq!(lock(&b).store.len(), 1);
+}
+
+#[tokio::test]
+async fn test_content_rejection_dead_letters_that_resource_only() {
+    let (a, a_url) = fake_ehr().await;
+    lock(&a).reject.push("bad".into());
+    let mut p = publisher(&[("a", &a_url)]);
+    let (mut out, codec) = emitter();
+    let batch = vec![
+        record(0, 0, "a", "ok1", 1, "final"),
+        record(0, 1, "a", "bad", 1, "final"),
+        record(0, 2, "a", "ok2", 1, "final"),
+    ];
+    let change = p.process(&batch, &mut out).await.unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert_eq!(
+        results,
+        vec![
+            ("bad".into(), "rejected".into()),
+            ("ok1".into(), "created".into()),
+            ("ok2".into(), "created".into())
+        ]
+    );
+    assert_eq!(dead, vec!["rejected".to_string()]);
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("a"), 0);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 3).0, 3);
+    assert_eq!(p.breakers["a"].breaker, Breaker::default());
+}
+
+async fn publish(p: &mut Publisher, r: Input<FhirResource>) -> Vec<(String, String)> {
+    let (mut out, codec) = emitter();
+    let change = p.process(&[r], &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    emitted(&out, &codec).await.0
+}
+
+#[tokio::test]
+async fn test_replays_create_no_version_and_older_content_never_overwrites_newer() {
+    let (a, a_url) = fake_ehr().await;
+    let mut p = publisher(&[("a", &a_url)]);
+    let v1 = || record(0, 0, "a", "x", 1, "preliminary");
+    let v2 = || record(0, 1, "a", "x", 2, "final");
+    assert_eq!(publish(&mut p, v1()).await[0].1, "created");
+    assert_eq!(publish(&mut p, v2()).await[0].1, "updated");
+    // A replay: v1 then v2 again.
+    assert_eq!(publish(&mut p, v1()).await[0].1, "stale");
+    assert_eq!(publish(&mut p, v2()).await[0].1, "unchanged");
+    let f = lock(&a);
+    let (stored, version) = &f.store["Observation/x"];
+    assert_eq!(*version, 2, "no version beyond the two contents");
+    assert_eq!(stored["status"], "final");
+    assert_eq!(bundle::stored_revision(stored), 2);
+}
+
+#[tokio::test]
+async fn test_a_change_dropped_by_the_runtime_keeps_its_holds_for_owned_partitions() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, _) = emitter();
+    let batch = vec![
+        record(0, 5, "b", "b1", 1, "final"),
+        record(1, 7, "b", "b2", 1, "final"),
+    ];
+    // Partition 1 is revoked before the acknowledgement: the runtime drops the change, but
+    // still commits partition 0.
+    let _dropped = p.process(&batch, &mut out).await.unwrap();
+    p.revoked(&[outbox(1)]);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 6).0, 5);
+    // The next tick (or batch) applies what concerns partition 0 only.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, _) = emitter();
+    let _ = p.tick(now, &BTreeSet::new(), &mut out).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 1);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 6).0, 5);
+    // Partition 1 commits nothing until its new owner epoch has read it again.
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 1, 8).0, -1);
+}
+
+#[tokio::test]
+async fn test_new_records_queue_behind_held_ones_and_a_superseded_held_record_is_not_sent() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, _) = emitter();
+    let change = p
+        .process(&[record(0, 0, "b", "x", 1, "preliminary")], &mut out)
+        .await
+        .unwrap();
+    p.apply(&change).await.unwrap();
+    // The target is back and its breaker would allow a call, but v1 is still held: v2 must
+    // not overtake it.
+    lock(&b).mode = Some(Mode::Ok);
+    p.breakers.insert("b".into(), Tracked::default());
+    let calls = lock(&b).transactions;
+    let (mut out, codec) = emitter();
+    let change = p
+        .process(&[record(0, 1, "b", "x", 2, "final")], &mut out)
+        .await
+        .unwrap();
+    assert!(emitted(&out, &codec).await.0.is_empty());
+    assert_eq!(lock(&b).transactions, calls);
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 2);
+    // The tick sends the identity's last content only, once.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, codec) = emitter();
+    let change = p
+        .tick(now, &BTreeSet::new(), &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        emitted(&out, &codec).await.0,
+        vec![("x".into(), "created".into())]
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 0);
+    let f = lock(&b);
+    assert_eq!(f.store["Observation/x"].0["status"], "final");
+    assert_eq!(f.store["Observation/x"].1, 1);
+}
+
+#[tokio::test]
+async fn test_targets_are_called_concurrently() {
+    let (a, a_url) = fake_ehr().await;
+    let (b, b_url) = fake_ehr().await;
+    lock(&a).delay = Duration::from_millis(1_500);
+    lock(&b).delay = Duration::from_millis(1_500);
+    let mut p = publisher(&[("a", &a_url), ("b", &b_url)]);
+    let (mut out, codec) = emitter();
+    let started = Instant::now();
+    let batch = vec![
+        record(0, 0, "a", "a1", 1, "final"),
+        record(0, 1, "b", "b1", 1, "final"),
+    ];
+    let change = p.process(&batch, &mut out).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(2_900),
+        "one slow target after the other took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(emitted(&out, &codec).await.0.len(), 2);
+    assert!(change.ledger.hold.is_empty());
+}
+
+#[tokio::test]
+async fn test_an_unusable_target_configuration_holds_and_flags_without_dead_letters() {
+    let mut p = publisher(&[]);
+    p.targets.insert(
+        "c".into(),
+        Entry {
+            target: Configured::Unusable("target credentials cannot be opened"),
+            fingerprint: "fp-c".into(),
+        },
+    );
+    let (mut out, codec) = emitter();
+    let change = p
+        .process(&[record(2, 3, "c", "c1", 1, "final")], &mut out)
+        .await
+        .unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(results.is_empty() && dead.is_empty());
+    assert_eq!(change.ledger.hold.len(), 1);
+    p.apply(&change).await.unwrap();
+    assert_eq!(
+        p.breakers["c"].breaker.fault(),
+        Some(classify::TargetFault::Unusable)
+    );
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 2, 4).0, 3);
+}
