@@ -18,18 +18,18 @@
 //!   `ohx_publisher_held_records{target}` and logged.
 //!
 //! # Following the runtime's contract
-//! Held records decide commits, so they are state: `process`/`tick` compute a [`LedgerChange`]
-//! and [`Ledger::apply`] applies it once the outputs are acknowledged. Each change carries the
-//! *epoch* of every partition it touches (bumped on each revoke), and only applies to
-//! partitions whose epoch is unchanged: a revoked partition is re-read by its next owner from
-//! its committed offset. A change the runtime dropped (because another partition of the batch
-//! was revoked) must not lose the holds of partitions still owned, whose offsets the runtime
-//! acknowledges anyway: the publisher keeps the last unapplied change, limits commits by it
-//! ([`LedgerChange::commit_limit`]) and applies it before its next batch or tick.
-//! `covered` tracks, per partition and epoch, up to where every record is accounted for
-//! (delivered, dead-lettered, superseded or held); a partition revoked in this process's life
-//! commits nothing until a batch of its new epoch is applied, so a batch acknowledged after its
-//! partition was revoked and assigned back never commits past records only the old epoch held.
+//! Held records decide commits, so they are state: `process`/`tick` return a [`LedgerChange`]
+//! and [`Ledger::apply`] applies it (idempotently) once the outputs are acknowledged.
+//! * A change the runtime drops (a partition of its batch was revoked before the
+//!   acknowledgement) is simply forgotten: the runtime acknowledges nothing of that batch and
+//!   reads it again, so its held records are re-derived against the unchanged ledger (a
+//!   dropped tick only released records: they stay held and the next tick sends them again).
+//! * A partition revoked *before* the runtime decides (while the outputs were produced) is left
+//!   out of that decision, so its change can still be applied: each change carries the epoch
+//!   of the partitions it touches (bumped by [`Ledger::revoked`]) and skips the ones revoked
+//!   since, whose records belong to their next owner.
+//! * [`Ledger::commit_point`] never passes the lowest held record of a partition; everything
+//!   else the runtime acknowledges is accounted for (delivered, dead-lettered or superseded).
 
 use ohx_common::kafka::Input;
 use ohx_common::records::FhirResource;
@@ -58,8 +58,6 @@ impl Held {
 pub struct LedgerChange {
     /// The epoch of every partition touched, when the change was computed.
     pub epochs: Vec<(Tp, u64)>,
-    /// Per partition: every record before this offset is accounted for.
-    pub covered: Vec<(Tp, i64)>,
     /// Records to hold.
     pub hold: Vec<Held>,
     /// Held records done with (delivered, dead-lettered, superseded).
@@ -80,26 +78,14 @@ impl LedgerChange {
 
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.covered.is_empty() && self.hold.is_empty() && self.release.is_empty()
-    }
-
-    /// The highest offset a partition may commit while this change is not applied (it holds
-    /// records there): its lowest held offset, or `i64::MAX`.
-    pub fn commit_limit(&self, tp: &Tp) -> i64 {
-        self.hold
-            .iter()
-            .filter(|h| h.input.partition == tp.1 && h.input.topic == tp.0)
-            .map(|h| h.input.offset)
-            .min()
-            .unwrap_or(i64::MAX)
+        self.hold.is_empty() && self.release.is_empty()
     }
 }
 
-/// Held records and coverage per partition.
+/// Held records per partition.
 #[derive(Debug, Default)]
 pub struct Ledger {
     held: BTreeMap<Tp, BTreeMap<i64, Held>>,
-    covered: HashMap<Tp, i64>,
     epochs: HashMap<Tp, u64>,
     counts: HashMap<String, usize>,
 }
@@ -114,12 +100,6 @@ impl Ledger {
     /// many of its partitions were skipped because they were revoked since.
     pub fn apply(&mut self, change: &LedgerChange) -> usize {
         let current = |l: &Ledger, tp: &Tp| change.epoch_of(tp) == Some(l.epoch(tp));
-        for (tp, next) in &change.covered {
-            if current(self, tp) {
-                let c = self.covered.entry(tp.clone()).or_insert(*next);
-                *c = (*c).max(*next);
-            }
-        }
         for h in &change.hold {
             let tp = h.tp();
             if current(self, &tp) {
@@ -155,7 +135,8 @@ impl Ledger {
         }
     }
 
-    /// Forgets a revoked partition: its held records are re-read by its next owner.
+    /// Forgets a revoked partition: its held records are re-read by its next owner, and changes
+    /// computed before now no longer apply to it.
     pub fn revoked(&mut self, tp: &Tp) {
         if let Some(slot) = self.held.remove(tp) {
             for h in slot.values() {
@@ -164,27 +145,18 @@ impl Ledger {
                 }
             }
         }
-        self.covered.remove(tp);
         *self.epochs.entry(tp.clone()).or_default() += 1;
     }
 
-    /// The offset a partition whose acknowledged position is `next` may commit: never past a
-    /// held record nor past what its current epoch accounted for. `-1` commits nothing.
+    /// The offset a partition whose acknowledged position is `next` may commit: `next`, or its
+    /// lowest held record if that is lower.
     pub fn commit_point(&self, tp: &Tp, next: i64) -> i64 {
-        let covered = match self.covered.get(tp) {
-            Some(c) => *c,
-            // Revoked earlier and nothing of the new epoch applied yet: what is acknowledged
-            // may be a batch of the old epoch.
-            None if self.epoch(tp) > 0 => return -1,
-            // Nothing processed (records that did not decode): nothing held either.
-            None => next,
-        };
         let lowest_held = self
             .held
             .get(tp)
             .and_then(|slot| slot.keys().next().copied())
             .unwrap_or(i64::MAX);
-        next.min(covered).min(lowest_held)
+        next.min(lowest_held)
     }
 
     /// Records held for `target`.
@@ -263,11 +235,10 @@ mod tests {
         }
     }
 
-    /// A batch of partition `p` up to `next`, holding `holds` for target "down".
-    fn batch(l: &Ledger, p: i32, next: i64, holds: &[i64]) -> LedgerChange {
+    /// A batch of partition `p`, holding `holds` for target "down".
+    fn batch(l: &Ledger, p: i32, holds: &[i64]) -> LedgerChange {
         let mut c = LedgerChange::default();
         c.touch(&tp(p), l.epoch(&tp(p)));
-        c.covered.push((tp(p), next));
         c.hold = holds.iter().map(|o| held("down", p, *o)).collect();
         c
     }
@@ -275,20 +246,20 @@ mod tests {
     #[test]
     fn test_commits_stop_at_the_lowest_held_record() {
         let mut l = Ledger::default();
-        l.apply(&batch(&l, 0, 10, &[]));
+        l.apply(&batch(&l, 0, &[]));
         assert_eq!(l.commit_point(&tp(0), 10), 10);
-        l.apply(&batch(&l, 0, 20, &[12, 15]));
+        l.apply(&batch(&l, 0, &[12, 15]));
         assert_eq!(l.commit_point(&tp(0), 20), 12);
         assert_eq!(l.held_count("down"), 2);
         // Other partitions are not held back.
-        l.apply(&batch(&l, 1, 7, &[]));
+        l.apply(&batch(&l, 1, &[]));
         assert_eq!(l.commit_point(&tp(1), 7), 7);
     }
 
     #[test]
     fn test_release_moves_the_commit_point_and_is_idempotent() {
         let mut l = Ledger::default();
-        l.apply(&batch(&l, 0, 20, &[12, 15]));
+        l.apply(&batch(&l, 0, &[12, 15]));
         let mut r = LedgerChange::default();
         r.touch(&tp(0), 0);
         r.release.push((tp(0), 12));
@@ -306,7 +277,7 @@ mod tests {
     #[test]
     fn test_holding_twice_counts_once() {
         let mut l = Ledger::default();
-        let c = batch(&l, 0, 20, &[12]);
+        let c = batch(&l, 0, &[12]);
         l.apply(&c);
         l.apply(&c);
         assert_eq!(l.held_count("down"), 1);
@@ -317,42 +288,30 @@ mod tests {
     #[test]
     fn test_a_change_computed_before_a_revoke_does_not_apply_to_that_partition() {
         let mut l = Ledger::default();
-        let c = batch(&l, 0, 20, &[12]);
+        let c = batch(&l, 0, &[12]);
         l.revoked(&tp(0));
         assert_eq!(l.apply(&c), 1);
         assert_eq!(l.held_count("down"), 0);
     }
 
     #[test]
-    fn test_revoked_partition_forgets_its_held_records_and_commits_nothing_until_a_new_batch() {
+    fn test_revoked_partition_forgets_its_held_records_and_the_new_epoch_holds_them_again() {
         let mut l = Ledger::default();
-        l.apply(&batch(&l, 0, 20, &[12]));
+        l.apply(&batch(&l, 0, &[12]));
         l.revoked(&tp(0));
         assert_eq!(l.held_count("down"), 0);
-        // A batch of the old epoch acknowledged after the partition came back: nothing.
-        assert_eq!(l.commit_point(&tp(0), 20), -1);
+        // Nothing held: the runtime acknowledges only batches of the new assignment.
+        assert_eq!(l.commit_point(&tp(0), 20), 20);
         // The new epoch re-reads from 12 and holds it again.
-        l.apply(&batch(&l, 0, 16, &[12]));
+        l.apply(&batch(&l, 0, &[12]));
+        assert_eq!(l.held_count("down"), 1);
         assert_eq!(l.commit_point(&tp(0), 20), 12);
         let mut r = LedgerChange::default();
         r.touch(&tp(0), l.epoch(&tp(0)));
         r.release.push((tp(0), 12));
         l.apply(&r);
-        // Still not past what the new epoch has seen (16), though 20 is acknowledged.
-        assert_eq!(l.commit_point(&tp(0), 20), 16);
-    }
-
-    #[test]
-    fn test_a_dropped_change_limits_commits_until_applied() {
-        let mut l = Ledger::default();
-        l.apply(&batch(&l, 0, 10, &[]));
-        let dropped = batch(&l, 0, 20, &[14]);
-        // The runtime acknowledged 20 without applying: the ledger alone says 10 (covered).
-        assert_eq!(l.commit_point(&tp(0), 20), 10);
-        assert_eq!(dropped.commit_limit(&tp(0)), 14);
-        assert_eq!(dropped.commit_limit(&tp(1)), i64::MAX);
-        l.apply(&dropped);
-        assert_eq!(l.commit_point(&tp(0), 20), 14);
+        assert_eq!(l.commit_point(&tp(0), 20), 20);
+        assert_eq!(l.held_count("down"), 0);
     }
 
     #[test]

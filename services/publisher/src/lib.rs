@@ -139,8 +139,6 @@ pub struct Publisher {
     reload_soon: bool,
     ledger: Ledger,
     breakers: HashMap<String, Tracked>,
-    /// The last change handed to the runtime and not applied yet (see [`ledger`]).
-    unconfirmed: Option<Change>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -168,7 +166,6 @@ impl Publisher {
             reload_soon: false,
             ledger: Ledger::default(),
             breakers: HashMap::new(),
-            unconfirmed: None,
         })
     }
 
@@ -184,19 +181,6 @@ impl Publisher {
             || self
                 .targets_loaded
                 .is_none_or(|t| t.elapsed() > self.settings.targets_ttl)
-    }
-
-    /// Applies the part of a change the runtime dropped (a partition of its batch was revoked
-    /// before the acknowledgement) that concerns partitions still owned: the runtime commits
-    /// their offsets anyway, so their held records must not be forgotten.
-    fn salvage(&mut self) {
-        if let Some(change) = self.unconfirmed.take() {
-            tracing::info!(
-                held = change.ledger.hold.len(),
-                "applying a state change the runtime dropped, for the partitions still owned"
-            );
-            self.apply_change(&change);
-        }
     }
 
     fn apply_change(&mut self, change: &Change) {
@@ -277,7 +261,6 @@ impl Processor for Publisher {
         batch: &[Input<FhirResource>],
         out: &mut Emitter,
     ) -> Result<Change, StageError> {
-        self.salvage();
         let unknown = batch
             .iter()
             .any(|i| !self.targets.contains_key(&i.value.context.ehr_target_id));
@@ -291,11 +274,10 @@ impl Processor for Publisher {
         }
         let now = chrono::Utc::now().timestamp_millis();
         let mut change = Change::default();
-        // Every record of the batch is accounted for once this change applies.
+        // The change applies only to the partitions not revoked since (see [`ledger`]).
         for input in batch {
             let tp: Tp = (input.topic.clone(), input.partition);
             change.ledger.touch(&tp, self.ledger.epoch(&tp));
-            change.ledger.covered.push((tp, input.offset + 1));
         }
         // Within a batch only the last record of an identity matters.
         let all: Vec<&Input<FhirResource>> = batch.iter().collect();
@@ -377,7 +359,6 @@ impl Processor for Publisher {
                 "records held for unavailable EHR targets"
             );
         }
-        self.unconfirmed = Some(change.clone());
         Ok(change)
     }
 
@@ -387,7 +368,6 @@ impl Processor for Publisher {
         _caught_up: &BTreeSet<(String, i32)>,
         out: &mut Emitter,
     ) -> Result<Option<Change>, StageError> {
-        self.salvage();
         let mut change = Change::default();
         let mut held_targets = self.ledger.targets();
         held_targets.sort();
@@ -473,23 +453,17 @@ impl Processor for Publisher {
         if change.is_empty() {
             return Ok(None);
         }
-        self.unconfirmed = Some(change.clone());
         Ok(Some(change))
     }
 
     async fn apply(&mut self, change: &Change) -> Result<(), StageError> {
         self.apply_change(change);
-        self.unconfirmed = None;
         Ok(())
     }
 
     fn commit_point(&self, topic: &str, partition: i32, next_offset: i64) -> (i64, Option<String>) {
         let tp: Tp = (topic.to_string(), partition);
-        let mut allowed = self.ledger.commit_point(&tp, next_offset);
-        if let Some(pending) = &self.unconfirmed {
-            allowed = allowed.min(pending.ledger.commit_limit(&tp));
-        }
-        (allowed, None)
+        (self.ledger.commit_point(&tp, next_offset), None)
     }
 
     fn revoked(&mut self, partitions: &[(String, i32)]) {

@@ -1,5 +1,6 @@
 //! The publisher as a processor against fake EHRs (a minimal FHIR server over HTTP): isolation
-//! of a failing target, commits held back, the tick's retry, stale content, content rejections.
+//! of a failing target, commits held back, the tick's retry, stale content, content rejections,
+//! changes the runtime drops or applies after a revoke.
 
 use super::*;
 use axum::Router;
@@ -230,8 +231,6 @@ async fn test_a_failing_target_is_held_while_another_flows_then_delivered_by_the
     );
     assert!(dead.is_empty(), "a target failure dead-letters nothing");
     assert_eq!(lock(&a).store.len(), 2);
-    // Until applied, the pending change already keeps the commit below the held record.
-    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 13).0, 10);
     p.apply(&change).await.unwrap();
     assert_eq!(p.ledger.held_count("b"), 1);
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 13).0, 10);
@@ -391,8 +390,54 @@ async fn test_replays_create_no_version_and_older_content_never_overwrites_newer
     assert_eq!(bundle::stored_revision(stored), 2);
 }
 
+/// The offsets held for `target`, by partition then offset.
+fn held_offsets(p: &Publisher, target: &str) -> Vec<(i32, i64)> {
+    p.ledger
+        .held_for(target)
+        .iter()
+        .map(|h| (h.input.partition, h.input.offset))
+        .collect()
+}
+
 #[tokio::test]
-async fn test_a_change_dropped_by_the_runtime_keeps_its_holds_for_owned_partitions() {
+async fn test_a_dropped_change_is_forgotten_and_the_batch_read_again_holds_each_record_once() {
+    let (a, a_url) = fake_ehr().await;
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("a", &a_url), ("b", &b_url)]);
+    let batch = vec![
+        record(0, 5, "b", "b1", 1, "final"),
+        record(0, 6, "a", "a1", 1, "final"),
+        record(0, 7, "b", "b2", 1, "final"),
+    ];
+    // The runtime drops the change (never applied) and reads the batch again.
+    let (mut out, _) = emitter();
+    let dropped = p.process(&batch, &mut out).await.unwrap();
+    assert_eq!(dropped.ledger.hold.len(), 2);
+    assert_eq!(
+        p.ledger.held_count("b"),
+        0,
+        "a change is state only once applied"
+    );
+    let (mut out, codec) = emitter();
+    let change = p.process(&batch, &mut out).await.unwrap();
+    assert_eq!(
+        emitted(&out, &codec).await.0,
+        vec![("a1".into(), "unchanged".into())],
+        "the record delivered the first time is read again and skipped by the server"
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(held_offsets(&p, "b"), vec![(0, 5), (0, 7)]);
+    assert_eq!(p.ledger.held_count("b"), 2);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 8).0, 5);
+    // Applying again (a transient failure of apply) changes nothing.
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("b"), 2);
+    assert_eq!(lock(&a).store["Observation/a1"].1, 1);
+}
+
+#[tokio::test]
+async fn test_a_batch_dropped_for_a_revoke_is_read_again_for_the_partitions_still_owned() {
     let (b, b_url) = fake_ehr().await;
     lock(&b).mode = Some(Mode::Status(503));
     let mut p = publisher(&[("b", &b_url)]);
@@ -401,19 +446,40 @@ async fn test_a_change_dropped_by_the_runtime_keeps_its_holds_for_owned_partitio
         record(0, 5, "b", "b1", 1, "final"),
         record(1, 7, "b", "b2", 1, "final"),
     ];
-    // Partition 1 is revoked before the acknowledgement: the runtime drops the change, but
-    // still commits partition 0.
+    // Partition 1 is revoked before the acknowledgement: the change is dropped, and
+    // partition 0 is read again from 5.
     let _dropped = p.process(&batch, &mut out).await.unwrap();
     p.revoked(&[outbox(1)]);
-    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 6).0, 5);
-    // The next tick (or batch) applies what concerns partition 0 only.
-    let now = chrono::Utc::now().timestamp_millis();
     let (mut out, _) = emitter();
-    let _ = p.tick(now, &BTreeSet::new(), &mut out).await.unwrap();
-    assert_eq!(p.ledger.held_count("b"), 1);
+    let change = p.process(&batch[..1], &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    assert_eq!(held_offsets(&p, "b"), vec![(0, 5)]);
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 6).0, 5);
-    // Partition 1 commits nothing until its new owner epoch has read it again.
-    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 1, 8).0, -1);
+    // Assigned back, partition 1 is read again from its committed offset and held once.
+    let (mut out, _) = emitter();
+    let change = p.process(&batch[1..], &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    assert_eq!(held_offsets(&p, "b"), vec![(0, 5), (1, 7)]);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 1, 8).0, 7);
+}
+
+#[tokio::test]
+async fn test_a_change_applied_after_a_partition_was_revoked_skips_that_partition() {
+    let (b, b_url) = fake_ehr().await;
+    lock(&b).mode = Some(Mode::Status(503));
+    let mut p = publisher(&[("b", &b_url)]);
+    let (mut out, _) = emitter();
+    let batch = vec![
+        record(0, 5, "b", "b1", 1, "final"),
+        record(1, 7, "b", "b2", 1, "final"),
+    ];
+    // Partition 1 is revoked while the outputs are produced: the runtime leaves it out of its
+    // decision and applies the change; its records are its next owner's.
+    let change = p.process(&batch, &mut out).await.unwrap();
+    p.revoked(&[outbox(1)]);
+    p.apply(&change).await.unwrap();
+    assert_eq!(held_offsets(&p, "b"), vec![(0, 5)]);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 6).0, 5);
 }
 
 #[tokio::test]
