@@ -619,6 +619,11 @@ impl<P: Processor> Stage<P> {
         };
         // From here on, a revoke of any partition of the batch voids the change.
         let revoked_mark = self.revoked_log.len();
+        let partitions: BTreeSet<Tp> = spans
+            .iter()
+            .filter(|(tp, span)| self.ownership.is_current(tp, span.generation))
+            .map(|(tp, _)| tp.clone())
+            .collect();
         let mut phases = out.take_phases();
         if !dead.is_empty() {
             match phases.first_mut() {
@@ -631,11 +636,6 @@ impl<P: Processor> Stage<P> {
         if let Waited::Shutdown = self.produce(phases).await {
             return Ok(Waited::Shutdown);
         }
-        let partitions: BTreeSet<Tp> = spans
-            .iter()
-            .filter(|(tp, span)| self.ownership.is_current(tp, span.generation))
-            .map(|(tp, _)| tp.clone())
-            .collect();
         let applied = match change {
             Some(change) => self.apply(change, &partitions, revoked_mark).await?,
             None => Applied::Yes,
