@@ -249,7 +249,7 @@ async fn test_members_joining_and_leaving_mid_stream_lose_nothing() -> anyhow::R
     let b = broker("rebalance").await?;
     let group = "rt.rebalance";
     let p = producer(&b.addr)?;
-    const TOTAL: usize = 3000;
+    const TOTAL: usize = 6000;
     produce_inputs(&p, 0, 1000).await?;
     let slow = Copier {
         delay: Duration::from_millis(15),
@@ -261,17 +261,20 @@ async fn test_members_joining_and_leaving_mid_stream_lose_nothing() -> anyhow::R
         let p = p.clone();
         tokio::spawn(async move { produce_inputs(&p, 1000, TOTAL - 1000).await })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let m2 = start_member(&b.addr, group, slow.clone())?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let m3 = start_member(&b.addr, group, slow.clone())?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    m2.stop.cancel();
-    m2.task.await??;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // A member that disappears without its graceful path (the task is dropped mid-batch).
-    m3.task.abort();
-    let _ = m3.task.await;
+    // Three rounds of two members joining, then leaving: one gracefully, one dropped
+    // mid-batch without its graceful path.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m2 = start_member(&b.addr, group, slow.clone())?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m3 = start_member(&b.addr, group, slow.clone())?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        m2.stop.cancel();
+        m2.task.await??;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        m3.task.abort();
+        let _ = m3.task.await;
+    }
     feeder.await??;
     wait_for(
         "the group to commit everything",
