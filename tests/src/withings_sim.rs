@@ -2395,6 +2395,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn intraday_entry_stamped_with_another_time() {
+        let sim = start(SimConfig::default()).await;
+        sim.user(16, "tok", "ref").await;
+        let filed: i64 = 1_712_707_230;
+        let stamped = filed + 365 * 86_400;
+        sim.sim(
+            "/_sim/users/16/intraday",
+            json!({ "series": {
+                filed.to_string(): {"heart_rate": 77, "_stamped_at": stamped},
+                (filed + 60).to_string(): {"heart_rate": 70},
+            }}),
+        )
+        .await;
+        let (s, e) = ((filed - 30).to_string(), (filed + 3570).to_string());
+        let env = sim
+            .call(
+                "/v2/measure",
+                Some("tok"),
+                &[
+                    ("action", "getintradayactivity"),
+                    ("startdate", &s),
+                    ("enddate", &e),
+                ],
+            )
+            .await;
+        let got = env["body"]["series"].as_object().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&stamped.to_string()], json!({"heart_rate": 77}));
+        assert_eq!(got[&(filed + 60).to_string()]["heart_rate"], 70);
+    }
+
+    #[tokio::test]
     async fn refresh_rotation_keeps_old_token_until_new_access_used() {
         let sim = start(SimConfig::default()).await;
         sim.user(7, "a0", "r0").await;
