@@ -780,9 +780,8 @@ async fn aggregator_crash_mid_hour(env: Arc<Env>) -> anyhow::Result<()> {
         Some(h_crash + HOUR),
     )
     .await?;
-    // tansu evicts the killed member once its session (10 s) has expired; a member joining
-    // before that waits for it (Kafka and Redpanda expire it on their own).
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // Restarted at once, well inside the killed member's 10 s session: the new member joins
+    // while the dead one still holds the partitions, so it goes through a revoke-and-reassign.
     env.stack
         .lock()
         .await
@@ -1006,6 +1005,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         )
         .await?
         .get(0);
+    let refreshes_before = env.sim_stat("token_refreshes").await?;
     env.notify(p.userid, 1, h, h + HOUR).await?;
     let obs = env
         .wait_for(
@@ -1018,14 +1018,9 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         quantity(&obs[0]["valueQuantity"]) == (69.0, "kg".into()),
         "weight after refresh"
     );
-    let stats: Value = env
-        .http
-        .get(format!("{}/_sim/stats", env.sim_url))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let refreshes = stats.to_string();
+    // Settled: no refresh can still be on its way.
+    wait_settled(&env.kafka, Duration::from_secs(60)).await?;
+    let refreshes = env.sim_stat("token_refreshes").await? - refreshes_before;
     let row = db
         .query_one(
             "SELECT refresh_token, status FROM provider_links WHERE id = $1::text::uuid",
@@ -1046,8 +1041,8 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         "link not active after refresh"
     );
     ensure!(
-        refreshes.contains("refresh"),
-        "simulator stats show no refresh: {refreshes}"
+        refreshes == 1,
+        "the access token was refreshed {refreshes} times, expected exactly once"
     );
 
     // A revoked grant marks the link reauth_required, without a retry loop.
@@ -1076,6 +1071,26 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     wait_settled(&env.kafka, Duration::from_secs(60)).await?;
+    // No retry loop: once the link is marked, nobody calls the provider for it any more. Five
+    // seconds cover several of the fetcher's retry and rate-limit pauses (1 s in this stack).
+    let calls_before = env.sim_stat("requests_total").await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let calls = env.sim_stat("requests_total").await? - calls_before;
+    ensure!(
+        calls == 0,
+        "{calls} provider calls in the 5 s after the grant was found revoked: a retry loop"
+    );
+    let status: String = db
+        .query_one(
+            "SELECT status FROM provider_links WHERE id = $1::text::uuid",
+            &[&p.link_id],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        status == "reauth_required",
+        "link status went back to {status}"
+    );
     Ok(())
 }
 
@@ -1183,7 +1198,49 @@ async fn retention_guard(env: Arc<Env>) -> anyhow::Result<()> {
     );
     // And `ohx topics apply` refuses nothing it declares: every declared retention is ≤ 24 h.
     let checked = env.stack.lock().await.ohx(&["topics", "check"]).await?;
-    ensure!(!checked.is_empty(), "topics check printed nothing");
+    let reported: std::collections::BTreeSet<String> = checked
+        .iter()
+        .flat_map(|v| v["ok"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    let declared: std::collections::BTreeSet<String> = ohx_common::topics::definitions()?
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    ensure!(
+        reported == declared,
+        "topics check reported {reported:?}, declared {declared:?}"
+    );
+    // The broker itself keeps every declared topic for at most 24 hours.
+    let main_admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .create()?;
+    let resources: Vec<rdkafka::admin::ResourceSpecifier<'_>> = declared
+        .iter()
+        .map(|n| rdkafka::admin::ResourceSpecifier::Topic(n))
+        .collect();
+    let configs = main_admin
+        .describe_configs(&resources, &AdminOptions::new())
+        .await?;
+    ensure!(
+        configs.len() == declared.len(),
+        "described {} of {} topics",
+        configs.len(),
+        declared.len()
+    );
+    for c in configs {
+        let c = c.map_err(|e| anyhow::anyhow!("describe configs: {e}"))?;
+        let retention: i64 = c
+            .get("retention.ms")
+            .and_then(|e| e.value.as_deref())
+            .context("a topic without retention.ms")?
+            .parse()?;
+        ensure!(
+            (1..=86_400_000).contains(&retention),
+            "{:?} keeps data for {retention} ms",
+            c.specifier
+        );
+    }
     Ok(())
 }
 

@@ -47,7 +47,14 @@ pub struct Stack {
     /// Extra environment for every ohx process.
     pub extra_env: Vec<(String, String)>,
     pub http: reqwest::Client,
+    /// The HTTP port each process name got first: a restarted process listens where it did.
+    pub ports: HashMap<String, u16>,
+    /// The SQLite database name of the broker (in `dir`), for restarts on the same data.
+    pub tansu_db: String,
 }
+
+/// Stacks started by this process so far (names their directories and databases).
+static STACK_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Returns a free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
@@ -101,10 +108,16 @@ pub struct StackOptions {
 
 /// Starts a tansu broker (SQLite storage) in `dir` on a free port; returns it and its address.
 pub async fn spawn_tansu(dir: &Path, name: &str) -> anyhow::Result<(Child, String)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let child = spawn_tansu_at(dir, name, &addr).await?;
+    Ok((child, addr))
+}
+
+/// Starts a tansu broker on `addr` with the SQLite database `{dir}/{name}.db` (kept if it
+/// exists: a restart on the same data).
+pub async fn spawn_tansu_at(dir: &Path, name: &str, addr: &str) -> anyhow::Result<Child> {
     let tansu = which("tansu").context("tansu is not installed: run scripts/install-tools")?;
     std::fs::create_dir_all(dir.join("logs"))?;
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -126,8 +139,8 @@ pub async fn spawn_tansu(dir: &Path, name: &str) -> anyhow::Result<(Child, Strin
         .kill_on_drop(true)
         .spawn()
         .context("cannot start tansu")?;
-    wait_tcp(&addr, "tansu", Duration::from_secs(30)).await?;
-    Ok((child, addr))
+    wait_tcp(addr, "tansu", Duration::from_secs(30)).await?;
+    Ok(child)
 }
 
 impl Stack {
@@ -139,9 +152,14 @@ impl Stack {
     /// Starts everything. Needs `tansu` and `hfs` installed (scripts/install-tools), the
     /// workspace binaries built (`cargo build --workspace --bins`) and PostgreSQL on 5432.
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Stack> {
-        let dir = target_dir()
-            .join("e2e")
-            .join(format!("run-{}", std::process::id()));
+        // One directory (and database) per stack: a test binary may start several in turn.
+        let run = STACK_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let run_name = if run == 0 {
+            format!("{}", std::process::id())
+        } else {
+            format!("{}_{run}", std::process::id())
+        };
+        let dir = target_dir().join("e2e").join(format!("run-{run_name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
         // OHX_BIN_DIR points the stack at other builds (the latency benchmark uses release).
@@ -170,6 +188,8 @@ impl Stack {
             stage_env: HashMap::new(),
             extra_env: options.stage_env.clone(),
             http,
+            ports: HashMap::new(),
+            tansu_db: "tansu".into(),
         };
 
         // Broker: tansu with SQLite storage in a fresh directory.
@@ -180,6 +200,38 @@ impl Stack {
             .insert("tansu".into(), Proc { child, http: kafka });
 
         // FHIR server: hfs, R5, in memory, validation enforced.
+        stack.fhir_base = stack.start_hfs("hfs").await?;
+
+        // Withings simulator.
+        let sport = free_port()?;
+        let mut cmd = Command::new(stack.bin_dir.join("withings-sim"));
+        cmd.arg("--addr").arg(format!("127.0.0.1:{sport}"));
+        if let Some(limit) = options.sim_rate_limit_per_minute {
+            cmd.arg("--rate-limit-per-minute").arg(limit.to_string());
+        }
+        stack.sim_url = format!("http://127.0.0.1:{sport}");
+        stack.spawn("withings-sim", cmd, format!("127.0.0.1:{sport}"))?;
+        wait_tcp(
+            &format!("127.0.0.1:{sport}"),
+            "withings-sim",
+            Duration::from_secs(30),
+        )
+        .await?;
+
+        // Database and topics.
+        stack.db_url = format!("postgres://postgres@127.0.0.1:5432/ohx_e2e_{run_name}");
+        stack.ohx(&["migrate"]).await?;
+        stack.ohx(&["topics", "apply"]).await?;
+
+        for s in STAGES {
+            stack.start_stage(s).await?;
+        }
+        Ok(stack)
+    }
+
+    /// Starts an hfs (R5, in memory, validation enforced) named `name` on a free port and
+    /// waits for it; returns its base URL.
+    pub async fn start_hfs(&mut self, name: &str) -> anyhow::Result<String> {
         let hfs = which("hfs").context("hfs is not installed: run scripts/install-tools")?;
         let hport = free_port()?;
         let data_dir = std::env::var("HFS_DATA_DIR")
@@ -208,44 +260,113 @@ impl Stack {
             .env("HFS_VALIDATION_MODE", "enforce")
             .env("HFS_VALIDATION_META_PROFILES", "false")
             .env("HFS_UI_ENABLED", "false");
-        stack.fhir_base = format!("http://127.0.0.1:{hport}");
-        stack.spawn("hfs", cmd, format!("127.0.0.1:{hport}"))?;
-        stack
-            .wait_http(
-                &format!("{}/health", stack.fhir_base),
-                "hfs",
-                Duration::from_secs(60),
-            )
+        let base = format!("http://127.0.0.1:{hport}");
+        self.spawn(name, cmd, format!("127.0.0.1:{hport}"))?;
+        self.wait_http(&format!("{base}/health"), name, Duration::from_secs(60))
             .await?;
+        Ok(base)
+    }
 
-        // Withings simulator.
-        let sport = free_port()?;
-        let mut cmd = Command::new(stack.bin_dir.join("withings-sim"));
-        cmd.arg("--addr").arg(format!("127.0.0.1:{sport}"));
-        if let Some(limit) = options.sim_rate_limit_per_minute {
-            cmd.arg("--rate-limit-per-minute").arg(limit.to_string());
-        }
-        stack.sim_url = format!("http://127.0.0.1:{sport}");
-        stack.spawn("withings-sim", cmd, format!("127.0.0.1:{sport}"))?;
-        wait_tcp(
-            &format!("127.0.0.1:{sport}"),
-            "withings-sim",
-            Duration::from_secs(30),
-        )
-        .await?;
+    /// Kills the broker (SIGKILL), without restarting it.
+    pub async fn kill_broker(&mut self) -> anyhow::Result<()> {
+        self.kill("tansu").await
+    }
 
-        // Database and topics.
-        stack.db_url = format!(
-            "postgres://postgres@127.0.0.1:5432/ohx_e2e_{}",
-            std::process::id()
+    /// Starts the broker again on the same address and the same SQLite data.
+    pub async fn restart_broker(&mut self) -> anyhow::Result<()> {
+        let child = spawn_tansu_at(&self.dir, &self.tansu_db, &self.kafka).await?;
+        self.procs.insert(
+            "tansu".into(),
+            Proc {
+                child,
+                http: self.kafka.clone(),
+            },
         );
-        stack.ohx(&["migrate"]).await?;
-        stack.ohx(&["topics", "apply"]).await?;
+        Ok(())
+    }
 
-        for s in STAGES {
-            stack.start_stage(s).await?;
+    /// Returns the pid of a running process.
+    pub fn pid_of(&self, name: &str) -> anyhow::Result<u32> {
+        self.procs
+            .get(name)
+            .and_then(|p| p.child.id())
+            .with_context(|| format!("{name} is not running"))
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `TERM`...) to a running process.
+    pub fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid_of(name)?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {name} ({pid}) failed");
         }
-        Ok(stack)
+        Ok(())
+    }
+
+    /// Name of replica `n` of a stage: the stage itself for 1, `{stage}#{n}` after.
+    pub fn replica_name(stage: &str, n: u32) -> String {
+        if n <= 1 {
+            stage.to_string()
+        } else {
+            format!("{stage}#{n}")
+        }
+    }
+
+    /// Starts replica `n` (2, 3...) of a stage: another process in the same consumer group,
+    /// with its own HTTP port; waits until it is ready (holds an assignment).
+    pub async fn start_replica(&mut self, stage: &str, n: u32) -> anyhow::Result<()> {
+        let name = Self::replica_name(stage, n);
+        self.spawn_stage(stage, &name)?;
+        let url = format!("{}/readyz", self.http_of(&name)?);
+        self.wait_http(&url, &name, Duration::from_secs(90)).await
+    }
+
+    /// Starts a process of `stage` named `name` without waiting for it; a restart listens on
+    /// the port the name had before.
+    pub fn spawn_stage(&mut self, stage: &str, name: &str) -> anyhow::Result<()> {
+        let port = match self.ports.get(name) {
+            Some(p) => *p,
+            None => {
+                let p = free_port()?;
+                self.ports.insert(name.to_string(), p);
+                p
+            }
+        };
+        let mut cmd = Command::new(self.bin_dir.join(stage));
+        cmd.envs(self.ohx_env())
+            .env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"));
+        if let Some(extra) = self.stage_env.get(stage) {
+            cmd.envs(extra.iter().cloned());
+        }
+        self.spawn(name, cmd, format!("127.0.0.1:{port}"))
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; SIGKILLs after that. Returns
+    /// whether it exited by itself, and its exit status if so.
+    pub async fn terminate(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(mut p) = self.procs.remove(name) else {
+            return Ok(None);
+        };
+        if let Some(pid) = p.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        match tokio::time::timeout(timeout, p.child.wait()).await {
+            Ok(status) => Ok(Some(status?)),
+            Err(_) => {
+                p.child.kill().await?;
+                Ok(None)
+            }
+        }
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command, http: String) -> anyhow::Result<()> {
@@ -287,20 +408,9 @@ impl Stack {
 
     /// Starts (or restarts) a stage with the stack's environment plus its extra environment.
     pub async fn start_stage(&mut self, stage: &str) -> anyhow::Result<()> {
-        let port = free_port()?;
-        let mut cmd = Command::new(self.bin_dir.join(stage));
-        cmd.envs(self.ohx_env())
-            .env("OHX_HTTP_ADDR", format!("127.0.0.1:{port}"));
-        if let Some(extra) = self.stage_env.get(stage) {
-            cmd.envs(extra.iter().cloned());
-        }
-        self.spawn(stage, cmd, format!("127.0.0.1:{port}"))?;
-        self.wait_http(
-            &format!("http://127.0.0.1:{port}/readyz"),
-            stage,
-            Duration::from_secs(90),
-        )
-        .await
+        self.spawn_stage(stage, stage)?;
+        let url = format!("{}/readyz", self.http_of(stage)?);
+        self.wait_http(&url, stage, Duration::from_secs(90)).await
     }
 
     /// Stops a process gracefully (SIGTERM) and waits for it.
@@ -348,7 +458,7 @@ impl Stack {
         ))
     }
 
-    async fn wait_http(&self, url: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_http(&self, url: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Ok(r) = self.http.get(url).send().await

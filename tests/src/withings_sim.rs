@@ -105,6 +105,9 @@ pub const TOO_MANY_REQUESTS_ERROR: &str = "Too many request";
 const KNOWN_APPLIS: &[i64] = &[1, 2, 4, 16, 44, 46, 50, 51, 52, 53, 54, 55, 58];
 /// Intraday keys that describe the device rather than a data field.
 const INTRADAY_META_KEYS: &[&str] = &["deviceid", "model", "model_id"];
+/// Control key of an intraday entry (not Withings): the entry is served stamped with this
+/// epoch second instead of the one it is filed under, like a device whose clock is wrong.
+pub const INTRADAY_STAMPED_AT: &str = "_stamped_at";
 /// Rate-limit window.
 const RATE_WINDOW_MS: i64 = 60_000;
 
@@ -927,7 +930,8 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// Control routes (JSON, not Withings):
 /// * `POST /_sim/users` ([`UserSeed`]) → [`UserTokens`];
 /// * `POST /_sim/users/{userid}/measuregrps` `{"measuregrps":[...]}`;
-/// * `POST /_sim/users/{userid}/intraday` `{"series":{"<epoch>":{...}}}`;
+/// * `POST /_sim/users/{userid}/intraday` `{"series":{"<epoch>":{...}}}` (an entry with
+///   `"_stamped_at": <epoch>` is found at its key but served stamped with that time);
 /// * `POST /_sim/users/{userid}/expire-access-token`;
 /// * `POST /_sim/users/{userid}/revoke`;
 /// * `POST /_sim/users/{userid}/authorization-code` `{"redirect_uri"?}` →
@@ -1358,7 +1362,16 @@ impl Inner {
                 for (ts, entry) in user.intraday.range(start..=end) {
                     let mut out = Map::new();
                     let mut has_data = false;
+                    // A device with a wrong clock: the entry is filed (and found) at `ts` but
+                    // stamped with another time.
+                    let stamped = entry
+                        .get(INTRADAY_STAMPED_AT)
+                        .and_then(Value::as_i64)
+                        .unwrap_or(*ts);
                     for (k, v) in entry {
+                        if k == INTRADAY_STAMPED_AT {
+                            continue;
+                        }
                         if INTRADAY_META_KEYS.contains(&k.as_str()) {
                             out.insert(k.clone(), v.clone());
                         } else if fields.as_ref().is_none_or(|f| f.contains(&k.as_str())) {
@@ -1367,7 +1380,7 @@ impl Inner {
                         }
                     }
                     if has_data {
-                        series.insert(ts.to_string(), Value::Object(out));
+                        series.insert(stamped.to_string(), Value::Object(out));
                     }
                 }
             }
@@ -2379,6 +2392,38 @@ mod tests {
             assert!(!e.contains_key("duration"));
             assert!(e.contains_key("deviceid"));
         }
+    }
+
+    #[tokio::test]
+    async fn intraday_entry_stamped_with_another_time() {
+        let sim = start(SimConfig::default()).await;
+        sim.user(16, "tok", "ref").await;
+        let filed: i64 = 1_712_707_230;
+        let stamped = filed + 365 * 86_400;
+        sim.sim(
+            "/_sim/users/16/intraday",
+            json!({ "series": {
+                filed.to_string(): {"heart_rate": 77, "_stamped_at": stamped},
+                (filed + 60).to_string(): {"heart_rate": 70},
+            }}),
+        )
+        .await;
+        let (s, e) = ((filed - 30).to_string(), (filed + 3570).to_string());
+        let env = sim
+            .call(
+                "/v2/measure",
+                Some("tok"),
+                &[
+                    ("action", "getintradayactivity"),
+                    ("startdate", &s),
+                    ("enddate", &e),
+                ],
+            )
+            .await;
+        let got = env["body"]["series"].as_object().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&stamped.to_string()], json!({"heart_rate": 77}));
+        assert_eq!(got[&(filed + 60).to_string()]["heart_rate"], 70);
     }
 
     #[tokio::test]
