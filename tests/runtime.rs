@@ -1,23 +1,32 @@
 //! The shared runtime (`ohx_common::kafka::run_stage`) against the real broker (tansu):
 //! rebalances with members joining and leaving mid-stream lose nothing, a shutdown during a
 //! retry commits nothing, a retried batch sees the state it saw the first time, commits never
-//! pass the processor's commit point, undecodable records are dead-lettered, and a service
-//! whose port is taken exits with the reason.
+//! pass the processor's commit point, undecodable records are dead-lettered, a schema registry
+//! answering 404 for a moment is retried while one that never had a schema id is given up on
+//! after the bound, and a service whose port is taken exits with the reason.
 
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use ohx_common::admin::Health;
 use ohx_common::codec::Codec;
 use ohx_common::kafka::{
     Emitter, Input, KafkaSettings, Processor, Producer, StageError, StageSettings, run_stage,
 };
-use ohx_common::records::{Context, SyncRequest, topic};
+use ohx_common::records::{Context, DeadLetter, SyncRequest, topic};
 use ohx_tests::kafka_util::{group_lag, produce_raw, read_all};
 use ohx_tests::stack::spawn_tansu;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const IN: &str = "rt.in";
@@ -73,9 +82,13 @@ fn kafka(addr: &str) -> KafkaSettings {
 }
 
 fn producer(addr: &str) -> anyhow::Result<Producer> {
+    producer_with(addr, Codec::embedded()?)
+}
+
+fn producer_with(addr: &str, codec: Codec) -> anyhow::Result<Producer> {
     Ok(Producer::new(
         &kafka(addr),
-        Arc::new(Codec::embedded()?),
+        Arc::new(codec),
         Duration::from_secs(30),
         Health::with_grace(Duration::from_secs(60)),
     )?)
@@ -111,6 +124,11 @@ async fn produce_inputs(p: &Producer, from: usize, count: usize) -> anyhow::Resu
 }
 
 fn settings(group: &str) -> StageSettings {
+    settings_giving_up_after(group, Duration::from_secs(300))
+}
+
+/// Settings whose undecodable records wait at most `registry_give_up` for the registry.
+fn settings_giving_up_after(group: &str, registry_give_up: Duration) -> StageSettings {
     StageSettings {
         stage: "runtime-test",
         group_id: group.to_string(),
@@ -118,7 +136,7 @@ fn settings(group: &str) -> StageSettings {
         max_batch: 50,
         linger: Duration::from_millis(5),
         tick: None,
-        registry_give_up: Duration::from_secs(300),
+        registry_give_up,
         rejoin_after: Duration::from_secs(20),
     }
 }
@@ -186,9 +204,19 @@ struct Member {
 }
 
 fn start_member(addr: &str, group: &str, processor: Copier) -> anyhow::Result<Member> {
+    start_member_with(addr, settings(group), Codec::embedded()?, processor)
+}
+
+/// Starts a member with these settings, decoding and encoding with `codec`.
+fn start_member_with(
+    addr: &str,
+    s: StageSettings,
+    codec: Codec,
+    processor: Copier,
+) -> anyhow::Result<Member> {
     let stop = CancellationToken::new();
-    let p = producer(addr)?;
-    let (k, s, t) = (kafka(addr), settings(group), stop.clone());
+    let p = producer_with(addr, codec)?;
+    let (k, t) = (kafka(addr), stop.clone());
     let task = tokio::spawn(async move {
         run_stage(
             s,
@@ -205,7 +233,11 @@ fn start_member(addr: &str, group: &str, processor: Copier) -> anyhow::Result<Me
 
 /// The input ids copied to `rt.out` so far.
 async fn copied(addr: &str) -> anyhow::Result<BTreeSet<String>> {
-    let codec = Codec::embedded()?;
+    copied_with(addr, &Codec::embedded()?).await
+}
+
+/// The input ids copied to `rt.out` so far, read with `codec`.
+async fn copied_with(addr: &str, codec: &Codec) -> anyhow::Result<BTreeSet<String>> {
     let mut ids = BTreeSet::new();
     let addr = addr.to_string();
     let raw = tokio::task::spawn_blocking(move || read_all(&addr, OUT)).await??;
@@ -216,6 +248,17 @@ async fn copied(addr: &str) -> anyhow::Result<BTreeSet<String>> {
         }
     }
     Ok(ids)
+}
+
+/// The dead letters so far, read with `codec`.
+async fn dead_letters(addr: &str, codec: &Codec) -> anyhow::Result<Vec<DeadLetter>> {
+    let addr = addr.to_string();
+    let raw = tokio::task::spawn_blocking(move || read_all(&addr, topic::DEAD_LETTER)).await??;
+    let mut dead = Vec::with_capacity(raw.len());
+    for r in raw {
+        dead.push(codec.decode(&r.1).await?);
+    }
+    Ok(dead)
 }
 
 async fn lag(addr: &str, group: &str) -> anyhow::Result<i64> {
@@ -242,6 +285,138 @@ async fn wait_for(
 
 fn expected(count: usize) -> BTreeSet<String> {
     (0..count).map(|n| format!("input-{n}")).collect()
+}
+
+/// A minimal Confluent-compatible schema registry, serving what `schema_registry_converter`
+/// calls:
+///
+/// * `POST /subjects/{subject}/versions` with `{"schema": "...", "schemaType": "AVRO"}`
+///   registers the schema under the subject and answers `{"id": N}`; a schema registered before,
+///   under any subject, keeps its id.
+/// * `GET /schemas/ids/{id}?deleted=true` answers `{"schema": "..."}`, or 404 with
+///   `{"error_code": 40403, "message": "Schema not found"}` for an id it does not have.
+///
+/// It can answer 404 for a schema it has the first few times it is asked, as a registry
+/// re-reading its schemas topic after a restart does, and counts the requests for each id.
+#[derive(Clone, Default)]
+struct Registry(Arc<Mutex<RegistryState>>);
+
+#[derive(Default)]
+struct RegistryState {
+    /// The registered schemas: id `n` is `schemas[n - 1]`.
+    schemas: Vec<Value>,
+    /// The ids registered under each subject, oldest first.
+    subjects: BTreeMap<String, Vec<u32>>,
+    /// `GET /schemas/ids/{id}` requests per id.
+    fetches: HashMap<u32, usize>,
+    /// How many more times to answer 404 for an id it has.
+    hidden: HashMap<u32, usize>,
+}
+
+const SR_JSON: &str = "application/vnd.schemaregistry.v1+json";
+
+impl Registry {
+    /// Serves on a free local port; returns the base URL.
+    async fn start(&self) -> anyhow::Result<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let app = Router::new()
+            .route("/subjects/{subject}/versions", post(register))
+            .route("/schemas/ids/{id}", get(schema_by_id))
+            .fallback(async || sr_error(StatusCode::NOT_FOUND, 404, "HTTP 404 Not Found"))
+            .with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(url)
+    }
+
+    fn state(&self) -> MutexGuard<'_, RegistryState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The id of the latest schema registered under `subject`.
+    fn latest_id(&self, subject: &str) -> Option<u32> {
+        self.state().subjects.get(subject)?.last().copied()
+    }
+
+    /// Answers 404 for `id` the next `times` times it is asked for.
+    fn hide(&self, id: u32, times: usize) {
+        self.state().hidden.insert(id, times);
+    }
+
+    /// How many times `id` was asked for.
+    fn fetches(&self, id: u32) -> usize {
+        self.state().fetches.get(&id).copied().unwrap_or(0)
+    }
+}
+
+/// A response in the registry's content type.
+fn sr_json(status: StatusCode, body: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, SR_JSON)], body.to_string()).into_response()
+}
+
+/// The registry's error body.
+fn sr_error(status: StatusCode, error_code: u32, message: &str) -> Response {
+    sr_json(
+        status,
+        json!({ "error_code": error_code, "message": message }),
+    )
+}
+
+async fn register(
+    State(registry): State<Registry>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return sr_error(StatusCode::BAD_REQUEST, 400, &e.to_string()),
+    };
+    // Confluent reads a missing `schemaType` as Avro.
+    let is_avro = matches!(
+        request.get("schemaType").and_then(Value::as_str),
+        None | Some("AVRO")
+    );
+    // Avro schemas are JSON; two registrations of the same JSON are the same schema.
+    let schema = request
+        .get("schema")
+        .and_then(Value::as_str)
+        .and_then(|s| serde_json::from_str::<Value>(s).ok());
+    let Some(schema) = schema.filter(|_| is_avro) else {
+        return sr_error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Invalid schema");
+    };
+    let mut state = registry.state();
+    let id = match state.schemas.iter().position(|s| *s == schema) {
+        Some(i) => i as u32 + 1,
+        None => {
+            state.schemas.push(schema);
+            state.schemas.len() as u32
+        }
+    };
+    let versions = state.subjects.entry(subject).or_default();
+    if !versions.contains(&id) {
+        versions.push(id);
+    }
+    sr_json(StatusCode::OK, json!({ "id": id }))
+}
+
+async fn schema_by_id(State(registry): State<Registry>, Path(id): Path<String>) -> Response {
+    let not_found = || sr_error(StatusCode::NOT_FOUND, 40403, "Schema not found");
+    let Ok(id) = id.parse::<u32>() else {
+        return not_found();
+    };
+    let mut state = registry.state();
+    *state.fetches.entry(id).or_default() += 1;
+    if let Some(left) = state.hidden.get_mut(&id)
+        && *left > 0
+    {
+        *left -= 1;
+        return not_found();
+    }
+    match state.schemas.get((id as usize).wrapping_sub(1)) {
+        // Confluent leaves `schemaType` out for Avro.
+        Some(schema) => sr_json(StatusCode::OK, json!({ "schema": schema.to_string() })),
+        None => not_found(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -426,17 +601,114 @@ async fn test_an_undecodable_record_is_dead_lettered_and_the_rest_processed() ->
     m.stop.cancel();
     m.task.await??;
     assert_eq!(copied(&b.addr).await?, expected(6));
-    let addr = b.addr.clone();
-    let dead = tokio::task::spawn_blocking(move || read_all(&addr, topic::DEAD_LETTER)).await??;
+    let dead = dead_letters(&b.addr, &Codec::embedded()?).await?;
     assert_eq!(dead.len(), 1, "exactly the garbage record is dead-lettered");
-    let codec = Codec::embedded()?;
-    let dl: ohx_common::records::DeadLetter = codec.decode(&dead[0].1).await?;
+    let dl = &dead[0];
     assert_eq!(dl.topic, IN);
     assert_eq!(dl.error_kind, "decode");
     assert_eq!(
         dl.payload.as_deref(),
         Some(&b"\x00\x00\x00\x00\x01not avro"[..])
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_registry_answering_404_for_a_moment_is_retried_with_its_cached_errors_cleared()
+-> anyhow::Result<()> {
+    let b = broker("registry-404").await?;
+    let group = "rt.registry-404";
+    let registry = Registry::default();
+    let url = registry.start().await?;
+    let p = producer_with(&b.addr, Codec::http(&url)?)?;
+    produce_inputs(&p, 0, 1).await?;
+    let id = registry
+        .latest_id(&format!("{IN}-value"))
+        .context("the producer registers the input's schema")?;
+    // The client caches a 404 as final: only clearing it lets the fourth request through.
+    registry.hide(id, 3);
+    let m = start_member_with(
+        &b.addr,
+        settings(group),
+        Codec::http(&url)?,
+        Copier::default(),
+    )?;
+    wait_for("the group to commit", Duration::from_secs(60), async || {
+        Ok(lag(&b.addr, group).await? == 0)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the registry was asked for schema {id} {} times",
+            registry.fetches(id)
+        )
+    })?;
+    let fetches = registry.fetches(id);
+    m.stop.cancel();
+    m.task.await??;
+    assert!(
+        fetches >= 4,
+        "three answers 404, then the schema: asked {fetches} times"
+    );
+    let reader = Codec::http(&url)?;
+    assert_eq!(copied_with(&b.addr, &reader).await?, expected(1));
+    assert!(
+        dead_letters(&b.addr, &reader).await?.is_empty(),
+        "nothing is dead-lettered"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_schema_id_the_registry_never_had_is_dead_lettered_after_the_bound()
+-> anyhow::Result<()> {
+    let b = broker("registry-unknown").await?;
+    let group = "rt.registry-unknown";
+    let registry = Registry::default();
+    let url = registry.start().await?;
+    let p = producer_with(&b.addr, Codec::http(&url)?)?;
+    // Magic byte 0, schema id 99 (big-endian), a body.
+    const UNKNOWN_ID: &[u8] = b"\x00\x00\x00\x00\x63never registered";
+    produce_inputs(&p, 0, 3).await?;
+    produce_raw(&b.addr, IN, "key-0", UNKNOWN_ID).await?;
+    produce_inputs(&p, 3, 3).await?;
+    let give_up = Duration::from_secs(3);
+    let started = Instant::now();
+    let m = start_member_with(
+        &b.addr,
+        settings_giving_up_after(group, give_up),
+        Codec::http(&url)?,
+        Copier::default(),
+    )?;
+    wait_for(
+        "the group to commit everything",
+        Duration::from_secs(60),
+        async || Ok(lag(&b.addr, group).await? == 0),
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    m.stop.cancel();
+    m.task.await??;
+    assert!(
+        elapsed >= give_up,
+        "the record waits for the registry for the bound, committed after {elapsed:?}"
+    );
+    assert!(
+        registry.fetches(99) >= 2,
+        "the id is asked for again with the cached 404 cleared: asked {} times",
+        registry.fetches(99)
+    );
+    let reader = Codec::http(&url)?;
+    assert_eq!(copied_with(&b.addr, &reader).await?, expected(6));
+    let dead = dead_letters(&b.addr, &reader).await?;
+    assert_eq!(
+        dead.len(),
+        1,
+        "exactly the record of id 99 is dead-lettered"
+    );
+    assert_eq!(dead[0].error_kind, "schema_registry");
+    assert_eq!(dead[0].topic, IN);
+    assert_eq!(dead[0].payload.as_deref(), Some(UNKNOWN_ID));
     Ok(())
 }
 
