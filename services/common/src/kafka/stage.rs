@@ -287,8 +287,6 @@ pub async fn run_stage<P: Processor>(
         without_assignment_since: Instant::now(),
         stalled_lag: None,
         paused: BTreeSet::new(),
-        members_at_assign: None,
-        members_checked: None,
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
@@ -318,10 +316,6 @@ struct Stage<P: Processor> {
     stalled_lag: Option<(i64, Vec<i64>)>,
     /// Partitions this loop paused (kept across revokes until resumed).
     paused: BTreeSet<Tp>,
-    /// The group's members seen after this member's last assignment, and when they were
-    /// last checked.
-    members_at_assign: Option<BTreeSet<String>>,
-    members_checked: Option<Instant>,
 }
 
 /// How a wait ended.
@@ -454,9 +448,6 @@ impl<P: Processor> Stage<P> {
         }
         for event in events {
             self.ownership.apply(&event);
-            // The members are looked at again after the next check.
-            self.members_at_assign = None;
-            self.members_checked = None;
             match &event {
                 RebalanceEvent::Revoked(revoked) => {
                     telemetry::REBALANCES.add(
@@ -518,7 +509,6 @@ impl<P: Processor> Stage<P> {
         self.serve_events();
         if !self.ownership.owned().is_empty() {
             self.stalled_lag = None;
-            self.check_members();
             return;
         }
         if self.ownership.is_member() && self.stalled_lag.is_none() {
@@ -553,56 +543,6 @@ impl<P: Processor> Stage<P> {
             tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
         }
         self.stalled_lag = None;
-    }
-
-    /// A member that vanished from the group without a rebalance leaves its partitions without
-    /// an owner (tansu 0.6 evicts a dead member on another member's heartbeat and keeps the
-    /// generation). Every `rejoin_after`, compare the group's members with those seen after this
-    /// member's last assignment; if one is gone and no rebalance came, rejoin so the coordinator
-    /// assigns everything again. On Kafka and Redpanda a vanished member always brings a
-    /// rebalance, so this never fires there.
-    fn check_members(&mut self) {
-        let due = self
-            .members_checked
-            .is_none_or(|t| t.elapsed() >= self.settings.rejoin_after);
-        if !due {
-            return;
-        }
-        self.members_checked = Some(Instant::now());
-        let Some(now) = self.group_members() else {
-            return;
-        };
-        match &self.members_at_assign {
-            None => self.members_at_assign = Some(now),
-            Some(before) if before.iter().any(|m| !now.contains(m)) => {
-                tracing::warn!(
-                    stage = self.settings.stage,
-                    before = before.len(),
-                    now = now.len(),
-                    "a member left the group without a rebalance, rejoining"
-                );
-                self.members_at_assign = None;
-                self.consumer.unsubscribe();
-                self.serve_events();
-                if let Err(error) = self.consumer.subscribe(&self.settings.input_topics) {
-                    tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
-                }
-            }
-            Some(_) => {}
-        }
-    }
-
-    /// The ids of the group's members, or `None` when the broker cannot tell.
-    fn group_members(&self) -> Option<BTreeSet<String>> {
-        let list = self
-            .consumer
-            .fetch_group_list(Some(&self.settings.group_id), Duration::from_secs(5))
-            .ok()?;
-        let group = list
-            .groups()
-            .iter()
-            .find(|g| g.name() == self.settings.group_id)?;
-        Some(group.members().iter().map(|m| m.id().to_string()).collect())
     }
 
     /// The group's total lag on the input topics and its committed offsets, or `None` when the
