@@ -138,6 +138,7 @@ fn settings_giving_up_after(group: &str, registry_give_up: Duration) -> StageSet
         tick: None,
         registry_give_up,
         rejoin_after: Duration::from_secs(20),
+        orphan_after: Duration::from_secs(45),
     }
 }
 

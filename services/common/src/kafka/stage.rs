@@ -21,7 +21,9 @@
 use super::KafkaSettings;
 use super::processor::{Emitter, Input, OutRecord, Processor, RawInput, StageError};
 use super::producer::Producer;
-use super::track::{Collected, CommitEntry, Offsets, Ownership, RebalanceEvent, Span, Tp};
+use super::track::{
+    Collected, CommitEntry, Offsets, OrphanWatch, Ownership, RebalanceEvent, Span, Tp,
+};
 use crate::admin::Health;
 use crate::codec::Codec;
 use crate::telemetry;
@@ -58,6 +60,9 @@ pub struct StageSettings {
     /// How long the consumer may stay without an assignment before it leaves and rejoins its
     /// group (`OHX_REJOIN_AFTER_MS`).
     pub rejoin_after: Duration,
+    /// How long a partition this member does not own may show lag without its committed
+    /// offset moving before the member rejoins (`OHX_ORPHAN_AFTER_MS`; 0 = never).
+    pub orphan_after: Duration,
 }
 
 impl StageSettings {
@@ -75,6 +80,7 @@ impl StageSettings {
             tick: None,
             registry_give_up: crate::config::millis("OHX_REGISTRY_GIVE_UP_MS", 300_000)?,
             rejoin_after: crate::config::millis("OHX_REJOIN_AFTER_MS", 20_000)?,
+            orphan_after: crate::config::millis("OHX_ORPHAN_AFTER_MS", 45_000)?,
         })
     }
 }
@@ -287,6 +293,9 @@ pub async fn run_stage<P: Processor>(
         without_assignment_since: Instant::now(),
         stalled_lag: None,
         paused: BTreeSet::new(),
+        orphans: OrphanWatch::default(),
+        orphans_checked: None,
+        started: Instant::now(),
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
@@ -316,6 +325,9 @@ struct Stage<P: Processor> {
     stalled_lag: Option<(i64, Vec<i64>)>,
     /// Partitions this loop paused (kept across revokes until resumed).
     paused: BTreeSet<Tp>,
+    orphans: OrphanWatch,
+    orphans_checked: Option<Instant>,
+    started: Instant,
 }
 
 /// How a wait ended.
@@ -448,6 +460,7 @@ impl<P: Processor> Stage<P> {
         }
         for event in events {
             self.ownership.apply(&event);
+            self.orphans.reset();
             match &event {
                 RebalanceEvent::Revoked(revoked) => {
                     telemetry::REBALANCES.add(
@@ -509,6 +522,7 @@ impl<P: Processor> Stage<P> {
         self.serve_events();
         if !self.ownership.owned().is_empty() {
             self.stalled_lag = None;
+            self.check_orphans();
             return;
         }
         if self.ownership.is_member() && self.stalled_lag.is_none() {
@@ -545,9 +559,9 @@ impl<P: Processor> Stage<P> {
         self.stalled_lag = None;
     }
 
-    /// The group's total lag on the input topics and its committed offsets, or `None` when the
-    /// broker cannot tell.
-    fn group_lag(&self) -> Option<(i64, Vec<i64>)> {
+    /// The group's partitions on the input topics with their committed and end offsets, or
+    /// `None` when the broker cannot tell.
+    fn group_partitions(&self) -> Option<Vec<(Tp, i64, i64)>> {
         let timeout = Duration::from_secs(5);
         let mut tpl = TopicPartitionList::new();
         for topic in &self.settings.input_topics {
@@ -559,8 +573,7 @@ impl<P: Processor> Stage<P> {
             }
         }
         let committed = self.consumer.committed_offsets(tpl, timeout).ok()?;
-        let mut lag = 0i64;
-        let mut offsets = Vec::new();
+        let mut out = Vec::new();
         for e in committed.elements() {
             let (low, high) = self
                 .consumer
@@ -570,10 +583,54 @@ impl<P: Processor> Stage<P> {
                 Offset::Offset(o) => o,
                 _ => low,
             };
-            lag += (high - at).max(0);
-            offsets.push(at);
+            out.push(((e.topic().to_string(), e.partition()), at, high));
         }
-        Some((lag, offsets))
+        Some(out)
+    }
+
+    /// The group's total lag and its committed offsets.
+    fn group_lag(&self) -> Option<(i64, Vec<i64>)> {
+        let partitions = self.group_partitions()?;
+        let lag = partitions.iter().map(|(_, c, h)| (h - c).max(0)).sum();
+        Some((lag, partitions.iter().map(|(_, c, _)| *c).collect()))
+    }
+
+    /// Every `rejoin_after / 2`, looks for partitions nobody seems to own (see
+    /// [`OrphanWatch`]) and rejoins the group if one has been still for `orphan_after`.
+    /// Stages whose commits can legitimately stand still while their owner works (the
+    /// aggregator's open hours, the publisher's held records) opt out through
+    /// [`Processor::commits_follow_progress`].
+    fn check_orphans(&mut self) {
+        if !self.processor.commits_follow_progress() || self.settings.orphan_after.is_zero() {
+            return;
+        }
+        let every = self.settings.rejoin_after / 2;
+        if self.orphans_checked.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.orphans_checked = Some(Instant::now());
+        let Some(partitions) = self.group_partitions() else {
+            return;
+        };
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let after_ms = self.settings.orphan_after.as_millis() as u64;
+        let stuck = self
+            .orphans
+            .observe(now_ms, &partitions, self.ownership.owned(), after_ms);
+        if stuck.is_empty() {
+            return;
+        }
+        tracing::warn!(stage = self.settings.stage, partitions = ?stuck, "partitions with lag and no progress, no owner in sight: rejoining the group");
+        self.orphans.reset();
+        self.rejoin();
+    }
+
+    fn rejoin(&mut self) {
+        self.consumer.unsubscribe();
+        self.serve_events();
+        if let Err(error) = self.consumer.subscribe(&self.settings.input_topics) {
+            tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
+        }
     }
 
     /// Decodes, processes, produces and applies one batch; records revoked meanwhile are

@@ -267,6 +267,52 @@ impl Offsets {
     }
 }
 
+/// Watches the partitions this member does not own for signs that nobody does: lag that stays
+/// while the committed offset does not move. tansu 0.6 can leave a dead member's partitions
+/// without an owner (it evicts the member on another member's heartbeat and keeps the
+/// generation, so nobody rebalances); a member that sees this rejoins its group.
+#[derive(Debug, Default)]
+pub struct OrphanWatch {
+    /// Per partition: the committed offset last seen and since when (ms) it has not moved.
+    still: HashMap<Tp, (i64, u64)>,
+}
+
+impl OrphanWatch {
+    /// Looks at the group's partitions (`partition, committed offset, end offset`) at `now_ms`;
+    /// returns the partitions not in `owned` that have lag and whose committed offset has not
+    /// moved for `after_ms`.
+    pub fn observe(
+        &mut self,
+        now_ms: u64,
+        partitions: &[(Tp, i64, i64)],
+        owned: &BTreeSet<Tp>,
+        after_ms: u64,
+    ) -> Vec<Tp> {
+        let mut stuck = Vec::new();
+        let mut still = HashMap::new();
+        for (tp, committed, end) in partitions {
+            if owned.contains(tp) || committed >= end {
+                continue;
+            }
+            let since = match self.still.get(tp) {
+                Some((c, since)) if c == committed => *since,
+                _ => now_ms,
+            };
+            if now_ms.saturating_sub(since) >= after_ms {
+                stuck.push(tp.clone());
+            }
+            still.insert(tp.clone(), (*committed, since));
+        }
+        self.still = still;
+        stuck
+    }
+
+    /// Forgets what was seen (after a rebalance).
+    pub fn reset(&mut self) {
+        self.still.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +506,56 @@ mod tests {
         let due = off.due(|_, n| (n, None));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].tp, tp(1));
+    }
+
+    #[test]
+    fn test_orphan_watch_flags_only_unowned_partitions_with_lag_and_a_still_commit() {
+        let owned = BTreeSet::from([tp(0)]);
+        let mut w = OrphanWatch::default();
+        let at = |c1: i64, e1: i64, c0: i64| vec![(tp(0), c0, 100), (tp(1), c1, e1)];
+        assert!(w.observe(0, &at(5, 10, 1), &owned, 45_000).is_empty());
+        assert!(w.observe(30_000, &at(5, 12, 1), &owned, 45_000).is_empty());
+        assert_eq!(
+            w.observe(45_000, &at(5, 14, 1), &owned, 45_000),
+            vec![tp(1)]
+        );
+        // Its own partition never counts, however still.
+        let mut w = OrphanWatch::default();
+        let own_only = vec![(tp(0), 1, 100)];
+        w.observe(0, &own_only, &owned, 1);
+        assert!(w.observe(99_000, &own_only, &owned, 1).is_empty());
+    }
+
+    #[test]
+    fn test_orphan_watch_restarts_the_clock_when_the_commit_moves_or_lag_ends() {
+        let owned = BTreeSet::new();
+        let mut w = OrphanWatch::default();
+        w.observe(0, &[(tp(1), 5, 10)], &owned, 45_000);
+        assert!(
+            w.observe(40_000, &[(tp(1), 6, 10)], &owned, 45_000)
+                .is_empty()
+        );
+        assert!(
+            w.observe(80_000, &[(tp(1), 6, 10)], &owned, 45_000)
+                .is_empty()
+        );
+        assert_eq!(
+            w.observe(85_000, &[(tp(1), 6, 10)], &owned, 45_000),
+            vec![tp(1)]
+        );
+        // Caught up: no lag, nothing to own.
+        assert!(
+            w.observe(200_000, &[(tp(1), 10, 10)], &owned, 45_000)
+                .is_empty()
+        );
+        assert!(
+            w.observe(300_000, &[(tp(1), 10, 12)], &owned, 45_000)
+                .is_empty()
+        );
+        w.reset();
+        assert!(
+            w.observe(400_000, &[(tp(1), 10, 12)], &owned, 45_000)
+                .is_empty()
+        );
     }
 }
