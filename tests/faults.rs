@@ -534,18 +534,33 @@ fn expectations(patients: &[Patient], sent: &[Sent]) -> Vec<Exp> {
         .collect()
 }
 
-async fn search_at(http: &reqwest::Client, base: &str, query: &str) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut url = format!("{base}/{query}");
-    for _ in 0..100 {
+/// GETs a FHIR URL, retrying hfs's transient answers (503 "database table is locked" while
+/// it writes a transaction) for up to 10 s.
+async fn get_fhir(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
         let r = http
-            .get(&url)
+            .get(url)
             .header("Accept", "application/fhir+json")
             .send()
             .await?;
         let status = r.status();
         let body = r.text().await?;
-        ensure!(status.is_success(), "GET {url}: {status} {body}");
+        if status.is_success() {
+            return Ok(body);
+        }
+        if !status.is_server_error() || started.elapsed() > Duration::from_secs(10) {
+            bail!("GET {url}: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn search_at(http: &reqwest::Client, base: &str, query: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut url = format!("{base}/{query}");
+    for _ in 0..100 {
+        let body = get_fhir(http, &url).await?;
         let page: Value = serde_json::from_str(&body)?;
         for e in page["entry"].as_array().cloned().unwrap_or_default() {
             if let Some(r) = e.get("resource") {
@@ -743,17 +758,14 @@ async fn audit(
                 a.duplicated += n - 1;
                 a.details.push(format!("{n} associations with {device}"));
             }
-            let r = http
-                .get(format!("{}/{device}", p.ehr))
-                .header("Accept", "application/fhir+json")
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                a.lost += 1;
-                a.details.push(format!("{device}: {}", r.status()));
-                continue;
-            }
-            let d: Value = r.json().await?;
+            let d: Value = match get_fhir(http, &format!("{}/{device}", p.ehr)).await {
+                Ok(body) => serde_json::from_str(&body)?,
+                Err(e) => {
+                    a.lost += 1;
+                    a.details.push(format!("{device}: {e:#}"));
+                    continue;
+                }
+            };
             let v = version_of(&d);
             if v > 1 {
                 a.extra_versions += u64::from(v - 1);
