@@ -1011,9 +1011,12 @@ async fn broker_kill_and_restart(r: &mut Report) -> anyhow::Result<()> {
 /// nothing answers, as with a hung server.
 async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
     let fx = Fx::start(StackOptions {
+        // session.timeout.ms as the stages set it: every client of a stage gets these
+        // properties, and librdkafka refuses a max.poll.interval.ms below the session timeout
+        // (45 s by default, e.g. for the deduplicator's changelog reader).
         stage_env: vec![(
             "OHX_KAFKA_PROPERTIES".into(),
-            "max.poll.interval.ms=15000".into(),
+            "max.poll.interval.ms=15000,session.timeout.ms=10000".into(),
         )],
         ..StackOptions::default()
     })
