@@ -860,11 +860,11 @@ async fn conclude(
     ));
     let mut expected = expectations(patients, &sent);
     expected.extend(extra);
-    if let Err(e) = wait_delivered(&fx.http, patients, &expected, Duration::from_secs(120)).await {
+    if let Err(e) = wait_delivered(&fx.http, patients, &expected, Duration::from_secs(75)).await {
         report.failures.push(format!("{e:#}"));
     }
     // Anything still in flight (a late duplicate, a second version) lands before the audit.
-    if let Err(e) = wait_settled(&fx.stack.kafka, Duration::from_secs(90)).await {
+    if let Err(e) = wait_settled(&fx.stack.kafka, Duration::from_secs(45)).await {
         report.failures.push(format!("{e:#}"));
     }
     report.audit = audit(&fx.http, patients, &expected).await?;
@@ -910,7 +910,7 @@ async fn scale_out_and_in(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &patients,
         &expectations(&patients, &before),
-        Duration::from_secs(120),
+        Duration::from_secs(75),
     )
     .await;
     match recovered {
@@ -984,7 +984,7 @@ async fn broker_kill_and_restart(r: &mut Report) -> anyhow::Result<()> {
             &fx.http,
             &patients,
             &expectations(&patients, &before),
-            Duration::from_secs(150),
+            Duration::from_secs(90),
         )
         .await
         {
@@ -1036,7 +1036,7 @@ async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &patients,
         &expectations(&patients, &before),
-        Duration::from_secs(150),
+        Duration::from_secs(90),
     )
     .await
     {
@@ -1257,7 +1257,7 @@ async fn edit_then_replay(r: &mut Report) -> anyhow::Result<()> {
         repaired = Instant::now();
     }
     load.wait_more(3, Duration::from_secs(60)).await?;
-    let settled = wait_settled(&fx.stack.kafka, Duration::from_secs(120)).await;
+    let settled = wait_settled(&fx.stack.kafka, Duration::from_secs(90)).await;
     r.recovered(repaired.elapsed());
     watching.store(false, Ordering::SeqCst);
     watcher.await?;
@@ -1551,7 +1551,7 @@ async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &bad,
         &expectations(&bad, &before),
-        Duration::from_secs(150),
+        Duration::from_secs(90),
     )
     .await
     {
