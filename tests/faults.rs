@@ -1151,7 +1151,20 @@ async fn aggregator_term_without_broker(r: &mut Report) -> anyhow::Result<()> {
     );
     fx.stack.signal("tansu", "CONT")?;
     let repaired = Instant::now();
-    fx.stack.start_stage("hourly-aggregator").await?;
+    fx.stack
+        .spawn_stage("hourly-aggregator", "hourly-aggregator")?;
+    match fx
+        .wait_ready("hourly-aggregator", Duration::from_secs(60))
+        .await
+    {
+        Ok(d) => r.notes.push(format!(
+            "restarted aggregator ready in {:.1} s",
+            d.as_secs_f64()
+        )),
+        Err(_) => r
+            .failures
+            .push("the restarted aggregator got no assignment within 60 s".into()),
+    }
     let agg = vec![aggregate_exp(&watch, hour, 60)];
     match wait_delivered(
         &fx.http,
