@@ -534,18 +534,33 @@ fn expectations(patients: &[Patient], sent: &[Sent]) -> Vec<Exp> {
         .collect()
 }
 
-async fn search_at(http: &reqwest::Client, base: &str, query: &str) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut url = format!("{base}/{query}");
-    for _ in 0..100 {
+/// GETs a FHIR URL, retrying hfs's transient answers (503 "database table is locked" while
+/// it writes a transaction) for up to 10 s.
+async fn get_fhir(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
         let r = http
-            .get(&url)
+            .get(url)
             .header("Accept", "application/fhir+json")
             .send()
             .await?;
         let status = r.status();
         let body = r.text().await?;
-        ensure!(status.is_success(), "GET {url}: {status} {body}");
+        if status.is_success() {
+            return Ok(body);
+        }
+        if !status.is_server_error() || started.elapsed() > Duration::from_secs(10) {
+            bail!("GET {url}: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn search_at(http: &reqwest::Client, base: &str, query: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut url = format!("{base}/{query}");
+    for _ in 0..100 {
+        let body = get_fhir(http, &url).await?;
         let page: Value = serde_json::from_str(&body)?;
         for e in page["entry"].as_array().cloned().unwrap_or_default() {
             if let Some(r) = e.get("resource") {
@@ -743,17 +758,14 @@ async fn audit(
                 a.duplicated += n - 1;
                 a.details.push(format!("{n} associations with {device}"));
             }
-            let r = http
-                .get(format!("{}/{device}", p.ehr))
-                .header("Accept", "application/fhir+json")
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                a.lost += 1;
-                a.details.push(format!("{device}: {}", r.status()));
-                continue;
-            }
-            let d: Value = r.json().await?;
+            let d: Value = match get_fhir(http, &format!("{}/{device}", p.ehr)).await {
+                Ok(body) => serde_json::from_str(&body)?,
+                Err(e) => {
+                    a.lost += 1;
+                    a.details.push(format!("{device}: {e:#}"));
+                    continue;
+                }
+            };
             let v = version_of(&d);
             if v > 1 {
                 a.extra_versions += u64::from(v - 1);
@@ -848,11 +860,11 @@ async fn conclude(
     ));
     let mut expected = expectations(patients, &sent);
     expected.extend(extra);
-    if let Err(e) = wait_delivered(&fx.http, patients, &expected, Duration::from_secs(120)).await {
+    if let Err(e) = wait_delivered(&fx.http, patients, &expected, Duration::from_secs(75)).await {
         report.failures.push(format!("{e:#}"));
     }
     // Anything still in flight (a late duplicate, a second version) lands before the audit.
-    if let Err(e) = wait_settled(&fx.stack.kafka, Duration::from_secs(90)).await {
+    if let Err(e) = wait_settled(&fx.stack.kafka, Duration::from_secs(45)).await {
         report.failures.push(format!("{e:#}"));
     }
     report.audit = audit(&fx.http, patients, &expected).await?;
@@ -898,7 +910,7 @@ async fn scale_out_and_in(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &patients,
         &expectations(&patients, &before),
-        Duration::from_secs(120),
+        Duration::from_secs(75),
     )
     .await;
     match recovered {
@@ -972,7 +984,7 @@ async fn broker_kill_and_restart(r: &mut Report) -> anyhow::Result<()> {
             &fx.http,
             &patients,
             &expectations(&patients, &before),
-            Duration::from_secs(150),
+            Duration::from_secs(90),
         )
         .await
         {
@@ -999,9 +1011,12 @@ async fn broker_kill_and_restart(r: &mut Report) -> anyhow::Result<()> {
 /// nothing answers, as with a hung server.
 async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
     let fx = Fx::start(StackOptions {
+        // session.timeout.ms as the stages set it: every client of a stage gets these
+        // properties, and librdkafka refuses a max.poll.interval.ms below the session timeout
+        // (45 s by default, e.g. for the deduplicator's changelog reader).
         stage_env: vec![(
             "OHX_KAFKA_PROPERTIES".into(),
-            "max.poll.interval.ms=15000".into(),
+            "max.poll.interval.ms=15000,session.timeout.ms=10000".into(),
         )],
         ..StackOptions::default()
     })
@@ -1021,7 +1036,7 @@ async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &patients,
         &expectations(&patients, &before),
-        Duration::from_secs(150),
+        Duration::from_secs(90),
     )
     .await
     {
@@ -1136,7 +1151,20 @@ async fn aggregator_term_without_broker(r: &mut Report) -> anyhow::Result<()> {
     );
     fx.stack.signal("tansu", "CONT")?;
     let repaired = Instant::now();
-    fx.stack.start_stage("hourly-aggregator").await?;
+    fx.stack
+        .spawn_stage("hourly-aggregator", "hourly-aggregator")?;
+    match fx
+        .wait_ready("hourly-aggregator", Duration::from_secs(60))
+        .await
+    {
+        Ok(d) => r.notes.push(format!(
+            "restarted aggregator ready in {:.1} s",
+            d.as_secs_f64()
+        )),
+        Err(_) => r
+            .failures
+            .push("the restarted aggregator got no assignment within 60 s".into()),
+    }
     let agg = vec![aggregate_exp(&watch, hour, 60)];
     match wait_delivered(
         &fx.http,
@@ -1242,7 +1270,7 @@ async fn edit_then_replay(r: &mut Report) -> anyhow::Result<()> {
         repaired = Instant::now();
     }
     load.wait_more(3, Duration::from_secs(60)).await?;
-    let settled = wait_settled(&fx.stack.kafka, Duration::from_secs(120)).await;
+    let settled = wait_settled(&fx.stack.kafka, Duration::from_secs(90)).await;
     r.recovered(repaired.elapsed());
     watching.store(false, Ordering::SeqCst);
     watcher.await?;
@@ -1536,7 +1564,7 @@ async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
         &fx.http,
         &bad,
         &expectations(&bad, &before),
-        Duration::from_secs(150),
+        Duration::from_secs(90),
     )
     .await
     {

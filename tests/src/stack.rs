@@ -259,7 +259,9 @@ impl Stack {
             .env("HFS_DEFAULT_FHIR_VERSION", "R5")
             .env("HFS_VALIDATION_MODE", "enforce")
             .env("HFS_VALIDATION_META_PROFILES", "false")
-            .env("HFS_UI_ENABLED", "false");
+            .env("HFS_UI_ENABLED", "false")
+            // Its `next` links otherwise point at localhost:8080.
+            .env("HFS_BASE_URL", format!("http://127.0.0.1:{hport}"));
         let base = format!("http://127.0.0.1:{hport}");
         self.spawn(name, cmd, format!("127.0.0.1:{hport}"))?;
         self.wait_http(&format!("{base}/health"), name, Duration::from_secs(60))
