@@ -97,6 +97,30 @@ async fn wait_tcp(addr: &str, what: &str, timeout: Duration) -> anyhow::Result<(
     }
 }
 
+/// Reads a FHIR JSON document. hfs answers a read 503 "database table is locked" while a
+/// transaction writes: that answer is retried for up to 10 s, like a client of a busy server.
+pub async fn read_fhir(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http
+            .get(url)
+            .header("Accept", "application/fhir+json")
+            .send()
+            .await?;
+        let status = r.status();
+        let body = r.text().await?;
+        if status.is_success() {
+            return Ok(serde_json::from_str(&body)?);
+        }
+        if status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+            || tokio::time::Instant::now() > deadline
+        {
+            bail!("GET {what}: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Options of a stack (benchmarks raise the simulated application's rate budget).
 #[derive(Debug, Clone, Default)]
 pub struct StackOptions {
@@ -518,18 +542,7 @@ impl Stack {
 
     /// GETs a FHIR path (relative to the base) as JSON.
     pub async fn fhir(&self, path: &str) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .get(format!("{}/{}", self.fhir_base, path))
-            .header("Accept", "application/fhir+json")
-            .send()
-            .await?;
-        let status = r.status();
-        let body = r.text().await?;
-        if !status.is_success() {
-            bail!("GET {path}: {status} {body}");
-        }
-        Ok(serde_json::from_str(&body)?)
+        read_fhir(&self.http, &format!("{}/{}", self.fhir_base, path), path).await
     }
 
     /// Returns every resource of a search (following `next` links).
@@ -558,15 +571,7 @@ impl Stack {
                 .and_then(Value::as_str)
                 .map(str::to_string);
             match next {
-                Some(url) => {
-                    let r = self
-                        .http
-                        .get(&url)
-                        .header("Accept", "application/fhir+json")
-                        .send()
-                        .await?;
-                    page = r.json().await?;
-                }
+                Some(url) => page = read_fhir(&self.http, &url, &url).await?,
                 None => break,
             }
         }
