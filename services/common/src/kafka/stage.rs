@@ -299,7 +299,22 @@ pub async fn run_stage<P: Processor>(
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
-    stage.close();
+    stage.close().await;
+    // Leaving the group (so the others rebalance at once) waits for the broker; a broker that
+    // is away must not hold the shutdown: the consumer is closed off the async runtime and
+    // waited for at most 5 s.
+    let (done, left) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        stage.consumer.unsubscribe();
+        drop(stage);
+        let _ = done.send(());
+    });
+    if tokio::time::timeout(Duration::from_secs(5), left)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the group was not left in time (broker away?)");
+    }
     result
 }
 
@@ -1065,21 +1080,39 @@ impl<P: Processor> Stage<P> {
     }
 
     /// Graceful shutdown: commits what is acknowledged (synchronously) and leaves the group.
-    fn close(&mut self) {
+    async fn close(&mut self) {
         self.health.set_component_ready(&self.ready_key, false);
         self.serve_events();
+        lock(&self.shared).ready.clear();
         let processor = &self.processor;
         let due = self
             .offsets
             .due(|tp, next| processor.commit_point(&tp.0, tp.1, next));
-        if !due.is_empty()
-            && let Err(error) =
-                commit_list(&due).and_then(|l| self.consumer.commit(&l, CommitMode::Sync))
-        {
-            tracing::warn!(stage = self.settings.stage, %error, "final commit failed");
+        if !due.is_empty() {
+            match commit_list(&due).and_then(|l| self.consumer.commit(&l, CommitMode::Async)) {
+                Ok(()) => self.offsets.sent(&due),
+                Err(error) => {
+                    tracing::warn!(stage = self.settings.stage, %error, "final commit failed")
+                }
+            }
+            // Wait a moment for the answer, polling; a broker that cannot answer does not
+            // hold the shutdown (what is not committed is read again by the next owner).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while due
+                .iter()
+                .any(|e| self.offsets.confirmed(&e.tp) != Some(e.offset))
+                && tokio::time::Instant::now() < deadline
+            {
+                let polled = tokio::time::timeout_at(deadline, async {
+                    self.consumer.recv().await.map(|m| m.detach())
+                })
+                .await;
+                if polled.is_err() {
+                    break;
+                }
+                self.serve_events();
+            }
         }
-        lock(&self.shared).ready.clear();
-        self.consumer.unsubscribe();
         tracing::info!(stage = self.settings.stage, "stopped");
     }
 }
