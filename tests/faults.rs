@@ -1588,6 +1588,7 @@ const DEFAULT_SCENARIOS: &[&str] = &[
     "kill_and_restart_each_stage",
     "broker_kill_and_restart",
     "edit_then_replay",
+    "future_sample",
 ];
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {

@@ -650,6 +650,7 @@ impl Fetcher {
             }));
         }
         // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
+        let mut ahead = Vec::new();
         if let Some(&(start, end)) = plan.windows.get(DATA_TYPE_HEART_RATE) {
             let (hs, he) = normalize::widen_to_hours(start, end);
             // Withings' enddate is inclusive: stop one second before the next hour.
@@ -664,11 +665,15 @@ impl Fetcher {
                 timezone.as_deref(),
                 None,
             );
-            out.extend(
-                n.measurements
-                    .into_iter()
-                    .filter(|m| m.effective_start >= hs && m.effective_start < he),
-            );
+            // A sample dated after the fetched window (a device clock ahead) is not dropped:
+            // it goes on, after the progress marks, for the aggregator to dead-letter.
+            for m in n.measurements {
+                if m.effective_start >= hs && m.effective_start < he {
+                    out.push(m);
+                } else if m.effective_start >= he {
+                    ahead.push(m);
+                }
+            }
         }
         mark_progress(&mut out, |m| {
             if m.aggregation == AGGREGATION_HOURLY {
@@ -677,6 +682,7 @@ impl Fetcher {
                 spot_end
             }
         });
+        out.append(&mut ahead);
         Ok((out, calls))
     }
 }
