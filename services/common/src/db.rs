@@ -14,6 +14,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_gcra_rate_limits",
         include_str!("../migrations/0002_gcra_rate_limits.sql"),
     ),
+    (
+        "0003_sync_run_fetch_start",
+        include_str!("../migrations/0003_sync_run_fetch_start.sql"),
+    ),
 ];
 
 /// A database error.

@@ -713,13 +713,20 @@ impl Processor for Fetcher {
         }
         // Duplicates (a webhook retried by the provider after a 503, a request replayed) cost
         // one lookup for the whole batch instead of a fetch each.
-        let mut ids: Vec<String> = batch
-            .iter()
-            .map(|i| i.value.context.sync_request_id.clone())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let done = self.store.completed_runs(&ids).await.map_err(store_err)?;
+        // Per id, the latest time a notification for it was received.
+        let mut latest: BTreeMap<String, i64> = BTreeMap::new();
+        for i in batch {
+            let e = latest
+                .entry(i.value.context.sync_request_id.clone())
+                .or_insert(i.value.context.received_at);
+            *e = (*e).max(i.value.context.received_at);
+        }
+        let requests: Vec<(String, i64)> = latest.into_iter().collect();
+        let done = self
+            .store
+            .completed_runs(&requests)
+            .await
+            .map_err(store_err)?;
         let (selected, already_done, repeated) = select_requests(batch, &done);
         if already_done + repeated > 0 {
             tracing::info!(
@@ -815,6 +822,7 @@ impl Processor for Fetcher {
                     api_calls: calls,
                     measurements: count,
                     error: error.clone(),
+                    fetch_started_at: now,
                 });
             }
         }

@@ -220,16 +220,22 @@ impl Store {
     /// Returns which of `ids` already have a successful run (one lookup on the primary key).
     pub async fn completed_runs(
         &self,
-        ids: &[String],
+        requests: &[(String, i64)],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        if ids.is_empty() {
+        if requests.is_empty() {
             return Ok(Default::default());
         }
+        let ids: Vec<&str> = requests.iter().map(|(id, _)| id.as_str()).collect();
+        let received: Vec<f64> = requests.iter().map(|(_, at)| *at as f64).collect();
         let client = self.pool.get().await?;
+        // Done only if that run's fetch began after the notification was received: a later
+        // notification with the same window (an edit) is fetched again.
         let rows = client
             .query(
-                "SELECT sync_request_id FROM sync_runs WHERE sync_request_id = ANY($1) AND status = 'ok'",
-                &[&ids],
+                "SELECT r.sync_request_id FROM sync_runs r \
+                 JOIN unnest($1::text[], $2::float8[]) AS q(id, received_ms) ON r.sync_request_id = q.id \
+                 WHERE r.status = 'ok' AND r.fetch_started_at >= to_timestamp(q.received_ms / 1000)",
+                &[&ids, &received],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -246,12 +252,13 @@ impl Store {
         for r in runs {
             tx.execute(
                 // A deleted link's run cannot reference it: it is only logged, not recorded.
-                "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at) \
-                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now() \
+                "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at, fetch_started_at) \
+                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now(), to_timestamp($10::float8 / 1000) \
                  WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $2) \
                  ON CONFLICT (sync_request_id) DO UPDATE SET status = EXCLUDED.status, api_calls = sync_runs.api_calls + EXCLUDED.api_calls, \
-                   measurements = EXCLUDED.measurements, error = EXCLUDED.error, attempts = sync_runs.attempts + 1, finished_at = now()",
-                &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error],
+                   measurements = EXCLUDED.measurements, error = EXCLUDED.error, attempts = sync_runs.attempts + 1, finished_at = now(), \
+                   fetch_started_at = EXCLUDED.fetch_started_at",
+                &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error, &(r.fetch_started_at as f64)],
             )
             .await?;
             if r.status == "ok" {
@@ -281,6 +288,8 @@ pub struct SyncRun {
     pub api_calls: i32,
     pub measurements: i32,
     pub error: Option<String>,
+    /// When the fetch began (epoch ms): notifications received before it are covered by it.
+    pub fetch_started_at: i64,
 }
 
 /// A refresh failure that may mean the grant is revoked.
