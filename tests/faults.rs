@@ -19,7 +19,7 @@ use ohx_common::records::{
     AGGREGATION_HOURLY, Component, Context, DeadLetter, Device, Measurement, series_key, topic,
 };
 use ohx_tests::kafka_util::{GROUPS, high_watermark_sum, read_all, wait_settled};
-use ohx_tests::stack::{Stack, StackOptions};
+use ohx_tests::stack::{Stack, StackOptions, read_fhir};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -534,34 +534,11 @@ fn expectations(patients: &[Patient], sent: &[Sent]) -> Vec<Exp> {
         .collect()
 }
 
-/// GETs a FHIR URL, retrying hfs's transient answers (503 "database table is locked" while
-/// it writes a transaction) for up to 10 s.
-async fn get_fhir(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
-    let started = Instant::now();
-    loop {
-        let r = http
-            .get(url)
-            .header("Accept", "application/fhir+json")
-            .send()
-            .await?;
-        let status = r.status();
-        let body = r.text().await?;
-        if status.is_success() {
-            return Ok(body);
-        }
-        if !status.is_server_error() || started.elapsed() > Duration::from_secs(10) {
-            bail!("GET {url}: {status} {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn search_at(http: &reqwest::Client, base: &str, query: &str) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     let mut url = format!("{base}/{query}");
     for _ in 0..100 {
-        let body = get_fhir(http, &url).await?;
-        let page: Value = serde_json::from_str(&body)?;
+        let page: Value = read_fhir(http, &url, &url).await?;
         for e in page["entry"].as_array().cloned().unwrap_or_default() {
             if let Some(r) = e.get("resource") {
                 out.push(r.clone());
@@ -758,8 +735,9 @@ async fn audit(
                 a.duplicated += n - 1;
                 a.details.push(format!("{n} associations with {device}"));
             }
-            let d: Value = match get_fhir(http, &format!("{}/{device}", p.ehr)).await {
-                Ok(body) => serde_json::from_str(&body)?,
+            let url = format!("{}/{device}", p.ehr);
+            let d: Value = match read_fhir(http, &url, &url).await {
+                Ok(d) => d,
                 Err(e) => {
                     a.lost += 1;
                     a.details.push(format!("{device}: {e:#}"));
