@@ -1567,6 +1567,8 @@ const DEFAULT_SCENARIOS: &[&str] = &[
     "broker_kill_and_restart",
     "edit_then_replay",
     "future_sample",
+    "fhir_server_down",
+    "misconfigured_target",
 ];
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
