@@ -488,6 +488,10 @@ async fn withings_webhook(
             }
             Err(_) => {
                 tracing::error!(link_id = %link_id, "broker acknowledgement timed out");
+                // The send was cut short before the producer's own deadline: tell health.
+                state.producer.note_unacknowledged(
+                    "the broker did not acknowledge within the webhook deadline",
+                );
                 return unavailable(
                     Unavailable::Broker,
                     "the broker did not store the sync request in time; retry",
@@ -715,6 +719,36 @@ mod tests {
             call(state(pool, Codec::embedded().unwrap()), &token, &userid).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
         assert_eq!(problem["title"], "Broker unavailable");
+    }
+
+    /// The gateway's deadline (shorter than the producer's own) gives up on the broker: the
+    /// service reports producing as failing, so `/healthz` turns 503 after the grace.
+    #[tokio::test]
+    async fn test_a_webhook_given_up_on_reports_producing_as_failing() {
+        let (pool, token, userid) = seeded_pool().await;
+        let health = ohx_common::admin::Health::with_grace(Duration::ZERO);
+        let producer = Producer::new(
+            &KafkaSettings {
+                bootstrap: "127.0.0.1:1".into(),
+                extra: vec![],
+            },
+            Arc::new(Codec::embedded().unwrap()),
+            Duration::from_secs(30),
+            health.clone(),
+        )
+        .unwrap();
+        assert!(health.unhealthy().is_empty());
+        let st = AppState {
+            producer,
+            ..state(pool, Codec::embedded().unwrap())
+        };
+        let (status, problem) = call(st, &token, &userid).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+        let unhealthy = health.unhealthy();
+        assert!(
+            unhealthy.iter().any(|p| p.starts_with("produce failing")),
+            "{unhealthy:?}"
+        );
     }
 
     /// `startdate=0`: 400 problem+json, nothing produced (the producer points nowhere, so a

@@ -194,8 +194,14 @@ impl Producer {
     }
 
     /// Reports a send that the caller gave up on (it stopped waiting before the timeout).
+    /// A producer whose idempotent state is broken is replaced here too, since the caller's
+    /// shorter deadline keeps [`Self::send_all`] from ever seeing the error.
     pub fn note_unacknowledged(&self, reason: &str) {
         self.shared.health.failing("produce", reason);
+        let (generation, producer) = self.current();
+        if producer.client().fatal_error().is_some() {
+            self.replace(generation, reason);
+        }
     }
 
     /// Waits until queued records are delivered (at shutdown).
