@@ -3,7 +3,8 @@
 //! retry commits nothing, a retried batch sees the state it saw the first time, commits never
 //! pass the processor's commit point, undecodable records are dead-lettered, a schema registry
 //! answering 404 for a moment is retried while one that never had a schema id is given up on
-//! after the bound, and a service whose port is taken exits with the reason.
+//! after the bound, the partitions of a member killed without leaving are taken over, and a
+//! service whose port is taken exits with the reason.
 
 use anyhow::Context as _;
 use axum::Router;
@@ -129,6 +130,11 @@ fn settings(group: &str) -> StageSettings {
 
 /// Settings whose undecodable records wait at most `registry_give_up` for the registry.
 fn settings_giving_up_after(group: &str, registry_give_up: Duration) -> StageSettings {
+    settings_with(group, registry_give_up, Duration::from_secs(45))
+}
+
+/// Settings with both bounds given.
+fn settings_with(group: &str, registry_give_up: Duration, orphan_after: Duration) -> StageSettings {
     StageSettings {
         stage: "runtime-test",
         group_id: group.to_string(),
@@ -138,7 +144,7 @@ fn settings_giving_up_after(group: &str, registry_give_up: Duration) -> StageSet
         tick: None,
         registry_give_up,
         rejoin_after: Duration::from_secs(20),
-        orphan_after: Duration::from_secs(45),
+        orphan_after,
     }
 }
 
@@ -710,6 +716,105 @@ async fn test_a_schema_id_the_registry_never_had_is_dead_lettered_after_the_boun
     assert_eq!(dead[0].error_kind, "schema_registry");
     assert_eq!(dead[0].topic, IN);
     assert_eq!(dead[0].payload.as_deref(), Some(UNKNOWN_ID));
+    Ok(())
+}
+
+/// The environment variables that turn [`dead_member`] into a group member.
+const DEAD_MEMBER_ENV: [&str; 2] = ["OHX_RT_DEAD_MEMBER_ADDR", "OHX_RT_DEAD_MEMBER_GROUP"];
+
+/// Not a test on its own: run by [`test_the_partitions_of_a_member_killed_without_leaving_are_taken_over`]
+/// as a child process, it joins the group with a plain consumer, prints `assigned N` once it
+/// owns partitions, and keeps polling until it is killed.
+#[test]
+#[ignore = "a child process of another test"]
+fn dead_member() -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::io::Write as _;
+    let (Ok(addr), Ok(group)) = (
+        std::env::var(DEAD_MEMBER_ENV[0]),
+        std::env::var(DEAD_MEMBER_ENV[1]),
+    ) else {
+        return Ok(());
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .set("broker.address.family", "v4")
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "10000")
+        .create()?;
+    consumer.subscribe(&[IN])?;
+    let mut told = false;
+    loop {
+        let _ = consumer.poll(Duration::from_millis(100));
+        let owned = consumer.assignment()?.count();
+        if owned > 0 && !told {
+            println!("assigned {owned}");
+            std::io::stdout().flush()?;
+            told = true;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_the_partitions_of_a_member_killed_without_leaving_are_taken_over()
+-> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let b = broker("killed").await?;
+    let group = "rt.killed";
+    let p = producer(&b.addr)?;
+    produce_inputs(&p, 0, 100).await?;
+    let a = start_member_with(
+        &b.addr,
+        settings_with(group, Duration::from_secs(300), Duration::from_secs(6)),
+        Codec::embedded()?,
+        Copier::default(),
+    )?;
+    wait_for(
+        "the first member to copy everything",
+        Duration::from_secs(60),
+        async || Ok(copied(&b.addr).await?.len() == 100),
+    )
+    .await?;
+    // A second member joins, takes some partitions over, and is SIGKILLed: it never leaves.
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "dead_member", "--ignored", "--nocapture"])
+        .env(DEAD_MEMBER_ENV[0], &b.addr)
+        .env(DEAD_MEMBER_ENV[1], group)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let assigned = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with("assigned ") {
+                return Ok::<_, anyhow::Error>(line);
+            }
+        }
+        anyhow::bail!("the second member exited before it was assigned anything")
+    })
+    .await
+    .context("the second member got no partition within 60 s")??;
+    child.kill().await?;
+    // Records on every partition, the dead member's included.
+    produce_inputs(&p, 100, 100).await?;
+    let taken_over = wait_for(
+        "the killed member's partitions to be taken over",
+        Duration::from_secs(90),
+        async || Ok(copied(&b.addr).await?.len() == 200),
+    )
+    .await;
+    let got = copied(&b.addr).await?;
+    a.stop.cancel();
+    a.task.await??;
+    taken_over.with_context(|| {
+        format!(
+            "after the second member ({assigned}) was killed, {} of 200 inputs were copied",
+            got.len()
+        )
+    })?;
+    assert_eq!(got, expected(200));
     Ok(())
 }
 

@@ -186,12 +186,6 @@ impl Processor for Aggregator {
     type In = Measurement;
     type Change = Change;
 
-    /// Commits stand still while work is held back (open hours, or records held for a failing
-    /// target), so still commits are no sign of an abandoned partition.
-    fn commits_follow_progress(&self) -> bool {
-        false
-    }
-
     async fn process(
         &mut self,
         batch: &[Input<Measurement>],

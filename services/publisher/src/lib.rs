@@ -256,12 +256,6 @@ impl Processor for Publisher {
     type In = FhirResource;
     type Change = Change;
 
-    /// Commits stand still while work is held back (open hours, or records held for a failing
-    /// target), so still commits are no sign of an abandoned partition.
-    fn commits_follow_progress(&self) -> bool {
-        false
-    }
-
     async fn process(
         &mut self,
         batch: &[Input<FhirResource>],

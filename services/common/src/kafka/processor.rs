@@ -330,13 +330,6 @@ pub trait Processor: Send + 'static {
         (next_offset, None)
     }
 
-    /// Whether this stage's committed offsets follow its progress. A stage that holds commits
-    /// back while it works (open windows, records held for a failing target) returns `false`,
-    /// so other members do not take its still commits for an abandoned partition.
-    fn commits_follow_progress(&self) -> bool {
-        true
-    }
-
     /// Tells the processor that it now owns these partitions, with the metadata committed with
     /// their offsets (if any), before any of their records is processed.
     fn assigned(&mut self, _partitions: &[(String, i32, Option<String>)]) {}

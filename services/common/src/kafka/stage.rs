@@ -19,11 +19,10 @@
 //! committed only once the broker confirmed it.
 
 use super::KafkaSettings;
+use super::leases::Leases;
 use super::processor::{Emitter, Input, OutRecord, Processor, RawInput, StageError};
 use super::producer::Producer;
-use super::track::{
-    Collected, CommitEntry, Offsets, OrphanWatch, Ownership, RebalanceEvent, Span, Tp,
-};
+use super::track::{Collected, CommitEntry, Offsets, Ownership, RebalanceEvent, Span, Tp};
 use crate::admin::Health;
 use crate::codec::Codec;
 use crate::telemetry;
@@ -60,8 +59,8 @@ pub struct StageSettings {
     /// How long the consumer may stay without an assignment before it leaves and rejoins its
     /// group (`OHX_REJOIN_AFTER_MS`).
     pub rejoin_after: Duration,
-    /// How long a partition this member does not own may show lag without its committed
-    /// offset moving before the member rejoins (`OHX_ORPHAN_AFTER_MS`; 0 = never).
+    /// How long a partition may go without an owner claiming it before a member rejoins its
+    /// group to have it assigned again (`OHX_ORPHAN_AFTER_MS`; 0 = never; see `leases`).
     pub orphan_after: Duration,
 }
 
@@ -102,6 +101,7 @@ struct StageContext {
     group: String,
     shared: Arc<Mutex<Shared>>,
     health: Health,
+    leases: Leases,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -196,8 +196,14 @@ impl ConsumerContext for StageContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let event = match rebalance {
-            Rebalance::Assign(tpl) => RebalanceEvent::Assigned(tps(tpl)),
-            Rebalance::Revoke(tpl) => RebalanceEvent::Revoked(tps(tpl)),
+            Rebalance::Assign(tpl) => {
+                self.leases.update(&tps(tpl), true);
+                RebalanceEvent::Assigned(tps(tpl))
+            }
+            Rebalance::Revoke(tpl) => {
+                self.leases.update(&tps(tpl), false);
+                RebalanceEvent::Revoked(tps(tpl))
+            }
             Rebalance::Error(error) => {
                 tracing::warn!(stage = self.stage, %error, "rebalance error");
                 return;
@@ -250,11 +256,20 @@ pub async fn run_stage<P: Processor>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(Shared::default()));
+    let leases = Leases::default();
+    leases.spawn(
+        kafka,
+        settings.stage,
+        &settings.group_id,
+        settings.input_topics.clone(),
+        settings.orphan_after,
+    )?;
     let context = StageContext {
         stage: settings.stage,
         group: settings.group_id.clone(),
         shared: shared.clone(),
         health: health.clone(),
+        leases: leases.clone(),
     };
     let mut config = kafka.client_config();
     config
@@ -293,12 +308,11 @@ pub async fn run_stage<P: Processor>(
         without_assignment_since: Instant::now(),
         stalled_lag: None,
         paused: BTreeSet::new(),
-        orphans: OrphanWatch::default(),
-        orphans_checked: None,
-        started: Instant::now(),
+        leases,
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
+    stage.leases.stop();
     stage.close().await;
     // Leaving the group (so the others rebalance at once) waits for the broker; a broker that
     // is away must not hold the shutdown: the consumer is closed off the async runtime and
@@ -340,9 +354,7 @@ struct Stage<P: Processor> {
     stalled_lag: Option<(i64, Vec<i64>)>,
     /// Partitions this loop paused (kept across revokes until resumed).
     paused: BTreeSet<Tp>,
-    orphans: OrphanWatch,
-    orphans_checked: Option<Instant>,
-    started: Instant,
+    leases: Leases,
 }
 
 /// How a wait ended.
@@ -475,7 +487,6 @@ impl<P: Processor> Stage<P> {
         }
         for event in events {
             self.ownership.apply(&event);
-            self.orphans.reset();
             match &event {
                 RebalanceEvent::Revoked(revoked) => {
                     telemetry::REBALANCES.add(
@@ -533,11 +544,18 @@ impl<P: Processor> Stage<P> {
     /// waits on a dead member), or it is a member with nothing assigned while the group has lag
     /// whose committed offsets did not move (tansu 0.6 can leave partitions without an owner
     /// after evicting a dead member). A rejoin makes the coordinator assign everything again.
+    /// The same happens whenever the ownership leases show a partition nobody owns.
     fn housekeeping(&mut self) {
         self.serve_events();
+        if self.leases.take_rejoin() {
+            self.health
+                .failing("group", "a partition of the group has no owner");
+            self.rejoin();
+            self.stalled_lag = None;
+            return;
+        }
         if !self.ownership.owned().is_empty() {
             self.stalled_lag = None;
-            self.check_orphans();
             return;
         }
         if self.ownership.is_member() && self.stalled_lag.is_none() {
@@ -566,11 +584,7 @@ impl<P: Processor> Stage<P> {
             stage = self.settings.stage,
             "no assignment, rejoining the group"
         );
-        self.consumer.unsubscribe();
-        self.serve_events();
-        if let Err(error) = self.consumer.subscribe(&self.settings.input_topics) {
-            tracing::error!(stage = self.settings.stage, %error, "cannot subscribe again");
-        }
+        self.rejoin();
         self.stalled_lag = None;
     }
 
@@ -608,36 +622,6 @@ impl<P: Processor> Stage<P> {
         let partitions = self.group_partitions()?;
         let lag = partitions.iter().map(|(_, c, h)| (h - c).max(0)).sum();
         Some((lag, partitions.iter().map(|(_, c, _)| *c).collect()))
-    }
-
-    /// Every `rejoin_after / 2`, looks for partitions nobody seems to own (see
-    /// [`OrphanWatch`]) and rejoins the group if one has been still for `orphan_after`.
-    /// Stages whose commits can legitimately stand still while their owner works (the
-    /// aggregator's open hours, the publisher's held records) opt out through
-    /// [`Processor::commits_follow_progress`].
-    fn check_orphans(&mut self) {
-        if !self.processor.commits_follow_progress() || self.settings.orphan_after.is_zero() {
-            return;
-        }
-        let every = self.settings.rejoin_after / 2;
-        if self.orphans_checked.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.orphans_checked = Some(Instant::now());
-        let Some(partitions) = self.group_partitions() else {
-            return;
-        };
-        let now_ms = self.started.elapsed().as_millis() as u64;
-        let after_ms = self.settings.orphan_after.as_millis() as u64;
-        let stuck = self
-            .orphans
-            .observe(now_ms, &partitions, self.ownership.owned(), after_ms);
-        if stuck.is_empty() {
-            return;
-        }
-        tracing::warn!(stage = self.settings.stage, partitions = ?stuck, "partitions with lag and no progress, no owner in sight: rejoining the group");
-        self.orphans.reset();
-        self.rejoin();
     }
 
     fn rejoin(&mut self) {

@@ -1,6 +1,7 @@
 //! The runtime's bookkeeping, free of I/O so every rule is unit-tested: which partitions this
 //! consumer owns and since when ([`Ownership`]), which polled records still belong to it
-//! ([`Collected`]), and which offsets may be committed ([`Offsets`]).
+//! ([`Collected`]), which offsets may be committed ([`Offsets`]), and which partitions nobody
+//! owns ([`lapsed`]).
 //!
 //! The rule that keeps a rebalance from losing records: librdkafka serves a rebalance inside a
 //! poll, so one collection pass can see "record of P, revoke P, assign P, record of P". The
@@ -267,50 +268,27 @@ impl Offsets {
     }
 }
 
-/// Watches the partitions this member does not own for signs that nobody does: lag that stays
-/// while the committed offset does not move. tansu 0.6 can leave a dead member's partitions
-/// without an owner (it evicts the member on another member's heartbeat and keeps the
-/// generation, so nobody rebalances); a member that sees this rejoins its group.
-#[derive(Debug, Default)]
-pub struct OrphanWatch {
-    /// Per partition: the committed offset last seen and since when (ms) it has not moved.
-    still: HashMap<Tp, (i64, u64)>,
-}
-
-impl OrphanWatch {
-    /// Looks at the group's partitions (`partition, committed offset, end offset`) at `now_ms`;
-    /// returns the partitions not in `owned` that have lag and whose committed offset has not
-    /// moved for `after_ms`.
-    pub fn observe(
-        &mut self,
-        now_ms: u64,
-        partitions: &[(Tp, i64, i64)],
-        owned: &BTreeSet<Tp>,
-        after_ms: u64,
-    ) -> Vec<Tp> {
-        let mut stuck = Vec::new();
-        let mut still = HashMap::new();
-        for (tp, committed, end) in partitions {
-            if owned.contains(tp) || committed >= end {
-                continue;
-            }
-            let since = match self.still.get(tp) {
-                Some((c, since)) if c == committed => *since,
-                _ => now_ms,
-            };
-            if now_ms.saturating_sub(since) >= after_ms {
-                stuck.push(tp.clone());
-            }
-            still.insert(tp.clone(), (*committed, since));
-        }
-        self.still = still;
-        stuck
-    }
-
-    /// Forgets what was seen (after a rebalance).
-    pub fn reset(&mut self) {
-        self.still.clear();
-    }
+/// Partitions nobody has claimed for `after_ms` at `now_ms`, from the owners' leases (see
+/// `stage::Leases`): `leases` holds each partition of the input topics with the time (ms since
+/// the epoch) its owner last claimed it, if ever. Claims older than `since_ms` (when this member
+/// started watching, or last asked for a rebalance) count as made then, so a fresh member and a
+/// fresh assignment get the whole grace. The member's own partitions never count.
+pub fn lapsed(
+    now_ms: i64,
+    since_ms: i64,
+    leases: &[(Tp, Option<i64>)],
+    owned: &BTreeSet<Tp>,
+    after_ms: i64,
+) -> Vec<Tp> {
+    leases
+        .iter()
+        .filter(|(tp, _)| !owned.contains(tp))
+        .filter(|(_, claimed)| {
+            let last = claimed.unwrap_or(since_ms).max(since_ms);
+            now_ms.saturating_sub(last) >= after_ms
+        })
+        .map(|(tp, _)| tp.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -509,53 +487,37 @@ mod tests {
     }
 
     #[test]
-    fn test_orphan_watch_flags_only_unowned_partitions_with_lag_and_a_still_commit() {
-        let owned = BTreeSet::from([tp(0)]);
-        let mut w = OrphanWatch::default();
-        let at = |c1: i64, e1: i64, c0: i64| vec![(tp(0), c0, 100), (tp(1), c1, e1)];
-        assert!(w.observe(0, &at(5, 10, 1), &owned, 45_000).is_empty());
-        assert!(w.observe(30_000, &at(5, 12, 1), &owned, 45_000).is_empty());
-        assert_eq!(
-            w.observe(45_000, &at(5, 14, 1), &owned, 45_000),
-            vec![tp(1)]
-        );
-        // Its own partition never counts, however still.
-        let mut w = OrphanWatch::default();
-        let own_only = vec![(tp(0), 1, 100)];
-        w.observe(0, &own_only, &owned, 1);
-        assert!(w.observe(99_000, &own_only, &owned, 1).is_empty());
+    fn test_a_partition_whose_lease_lapsed_is_flagged_and_a_fresh_one_is_not() {
+        let owned = BTreeSet::new();
+        let leases = vec![(tp(0), Some(100_000)), (tp(1), Some(54_000))];
+        assert_eq!(lapsed(100_000, 0, &leases, &owned, 45_000), vec![tp(1)]);
+        assert!(lapsed(98_999, 0, &leases, &owned, 45_000).is_empty());
     }
 
     #[test]
-    fn test_orphan_watch_restarts_the_clock_when_the_commit_moves_or_lag_ends() {
+    fn test_the_members_own_partitions_never_count_as_lapsed() {
+        let owned = BTreeSet::from([tp(0)]);
+        let leases = vec![(tp(0), None), (tp(1), Some(0))];
+        assert_eq!(lapsed(1_000_000, 0, &leases, &owned, 45_000), vec![tp(1)]);
+    }
+
+    #[test]
+    fn test_a_partition_never_claimed_gets_the_grace_from_when_the_watch_started() {
         let owned = BTreeSet::new();
-        let mut w = OrphanWatch::default();
-        w.observe(0, &[(tp(1), 5, 10)], &owned, 45_000);
-        assert!(
-            w.observe(40_000, &[(tp(1), 6, 10)], &owned, 45_000)
-                .is_empty()
-        );
-        assert!(
-            w.observe(80_000, &[(tp(1), 6, 10)], &owned, 45_000)
-                .is_empty()
-        );
+        let leases = vec![(tp(0), None)];
+        assert!(lapsed(50_000, 10_000, &leases, &owned, 45_000).is_empty());
+        assert_eq!(lapsed(55_000, 10_000, &leases, &owned, 45_000), vec![tp(0)]);
+    }
+
+    #[test]
+    fn test_after_a_rejoin_old_claims_get_the_grace_again() {
+        // The member asked for a rebalance at 200 s: a lease from 100 s counts as made then.
+        let owned = BTreeSet::new();
+        let leases = vec![(tp(0), Some(100_000))];
+        assert!(lapsed(240_000, 200_000, &leases, &owned, 45_000).is_empty());
         assert_eq!(
-            w.observe(85_000, &[(tp(1), 6, 10)], &owned, 45_000),
-            vec![tp(1)]
-        );
-        // Caught up: no lag, nothing to own.
-        assert!(
-            w.observe(200_000, &[(tp(1), 10, 10)], &owned, 45_000)
-                .is_empty()
-        );
-        assert!(
-            w.observe(300_000, &[(tp(1), 10, 12)], &owned, 45_000)
-                .is_empty()
-        );
-        w.reset();
-        assert!(
-            w.observe(400_000, &[(tp(1), 10, 12)], &owned, 45_000)
-                .is_empty()
+            lapsed(245_000, 200_000, &leases, &owned, 45_000),
+            vec![tp(0)]
         );
     }
 }
