@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use ohx_common::codec::Codec;
 use ohx_common::kafka::{KafkaSettings, Producer};
 use ohx_common::records::{
-    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Device,
-    Measurement, series_key, topic,
+    AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Measurement, series_key, topic,
 };
+use ohx_tests::fixtures::heart_rate_sample;
 use ohx_tests::kafka_util::{GROUPS, high_watermark_sum, produce_raw, read_all, wait_settled};
 use ohx_tests::stack::Stack;
 use serde_json::{Value, json};
@@ -270,31 +270,14 @@ impl Env {
         bpm: f64,
         fetched_through: Option<i64>,
     ) -> anyhow::Result<()> {
-        let m = Measurement {
-            context: self.context(p),
-            measurement_id: format!("withings:{}:hr:{}:watch-{}", p.userid, ts / 1000, p.userid),
-            series_key: series_key(&p.patient_id, "heart_rate"),
-            data_type: "heart_rate".into(),
-            aggregation: AGGREGATION_HOURLY.into(),
-            effective_start: ts,
-            effective_end: None,
-            utc_offset_seconds: Some(3600),
-            components: vec![Component {
-                code: "value".into(),
-                value: bpm,
-                unit: "/min".into(),
-            }],
-            device: Some(Device {
-                device_id: format!("watch-{}", p.userid),
-                model: Some("ScanWatch".into()),
-                model_id: Some("93".into()),
-                manufacturer: Some("Withings".into()),
-            }),
-            entry_method: Some("device".into()),
-            provider_group_id: None,
-            provider_modified_at: None,
+        let m = heart_rate_sample(
+            self.context(p),
+            p.userid,
+            &p.patient_id,
+            ts,
+            bpm,
             fetched_through,
-        };
+        );
         self.producer
             .send_record(topic::MEASUREMENTS, &m.series_key, &m)
             .await?;

@@ -15,9 +15,8 @@ use anyhow::{Context as _, bail, ensure};
 use chrono::{SecondsFormat, TimeZone as _, Utc};
 use ohx_common::codec::Codec;
 use ohx_common::kafka::{KafkaSettings, Producer};
-use ohx_common::records::{
-    AGGREGATION_HOURLY, Component, Context, DeadLetter, Device, Measurement, series_key, topic,
-};
+use ohx_common::records::{Context, DeadLetter, topic};
+use ohx_tests::fixtures::heart_rate_sample;
 use ohx_tests::kafka_util::{GROUPS, high_watermark_sum, read_all, wait_settled};
 use ohx_tests::stack::{Stack, StackOptions, read_fhir};
 use serde_json::{Value, json};
@@ -756,6 +755,31 @@ async fn audit(
 
 /// Waits until every expected Observation is in its EHR with its expected value; returns the
 /// time it took.
+/// Waits at most `within` until everything the load sent before the repair (`before`) is in
+/// the EHR. Records the recovery time since `repaired`, or the failure `{what}: …`; returns
+/// whether it recovered.
+async fn recovery(
+    fx: &Fx,
+    patients: &[Patient],
+    before: &[Sent],
+    repaired: Instant,
+    within: Duration,
+    what: &str,
+    r: &mut Report,
+) -> bool {
+    let expected = expectations(patients, before);
+    match wait_delivered(&fx.http, patients, &expected, within).await {
+        Ok(_) => {
+            r.recovered(repaired.elapsed());
+            true
+        }
+        Err(e) => {
+            r.failures.push(format!("{what}: {e:#}"));
+            false
+        }
+    }
+}
+
 async fn wait_delivered(
     http: &reqwest::Client,
     patients: &[Patient],
@@ -884,17 +908,16 @@ async fn scale_out_and_in(r: &mut Report) -> anyhow::Result<()> {
     let repaired = Instant::now();
     let before = load.sent();
     load.wait_more(5, Duration::from_secs(90)).await?;
-    let recovered = wait_delivered(
-        &fx.http,
+    recovery(
+        &fx,
         &patients,
-        &expectations(&patients, &before),
+        &before,
+        repaired,
         Duration::from_secs(75),
+        "after scale-in",
+        r,
     )
     .await;
-    match recovered {
-        Ok(_) => r.recovered(repaired.elapsed()),
-        Err(e) => r.failures.push(format!("after scale-in: {e:#}")),
-    }
     conclude(&fx, load, &patients, vec![], r).await?;
     fx.stack.drop_database().await?;
     Ok(())
@@ -921,17 +944,16 @@ async fn kill_and_restart_each_stage(r: &mut Report) -> anyhow::Result<()> {
             ready < Duration::from_secs(45),
             format!("{s} took {ready:?} to hold its partitions again"),
         );
-        match wait_delivered(
-            &fx.http,
+        recovery(
+            &fx,
             &patients,
-            &expectations(&patients, &before),
+            &before,
+            repaired,
             Duration::from_secs(90),
+            &format!("after restarting {s}"),
+            r,
         )
-        .await
-        {
-            Ok(_) => r.recovered(repaired.elapsed()),
-            Err(e) => r.failures.push(format!("after restarting {s}: {e:#}")),
-        }
+        .await;
         load.wait_more(2, Duration::from_secs(60)).await?;
     }
     conclude(&fx, load, &patients, vec![], r).await?;
@@ -958,22 +980,22 @@ async fn broker_kill_and_restart(r: &mut Report) -> anyhow::Result<()> {
         fx.stack.restart_broker().await?;
         let repaired = Instant::now();
         let before = load.sent();
-        match wait_delivered(
-            &fx.http,
+        let what = format!("after {down} s down");
+        if recovery(
+            &fx,
             &patients,
-            &expectations(&patients, &before),
+            &before,
+            repaired,
             Duration::from_secs(90),
+            &what,
+            r,
         )
         .await
         {
-            Ok(_) => {
-                r.recovered(repaired.elapsed());
-                r.notes.push(format!(
-                    "{down} s down: {resent} resends, recovered in {:.1} s",
-                    repaired.elapsed().as_secs_f64()
-                ));
-            }
-            Err(e) => r.failures.push(format!("after {down} s down: {e:#}")),
+            r.notes.push(format!(
+                "{down} s down: {resent} resends, recovered in {:.1} s",
+                repaired.elapsed().as_secs_f64()
+            ));
         }
         load.wait_more(3, Duration::from_secs(120)).await?;
     }
@@ -1010,17 +1032,16 @@ async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
     fx.stack.signal("hfs", "CONT")?;
     let repaired = Instant::now();
     let before = load.sent();
-    match wait_delivered(
-        &fx.http,
+    recovery(
+        &fx,
         &patients,
-        &expectations(&patients, &before),
+        &before,
+        repaired,
         Duration::from_secs(90),
+        "after hfs came back",
+        r,
     )
-    .await
-    {
-        Ok(_) => r.recovered(repaired.elapsed()),
-        Err(e) => r.failures.push(format!("after hfs came back: {e:#}")),
-    }
+    .await;
     load.wait_more(4, Duration::from_secs(60)).await?;
     conclude(&fx, load, &patients, vec![], r).await?;
     fx.stack.drop_database().await?;
@@ -1029,31 +1050,7 @@ async fn fhir_server_down(r: &mut Report) -> anyhow::Result<()> {
 
 /// Produces one intraday heart-rate sample onto ohx.measurements.v1, as the fetcher would.
 async fn produce_hr(fx: &Fx, p: &Patient, ts: i64, bpm: f64) -> anyhow::Result<()> {
-    let m = Measurement {
-        context: fx.context(p),
-        measurement_id: format!("withings:{}:hr:{}:watch-{}", p.userid, ts / 1000, p.userid),
-        series_key: series_key(&p.patient_id, "heart_rate"),
-        data_type: "heart_rate".into(),
-        aggregation: AGGREGATION_HOURLY.into(),
-        effective_start: ts,
-        effective_end: None,
-        utc_offset_seconds: Some(3600),
-        components: vec![Component {
-            code: "value".into(),
-            value: bpm,
-            unit: "/min".into(),
-        }],
-        device: Some(Device {
-            device_id: format!("watch-{}", p.userid),
-            model: Some("ScanWatch".into()),
-            model_id: Some("93".into()),
-            manufacturer: Some("Withings".into()),
-        }),
-        entry_method: Some("device".into()),
-        provider_group_id: None,
-        provider_modified_at: None,
-        fetched_through: None,
-    };
+    let m = heart_rate_sample(fx.context(p), p.userid, &p.patient_id, ts, bpm, None);
     fx.producer
         .send_record(topic::MEASUREMENTS, &m.series_key, &m)
         .await?;
@@ -1538,17 +1535,16 @@ async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
     front.forwarding.store(true, Ordering::SeqCst);
     let repaired = Instant::now();
     let before = load.sent();
-    match wait_delivered(
-        &fx.http,
+    recovery(
+        &fx,
         &bad,
-        &expectations(&bad, &before),
+        &before,
+        repaired,
         Duration::from_secs(90),
+        "after the fix",
+        r,
     )
-    .await
-    {
-        Ok(_) => r.recovered(repaired.elapsed()),
-        Err(e) => r.failures.push(format!("after the fix: {e:#}")),
-    }
+    .await;
     load.wait_more(3, Duration::from_secs(60)).await?;
     conclude(&fx, load, &all, vec![], r).await?;
     fx.stack.drop_database().await?;

@@ -8,9 +8,10 @@ use fhir_mapper::validate::FhirValidator;
 use hourly_aggregator::window::{PartitionWindows, WindowConfig};
 use ohx_common::codec::Codec;
 use ohx_common::records::{
-    AGGREGATION_HOURLY, Component, Context, Device, FhirResource, HourlyAggregate, Measurement,
-    SyncRequest, content_hash, content_hash_of, resource_identity, series_key, topic,
+    Component, Context, Device, FhirResource, HourlyAggregate, Measurement, SyncRequest,
+    content_hash, content_hash_of, resource_identity, series_key, topic,
 };
+use ohx_tests::fixtures::heart_rate_sample;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
@@ -35,32 +36,11 @@ fn ctx() -> Context {
 
 fn hr(i: i64, series: &str) -> Measurement {
     let t = 1_790_000_000_000 - 1_790_000_000_000 % HOUR + i * 60_000;
-    Measurement {
-        context: ctx(),
-        measurement_id: format!("withings:4242:hr:{}:watch", t / 1000),
-        series_key: series.to_string(),
-        data_type: "heart_rate".into(),
-        aggregation: AGGREGATION_HOURLY.into(),
-        effective_start: t,
-        effective_end: None,
-        utc_offset_seconds: Some(3600),
-        components: vec![Component {
-            code: "value".into(),
-            value: 60.0 + (i % 40) as f64,
-            unit: "/min".into(),
-        }],
-        device: Some(Device {
-            device_id: "watch".into(),
-            model: Some("ScanWatch".into()),
-            model_id: Some("93".into()),
-            manufacturer: Some("Withings".into()),
-        }),
-        entry_method: Some("device".into()),
-        provider_group_id: None,
-        provider_modified_at: None,
-        // Each hour's last sample ends a fetch through the end of that hour.
-        fetched_through: (i.rem_euclid(60) == 59).then_some(t + 60_000),
-    }
+    // Each hour's last sample ends a fetch through the end of that hour.
+    let fetched_through = (i.rem_euclid(60) == 59).then_some(t + 60_000);
+    let mut m = heart_rate_sample(ctx(), 4242, "p", t, 60.0 + (i % 40) as f64, fetched_through);
+    m.series_key = series.to_string();
+    m
 }
 
 fn bp(i: i64) -> Measurement {

@@ -1,4 +1,5 @@
 //! Test harness.
+pub mod fixtures;
 pub mod kafka_util;
 pub mod stack;
 pub mod withings_sim;
