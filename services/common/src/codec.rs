@@ -8,17 +8,22 @@
 //!   and schemas are registered on first use.
 //!
 //! Records are always read with the schema compiled into this binary (the reader schema), so
-//! records written with an older, compatible schema decode too.
+//! records written with an older, compatible schema decode too. Records written with the
+//! binary's own schema (nearly all) are serialized and deserialized straight between the Rust
+//! value and Avro binary, in one walk and without the intermediate `Value` tree; only an older
+//! writer schema goes through schema resolution.
 
 use crate::records::Record;
 use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// The `.avsc` files of `schemas/`, compiled in.
 pub const SCHEMA_FILES: &[(&str, &str)] = &[
@@ -82,12 +87,59 @@ impl CodecError {
 struct Http {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
+    /// Whether a registry id's schema is this binary's schema for the record (fast path).
+    own: RwLock<HashMap<u32, bool>>,
+}
+
+/// Schemas by file name, with their raw text.
+type Schemas = HashMap<&'static str, (Schema, &'static str)>;
+
+/// The binary's schemas, parsed once per process.
+fn parsed() -> &'static Result<Schemas, String> {
+    static PARSED: OnceLock<Result<Schemas, String>> = OnceLock::new();
+    PARSED.get_or_init(|| {
+        SCHEMA_FILES
+            .iter()
+            .map(|(file, raw)| {
+                Schema::parse_str(raw)
+                    .map(|schema| (*file, (schema, *raw)))
+                    .map_err(|e| format!("{file}: {e}"))
+            })
+            .collect()
+    })
+}
+
+/// A schema's writer and reader, built once per process: they serialize and deserialize a
+/// value directly, in one walk.
+struct Compiled {
+    writer: GenericDatumWriter<'static>,
+    reader: GenericDatumReader<'static>,
+}
+
+fn compiled() -> &'static Result<HashMap<&'static str, Compiled>, String> {
+    static COMPILED: OnceLock<Result<HashMap<&'static str, Compiled>, String>> = OnceLock::new();
+    COMPILED.get_or_init(|| {
+        let parsed = parsed().as_ref().map_err(Clone::clone)?;
+        parsed
+            .iter()
+            .map(|(file, (schema, _))| {
+                let writer = GenericDatumWriter::builder(schema)
+                    .build()
+                    .map_err(|e| format!("{file}: {e}"))?;
+                let reader = GenericDatumReader::builder(schema)
+                    .build()
+                    .map_err(|e| format!("{file}: {e}"))?;
+                Ok((*file, Compiled { writer, reader }))
+            })
+            .collect()
+    })
 }
 
 /// Encodes and decodes records; build once per process and share.
 pub struct Codec {
     /// Reader/writer schemas by file name, with their raw text.
-    schemas: HashMap<&'static str, (Schema, &'static str)>,
+    schemas: &'static Schemas,
+    compiled: &'static HashMap<&'static str, Compiled>,
     /// Embedded mode: ids by file name, and schemas by id.
     ids: HashMap<String, u32>,
     by_id: HashMap<u32, Schema>,
@@ -124,19 +176,22 @@ impl Codec {
     pub fn embedded() -> Result<Self, CodecError> {
         let ids: HashMap<String, u32> =
             toml::from_str(REGISTRY_TOML).map_err(|e| CodecError::Config(e.to_string()))?;
-        let mut schemas = HashMap::new();
+        let schemas = parsed()
+            .as_ref()
+            .map_err(|e| CodecError::Config(e.clone()))?;
+        let compiled = compiled()
+            .as_ref()
+            .map_err(|e| CodecError::Config(e.clone()))?;
         let mut by_id = HashMap::new();
-        for (file, raw) in SCHEMA_FILES {
-            let schema =
-                Schema::parse_str(raw).map_err(|e| CodecError::Config(format!("{file}: {e}")))?;
+        for (file, (schema, _)) in schemas {
             let id = *ids
                 .get(*file)
                 .ok_or_else(|| CodecError::Config(format!("{file} has no pinned id")))?;
             by_id.insert(id, schema.clone());
-            schemas.insert(*file, (schema, *raw));
         }
         Ok(Self {
             schemas,
+            compiled,
             ids,
             by_id,
             http: None,
@@ -152,6 +207,7 @@ impl Codec {
         codec.http = Some(Http {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),
+            own: RwLock::new(HashMap::new()),
         });
         Ok(codec)
     }
@@ -162,25 +218,28 @@ impl Codec {
             .ok_or_else(|| CodecError::UnknownSchema(file.to_string()))
     }
 
+    fn compiled(&self, file: &str) -> Result<&Compiled, CodecError> {
+        self.compiled
+            .get(file)
+            .ok_or_else(|| CodecError::UnknownSchema(file.to_string()))
+    }
+
     /// Encodes `value` for `topic` (subject `<topic>-value`).
-    // The datum functions are deprecated in favour of bon builders with the same behaviour.
-    #[allow(deprecated)]
     pub async fn encode<T: Record>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
-        let (schema, raw) = self.schema(T::SCHEMA_FILE)?;
+        let (_, raw) = self.schema(T::SCHEMA_FILE)?;
         match &self.http {
             None => {
                 let id = *self
                     .ids
                     .get(T::SCHEMA_FILE)
                     .ok_or_else(|| CodecError::UnknownSchema(T::SCHEMA_FILE.to_string()))?;
-                let avro = apache_avro::to_value(value)
-                    .and_then(|v| v.resolve(schema))
-                    .and_then(|v| apache_avro::to_avro_datum(schema, v))
-                    .map_err(|e| CodecError::Avro(e.to_string()))?;
-                let mut out = Vec::with_capacity(avro.len() + 5);
+                let mut out = Vec::with_capacity(256);
                 out.push(0u8);
                 out.extend_from_slice(&id.to_be_bytes());
-                out.extend_from_slice(&avro);
+                self.compiled(T::SCHEMA_FILE)?
+                    .writer
+                    .write_ser(&mut out, value)
+                    .map_err(|e| CodecError::Avro(e.to_string()))?;
                 Ok(out)
             }
             Some(http) => {
@@ -216,6 +275,9 @@ impl Codec {
         let (reader, _) = self.schema(T::SCHEMA_FILE)?;
         let mut body = &bytes[5..];
         let value = match &self.http {
+            None if self.ids.get(T::SCHEMA_FILE) == Some(&id) => {
+                return self.decode_own::<T>(body);
+            }
             None => {
                 let writer = self.by_id.get(&id).ok_or(CodecError::UnknownSchemaId(id))?;
                 apache_avro::from_avro_datum(writer, &mut body, Some(reader))
@@ -226,6 +288,17 @@ impl Codec {
                     .get_schema(id)
                     .await
                     .map_err(|e| CodecError::Registry(e.to_string()))?;
+                let known = http.own.read().ok().and_then(|own| own.get(&id).copied());
+                let own = known.unwrap_or_else(|| {
+                    let same = writer.parsed.canonical_form() == reader.canonical_form();
+                    if let Ok(mut own) = http.own.write() {
+                        own.insert(id, same);
+                    }
+                    same
+                });
+                if own {
+                    return self.decode_own::<T>(body);
+                }
                 apache_avro::from_avro_datum(&writer.parsed, &mut body, Some(reader))
             }
         }
@@ -234,6 +307,19 @@ impl Codec {
             return Err(CodecError::Avro(format!("{} trailing bytes", body.len())));
         }
         apache_avro::from_value::<T>(&value).map_err(|e| CodecError::Avro(e.to_string()))
+    }
+
+    /// Deserializes a body written with this binary's own schema of `T`.
+    fn decode_own<T: Record>(&self, mut body: &[u8]) -> Result<T, CodecError> {
+        let value = self
+            .compiled(T::SCHEMA_FILE)?
+            .reader
+            .read_deser::<T>(&mut body)
+            .map_err(|e| CodecError::Avro(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(CodecError::Avro(format!("{} trailing bytes", body.len())));
+        }
+        Ok(value)
     }
 }
 
@@ -255,6 +341,30 @@ mod tests {
             trigger: "WEBHOOK".into(),
             received_at: 1_700_000_000_000,
         }
+    }
+
+    /// Encodes `value` as before the direct path (through a resolved `Value` tree).
+    #[allow(deprecated)]
+    fn through_value<T: Record>(value: &T) -> Vec<u8> {
+        let codec = Codec::embedded().unwrap();
+        let (schema, _) = codec.schema(T::SCHEMA_FILE).unwrap();
+        let v = apache_avro::to_value(value)
+            .unwrap()
+            .resolve(schema)
+            .unwrap();
+        apache_avro::to_avro_datum(schema, v).unwrap()
+    }
+
+    /// The direct path writes exactly the bytes of the `Value` path, and reads them back.
+    async fn round_trip<T: Record + PartialEq + std::fmt::Debug>(
+        codec: &Codec,
+        topic: &str,
+        v: &T,
+    ) {
+        let bytes = codec.encode(topic, v).await.unwrap();
+        assert_eq!(bytes[0], 0);
+        assert_eq!(&bytes[5..], through_value(v).as_slice());
+        assert_eq!(&codec.decode::<T>(&bytes).await.unwrap(), v);
     }
 
     #[tokio::test]
@@ -286,12 +396,22 @@ mod tests {
             fetched_through: None,
         };
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
-        assert_eq!(bytes[0], 0);
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
             2
         );
-        assert_eq!(codec.decode::<Measurement>(&bytes).await.unwrap(), m);
+        round_trip(&codec, topic::MEASUREMENTS, &m).await;
+        let without_options = Measurement {
+            device: None,
+            entry_method: None,
+            provider_group_id: None,
+            utc_offset_seconds: None,
+            fetched_through: Some(5),
+            provider_modified_at: Some(6),
+            components: vec![],
+            ..m
+        };
+        round_trip(&codec, topic::MEASUREMENTS, &without_options).await;
 
         let sr = SyncRequest {
             context: ctx(),
@@ -300,8 +420,7 @@ mod tests {
             window_end: None,
             provider_event: Some("appli=16".into()),
         };
-        let b = codec.encode(topic::SYNC_REQUESTS, &sr).await.unwrap();
-        assert_eq!(codec.decode::<SyncRequest>(&b).await.unwrap(), sr);
+        round_trip(&codec, topic::SYNC_REQUESTS, &sr).await;
 
         let dl = DeadLetter {
             stage: "fhir-mapper".into(),
@@ -318,15 +437,63 @@ mod tests {
             }],
             failed_at: 5,
         };
-        let b = codec.encode(topic::DEAD_LETTER, &dl).await.unwrap();
-        assert_eq!(codec.decode::<DeadLetter>(&b).await.unwrap(), dl);
+        round_trip(&codec, topic::DEAD_LETTER, &dl).await;
 
         let st = DedupState {
             content_hash: "abc".into(),
             revision: 7,
         };
-        let b = codec.encode(topic::DEDUP_STATE, &st).await.unwrap();
-        assert_eq!(codec.decode::<DedupState>(&b).await.unwrap(), st);
+        round_trip(&codec, topic::DEDUP_STATE, &st).await;
+
+        let agg = HourlyAggregate {
+            context: ctx(),
+            aggregate_id: "a".into(),
+            series_key: series_key("p", "heart_rate"),
+            data_type: "heart_rate".into(),
+            unit: "/min".into(),
+            hour_start: 0,
+            hour_end: 3_600_000,
+            count: 3,
+            min: 50.5,
+            max: 90.0,
+            mean: 70.25,
+            sum: 210.75,
+            first_sample_at: 1,
+            last_sample_at: 2,
+            utc_offset_seconds: Some(-18_000),
+            device: None,
+            revision: 9,
+            amends: true,
+        };
+        round_trip(&codec, topic::HOURLY_AGGREGATES, &agg).await;
+
+        let res = FhirResource {
+            context: ctx(),
+            identity: "t/Observation/x".into(),
+            resource_type: "Observation".into(),
+            resource_id: "x".into(),
+            resource: r#"{"resourceType":"Observation","value":"ü"}"#.into(),
+            source_ids: vec!["m1".into(), "m2".into()],
+            source_revision: -1,
+        };
+        round_trip(&codec, topic::FHIR_RESOURCES, &res).await;
+
+        let pr = PublishResult {
+            identity: "t/Observation/x".into(),
+            organization_id: "o".into(),
+            ehr_target_id: "t".into(),
+            patient_id: "p".into(),
+            link_id: "l".into(),
+            sync_request_id: "s".into(),
+            resource_type: "Observation".into(),
+            resource_id: "x".into(),
+            outcome: "created".into(),
+            http_status: 201,
+            version_id: Some("1".into()),
+            received_at: 1,
+            confirmed_at: 2,
+        };
+        round_trip(&codec, topic::PUBLISH_RESULTS, &pr).await;
     }
 
     #[test]
