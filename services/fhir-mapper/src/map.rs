@@ -197,39 +197,53 @@ impl MappedResource {
 
 /// Serializes JSON compactly with the keys of every object sorted (by UTF-8 bytes), independent
 /// of serde_json's `preserve_order` feature; numbers and string escapes as serde_json writes them.
+/// Objects whose keys already come sorted (serde_json's default map) are not sorted again, and
+/// keys and scalars are written straight into the output.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(1024);
     write_canonical(value, &mut out);
-    out
+    // serde_json writes UTF-8 only.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (key, value)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                write_canonical(value, out);
+            out.push(b'{');
+            if map.keys().is_sorted() {
+                write_entries(map.iter(), out);
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                write_entries(entries.into_iter(), out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => out.push_str(&scalar.to_string()),
+        // Writing into a Vec cannot fail.
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
+    }
+}
+
+fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    for (i, (key, value)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.push(b':');
+        write_canonical(value, out);
     }
 }
 
@@ -1707,6 +1721,18 @@ mod tests {
         );
         let parsed: Value = serde_json::from_str(&canonical_json(&value)).unwrap();
         assert_eq!(parsed, value);
+        // Keys and strings are escaped as serde_json escapes them.
+        let escaped = json!({ "k\n\u{1}": "\t\u{7f}\u{2028}", "": -0.5e-7 });
+        assert_eq!(
+            canonical_json(&escaped),
+            format!(
+                "{{{}:{},{}:{}}}",
+                json!(""),
+                json!(-0.5e-7),
+                json!("k\n\u{1}"),
+                json!("\t\u{7f}\u{2028}")
+            )
+        );
     }
 
     #[test]
