@@ -822,13 +822,7 @@ async fn test_the_partitions_of_a_member_killed_without_leaving_are_taken_over()
 async fn test_a_service_whose_port_is_taken_exits_with_the_reason() -> anyhow::Result<()> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?.to_string();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = std::env::var_os("OHX_BIN_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| target.join("debug"))
-        .join("deduplicator");
+    let bin = ohx_tests::stack::bin_dir().join("deduplicator");
     let output = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::process::Command::new(&bin)

@@ -75,6 +75,17 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Where the binaries under test are: `OHX_BIN_DIR` (a relative one taken from the workspace
+/// root, as the README's commands write it; the latency benchmark uses release builds), else
+/// the debug build.
+pub fn bin_dir() -> PathBuf {
+    match std::env::var_os("OHX_BIN_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => workspace_root().join(dir),
+        Some(dir) => dir,
+        None => target_dir().join("debug"),
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
@@ -186,10 +197,7 @@ impl Stack {
         let dir = target_dir().join("e2e").join(format!("run-{run_name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
-        // OHX_BIN_DIR points the stack at other builds (the latency benchmark uses release).
-        let bin_dir = std::env::var_os("OHX_BIN_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| target_dir().join("debug"));
+        let bin_dir = bin_dir();
         for b in STAGES.iter().chain(["ohx", "withings-sim"].iter()) {
             if !bin_dir.join(b).is_file() {
                 bail!(
