@@ -2,14 +2,16 @@
 //! input, the stage's pure core, Avro encode of the outputs. Also the aggregator's memory per
 //! open series-hour. Run: `cargo bench -p ohx-tests --bench stages`.
 
-use fhir_mapper::map::{MapperSettings, canonical_json, map_aggregate, map_measurement};
+use fhir_mapper::map::{MapperSettings, canonical_json, map_aggregate};
 use fhir_mapper::mapping::Mapping;
+use fhir_mapper::stage::{MapperCore, MeasurementMapper};
 use fhir_mapper::validate::FhirValidator;
 use hourly_aggregator::window::{PartitionWindows, WindowConfig};
 use ohx_common::codec::Codec;
+use ohx_common::kafka::{Emitter, Input, Processor};
 use ohx_common::records::{
     Component, Context, Device, FhirResource, HourlyAggregate, Measurement, SyncRequest,
-    content_hash, content_hash_of, resource_identity, series_key, topic,
+    content_hash, content_hash_of, series_key, topic,
 };
 use ohx_tests::fixtures::heart_rate_sample;
 use serde_json::json;
@@ -241,6 +243,7 @@ fn main() -> anyhow::Result<()> {
 
     // fhir-mapper: decode, map, validate (R5 schema + profile rules), encode.
     let table = Mapping::default_table()?;
+    let shared_codec = std::sync::Arc::new(Codec::embedded()?);
     let settings = MapperSettings::new("https://ohx.example/fhir")?;
     let validator = FhirValidator::new()?;
     let bps: Vec<Vec<u8>> = rt.block_on(async {
@@ -250,34 +253,40 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(v)
     })?;
+    // As the stage runs it: decode a batch of 500, process it, apply the change.
+    let core = std::sync::Arc::new(MapperCore {
+        table: table.clone(),
+        settings: settings.clone(),
+        validator,
+    });
+    let mut mapper = MeasurementMapper::new(core.clone());
     let mut resources = Vec::new();
     let started = Instant::now();
     rt.block_on(async {
-        for bytes in &bps {
-            let m: Measurement = codec.decode(bytes).await?;
-            for r in map_measurement(&m, &table, &settings)? {
-                validator
-                    .validate_all(&r.json)
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let record = FhirResource {
-                    context: m.context.clone(),
-                    identity: resource_identity(&m.context.ehr_target_id, &r.resource_type, &r.id),
-                    resource_type: r.resource_type.clone(),
-                    resource_id: r.id.clone(),
-                    resource: canonical_json(&r.json),
-                    source_ids: vec![m.measurement_id.clone()],
-                    source_revision: m.provider_modified_at.unwrap_or(0),
-                };
-                let bytes = codec.encode(topic::FHIR_RESOURCES, &record).await?;
-                resources.push(bytes);
+        for (batch_index, chunk) in bps.chunks(500).enumerate() {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for (i, bytes) in chunk.iter().enumerate() {
+                batch.push(Input {
+                    topic: topic::MEASUREMENTS.to_string(),
+                    partition: 0,
+                    offset: (batch_index * 500 + i) as i64,
+                    key: None,
+                    value: codec.decode::<Measurement>(bytes).await?,
+                    payload: Vec::new(),
+                    headers: Vec::new(),
+                });
             }
+            let mut out = Emitter::new("fhir-mapper", shared_codec.clone());
+            let change = mapper.process(&batch, &mut out).await?;
+            mapper.apply(&change).await?;
+            resources.extend(out.records().map(|r| r.payload.clone()));
         }
         anyhow::Ok(())
     })?;
     report(
         "fhir-mapper",
         &format!(
-            "BP Measurement -> 3 validated resources ({} out)",
+            "BP Measurement -> validated resources ({} out)",
             resources.len()
         ),
         bps.len(),
@@ -305,8 +314,8 @@ fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     for _ in 0..5_000 {
-        for r in map_aggregate(&agg, &table, &settings)? {
-            validator
+        for r in map_aggregate(&agg, &core.table, &core.settings)? {
+            core.validator
                 .validate_all(&r.json)
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             black_box(canonical_json(&r.json));

@@ -1,5 +1,6 @@
 //! Maps Measurements and HourlyAggregates to validated FHIR R5 resources.
 
+pub mod devices;
 pub mod map;
 pub mod mapping;
 pub mod stage;

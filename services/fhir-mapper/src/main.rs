@@ -42,9 +42,9 @@ async fn main() -> anyhow::Result<()> {
     aggregates.group_id = format!("{group}.aggregates");
     rt.run_two(
         measurements,
-        MeasurementMapper(core.clone()),
+        MeasurementMapper::new(core.clone()),
         aggregates,
-        AggregateMapper(core),
+        AggregateMapper::new(core),
     )
     .await
 }

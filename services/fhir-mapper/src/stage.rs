@@ -1,8 +1,10 @@
 //! The Kafka side of the fhir-mapper: maps INDIVIDUAL measurements and hourly aggregates to
 //! FHIR R5 resources, validates each against the R5 JSON schema, and produces them keyed by
 //! identity. A record that cannot be mapped, or whose resource is invalid, goes to the
-//! dead-letter topic with the reason; the stage keeps going.
+//! dead-letter topic with the reason; the stage keeps going. A Device or DeviceAssociation the
+//! broker already acknowledged with the same content is not emitted again (see `devices`).
 
+use crate::devices::{BatchDevices, Devices, content_hash, repeats_per_measurement};
 use crate::map::{MappedResource, MapperSettings, canonical_json, map_aggregate, map_measurement};
 use crate::mapping::Mapping;
 use crate::validate::FhirValidator;
@@ -30,17 +32,45 @@ pub struct MapperCore {
     pub validator: FhirValidator,
 }
 
+/// One mapped input: what it came from and what it maps to.
+struct Mapped<'a, T> {
+    input: &'a Input<T>,
+    context: &'a Context,
+    source_id: &'a str,
+    source_revision: i64,
+    resources: Vec<MappedResource>,
+}
+
 impl MapperCore {
-    /// Validates and emits mapped resources; an invalid resource dead-letters its input.
+    /// Validates and emits mapped resources, leaving out devices already acknowledged with the
+    /// same content; an invalid resource dead-letters its input.
     async fn emit<T>(
         &self,
-        input: &Input<T>,
-        context: &Context,
-        source_id: &str,
-        resources: Vec<MappedResource>,
-        source_revision: i64,
+        mapped: Mapped<'_, T>,
+        known: &Devices,
+        batch: &mut BatchDevices,
         out: &mut Emitter,
     ) -> Result<(), StageError> {
+        let Mapped {
+            input,
+            context,
+            source_id,
+            source_revision,
+            mut resources,
+        } = mapped;
+        let mut devices = Vec::new();
+        resources.retain(|r| {
+            if !repeats_per_measurement(&r.resource_type) {
+                return true;
+            }
+            let identity = resource_identity(&context.ehr_target_id, &r.resource_type, &r.id);
+            let hash = content_hash(&r.json);
+            let wanted = batch.wanted(known, &identity, hash);
+            if wanted {
+                devices.push((identity, hash));
+            }
+            wanted
+        });
         // Validate all first: a record either produces all its resources or none.
         for r in &resources {
             if let Err(e) = self.validator.validate_all(&r.json) {
@@ -80,79 +110,228 @@ impl MapperCore {
             };
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
+        batch.emitted(devices);
         Ok(())
     }
 }
 
 /// Maps measurements that are not aggregated hourly.
 #[derive(Debug, Clone)]
-pub struct MeasurementMapper(pub Arc<MapperCore>);
+pub struct MeasurementMapper {
+    core: Arc<MapperCore>,
+    devices: Devices,
+}
+
+impl MeasurementMapper {
+    pub fn new(core: Arc<MapperCore>) -> Self {
+        Self {
+            core,
+            devices: Devices::default(),
+        }
+    }
+}
 
 impl Processor for MeasurementMapper {
     type In = Measurement;
-    type Change = ();
+    /// The device contents emitted, learnt once acknowledged.
+    type Change = Vec<(String, u64)>;
 
     async fn process(
         &mut self,
         batch: &[Input<Measurement>],
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
+    ) -> Result<Self::Change, StageError> {
+        let mut devices = BatchDevices::default();
         for input in batch {
             let m = &input.value;
             if m.aggregation == AGGREGATION_HOURLY {
                 continue; // the hourly-aggregator's output is mapped instead
             }
-            match map_measurement(m, &self.0.table, &self.0.settings) {
+            match map_measurement(m, &self.core.table, &self.core.settings) {
                 Ok(resources) => {
-                    self.0
-                        .emit(
-                            input,
-                            &m.context,
-                            &m.measurement_id,
-                            resources,
-                            m.provider_modified_at.unwrap_or(0),
-                            out,
-                        )
+                    let mapped = Mapped {
+                        input,
+                        context: &m.context,
+                        source_id: &m.measurement_id,
+                        source_revision: m.provider_modified_at.unwrap_or(0),
+                        resources,
+                    };
+                    self.core
+                        .emit(mapped, &self.devices, &mut devices, out)
                         .await?
                 }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }
+        Ok(devices.into_change())
+    }
+
+    async fn apply(&mut self, change: &Self::Change) -> Result<(), StageError> {
+        self.devices.remember(change);
         Ok(())
     }
 }
 
 /// Maps hourly aggregates.
 #[derive(Debug, Clone)]
-pub struct AggregateMapper(pub Arc<MapperCore>);
+pub struct AggregateMapper {
+    core: Arc<MapperCore>,
+    devices: Devices,
+}
+
+impl AggregateMapper {
+    pub fn new(core: Arc<MapperCore>) -> Self {
+        Self {
+            core,
+            devices: Devices::default(),
+        }
+    }
+}
 
 impl Processor for AggregateMapper {
     type In = HourlyAggregate;
-    type Change = ();
+    /// The device contents emitted, learnt once acknowledged.
+    type Change = Vec<(String, u64)>;
 
     async fn process(
         &mut self,
         batch: &[Input<HourlyAggregate>],
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
+    ) -> Result<Self::Change, StageError> {
+        let mut devices = BatchDevices::default();
         for input in batch {
             let a = &input.value;
-            match map_aggregate(a, &self.0.table, &self.0.settings) {
+            match map_aggregate(a, &self.core.table, &self.core.settings) {
                 Ok(resources) => {
-                    self.0
-                        .emit(
-                            input,
-                            &a.context,
-                            &a.aggregate_id,
-                            resources,
-                            a.revision,
-                            out,
-                        )
+                    let mapped = Mapped {
+                        input,
+                        context: &a.context,
+                        source_id: &a.aggregate_id,
+                        source_revision: a.revision,
+                        resources,
+                    };
+                    self.core
+                        .emit(mapped, &self.devices, &mut devices, out)
                         .await?
                 }
                 Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }
+        Ok(devices.into_change())
+    }
+
+    async fn apply(&mut self, change: &Self::Change) -> Result<(), StageError> {
+        self.devices.remember(change);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use ohx_common::codec::Codec;
+    use ohx_common::records::{AGGREGATION_INDIVIDUAL, Component, Device};
+
+    fn core() -> Arc<MapperCore> {
+        Arc::new(MapperCore {
+            table: Mapping::default_table().unwrap(),
+            settings: MapperSettings::new("https://ohx.example/fhir").unwrap(),
+            validator: FhirValidator::new().unwrap(),
+        })
+    }
+
+    /// A weight from scale `device` (model `model`), measured at minute `n`.
+    fn weight(n: i64, device: &str, model: &str) -> Input<Measurement> {
+        let context = Context {
+            organization_id: "o".into(),
+            ehr_target_id: "t".into(),
+            patient_id: "p".into(),
+            patient_reference: "Patient/1".into(),
+            provider: "withings".into(),
+            link_id: "l".into(),
+            provider_user_id: "42".into(),
+            sync_request_id: "s".into(),
+            trigger: "WEBHOOK".into(),
+            received_at: 1_790_000_000_000,
+        };
+        let value = Measurement {
+            context,
+            measurement_id: format!("withings:42:{n}:1"),
+            series_key: "p/body_weight".into(),
+            data_type: "body_weight".into(),
+            aggregation: AGGREGATION_INDIVIDUAL.into(),
+            effective_start: 1_790_000_000_000 + n * 60_000,
+            effective_end: None,
+            utc_offset_seconds: Some(3600),
+            components: vec![Component {
+                code: "value".into(),
+                value: 80.0 + n as f64 / 10.0,
+                unit: "kg".into(),
+            }],
+            device: Some(Device {
+                device_id: device.into(),
+                model: Some(model.into()),
+                model_id: Some("6".into()),
+                manufacturer: None,
+            }),
+            entry_method: Some("device".into()),
+            provider_group_id: Some(n.to_string()),
+            provider_modified_at: Some(1_790_000_000_000),
+            fetched_through: None,
+        };
+        Input {
+            topic: topic::MEASUREMENTS.into(),
+            partition: 0,
+            offset: n,
+            key: None,
+            value,
+            payload: vec![],
+            headers: vec![],
+        }
+    }
+
+    async fn types(
+        mapper: &mut MeasurementMapper,
+        batch: &[Input<Measurement>],
+    ) -> (Vec<String>, Vec<(String, u64)>) {
+        let mut out = Emitter::new("fhir-mapper", Arc::new(Codec::embedded().unwrap()));
+        let change = mapper.process(batch, &mut out).await.unwrap();
+        let codec = Codec::embedded().unwrap();
+        let mut types = Vec::new();
+        for r in out.records() {
+            let res: FhirResource = codec.decode(&r.payload).await.unwrap();
+            types.push(res.resource_type);
+        }
+        (types, change)
+    }
+
+    #[tokio::test]
+    async fn test_a_device_is_emitted_once_per_content_and_only_learnt_through_apply() {
+        let mut mapper = MeasurementMapper::new(core());
+        // Two weigh-ins of one scale in one batch: its Device and DeviceAssociation once.
+        let (first, change) = types(
+            &mut mapper,
+            &[weight(0, "scale", "Body+"), weight(1, "scale", "Body+")],
+        )
+        .await;
+        assert_eq!(
+            first,
+            ["Device", "DeviceAssociation", "Observation", "Observation"]
+        );
+        // Not acknowledged (no apply): a retry of the batch emits them again.
+        let (retried, _) = types(&mut mapper, &[weight(0, "scale", "Body+")]).await;
+        assert_eq!(retried, ["Device", "DeviceAssociation", "Observation"]);
+        // Acknowledged: later weigh-ins emit their Observation only.
+        mapper.apply(&change).await.unwrap();
+        let (later, nothing_new) = types(&mut mapper, &[weight(2, "scale", "Body+")]).await;
+        assert_eq!(later, ["Observation"]);
+        assert!(nothing_new.is_empty());
+        // A changed device (new model name) is emitted again, the association is not.
+        let (renamed, _) = types(&mut mapper, &[weight(3, "scale", "Body Smart")]).await;
+        assert_eq!(renamed, ["Device", "Observation"]);
+        // Another scale is another device.
+        let (other, _) = types(&mut mapper, &[weight(4, "scale-2", "Body+")]).await;
+        assert_eq!(other, ["Device", "DeviceAssociation", "Observation"]);
     }
 }
