@@ -302,6 +302,16 @@ async fn db_step<T, E: std::fmt::Display>(
     }
 }
 
+/// The app a webhook token belongs to.
+const APP_LOOKUP: &str =
+    "SELECT id FROM provider_apps WHERE provider = 'withings' AND webhook_token_sha256 = $1";
+
+/// The links (with patient and target) of a provider user under an app.
+const LINK_LOOKUP: &str = "SELECT l.id, l.organization_id, l.patient_id, p.ehr_target_id, \
+     p.ehr_patient_reference, l.status \
+     FROM provider_links l JOIN patients p ON p.id = l.patient_id \
+     WHERE l.provider_app_id = $1 AND l.provider_user_id = $2";
+
 async fn withings_webhook(
     State(state): State<AppState>,
     Query(query): Query<TokenQuery>,
@@ -318,14 +328,11 @@ async fn withings_webhook(
         Ok(c) => c,
         Err(response) => return response,
     };
-    let app = match db_step(
-        state.db_timeout,
-        "app lookup",
-        client.query_opt(
-            "SELECT id FROM provider_apps WHERE provider = 'withings' AND webhook_token_sha256 = $1",
-            &[&token_hash(&token)],
-        ),
-    )
+    // Statements are prepared once per pooled connection (deadpool's statement cache).
+    let app = match db_step(state.db_timeout, "app lookup", async {
+        let statement = client.prepare_cached(APP_LOOKUP).await?;
+        client.query_opt(&statement, &[&token_hash(&token)]).await
+    })
     .await
     {
         Ok(Some(row)) => row.get::<_, uuid::Uuid>(0),
@@ -367,16 +374,10 @@ async fn withings_webhook(
             .detail(detail)
             .into_response();
     }
-    let rows = match db_step(
-        state.db_timeout,
-        "link lookup",
-        client.query(
-            "SELECT l.id, l.organization_id, l.patient_id, p.ehr_target_id, p.ehr_patient_reference, l.status \
-             FROM provider_links l JOIN patients p ON p.id = l.patient_id \
-             WHERE l.provider_app_id = $1 AND l.provider_user_id = $2",
-            &[&app, &notified.userid],
-        ),
-    )
+    let rows = match db_step(state.db_timeout, "link lookup", async {
+        let statement = client.prepare_cached(LINK_LOOKUP).await?;
+        client.query(&statement, &[&app, &notified.userid]).await
+    })
     .await
     {
         Ok(rows) => rows,
