@@ -145,6 +145,8 @@ fn settings_with(group: &str, registry_give_up: Duration, orphan_after: Duration
         registry_give_up,
         rejoin_after: Duration::from_secs(20),
         orphan_after,
+        // tansu answers a fetch only at the end of the wait.
+        fetch_wait: Duration::from_millis(50),
     }
 }
 

@@ -429,6 +429,8 @@ impl Stack {
             ("OHX_LOG".into(), "info".into()),
             ("OHX_IDENTIFIER_BASE".into(), "https://ohx.test/fhir".into()),
             ("OHX_LINGER_MS".into(), "5".into()),
+            // tansu answers a fetch only at the end of the wait (see DEFAULT_FETCH_WAIT_MS).
+            ("OHX_FETCH_WAIT_MS".into(), "50".into()),
             ("OHX_TICK_MS".into(), "250".into()),
             // Idle hours close 2 s after their last sample (production: 5 min).
             ("OHX_IDLE_GRACE_MS".into(), "2000".into()),

@@ -62,7 +62,16 @@ pub struct StageSettings {
     /// How long a partition may go without an owner claiming it before a member rejoins its
     /// group to have it assigned again (`OHX_ORPHAN_AFTER_MS`; 0 = never; see `leases`).
     pub orphan_after: Duration,
+    /// Longest time the broker may hold a fetch open waiting for records
+    /// (`OHX_FETCH_WAIT_MS`, librdkafka's `fetch.wait.max.ms`).
+    pub fetch_wait: Duration,
 }
+
+/// Default of `OHX_FETCH_WAIT_MS`. Kafka and Redpanda answer a fetch as soon as a record
+/// arrives, so a long wait costs no latency there and keeps idle consumers nearly free (each
+/// waiting fetch is one request per wait). tansu 0.6 answers only at the end of the wait (or
+/// half of it when that is 250 ms or more), so the local stack sets 50 ms.
+pub const DEFAULT_FETCH_WAIT_MS: u64 = 500;
 
 impl StageSettings {
     /// Returns settings for `stage` reading `input_topics`, from the environment.
@@ -80,6 +89,7 @@ impl StageSettings {
             registry_give_up: crate::config::millis("OHX_REGISTRY_GIVE_UP_MS", 300_000)?,
             rejoin_after: crate::config::millis("OHX_REJOIN_AFTER_MS", 20_000)?,
             orphan_after: crate::config::millis("OHX_ORPHAN_AFTER_MS", 45_000)?,
+            fetch_wait: crate::config::millis("OHX_FETCH_WAIT_MS", DEFAULT_FETCH_WAIT_MS)?,
         })
     }
 }
@@ -281,8 +291,10 @@ pub async fn run_stage<P: Processor>(
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "300000")
         .set("statistics.interval.ms", "5000")
-        // Each hop otherwise waits up to 500 ms for a fetch to fill; the pipeline has four.
-        .set("fetch.wait.max.ms", "50");
+        .set(
+            "fetch.wait.max.ms",
+            settings.fetch_wait.as_millis().max(1).to_string(),
+        );
     for (k, v) in &kafka.extra {
         config.set(k, v);
     }
