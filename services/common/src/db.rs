@@ -18,7 +18,14 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_sync_run_fetch_start",
         include_str!("../migrations/0003_sync_run_fetch_start.sql"),
     ),
+    (
+        "0004_config_change_notify",
+        include_str!("../migrations/0004_config_change_notify.sql"),
+    ),
 ];
+
+/// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).
+pub const CONFIG_CHANGED_CHANNEL: &str = "ohx_config_changed";
 
 /// A database error.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +82,14 @@ pub fn pool_with_timeout(url: &str, max_size: usize, timeout: Duration) -> Resul
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
-/// Returns a pool from `OHX_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/ohx`).
+/// `OHX_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/ohx`).
+pub fn url_from_env() -> String {
+    crate::config::string("OHX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ohx")
+}
+
+/// Returns a pool from `OHX_DATABASE_URL` (see [`url_from_env`]).
 pub fn pool_from_env() -> Result<Pool, DbError> {
-    let url = crate::config::string("OHX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ohx");
+    let url = url_from_env();
     let size = crate::config::parse("OHX_DATABASE_POOL_SIZE", 8usize)
         .map_err(|e| DbError::Url(e.to_string()))?;
     let timeout = crate::config::millis("OHX_DATABASE_TIMEOUT_MS", DEFAULT_TIMEOUT_MS)

@@ -6,6 +6,8 @@
 //! after its SyncRequest is acknowledged by the broker (acks=all), 503 otherwise so that
 //! Withings retries. Withings expects an answer within 2 s.
 
+pub mod lookup;
+
 use axum::Router;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Query, State};
@@ -13,6 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use deadpool_postgres::Pool;
+use lookup::{LinkRow, LookupCache};
 use ohx_common::admin::Problem;
 use ohx_common::codec::CodecError;
 use ohx_common::kafka::{OutRecord, Producer};
@@ -41,6 +44,8 @@ static SYNC_REQUESTS: LazyLock<Counter<u64>> = LazyLock::new(|| {
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub pool: Pool,
+    /// Cached lookups, dropped on every configuration change (see [`lookup`]).
+    pub lookups: LookupCache,
     pub producer: Producer,
     /// How long to wait for the broker's acknowledgement before answering 503.
     pub ack_timeout: Duration,
@@ -312,6 +317,55 @@ const LINK_LOOKUP: &str = "SELECT l.id, l.organization_id, l.patient_id, p.ehr_t
      FROM provider_links l JOIN patients p ON p.id = l.patient_id \
      WHERE l.provider_app_id = $1 AND l.provider_user_id = $2";
 
+/// The app a webhook token (by its hash) belongs to, from the cache or the database.
+async fn lookup_app(state: &AppState, hash: &str) -> Result<Option<uuid::Uuid>, Response> {
+    if let Some(app) = state.lookups.lock().app(hash) {
+        return Ok(app);
+    }
+    let epoch = state.lookups.lock().begin();
+    let client = db_step(state.db_timeout, "connect", state.pool.get()).await?;
+    // Statements are prepared once per pooled connection (deadpool's statement cache).
+    let row = db_step(state.db_timeout, "app lookup", async {
+        let statement = client.prepare_cached(APP_LOOKUP).await?;
+        client.query_opt(&statement, &[&hash]).await
+    })
+    .await?;
+    let app = row.map(|r| r.get::<_, uuid::Uuid>(0));
+    state.lookups.lock().store_app(epoch, hash, app);
+    Ok(app)
+}
+
+/// The links of a provider user under an app, from the cache or the database.
+async fn lookup_links(
+    state: &AppState,
+    app: uuid::Uuid,
+    user: &str,
+) -> Result<Vec<LinkRow>, Response> {
+    if let Some(rows) = state.lookups.lock().links(app, user) {
+        return Ok(rows);
+    }
+    let epoch = state.lookups.lock().begin();
+    let client = db_step(state.db_timeout, "connect", state.pool.get()).await?;
+    let rows = db_step(state.db_timeout, "link lookup", async {
+        let statement = client.prepare_cached(LINK_LOOKUP).await?;
+        client.query(&statement, &[&app, &user]).await
+    })
+    .await?;
+    let rows: Vec<LinkRow> = rows
+        .iter()
+        .map(|r| LinkRow {
+            link_id: r.get(0),
+            organization_id: r.get(1),
+            patient_id: r.get(2),
+            ehr_target_id: r.get(3),
+            patient_reference: r.get(4),
+            status: r.get(5),
+        })
+        .collect();
+    state.lookups.lock().store_links(epoch, app, user, &rows);
+    Ok(rows)
+}
+
 async fn withings_webhook(
     State(state): State<AppState>,
     Query(query): Query<TokenQuery>,
@@ -324,18 +378,8 @@ async fn withings_webhook(
             .detail("the callback URL must carry ?token=")
             .into_response();
     };
-    let client = match db_step(state.db_timeout, "connect", state.pool.get()).await {
-        Ok(c) => c,
-        Err(response) => return response,
-    };
-    // Statements are prepared once per pooled connection (deadpool's statement cache).
-    let app = match db_step(state.db_timeout, "app lookup", async {
-        let statement = client.prepare_cached(APP_LOOKUP).await?;
-        client.query_opt(&statement, &[&token_hash(&token)]).await
-    })
-    .await
-    {
-        Ok(Some(row)) => row.get::<_, uuid::Uuid>(0),
+    let app = match lookup_app(&state, &token_hash(&token)).await {
+        Ok(Some(app)) => app,
         Ok(None) => {
             count("unauthorized");
             return Problem::new(StatusCode::UNAUTHORIZED, "Unknown webhook token").into_response();
@@ -374,16 +418,10 @@ async fn withings_webhook(
             .detail(detail)
             .into_response();
     }
-    let rows = match db_step(state.db_timeout, "link lookup", async {
-        let statement = client.prepare_cached(LINK_LOOKUP).await?;
-        client.query(&statement, &[&app, &notified.userid]).await
-    })
-    .await
-    {
+    let rows = match lookup_links(&state, app, &notified.userid).await {
         Ok(rows) => rows,
         Err(response) => return response,
     };
-    drop(client);
     if rows.is_empty() {
         count("unknown_user");
         tracing::info!("notification for an unknown user");
@@ -391,8 +429,8 @@ async fn withings_webhook(
     }
     let mut sent = 0usize;
     for row in rows {
-        let link_id: uuid::Uuid = row.get(0);
-        let status: String = row.get(5);
+        let link_id = row.link_id;
+        let status = row.status;
         if status != "active" {
             count("link_inactive");
             tracing::info!(link_id = %link_id, status, "notification for an inactive link");
@@ -400,10 +438,10 @@ async fn withings_webhook(
         }
         let request = SyncRequest {
             context: Context {
-                organization_id: row.get::<_, uuid::Uuid>(1).to_string(),
-                ehr_target_id: row.get::<_, uuid::Uuid>(3).to_string(),
-                patient_id: row.get::<_, uuid::Uuid>(2).to_string(),
-                patient_reference: row.get(4),
+                organization_id: row.organization_id.to_string(),
+                ehr_target_id: row.ehr_target_id.to_string(),
+                patient_id: row.patient_id.to_string(),
+                patient_reference: row.patient_reference,
                 provider: "withings".into(),
                 link_id: link_id.to_string(),
                 provider_user_id: notified.userid.clone(),
@@ -591,6 +629,7 @@ mod tests {
         .unwrap();
         AppState {
             pool,
+            lookups: LookupCache::default(),
             producer,
             ack_timeout: Duration::from_millis(600),
             db_timeout: Duration::from_millis(300),
@@ -750,6 +789,80 @@ mod tests {
             unhealthy.iter().any(|p| p.starts_with("produce failing")),
             "{unhealthy:?}"
         );
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Cached lookups follow the database: a change of the link empties the cache at once, a
+    /// change the fetcher makes all the time (last sync) does not, and while the listener is
+    /// down nothing is served from the cache.
+    #[tokio::test]
+    async fn test_cached_lookups_follow_changes_in_the_database() {
+        let (pool, token, userid) = seeded_pool().await;
+        let st = state(pool.clone(), Codec::embedded().unwrap());
+        let listener = st.lookups.spawn_listener(
+            "postgres://postgres@127.0.0.1:5432/ohx_gateway_test".into(),
+            ohx_common::db::CONFIG_CHANGED_CHANNEL,
+        );
+        wait_until("the listener is up", || st.lookups.is_live()).await;
+        let app = lookup_app(&st, &token_hash(&token)).await.unwrap().unwrap();
+        let rows = lookup_links(&st, app, &userid).await.unwrap();
+        assert_eq!(rows[0].status, "active");
+        assert!(st.lookups.lock().links(app, &userid).is_some(), "cached");
+
+        let c = pool.get().await.unwrap();
+        let epoch = st.lookups.epoch();
+        c.execute(
+            "UPDATE provider_links SET status = 'disabled' WHERE provider_user_id = $1",
+            &[&userid],
+        )
+        .await
+        .unwrap();
+        wait_until("the change is heard", || st.lookups.epoch() > epoch).await;
+        let rows = lookup_links(&st, app, &userid).await.unwrap();
+        assert_eq!(rows[0].status, "disabled");
+
+        // The fetcher's bookkeeping does not notify: a NOTIFY sent after it is the next
+        // change heard (notifications arrive in commit order).
+        let epoch = st.lookups.epoch();
+        c.execute(
+            "UPDATE provider_links SET last_synced_at = now(), cursors = '{}' WHERE provider_user_id = $1",
+            &[&userid],
+        )
+        .await
+        .unwrap();
+        c.batch_execute("NOTIFY ohx_config_changed, 'marker'")
+            .await
+            .unwrap();
+        wait_until("the marker is heard", || {
+            st.lookups.last_heard().as_deref() == Some("marker")
+        })
+        .await;
+        assert_eq!(st.lookups.epoch(), epoch + 1, "only the marker was heard");
+
+        // The listener's connection is cut: nothing is served from the cache until it is back.
+        lookup_links(&st, app, &userid).await.unwrap();
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = 'ohx_gateway_test' AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap();
+        wait_until("the listener is seen down", || !st.lookups.is_live()).await;
+        assert!(st.lookups.lock().links(app, &userid).is_none());
+        wait_until("the listener is back", || st.lookups.is_live()).await;
+        assert!(
+            st.lookups.lock().links(app, &userid).is_none(),
+            "starts empty"
+        );
+        listener.abort();
     }
 
     /// `startdate=0`: 400 problem+json, nothing produced (the producer points nowhere, so a

@@ -7,8 +7,14 @@ use ohx_common::service::Runtime;
 async fn main() -> anyhow::Result<()> {
     let rt = Runtime::start("webhook-gateway", 8080, &[topic::SYNC_REQUESTS]).await?;
     let pool = ohx_common::db::pool_from_env()?;
+    let lookups = webhook_gateway::lookup::LookupCache::default();
+    let listener = lookups.spawn_listener(
+        ohx_common::db::url_from_env(),
+        ohx_common::db::CONFIG_CHANGED_CHANNEL,
+    );
     let state = webhook_gateway::AppState {
         pool,
+        lookups,
         producer: rt.producer.clone(),
         ack_timeout: ohx_common::config::millis("OHX_ACK_TIMEOUT_MS", 1500)?,
         db_timeout: ohx_common::config::millis(
@@ -29,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
     rt.shutdown.cancelled().await;
     rt.health.set_ready(false);
     http.await??;
+    listener.abort();
     rt.producer.flush(std::time::Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
