@@ -74,6 +74,9 @@ pub struct TargetRun {
 #[derive(Debug, Clone)]
 pub struct Ehr {
     http: reqwest::Client,
+    /// Most upserts per transaction: a target's records beyond it go in further transactions,
+    /// sent concurrently.
+    transaction_size: usize,
 }
 
 fn error_chain(e: &reqwest::Error) -> String {
@@ -97,7 +100,16 @@ impl Ehr {
         let http = reqwest::Client::builder()
             .timeout(request_timeout)
             .build()?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            transaction_size: usize::MAX,
+        })
+    }
+
+    /// Sets the most upserts per transaction.
+    pub fn with_transaction_size(mut self, size: usize) -> Self {
+        self.transaction_size = size.max(1);
+        self
     }
 
     async fn post_bundle(
@@ -209,7 +221,29 @@ impl Ehr {
     /// ([`publish_decision`]), writes one transaction and, if the server rejects it for
     /// content, isolates the rejected resources one by one. `timeout` overrides the client's
     /// request timeout (a shorter one while a target is failing: its calls stall the stage).
+    /// Publishes items to a target, at most `transaction_size` per transaction, the
+    /// transactions concurrently (each item is a different resource: the caller keeps one
+    /// record per identity, so no two versions of a resource are ever in flight together).
     pub async fn publish_target(
+        &self,
+        target: &Target,
+        items: &[Item],
+        timeout: Option<Duration>,
+    ) -> TargetRun {
+        if items.len() <= self.transaction_size {
+            return self.publish_chunk(target, items, timeout).await;
+        }
+        let runs = futures_util::future::join_all(
+            items
+                .chunks(self.transaction_size)
+                .map(|chunk| self.publish_chunk(target, chunk, timeout)),
+        )
+        .await;
+        merge_runs(runs)
+    }
+
+    /// Publishes items in one `batch` read and one `transaction`.
+    async fn publish_chunk(
         &self,
         target: &Target,
         items: &[Item],
@@ -333,5 +367,46 @@ impl Ehr {
             results,
             failure: None,
         }
+    }
+}
+
+/// One run from the runs of consecutive chunks: their results in order, and the failure that
+/// matters most for the target (a target-level one, else a transient one with the longest
+/// Retry-After).
+pub fn merge_runs(runs: Vec<TargetRun>) -> TargetRun {
+    let mut results = Vec::new();
+    let mut failure: Option<CallFailure> = None;
+    for run in runs {
+        results.extend(run.results);
+        if let Some(f) = run.failure {
+            failure = Some(match failure {
+                None => f,
+                Some(kept) => graver(kept, f),
+            });
+        }
+    }
+    TargetRun { results, failure }
+}
+
+fn graver(a: CallFailure, b: CallFailure) -> CallFailure {
+    let rank = |f: &CallFailure| match f.class {
+        Class::Target(_) => 3,
+        Class::Transient { retry_after } => 1 + u8::from(retry_after.is_some()),
+        Class::Resource | Class::Isolate => 0,
+    };
+    match (rank(&a), rank(&b)) {
+        (ra, rb) if rb > ra => b,
+        (ra, rb) if ra > rb => a,
+        _ => match (&a.class, &b.class) {
+            (
+                Class::Transient {
+                    retry_after: Some(x),
+                },
+                Class::Transient {
+                    retry_after: Some(y),
+                },
+            ) if y > x => b,
+            _ => a,
+        },
     }
 }

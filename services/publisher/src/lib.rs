@@ -1,7 +1,11 @@
 //! Sends FHIR resources to EHR targets as transaction Bundles of idempotent upserts.
 //!
 //! Per batch and target: one `batch` read of the resources' current state, one `transaction`
-//! of `PUT` upserts for what must be written, and a `PublishResult` (no values) per resource.
+//! of `PUT` upserts for what must be written, and a `PublishResult` (no values) per resource; a
+//! batch larger than `OHX_PUBLISH_BATCH_SIZE` goes out as several such read+transaction pairs at
+//! once (at most `OHX_PUBLISH_CONCURRENCY`). A batch keeps one record per identity, so two
+//! versions of a resource are never in flight together, and the next batch starts only once
+//! every transaction of this one is answered.
 //! Resources are tagged with their content hash and source revision; what the server already
 //! holds unchanged is skipped (replays create no versions) and what it holds with a newer source
 //! revision is never overwritten ([`decision`]).
@@ -157,7 +161,7 @@ impl Publisher {
         settings: PublisherSettings,
     ) -> Result<Self, reqwest::Error> {
         Ok(Self {
-            ehr: Ehr::new(settings.request_timeout)?,
+            ehr: Ehr::new(settings.request_timeout)?.with_transaction_size(settings.chunk),
             pool,
             secrets,
             settings,

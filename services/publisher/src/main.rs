@@ -19,7 +19,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let mut settings = StageSettings::from_env("publisher", vec![topic::FHIR_OUTBOX])?;
-    settings.max_batch = ohx_common::config::parse("OHX_PUBLISH_BATCH_SIZE", 100usize)?.max(1);
+    // A batch holds up to OHX_PUBLISH_CONCURRENCY transactions per target, sent concurrently.
+    let transaction_size = ohx_common::config::parse("OHX_PUBLISH_BATCH_SIZE", 100usize)?.max(1);
+    let concurrency = ohx_common::config::parse("OHX_PUBLISH_CONCURRENCY", 4usize)?.max(1);
+    settings.max_batch = transaction_size.saturating_mul(concurrency);
     settings.linger = ohx_common::config::millis("OHX_PUBLISH_LINGER_MS", 20)?;
     // Retries the records held for targets that were down, when their breaker allows.
     settings.tick = Some(ohx_common::config::millis("OHX_PUBLISH_TICK_MS", 1_000)?);
@@ -44,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
             base_ms: millis("OHX_BREAKER_COOLDOWN_MS", 5_000)?,
             max_ms: millis("OHX_BREAKER_MAX_COOLDOWN_MS", 300_000)?,
         },
-        chunk: settings.max_batch,
+        chunk: transaction_size,
         chunks_per_tick: ohx_common::config::parse("OHX_PUBLISH_CHUNKS_PER_TICK", 10usize)?.max(1),
         held_warn: ohx_common::config::parse("OHX_PUBLISH_HELD_WARN", 50_000usize)?,
     };

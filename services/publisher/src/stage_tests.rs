@@ -31,6 +31,10 @@ struct FakeState {
     transactions: usize,
     /// Delay before answering a transaction.
     delay: Duration,
+    /// Transactions being answered now, the most at once, and the most entries in one.
+    in_flight: usize,
+    max_in_flight: usize,
+    max_entries: usize,
 }
 
 type Fake = Arc<Mutex<FakeState>>;
@@ -47,9 +51,19 @@ async fn handle(State(fake): State<Fake>, body: String) -> (StatusCode, String) 
     let bundle: Value = serde_json::from_str(&body).unwrap();
     let delay = lock(&fake).delay;
     if bundle["type"] == "transaction" && !delay.is_zero() {
+        {
+            let mut f = lock(&fake);
+            f.in_flight += 1;
+            f.max_in_flight = f.max_in_flight.max(f.in_flight);
+        }
         tokio::time::sleep(delay).await;
+        lock(&fake).in_flight -= 1;
     }
     let mut f = lock(&fake);
+    if bundle["type"] == "transaction" {
+        let n = bundle["entry"].as_array().map_or(0, Vec::len);
+        f.max_entries = f.max_entries.max(n);
+    }
     let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
     let status = |s: u16| StatusCode::from_u16(s).unwrap();
     if bundle["type"] == "batch" {
@@ -573,4 +587,98 @@ async fn test_an_unusable_target_configuration_holds_and_flags_without_dead_lett
         Some(classify::TargetFault::Unusable)
     );
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 2, 4).0, 3);
+}
+
+#[tokio::test]
+async fn test_a_batch_larger_than_a_transaction_goes_out_as_concurrent_transactions() {
+    let (a, url) = fake_ehr().await;
+    // A slow server: transactions sent together overlap.
+    lock(&a).delay = Duration::from_millis(300);
+    let mut p = publisher(&[("a", &url)]);
+    p.ehr = Ehr::new(Duration::from_secs(5))
+        .unwrap()
+        .with_transaction_size(2);
+    let batch: Vec<Input<FhirResource>> = (0..5)
+        .map(|i| record(0, i, "a", &format!("r{i}"), 1, "final"))
+        .collect();
+    let (mut out, codec) = emitter();
+    let change = p.process(&batch, &mut out).await.unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(dead.is_empty());
+    assert_eq!(
+        results,
+        (0..5)
+            .map(|i| (format!("r{i}"), "created".to_string()))
+            .collect::<Vec<_>>()
+    );
+    let (transactions, max_entries, max_in_flight) = {
+        let f = lock(&a);
+        (f.transactions, f.max_entries, f.max_in_flight)
+    };
+    assert_eq!(transactions, 3, "5 resources, at most 2 per transaction");
+    assert_eq!(max_entries, 2);
+    assert!(
+        max_in_flight >= 2,
+        "the transactions were sent one at a time"
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 5).0, 5);
+}
+
+#[test]
+fn test_merged_runs_keep_every_result_and_the_gravest_failure() {
+    use ehr::{CallFailure, ItemResult, TargetRun, merge_runs};
+    let done = || {
+        Some(ItemResult::Done {
+            outcome: "created",
+            status: 201,
+            version: None,
+        })
+    };
+    let failure = |class| CallFailure {
+        class,
+        status: None,
+        reason: "r".into(),
+        body: String::new(),
+    };
+    let transient = |after: Option<u64>| {
+        failure(classify::Class::Transient {
+            retry_after: after.map(Duration::from_secs),
+        })
+    };
+    let run = |results, failure| TargetRun { results, failure };
+    let merged = merge_runs(vec![
+        run(vec![done(), done()], None),
+        run(vec![None, None], Some(transient(None))),
+        run(vec![done()], None),
+    ]);
+    assert_eq!(merged.results, vec![done(), done(), None, None, done()]);
+    assert!(matches!(
+        merged.failure.map(|f| f.class),
+        Some(classify::Class::Transient { retry_after: None })
+    ));
+    // A target-level failure outweighs a transient one; a longer Retry-After a shorter one.
+    let merged = merge_runs(vec![
+        run(vec![None], Some(transient(Some(5)))),
+        run(
+            vec![None],
+            Some(failure(classify::Class::Target(
+                classify::TargetFault::Refused,
+            ))),
+        ),
+        run(vec![None], Some(transient(Some(9)))),
+    ]);
+    assert!(matches!(
+        merged.failure.map(|f| f.class),
+        Some(classify::Class::Target(_))
+    ));
+    let merged = merge_runs(vec![
+        run(vec![None], Some(transient(Some(5)))),
+        run(vec![None], Some(transient(Some(9)))),
+        run(vec![None], Some(transient(None))),
+    ]);
+    assert!(matches!(
+        merged.failure.map(|f| f.class),
+        Some(classify::Class::Transient { retry_after: Some(d) }) if d == Duration::from_secs(9)
+    ));
 }
