@@ -1301,6 +1301,220 @@ async fn gateway_503_without_broker(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The real Prometheus (Debian's package, installed by `scripts/check-deploy`) scrapes every
+/// service of the running stack and evaluates the alert rules of `compose/prometheus/rules`
+/// without an error; the metrics the dashboard's flow panels read are there.
+async fn prometheus_scrapes_every_service(env: Arc<Env>) -> anyhow::Result<()> {
+    let (dir, ports) = {
+        let stack = env.stack.lock().await;
+        (stack.dir.join("prometheus"), stack.ports.clone())
+    };
+    std::fs::create_dir_all(&dir)?;
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../compose/prometheus/rules/ohx.yml")
+        .canonicalize()?;
+    let mut config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
+        rules.display()
+    );
+    for stage in ohx_tests::stack::STAGES {
+        let port = ports.get(*stage).context("stage port")?;
+        config.push_str(&format!(
+            "  - job_name: {stage}\n    static_configs:\n      - targets: [\"127.0.0.1:{port}\"]\n"
+        ));
+    }
+    std::fs::write(dir.join("prometheus.yml"), config)?;
+    let port = ohx_tests::stack::free_port()?;
+    let _prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("prometheus (Debian package, installed by scripts/check-deploy)")?;
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let get = async |path: &str| -> anyhow::Result<Value> {
+        Ok(env
+            .http
+            .get(format!("{api}/{path}"))
+            .send()
+            .await?
+            .json::<Value>()
+            .await?)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut up, mut rules_ok) = (Vec::new(), false);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(v) = get("query?query=up").await {
+            up = v["data"]["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|r| r["value"][1] == "1")
+                .filter_map(|r| r["metric"]["job"].as_str().map(str::to_string))
+                .collect();
+        }
+        if let Ok(v) = get("rules").await {
+            let all: Vec<Value> = v["data"]["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let bad: Vec<&Value> = all.iter().filter(|r| r["health"] == "err").collect();
+            ensure!(bad.is_empty(), "rules failing to evaluate: {bad:?}");
+            rules_ok = !all.is_empty() && all.iter().all(|r| r["health"] == "ok");
+        }
+        if up.len() == ohx_tests::stack::STAGES.len() && rules_ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    up.sort();
+    let mut want: Vec<String> = ohx_tests::stack::STAGES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    ensure!(up == want, "scraped and up: {up:?}, expected every stage");
+    ensure!(rules_ok, "the alert rules were not all evaluated");
+    let names: Vec<String> =
+        serde_json::from_value(get("label/__name__/values").await?["data"].clone())?;
+    for metric in [
+        "ohx_webhooks_total",
+        "ohx_sync_requests_total",
+        "ohx_records_consumed_total",
+        "ohx_records_produced_total",
+        "ohx_consumer_lag",
+        "ohx_resources_published_total",
+        "ohx_end_to_end_latency_seconds_bucket",
+    ] {
+        ensure!(
+            names.iter().any(|n| n == metric),
+            "{metric} was not scraped"
+        );
+    }
+    Ok(())
+}
+
+/// A mapping table deployed without its body-weight entry dead-letters a weigh-in; once the
+/// table is fixed (the mapper restarted with it), `ohx dlq redrive` sends the dead letter back
+/// to its topic and the Observation lands, once.
+async fn dead_letter_redriven_after_a_fix(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5007).await?;
+    let since = Utc::now().to_rfc3339();
+    let table = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../services/fhir-mapper/mapping.toml"),
+    )?;
+    ensure!(
+        table.contains("[measurements.body_weight]"),
+        "the table has a weight entry"
+    );
+    let broken_path = {
+        let mut stack = env.stack.lock().await;
+        let path = stack.dir.join("mapping-without-weight.toml");
+        std::fs::write(
+            &path,
+            table.replace(
+                "[measurements.body_weight]",
+                "[measurements.body_weight_retired]",
+            ),
+        )?;
+        stack.stage_env.insert(
+            "fhir-mapper".into(),
+            vec![("OHX_MAPPING_FILE".into(), path.display().to_string())],
+        );
+        stack.stop("fhir-mapper").await?;
+        stack.start_stage("fhir-mapper").await?;
+        path
+    };
+    let t = hour_floor(Utc::now().timestamp_millis()) - 3 * HOUR + 300_000;
+    env.add_groups(
+        p.userid,
+        json!([weight_group(900_701, t, "scale-5007", 80250, -3)]),
+    )
+    .await?;
+    env.notify(p.userid, 1, t - 60_000, t + 60_000).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let listed = env
+            .stack
+            .lock()
+            .await
+            .ohx(&[
+                "dlq",
+                "list",
+                "--stage",
+                "fhir-mapper",
+                "--kind",
+                "mapping",
+                "--since",
+                &since,
+            ])
+            .await?;
+        if !listed.is_empty() {
+            break listed;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the weigh-in was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    ensure!(dead.len() == 1, "one dead letter: {dead:?}");
+    ensure!(
+        dead[0]["payload_bytes"].as_u64().is_some_and(|n| n > 0)
+            && dead[0].get("payload").is_none(),
+        "listed with its size, never its payload: {}",
+        dead[0]
+    );
+    let found = env
+        .fhir(&format!("Observation?subject={}", p.reference))
+        .await?;
+    ensure!(
+        found["total"].as_u64().unwrap_or(0) == 0
+            && found["entry"].as_array().is_none_or(Vec::is_empty),
+        "nothing may land while the table is broken"
+    );
+    // The fix: the mapper runs with the full table again. Then the re-drive.
+    let outcome = {
+        let mut stack = env.stack.lock().await;
+        stack.stage_env.remove("fhir-mapper");
+        stack.stop("fhir-mapper").await?;
+        stack.start_stage("fhir-mapper").await?;
+        let id = dead[0]["id"]
+            .as_str()
+            .context("dead letter id")?
+            .to_string();
+        stack.ohx(&["dlq", "redrive", "--ids", &id]).await?
+    };
+    ensure!(
+        outcome.last().is_some_and(|o| o["redriven"] == 1),
+        "one record re-driven: {outcome:?}"
+    );
+    env.wait_for(
+        &format!(
+            "Observation?subject={}&code=http://loinc.org|29463-7",
+            p.reference
+        ),
+        1,
+        Duration::from_secs(90),
+    )
+    .await?;
+    std::fs::remove_file(broken_path)?;
+    Ok(())
+}
+
 type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
@@ -1312,7 +1526,13 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("aggregator_crash_mid_hour", |e| {
             Box::pin(aggregator_crash_mid_hour(e))
         }),
+        ("prometheus_scrapes_every_service", |e| {
+            Box::pin(prometheus_scrapes_every_service(e))
+        }),
         ("bad_input", |e| Box::pin(bad_input(e))),
+        ("dead_letter_redriven_after_a_fix", |e| {
+            Box::pin(dead_letter_redriven_after_a_fix(e))
+        }),
         ("rate_limit_pauses", |e| Box::pin(rate_limit_pauses(e))),
         ("retention_guard", |e| Box::pin(retention_guard(e))),
         ("gateway_503_without_broker", |e| {

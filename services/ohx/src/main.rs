@@ -1,13 +1,15 @@
 //! `ohx`: the operations command. Applies migrations, topics and schemas; creates the
 //! configuration records (organization, EHR target, patient, provider app and link); emits
 //! manual sync requests and the nightly reconciliation; rewinds a stage's consumer group to
-//! replay its input.
+//! replay its input; lists and re-drives dead letters; shows consumer lag.
+
+mod dlq;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ohx_common::codec::{Codec, SCHEMA_FILES};
 use ohx_common::crypto::SecretBox;
-use ohx_common::kafka::{KafkaSettings, Producer};
+use ohx_common::kafka::{KafkaSettings, Producer, inspect};
 use ohx_common::records::{Context, SyncRequest, topic};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
@@ -127,6 +129,19 @@ enum Command {
         #[arg(long, default_value = "blood_pressure,body_weight,heart_rate")]
         categories: String,
     },
+    /// Dead letters: list, show one, re-drive after a fix.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Consumer lag of the pipeline's groups (or one), per partition, with the time to drain
+    /// it at the rate measured over `--interval-ms`.
+    Lag {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, default_value_t = 5000)]
+        interval_ms: u64,
+    },
     /// Rewinds a stopped stage's consumer group on a topic to the beginning or a timestamp.
     Replay {
         #[arg(long)]
@@ -136,6 +151,57 @@ enum Command {
         /// Epoch milliseconds; omit to replay from the beginning.
         #[arg(long)]
         from_ms: Option<i64>,
+    },
+}
+
+/// Which dead letters (all filters optional).
+#[derive(clap::Args)]
+struct DlqFilter {
+    #[arg(long)]
+    stage: Option<String>,
+    /// Error kind (decode, mapping, validation, rejected, …).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Failed at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Dead letter ids `partition:offset[,…]`.
+    #[arg(long)]
+    ids: Option<String>,
+}
+
+impl DlqFilter {
+    fn selection(&self) -> anyhow::Result<dlq::Selection> {
+        Ok(dlq::Selection {
+            stage: self.stage.clone(),
+            kind: self.kind.clone(),
+            since_ms: self.since.map(|t| t.timestamp_millis()),
+            ids: self
+                .ids
+                .as_deref()
+                .map(dlq::parse_ids)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// One line per dead letter: id, stage, kind, reason (without detail), origin, time.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// One dead letter, with its headers' names.
+    Show { id: String },
+    /// Sends the selected dead letters to the topic they came from, marked with the header
+    /// `ohx-redriven-from`; prints how many were sent.
+    Redrive {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -428,6 +494,79 @@ async fn main() -> anyhow::Result<()> {
             }
 
             print(json!({"links": rows.len(), "sent": sent}));
+        }
+        Command::Dlq { action } => {
+            let kafka = KafkaSettings::from_env();
+            let codec = Codec::from_env()?;
+            let letters = dlq::read(&kafka, &codec).await?;
+            match action {
+                DlqAction::List { filter } => {
+                    let selection = filter.selection()?;
+                    for (id, dl) in letters.iter().filter(|(id, dl)| selection.selects(*id, dl)) {
+                        print(dlq::describe(*id, dl));
+                    }
+                }
+                DlqAction::Show { id } => {
+                    let wanted = dlq::parse_ids(&id)?;
+                    let (id, dl) = letters
+                        .iter()
+                        .find(|(i, _)| wanted.contains(i))
+                        .with_context(|| format!("no dead letter {id}"))?;
+                    let mut v = dlq::describe(*id, dl);
+                    v["headers"] = json!(dl.headers.iter().map(|h| &h.key).collect::<Vec<_>>());
+                    print(v);
+                }
+                DlqAction::Redrive { filter, dry_run } => {
+                    let outcome =
+                        dlq::redrive(&letters, &filter.selection()?, &producer()?, dry_run).await?;
+                    print(outcome);
+                }
+            }
+        }
+        Command::Lag { group, interval_ms } => {
+            let kafka = KafkaSettings::from_env();
+            let groups: Vec<(String, String)> = inspect::PIPELINE_GROUPS
+                .iter()
+                .filter(|(g, _)| group.as_deref().is_none_or(|w| w == *g))
+                .map(|(g, t)| (g.to_string(), t.to_string()))
+                .collect();
+            if groups.is_empty() {
+                bail!(
+                    "not a pipeline group; known: {:?}",
+                    inspect::PIPELINE_GROUPS
+                );
+            }
+            let look = |groups: Vec<(String, String)>| {
+                let kafka = kafka.clone();
+                tokio::task::spawn_blocking(move || {
+                    groups
+                        .iter()
+                        .map(|(g, t)| inspect::group_offsets(&kafka, g, t))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            };
+            let before = look(groups.clone()).await??;
+            tokio::time::sleep(Duration::from_millis(interval_ms.max(1))).await;
+            let after = look(groups.clone()).await??;
+            for (((g, t), b), a) in groups.iter().zip(before).zip(after) {
+                let lag: i64 = a.iter().map(inspect::PartitionOffsets::lag).sum();
+                let moved: i64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(a, b)| (a.committed - b.committed).max(0))
+                    .sum();
+                let rate = moved as f64 * 1000.0 / interval_ms.max(1) as f64;
+                print(json!({
+                    "group": g,
+                    "topic": t,
+                    "lag": lag,
+                    "committed_per_s": rate,
+                    "drain_s": (rate > 0.0).then(|| lag as f64 / rate),
+                    "partitions": a.iter().map(|p| json!({
+                        "partition": p.partition, "committed": p.committed, "end": p.high, "lag": p.lag(),
+                    })).collect::<Vec<_>>(),
+                }));
+            }
         }
         Command::Replay {
             group,

@@ -4,6 +4,7 @@
 //! [`stage`]) and the [`Producer`] produces and waits for acknowledgements (see [`producer`]).
 //! The bookkeeping that keeps rebalances and retries safe is in [`track`], free of I/O.
 
+pub mod inspect;
 mod leases;
 mod processor;
 pub mod producer;
