@@ -820,6 +820,100 @@ async fn test_the_partitions_of_a_member_killed_without_leaving_are_taken_over()
     Ok(())
 }
 
+/// Runs the `ohx` command against the broker at `addr`.
+async fn ohx(addr: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(
+        tokio::process::Command::new(ohx_tests::stack::bin_dir().join("ohx"))
+            .env("OHX_KAFKA_BOOTSTRAP", addr)
+            .args(args)
+            .output()
+            .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_replay_refuses_a_group_with_live_members_and_a_stopped_member_releases_its_claims()
+-> anyhow::Result<()> {
+    let b = broker("replay").await?;
+    let group = "rt.replay";
+    let p = producer(&b.addr)?;
+    produce_inputs(&p, 0, 20).await?;
+    let a = start_member_with(
+        &b.addr,
+        settings_with(group, Duration::from_secs(300), Duration::from_secs(6)),
+        Codec::embedded()?,
+        Copier::default(),
+    )?;
+    let claims = async || -> anyhow::Result<usize> {
+        let addr = b.addr.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            ohx_common::kafka::leases::read_claims(&kafka(&addr), group, IN)
+        })
+        .await??;
+        Ok(
+            ohx_common::kafka::leases::live(&found, chrono::Utc::now().timestamp_millis(), 45_000)
+                .len(),
+        )
+    };
+    wait_for(
+        "every partition claimed",
+        Duration::from_secs(60),
+        async || Ok(claims().await? == PARTITIONS as usize),
+    )
+    .await?;
+    let refused = ohx(&b.addr, &["replay", "--group", group, "--topic", IN]).await?;
+    assert!(
+        !refused.status.success(),
+        "a replay under live members must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("live members"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    wait_for("everything copied", Duration::from_secs(60), async || {
+        Ok(copied(&b.addr).await?.len() == 20)
+    })
+    .await?;
+    a.stop.cancel();
+    a.task.await??;
+    assert_eq!(
+        claims().await?,
+        0,
+        "a member that stopped released its claims"
+    );
+    let dry = ohx(
+        &b.addr,
+        &["replay", "--group", group, "--topic", IN, "--dry-run"],
+    )
+    .await?;
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout)?;
+    let total_from: i64 = plan["would_rewind"]
+        .as_array()
+        .context("would_rewind")?
+        .iter()
+        .map(|p| p["from"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        total_from, 20,
+        "the plan names the committed offsets it would leave"
+    );
+    assert_eq!(lag(&b.addr, group).await?, 0, "a dry run rewinds nothing");
+    let done = ohx(&b.addr, &["replay", "--group", group, "--topic", IN]).await?;
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(lag(&b.addr, group).await?, 20, "rewound to the beginning");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_service_whose_port_is_taken_exits_with_the_reason() -> anyhow::Result<()> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;

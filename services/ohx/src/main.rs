@@ -142,15 +142,22 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         interval_ms: u64,
     },
-    /// Rewinds a stopped stage's consumer group on a topic to the beginning or a timestamp.
+    /// Rewinds a stopped stage's consumer group on a topic to the beginning or a time. Refuses
+    /// while the group has live members (a partition claimed less than OHX_ORPHAN_AFTER_MS
+    /// ago); prints what it rewinds (or, with --dry-run, what it would).
     Replay {
         #[arg(long)]
         group: String,
         #[arg(long)]
         topic: String,
-        /// Epoch milliseconds; omit to replay from the beginning.
+        /// Replay from this time (RFC 3339); omit to replay from the beginning.
+        #[arg(long, conflicts_with = "from_ms")]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// The same, in epoch milliseconds.
         #[arg(long)]
         from_ms: Option<i64>,
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -571,9 +578,32 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay {
             group,
             topic,
+            from,
             from_ms,
+            dry_run,
         } => {
-            let consumer: BaseConsumer = KafkaSettings::from_env()
+            let from_ms = from.map(|t| t.timestamp_millis()).or(from_ms);
+            let kafka = KafkaSettings::from_env();
+            let fresh = ohx_common::config::millis("OHX_ORPHAN_AFTER_MS", 45_000)?;
+            let (g, t) = (group.clone(), topic.clone());
+            let kafka_for_claims = kafka.clone();
+            let claims = tokio::task::spawn_blocking(move || {
+                ohx_common::kafka::leases::read_claims(&kafka_for_claims, &g, &t)
+            })
+            .await??;
+            let now = chrono::Utc::now().timestamp_millis();
+            let live = ohx_common::kafka::leases::live(&claims, now, fresh.as_millis() as i64);
+            if !live.is_empty() {
+                let detail: Vec<String> = live
+                    .iter()
+                    .map(|((_, p), age)| format!("partition {p} claimed {} s ago", age / 1000))
+                    .collect();
+                bail!(
+                    "group {group} has live members ({}): stop the stage first",
+                    detail.join(", ")
+                );
+            }
+            let consumer: BaseConsumer = kafka
                 .client_config()
                 .set("group.id", &group)
                 .set("enable.auto.commit", "false")
@@ -612,14 +642,31 @@ async fn main() -> anyhow::Result<()> {
                 };
                 tpl.add_partition_offset(&topic, *p, Offset::Offset(offset))?;
             }
-            consumer
-                .commit(&tpl, CommitMode::Sync)
-                .context("commit failed (is the stage stopped?)")?;
+            let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
             let offsets: Vec<_> = tpl
                 .elements()
                 .iter()
-                .map(|e| json!({"partition": e.partition(), "offset": format!("{:?}", e.offset())}))
+                .map(|e| {
+                    let to = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    let was = committed
+                        .find_partition(&topic, e.partition())
+                        .and_then(|c| match c.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        });
+                    json!({"partition": e.partition(), "from": was, "to": to})
+                })
                 .collect();
+            if dry_run {
+                print(json!({"group": group, "topic": topic, "would_rewind": offsets}));
+                return Ok(());
+            }
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .context("commit failed (is the stage stopped?)")?;
             print(json!({"group": group, "topic": topic, "rewound": offsets}));
         }
     }

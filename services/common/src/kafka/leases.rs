@@ -12,8 +12,12 @@
 //! an unchanged generation and get their old assignments back, so the dead member's partitions
 //! stay unowned until some member joins or leaves. The leases cost one small commit and one
 //! offset fetch per member per interval, on a thread of their own, never on the stage's loop.
+//!
+//! A member that stops gracefully releases its claims (claim time 0), so `ohx replay` can tell
+//! a stopped group (no claim younger than `OHX_ORPHAN_AFTER_MS`) from one with live members.
 
 use super::KafkaSettings;
+use super::inspect::InspectError;
 use super::track::{Tp, lapsed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,6 +34,8 @@ pub(super) struct Leases {
     /// Set by the lease thread when a partition has no owner; taken by the loop.
     rejoin: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    /// Told by the thread once it released its claims and ended.
+    ended: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
 fn now_ms() -> i64 {
@@ -69,9 +75,17 @@ impl Leases {
         self.rejoin.swap(false, Ordering::SeqCst)
     }
 
-    /// Stops the lease thread (it ends within one interval; claims then lapse by themselves).
-    pub(super) fn stop(&self) {
+    /// Stops the lease thread, which releases this member's claims; waits at most 3 s for it
+    /// (a broker that is away cannot hold the shutdown; the claims then lapse by themselves).
+    pub(super) async fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        let ended = match self.ended.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(ended) = ended {
+            let _ = tokio::time::timeout(Duration::from_secs(3), ended).await;
+        }
     }
 
     /// Starts the lease thread: claims every `lapse_after / 6` (at least 1 s) and flags a
@@ -96,15 +110,38 @@ impl Leases {
         let consumer: BaseConsumer = config.create()?;
         let every = (lapse_after / 6).max(Duration::from_secs(1));
         let this = self.clone();
+        let (ended, on_end) = tokio::sync::oneshot::channel();
+        if let Ok(mut g) = self.ended.lock() {
+            *g = Some(on_end);
+        }
         std::thread::Builder::new()
             .name(format!("{stage}-leases"))
-            .spawn(move || this.run(consumer, stage, topics, every, lapse_after))?;
+            .spawn(move || {
+                this.run(&consumer, stage, topics, every, lapse_after);
+                this.release(&consumer, stage);
+                let _ = ended.send(());
+            })?;
         Ok(())
+    }
+
+    /// Releases the claims of the partitions this member still owns (claim time 0).
+    fn release(&self, consumer: &BaseConsumer, stage: &'static str) {
+        let owned = self.owned();
+        if owned.is_empty() {
+            return;
+        }
+        let mut released = TopicPartitionList::new();
+        for (topic, partition) in &owned {
+            let _ = released.add_partition_offset(topic, *partition, Offset::Offset(0));
+        }
+        if let Err(error) = consumer.commit(&released, CommitMode::Sync) {
+            tracing::debug!(stage, %error, "ownership release failed");
+        }
     }
 
     fn run(
         &self,
-        consumer: BaseConsumer,
+        consumer: &BaseConsumer,
         stage: &'static str,
         topics: Vec<&'static str>,
         every: Duration,
@@ -135,7 +172,7 @@ impl Leases {
                     tracing::debug!(stage, %error, "ownership claim failed");
                 }
             }
-            let Some(leases) = read_leases(&consumer, &topics, timeout) else {
+            let Some(leases) = read_leases(consumer, &topics, timeout) else {
                 continue;
             };
             let unowned = lapsed(now, since, &leases, &owned, after_ms);
@@ -151,7 +188,7 @@ impl Leases {
 /// Every partition of `topics` with its last claim, or `None` when the broker cannot tell.
 fn read_leases(
     consumer: &BaseConsumer,
-    topics: &[&'static str],
+    topics: &[&str],
     timeout: Duration,
 ) -> Option<Vec<(Tp, Option<i64>)>> {
     let mut tpl = TopicPartitionList::new();
@@ -177,4 +214,50 @@ fn read_leases(
             })
             .collect(),
     )
+}
+
+/// The claims on `topic`'s partitions held in `group`'s side group (see the module).
+pub fn read_claims(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<(Tp, Option<i64>)>, InspectError> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", lease_group(group))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    read_leases(&consumer, &[topic], Duration::from_secs(10))
+        .ok_or_else(|| InspectError::Timeout(lease_group(group)))
+}
+
+/// The partitions claimed less than `fresh_ms` before `now_ms` (a released claim is 0), with
+/// the claim's age: the group has live members on them.
+pub fn live(claims: &[(Tp, Option<i64>)], now_ms: i64, fresh_ms: i64) -> Vec<(Tp, i64)> {
+    claims
+        .iter()
+        .filter_map(|(tp, claimed)| {
+            let at = (*claimed)?;
+            let age = now_ms.saturating_sub(at);
+            (at > 0 && age < fresh_ms).then(|| (tp.clone(), age))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_only_fresh_unreleased_claims_are_live() {
+        let tp = |p| ("in".to_string(), p);
+        let claims = vec![
+            (tp(0), Some(95_000)),
+            (tp(1), Some(0)),
+            (tp(2), None),
+            (tp(3), Some(40_000)),
+        ];
+        assert_eq!(live(&claims, 100_000, 45_000), vec![(tp(0), 5_000)]);
+        assert_eq!(live(&claims, 100_000, 61_000).len(), 2);
+    }
 }

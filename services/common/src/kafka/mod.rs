@@ -5,7 +5,7 @@
 //! The bookkeeping that keeps rebalances and retries safe is in [`track`], free of I/O.
 
 pub mod inspect;
-mod leases;
+pub mod leases;
 mod processor;
 pub mod producer;
 pub mod stage;

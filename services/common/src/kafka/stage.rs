@@ -324,7 +324,7 @@ pub async fn run_stage<P: Processor>(
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
-    stage.leases.stop();
+    stage.leases.stop().await;
     stage.close().await;
     // Leaving the group (so the others rebalance at once) waits for the broker; a broker that
     // is away must not hold the shutdown: the consumer is closed off the async runtime and
