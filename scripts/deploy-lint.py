@@ -34,7 +34,7 @@ PROMETHEUSRULE = ROOT / "k8s/base/prometheusrule.yaml"
 DASHBOARDS = ROOT / "compose/grafana/dashboards"
 
 # Named by the rules but not exported by the services yet (README, "Alerts": missing metrics).
-PENDING_METRICS = {"ohx_consumer_lag_seconds"}
+PENDING_METRICS = set()
 PENDING_LABELS = {("ohx_end_to_end_latency_seconds", "aggregation")}
 # Labels Prometheus or the OpenTelemetry exporter add to every series.
 COMMON_LABELS = {"job", "instance", "otel_scope_name", "otel_scope_version"}

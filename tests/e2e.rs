@@ -1395,6 +1395,7 @@ async fn prometheus_scrapes_every_service(env: Arc<Env>) -> anyhow::Result<()> {
         "ohx_records_consumed_total",
         "ohx_records_produced_total",
         "ohx_consumer_lag",
+        "ohx_consumer_lag_seconds",
         "ohx_resources_published_total",
         "ohx_end_to_end_latency_seconds_bucket",
     ] {

@@ -130,6 +130,17 @@ pub static CONSUMER_LAG: LazyLock<Gauge<i64>> = LazyLock::new(|| {
         .with_description("Consumer lag in records, by group, topic and partition")
         .build()
 });
+/// Age of the records a consumer is reaching (now minus the timestamp of the last record it
+/// polled, 0 once it reached the partition's end), by group, topic and partition: how far behind
+/// in time a stage is, to compare with the 24 h retention. Exported as is (no unit suffix).
+pub static CONSUMER_LAG_SECONDS: LazyLock<Gauge<f64>> = LazyLock::new(|| {
+    meter()
+        .f64_gauge("ohx_consumer_lag_seconds")
+        .with_description(
+            "Age in seconds of the records the consumer reaches, by group, topic and partition",
+        )
+        .build()
+});
 /// Time to process and acknowledge one batch, by stage.
 pub static BATCH_SECONDS: LazyLock<Histogram<f64>> = LazyLock::new(|| {
     meter()

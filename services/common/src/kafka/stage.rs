@@ -321,6 +321,7 @@ pub async fn run_stage<P: Processor>(
         stalled_lag: None,
         paused: BTreeSet::new(),
         leases,
+        lag_age_at: HashMap::new(),
     };
     stage.health.set_component_ready(&stage.ready_key, false);
     let result = stage.run().await;
@@ -367,6 +368,8 @@ struct Stage<P: Processor> {
     /// Partitions this loop paused (kept across revokes until resumed).
     paused: BTreeSet<Tp>,
     leases: Leases,
+    /// When the age of each partition's records was last exported.
+    lag_age_at: HashMap<Tp, Instant>,
 }
 
 /// How a wait ended.
@@ -465,6 +468,9 @@ impl<P: Processor> Stage<P> {
                             .collect()
                     })
                     .unwrap_or_default();
+                if let Some(ts) = msg.timestamp().to_millis() {
+                    self.export_lag_age(&tp, (chrono::Utc::now().timestamp_millis() - ts).max(0));
+                }
                 let offset = msg.offset();
                 let raw = Raw {
                     key: msg.key().map(<[u8]>::to_vec),
@@ -474,15 +480,37 @@ impl<P: Processor> Stage<P> {
                 into.push(&self.ownership, tp, offset, raw);
             }
             Err(KafkaError::PartitionEOF(partition)) => {
-                for t in &self.settings.input_topics {
-                    let tp = ((*t).to_string(), partition);
+                for t in self.settings.input_topics.clone() {
+                    let tp = (t.to_string(), partition);
                     if self.ownership.owns(&tp) {
+                        self.lag_age_at.remove(&tp);
+                        self.export_lag_age(&tp, 0);
                         self.caught_up.insert(tp);
                     }
                 }
             }
             Err(error) => tracing::warn!(stage = self.settings.stage, %error, "consumer error"),
         }
+    }
+
+    /// Exports the age of a partition's records, at most once a second per partition.
+    fn export_lag_age(&mut self, tp: &Tp, age_ms: i64) {
+        if self
+            .lag_age_at
+            .get(tp)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.lag_age_at.insert(tp.clone(), Instant::now());
+        telemetry::CONSUMER_LAG_SECONDS.record(
+            age_ms as f64 / 1000.0,
+            &[
+                KeyValue::new("group", self.settings.group_id.clone()),
+                KeyValue::new("topic", tp.0.clone()),
+                KeyValue::new("partition", i64::from(tp.1)),
+            ],
+        );
     }
 
     /// Applies the rebalances librdkafka served, in order, and tells the processor.
