@@ -721,6 +721,17 @@ async fn test_a_schema_id_the_registry_never_had_is_dead_lettered_after_the_boun
     Ok(())
 }
 
+/// A member that claims its partitions every second and takes over partitions unclaimed
+/// for 6 s.
+fn start_claiming_member(addr: &str, group: &str) -> anyhow::Result<Member> {
+    start_member_with(
+        addr,
+        settings_with(group, Duration::from_secs(300), Duration::from_secs(6)),
+        Codec::embedded()?,
+        Copier::default(),
+    )
+}
+
 /// The environment variables that turn [`dead_member`] into a group member.
 const DEAD_MEMBER_ENV: [&str; 2] = ["OHX_RT_DEAD_MEMBER_ADDR", "OHX_RT_DEAD_MEMBER_GROUP"];
 
@@ -766,12 +777,7 @@ async fn test_the_partitions_of_a_member_killed_without_leaving_are_taken_over()
     let group = "rt.killed";
     let p = producer(&b.addr)?;
     produce_inputs(&p, 0, 100).await?;
-    let a = start_member_with(
-        &b.addr,
-        settings_with(group, Duration::from_secs(300), Duration::from_secs(6)),
-        Codec::embedded()?,
-        Copier::default(),
-    )?;
+    let a = start_claiming_member(&b.addr, group)?;
     wait_for(
         "the first member to copy everything",
         Duration::from_secs(60),
@@ -838,12 +844,7 @@ async fn test_replay_refuses_a_group_with_live_members_and_a_stopped_member_rele
     let group = "rt.replay";
     let p = producer(&b.addr)?;
     produce_inputs(&p, 0, 20).await?;
-    let a = start_member_with(
-        &b.addr,
-        settings_with(group, Duration::from_secs(300), Duration::from_secs(6)),
-        Codec::embedded()?,
-        Copier::default(),
-    )?;
+    let a = start_claiming_member(&b.addr, group)?;
     let claims = async || -> anyhow::Result<usize> {
         let addr = b.addr.clone();
         let found = tokio::task::spawn_blocking(move || {

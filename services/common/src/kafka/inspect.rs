@@ -68,6 +68,22 @@ fn consumer(kafka: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaErr
         .create()
 }
 
+/// A message's headers as owned pairs (a header without a value has an empty one).
+pub fn owned_headers(m: &impl Message) -> Vec<(String, Vec<u8>)> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x.key.to_string(),
+                        x.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The partition ids of a topic.
 pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
     let md = consumer.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
@@ -108,19 +124,7 @@ pub fn read_topic(
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_string(),
-                                    x.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = owned_headers(&m);
                 out.push(Stored {
                     partition: m.partition(),
                     offset: m.offset(),

@@ -31,7 +31,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -455,19 +455,7 @@ impl<P: Processor> Stage<P> {
                         KeyValue::new("topic", tp.0.clone()),
                     ],
                 );
-                let headers = msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_string(),
-                                    x.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = super::inspect::owned_headers(&msg);
                 if let Some(ts) = msg.timestamp().to_millis() {
                     self.export_lag_age(&tp, (chrono::Utc::now().timestamp_millis() - ts).max(0));
                 }
