@@ -1411,7 +1411,7 @@ async fn prometheus_scrapes_every_service(env: Arc<Env>) -> anyhow::Result<()> {
 /// table is fixed (the mapper restarted with it), `ohx dlq redrive` sends the dead letter back
 /// to its topic and the Observation lands, once.
 async fn dead_letter_redriven_after_a_fix(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5007).await?;
+    let p = env.new_patient(5010).await?;
     let since = Utc::now().to_rfc3339();
     let table = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1442,7 +1442,7 @@ async fn dead_letter_redriven_after_a_fix(env: Arc<Env>) -> anyhow::Result<()> {
     let t = hour_floor(Utc::now().timestamp_millis()) - 3 * HOUR + 300_000;
     env.add_groups(
         p.userid,
-        json!([weight_group(900_701, t, "scale-5007", 80250, -3)]),
+        json!([weight_group(900_701, t, "scale-5010", 80250, -3)]),
     )
     .await?;
     env.notify(p.userid, 1, t - 60_000, t + 60_000).await?;
