@@ -22,7 +22,7 @@ use super::track::{Tp, lapsed};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,9 @@ use std::time::Duration;
 pub(super) struct Leases {
     /// The partitions this member owns now (kept by the rebalance callbacks).
     owned: Arc<Mutex<BTreeSet<Tp>>>,
+    /// When this member's assignment last changed (ms since the epoch): a rebalance is under
+    /// way, and the partitions' new owners get the whole grace to claim them.
+    changed_ms: Arc<AtomicI64>,
     /// Set by the lease thread when a partition has no owner; taken by the loop.
     rejoin: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -57,6 +60,7 @@ impl Leases {
 
     /// Records partitions assigned to (`true`) or revoked from (`false`) this member.
     pub(super) fn update(&self, tps: &[Tp], assigned: bool) {
+        self.changed_ms.store(now_ms(), Ordering::SeqCst);
         let mut owned = match self.owned.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -175,6 +179,9 @@ impl Leases {
             let Some(leases) = read_leases(consumer, &topics, timeout) else {
                 continue;
             };
+            // A partition released by a member that left gracefully has no claim until its new
+            // owner's first one: count from this member's last rebalance, not from before it.
+            since = since.max(self.changed_ms.load(Ordering::SeqCst));
             let unowned = lapsed(now, since, &leases, &owned, after_ms);
             if !unowned.is_empty() {
                 tracing::warn!(stage, partitions = ?unowned, "partitions nobody has claimed for a while: rejoining the group");
