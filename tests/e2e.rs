@@ -905,7 +905,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
     let m = Measurement {
         context: env.context(&p),
         measurement_id: format!("withings:{}:777:1", p.userid),
-        series_key: series_key(&p.patient_id, "body_weight"),
+        series_key: series_key(&p.patient_id, "withings", "body_weight"),
         data_type: "body_weight".into(),
         aggregation: AGGREGATION_INDIVIDUAL.into(),
         effective_start: t,

@@ -15,6 +15,8 @@ use ohx_common::codec::Codec;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, Context, Measurement, SyncRequest, topic};
+use ohx_providers::Registry;
+use ohx_providers::withings::WithingsSettings;
 use ohx_tests::withings_sim::{self, SimConfig, SimState, UserSeed};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -189,9 +191,11 @@ impl Env {
         let store = Store::new(self.pool.clone(), SecretBox::from_spec(KEYS, None).unwrap());
         Fetcher::new(
             store,
+            Registry::standard(WithingsSettings {
+                rate_per_minute: 600,
+            }),
             FetcherSettings {
-                withings_base_url: self.sim.clone(),
-                withings_rate_per_minute: 600,
+                base_urls: [("withings".to_owned(), self.sim.clone())].into(),
                 rate_limit_pause: Duration::from_secs(1),
                 strategy: Strategy::default(),
                 http_timeout: Duration::from_secs(5),

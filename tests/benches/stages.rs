@@ -13,6 +13,7 @@ use ohx_common::records::{
     Component, Context, Device, FhirResource, HourlyAggregate, Measurement, SyncRequest,
     content_hash, content_hash_of, series_key, topic,
 };
+use ohx_providers::Provider;
 use ohx_tests::fixtures::heart_rate_sample;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -49,7 +50,7 @@ fn bp(i: i64) -> Measurement {
     Measurement {
         context: ctx(),
         measurement_id: format!("withings:4242:{}:bp", 1_000_000 + i),
-        series_key: series_key("p", "blood_pressure"),
+        series_key: series_key("p", "withings", "blood_pressure"),
         data_type: "blood_pressure".into(),
         aggregation: "INDIVIDUAL".into(),
         effective_start: 1_790_000_000_000 + i * 1000,
@@ -105,23 +106,23 @@ fn main() -> anyhow::Result<()> {
     let codec = Codec::embedded()?;
     let n = 20_000usize;
 
-    // webhook-gateway: validate a notification, encode the SyncRequest.
+    // webhook-gateway: parse and validate a notification body, encode the SyncRequest.
+    let withings = ohx_providers::withings::Withings::new(Default::default());
     let started = Instant::now();
     rt.block_on(async {
         for i in 0..n {
-            let notification = webhook_gateway::WithingsNotification {
-                userid: "4242".into(),
-                appli: "4".into(),
-                startdate: Some((1_790_000_000 + i).to_string()),
-                enddate: Some((1_790_000_100 + i).to_string()),
-                date: None,
-                deviceid: None,
-                action: None,
-            };
-            let x = webhook_gateway::interpret(&notification).map_err(anyhow::Error::msg)?;
+            let body = format!(
+                "userid=4242&appli=4&startdate={}&enddate={}",
+                1_790_000_000 + i,
+                1_790_000_100 + i
+            );
+            let notices = withings
+                .parse_webhook(Some("application/x-www-form-urlencoded"), body.as_bytes())
+                .map_err(anyhow::Error::new)?;
+            let x = &notices[0];
             let req = SyncRequest {
                 context: ctx(),
-                categories: x.categories,
+                categories: x.categories.clone(),
                 window_start: x.window.map(|w| w.0),
                 window_end: x.window.map(|w| w.1),
                 provider_event: None,
@@ -151,12 +152,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         for _ in 0..rounds {
             let v: serde_json::Value = serde_json::from_str(&page_text)?;
-            let resp = fetcher::withings::MeasureResponse {
+            let resp = ohx_providers::withings::client::MeasureResponse {
                 updatetime: v["body"]["updatetime"].as_i64(),
                 timezone: v["body"]["timezone"].as_str().map(str::to_string),
                 measuregrps: serde_json::from_value(v["body"]["measuregrps"].clone())?,
             };
-            let out = fetcher::normalize::normalize_measures(&resp, &ctx(), None);
+            let out = ohx_providers::withings::normalize::normalize_measures(&resp, &ctx(), None);
             for m in &out.measurements {
                 black_box(codec.encode(topic::MEASUREMENTS, m).await?);
                 produced += 1;

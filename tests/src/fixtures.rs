@@ -17,7 +17,7 @@ pub fn heart_rate_sample(
     Measurement {
         context,
         measurement_id: format!("withings:{userid}:hr:{}:watch-{userid}", ts / 1000),
-        series_key: series_key(patient_id, "heart_rate"),
+        series_key: series_key(patient_id, "withings", "heart_rate"),
         data_type: "heart_rate".into(),
         aggregation: AGGREGATION_HOURLY.into(),
         effective_start: ts,

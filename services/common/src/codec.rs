@@ -373,7 +373,7 @@ mod tests {
         let m = Measurement {
             context: ctx(),
             measurement_id: "withings:42:1:bp".into(),
-            series_key: series_key("p", "blood_pressure"),
+            series_key: series_key("p", "withings", "blood_pressure"),
             data_type: "blood_pressure".into(),
             aggregation: AGGREGATION_INDIVIDUAL.into(),
             effective_start: 1_700_000_000_000,
@@ -448,7 +448,7 @@ mod tests {
         let agg = HourlyAggregate {
             context: ctx(),
             aggregate_id: "a".into(),
-            series_key: series_key("p", "heart_rate"),
+            series_key: series_key("p", "withings", "heart_rate"),
             data_type: "heart_rate".into(),
             unit: "/min".into(),
             hour_start: 0,

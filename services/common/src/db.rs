@@ -22,6 +22,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_config_change_notify",
         include_str!("../migrations/0004_config_change_notify.sql"),
     ),
+    (
+        "0005_provider_seam",
+        include_str!("../migrations/0005_provider_seam.sql"),
+    ),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

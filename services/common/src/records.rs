@@ -78,7 +78,7 @@ pub struct Measurement {
     pub context: Context,
     /// Deterministic: provider, provider-native id, type.
     pub measurement_id: String,
-    /// Patient id + data type; the record key.
+    /// Patient id + provider + data type ([`series_key`]); the record key.
     pub series_key: String,
     pub data_type: String,
     /// [`AGGREGATION_INDIVIDUAL`] or [`AGGREGATION_HOURLY`].
@@ -103,9 +103,11 @@ impl Record for Measurement {
     const SCHEMA_FILE: &'static str = "measurement.avsc";
 }
 
-/// Builds the series key of a patient's data type (the key of `ohx.measurements.v1`).
-pub fn series_key(patient_id: &str, data_type: &str) -> String {
-    format!("{patient_id}/{data_type}")
+/// Builds the series key of a patient's data type from one provider (the key of
+/// `ohx.measurements.v1`): `{patient_id}/{provider}/{data_type}`. The provider is part of it so
+/// that two providers of one patient never share an hourly window or an aggregate identity.
+pub fn series_key(patient_id: &str, provider: &str, data_type: &str) -> String {
+    format!("{patient_id}/{provider}/{data_type}")
 }
 
 /// Statistics of one series over one UTC hour.

@@ -1,5 +1,3 @@
-//! Fetches provider data for sync requests and normalizes it to Measurements.
-pub mod normalize;
+//! Fetches provider data for sync requests through the provider adapters of `ohx-providers`.
 pub mod stage;
 pub mod store;
-pub mod withings;

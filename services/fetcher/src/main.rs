@@ -5,6 +5,9 @@ use fetcher::store::Store;
 use ohx_common::kafka::StageSettings;
 use ohx_common::records::topic;
 use ohx_common::service::Runtime;
+use ohx_providers::Registry;
+use ohx_providers::withings::WithingsSettings;
+use std::collections::BTreeMap;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,15 +23,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let mut stage = StageSettings::from_env("fetcher", vec![topic::SYNC_REQUESTS])?;
     stage.max_batch = ohx_common::config::parse("OHX_FETCH_BATCH", 20usize)?.max(1);
+    let providers = Registry::standard(WithingsSettings {
+        rate_per_minute: ohx_common::config::parse("OHX_WITHINGS_RATE_PER_MINUTE", 120u32)?,
+    });
+    let mut base_urls = BTreeMap::new();
+    if let Ok(url) = std::env::var("OHX_WITHINGS_API_URL") {
+        base_urls.insert(ohx_providers::withings::NAME.to_owned(), url);
+    }
     let settings = FetcherSettings {
-        withings_base_url: ohx_common::config::string(
-            "OHX_WITHINGS_API_URL",
-            fetcher::withings::DEFAULT_BASE_URL,
-        ),
-        withings_rate_per_minute: ohx_common::config::parse(
-            "OHX_WITHINGS_RATE_PER_MINUTE",
-            120u32,
-        )?,
+        base_urls,
         rate_limit_pause: ohx_common::config::millis("OHX_RATE_LIMIT_PAUSE_MS", 60_000)?,
         strategy: Strategy {
             default_days: ohx_common::config::parse("OHX_DEFAULT_SYNC_DAYS", 7i64)?,
@@ -51,5 +54,6 @@ async fn main() -> anyhow::Result<()> {
         ohx_common::db::pool_from_env()?,
         ohx_common::crypto::SecretBox::from_env()?,
     );
-    rt.run_stage(stage, Fetcher::new(store, settings)?).await
+    rt.run_stage(stage, Fetcher::new(store, providers, settings)?)
+        .await
 }

@@ -3,20 +3,19 @@
 //! Requests of one batch for the same link are coalesced (categories and windows merged), so a
 //! burst of webhooks costs one fetch. For each link: load it, make sure the access token is
 //! fresh (refresh under a row lock; a revoked grant marks the link `reauth_required` with no
-//! retry loop), call the API through the shared rate bucket, normalize, emit. Rate limits
-//! (Withings 601) and transient failures pause and retry the batch; nothing is committed until
-//! the measurements are acknowledged, and only then are sync runs and cursors recorded.
+//! retry loop), let the link's provider adapter fetch and normalize through the shared rate
+//! bucket, emit. Rate limits and transient failures pause and retry the batch; nothing is
+//! committed until the measurements are acknowledged, and only then are sync runs and cursors
+//! recorded. The stage never names a provider: what differs between providers is behind
+//! [`ohx_providers::Provider`].
 
-use crate::normalize::{
-    self, DATA_TYPE_BLOOD_PRESSURE, DATA_TYPE_BODY_WEIGHT, DATA_TYPE_HEART_RATE,
-};
 use crate::store::{Link, PgRateGate, Refreshed, Store, StoreError, SyncRun};
-use crate::withings::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{AGGREGATION_HOURLY, Measurement, SyncRequest, topic};
+use ohx_common::records::{SyncRequest, topic};
+use ohx_providers::{Api, AppCredentials, Fetched, Plan, Provider, ProviderError, Registry};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use uuid::Uuid;
@@ -45,6 +44,12 @@ static REFRESHES: LazyLock<Counter<u64>> = LazyLock::new(|| {
         "Token refreshes, by provider and outcome",
     )
 });
+static SKIPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_measurements_skipped",
+        "Provider data not turned into measurements, by provider, reason and provider type",
+    )
+});
 static SYNCS: LazyLock<Counter<u64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_counter(
         "ohx_sync_runs",
@@ -55,22 +60,14 @@ static SYNCS: LazyLock<Counter<u64>> = LazyLock::new(|| {
 /// Settings of the fetcher.
 #[derive(Debug, Clone)]
 pub struct FetcherSettings {
-    /// Default API base URL when the app has none.
-    pub withings_base_url: String,
-    /// Requests per minute allowed for one Withings application (all replicas together).
-    pub withings_rate_per_minute: u32,
+    /// API base URL per provider when the app has none (`OHX_WITHINGS_API_URL`, ...); a
+    /// provider without an entry uses its production URL.
+    pub base_urls: BTreeMap<String, String>,
     /// How long to pause after a provider rate-limit answer.
     pub rate_limit_pause: Duration,
     /// How windows are chosen per trigger, and bounded.
     pub strategy: Strategy,
     pub http_timeout: Duration,
-}
-
-/// One merged fetch for a link.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    /// data category → window (epoch ms, end exclusive).
-    pub windows: BTreeMap<String, (i64, i64)>,
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -165,56 +162,6 @@ pub fn plan(
     Plan { windows }
 }
 
-/// Returns the getmeas types for the non-hourly categories of a plan.
-pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
-    let mut t = Vec::new();
-    if categories.contains(DATA_TYPE_BODY_WEIGHT) {
-        t.push(normalize::MEASTYPE_WEIGHT);
-    }
-    if categories.contains(DATA_TYPE_BLOOD_PRESSURE) {
-        t.extend([
-            normalize::MEASTYPE_DIASTOLIC,
-            normalize::MEASTYPE_SYSTOLIC,
-            normalize::MEASTYPE_HEART_PULSE,
-        ]);
-    }
-    t
-}
-
-/// The fetch progress of an hourly series: the widened window's end, but never past the start
-/// of the hour now in progress (an unfinished or future hour is not fetched yet, whatever the
-/// request said).
-pub fn hourly_progress_end(widened_end_ms: i64, now_ms: i64) -> i64 {
-    widened_end_ms.min(now_ms - now_ms.rem_euclid(normalize::HOUR_MS))
-}
-
-/// Orders one fetch's measurements by series and event time, and sets `fetched_through` on
-/// the last measurement of each series to the end of the window fetched for it
-/// (`progress_end`, by the measurement's source). The series is counted per aggregation
-/// policy: a blood-pressure cuff's pulse (INDIVIDUAL) shares the `heart_rate` series key with
-/// intraday heart rate (HOURLY), but the aggregator only reads HOURLY measurements, so each
-/// policy's last measurement carries the progress of its own source window. A series without
-/// any measurement in the fetch carries no progress (there is no record to carry it); the
-/// aggregator closes its hours on wall-clock grace instead.
-pub fn mark_progress(out: &mut [Measurement], progress_end: impl Fn(&Measurement) -> Option<i64>) {
-    out.sort_by(|a, b| {
-        (&a.series_key, a.effective_start, &a.measurement_id).cmp(&(
-            &b.series_key,
-            b.effective_start,
-            &b.measurement_id,
-        ))
-    });
-    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
-    for (i, m) in out.iter().enumerate() {
-        last.insert((m.series_key.as_str(), m.aggregation.as_str()), i);
-    }
-    let mut idx: Vec<usize> = last.into_values().collect();
-    idx.sort_unstable();
-    for i in idx {
-        out[i].fetched_through = progress_end(&out[i]);
-    }
-}
-
 /// The requests of a batch worth fetching: without those whose sync request id already has a
 /// successful run (`done`) and without repeats of an id earlier in the batch (a provider's
 /// retry of a webhook carries the same id). Returns them with the number of each left out.
@@ -296,7 +243,7 @@ type MemoKey = (String, Vec<String>);
 /// Why a link's fetch stopped.
 #[derive(Debug, Clone)]
 enum LinkOutcome {
-    Done(Vec<Measurement>, i32),
+    Done(Fetched),
     Reauth(String),
     /// The link is deleted, disabled or awaits re-authorization. Not an error of the request:
     /// a patient who disconnects (or a revoked grant) makes every later notification land
@@ -312,8 +259,12 @@ enum LinkOutcome {
 }
 
 impl LinkOutcome {
-    fn failed(e: &WithingsError) -> Self {
-        let (kind, reason) = permanent_failure(e);
+    /// The outcome of a failure that retrying cannot fix.
+    fn failed(e: ProviderError) -> Self {
+        let (kind, reason) = match e {
+            ProviderError::Permanent { kind, reason } => (kind, reason),
+            other => ("provider", other.to_string()),
+        };
         LinkOutcome::Failed { kind, reason }
     }
 }
@@ -325,40 +276,7 @@ enum TokenOutcome {
     Revoked,
     /// The token endpoint refused permanently (neither the grant nor the client, e.g. a
     /// malformed answer): the requests are dead-lettered like any permanent provider error.
-    Refused(WithingsError),
-}
-
-/// Classifies a permanent provider failure as a dead-letter kind and a reason made of
-/// categories and codes only: the provider's own message or a decoder's text could quote
-/// payload values, and the reason reaches the dead-letter topic, logs and `sync_runs`.
-pub fn permanent_failure(e: &WithingsError) -> (&'static str, String) {
-    match e {
-        WithingsError::Decode(_) => ("decode", "withings answer could not be decoded".into()),
-        WithingsError::Api { status, .. } => (
-            "provider",
-            format!("withings refused the request (status {status})"),
-        ),
-        WithingsError::InvalidGrant { status, .. } => (
-            "provider",
-            format!("withings rejected the grant (status {status})"),
-        ),
-        WithingsError::InvalidClient { status } => (
-            "provider",
-            format!("withings rejected the client credentials (status {status})"),
-        ),
-        WithingsError::InvalidToken { status } => (
-            "provider",
-            format!("withings rejected the access token (status {status})"),
-        ),
-        WithingsError::Transport { http_status, .. } => (
-            "provider",
-            format!("withings answered http status {http_status}"),
-        ),
-        WithingsError::Http(_) => ("provider", "withings http request failed".into()),
-        WithingsError::RateLimited
-        | WithingsError::Retryable { .. }
-        | WithingsError::RateGate(_) => ("provider", "withings transient failure".into()),
-    }
+    Refused(ProviderError),
 }
 
 fn store_err(e: StoreError) -> StageError {
@@ -370,31 +288,46 @@ fn store_err(e: StoreError) -> StageError {
     }
 }
 
-fn api_err(e: WithingsError, pause: Duration) -> Result<StageError, WithingsError> {
-    if e.is_rate_limited() {
-        RATE_LIMITED.add(1, &[KeyValue::new("provider", "withings")]);
-        return Ok(StageError::Transient {
-            kind: "rate_limited",
-            reason: e.to_string(),
-            retry_after: Some(e.retry_after().unwrap_or(pause)),
-        });
-    }
-    if e.is_retryable() {
-        return Ok(StageError::Transient {
+/// A rate limit or transient failure as the stage error that pauses and retries the batch;
+/// any other failure is given back.
+fn api_err(
+    provider: &'static str,
+    e: ProviderError,
+    pause: Duration,
+) -> Result<StageError, ProviderError> {
+    match e {
+        ProviderError::RateLimited {
+            reason,
+            retry_after,
+        } => {
+            RATE_LIMITED.add(1, &[KeyValue::new("provider", provider)]);
+            Ok(StageError::Transient {
+                kind: "rate_limited",
+                reason: format!("{provider}: {reason}"),
+                retry_after: Some(retry_after.unwrap_or(pause)),
+            })
+        }
+        ProviderError::Transient {
+            reason,
+            retry_after,
+        } => Ok(StageError::Transient {
             kind: "provider",
-            reason: e.to_string(),
-            retry_after: e.retry_after(),
-        });
+            reason: format!("{provider}: {reason}"),
+            retry_after,
+        }),
+        other => Err(other),
     }
-    Err(e)
 }
 
 /// The fetcher stage.
 pub struct Fetcher {
     store: Store,
     settings: FetcherSettings,
+    providers: Registry,
     http: reqwest::Client,
-    clients: HashMap<Uuid, WithingsClient>,
+    /// Per app (and per user where the provider's budget is per user): the API behind its
+    /// shared rate bucket.
+    apis: HashMap<(Uuid, String), Api>,
     /// Links already fetched in the current batch (see [`BatchMemo`]).
     memo: BatchMemo<MemoKey, (Plan, LinkOutcome)>,
 }
@@ -409,38 +342,41 @@ impl std::fmt::Debug for Fetcher {
 
 impl Fetcher {
     /// Creates the stage.
-    pub fn new(store: Store, settings: FetcherSettings) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        store: Store,
+        providers: Registry,
+        settings: FetcherSettings,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(settings.http_timeout)
             .build()?;
         Ok(Self {
             store,
             settings,
+            providers,
             http,
-            clients: HashMap::new(),
+            apis: HashMap::new(),
             memo: BatchMemo::default(),
         })
     }
 
-    fn client(&mut self, link: &Link) -> WithingsClient {
+    /// The API of the link's app, behind the bucket its provider's rate policy names.
+    fn api(&mut self, provider: &dyn Provider, link: &Link) -> Api {
+        let (bucket, per_minute) =
+            provider
+                .rate_policy()
+                .bucket(provider.name(), &link.client_id, &link.provider_user_id);
         let base = link
             .api_base_url
             .clone()
-            .unwrap_or_else(|| self.settings.withings_base_url.clone());
-        let (pool, per_minute) = (
-            self.store.pool.clone(),
-            self.settings.withings_rate_per_minute,
-        );
-        self.clients
-            .entry(link.app_id)
+            .or_else(|| self.settings.base_urls.get(provider.name()).cloned())
+            .unwrap_or_else(|| provider.default_base_url().to_owned());
+        let (pool, http) = (self.store.pool.clone(), self.http.clone());
+        self.apis
+            .entry((link.app_id, bucket.clone()))
             .or_insert_with(|| {
-                let gate = PgRateGate::new(
-                    pool,
-                    format!("withings:{}", link.client_id),
-                    per_minute,
-                    API_CALLS.clone(),
-                );
-                WithingsClient::new(self.http.clone(), base).with_rate_gate(Arc::new(gate))
+                let gate = PgRateGate::new(pool, bucket, per_minute, API_CALLS.clone());
+                Api::new(http, &base, Arc::new(gate))
             })
             .clone()
     }
@@ -448,7 +384,8 @@ impl Fetcher {
     /// Returns a usable access token, refreshing it if expired or rejected.
     async fn token(
         &self,
-        client: &WithingsClient,
+        provider: &dyn Provider,
+        api: &Api,
         link: &Link,
         failed: Option<&str>,
     ) -> Result<TokenOutcome, StageError> {
@@ -458,20 +395,25 @@ impl Fetcher {
         if failed.is_none() && fresh && !link.access_token.is_empty() {
             return Ok(TokenOutcome::Token(link.access_token.clone()));
         }
-        let (id, secret) = (link.client_id.clone(), link.client_secret.clone());
+        let app = AppCredentials {
+            client_id: link.client_id.clone(),
+            client_secret: link.client_secret.clone(),
+        };
+        let app = &app;
         let result = self
             .store
             .refresh(link, failed, |refresh_token| async move {
-                client.refresh_token(&id, &secret, &refresh_token).await
+                provider.refresh(api, app, refresh_token).await
             })
             .await
             .map_err(store_err)?;
+        let name = provider.name();
         match result {
             Ok(Refreshed::Token(t)) => {
                 REFRESHES.add(
                     1,
                     &[
-                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("provider", name),
                         KeyValue::new("outcome", "refreshed"),
                     ],
                 );
@@ -481,31 +423,32 @@ impl Fetcher {
                 REFRESHES.add(
                     1,
                     &[
-                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("provider", name),
                         KeyValue::new("outcome", "revoked"),
                     ],
                 );
                 Ok(TokenOutcome::Revoked)
             }
-            Err(WithingsError::InvalidClient { status }) => {
+            Err(ProviderError::ClientRejected { reason }) => {
                 // The app's client id/secret is wrong (e.g. a rotated secret): every link of
                 // the app would fail the same way, and none of them is at fault.
                 tracing::error!(
                     app_id = %link.app_id,
                     link_id = %link.id,
-                    status,
-                    "withings rejected the application's client credentials: fix the provider app's client id/secret; links are not marked"
+                    provider = name,
+                    reason = %reason,
+                    "the provider rejected the application's client credentials: fix the provider app's client id/secret; links are not marked"
                 );
                 Err(StageError::Transient {
                     kind: "provider_config",
                     reason: format!(
-                        "withings rejected the client credentials of app {} (status {status})",
+                        "{name} rejected the client credentials of app {} ({reason})",
                         link.app_id
                     ),
                     retry_after: Some(self.settings.rate_limit_pause),
                 })
             }
-            Err(e) => match api_err(e, self.settings.rate_limit_pause) {
+            Err(e) => match api_err(name, e, self.settings.rate_limit_pause) {
                 Ok(transient) => Err(transient),
                 // A malformed answer or a refusal that names neither the grant nor the
                 // client: retrying the batch gives the same answer.
@@ -538,152 +481,73 @@ impl Fetcher {
             let reason = format!("link is {}", link.status);
             return Ok((plan, LinkOutcome::Inactive(reason)));
         }
-        let outcome = self.fetch_link(link, &plan, requests[0]).await?;
+        let Some(provider) = self.providers.get(&link.provider).cloned() else {
+            let reason = format!("provider {} is not known to this fetcher", link.provider);
+            return Ok((
+                plan,
+                LinkOutcome::Failed {
+                    kind: "provider",
+                    reason,
+                },
+            ));
+        };
+        let outcome = self
+            .fetch_link(provider.as_ref(), link, &plan, requests[0], now_ms)
+            .await?;
         Ok((plan, outcome))
     }
 
     /// Fetches everything a plan asks for, refreshing the token once on rejection.
     async fn fetch_link(
         &mut self,
+        provider: &dyn Provider,
         mut link: Link,
         plan: &Plan,
         request: &SyncRequest,
+        now_ms: i64,
     ) -> Result<LinkOutcome, StageError> {
-        let client = self.client(&link);
-        let mut token = match self.token(&client, &link, None).await? {
+        let api = self.api(provider, &link);
+        let mut token = match self.token(provider, &api, &link, None).await? {
             TokenOutcome::Token(t) => t,
             TokenOutcome::Revoked => {
                 return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
             }
-            TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(&e)),
+            TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(e)),
         };
         let mut refreshed = false;
         loop {
-            match self.fetch_with(&client, &token, plan, request).await {
-                Ok((m, calls)) => return Ok(LinkOutcome::Done(m, calls)),
-                Err(WithingsError::InvalidToken { .. }) if !refreshed => {
+            match provider
+                .fetch(&api, &token, plan, &request.context, now_ms)
+                .await
+            {
+                Ok(fetched) => return Ok(LinkOutcome::Done(fetched)),
+                Err(ProviderError::TokenRejected { .. }) if !refreshed => {
                     refreshed = true;
                     link.access_token = token.clone();
-                    match self.token(&client, &link, Some(&token)).await? {
+                    match self.token(provider, &api, &link, Some(&token)).await? {
                         TokenOutcome::Token(t) => token = t,
                         TokenOutcome::Revoked => {
                             return Ok(LinkOutcome::Reauth("refresh token rejected".into()));
                         }
-                        TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(&e)),
+                        TokenOutcome::Refused(e) => return Ok(LinkOutcome::failed(e)),
                     }
                 }
-                Err(WithingsError::InvalidToken { status }) => {
+                Err(ProviderError::TokenRejected { reason }) => {
+                    let reason = format!("fresh access token rejected ({reason})");
                     self.store
-                        .mark_reauth(
-                            link.id,
-                            &format!("fresh access token rejected (status {status})"),
-                        )
+                        .mark_reauth(link.id, &reason)
                         .await
                         .map_err(store_err)?;
-                    return Ok(LinkOutcome::Reauth(format!(
-                        "fresh access token rejected (status {status})"
-                    )));
+                    return Ok(LinkOutcome::Reauth(reason));
                 }
                 Err(e) => {
-                    return match api_err(e, self.settings.rate_limit_pause) {
+                    return match api_err(provider.name(), e, self.settings.rate_limit_pause) {
                         Ok(transient) => Err(transient),
-                        Err(permanent) => Ok(LinkOutcome::failed(&permanent)),
+                        Err(permanent) => Ok(LinkOutcome::failed(permanent)),
                     };
                 }
             }
         }
-    }
-
-    async fn fetch_with(
-        &self,
-        client: &WithingsClient,
-        token: &str,
-        plan: &Plan,
-        request: &SyncRequest,
-    ) -> Result<(Vec<Measurement>, i32), WithingsError> {
-        let mut out = Vec::new();
-        let mut calls = 0;
-        let mut timezone: Option<String> = None;
-        let now = chrono::Utc::now().timestamp_millis();
-        let (mut spot_end, mut hourly_end) = (None, None);
-        // Spot measures (getmeas): one call (with paging) over the union of their windows.
-        let spot: BTreeSet<&str> = plan
-            .windows
-            .keys()
-            .map(String::as_str)
-            .filter(|c| *c != DATA_TYPE_HEART_RATE)
-            .collect();
-        let types = meastypes(&spot);
-        if !types.is_empty() {
-            let start = spot
-                .iter()
-                .filter_map(|c| plan.windows.get(*c))
-                .map(|w| w.0)
-                .min()
-                .unwrap_or(0);
-            let end = spot
-                .iter()
-                .filter_map(|c| plan.windows.get(*c))
-                .map(|w| w.1)
-                .max()
-                .unwrap_or(0);
-            let window = Window {
-                start_s: start.div_euclid(1000),
-                end_s: (end + 999).div_euclid(1000),
-            };
-            let resp = client
-                .get_measures(
-                    token,
-                    &types,
-                    CATEGORY_REAL,
-                    MeasureSelector::Window(window),
-                )
-                .await?;
-            calls += 1;
-            spot_end = Some(end.min(now));
-            timezone = resp.timezone.clone();
-            let n = normalize::normalize_measures(&resp, &request.context, None);
-            out.extend(n.measurements.into_iter().filter(|m| {
-                spot.contains(m.data_type.as_str())
-                    || m.data_type == DATA_TYPE_HEART_RATE
-                        && spot.contains(DATA_TYPE_BLOOD_PRESSURE)
-            }));
-        }
-        // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
-        let mut ahead = Vec::new();
-        if let Some(&(start, end)) = plan.windows.get(DATA_TYPE_HEART_RATE) {
-            let (hs, he) = normalize::widen_to_hours(start, end);
-            // Withings' enddate is inclusive: stop one second before the next hour.
-            let resp = client
-                .get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1)
-                .await?;
-            calls += 1;
-            hourly_end = Some(hourly_progress_end(he, now));
-            let n = normalize::normalize_intraday_heart_rate(
-                &resp,
-                &request.context,
-                timezone.as_deref(),
-                None,
-            );
-            // A sample dated after the fetched window (a device clock ahead) is not dropped:
-            // it goes on, after the progress marks, for the aggregator to dead-letter.
-            for m in n.measurements {
-                if m.effective_start >= hs && m.effective_start < he {
-                    out.push(m);
-                } else if m.effective_start >= he {
-                    ahead.push(m);
-                }
-            }
-        }
-        mark_progress(&mut out, |m| {
-            if m.aggregation == AGGREGATION_HOURLY {
-                hourly_end
-            } else {
-                spot_end
-            }
-        });
-        out.append(&mut ahead);
-        Ok((out, calls))
     }
 }
 
@@ -753,6 +617,7 @@ impl Processor for Fetcher {
                 continue;
             };
             let requests: Vec<&SyncRequest> = inputs.iter().map(|i| &i.value).collect();
+            let provider_name = requests[0].context.provider.clone();
             let key: MemoKey = (
                 link_str.clone(),
                 requests
@@ -768,21 +633,38 @@ impl Processor for Fetcher {
                     done
                 }
             };
+            let mut skipped = serde_json::Map::new();
             let (status, error, count, calls) = match outcome {
-                LinkOutcome::Done(measurements, calls) => {
-                    let count = measurements.len() as i32;
-                    for m in &measurements {
+                LinkOutcome::Done(fetched) => {
+                    let count = fetched.measurements.len() as i32;
+                    for m in &fetched.measurements {
                         MEASUREMENTS.add(
                             1,
                             &[
-                                KeyValue::new("provider", "withings"),
+                                KeyValue::new("provider", m.context.provider.clone()),
                                 KeyValue::new("type", m.data_type.clone()),
                             ],
                         );
                         out.emit(topic::MEASUREMENTS, &m.series_key, m).await?;
                     }
-                    tracing::info!(link_id = %link_id, requests = requests.len(), measurements = count, api_calls = calls, "fetched");
-                    ("ok", None, count, calls)
+                    for ((reason, detail), n) in &fetched.skipped {
+                        SKIPPED.add(
+                            *n,
+                            &[
+                                KeyValue::new("provider", provider_name.clone()),
+                                KeyValue::new("reason", reason.clone()),
+                                KeyValue::new("type", detail.clone()),
+                            ],
+                        );
+                        let key = if detail.is_empty() {
+                            reason.clone()
+                        } else {
+                            format!("{reason}:{detail}")
+                        };
+                        skipped.insert(key, (*n).into());
+                    }
+                    tracing::info!(link_id = %link_id, requests = requests.len(), measurements = count, skipped = fetched.skipped_total(), api_calls = fetched.api_calls, "fetched");
+                    ("ok", None, count, fetched.api_calls)
                 }
                 LinkOutcome::Reauth(reason) => {
                     tracing::warn!(link_id = %link_id, reason = %reason, "link needs re-authorization");
@@ -804,7 +686,7 @@ impl Processor for Fetcher {
                 SYNCS.add(
                     1,
                     &[
-                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("provider", provider_name.clone()),
                         KeyValue::new("trigger", r.context.trigger.clone()),
                         KeyValue::new("status", status),
                     ],
@@ -823,6 +705,7 @@ impl Processor for Fetcher {
                     measurements: count,
                     error: error.clone(),
                     fetch_started_at: now,
+                    skipped: skipped.clone(),
                 });
             }
         }
@@ -878,24 +761,23 @@ mod tests {
     }
 
     #[test]
-    fn test_permanent_failure_reasons_are_categories_without_provider_text() {
-        let secret = "SECRET-VALUE 123.4 kg";
-        let (kind, reason) = permanent_failure(&WithingsError::Api {
-            status: 2554,
-            message: secret.into(),
-        });
+    fn test_failed_outcome_keeps_the_adapter_reason() {
+        let LinkOutcome::Failed { kind, reason } = LinkOutcome::failed(ProviderError::Permanent {
+            kind: "decode",
+            reason: "withings answer could not be decoded".into(),
+        }) else {
+            panic!("a permanent error is a failure");
+        };
+        assert_eq!(
+            (kind, reason.as_str()),
+            ("decode", "withings answer could not be decoded")
+        );
+        let LinkOutcome::Failed { kind, .. } =
+            LinkOutcome::failed(ProviderError::GrantRevoked { reason: "x".into() })
+        else {
+            panic!("a refused token call is a failure");
+        };
         assert_eq!(kind, "provider");
-        assert!(reason.contains("2554"), "{reason}");
-        assert!(!reason.contains(secret), "{reason}");
-        let (kind, reason) = permanent_failure(&WithingsError::Decode(secret.into()));
-        assert_eq!(kind, "decode");
-        assert!(!reason.contains(secret), "{reason}");
-        let (kind, reason) = permanent_failure(&WithingsError::Transport {
-            http_status: 404,
-            retry_after_seconds: None,
-        });
-        assert_eq!(kind, "provider");
-        assert!(reason.contains("404"), "{reason}");
     }
 
     #[test]
@@ -914,84 +796,6 @@ mod tests {
             None,
         );
         assert_eq!(p.windows["heart_rate"], (69 * day, now));
-    }
-
-    fn meas(series: &str, aggregation: &str, t: i64) -> Measurement {
-        Measurement {
-            context: req(&[], None, None).context,
-            measurement_id: format!("{series}-{aggregation}-{t}"),
-            series_key: series.into(),
-            data_type: series.rsplit('/').next().unwrap_or_default().into(),
-            aggregation: aggregation.into(),
-            effective_start: t,
-            effective_end: None,
-            utc_offset_seconds: None,
-            components: vec![],
-            device: None,
-            entry_method: None,
-            provider_group_id: None,
-            provider_modified_at: None,
-            fetched_through: None,
-        }
-    }
-
-    #[test]
-    fn test_hourly_progress_end_never_claims_the_current_hour() {
-        let h = normalize::HOUR_MS;
-        // widened end in the past: kept
-        assert_eq!(hourly_progress_end(10 * h, 12 * h + 5), 10 * h);
-        // widened end past now: the start of the hour in progress
-        assert_eq!(hourly_progress_end(13 * h, 12 * h + 5), 12 * h);
-        assert_eq!(hourly_progress_end(40 * h, 12 * h), 12 * h);
-    }
-
-    #[test]
-    fn test_mark_progress_sets_last_of_each_series_in_event_order() {
-        use ohx_common::records::AGGREGATION_INDIVIDUAL as IND;
-        let h = normalize::HOUR_MS;
-        let mut out = vec![
-            meas("p/blood_pressure", IND, 50),
-            meas("p/heart_rate", IND, 300),
-            meas("p/heart_rate", AGGREGATION_HOURLY, 200),
-            meas("p/blood_pressure", IND, 10),
-            meas("p/heart_rate", AGGREGATION_HOURLY, 100),
-            meas("p/body_weight", IND, 5),
-        ];
-        mark_progress(&mut out, |m| {
-            Some(if m.aggregation == AGGREGATION_HOURLY {
-                3 * h
-            } else {
-                1_000
-            })
-        });
-        // each series in event-time order
-        for w in out.windows(2) {
-            if w[0].series_key == w[1].series_key {
-                assert!(w[0].effective_start <= w[1].effective_start);
-            }
-        }
-        let marked: Vec<(&str, &str, i64, i64)> = out
-            .iter()
-            .filter_map(|m| {
-                m.fetched_through.map(|f| {
-                    (
-                        m.series_key.as_str(),
-                        m.aggregation.as_str(),
-                        m.effective_start,
-                        f,
-                    )
-                })
-            })
-            .collect();
-        assert_eq!(
-            marked,
-            vec![
-                ("p/blood_pressure", IND, 50, 1_000),
-                ("p/body_weight", IND, 5, 1_000),
-                ("p/heart_rate", AGGREGATION_HOURLY, 200, 3 * h),
-                ("p/heart_rate", IND, 300, 1_000),
-            ]
-        );
     }
 
     fn input(id: &str, offset: i64) -> Input<SyncRequest> {
@@ -1088,15 +892,5 @@ mod tests {
             plan(&[&with("INITIAL")], now, &short, None).windows["body_weight"],
             (90 * day, now)
         );
-    }
-
-    #[test]
-    fn test_meastypes_per_category() {
-        assert_eq!(meastypes(&BTreeSet::from(["body_weight"])), vec![1]);
-        assert_eq!(
-            meastypes(&BTreeSet::from(["blood_pressure"])),
-            vec![9, 10, 11]
-        );
-        assert!(meastypes(&BTreeSet::from(["heart_rate"])).is_empty());
     }
 }

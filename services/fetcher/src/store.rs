@@ -2,9 +2,9 @@
 //! link by a row lock, the application-wide rate bucket shared by all replicas, and sync-run
 //! bookkeeping (ids, times, counts, statuses; never values).
 
-use crate::withings::{GateFuture, RateGate, TokenSet};
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
+use ohx_providers::{BoxFuture, GateError, ProviderError, RateGate, Tokens};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -41,6 +41,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 pub struct Link {
     pub id: Uuid,
     pub app_id: Uuid,
+    /// The provider's name (`provider_links.provider`).
+    pub provider: String,
     pub status: String,
     pub provider_user_id: String,
     pub access_token: String,
@@ -98,7 +100,7 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
-                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint \
+                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id WHERE l.id = $1",
                 &[&id],
             )
@@ -125,6 +127,7 @@ impl Store {
             )?,
             api_base_url: row.get(8),
             cursor_ms: row.get(9),
+            provider: row.get(10),
         })
     }
 
@@ -139,7 +142,7 @@ impl Store {
     ) -> Result<Result<Refreshed, E>, StoreError>
     where
         F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = Result<TokenSet, E>>,
+        Fut: std::future::Future<Output = Result<Tokens, E>>,
         E: RefreshFailure,
     {
         let mut client = self.pool.get().await?;
@@ -182,10 +185,13 @@ impl Store {
                     tokens.access_token.as_bytes(),
                     &aad(link.id, "access_token"),
                 )?;
-                let refresh = self.secrets.seal(
-                    tokens.refresh_token.as_bytes(),
-                    &aad(link.id, "refresh_token"),
-                )?;
+                // A provider that does not rotate refresh tokens keeps the stored one.
+                let refresh = match &tokens.refresh_token {
+                    Some(t) => self
+                        .secrets
+                        .seal(t.as_bytes(), &aad(link.id, "refresh_token"))?,
+                    None => sealed_refresh.clone(),
+                };
                 tx.execute(
                     "UPDATE provider_links SET access_token = $2, refresh_token = $3, token_expires_at = now() + make_interval(secs => $4), \
                      scopes = COALESCE($5, scopes), updated_at = now() WHERE id = $1",
@@ -252,13 +258,13 @@ impl Store {
         for r in runs {
             tx.execute(
                 // A deleted link's run cannot reference it: it is only logged, not recorded.
-                "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at, fetch_started_at) \
-                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now(), to_timestamp($10::float8 / 1000) \
+                "INSERT INTO sync_runs (sync_request_id, link_id, trigger, window_start, window_end, status, api_calls, measurements, error, finished_at, fetch_started_at, skipped) \
+                 SELECT $1, $2, $3, to_timestamp($4::float8 / 1000), to_timestamp($5::float8 / 1000), $6, $7, $8, $9, now(), to_timestamp($10::float8 / 1000), $11 \
                  WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $2) \
                  ON CONFLICT (sync_request_id) DO UPDATE SET status = EXCLUDED.status, api_calls = sync_runs.api_calls + EXCLUDED.api_calls, \
                    measurements = EXCLUDED.measurements, error = EXCLUDED.error, attempts = sync_runs.attempts + 1, finished_at = now(), \
-                   fetch_started_at = EXCLUDED.fetch_started_at",
-                &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error, &(r.fetch_started_at as f64)],
+                   fetch_started_at = EXCLUDED.fetch_started_at, skipped = EXCLUDED.skipped",
+                &[&r.sync_request_id, &r.link_id, &r.trigger, &(r.window.0 as f64), &(r.window.1 as f64), &r.status, &r.api_calls, &r.measurements, &r.error, &(r.fetch_started_at as f64), &serde_json::Value::Object(r.skipped.clone())],
             )
             .await?;
             if r.status == "ok" {
@@ -290,6 +296,9 @@ pub struct SyncRun {
     pub error: Option<String>,
     /// When the fetch began (epoch ms): notifications received before it are covered by it.
     pub fetch_started_at: i64,
+    /// What the provider answered and was not turned into measurements: count by
+    /// `reason` or `reason:provider type` (`sync_runs.skipped`).
+    pub skipped: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A refresh failure that may mean the grant is revoked.
@@ -300,11 +309,11 @@ pub trait RefreshFailure {
     fn reason(&self) -> String;
 }
 
-impl RefreshFailure for crate::withings::WithingsError {
+impl RefreshFailure for ProviderError {
     /// Only a real invalid grant: an outage (HTTP 5xx, timeouts, a bare 503 status) or the
-    /// app's own credentials being rejected (`InvalidClient`) says nothing about the link.
+    /// app's own credentials being rejected (`ClientRejected`) says nothing about the link.
     fn is_revoked(&self) -> bool {
-        matches!(self, crate::withings::WithingsError::InvalidGrant { .. })
+        matches!(self, ProviderError::GrantRevoked { .. })
     }
     fn reason(&self) -> String {
         self.to_string()
@@ -454,17 +463,24 @@ impl PgRateGate {
 }
 
 impl RateGate for PgRateGate {
-    fn acquire(&self) -> GateFuture<'_> {
+    fn acquire(&self) -> BoxFuture<'_, Result<(), GateError>> {
         Box::pin(async move {
             loop {
                 match self.try_take().await {
                     Ok(Take::Allowed { .. }) => {
-                        self.calls
-                            .add(1, &[opentelemetry::KeyValue::new("provider", "withings")]);
+                        // Bucket names start with the provider (`RatePolicy::bucket`).
+                        let provider = self.name.split(':').next().unwrap_or_default();
+                        self.calls.add(
+                            1,
+                            &[opentelemetry::KeyValue::new(
+                                "provider",
+                                provider.to_owned(),
+                            )],
+                        );
                         return Ok(());
                     }
                     Ok(Take::Wait(wait)) => tokio::time::sleep(wait).await,
-                    Err(e) => return Err(Box::new(e) as crate::withings::GateError),
+                    Err(e) => return Err(Box::new(e) as GateError),
                 }
             }
         })

@@ -1,17 +1,18 @@
 //! Receives provider webhooks and emits sync requests once the broker has them.
 //!
-//! Withings notifications are unsigned form posts (`userid`, `appli`, `startdate`, `enddate`);
-//! they are authenticated by a per-app secret token in the callback URL
-//! (`/webhooks/withings?token=…`, stored as its SHA-256). A notification is answered 2xx only
-//! after its SyncRequest is acknowledged by the broker (acks=all), 503 otherwise so that
-//! Withings retries. Withings expects an answer within 2 s.
+//! One route serves every provider: `/webhooks/{provider}?token=…`. The per-app secret token
+//! in the callback URL (stored as its SHA-256) authenticates the notification and names the
+//! provider app; the provider's adapter ([`ohx_providers::Provider::parse_webhook`]) says what
+//! the body asks for. A notification is answered 2xx only after its SyncRequests are
+//! acknowledged by the broker (acks=all), 503 otherwise so that the provider retries (Withings
+//! expects an answer within 2 s).
 
 pub mod lookup;
 
 use axum::Router;
-use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Query, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use deadpool_postgres::Pool;
@@ -20,6 +21,7 @@ use ohx_common::admin::Problem;
 use ohx_common::codec::CodecError;
 use ohx_common::kafka::{OutRecord, Producer};
 use ohx_common::records::{Context, SyncRequest, topic};
+use ohx_providers::{Notice, NoticeKind, Registry};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use serde::Deserialize;
@@ -43,6 +45,8 @@ static SYNC_REQUESTS: LazyLock<Counter<u64>> = LazyLock::new(|| {
 /// Shared state of the gateway's handlers.
 #[derive(Clone, Debug)]
 pub struct AppState {
+    /// The providers whose webhooks are accepted.
+    pub providers: Registry,
     pub pool: Pool,
     /// Cached lookups, dropped on every configuration change (see [`lookup`]).
     pub lookups: LookupCache,
@@ -90,84 +94,25 @@ pub fn validate_window(
     Ok(())
 }
 
-/// Returns the webhook routes.
+/// Returns the webhook routes. `HEAD` and `GET` answer 200 for a known provider: Withings
+/// probes a callback URL with `HEAD` before it accepts a subscription.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/webhooks/withings",
-            post(withings_webhook)
-                .head(|| async { StatusCode::OK })
-                .get(|| async { StatusCode::OK }),
-        )
+        .route("/webhooks/{provider}", post(webhook).head(probe).get(probe))
         .with_state(state)
 }
 
-/// The form fields of a Withings data notification.
-#[derive(Debug, Clone, Deserialize)]
-pub struct WithingsNotification {
-    pub userid: String,
-    pub appli: String,
-    pub startdate: Option<String>,
-    pub enddate: Option<String>,
-    pub date: Option<String>,
-    pub deviceid: Option<String>,
-    pub action: Option<String>,
+async fn probe(State(state): State<AppState>, Path(provider): Path<String>) -> Response {
+    match state.providers.get(&provider) {
+        Some(_) => StatusCode::OK.into_response(),
+        None => unknown_provider(&provider),
+    }
 }
 
-/// What a notification asks for, after validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notified {
-    pub userid: String,
-    pub appli: i32,
-    /// Data categories to fetch (empty: nothing to fetch for this category).
-    pub categories: Vec<String>,
-    /// Window in epoch ms, end exclusive.
-    pub window: Option<(i64, i64)>,
-}
-
-/// Validates a notification and maps its `appli` to data categories.
-pub fn interpret(n: &WithingsNotification) -> Result<Notified, String> {
-    let userid = n.userid.trim();
-    if userid.is_empty() || !userid.chars().all(|c| c.is_ascii_digit()) {
-        return Err("userid must be a Withings user id (digits)".into());
-    }
-    let appli: i32 = n
-        .appli
-        .trim()
-        .parse()
-        .map_err(|_| "appli must be an integer".to_string())?;
-    let categories: Vec<String> = match appli {
-        1 => vec!["body_weight".into()],
-        4 => vec!["blood_pressure".into()],
-        16 => vec!["heart_rate".into()],
-        _ => vec![],
-    };
-    let parse_ts = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
-        match v.as_deref().map(str::trim) {
-            None | Some("") => Ok(None),
-            Some(s) => s
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| format!("{name} must be epoch seconds")),
-        }
-    };
-    let start = parse_ts("startdate", &n.startdate)?;
-    let end = parse_ts("enddate", &n.enddate)?;
-    let window = match (start, end) {
-        (Some(s), Some(e)) if s <= e && s >= 0 => Some((s * 1000, (e + 1) * 1000)),
-        (Some(_), Some(_)) => return Err("startdate must not be after enddate".into()),
-        (None, None) => None,
-        _ => return Err("startdate and enddate come together".into()),
-    };
-    if !categories.is_empty() && window.is_none() {
-        return Err("startdate and enddate are required for data notifications".into());
-    }
-    Ok(Notified {
-        userid: userid.to_string(),
-        appli,
-        categories,
-        window,
-    })
+fn unknown_provider(provider: &str) -> Response {
+    Problem::new(StatusCode::NOT_FOUND, "Unknown provider")
+        .detail(format!("ohx has no provider called {provider:?}"))
+        .into_response()
 }
 
 /// Returns the deterministic sync request id of a notification for a link: a UUID (version 8,
@@ -185,14 +130,14 @@ pub fn sync_request_id(
     provider: &str,
     link_id: &str,
     userid: &str,
-    appli: i32,
+    event: &str,
     window: Option<(i64, i64)>,
 ) -> String {
     let (start, end) = window.map_or((String::new(), String::new()), |(s, e)| {
         (s.to_string(), e.to_string())
     });
     let digest = Sha256::digest(
-        [provider, link_id, userid, &appli.to_string(), &start, &end]
+        [provider, link_id, userid, event, &start, &end]
             .join("\u{1f}")
             .as_bytes(),
     );
@@ -213,11 +158,11 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-fn count(outcome: &'static str) {
+fn count(provider: &str, outcome: &'static str) {
     WEBHOOKS.add(
         1,
         &[
-            KeyValue::new("provider", "withings"),
+            KeyValue::new("provider", provider.to_owned()),
             KeyValue::new("outcome", outcome),
         ],
     );
@@ -261,8 +206,8 @@ impl Unavailable {
 }
 
 /// Returns the 503 problem+json naming what failed.
-pub fn unavailable(what: Unavailable, detail: impl Into<String>) -> Response {
-    count(what.outcome());
+pub fn unavailable(provider: &str, what: Unavailable, detail: impl Into<String>) -> Response {
+    count(provider, what.outcome());
     Problem::new(StatusCode::SERVICE_UNAVAILABLE, what.title())
         .detail(detail)
         .into_response()
@@ -280,6 +225,7 @@ pub fn encode_failure(e: &CodecError) -> Option<Unavailable> {
 /// Runs a database step under the pool's timeout (a connection taken from the pool can still
 /// hang on a query if the server stalls).
 async fn db_step<T, E: std::fmt::Display>(
+    provider: &str,
     timeout: Duration,
     what: &'static str,
     step: impl std::future::Future<Output = Result<T, E>>,
@@ -289,6 +235,7 @@ async fn db_step<T, E: std::fmt::Display>(
         Ok(Err(error)) => {
             tracing::error!(%error, step = what, "configuration database failed");
             Err(unavailable(
+                provider,
                 Unavailable::Database,
                 "the configuration database failed; retry",
             ))
@@ -300,6 +247,7 @@ async fn db_step<T, E: std::fmt::Display>(
                 "configuration database timed out"
             );
             Err(unavailable(
+                provider,
                 Unavailable::Database,
                 "the configuration database did not answer in time; retry",
             ))
@@ -309,7 +257,12 @@ async fn db_step<T, E: std::fmt::Display>(
 
 /// The app a webhook token belongs to.
 const APP_LOOKUP: &str =
-    "SELECT id FROM provider_apps WHERE provider = 'withings' AND webhook_token_sha256 = $1";
+    "SELECT id FROM provider_apps WHERE provider = $1 AND webhook_token_sha256 = $2";
+
+/// Ends the links of a provider user under an app (the provider reported an unlink).
+const UNLINK: &str = "UPDATE provider_links SET status = 'unlinked', \
+     status_reason = 'the provider reported the link ended', updated_at = now() \
+     WHERE provider_app_id = $1 AND provider_user_id = $2 AND status <> 'unlinked'";
 
 /// The links (with patient and target) of a provider user under an app.
 const LINK_LOOKUP: &str = "SELECT l.id, l.organization_id, l.patient_id, p.ehr_target_id, \
@@ -318,26 +271,49 @@ const LINK_LOOKUP: &str = "SELECT l.id, l.organization_id, l.patient_id, p.ehr_t
      WHERE l.provider_app_id = $1 AND l.provider_user_id = $2";
 
 /// The app a webhook token (by its hash) belongs to, from the cache or the database.
-async fn lookup_app(state: &AppState, hash: &str) -> Result<Option<uuid::Uuid>, Response> {
-    if let Some(app) = state.lookups.lock().app(hash) {
+async fn lookup_app(
+    state: &AppState,
+    provider: &str,
+    hash: &str,
+) -> Result<Option<uuid::Uuid>, Response> {
+    // Cached by provider and token hash: a token of one provider's app says nothing of
+    // another provider's route.
+    let key = format!("{provider}/{hash}");
+    if let Some(app) = state.lookups.lock().app(&key) {
         return Ok(app);
     }
     let epoch = state.lookups.lock().begin();
-    let client = db_step(state.db_timeout, "connect", state.pool.get()).await?;
+    let client = db_step(provider, state.db_timeout, "connect", state.pool.get()).await?;
     // Statements are prepared once per pooled connection (deadpool's statement cache).
-    let row = db_step(state.db_timeout, "app lookup", async {
+    let row = db_step(provider, state.db_timeout, "app lookup", async {
         let statement = client.prepare_cached(APP_LOOKUP).await?;
-        client.query_opt(&statement, &[&hash]).await
+        client.query_opt(&statement, &[&provider, &hash]).await
     })
     .await?;
     let app = row.map(|r| r.get::<_, uuid::Uuid>(0));
-    state.lookups.lock().store_app(epoch, hash, app);
+    state.lookups.lock().store_app(epoch, &key, app);
     Ok(app)
+}
+
+/// Marks the links of a provider user under an app `unlinked`; returns how many changed.
+async fn unlink(
+    state: &AppState,
+    provider: &str,
+    app: uuid::Uuid,
+    user: &str,
+) -> Result<u64, Response> {
+    let client = db_step(provider, state.db_timeout, "connect", state.pool.get()).await?;
+    db_step(provider, state.db_timeout, "unlink", async {
+        let statement = client.prepare_cached(UNLINK).await?;
+        client.execute(&statement, &[&app, &user]).await
+    })
+    .await
 }
 
 /// The links of a provider user under an app, from the cache or the database.
 async fn lookup_links(
     state: &AppState,
+    provider: &str,
     app: uuid::Uuid,
     user: &str,
 ) -> Result<Vec<LinkRow>, Response> {
@@ -345,8 +321,8 @@ async fn lookup_links(
         return Ok(rows);
     }
     let epoch = state.lookups.lock().begin();
-    let client = db_step(state.db_timeout, "connect", state.pool.get()).await?;
-    let rows = db_step(state.db_timeout, "link lookup", async {
+    let client = db_step(provider, state.db_timeout, "connect", state.pool.get()).await?;
+    let rows = db_step(provider, state.db_timeout, "link lookup", async {
         let statement = client.prepare_cached(LINK_LOOKUP).await?;
         client.query(&statement, &[&app, &user]).await
     })
@@ -366,73 +342,122 @@ async fn lookup_links(
     Ok(rows)
 }
 
-async fn withings_webhook(
+async fn webhook(
     State(state): State<AppState>,
+    Path(provider): Path<String>,
     Query(query): Query<TokenQuery>,
-    form: Result<Form<WithingsNotification>, FormRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let received_at = chrono::Utc::now().timestamp_millis();
+    let Some(adapter) = state.providers.get(&provider).cloned() else {
+        return unknown_provider(&provider);
+    };
+    let provider = adapter.name();
     let Some(token) = query.token.filter(|t| !t.is_empty()) else {
-        count("unauthorized");
+        count(provider, "unauthorized");
         return Problem::new(StatusCode::UNAUTHORIZED, "Missing webhook token")
             .detail("the callback URL must carry ?token=")
             .into_response();
     };
-    let app = match lookup_app(&state, &token_hash(&token)).await {
+    let app = match lookup_app(&state, provider, &token_hash(&token)).await {
         Ok(Some(app)) => app,
         Ok(None) => {
-            count("unauthorized");
+            count(provider, "unauthorized");
             return Problem::new(StatusCode::UNAUTHORIZED, "Unknown webhook token").into_response();
         }
         Err(response) => return response,
     };
-    let Form(notification) = match form {
-        Ok(f) => f,
-        Err(rejection) => {
-            count("bad_request");
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let notices = match adapter.parse_webhook(content_type, &body) {
+        Ok(n) => n,
+        Err(bad) => {
+            count(provider, "bad_request");
             return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification")
-                .detail(rejection.body_text())
+                .detail(bad.0)
                 .into_response();
         }
     };
-    let notified = match interpret(&notification) {
-        Ok(n) => n,
-        Err(detail) => {
-            count("bad_request");
-            return Problem::new(StatusCode::BAD_REQUEST, "Malformed notification")
+    // Windows are checked before anything is stored: a batch is taken whole or refused whole.
+    for notice in &notices {
+        if let Some(window) = notice.window
+            && notice.kind == NoticeKind::Data
+            && let Err(detail) = validate_window(window, received_at, state.max_window)
+        {
+            count(provider, "bad_request");
+            tracing::info!(event = %notice.event, "notification window refused");
+            return Problem::new(StatusCode::BAD_REQUEST, "Notification window refused")
                 .detail(detail)
                 .into_response();
         }
-    };
-    if notified.categories.is_empty() {
-        count("ignored_category");
-        tracing::info!(appli = notified.appli, "notification category not synced");
-        return StatusCode::NO_CONTENT.into_response();
     }
-    if let Some(window) = notified.window
-        && let Err(detail) = validate_window(window, received_at, state.max_window)
-    {
-        count("bad_request");
-        tracing::info!(appli = notified.appli, "notification window refused");
-        return Problem::new(StatusCode::BAD_REQUEST, "Notification window refused")
-            .detail(detail)
-            .into_response();
+    let mut sent = 0usize;
+    let mut handled = 0usize;
+    for notice in &notices {
+        match notice.kind {
+            NoticeKind::Data => {}
+            NoticeKind::Unlinked => {
+                let changed = match unlink(&state, provider, app, &notice.provider_user_id).await {
+                    Ok(n) => n,
+                    Err(response) => return response,
+                };
+                count(provider, "unlinked");
+                tracing::info!(app_id = %app, links = changed, event = %notice.event, "links ended by the provider");
+                handled += 1;
+                continue;
+            }
+            NoticeKind::EventOnly => {
+                count(provider, "event_only");
+                tracing::info!(event = %notice.event, "event notification: nothing to fetch");
+                continue;
+            }
+            NoticeKind::NotSubscribed => {
+                count(provider, "ignored_category");
+                tracing::info!(event = %notice.event, "notification category not synced");
+                continue;
+            }
+        }
+        match emit_requests(&state, provider, app, notice, received_at).await {
+            Ok(n) => {
+                sent += n;
+                handled += 1;
+            }
+            Err(response) => return response,
+        }
     }
-    let rows = match lookup_links(&state, app, &notified.userid).await {
-        Ok(rows) => rows,
-        Err(response) => return response,
-    };
+    if sent > 0 {
+        count(provider, "accepted");
+        StatusCode::OK.into_response()
+    } else if handled > 0 {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
+/// Emits one SyncRequest per active link of the notice's user; returns how many. Each is
+/// acknowledged by the broker before the next is sent.
+async fn emit_requests(
+    state: &AppState,
+    provider: &'static str,
+    app: uuid::Uuid,
+    notice: &Notice,
+    received_at: i64,
+) -> Result<usize, Response> {
+    let rows = lookup_links(state, provider, app, &notice.provider_user_id).await?;
     if rows.is_empty() {
-        count("unknown_user");
+        count(provider, "unknown_user");
         tracing::info!("notification for an unknown user");
-        return StatusCode::NO_CONTENT.into_response();
+        return Ok(0);
     }
     let mut sent = 0usize;
     for row in rows {
         let link_id = row.link_id;
         let status = row.status;
         if status != "active" {
-            count("link_inactive");
+            count(provider, "link_inactive");
             tracing::info!(link_id = %link_id, status, "notification for an inactive link");
             continue;
         }
@@ -442,23 +467,23 @@ async fn withings_webhook(
                 ehr_target_id: row.ehr_target_id.to_string(),
                 patient_id: row.patient_id.to_string(),
                 patient_reference: row.patient_reference,
-                provider: "withings".into(),
+                provider: provider.into(),
                 link_id: link_id.to_string(),
-                provider_user_id: notified.userid.clone(),
+                provider_user_id: notice.provider_user_id.clone(),
                 sync_request_id: sync_request_id(
-                    "withings",
+                    provider,
                     &link_id.to_string(),
-                    &notified.userid,
-                    notified.appli,
-                    notified.window,
+                    &notice.provider_user_id,
+                    &notice.event,
+                    notice.window,
                 ),
                 trigger: "WEBHOOK".into(),
                 received_at,
             },
-            categories: notified.categories.clone(),
-            window_start: notified.window.map(|w| w.0),
-            window_end: notified.window.map(|w| w.1),
-            provider_event: Some(format!("appli={}", notified.appli)),
+            categories: notice.categories.clone(),
+            window_start: notice.window.map(|w| w.0),
+            window_end: notice.window.map(|w| w.1),
+            provider_event: Some(notice.event.clone()),
         };
         // Encode first (the schema registry may be asked for the id), then produce, both
         // within the one acknowledgement deadline, so that a 503 names what failed.
@@ -474,13 +499,13 @@ async fn withings_webhook(
         let payload = match encoded {
             Ok(Ok(p)) => p,
             Ok(Err(error)) => {
-                return match encode_failure(&error) {
+                return Err(match encode_failure(&error) {
                     Some(what) => {
                         tracing::error!(%error, link_id = %link_id, "schema registry failed");
-                        unavailable(what, "the schema registry failed; retry")
+                        unavailable(provider, what, "the schema registry failed; retry")
                     }
                     None => {
-                        count("error");
+                        count(provider, "error");
                         tracing::error!(%error, link_id = %link_id, "cannot encode the sync request");
                         Problem::new(
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -488,14 +513,15 @@ async fn withings_webhook(
                         )
                         .into_response()
                     }
-                };
+                });
             }
             Err(_) => {
                 tracing::error!(link_id = %link_id, "schema registry timed out");
-                return unavailable(
+                return Err(unavailable(
+                    provider,
                     Unavailable::SchemaRegistry,
                     "the schema registry did not answer in time; retry",
-                );
+                ));
             }
         };
         let record = OutRecord {
@@ -512,18 +538,19 @@ async fn withings_webhook(
                 SYNC_REQUESTS.add(
                     1,
                     &[
-                        KeyValue::new("provider", "withings"),
+                        KeyValue::new("provider", provider),
                         KeyValue::new("trigger", "WEBHOOK"),
                     ],
                 );
-                tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, appli = notified.appli, "sync request emitted");
+                tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, event = %notice.event, "sync request emitted");
             }
             Ok(Err(error)) => {
                 tracing::error!(%error, link_id = %link_id, "broker did not acknowledge the sync request");
-                return unavailable(
+                return Err(unavailable(
+                    provider,
                     Unavailable::Broker,
                     "the broker did not store the sync request; retry",
-                );
+                ));
             }
             Err(_) => {
                 tracing::error!(link_id = %link_id, "broker acknowledgement timed out");
@@ -531,69 +558,21 @@ async fn withings_webhook(
                 state.producer.note_unacknowledged(
                     "the broker did not acknowledge within the webhook deadline",
                 );
-                return unavailable(
+                return Err(unavailable(
+                    provider,
                     Unavailable::Broker,
                     "the broker did not store the sync request in time; retry",
-                );
+                ));
             }
         }
     }
-    count(if sent > 0 { "accepted" } else { "ignored" });
-    StatusCode::OK.into_response()
+    Ok(sent)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    fn n(userid: &str, appli: &str, s: Option<&str>, e: Option<&str>) -> WithingsNotification {
-        WithingsNotification {
-            userid: userid.into(),
-            appli: appli.into(),
-            startdate: s.map(Into::into),
-            enddate: e.map(Into::into),
-            date: None,
-            deviceid: None,
-            action: None,
-        }
-    }
-
-    #[test]
-    fn test_interpret_maps_appli_to_categories_and_window() {
-        let x = interpret(&n("12345", "4", Some("1530576000"), Some("1530698753"))).unwrap();
-        assert_eq!(x.categories, vec!["blood_pressure"]);
-        assert_eq!(x.window, Some((1_530_576_000_000, 1_530_698_754_000)));
-        assert_eq!(
-            interpret(&n("1", "1", Some("0"), Some("0")))
-                .unwrap()
-                .categories,
-            vec!["body_weight"]
-        );
-        assert_eq!(
-            interpret(&n("1", "16", Some("0"), Some("10")))
-                .unwrap()
-                .categories,
-            vec!["heart_rate"]
-        );
-        assert!(
-            interpret(&n("1", "44", None, None))
-                .unwrap()
-                .categories
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn test_interpret_rejects_malformed_fields() {
-        assert!(interpret(&n("", "4", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("abc", "4", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("1", "four", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("1", "4", Some("x"), Some("2"))).is_err());
-        assert!(interpret(&n("1", "4", Some("5"), Some("2"))).is_err());
-        assert!(interpret(&n("1", "4", Some("5"), None)).is_err());
-        assert!(interpret(&n("1", "4", None, None)).is_err());
-    }
 
     #[test]
     fn test_validate_window_bounds_length_and_future() {
@@ -628,6 +607,7 @@ mod tests {
         )
         .unwrap();
         AppState {
+            providers: Registry::standard(Default::default()),
             pool,
             lookups: LookupCache::default(),
             producer,
@@ -649,17 +629,36 @@ mod tests {
         start: i64,
         end: i64,
     ) -> (StatusCode, serde_json::Value) {
-        let response = withings_webhook(
+        post(
+            state,
+            "withings",
+            token,
+            format!("userid={userid}&appli=4&startdate={start}&enddate={end}"),
+        )
+        .await
+    }
+
+    /// Posts a form body to `/webhooks/{provider}?token=`; returns the status and, for an
+    /// error, the problem (asserted to be problem+json).
+    async fn post(
+        state: AppState,
+        provider: &str,
+        token: &str,
+        body: String,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
+        let response = webhook(
             State(state),
+            Path(provider.into()),
             Query(TokenQuery {
                 token: Some(token.into()),
             }),
-            Ok(Form(n(
-                userid,
-                "4",
-                Some(&start.to_string()),
-                Some(&end.to_string()),
-            ))),
+            headers,
+            Bytes::from(body),
         )
         .await;
         let status = response.status();
@@ -811,8 +810,11 @@ mod tests {
             ohx_common::db::CONFIG_CHANGED_CHANNEL,
         );
         wait_until("the listener is up", || st.lookups.is_live()).await;
-        let app = lookup_app(&st, &token_hash(&token)).await.unwrap().unwrap();
-        let rows = lookup_links(&st, app, &userid).await.unwrap();
+        let app = lookup_app(&st, "withings", &token_hash(&token))
+            .await
+            .unwrap()
+            .unwrap();
+        let rows = lookup_links(&st, "withings", app, &userid).await.unwrap();
         assert_eq!(rows[0].status, "active");
         assert!(st.lookups.lock().links(app, &userid).is_some(), "cached");
 
@@ -825,7 +827,7 @@ mod tests {
         .await
         .unwrap();
         wait_until("the change is heard", || st.lookups.epoch() > epoch).await;
-        let rows = lookup_links(&st, app, &userid).await.unwrap();
+        let rows = lookup_links(&st, "withings", app, &userid).await.unwrap();
         assert_eq!(rows[0].status, "disabled");
 
         // The fetcher's bookkeeping does not notify: a NOTIFY sent after it is the next
@@ -847,7 +849,7 @@ mod tests {
         assert_eq!(st.lookups.epoch(), epoch + 1, "only the marker was heard");
 
         // The listener's connection is cut: nothing is served from the cache until it is back.
-        lookup_links(&st, app, &userid).await.unwrap();
+        lookup_links(&st, "withings", app, &userid).await.unwrap();
         c.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = 'ohx_gateway_test' AND query LIKE 'LISTEN%'",
@@ -892,6 +894,74 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
     }
 
+    /// Withings' `appli=46` with `action=unlink` ends the user's links without emitting
+    /// anything (the producer's broker is unreachable: an emit would answer 503).
+    #[tokio::test]
+    async fn test_unlink_notification_marks_the_link_unlinked() {
+        let (pool, token, userid) = seeded_pool().await;
+        let st = state(pool.clone(), Codec::embedded().unwrap());
+        let (status, problem) = post(
+            st,
+            "withings",
+            &token,
+            format!("userid={userid}&appli=46&action=unlink"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{problem}");
+        let c = pool.get().await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT status FROM provider_links WHERE provider_user_id = $1",
+                &[&userid],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "unlinked");
+    }
+
+    /// Event-only and unsubscribed categories are acknowledged and fetch nothing (an emit
+    /// would answer 503: the producer's broker is unreachable).
+    #[tokio::test]
+    async fn test_event_only_and_unsubscribed_categories_emit_nothing() {
+        let (pool, token, userid) = seeded_pool().await;
+        for appli in ["50", "51", "52", "55", "99"] {
+            let st = state(pool.clone(), Codec::embedded().unwrap());
+            let (status, problem) = post(
+                st,
+                "withings",
+                &token,
+                format!("userid={userid}&appli={appli}"),
+            )
+            .await;
+            assert!(status.is_success(), "appli {appli}: {status} {problem}");
+        }
+        let c = pool.get().await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT status FROM provider_links WHERE provider_user_id = $1",
+                &[&userid],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "active");
+    }
+
+    /// A provider ohx does not know is 404 problem+json, before any token lookup.
+    #[tokio::test]
+    async fn test_unknown_provider_is_404() {
+        let (pool, token, userid) = seeded_pool().await;
+        let st = state(pool, Codec::embedded().unwrap());
+        let (status, problem) = post(
+            st,
+            "fitbit-legacy",
+            &token,
+            format!("userid={userid}&appli=4&startdate=1&enddate=2"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(problem["title"], "Unknown provider");
+    }
+
     #[test]
     fn test_encode_failure_names_the_registry_only() {
         assert_eq!(
@@ -904,17 +974,17 @@ mod tests {
     #[test]
     fn test_sync_request_id_is_deterministic_per_notification() {
         let w = Some((1_000, 2_000));
-        let a = sync_request_id("withings", "l1", "42", 4, w);
-        assert_eq!(a, sync_request_id("withings", "l1", "42", 4, w));
+        let a = sync_request_id("withings", "l1", "42", "appli=4", w);
+        assert_eq!(a, sync_request_id("withings", "l1", "42", "appli=4", w));
         assert!(uuid::Uuid::parse_str(&a).is_ok());
         assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 8);
         for other in [
-            sync_request_id("withings", "l2", "42", 4, w),
-            sync_request_id("withings", "l1", "43", 4, w),
-            sync_request_id("withings", "l1", "42", 1, w),
-            sync_request_id("withings", "l1", "42", 4, Some((1_000, 2_001))),
-            sync_request_id("withings", "l1", "42", 4, Some((999, 2_000))),
-            sync_request_id("omron", "l1", "42", 4, w),
+            sync_request_id("withings", "l2", "42", "appli=4", w),
+            sync_request_id("withings", "l1", "43", "appli=4", w),
+            sync_request_id("withings", "l1", "42", "appli=1", w),
+            sync_request_id("withings", "l1", "42", "appli=4", Some((1_000, 2_001))),
+            sync_request_id("withings", "l1", "42", "appli=4", Some((999, 2_000))),
+            sync_request_id("omron", "l1", "42", "appli=4", w),
         ] {
             assert_ne!(a, other);
         }

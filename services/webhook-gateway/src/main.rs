@@ -13,6 +13,8 @@ async fn main() -> anyhow::Result<()> {
         ohx_common::db::CONFIG_CHANGED_CHANNEL,
     );
     let state = webhook_gateway::AppState {
+        // The gateway only parses webhooks: the adapters' fetch settings do not matter here.
+        providers: ohx_providers::Registry::standard(Default::default()),
         pool,
         lookups,
         producer: rt.producer.clone(),

@@ -29,7 +29,7 @@ use ohx_common::records::{
     AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
 };
 
-use crate::withings::{
+use super::client::{
     CATEGORY_OBJECTIVE, IntradayEntry, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
 };
 
@@ -73,9 +73,6 @@ pub const COMPONENT_VALUE: &str = "value";
 pub const COMPONENT_SYSTOLIC: &str = "systolic";
 /// Component code of diastolic pressure.
 pub const COMPONENT_DIASTOLIC: &str = "diastolic";
-
-/// One hour in milliseconds.
-pub const HOUR_MS: i64 = 3_600_000;
 
 /// What a normalization produced, and what it left out (for metrics).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -151,21 +148,6 @@ pub fn utc_offset_at(timezone: &str, epoch_s: i64) -> Option<i32> {
 fn offset_in(tz: &TimeZone, epoch_s: i64) -> Option<i32> {
     let ts = Timestamp::from_second(epoch_s).ok()?;
     Some(tz.to_offset(ts).seconds())
-}
-
-/// Widens `[start_ms, end_ms)` to whole UTC hours: `start` floored to its hour, `end` ceiled
-/// to the next hour boundary (unchanged when already on one). Used for hourly-aggregated
-/// series so that a re-fetch of an hour carries the whole hour.
-#[must_use]
-pub fn widen_to_hours(start_ms: i64, end_ms: i64) -> (i64, i64) {
-    let start = start_ms.saturating_sub(start_ms.rem_euclid(HOUR_MS));
-    let rest = end_ms.rem_euclid(HOUR_MS);
-    let end = if rest == 0 {
-        end_ms
-    } else {
-        end_ms.saturating_add(HOUR_MS - rest)
-    };
-    (start, end)
 }
 
 /// Resolves offsets: the named zone if known, else the fallback.
@@ -370,7 +352,7 @@ pub fn normalize_intraday_heart_rate(
                 "{PROVIDER_WITHINGS}:{}:hr:{epoch}:{device_part}",
                 ctx.provider_user_id
             ),
-            series_key: series_key(&ctx.patient_id, DATA_TYPE_HEART_RATE),
+            series_key: series_key(&ctx.patient_id, &ctx.provider, DATA_TYPE_HEART_RATE),
             data_type: DATA_TYPE_HEART_RATE.to_owned(),
             aggregation: AGGREGATION_HOURLY.to_owned(),
             effective_start: epoch.saturating_mul(1000),
@@ -411,7 +393,7 @@ fn group_measurement(
     Measurement {
         context: ctx.clone(),
         measurement_id: measurement_id.to_owned(),
-        series_key: series_key(&ctx.patient_id, data_type),
+        series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
         data_type: data_type.to_owned(),
         aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
         effective_start: g.date.saturating_mul(1000),
@@ -436,7 +418,7 @@ fn sort(out: &mut [Measurement]) {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 mod tests {
     use super::*;
-    use crate::withings::MeasurePage;
+    use crate::withings::client::MeasurePage;
 
     fn ctx() -> Context {
         Context {
@@ -539,7 +521,7 @@ mod tests {
         );
         assert_eq!(bp.data_type, "blood_pressure");
         assert_eq!(bp.aggregation, AGGREGATION_INDIVIDUAL);
-        assert_eq!(bp.series_key, "p1/blood_pressure");
+        assert_eq!(bp.series_key, "p1/withings/blood_pressure");
         assert_eq!(bp.effective_start, 1_620_039_631_000);
         assert_eq!(bp.effective_end, None);
         assert_eq!(bp.provider_group_id.as_deref(), Some("2726388728"));
@@ -562,7 +544,7 @@ mod tests {
         assert_eq!(values(hr), vec![("value", 82.0, "/min")]);
         assert_eq!(hr.data_type, "heart_rate");
         assert_eq!(hr.aggregation, AGGREGATION_INDIVIDUAL);
-        assert_eq!(hr.series_key, "p1/heart_rate");
+        assert_eq!(hr.series_key, "p1/withings/heart_rate");
         assert_eq!(
             n.stats,
             NormalizeStats {
@@ -602,7 +584,7 @@ mod tests {
         let w = find(&n, "withings:363:77:1");
         assert_eq!(values(w), vec![("value", 118.003, "kg")]);
         assert_eq!(w.data_type, "body_weight");
-        assert_eq!(w.series_key, "p1/body_weight");
+        assert_eq!(w.series_key, "p1/withings/body_weight");
         assert_eq!(w.aggregation, AGGREGATION_INDIVIDUAL);
         // November in Europe/Berlin: CET.
         assert_eq!(w.utc_offset_seconds, Some(3600));
@@ -897,7 +879,7 @@ mod tests {
         let m = find(&n, "withings:363:hr:1712720400:8923");
         assert_eq!(m.data_type, "heart_rate");
         assert_eq!(m.aggregation, AGGREGATION_HOURLY);
-        assert_eq!(m.series_key, "p1/heart_rate");
+        assert_eq!(m.series_key, "p1/withings/heart_rate");
         assert_eq!(m.effective_start, 1_712_720_400_000);
         assert_eq!(m.effective_end, None);
         assert_eq!(m.utc_offset_seconds, Some(7200));
@@ -952,38 +934,5 @@ mod tests {
                 "withings:363:hr:1712720460:d"
             ]
         );
-    }
-
-    // ---- hour widening ----
-
-    #[test]
-    fn test_widen_to_hours_exact_boundaries_unchanged() {
-        let h = HOUR_MS;
-        assert_eq!(widen_to_hours(10 * h, 12 * h), (10 * h, 12 * h));
-        assert_eq!(widen_to_hours(0, h), (0, h));
-        assert_eq!(widen_to_hours(5 * h, 5 * h), (5 * h, 5 * h));
-    }
-
-    #[test]
-    fn test_widen_to_hours_rounds_outwards() {
-        let h = HOUR_MS;
-        assert_eq!(widen_to_hours(10 * h + 1, 12 * h - 1), (10 * h, 12 * h));
-        assert_eq!(widen_to_hours(10 * h - 1, 12 * h + 1), (9 * h, 13 * h));
-        assert_eq!(widen_to_hours(10 * h + 1, 10 * h + 2), (10 * h, 11 * h));
-        // 2024-04-10 03:40:00.123 UTC → 03:00 .. 04:00.
-        assert_eq!(
-            widen_to_hours(1_712_720_400_123, 1_712_720_400_124),
-            (1_712_718_000_000, 1_712_721_600_000)
-        );
-    }
-
-    #[test]
-    fn test_widen_to_hours_before_epoch_and_extremes() {
-        let h = HOUR_MS;
-        assert_eq!(widen_to_hours(-1, 1), (-h, h));
-        assert_eq!(widen_to_hours(-h, -h), (-h, -h));
-        assert_eq!(widen_to_hours(-h - 1, -1), (-2 * h, 0));
-        let (s, e) = widen_to_hours(i64::MIN, i64::MAX);
-        assert!(s <= i64::MIN + h && e == i64::MAX);
     }
 }

@@ -18,14 +18,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+
+use crate::{Api, GateError, NoRateGate, RateGate};
 
 /// Production API host.
 pub const DEFAULT_BASE_URL: &str = "https://wbsapi.withings.net";
@@ -48,32 +48,6 @@ pub const MAX_MEASURE_PAGES: usize = 1000;
 pub const CATEGORY_REAL: i32 = 1;
 /// Measure category: user objectives.
 pub const CATEGORY_OBJECTIVE: i32 = 2;
-
-/// Error type a [`RateGate`] may fail with (e.g. its shared bucket is unreachable).
-pub type GateError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-/// Boxed future returned by [`RateGate::acquire`] (boxed so the trait stays dyn-compatible).
-pub type GateFuture<'a> = Pin<Box<dyn Future<Output = Result<(), GateError>> + Send + 'a>>;
-
-/// Acquires one rate-limit permit before each HTTP request to Withings.
-///
-/// Implementations wait until a request may be sent (e.g. take a token from the
-/// application-wide 120/min bucket) and return `Ok(())`; an `Err` aborts the call with
-/// [`WithingsError::RateGate`].
-pub trait RateGate: Send + Sync {
-    /// Waits for one permit.
-    fn acquire(&self) -> GateFuture<'_>;
-}
-
-/// A [`RateGate`] that never waits.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoRateGate;
-
-impl RateGate for NoRateGate {
-    fn acquire(&self) -> GateFuture<'_> {
-        Box::pin(async { Ok(()) })
-    }
-}
 
 /// Errors of the Withings client.
 #[derive(Debug, thiserror::Error)]
@@ -560,6 +534,12 @@ impl WithingsClient {
     pub fn with_rate_gate(mut self, gate: Arc<dyn RateGate>) -> Self {
         self.gate = gate;
         self
+    }
+
+    /// A client for one application's [`Api`] (its base URL and rate gate).
+    #[must_use]
+    pub fn from_api(api: &Api) -> Self {
+        Self::new(api.http.clone(), api.base_url.clone()).with_rate_gate(api.gate.clone())
     }
 
     /// The base URL (without trailing `/`).
@@ -1413,7 +1393,7 @@ mod tests {
     struct CountingGate(AtomicUsize);
 
     impl RateGate for CountingGate {
-        fn acquire(&self) -> GateFuture<'_> {
+        fn acquire(&self) -> crate::BoxFuture<'_, Result<(), GateError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
@@ -1613,7 +1593,7 @@ mod tests {
     async fn test_failing_rate_gate_aborts_before_request() {
         struct Broken;
         impl RateGate for Broken {
-            fn acquire(&self) -> GateFuture<'_> {
+            fn acquire(&self) -> crate::BoxFuture<'_, Result<(), GateError>> {
                 Box::pin(async { Err("bucket unreachable".into()) })
             }
         }

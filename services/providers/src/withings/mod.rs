@@ -1,0 +1,558 @@
+//! The Withings adapter (`providers.md` §1): unsigned form-encoded notifications, the
+//! `action=requesttoken` token envelope, `getmeas` and intraday activity, and Withings'
+//! application-wide budget of 120 requests per minute.
+//!
+//! Withings' token endpoint is not a standard OAuth2 token endpoint (it wants
+//! `action=requesttoken` in the form and answers HTTP 200 with a `{status, body}` envelope even
+//! for failures), so the `oauth2` crate cannot talk to it: [`client`] is hand-written.
+
+pub mod client;
+pub mod normalize;
+
+use crate::progress::{hourly_progress_end, mark_progress, widen_to_hours};
+use crate::{
+    Api, AppCredentials, BadNotice, BoxFuture, Fetched, Notice, NoticeKind, Plan, Provider,
+    ProviderError, RatePolicy, Tokens,
+};
+use client::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
+use normalize::{
+    DATA_TYPE_BLOOD_PRESSURE, DATA_TYPE_BODY_WEIGHT, DATA_TYPE_HEART_RATE, NormalizeStats,
+};
+use ohx_common::records::{AGGREGATION_HOURLY, Context};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+
+/// The provider's name.
+pub const NAME: &str = "withings";
+
+/// Settings of the Withings adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithingsSettings {
+    /// Requests per minute allowed for one application, all replicas together
+    /// (`OHX_WITHINGS_RATE_PER_MINUTE`, Withings' default 120).
+    pub rate_per_minute: u32,
+}
+
+impl Default for WithingsSettings {
+    fn default() -> Self {
+        Self {
+            rate_per_minute: 120,
+        }
+    }
+}
+
+/// The Withings adapter.
+#[derive(Debug, Clone)]
+pub struct Withings {
+    settings: WithingsSettings,
+}
+
+impl Withings {
+    /// An adapter with `settings`.
+    #[must_use]
+    pub fn new(settings: WithingsSettings) -> Self {
+        Self { settings }
+    }
+}
+
+/// The form fields of a Withings notification.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WithingsNotification {
+    pub userid: String,
+    pub appli: String,
+    pub startdate: Option<String>,
+    pub enddate: Option<String>,
+    pub date: Option<String>,
+    pub deviceid: Option<String>,
+    pub action: Option<String>,
+}
+
+/// Notification categories that announce an event and carry no data to fetch: in bed (50),
+/// out of bed (51), cuff inflation done (52), ECG failed (55).
+const EVENT_ONLY_APPLIS: [i32; 4] = [50, 51, 52, 55];
+/// The user-profile category: `action=delete` / `unlink` ends the link.
+const APPLI_USER: i32 = 46;
+
+/// The data categories a notification category (`appli`) can concern.
+fn categories_of(appli: i32) -> Vec<String> {
+    let c: &[&str] = match appli {
+        1 => &[DATA_TYPE_BODY_WEIGHT],
+        4 => &[DATA_TYPE_BLOOD_PRESSURE],
+        16 => &[DATA_TYPE_HEART_RATE],
+        _ => &[],
+    };
+    c.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Validates a notification and says what it asks for.
+///
+/// # Errors
+/// A text naming the malformed field.
+pub fn interpret(n: &WithingsNotification) -> Result<Notice, BadNotice> {
+    let bad = |s: &str| BadNotice(s.to_owned());
+    let userid = n.userid.trim();
+    if userid.is_empty() || !userid.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad("userid must be a Withings user id (digits)"));
+    }
+    let appli: i32 = n
+        .appli
+        .trim()
+        .parse()
+        .map_err(|_| bad("appli must be an integer"))?;
+    let parse_ts = |name: &str, v: &Option<String>| -> Result<Option<i64>, BadNotice> {
+        match v.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(s) => s
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| BadNotice(format!("{name} must be epoch seconds"))),
+        }
+    };
+    let start = parse_ts("startdate", &n.startdate)?;
+    let end = parse_ts("enddate", &n.enddate)?;
+    let window = match (start, end) {
+        (Some(s), Some(e)) if s <= e && s >= 0 => Some((s * 1000, (e + 1) * 1000)),
+        (Some(_), Some(_)) => return Err(bad("startdate must not be after enddate")),
+        (None, None) => None,
+        _ => return Err(bad("startdate and enddate come together")),
+    };
+    let categories = categories_of(appli);
+    let kind = if appli == APPLI_USER {
+        match n.action.as_deref().map(str::trim) {
+            Some("delete" | "unlink") => NoticeKind::Unlinked,
+            _ => NoticeKind::EventOnly,
+        }
+    } else if EVENT_ONLY_APPLIS.contains(&appli) {
+        NoticeKind::EventOnly
+    } else if categories.is_empty() {
+        NoticeKind::NotSubscribed
+    } else {
+        if window.is_none() {
+            return Err(bad(
+                "startdate and enddate are required for data notifications",
+            ));
+        }
+        NoticeKind::Data
+    };
+    Ok(Notice {
+        provider_user_id: userid.to_owned(),
+        event: format!("appli={appli}"),
+        categories: if kind == NoticeKind::Data {
+            categories
+        } else {
+            Vec::new()
+        },
+        window,
+        kind,
+    })
+}
+
+/// Returns the getmeas types for the non-hourly categories of a plan.
+#[must_use]
+pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
+    let mut t = Vec::new();
+    if categories.contains(DATA_TYPE_BODY_WEIGHT) {
+        t.push(normalize::MEASTYPE_WEIGHT);
+    }
+    if categories.contains(DATA_TYPE_BLOOD_PRESSURE) {
+        t.extend([
+            normalize::MEASTYPE_DIASTOLIC,
+            normalize::MEASTYPE_SYSTOLIC,
+            normalize::MEASTYPE_HEART_PULSE,
+        ]);
+    }
+    t
+}
+
+impl From<WithingsError> for ProviderError {
+    /// Classifies a Withings failure. Reasons carry statuses only: Withings' own `error` text
+    /// or a decoder's message could quote payload values.
+    fn from(e: WithingsError) -> Self {
+        let retry_after = e.retry_after();
+        if e.is_rate_limited() {
+            return ProviderError::RateLimited {
+                reason: "withings status 601 or http 429".into(),
+                retry_after,
+            };
+        }
+        match e {
+            WithingsError::InvalidToken { status } => ProviderError::TokenRejected {
+                reason: format!("withings status {status}"),
+            },
+            WithingsError::InvalidGrant { status, .. } => ProviderError::GrantRevoked {
+                reason: format!("withings rejected the grant (status {status})"),
+            },
+            WithingsError::InvalidClient { status } => ProviderError::ClientRejected {
+                reason: format!("withings rejected the client credentials (status {status})"),
+            },
+            WithingsError::Decode(_) => ProviderError::Permanent {
+                kind: "decode",
+                reason: "withings answer could not be decoded".into(),
+            },
+            WithingsError::Api { status, .. } => ProviderError::Permanent {
+                kind: "provider",
+                reason: format!("withings refused the request (status {status})"),
+            },
+            e @ WithingsError::Transport { http_status, .. } => {
+                if e.is_retryable() {
+                    ProviderError::Transient {
+                        reason: format!("withings answered http status {http_status}"),
+                        retry_after,
+                    }
+                } else {
+                    ProviderError::Permanent {
+                        kind: "provider",
+                        reason: format!("withings answered http status {http_status}"),
+                    }
+                }
+            }
+            e @ WithingsError::Http(_) => {
+                if e.is_retryable() {
+                    ProviderError::Transient {
+                        reason: "withings http request failed".into(),
+                        retry_after,
+                    }
+                } else {
+                    ProviderError::Permanent {
+                        kind: "provider",
+                        reason: "withings http request failed".into(),
+                    }
+                }
+            }
+            WithingsError::Retryable { status } => ProviderError::Transient {
+                reason: format!("withings status {status}"),
+                retry_after,
+            },
+            WithingsError::RateGate(_) => ProviderError::Transient {
+                reason: "the rate gate failed".into(),
+                retry_after,
+            },
+            WithingsError::RateLimited => ProviderError::RateLimited {
+                reason: "withings status 601".into(),
+                retry_after,
+            },
+        }
+    }
+}
+
+/// Adds a normalization's skip counts to a fetch's.
+fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
+    for (t, n) in &stats.skipped_types {
+        out.skip("unmapped_type", &format!("{NAME}:{t}"), *n);
+    }
+    out.skip("objective_group", "", stats.objective_groups_skipped);
+    out.skip("duplicate_measure", "", stats.duplicate_measures_dropped);
+    out.skip(
+        "incomplete_blood_pressure",
+        "",
+        stats.incomplete_blood_pressure,
+    );
+    out.skip("invalid_value", "", stats.invalid_values);
+    out.skip("entry_without_value", "", stats.entries_without_heart_rate);
+}
+
+impl Withings {
+    async fn fetch_plan(
+        &self,
+        api: &Api,
+        token: &str,
+        plan: &Plan,
+        context: &Context,
+        now: i64,
+    ) -> Result<Fetched, WithingsError> {
+        let client = WithingsClient::from_api(api);
+        let mut fetched = Fetched::default();
+        let mut out = Vec::new();
+        let mut timezone: Option<String> = None;
+        let (mut spot_end, mut hourly_end) = (None, None);
+        // Spot measures (getmeas): one call (with paging) over the union of their windows.
+        let spot: BTreeSet<&str> = plan
+            .windows
+            .keys()
+            .map(String::as_str)
+            .filter(|c| *c != DATA_TYPE_HEART_RATE)
+            .collect();
+        let types = meastypes(&spot);
+        if !types.is_empty() {
+            let windows = || spot.iter().filter_map(|c| plan.windows.get(*c));
+            let start = windows().map(|w| w.0).min().unwrap_or(0);
+            let end = windows().map(|w| w.1).max().unwrap_or(0);
+            let window = Window {
+                start_s: start.div_euclid(1000),
+                end_s: (end + 999).div_euclid(1000),
+            };
+            let resp = client
+                .get_measures(
+                    token,
+                    &types,
+                    CATEGORY_REAL,
+                    MeasureSelector::Window(window),
+                )
+                .await?;
+            fetched.api_calls += 1;
+            spot_end = Some(end.min(now));
+            timezone = resp.timezone.clone();
+            let n = normalize::normalize_measures(&resp, context, None);
+            count_skips(&mut fetched, &n.stats);
+            out.extend(n.measurements.into_iter().filter(|m| {
+                spot.contains(m.data_type.as_str())
+                    || m.data_type == DATA_TYPE_HEART_RATE
+                        && spot.contains(DATA_TYPE_BLOOD_PRESSURE)
+            }));
+        }
+        // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
+        let mut ahead = Vec::new();
+        if let Some(&(start, end)) = plan.windows.get(DATA_TYPE_HEART_RATE) {
+            let (hs, he) = widen_to_hours(start, end);
+            // Withings' enddate is inclusive: stop one second before the next hour.
+            let resp = client
+                .get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1)
+                .await?;
+            fetched.api_calls += 1;
+            hourly_end = Some(hourly_progress_end(he, now));
+            let n =
+                normalize::normalize_intraday_heart_rate(&resp, context, timezone.as_deref(), None);
+            count_skips(&mut fetched, &n.stats);
+            // A sample dated after the fetched window (a device clock ahead) is not dropped:
+            // it goes on, after the progress marks, for the aggregator to dead-letter.
+            for m in n.measurements {
+                if m.effective_start >= hs && m.effective_start < he {
+                    out.push(m);
+                } else if m.effective_start >= he {
+                    ahead.push(m);
+                }
+            }
+        }
+        mark_progress(&mut out, |m| {
+            if m.aggregation == AGGREGATION_HOURLY {
+                hourly_end
+            } else {
+                spot_end
+            }
+        });
+        out.append(&mut ahead);
+        fetched.measurements = out;
+        Ok(fetched)
+    }
+}
+
+impl Provider for Withings {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn default_base_url(&self) -> &'static str {
+        client::DEFAULT_BASE_URL
+    }
+
+    fn rate_policy(&self) -> RatePolicy {
+        RatePolicy::PerApplication {
+            per_minute: self.settings.rate_per_minute,
+        }
+    }
+
+    fn parse_webhook(
+        &self,
+        _content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Vec<Notice>, BadNotice> {
+        let n: WithingsNotification = serde_urlencoded::from_bytes(body)
+            .map_err(|e| BadNotice(format!("not a Withings notification form: {e}")))?;
+        Ok(vec![interpret(&n)?])
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        api: &'a Api,
+        app: &'a AppCredentials,
+        refresh_token: String,
+    ) -> BoxFuture<'a, Result<Tokens, ProviderError>> {
+        Box::pin(async move {
+            let t = WithingsClient::from_api(api)
+                .refresh_token(&app.client_id, &app.client_secret, &refresh_token)
+                .await?;
+            Ok(Tokens {
+                access_token: t.access_token,
+                refresh_token: Some(t.refresh_token),
+                expires_in: t.expires_in,
+                scope: t.scope,
+            })
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        api: &'a Api,
+        access_token: &'a str,
+        plan: &'a Plan,
+        context: &'a Context,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move {
+            Ok(self
+                .fetch_plan(api, access_token, plan, context, now_ms)
+                .await?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(userid: &str, appli: &str, s: Option<&str>, e: Option<&str>) -> WithingsNotification {
+        WithingsNotification {
+            userid: userid.into(),
+            appli: appli.into(),
+            startdate: s.map(Into::into),
+            enddate: e.map(Into::into),
+            date: None,
+            deviceid: None,
+            action: None,
+        }
+    }
+
+    #[test]
+    fn test_interpret_maps_appli_to_categories_and_window() {
+        let x = interpret(&n("42", "4", Some("100"), Some("200"))).unwrap();
+        assert_eq!(x.kind, NoticeKind::Data);
+        assert_eq!(x.categories, vec!["blood_pressure"]);
+        assert_eq!(x.window, Some((100_000, 201_000)));
+        assert_eq!(x.event, "appli=4");
+        assert_eq!(
+            interpret(&n("42", "1", Some("1"), Some("2")))
+                .unwrap()
+                .categories,
+            vec!["body_weight"]
+        );
+        assert_eq!(
+            interpret(&n("42", "16", Some("1"), Some("2")))
+                .unwrap()
+                .categories,
+            vec!["heart_rate"]
+        );
+    }
+
+    #[test]
+    fn test_interpret_kinds_of_non_data_categories() {
+        for appli in ["50", "51", "52", "55"] {
+            let x = interpret(&n("42", appli, None, None)).unwrap();
+            assert_eq!(x.kind, NoticeKind::EventOnly, "appli {appli}");
+            assert!(x.categories.is_empty());
+        }
+        let x = interpret(&n("42", "99", None, None)).unwrap();
+        assert_eq!(x.kind, NoticeKind::NotSubscribed);
+        for action in ["delete", "unlink"] {
+            let mut u = n("42", "46", None, None);
+            u.action = Some(action.into());
+            assert_eq!(
+                interpret(&u).unwrap().kind,
+                NoticeKind::Unlinked,
+                "{action}"
+            );
+        }
+        let mut u = n("42", "46", None, None);
+        u.action = Some("update".into());
+        assert_eq!(interpret(&u).unwrap().kind, NoticeKind::EventOnly);
+    }
+
+    #[test]
+    fn test_interpret_rejects_malformed_fields() {
+        assert!(interpret(&n("", "4", Some("1"), Some("2"))).is_err());
+        assert!(interpret(&n("abc", "4", Some("1"), Some("2"))).is_err());
+        assert!(interpret(&n("42", "x", Some("1"), Some("2"))).is_err());
+        assert!(interpret(&n("42", "4", Some("5"), Some("2"))).is_err());
+        assert!(interpret(&n("42", "4", Some("1"), None)).is_err());
+        assert!(interpret(&n("42", "4", None, None)).is_err());
+        assert!(interpret(&n("42", "4", Some("x"), Some("2"))).is_err());
+    }
+
+    #[test]
+    fn test_parse_webhook_reads_the_form_body() {
+        let w = Withings::new(WithingsSettings::default());
+        let got = w
+            .parse_webhook(
+                Some("application/x-www-form-urlencoded"),
+                b"userid=12345&appli=1&startdate=1530576000&enddate=1530698753",
+            )
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].provider_user_id, "12345");
+        assert_eq!(got[0].window, Some((1_530_576_000_000, 1_530_698_754_000)));
+        assert!(w.parse_webhook(None, b"appli=1").is_err());
+    }
+
+    #[test]
+    fn test_meastypes_per_category() {
+        assert_eq!(meastypes(&BTreeSet::from(["body_weight"])), vec![1]);
+        assert_eq!(
+            meastypes(&BTreeSet::from(["blood_pressure"])),
+            vec![9, 10, 11]
+        );
+        assert!(meastypes(&BTreeSet::from(["heart_rate"])).is_empty());
+    }
+
+    #[test]
+    fn test_classification_reasons_carry_no_provider_text() {
+        let secret = "SECRET-VALUE 123.4 kg";
+        let e: ProviderError = WithingsError::Api {
+            status: 2554,
+            message: secret.into(),
+        }
+        .into();
+        let ProviderError::Permanent { kind, reason } = e else {
+            panic!("api error is permanent");
+        };
+        assert_eq!(kind, "provider");
+        assert!(
+            reason.contains("2554") && !reason.contains(secret),
+            "{reason}"
+        );
+        let e: ProviderError = WithingsError::Decode(secret.into()).into();
+        assert!(
+            matches!(&e, ProviderError::Permanent { kind: "decode", reason } if !reason.contains(secret))
+        );
+        let e: ProviderError = WithingsError::InvalidGrant {
+            status: 503,
+            message: secret.into(),
+        }
+        .into();
+        assert!(matches!(&e, ProviderError::GrantRevoked { reason } if !reason.contains(secret)));
+    }
+
+    #[test]
+    fn test_classification_of_transient_and_limits() {
+        let e: ProviderError = WithingsError::RateLimited.into();
+        assert!(matches!(e, ProviderError::RateLimited { .. }));
+        let e: ProviderError = WithingsError::Transport {
+            http_status: 429,
+            retry_after_seconds: Some(7),
+        }
+        .into();
+        assert!(matches!(
+            e,
+            ProviderError::RateLimited {
+                retry_after: Some(d),
+                ..
+            } if d.as_secs() == 7
+        ));
+        let e: ProviderError = WithingsError::Transport {
+            http_status: 503,
+            retry_after_seconds: None,
+        }
+        .into();
+        assert!(matches!(e, ProviderError::Transient { .. }));
+        let e: ProviderError = WithingsError::Transport {
+            http_status: 404,
+            retry_after_seconds: None,
+        }
+        .into();
+        assert!(matches!(e, ProviderError::Permanent { .. }));
+        let e: ProviderError = WithingsError::Retryable { status: 522 }.into();
+        assert!(matches!(e, ProviderError::Transient { .. }));
+        let e: ProviderError = WithingsError::InvalidToken { status: 401 }.into();
+        assert!(matches!(e, ProviderError::TokenRejected { .. }));
+        let e: ProviderError = WithingsError::InvalidClient { status: 503 }.into();
+        assert!(matches!(e, ProviderError::ClientRejected { .. }));
+    }
+}
