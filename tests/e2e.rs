@@ -915,6 +915,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
             code: "value".into(),
             value: 81.3,
             unit: "kg".into(),
+            decimals: None,
         }],
         device: None,
         entry_method: Some("manual".into()),

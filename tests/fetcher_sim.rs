@@ -193,7 +193,8 @@ impl Env {
             store,
             Registry::standard(WithingsSettings {
                 rate_per_minute: 600,
-            }),
+            })
+            .unwrap(),
             FetcherSettings {
                 base_urls: [("withings".to_owned(), self.sim.clone())].into(),
                 rate_limit_pause: Duration::from_secs(1),
@@ -225,11 +226,7 @@ impl Env {
                     trigger: "WEBHOOK".into(),
                     received_at: now,
                 },
-                categories: vec![
-                    "blood_pressure".into(),
-                    "body_weight".into(),
-                    "heart_rate".into(),
-                ],
+                categories: vec!["blood_pressure".into(), "body".into(), "heart_rate".into()],
                 window_start: Some(now - 2 * HOUR_MS),
                 window_end: Some(now),
                 provider_event: Some("appli=4".into()),

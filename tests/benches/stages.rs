@@ -61,11 +61,13 @@ fn bp(i: i64) -> Measurement {
                 code: "systolic".into(),
                 value: 120.0 + (i % 20) as f64,
                 unit: "mm[Hg]".into(),
+                decimals: None,
             },
             Component {
                 code: "diastolic".into(),
                 value: 80.0 + (i % 10) as f64,
                 unit: "mm[Hg]".into(),
+                decimals: None,
             },
         ],
         device: Some(Device {
@@ -107,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let n = 20_000usize;
 
     // webhook-gateway: parse and validate a notification body, encode the SyncRequest.
-    let withings = ohx_providers::withings::Withings::new(Default::default());
+    let withings = ohx_providers::withings::Withings::new(Default::default())?;
     let started = Instant::now();
     rt.block_on(async {
         for i in 0..n {
@@ -157,7 +159,12 @@ fn main() -> anyhow::Result<()> {
                 timezone: v["body"]["timezone"].as_str().map(str::to_string),
                 measuregrps: serde_json::from_value(v["body"]["measuregrps"].clone())?,
             };
-            let out = ohx_providers::withings::normalize::normalize_measures(&resp, &ctx(), None);
+            let out = ohx_providers::withings::normalize::normalize_measures(
+                &resp,
+                &ctx(),
+                withings.table(),
+                None,
+            );
             for m in &out.measurements {
                 black_box(codec.encode(topic::MEASUREMENTS, m).await?);
                 produced += 1;

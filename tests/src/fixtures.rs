@@ -27,6 +27,7 @@ pub fn heart_rate_sample(
             code: "value".into(),
             value: bpm,
             unit: "/min".into(),
+            decimals: None,
         }],
         device: Some(Device {
             device_id: format!("watch-{userid}"),

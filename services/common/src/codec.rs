@@ -36,6 +36,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../../schemas/measurement.avsc"),
     ),
     (
+        "measurement_v2.avsc",
+        include_str!("../../../schemas/measurement_v2.avsc"),
+    ),
+    (
         "hourly_aggregate.avsc",
         include_str!("../../../schemas/hourly_aggregate.avsc"),
     ),
@@ -383,6 +387,7 @@ mod tests {
                 code: "systolic".into(),
                 value: 121.0,
                 unit: "mm[Hg]".into(),
+                decimals: None,
             }],
             device: Some(Device {
                 device_id: "d".into(),
@@ -398,7 +403,7 @@ mod tests {
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            2
+            8
         );
         round_trip(&codec, topic::MEASUREMENTS, &m).await;
         let without_options = Measurement {
@@ -522,6 +527,33 @@ mod tests {
                 revision: 0
             }
         );
+    }
+
+    /// Measurements written before components carried their decimal places (schema id 2) are
+    /// still read, as "no reported places".
+    #[tokio::test]
+    #[allow(deprecated)]
+    async fn test_measurement_of_the_first_schema_reads_without_decimals() {
+        let codec = Codec::embedded().unwrap();
+        let (old, _) = codec.schema("measurement.avsc").unwrap().clone();
+        let mut m: Measurement = serde_json::from_value(serde_json::json!({
+            "context": {"organization_id": "o", "ehr_target_id": "t", "patient_id": "p",
+                "patient_reference": "Patient/1", "provider": "withings", "link_id": "l",
+                "provider_user_id": "u", "sync_request_id": "s", "trigger": "WEBHOOK", "received_at": 1},
+            "measurement_id": "m", "series_key": "p/withings/body_weight", "data_type": "body_weight",
+            "aggregation": "INDIVIDUAL", "effective_start": 5, "effective_end": null,
+            "utc_offset_seconds": null,
+            "components": [{"code": "value", "value": 50.0, "unit": "kg", "decimals": 4}],
+            "device": null, "entry_method": null, "provider_group_id": null,
+            "provider_modified_at": null, "fetched_through": null
+        }))
+        .unwrap();
+        let value = apache_avro::to_value(&m).unwrap().resolve(&old).unwrap();
+        let mut bytes = vec![0, 0, 0, 0, 2];
+        bytes.extend(apache_avro::to_avro_datum(&old, value).unwrap());
+        let back: Measurement = codec.decode(&bytes).await.unwrap();
+        m.components[0].decimals = None;
+        assert_eq!(back, m);
     }
 
     #[tokio::test]

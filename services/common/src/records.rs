@@ -55,6 +55,10 @@ pub struct Component {
     pub value: f64,
     /// UCUM unit code.
     pub unit: String,
+    /// Decimal places the device reported (Withings `500000 × 10⁻⁴ kg`: 4), so that the FHIR
+    /// decimal keeps its precision (`50.0000`); `None`: the value as it prints.
+    #[serde(default)]
+    pub decimals: Option<i32>,
 }
 
 /// The device a value was measured with.
@@ -100,7 +104,7 @@ pub struct Measurement {
 }
 
 impl Record for Measurement {
-    const SCHEMA_FILE: &'static str = "measurement.avsc";
+    const SCHEMA_FILE: &'static str = "measurement_v2.avsc";
 }
 
 /// Builds the series key of a patient's data type from one provider (the key of

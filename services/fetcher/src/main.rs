@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     stage.max_batch = ohx_common::config::parse("OHX_FETCH_BATCH", 20usize)?.max(1);
     let providers = Registry::standard(WithingsSettings {
         rate_per_minute: ohx_common::config::parse("OHX_WITHINGS_RATE_PER_MINUTE", 120u32)?,
-    });
+    })?;
     let mut base_urls = BTreeMap::new();
     if let Ok(url) = std::env::var("OHX_WITHINGS_API_URL") {
         base_urls.insert(ohx_providers::withings::NAME.to_owned(), url);

@@ -135,12 +135,14 @@ pub fn clamp_window(start: i64, end: i64, now_ms: i64, max_days: i64) -> (i64, i
 }
 
 /// Merges the requests of one link: per category, the union of the windows, each clamped by
-/// [`clamp_window`]. A request without a window gets its trigger's ([`Strategy`]).
+/// [`clamp_window`]. A request without a window gets its trigger's ([`Strategy`]); a request
+/// that names no category asks for every category of its provider (`all`).
 pub fn plan(
     requests: &[&SyncRequest],
     now_ms: i64,
     strategy: &Strategy,
     cursor_ms: Option<i64>,
+    all: &[String],
 ) -> Plan {
     let mut windows: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for r in requests {
@@ -149,7 +151,12 @@ pub fn plan(
             .unwrap_or_else(|| strategy.default_start(&r.context.trigger, now_ms, cursor_ms));
         let end = r.window_end.unwrap_or(now_ms).max(start);
         let (start, end) = clamp_window(start, end, now_ms, strategy.max_days);
-        for c in &r.categories {
+        let categories = if r.categories.is_empty() {
+            all
+        } else {
+            &r.categories
+        };
+        for c in categories {
             windows
                 .entry(c.clone())
                 .and_modify(|w| {
@@ -468,7 +475,7 @@ impl Fetcher {
         let link = match self.store.load_link(link_id).await {
             Ok(l) => l,
             Err(StoreError::UnknownLink(id)) => {
-                let plan = plan(requests, now_ms, strategy, None);
+                let plan = plan(requests, now_ms, strategy, None, &[]);
                 return Ok((
                     plan,
                     LinkOutcome::Inactive(format!("link {id} was deleted")),
@@ -476,12 +483,17 @@ impl Fetcher {
             }
             Err(e) => return Err(store_err(e)),
         };
-        let plan = plan(requests, now_ms, strategy, link.cursor_ms);
+        let provider = self.providers.get(&link.provider).cloned();
+        let all = provider
+            .as_ref()
+            .map(|p| p.categories())
+            .unwrap_or_default();
+        let plan = plan(requests, now_ms, strategy, link.cursor_ms, &all);
         if link.status != "active" {
             let reason = format!("link is {}", link.status);
             return Ok((plan, LinkOutcome::Inactive(reason)));
         }
-        let Some(provider) = self.providers.get(&link.provider).cloned() else {
+        let Some(provider) = provider else {
             let reason = format!("provider {} is not known to this fetcher", link.provider);
             return Ok((
                 plan,
@@ -752,12 +764,35 @@ mod tests {
     fn test_plan_merges_windows_per_category() {
         let a = req(&["blood_pressure"], Some(100), Some(200));
         let b = req(&["blood_pressure", "heart_rate"], Some(50), Some(150));
-        let p = plan(&[&a, &b], 1_000, &Strategy::default(), None);
+        let p = plan(&[&a, &b], 1_000, &Strategy::default(), None, &[]);
         assert_eq!(p.windows["blood_pressure"], (50, 200));
         assert_eq!(p.windows["heart_rate"], (50, 150));
-        let c = req(&["body_weight"], None, None);
-        let p = plan(&[&c], 10 * 86_400_000, &Strategy::default(), None);
-        assert_eq!(p.windows["body_weight"], (3 * 86_400_000, 10 * 86_400_000));
+        let c = req(&["body"], None, None);
+        let p = plan(&[&c], 10 * 86_400_000, &Strategy::default(), None, &[]);
+        assert_eq!(p.windows["body"], (3 * 86_400_000, 10 * 86_400_000));
+    }
+
+    #[test]
+    fn test_a_request_without_categories_asks_for_all_of_its_provider() {
+        let all = vec!["a".to_owned(), "b".to_owned()];
+        let p = plan(
+            &[&req(&[], Some(10), Some(20))],
+            100,
+            &Strategy::default(),
+            None,
+            &all,
+        );
+        assert_eq!(p.windows.len(), 2);
+        assert_eq!((p.windows["a"], p.windows["b"]), ((10, 20), (10, 20)));
+        // a request that names categories gets those only
+        let p = plan(
+            &[&req(&["b"], Some(10), Some(20))],
+            100,
+            &Strategy::default(),
+            None,
+            &all,
+        );
+        assert_eq!(p.windows.keys().collect::<Vec<_>>(), ["b"]);
     }
 
     #[test]
@@ -794,6 +829,7 @@ mod tests {
             now,
             &Strategy::default(),
             None,
+            &[],
         );
         assert_eq!(p.windows["heart_rate"], (69 * day, now));
     }
@@ -855,12 +891,12 @@ mod tests {
         let now = 100 * day;
         let s = Strategy::default();
         let with = |trigger: &str| {
-            let mut r = req(&["body_weight"], None, None);
+            let mut r = req(&["body"], None, None);
             r.context.trigger = trigger.into();
             r
         };
         let w = |trigger: &str, cursor: Option<i64>| {
-            plan(&[&with(trigger)], now, &s, cursor).windows["body_weight"]
+            plan(&[&with(trigger)], now, &s, cursor, &[]).windows["body"]
         };
         assert_eq!(w("INITIAL", None), (70 * day, now));
         assert_eq!(w("NIGHTLY", Some(99 * day)), (93 * day, now));
@@ -880,7 +916,7 @@ mod tests {
         let mut r = with("NIGHTLY");
         r.window_start = Some(98 * day);
         assert_eq!(
-            plan(&[&r], now, &s, None).windows["body_weight"],
+            plan(&[&r], now, &s, None, &[]).windows["body"],
             (98 * day, now)
         );
         // the maximum also bounds INITIAL
@@ -889,7 +925,7 @@ mod tests {
             ..Strategy::default()
         };
         assert_eq!(
-            plan(&[&with("INITIAL")], now, &short, None).windows["body_weight"],
+            plan(&[&with("INITIAL")], now, &short, None, &[]).windows["body"],
             (90 * day, now)
         );
     }

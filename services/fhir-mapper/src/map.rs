@@ -28,6 +28,9 @@ use crate::mapping::{Coding, Mapping, MeasurementEntry, Statistic, StatisticEntr
 /// UCUM, the system of every `Quantity.code` written here.
 pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
 
+/// `Measurement.entry_method` of a value the user typed in.
+pub const ENTRY_MANUAL: &str = "manual";
+
 /// Prefix of every logical id made by [`resource_id`].
 pub const ID_PREFIX: &str = "ohx-";
 
@@ -340,6 +343,13 @@ pub fn map_measurement(
     if let Some(reference) = device_reference {
         obs.insert("device".to_owned(), json!({ "reference": reference }));
     }
+    if m.entry_method.as_deref() == Some(ENTRY_MANUAL) {
+        // Typed in by the patient: patient-reported, the patient is the performer.
+        obs.insert(
+            "performer".to_owned(),
+            json!([{ "reference": ctx.patient_reference }]),
+        );
+    }
     insert_measurement_values(&mut obs, m, entry)?;
     resources.push(MappedResource {
         resource_type: "Observation".to_owned(),
@@ -648,11 +658,15 @@ fn component_quantity(
         unit: component.unit.clone(),
         allowed: units.iter().map(|u| u.code.clone()).collect(),
     })?;
-    let number =
-        decimal(component.value, decimals).ok_or_else(|| MappingError::NonFiniteValue {
-            data_type: data_type.to_owned(),
-            component: component.code.clone(),
-        })?;
+    // The table's rounding wins; else the places the device reported.
+    let number = match (decimals, component.decimals) {
+        (None, Some(places)) => reported_decimal(component.value, places),
+        _ => decimal(component.value, decimals),
+    }
+    .ok_or_else(|| MappingError::NonFiniteValue {
+        data_type: data_type.to_owned(),
+        component: component.code.clone(),
+    })?;
     Ok(quantity(number, unit))
 }
 
@@ -713,6 +727,17 @@ fn decimal(value: f64, decimals: Option<u32>) -> Option<Number> {
         return Some(Number::from(value as i64));
     }
     Number::from_f64(value)
+}
+
+/// A FHIR decimal with exactly `places` decimal places (`50.0000`): FHIR decimals carry their
+/// precision in their text, and a device that reported four places measured to four places.
+/// `None` for NaN and infinities; places are bounded to 0..=12.
+fn reported_decimal(value: f64, places: i32) -> Option<Number> {
+    if !value.is_finite() {
+        return None;
+    }
+    let places = usize::try_from(places.clamp(0, 12)).ok()?;
+    format!("{value:.places$}").parse().ok()
 }
 
 fn codings_json(codings: &[Coding]) -> Value {
@@ -838,6 +863,7 @@ mod tests {
             code: code.to_owned(),
             value,
             unit: unit.to_owned(),
+            decimals: None,
         }
     }
 
@@ -938,6 +964,108 @@ mod tests {
 
     fn observation(m: &Measurement) -> Value {
         only(&map(m), "Observation").clone()
+    }
+
+    /// One measurement of each single-value data type Withings' `getmeas` brings, with the
+    /// unit and decimal places the fetcher gives it, and the codes the table must give it.
+    fn withings_measures() -> Vec<(Measurement, &'static str, &'static str)> {
+        let local = "https://ohx.example/fhir/CodeSystem/measurement-type";
+        let loinc = "http://loinc.org";
+        [
+            ("body_height", 180.5, "cm", 1, loinc, "8302-2"),
+            ("body_fat_percentage", 17.5, "%", 2, loinc, "41982-0"),
+            ("fat_mass", 8.75, "kg", 3, loinc, "73708-0"),
+            ("fat_free_mass", 41.25, "kg", 3, local, "fat-free-mass"),
+            ("muscle_mass", 39.1, "kg", 2, loinc, "73964-9"),
+            ("body_water_mass", 28.05, "kg", 2, loinc, "101683-1"),
+            ("bone_mass", 2.05, "kg", 2, local, "bone-mass"),
+            (
+                "pulse_wave_velocity",
+                7.12,
+                "m/s",
+                2,
+                local,
+                "pulse-wave-velocity",
+            ),
+            ("body_temperature", 36.8, "Cel", 2, loinc, "8310-5"),
+            (
+                "skin_temperature",
+                33.25,
+                "Cel",
+                2,
+                local,
+                "skin-temperature",
+            ),
+            ("oxygen_saturation", 97.0, "%", 0, loinc, "2708-6"),
+            ("qrs_duration", 96.0, "ms", 0, loinc, "8633-0"),
+            ("pr_interval", 162.0, "ms", 0, loinc, "8625-6"),
+            ("qt_interval", 388.0, "ms", 0, loinc, "8634-8"),
+            ("qtc_interval", 412.0, "ms", 0, loinc, "8636-3"),
+        ]
+        .into_iter()
+        .map(|(data_type, value, unit, places, system, code)| {
+            let mut c = component("value", value, unit);
+            c.decimals = Some(places);
+            let m = measurement(data_type, &format!("withings-5100-{data_type}"), vec![c]);
+            (m, system, code)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn test_withings_measures_map_to_their_codes_and_validate() {
+        let validator = shared_test_validator();
+        for (m, system, code) in withings_measures() {
+            let obs = observation(&m);
+            assert_eq!(
+                obs["code"]["coding"][0]["system"], system,
+                "{}",
+                m.data_type
+            );
+            assert_eq!(obs["code"]["coding"][0]["code"], code, "{}", m.data_type);
+            assert_eq!(
+                obs["valueQuantity"]["code"],
+                m.components[0].unit.as_str(),
+                "{}",
+                m.data_type
+            );
+            if let Err(error) = validator.validate_all(&obs) {
+                panic!("{} invalid: {error}\n{obs:#}", m.data_type);
+            }
+        }
+    }
+
+    #[test]
+    fn test_decimals_keep_the_precision_the_device_reported() {
+        let mut w = weight();
+        w.components[0].value = 50.0;
+        w.components[0].decimals = Some(4);
+        let obs = observation(&w);
+        let text = canonical_json(&obs);
+        assert!(text.contains(r#""value":50.0000"#), "{text}");
+        // through a parse and a write (the publisher adds its tags that way)
+        let again: Value = serde_json::from_str(&text).unwrap();
+        assert!(canonical_json(&again).contains(r#""value":50.0000"#));
+        // without reported places, as before
+        w.components[0].decimals = None;
+        assert!(canonical_json(&observation(&w)).contains(r#""value":50}"#));
+    }
+
+    #[test]
+    fn test_manual_entry_is_patient_reported_without_device() {
+        let mut w = weight();
+        w.entry_method = Some("manual".into());
+        w.device = None;
+        let resources = map(&w);
+        assert_eq!(resources.len(), 1, "no Device for a typed-in value");
+        let obs = &resources[0].json;
+        assert_eq!(
+            obs["performer"][0]["reference"],
+            w.context.patient_reference.as_str()
+        );
+        assert!(obs.get("device").is_none());
+        // a device reading names no performer
+        assert!(observation(&weight()).get("performer").is_none());
     }
 
     #[test]
@@ -1525,13 +1653,13 @@ mod tests {
     #[test]
     fn test_unknown_data_type_provider_or_aggregation_is_error() {
         let mut m = pulse();
-        m.data_type = "body_temperature".to_owned();
+        m.data_type = "respiratory_rate".to_owned();
         let error = map_measurement(&m, &table(), &settings()).unwrap_err();
         assert_eq!(
             error,
             MappingError::UnknownDataType {
                 kind: "measurement",
-                data_type: "body_temperature".to_owned()
+                data_type: "respiratory_rate".to_owned()
             }
         );
         let mut a = hourly_hr();
@@ -1657,21 +1785,21 @@ mod tests {
         assert_eq!(only(&resources, "Device")["manufacturer"], "Withings SA");
         // A table with new data types maps them without code changes.
         let text = format!(
-            "{DEFAULT_TABLE_TOML}\n[measurements.body_temperature]\n\
-             profile = \"http://hl7.org/fhir/StructureDefinition/bodytemp\"\n\
+            "{DEFAULT_TABLE_TOML}\n[measurements.respiratory_rate]\n\
+             profile = \"http://hl7.org/fhir/StructureDefinition/resprate\"\n\
              category = [{{ system = \"http://terminology.hl7.org/CodeSystem/observation-category\", code = \"vital-signs\" }}]\n\
-             code = [{{ system = \"http://loinc.org\", code = \"8310-5\", display = \"Body temperature\" }}]\n\
-             value = {{ source = \"value\", units = [{{ code = \"Cel\", display = \"°C\" }}] }}\n"
+             code = [{{ system = \"http://loinc.org\", code = \"9279-1\", display = \"Respiratory rate\" }}]\n\
+             value = {{ source = \"value\", units = [{{ code = \"/min\", display = \"breaths/minute\" }}] }}\n"
         );
         let extended = Mapping::from_toml_str(&text).unwrap();
         let m = measurement(
-            "body_temperature",
-            "withings-1-71",
-            vec![component("value", 36.8, "Cel")],
+            "respiratory_rate",
+            "withings-1-rr",
+            vec![component("value", 14.5, "/min")],
         );
         let resources = map_measurement(&m, &extended, &settings()).unwrap();
         let obs = only(&resources, "Observation");
-        assert_eq!(obs["valueQuantity"]["value"], 36.8);
+        assert_eq!(obs["valueQuantity"]["value"], 14.5);
         shared_test_validator().validate_all(obs).unwrap();
     }
 

@@ -268,6 +268,7 @@ mod tests {
                 code: "value".into(),
                 value: 80.0 + n as f64 / 10.0,
                 unit: "kg".into(),
+                decimals: None,
             }],
             device: Some(Device {
                 device_id: device.into(),

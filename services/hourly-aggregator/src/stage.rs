@@ -306,6 +306,7 @@ mod tests {
                 code: "value".to_owned(),
                 value: 70.0,
                 unit: "/min".to_owned(),
+                decimals: None,
             }],
             device: None,
             entry_method: Some("device".to_owned()),

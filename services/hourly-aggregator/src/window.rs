@@ -768,6 +768,7 @@ mod tests {
                 code: VALUE_COMPONENT.to_owned(),
                 value,
                 unit: "/min".to_owned(),
+                decimals: None,
             }],
             device: Some(device("d1")),
             entry_method: Some("device".to_owned()),

@@ -113,8 +113,9 @@ enum Command {
         link: Uuid,
         #[arg(long, default_value = "MANUAL")]
         trigger: String,
-        /// Comma-separated: blood_pressure,body_weight,heart_rate
-        #[arg(long, default_value = "blood_pressure,body_weight,heart_rate")]
+        /// Comma-separated data categories of the link's provider (Withings: body,
+        /// blood_pressure, temperature, ecg, heart_rate); empty: all of them.
+        #[arg(long, default_value = "")]
         categories: String,
         /// How many days back.
         #[arg(long, default_value_t = 30)]
@@ -125,8 +126,9 @@ enum Command {
     /// deterministic per link and UTC day, so a CronJob run again the same day (after a
     /// failure half-way) costs the fetcher a lookup for the links already reconciled.
     Reconcile {
-        /// Comma-separated: blood_pressure,body_weight,heart_rate
-        #[arg(long, default_value = "blood_pressure,body_weight,heart_rate")]
+        /// Comma-separated data categories of the link's provider (Withings: body,
+        /// blood_pressure, temperature, ecg, heart_rate); empty: all of them.
+        #[arg(long, default_value = "")]
         categories: String,
     },
     /// Dead letters: list, show one, re-drive after a fix.

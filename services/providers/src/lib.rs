@@ -249,6 +249,13 @@ pub struct Notice {
 #[error("{0}")]
 pub struct BadNotice(pub String);
 
+/// A provider that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    WithingsTable(#[from] withings::measures::TableError),
+}
+
 /// The contract of a provider adapter.
 pub trait Provider: Send + Sync + 'static {
     /// The provider's name in records, SQL rows, routes and metrics: `withings`,
@@ -257,6 +264,11 @@ pub trait Provider: Send + Sync + 'static {
 
     /// The production API base URL.
     fn default_base_url(&self) -> &'static str;
+
+    /// Every data category [`Provider::fetch`] understands: a sync request that names none
+    /// (an INITIAL backfill, a NIGHTLY reconciliation, `ohx sync` without `--categories`)
+    /// fetches all of them.
+    fn categories(&self) -> Vec<String>;
 
     /// The rate limit the provider enforces.
     fn rate_policy(&self) -> RatePolicy;
@@ -308,11 +320,13 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     /// Every provider ohx ships, with its production settings.
-    #[must_use]
-    pub fn standard(withings: withings::WithingsSettings) -> Self {
+    ///
+    /// # Errors
+    /// When a provider's compiled-in tables are inconsistent.
+    pub fn standard(withings: withings::WithingsSettings) -> Result<Self, SetupError> {
         let mut r = Self::default();
-        r.register(Arc::new(withings::Withings::new(withings)));
-        r
+        r.register(Arc::new(withings::Withings::new(withings)?));
+        Ok(r)
     }
 
     /// Adds (or replaces) a provider.

@@ -607,7 +607,7 @@ mod tests {
         )
         .unwrap();
         AppState {
-            providers: Registry::standard(Default::default()),
+            providers: Registry::standard(Default::default()).unwrap(),
             pool,
             lookups: LookupCache::default(),
             producer,

@@ -14,7 +14,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let state = webhook_gateway::AppState {
         // The gateway only parses webhooks: the adapters' fetch settings do not matter here.
-        providers: ohx_providers::Registry::standard(Default::default()),
+        providers: ohx_providers::Registry::standard(Default::default())?,
         pool,
         lookups,
         producer: rt.producer.clone(),

@@ -7,6 +7,7 @@
 //! for failures), so the `oauth2` crate cannot talk to it: [`client`] is hand-written.
 
 pub mod client;
+pub mod measures;
 pub mod normalize;
 
 use crate::progress::{hourly_progress_end, mark_progress, widen_to_hours};
@@ -15,12 +16,12 @@ use crate::{
     ProviderError, RatePolicy, Tokens,
 };
 use client::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
-use normalize::{
-    DATA_TYPE_BLOOD_PRESSURE, DATA_TYPE_BODY_WEIGHT, DATA_TYPE_HEART_RATE, NormalizeStats,
-};
+use measures::{MeasureTable, TableError};
+use normalize::NormalizeStats;
 use ohx_common::records::{AGGREGATION_HOURLY, Context};
 use serde::Deserialize;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// The provider's name.
 pub const NAME: &str = "withings";
@@ -45,13 +46,25 @@ impl Default for WithingsSettings {
 #[derive(Debug, Clone)]
 pub struct Withings {
     settings: WithingsSettings,
+    table: Arc<MeasureTable>,
 }
 
 impl Withings {
-    /// An adapter with `settings`.
+    /// An adapter with `settings` and the built-in measure table.
+    ///
+    /// # Errors
+    /// When the built-in measure table is inconsistent.
+    pub fn new(settings: WithingsSettings) -> Result<Self, TableError> {
+        Ok(Self {
+            settings,
+            table: Arc::new(MeasureTable::builtin()?),
+        })
+    }
+
+    /// The measure table in use.
     #[must_use]
-    pub fn new(settings: WithingsSettings) -> Self {
-        Self { settings }
+    pub fn table(&self) -> &MeasureTable {
+        &self.table
     }
 }
 
@@ -73,22 +86,11 @@ const EVENT_ONLY_APPLIS: [i32; 4] = [50, 51, 52, 55];
 /// The user-profile category: `action=delete` / `unlink` ends the link.
 const APPLI_USER: i32 = 46;
 
-/// The data categories a notification category (`appli`) can concern.
-fn categories_of(appli: i32) -> Vec<String> {
-    let c: &[&str] = match appli {
-        1 => &[DATA_TYPE_BODY_WEIGHT],
-        4 => &[DATA_TYPE_BLOOD_PRESSURE],
-        16 => &[DATA_TYPE_HEART_RATE],
-        _ => &[],
-    };
-    c.iter().map(|s| (*s).to_owned()).collect()
-}
-
 /// Validates a notification and says what it asks for.
 ///
 /// # Errors
 /// A text naming the malformed field.
-pub fn interpret(n: &WithingsNotification) -> Result<Notice, BadNotice> {
+pub fn interpret(n: &WithingsNotification, table: &MeasureTable) -> Result<Notice, BadNotice> {
     let bad = |s: &str| BadNotice(s.to_owned());
     let userid = n.userid.trim();
     if userid.is_empty() || !userid.chars().all(|c| c.is_ascii_digit()) {
@@ -116,7 +118,7 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notice, BadNotice> {
         (None, None) => None,
         _ => return Err(bad("startdate and enddate come together")),
     };
-    let categories = categories_of(appli);
+    let categories = table.categories_of(appli).to_vec();
     let kind = if appli == APPLI_USER {
         match n.action.as_deref().map(str::trim) {
             Some("delete" | "unlink") => NoticeKind::Unlinked,
@@ -145,23 +147,6 @@ pub fn interpret(n: &WithingsNotification) -> Result<Notice, BadNotice> {
         window,
         kind,
     })
-}
-
-/// Returns the getmeas types for the non-hourly categories of a plan.
-#[must_use]
-pub fn meastypes(categories: &BTreeSet<&str>) -> Vec<i32> {
-    let mut t = Vec::new();
-    if categories.contains(DATA_TYPE_BODY_WEIGHT) {
-        t.push(normalize::MEASTYPE_WEIGHT);
-    }
-    if categories.contains(DATA_TYPE_BLOOD_PRESSURE) {
-        t.extend([
-            normalize::MEASTYPE_DIASTOLIC,
-            normalize::MEASTYPE_SYSTOLIC,
-            normalize::MEASTYPE_HEART_PULSE,
-        ]);
-    }
-    t
 }
 
 impl From<WithingsError> for ProviderError {
@@ -242,11 +227,11 @@ fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     }
     out.skip("objective_group", "", stats.objective_groups_skipped);
     out.skip("duplicate_measure", "", stats.duplicate_measures_dropped);
-    out.skip(
-        "incomplete_blood_pressure",
-        "",
-        stats.incomplete_blood_pressure,
-    );
+    for (data_type, n) in &stats.incomplete {
+        out.skip("incomplete_panel", data_type, *n);
+    }
+    out.skip("ambiguous_user", "", stats.ambiguous_groups);
+    out.skip("segmental_measure", "", stats.segmental_measures);
     out.skip("invalid_value", "", stats.invalid_values);
     out.skip("entry_without_value", "", stats.entries_without_heart_rate);
 }
@@ -265,14 +250,16 @@ impl Withings {
         let mut out = Vec::new();
         let mut timezone: Option<String> = None;
         let (mut spot_end, mut hourly_end) = (None, None);
-        // Spot measures (getmeas): one call (with paging) over the union of their windows.
+        let table = &self.table;
+        // Spot measures (getmeas): one call (with paging) over the union of their windows,
+        // for every type the plan's categories can contain.
         let spot: BTreeSet<&str> = plan
             .windows
             .keys()
             .map(String::as_str)
-            .filter(|c| *c != DATA_TYPE_HEART_RATE)
+            .filter(|c| table.is_getmeas(c))
             .collect();
-        let types = meastypes(&spot);
+        let types = table.meastypes(spot.iter().copied());
         if !types.is_empty() {
             let windows = || spot.iter().filter_map(|c| plan.windows.get(*c));
             let start = windows().map(|w| w.0).min().unwrap_or(0);
@@ -292,17 +279,18 @@ impl Withings {
             fetched.api_calls += 1;
             spot_end = Some(end.min(now));
             timezone = resp.timezone.clone();
-            let n = normalize::normalize_measures(&resp, context, None);
+            let n = normalize::normalize_measures(&resp, context, table, None);
             count_skips(&mut fetched, &n.stats);
-            out.extend(n.measurements.into_iter().filter(|m| {
-                spot.contains(m.data_type.as_str())
-                    || m.data_type == DATA_TYPE_HEART_RATE
-                        && spot.contains(DATA_TYPE_BLOOD_PRESSURE)
-            }));
+            out.extend(n.measurements);
         }
         // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
         let mut ahead = Vec::new();
-        if let Some(&(start, end)) = plan.windows.get(DATA_TYPE_HEART_RATE) {
+        let heart_rate = plan
+            .windows
+            .iter()
+            .find(|(c, _)| table.intraday_field(c) == Some(normalize::DATA_TYPE_HEART_RATE))
+            .map(|(_, w)| *w);
+        if let Some((start, end)) = heart_rate {
             let (hs, he) = widen_to_hours(start, end);
             // Withings' enddate is inclusive: stop one second before the next hour.
             let resp = client
@@ -345,6 +333,14 @@ impl Provider for Withings {
         client::DEFAULT_BASE_URL
     }
 
+    fn categories(&self) -> Vec<String> {
+        self.table
+            .categories()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn rate_policy(&self) -> RatePolicy {
         RatePolicy::PerApplication {
             per_minute: self.settings.rate_per_minute,
@@ -358,7 +354,7 @@ impl Provider for Withings {
     ) -> Result<Vec<Notice>, BadNotice> {
         let n: WithingsNotification = serde_urlencoded::from_bytes(body)
             .map_err(|e| BadNotice(format!("not a Withings notification form: {e}")))?;
-        Ok(vec![interpret(&n)?])
+        Ok(vec![interpret(&n, &self.table)?])
     }
 
     fn refresh<'a>(
@@ -412,21 +408,25 @@ mod tests {
         }
     }
 
+    fn interpret_(n: &WithingsNotification) -> Result<Notice, BadNotice> {
+        interpret(n, &MeasureTable::builtin().unwrap())
+    }
+
     #[test]
     fn test_interpret_maps_appli_to_categories_and_window() {
-        let x = interpret(&n("42", "4", Some("100"), Some("200"))).unwrap();
+        let x = interpret_(&n("42", "4", Some("100"), Some("200"))).unwrap();
         assert_eq!(x.kind, NoticeKind::Data);
         assert_eq!(x.categories, vec!["blood_pressure"]);
         assert_eq!(x.window, Some((100_000, 201_000)));
         assert_eq!(x.event, "appli=4");
         assert_eq!(
-            interpret(&n("42", "1", Some("1"), Some("2")))
+            interpret_(&n("42", "1", Some("1"), Some("2")))
                 .unwrap()
                 .categories,
-            vec!["body_weight"]
+            vec!["body"]
         );
         assert_eq!(
-            interpret(&n("42", "16", Some("1"), Some("2")))
+            interpret_(&n("42", "16", Some("1"), Some("2")))
                 .unwrap()
                 .categories,
             vec!["heart_rate"]
@@ -436,40 +436,40 @@ mod tests {
     #[test]
     fn test_interpret_kinds_of_non_data_categories() {
         for appli in ["50", "51", "52", "55"] {
-            let x = interpret(&n("42", appli, None, None)).unwrap();
+            let x = interpret_(&n("42", appli, None, None)).unwrap();
             assert_eq!(x.kind, NoticeKind::EventOnly, "appli {appli}");
             assert!(x.categories.is_empty());
         }
-        let x = interpret(&n("42", "99", None, None)).unwrap();
+        let x = interpret_(&n("42", "99", None, None)).unwrap();
         assert_eq!(x.kind, NoticeKind::NotSubscribed);
         for action in ["delete", "unlink"] {
             let mut u = n("42", "46", None, None);
             u.action = Some(action.into());
             assert_eq!(
-                interpret(&u).unwrap().kind,
+                interpret_(&u).unwrap().kind,
                 NoticeKind::Unlinked,
                 "{action}"
             );
         }
         let mut u = n("42", "46", None, None);
         u.action = Some("update".into());
-        assert_eq!(interpret(&u).unwrap().kind, NoticeKind::EventOnly);
+        assert_eq!(interpret_(&u).unwrap().kind, NoticeKind::EventOnly);
     }
 
     #[test]
     fn test_interpret_rejects_malformed_fields() {
-        assert!(interpret(&n("", "4", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("abc", "4", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("42", "x", Some("1"), Some("2"))).is_err());
-        assert!(interpret(&n("42", "4", Some("5"), Some("2"))).is_err());
-        assert!(interpret(&n("42", "4", Some("1"), None)).is_err());
-        assert!(interpret(&n("42", "4", None, None)).is_err());
-        assert!(interpret(&n("42", "4", Some("x"), Some("2"))).is_err());
+        assert!(interpret_(&n("", "4", Some("1"), Some("2"))).is_err());
+        assert!(interpret_(&n("abc", "4", Some("1"), Some("2"))).is_err());
+        assert!(interpret_(&n("42", "x", Some("1"), Some("2"))).is_err());
+        assert!(interpret_(&n("42", "4", Some("5"), Some("2"))).is_err());
+        assert!(interpret_(&n("42", "4", Some("1"), None)).is_err());
+        assert!(interpret_(&n("42", "4", None, None)).is_err());
+        assert!(interpret_(&n("42", "4", Some("x"), Some("2"))).is_err());
     }
 
     #[test]
     fn test_parse_webhook_reads_the_form_body() {
-        let w = Withings::new(WithingsSettings::default());
+        let w = Withings::new(WithingsSettings::default()).unwrap();
         let got = w
             .parse_webhook(
                 Some("application/x-www-form-urlencoded"),
@@ -480,16 +480,6 @@ mod tests {
         assert_eq!(got[0].provider_user_id, "12345");
         assert_eq!(got[0].window, Some((1_530_576_000_000, 1_530_698_754_000)));
         assert!(w.parse_webhook(None, b"appli=1").is_err());
-    }
-
-    #[test]
-    fn test_meastypes_per_category() {
-        assert_eq!(meastypes(&BTreeSet::from(["body_weight"])), vec![1]);
-        assert_eq!(
-            meastypes(&BTreeSet::from(["blood_pressure"])),
-            vec![9, 10, 11]
-        );
-        assert!(meastypes(&BTreeSet::from(["heart_rate"])).is_empty());
     }
 
     #[test]

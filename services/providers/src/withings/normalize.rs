@@ -4,14 +4,15 @@
 //! the caller; `context.provider_user_id` must be the Withings `userid`, it is part of every
 //! `measurement_id`) and the user's fallback UTC offset.
 //!
-//! Mapping (`providers.md` §1.4, §1.6):
+//! Mapping (`providers.md` §1.4, §1.6): `getmeas` types as the measure table says
+//! ([`super::measures`], `measures.toml`): data type, component, UCUM unit and decimal
+//! places; a panel (blood pressure) joins its types of one group. Measurement ids are
+//! `withings:{userid}:{grpid}:{type}` (a panel: `…:{panel id}`, e.g. `…:bp`), and for intraday
+//! heart rate (HOURLY) `withings:{userid}:hr:{epoch}:{deviceid|none}`.
 //!
-//! | Withings | ohx `data_type` | aggregation | `measurement_id` |
-//! |---|---|---|---|
-//! | `getmeas` types 10 + 9 of one group | `blood_pressure` (systolic, diastolic in `mm[Hg]`) | INDIVIDUAL | `withings:{userid}:{grpid}:bp` |
-//! | `getmeas` type 11 | `heart_rate` (`/min`) | INDIVIDUAL | `withings:{userid}:{grpid}:11` |
-//! | `getmeas` type 1 | `body_weight` (`kg`) | INDIVIDUAL | `withings:{userid}:{grpid}:1` |
-//! | intraday `heart_rate` | `heart_rate` (`/min`) | HOURLY | `withings:{userid}:hr:{epoch}:{deviceid\|none}` |
+//! `attrib` decides who measured: 1 (the device is not sure the reading is this user's) is
+//! held back and counted, never put into this patient's chart; 2 and 4 (typed in by the user)
+//! are `manual`, without a device; everything else is a device reading.
 //!
 //! # Time zones
 //!
@@ -32,47 +33,21 @@ use ohx_common::records::{
 use super::client::{
     CATEGORY_OBJECTIVE, IntradayEntry, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
 };
+use super::measures::MeasureTable;
 
 /// `measurement_id` prefix and manufacturer name.
 pub const PROVIDER_WITHINGS: &str = "withings";
 const MANUFACTURER_WITHINGS: &str = "Withings";
 
-/// Data type of systolic/diastolic pairs.
-pub const DATA_TYPE_BLOOD_PRESSURE: &str = "blood_pressure";
 /// Data type of heart rate (spot and intraday).
 pub const DATA_TYPE_HEART_RATE: &str = "heart_rate";
-/// Data type of body weight.
-pub const DATA_TYPE_BODY_WEIGHT: &str = "body_weight";
-
-/// Withings measure type: weight (kg).
-pub const MEASTYPE_WEIGHT: i32 = 1;
-/// Withings measure type: diastolic blood pressure (mmHg).
-pub const MEASTYPE_DIASTOLIC: i32 = 9;
-/// Withings measure type: systolic blood pressure (mmHg).
-pub const MEASTYPE_SYSTOLIC: i32 = 10;
-/// Withings measure type: heart pulse (bpm).
-pub const MEASTYPE_HEART_PULSE: i32 = 11;
-/// The `getmeas` types this module maps (pass as `meastypes`).
-pub const SUPPORTED_MEASTYPES: [i32; 4] = [
-    MEASTYPE_WEIGHT,
-    MEASTYPE_DIASTOLIC,
-    MEASTYPE_SYSTOLIC,
-    MEASTYPE_HEART_PULSE,
-];
-
-/// UCUM unit of blood pressure.
-pub const UNIT_MM_HG: &str = "mm[Hg]";
 /// UCUM unit of heart rate.
 pub const UNIT_PER_MINUTE: &str = "/min";
-/// UCUM unit of body weight.
-pub const UNIT_KG: &str = "kg";
-
 /// Component code of scalar values.
 pub const COMPONENT_VALUE: &str = "value";
-/// Component code of systolic pressure.
-pub const COMPONENT_SYSTOLIC: &str = "systolic";
-/// Component code of diastolic pressure.
-pub const COMPONENT_DIASTOLIC: &str = "diastolic";
+
+/// `attrib`: the device is not sure the reading is this user's.
+pub const ATTRIB_AMBIGUOUS: i64 = 1;
 
 /// What a normalization produced, and what it left out (for metrics).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -94,8 +69,12 @@ pub struct NormalizeStats {
     pub duplicate_measures_dropped: u64,
     /// Measures of types not mapped by ohx, per Withings type.
     pub skipped_types: BTreeMap<i32, u64>,
-    /// Groups with only one of systolic/diastolic (no blood pressure emitted).
-    pub incomplete_blood_pressure: u64,
+    /// Groups with only some types of a panel, per data type (nothing emitted for it).
+    pub incomplete: BTreeMap<String, u64>,
+    /// Groups held back because the device was not sure they are this user's (`attrib` 1).
+    pub ambiguous_groups: u64,
+    /// Measures of one body segment or placement (with a `position`), skipped.
+    pub segmental_measures: u64,
     /// Values that decode to a non-finite or non-positive number (skipped).
     pub invalid_values: u64,
     /// Intraday entries without `heart_rate` (skipped).
@@ -126,8 +105,9 @@ pub fn decode_value(value: i64, unit: i32) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
-/// Maps a measure group's `attrib` to `entry_method`: 0, 8 → `device`; 1 → `device-ambiguous`;
-/// 2, 4 → `manual`; any other code → `device`; missing → `None`.
+/// Maps a measure group's `attrib` to `entry_method`: 0, 8 → `device`; 1 → `device-ambiguous`
+/// (held back by [`normalize_measures`]); 2, 4 → `manual`; any other code → `device`; missing →
+/// `None`.
 #[must_use]
 pub fn entry_method(attrib: Option<i64>) -> Option<&'static str> {
     attrib.map(|a| match a {
@@ -193,13 +173,32 @@ fn device(device_id: Option<&str>, model: Option<&str>, model_id: Option<i64>) -
     })
 }
 
-/// A decoded value if it is usable (finite and positive), counting it otherwise.
-fn usable(m: &Measure, stats: &mut NormalizeStats) -> Option<f64> {
-    let v = decode_value(m.value, m.unit).filter(|v| *v > 0.0);
+/// The decimal places of `value × 10^exponent`: `-exponent`, at least 0.
+#[must_use]
+pub fn decimals_of(exponent: i32) -> i32 {
+    exponent.saturating_neg().max(0)
+}
+
+/// A measure's component if its value is usable (finite and positive), counting it
+/// otherwise. The value is `value × 10^(unit + shift)` with the decimal places reported.
+fn usable(
+    m: &Measure,
+    code: &str,
+    unit: &str,
+    shift: i32,
+    stats: &mut NormalizeStats,
+) -> Option<Component> {
+    let exponent = m.unit.saturating_add(shift);
+    let v = decode_value(m.value, exponent).filter(|v| *v > 0.0);
     if v.is_none() {
         stats.invalid_values += 1;
     }
-    v
+    Some(Component {
+        code: code.to_owned(),
+        value: v?,
+        unit: unit.to_owned(),
+        decimals: Some(decimals_of(exponent)),
+    })
 }
 
 /// Which copy of a duplicated (`grpid`, type) wins: latest `modified`, then the lower
@@ -217,13 +216,14 @@ fn is_newer(candidate: &MeasureGroup, current: &MeasureGroup) -> bool {
 /// The copy of a measure chosen by deduplication, with its group.
 type Chosen<'a> = (&'a MeasureGroup, &'a Measure);
 
-/// Normalizes a `getmeas` answer: blood pressure (types 10 + 9), spot heart rate (11) and
-/// weight (1); everything else is counted in [`NormalizeStats`]. `utc_offset_seconds` comes
-/// from `resp.timezone` at each group's `date`, else `fallback_utc_offset_seconds`.
+/// Normalizes a `getmeas` answer as `table` says; everything else is counted in
+/// [`NormalizeStats`]. `utc_offset_seconds` comes from `resp.timezone` at each group's `date`,
+/// else `fallback_utc_offset_seconds`. The measures of one group share its time and device.
 #[must_use]
 pub fn normalize_measures(
     resp: &MeasureResponse,
     ctx: &Context,
+    table: &MeasureTable,
     fallback_utc_offset_seconds: Option<i32>,
 ) -> Normalized {
     let mut stats = NormalizeStats::default();
@@ -258,55 +258,80 @@ pub fn normalize_measures(
     }
 
     let mut out = Vec::new();
-    for (grpid, mut slots) in by_group {
-        let systolic = slots.remove(&(MEASTYPE_SYSTOLIC, None));
-        let diastolic = slots.remove(&(MEASTYPE_DIASTOLIC, None));
-        match (systolic, diastolic) {
-            (Some((gs, sys)), Some((gd, dia))) => {
-                let (sys_v, dia_v) = (usable(sys, &mut stats), usable(dia, &mut stats));
-                if let (Some(sys_v), Some(dia_v)) = (sys_v, dia_v) {
-                    // Metadata from the newer of the two groups (they differ only for
-                    // duplicates).
-                    let meta = if is_newer(gd, gs) { gd } else { gs };
-                    out.push(group_measurement(
-                        ctx,
-                        meta,
-                        &offsets,
-                        DATA_TYPE_BLOOD_PRESSURE,
-                        &format!("{PROVIDER_WITHINGS}:{}:{grpid}:bp", ctx.provider_user_id),
-                        vec![
-                            component(COMPONENT_SYSTOLIC, sys_v, UNIT_MM_HG),
-                            component(COMPONENT_DIASTOLIC, dia_v, UNIT_MM_HG),
-                        ],
-                    ));
-                }
-            }
-            (None, None) => {}
-            _ => stats.incomplete_blood_pressure += 1,
+    let user = &ctx.provider_user_id;
+    for (grpid, slots) in by_group {
+        // The group's own attributes come from its newest copy.
+        let Some(meta) = slots
+            .values()
+            .map(|(g, _)| *g)
+            .reduce(|a, b| if is_newer(b, a) { b } else { a })
+        else {
+            continue;
+        };
+        if meta.attrib == Some(ATTRIB_AMBIGUOUS) {
+            stats.ambiguous_groups += 1;
+            continue;
         }
-
-        for ((measure_type, _), (g, m)) in slots {
-            let (data_type, unit) = match measure_type {
-                MEASTYPE_HEART_PULSE => (DATA_TYPE_HEART_RATE, UNIT_PER_MINUTE),
-                MEASTYPE_WEIGHT => (DATA_TYPE_BODY_WEIGHT, UNIT_KG),
-                other => {
-                    *stats.skipped_types.entry(other).or_default() += 1;
-                    continue;
-                }
+        // Panels: data type → component → chosen measure.
+        let mut panels: BTreeMap<&str, BTreeMap<&str, (Chosen<'_>, i32, &str)>> = BTreeMap::new();
+        for ((measure_type, position), (g, m)) in &slots {
+            // A measure with a `position` is of one body segment or placement (segmental body
+            // composition), not of the whole body: it is never the whole-body data type.
+            if position.is_some() {
+                stats.segmental_measures += 1;
+                continue;
+            }
+            let Some(rule) = table.rule(*measure_type) else {
+                *stats.skipped_types.entry(*measure_type).or_default() += 1;
+                continue;
             };
-            let Some(v) = usable(m, &mut stats) else {
+            if table.panel(&rule.data_type).is_some() {
+                panels.entry(rule.data_type.as_str()).or_default().insert(
+                    rule.component.as_str(),
+                    ((g, m), rule.shift, rule.unit.as_str()),
+                );
+                continue;
+            }
+            let Some(c) = usable(m, &rule.component, &rule.unit, rule.shift, &mut stats) else {
                 continue;
             };
             out.push(group_measurement(
                 ctx,
-                g,
+                meta,
+                &offsets,
+                &rule.data_type,
+                &format!("{PROVIDER_WITHINGS}:{user}:{grpid}:{measure_type}"),
+                vec![c],
+            ));
+        }
+        for (data_type, found) in panels {
+            let Some(panel) = table.panel(data_type) else {
+                continue;
+            };
+            if panel
+                .components
+                .iter()
+                .any(|c| !found.contains_key(c.as_str()))
+            {
+                *stats.incomplete.entry(data_type.to_owned()).or_default() += 1;
+                continue;
+            }
+            let components: Option<Vec<Component>> = panel
+                .components
+                .iter()
+                .filter_map(|c| found.get(c.as_str()).map(|f| (c, f)))
+                .map(|(c, ((_, m), shift, unit))| usable(m, c, unit, *shift, &mut stats))
+                .collect();
+            let Some(components) = components else {
+                continue;
+            };
+            out.push(group_measurement(
+                ctx,
+                meta,
                 &offsets,
                 data_type,
-                &format!(
-                    "{PROVIDER_WITHINGS}:{}:{grpid}:{measure_type}",
-                    ctx.provider_user_id
-                ),
-                vec![component(COMPONENT_VALUE, v, unit)],
+                &format!("{PROVIDER_WITHINGS}:{user}:{grpid}:{}", panel.id),
+                components,
             ));
         }
     }
@@ -378,6 +403,7 @@ fn component(code: &str, value: f64, unit: &str) -> Component {
         code: code.to_owned(),
         value,
         unit: unit.to_owned(),
+        decimals: None,
     }
 }
 
@@ -390,6 +416,12 @@ fn group_measurement(
     measurement_id: &str,
     components: Vec<Component>,
 ) -> Measurement {
+    let method = entry_method(g.attrib);
+    // A value typed in by the user was measured by no device.
+    let device = match method {
+        Some("manual") => None,
+        _ => device(g.device_id(), g.model.as_deref(), g.model_id()),
+    };
     Measurement {
         context: ctx.clone(),
         measurement_id: measurement_id.to_owned(),
@@ -400,8 +432,8 @@ fn group_measurement(
         effective_end: None,
         utc_offset_seconds: offsets.offset_at(g.date),
         components,
-        device: device(g.device_id(), g.model.as_deref(), g.model_id()),
-        entry_method: entry_method(g.attrib).map(str::to_owned),
+        device,
+        entry_method: method.map(str::to_owned),
         provider_group_id: Some(g.grpid.to_string()),
         provider_modified_at: g.modified.map(|m| m.saturating_mul(1000)),
         fetched_through: None,
@@ -419,6 +451,10 @@ fn sort(out: &mut [Measurement]) {
 mod tests {
     use super::*;
     use crate::withings::client::MeasurePage;
+
+    fn norm(resp: &MeasureResponse, ctx: &Context, fallback: Option<i32>) -> Normalized {
+        normalize_measures(resp, ctx, &MeasureTable::builtin().unwrap(), fallback)
+    }
 
     fn ctx() -> Context {
         Context {
@@ -509,7 +545,7 @@ mod tests {
 
     #[test]
     fn test_bpm_connect_unit_minus_2_example() {
-        let n = normalize_measures(&resp(BPM_CONNECT), &ctx(), Some(3600));
+        let n = norm(&resp(BPM_CONNECT), &ctx(), Some(3600));
         assert_eq!(n.measurements.len(), 2);
         let bp = find(&n, "withings:363:2726388728:bp");
         assert_eq!(
@@ -556,7 +592,7 @@ mod tests {
 
     #[test]
     fn test_bpm_core_unit_0_example_with_timezone() {
-        let n = normalize_measures(&resp(BPM_CORE), &ctx(), Some(0));
+        let n = norm(&resp(BPM_CORE), &ctx(), Some(0));
         let bp = find(&n, "withings:363:4716596696:bp");
         assert_eq!(
             values(bp),
@@ -572,7 +608,7 @@ mod tests {
 
     #[test]
     fn test_weight_unit_minus_3() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"timezone":"Europe/Berlin","measuregrps":[{"grpid":77,"attrib":0,"date":1700000000,"modified":1700000001,
                 "category":1,"deviceid":"scale","measures":[{"value":118003,"type":1,"unit":-3}],"modelid":5,"model":"Body+"}]}"#,
@@ -592,7 +628,7 @@ mod tests {
 
     #[test]
     fn test_same_type_with_different_units() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":1,"date":10,"measures":[{"value":12100,"type":10,"unit":-2},{"value":80,"type":9,"unit":0}]},
@@ -612,7 +648,7 @@ mod tests {
 
     #[test]
     fn test_deviceid_null_int_and_string() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":1,"attrib":2,"date":10,"deviceid":null,"hash_deviceid":null,"measures":[{"value":80,"type":1,"unit":0}],"comment":null},
@@ -659,7 +695,7 @@ mod tests {
     #[test]
     fn test_duplicate_grpid_keeps_latest_modified() {
         // The same group twice (attrib 0 and 8), the second edited later.
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":5,"attrib":0,"date":100,"modified":200,"deviceid":"d","measures":[
@@ -684,12 +720,12 @@ mod tests {
     fn test_duplicate_grpid_same_modified_prefers_attrib_0_regardless_of_order() {
         let a = r#"{"grpid":5,"attrib":8,"date":100,"modified":200,"measures":[{"value":80,"type":1,"unit":0}]}"#;
         let b = r#"{"grpid":5,"attrib":0,"date":100,"modified":200,"measures":[{"value":81,"type":1,"unit":0}]}"#;
-        let n1 = normalize_measures(
+        let n1 = norm(
             &resp(&format!(r#"{{"measuregrps":[{a},{b}]}}"#)),
             &ctx(),
             None,
         );
-        let n2 = normalize_measures(
+        let n2 = norm(
             &resp(&format!(r#"{{"measuregrps":[{b},{a}]}}"#)),
             &ctx(),
             None,
@@ -704,12 +740,12 @@ mod tests {
             {"grpid":2,"attrib":0,"date":200,"modified":1,"deviceid":"d","measures":[{"value":80,"type":1,"unit":0}]},
             {"grpid":1,"attrib":0,"date":100,"modified":1,"deviceid":"d","measures":[{"value":120,"type":10,"unit":0},{"value":80,"type":9,"unit":0}]}]}"#;
         let r = resp(body);
-        let a = normalize_measures(&r, &ctx(), None);
-        let b = normalize_measures(&r, &ctx(), None);
+        let a = norm(&r, &ctx(), None);
+        let b = norm(&r, &ctx(), None);
         assert_eq!(a, b);
         let mut reversed = r.clone();
         reversed.measuregrps.reverse();
-        assert_eq!(normalize_measures(&reversed, &ctx(), None), a);
+        assert_eq!(norm(&reversed, &ctx(), None), a);
         let ids: Vec<&str> = a
             .measurements
             .iter()
@@ -722,7 +758,7 @@ mod tests {
 
     #[test]
     fn test_bp_with_only_one_side_is_incomplete() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":1,"date":10,"measures":[{"value":120,"type":10,"unit":0},{"value":60,"type":11,"unit":0}]},
@@ -731,7 +767,7 @@ mod tests {
             &ctx(),
             None,
         );
-        assert_eq!(n.stats.incomplete_blood_pressure, 2);
+        assert_eq!(n.stats.incomplete.get("blood_pressure"), Some(&2));
         let ids: Vec<&str> = n
             .measurements
             .iter()
@@ -743,7 +779,7 @@ mod tests {
     #[test]
     fn test_bp_merges_sides_from_duplicate_groups() {
         // Systolic only in one copy, diastolic only in the other: one BP from both.
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":9,"attrib":0,"date":10,"modified":5,"measures":[{"value":120,"type":10,"unit":0}]},
@@ -752,7 +788,7 @@ mod tests {
             &ctx(),
             None,
         );
-        assert_eq!(n.stats.incomplete_blood_pressure, 0);
+        assert!(n.stats.incomplete.is_empty());
         let bp = find(&n, "withings:363:9:bp");
         assert_eq!(
             values(bp),
@@ -763,7 +799,7 @@ mod tests {
 
     #[test]
     fn test_systolic_component_comes_first() {
-        let n = normalize_measures(&resp(BPM_CORE), &ctx(), None);
+        let n = norm(&resp(BPM_CORE), &ctx(), None);
         let bp = find(&n, "withings:363:4716596696:bp");
         assert_eq!(bp.components[0].code, "systolic");
         assert_eq!(bp.components[1].code, "diastolic");
@@ -771,12 +807,13 @@ mod tests {
 
     #[test]
     fn test_objectives_and_unknown_types_are_skipped_and_counted() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":1,"date":10,"category":2,"measures":[{"value":70,"type":1,"unit":0}]},
-                {"grpid":2,"date":10,"category":1,"measures":[{"value":70,"type":1,"unit":0},{"value":2000,"type":6,"unit":-2},
-                    {"value":3650,"type":71,"unit":-2},{"value":2100,"type":6,"unit":-2,"position":12}]}]}"#,
+                {"grpid":2,"date":10,"category":1,"measures":[{"value":70,"type":1,"unit":0},{"value":900,"type":170,"unit":-2},
+                    {"value":1650,"type":226,"unit":0},{"value":950,"type":170,"unit":-2,"position":12},
+                    {"value":2100,"type":6,"unit":-2,"position":12}]}]}"#,
             ),
             &ctx(),
             None,
@@ -785,14 +822,17 @@ mod tests {
         assert_eq!(n.measurements[0].measurement_id, "withings:363:2:1");
         assert_eq!(n.stats.groups, 2);
         assert_eq!(n.stats.objective_groups_skipped, 1);
-        assert_eq!(n.stats.skipped_types, BTreeMap::from([(6, 2), (71, 1)]));
-        assert_eq!(n.stats.skipped_types_total(), 3);
+        // visceral fat (170) and BMR (226) have no ohx data type
+        assert_eq!(n.stats.skipped_types, BTreeMap::from([(170, 1), (226, 1)]));
+        assert_eq!(n.stats.skipped_types_total(), 2);
+        // a torso fat ratio is not the body's
+        assert_eq!(n.stats.segmental_measures, 2);
         assert_eq!(n.stats.duplicate_measures_dropped, 0);
     }
 
     #[test]
     fn test_non_positive_values_are_invalid() {
-        let n = normalize_measures(
+        let n = norm(
             &resp(
                 r#"{"measuregrps":[
                 {"grpid":1,"date":10,"measures":[{"value":0,"type":1,"unit":0}]},
@@ -807,7 +847,7 @@ mod tests {
 
     #[test]
     fn test_empty_answer() {
-        let n = normalize_measures(&MeasureResponse::default(), &ctx(), None);
+        let n = norm(&MeasureResponse::default(), &ctx(), None);
         assert_eq!(n, Normalized::default());
     }
 
@@ -838,7 +878,7 @@ mod tests {
     fn test_unknown_timezone_uses_fallback_and_is_reported() {
         let mut r = resp(BPM_CORE);
         r.timezone = Some("Not/AZone".into());
-        let n = normalize_measures(&r, &ctx(), Some(-3600));
+        let n = norm(&r, &ctx(), Some(-3600));
         assert!(
             n.measurements
                 .iter()
@@ -847,7 +887,7 @@ mod tests {
         assert_eq!(n.stats.unknown_timezone.as_deref(), Some("Not/AZone"));
         // The UTC instant is unaffected.
         assert_eq!(n.measurements[0].effective_start, 1_690_491_576_000);
-        let n = normalize_measures(&r, &ctx(), None);
+        let n = norm(&r, &ctx(), None);
         assert!(
             n.measurements
                 .iter()
@@ -934,5 +974,155 @@ mod tests {
                 "withings:363:hr:1712720460:d"
             ]
         );
+    }
+
+    /// A Body Cardio weigh-in: every body-composition type of one group, shaped as `getmeas`
+    /// answers it (mixed `unit` exponents, the scale's pulse in the same group).
+    const BODY_CARDIO: &str = r#"{"timezone":"Europe/Paris","measuregrps":[{
+        "grpid": 5100, "attrib": 0, "date": 1700000000, "created": 1700000060, "modified": 1700000060,
+        "category": 1, "deviceid": "scale-1", "hash_deviceid": "scale-1", "modelid": 6, "model": "Body Cardio",
+        "measures": [
+            {"value": 500000, "type": 1, "unit": -4},
+            {"value": 180, "type": 4, "unit": -2},
+            {"value": 41250, "type": 5, "unit": -3},
+            {"value": 1750, "type": 6, "unit": -2},
+            {"value": 8750, "type": 8, "unit": -3},
+            {"value": 3910, "type": 76, "unit": -2},
+            {"value": 2805, "type": 77, "unit": -2},
+            {"value": 205, "type": 88, "unit": -2},
+            {"value": 712, "type": 91, "unit": -2},
+            {"value": 64, "type": 11, "unit": 0}
+        ]}]}"#;
+
+    fn decimals(m: &Measurement) -> Vec<Option<i32>> {
+        m.components.iter().map(|c| c.decimals).collect()
+    }
+
+    #[test]
+    fn test_body_composition_of_one_weigh_in_shares_time_and_device() {
+        let n = norm(&resp(BODY_CARDIO), &ctx(), None);
+        let expect: [(&str, &str, f64, &str, i32); 10] = [
+            ("1", "body_weight", 50.0, "kg", 4),
+            ("4", "body_height", 180.0, "cm", 0),
+            ("5", "fat_free_mass", 41.25, "kg", 3),
+            ("6", "body_fat_percentage", 17.5, "%", 2),
+            ("8", "fat_mass", 8.75, "kg", 3),
+            ("76", "muscle_mass", 39.1, "kg", 2),
+            ("77", "body_water_mass", 28.05, "kg", 2),
+            ("88", "bone_mass", 2.05, "kg", 2),
+            ("91", "pulse_wave_velocity", 7.12, "m/s", 2),
+            ("11", "heart_rate", 64.0, "/min", 0),
+        ];
+        assert_eq!(n.measurements.len(), expect.len());
+        for (ty, data_type, value, unit, places) in expect {
+            let m = find(&n, &format!("withings:363:5100:{ty}"));
+            assert_eq!(m.data_type, data_type, "type {ty}");
+            assert_eq!(m.series_key, format!("p1/withings/{data_type}"));
+            assert_eq!(values(m), vec![("value", value, unit)], "type {ty}");
+            assert_eq!(decimals(m), vec![Some(places)], "type {ty}");
+            assert_eq!(m.effective_start, 1_700_000_000_000);
+            assert_eq!(m.utc_offset_seconds, Some(3600));
+            assert_eq!(
+                m.device.as_ref().map(|d| d.device_id.as_str()),
+                Some("scale-1")
+            );
+            assert_eq!(m.entry_method.as_deref(), Some("device"));
+        }
+        assert_eq!(n.stats.skipped_types_total(), 0);
+    }
+
+    #[test]
+    fn test_temperatures_and_spo2_units() {
+        let n = norm(
+            &resp(
+                r#"{"measuregrps":[
+                {"grpid":7,"date":10,"attrib":0,"measures":[{"value":3680,"type":71,"unit":-2},{"value":3325,"type":73,"unit":-2},{"value":369,"type":12,"unit":-1}]},
+                {"grpid":8,"date":20,"attrib":0,"measures":[{"value":97,"type":54,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        let body = find(&n, "withings:363:7:71");
+        assert_eq!(
+            (body.data_type.as_str(), values(body)),
+            ("body_temperature", vec![("value", 36.8, "Cel")])
+        );
+        let skin = find(&n, "withings:363:7:73");
+        assert_eq!(
+            (skin.data_type.as_str(), values(skin)),
+            ("skin_temperature", vec![("value", 33.25, "Cel")])
+        );
+        let temp = find(&n, "withings:363:7:12");
+        assert_eq!(
+            (temp.data_type.as_str(), decimals(temp)),
+            ("body_temperature", vec![Some(1)])
+        );
+        let spo2 = find(&n, "withings:363:8:54");
+        assert_eq!(
+            (spo2.data_type.as_str(), values(spo2)),
+            ("oxygen_saturation", vec![("value", 97.0, "%")])
+        );
+    }
+
+    #[test]
+    fn test_ecg_intervals_in_milliseconds() {
+        let n = norm(
+            &resp(
+                r#"{"measuregrps":[{"grpid":9,"date":10,"attrib":0,"measures":[
+                {"value":96,"type":135,"unit":0},{"value":162,"type":136,"unit":0},
+                {"value":388,"type":137,"unit":0},{"value":412,"type":138,"unit":0}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        for (ty, data_type, v) in [
+            (135, "qrs_duration", 96.0),
+            (136, "pr_interval", 162.0),
+            (137, "qt_interval", 388.0),
+            (138, "qtc_interval", 412.0),
+        ] {
+            let m = find(&n, &format!("withings:363:9:{ty}"));
+            assert_eq!(
+                (m.data_type.as_str(), values(m)),
+                (data_type, vec![("value", v, "ms")])
+            );
+        }
+    }
+
+    #[test]
+    fn test_ambiguous_reading_is_held_back_and_counted() {
+        let body = BODY_CARDIO.replace(r#""attrib": 0"#, r#""attrib": 1"#);
+        let n = norm(&resp(&body), &ctx(), None);
+        assert!(n.measurements.is_empty(), "{:#?}", n.measurements);
+        assert_eq!(n.stats.ambiguous_groups, 1);
+    }
+
+    #[test]
+    fn test_manual_entries_are_patient_reported_without_device() {
+        for attrib in [2, 4] {
+            let body = BODY_CARDIO.replace(r#""attrib": 0"#, &format!(r#""attrib": {attrib}"#));
+            let n = norm(&resp(&body), &ctx(), None);
+            let w = find(&n, "withings:363:5100:1");
+            assert_eq!(w.entry_method.as_deref(), Some("manual"), "attrib {attrib}");
+            assert_eq!(w.device, None, "attrib {attrib}");
+        }
+    }
+
+    #[test]
+    fn test_decimals_follow_the_reported_exponent_and_shift() {
+        assert_eq!(decimals_of(-4), 4);
+        assert_eq!(decimals_of(0), 0);
+        assert_eq!(decimals_of(2), 0);
+        // height 1.805 m (unit -3) is 180.5 cm: one place after the shift of 2
+        let n = norm(
+            &resp(
+                r#"{"measuregrps":[{"grpid":3,"date":10,"attrib":0,"measures":[{"value":1805,"type":4,"unit":-3}]}]}"#,
+            ),
+            &ctx(),
+            None,
+        );
+        let h = find(&n, "withings:363:3:4");
+        assert_eq!(values(h), vec![("value", 180.5, "cm")]);
+        assert_eq!(decimals(h), vec![Some(1)]);
     }
 }

@@ -1,0 +1,289 @@
+//! The Withings measure table (`measures.toml`): notification categories → fetch categories →
+//! `getmeas` types → Measurement data types, components and units. Loaded and checked once.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The table compiled into the binary.
+pub const BUILTIN: &str = include_str!("measures.toml");
+
+/// Why a table was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("withings measure table: {0}")]
+pub struct TableError(pub String);
+
+/// What one measure type becomes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeRule {
+    pub data_type: String,
+    #[serde(default = "value_component")]
+    pub component: String,
+    /// UCUM unit of the value after `shift`.
+    pub unit: String,
+    /// Power of ten applied to the decoded value (height: m → cm is 2).
+    #[serde(default)]
+    pub shift: i32,
+}
+
+fn value_component() -> String {
+    "value".to_owned()
+}
+
+/// A data type made of several measure types of one group.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Panel {
+    /// In output order.
+    pub components: Vec<String>,
+    /// Ends the measurement id.
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    format: u32,
+    notify: BTreeMap<String, Vec<String>>,
+    getmeas: BTreeMap<String, Vec<i32>>,
+    intraday: BTreeMap<String, String>,
+    #[serde(default)]
+    panels: BTreeMap<String, Panel>,
+    types: BTreeMap<String, TypeRule>,
+}
+
+/// The checked table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasureTable {
+    notify: BTreeMap<i32, Vec<String>>,
+    getmeas: BTreeMap<String, Vec<i32>>,
+    intraday: BTreeMap<String, String>,
+    panels: BTreeMap<String, Panel>,
+    types: BTreeMap<i32, TypeRule>,
+}
+
+fn int_key(section: &str, key: &str) -> Result<i32, TableError> {
+    key.parse()
+        .map_err(|_| TableError(format!("[{section}] key {key:?} is not an integer")))
+}
+
+impl MeasureTable {
+    /// The table compiled into the binary.
+    ///
+    /// # Errors
+    /// When the compiled-in table is inconsistent (a test keeps it from shipping so).
+    pub fn builtin() -> Result<Self, TableError> {
+        Self::from_toml(BUILTIN)
+    }
+
+    /// Parses and checks a table: every type of a fetch category is described, every
+    /// notification names known categories, a panel's types name its components and each
+    /// component once, units are not empty.
+    ///
+    /// # Errors
+    /// The first inconsistency found.
+    pub fn from_toml(text: &str) -> Result<Self, TableError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| TableError(e.to_string()))?;
+        if raw.format != 1 {
+            return Err(TableError(format!("unknown format {}", raw.format)));
+        }
+        let mut types = BTreeMap::new();
+        for (k, rule) in raw.types {
+            let t = int_key("types", &k)?;
+            if rule.unit.trim().is_empty() || rule.data_type.trim().is_empty() {
+                return Err(TableError(format!("type {t}: empty data type or unit")));
+            }
+            match raw.panels.get(&rule.data_type) {
+                Some(p) if !p.components.contains(&rule.component) => {
+                    return Err(TableError(format!(
+                        "type {t}: component {:?} is not one of panel {}",
+                        rule.component, rule.data_type
+                    )));
+                }
+                None if rule.component != "value" => {
+                    return Err(TableError(format!(
+                        "type {t}: component {:?} outside a panel",
+                        rule.component
+                    )));
+                }
+                _ => {}
+            }
+            types.insert(t, rule);
+        }
+        for (name, panel) in &raw.panels {
+            for c in &panel.components {
+                let n = types
+                    .values()
+                    .filter(|r| &r.data_type == name && &r.component == c)
+                    .count();
+                if n != 1 {
+                    return Err(TableError(format!(
+                        "panel {name}: component {c} has {n} types (needs exactly one)"
+                    )));
+                }
+            }
+        }
+        for (category, list) in &raw.getmeas {
+            if let Some(t) = list.iter().find(|t| !types.contains_key(t)) {
+                return Err(TableError(format!(
+                    "category {category} asks for type {t}, which [types] does not describe"
+                )));
+            }
+        }
+        let mut notify = BTreeMap::new();
+        for (k, categories) in raw.notify {
+            let appli = int_key("notify", &k)?;
+            for c in &categories {
+                if !raw.getmeas.contains_key(c) && !raw.intraday.contains_key(c) {
+                    return Err(TableError(format!(
+                        "notification {appli} names category {c}, which nothing fetches"
+                    )));
+                }
+            }
+            notify.insert(appli, categories);
+        }
+        Ok(Self {
+            notify,
+            getmeas: raw.getmeas,
+            intraday: raw.intraday,
+            panels: raw.panels,
+            types,
+        })
+    }
+
+    /// The fetch categories of a notification category (empty: nothing to fetch).
+    #[must_use]
+    pub fn categories_of(&self, appli: i32) -> &[String] {
+        self.notify.get(&appli).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every fetch category.
+    #[must_use]
+    pub fn categories(&self) -> BTreeSet<&str> {
+        self.getmeas
+            .keys()
+            .chain(self.intraday.keys())
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The `getmeas` types to ask for the given fetch categories, sorted, without repeats.
+    #[must_use]
+    pub fn meastypes<'a>(&self, categories: impl IntoIterator<Item = &'a str>) -> Vec<i32> {
+        let set: BTreeSet<i32> = categories
+            .into_iter()
+            .filter_map(|c| self.getmeas.get(c))
+            .flatten()
+            .copied()
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Whether a fetch category is answered by `getmeas`.
+    #[must_use]
+    pub fn is_getmeas(&self, category: &str) -> bool {
+        self.getmeas.contains_key(category)
+    }
+
+    /// The intraday field of a fetch category, if it is an intraday one.
+    #[must_use]
+    pub fn intraday_field(&self, category: &str) -> Option<&str> {
+        self.intraday.get(category).map(String::as_str)
+    }
+
+    /// What measure type `t` becomes.
+    #[must_use]
+    pub fn rule(&self, t: i32) -> Option<&TypeRule> {
+        self.types.get(&t)
+    }
+
+    /// The panel of a data type, if it is one.
+    #[must_use]
+    pub fn panel(&self, data_type: &str) -> Option<&Panel> {
+        self.panels.get(data_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_builtin_table_loads() {
+        let t = MeasureTable::builtin().unwrap();
+        assert_eq!(t.categories_of(1), ["body"]);
+        assert_eq!(t.categories_of(4), ["blood_pressure"]);
+        assert!(t.categories_of(46).is_empty());
+        assert_eq!(t.meastypes(["blood_pressure"]), vec![9, 10, 11, 54]);
+        // a weigh-in brings the scale's pulse
+        assert!(t.meastypes(["body"]).contains(&11));
+        // one list, no repeats, for several categories
+        let both = t.meastypes(["body", "blood_pressure"]);
+        assert_eq!(both.iter().filter(|x| **x == 11).count(), 1);
+        assert_eq!(t.intraday_field("heart_rate"), Some("heart_rate"));
+        assert_eq!(t.rule(4).unwrap().shift, 2);
+        assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
+    }
+
+    #[test]
+    fn test_every_documented_measure_type_of_the_issue_is_described() {
+        let t = MeasureTable::builtin().unwrap();
+        for (ty, data_type) in [
+            (1, "body_weight"),
+            (4, "body_height"),
+            (5, "fat_free_mass"),
+            (6, "body_fat_percentage"),
+            (8, "fat_mass"),
+            (11, "heart_rate"),
+            (12, "body_temperature"),
+            (54, "oxygen_saturation"),
+            (71, "body_temperature"),
+            (73, "skin_temperature"),
+            (76, "muscle_mass"),
+            (77, "body_water_mass"),
+            (88, "bone_mass"),
+            (91, "pulse_wave_velocity"),
+            (135, "qrs_duration"),
+            (136, "pr_interval"),
+            (137, "qt_interval"),
+            (138, "qtc_interval"),
+        ] {
+            assert_eq!(
+                t.rule(ty).map(|r| r.data_type.as_str()),
+                Some(data_type),
+                "{ty}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_inconsistent_tables_are_refused() {
+        let base = "format = 1\n[intraday]\n";
+        let valid = "[notify]\n1 = [\"c\"]\n[getmeas]\nc = [9, 10]\n[types]\n\
+            9 = { data_type = \"bp2\", component = \"a\", unit = \"u\" }\n\
+            10 = { data_type = \"bp2\", component = \"b\", unit = \"u\" }\n\
+            [panels.bp2]\ncomponents = [\"a\", \"b\"]\nid = \"x\"\n";
+        assert!(MeasureTable::from_toml(&format!("{base}{valid}")).is_ok());
+        let cases = [
+            // a category asks for an undescribed type
+            "[notify]\n[getmeas]\nc = [7]\n[types]\n",
+            // a notification names a category nothing fetches
+            "[notify]\n1 = [\"nope\"]\n[getmeas]\n[types]\n",
+            // a panel component without a type
+            "[notify]\n[getmeas]\n[types]\n9 = { data_type = \"bp2\", component = \"a\", unit = \"u\" }\n\
+             [panels.bp2]\ncomponents = [\"a\", \"b\"]\nid = \"x\"\n",
+            // a component outside a panel
+            "[notify]\n[getmeas]\n[types]\n9 = { data_type = \"w\", component = \"a\", unit = \"u\" }\n",
+            // an empty unit
+            "[notify]\n[getmeas]\n[types]\n9 = { data_type = \"w\", unit = \" \" }\n",
+            // a type number that is not a number
+            "[notify]\n[getmeas]\n[types]\nx = { data_type = \"w\", unit = \"u\" }\n",
+        ];
+        for case in cases {
+            assert!(
+                MeasureTable::from_toml(&format!("{base}{case}")).is_err(),
+                "{case}"
+            );
+        }
+    }
+}
