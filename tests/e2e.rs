@@ -604,6 +604,293 @@ async fn webhook_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every `getmeas` type of notification categories 1, 2, 4 and 54, shaped as Withings answers
+/// them, reaches the FHIR server (validation enforced) with its codes, units, values and times;
+/// an ambiguous reading is held back, a typed-in one is patient-reported, an unmapped type is
+/// counted.
+async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5010).await?;
+    let now = Utc::now().timestamp_millis();
+    let t_body = hour_floor(now) - 3 * HOUR + 7 * 60_000;
+    let (t_temp, t_spo2, t_ecg, t_manual, t_ambiguous) = (
+        t_body + 60_000,
+        t_body + 2 * 60_000,
+        t_body + 3 * 60_000,
+        t_body + 4 * 60_000,
+        t_body + 5 * 60_000,
+    );
+    let group = |grpid: i64,
+                 date_ms: i64,
+                 attrib: i64,
+                 device: &str,
+                 model: &str,
+                 modelid: i64,
+                 measures: Value| {
+        json!({"grpid": grpid, "attrib": attrib, "date": date_ms / 1000, "created": date_ms / 1000 + 30,
+               "modified": date_ms / 1000 + 30, "category": 1, "deviceid": device, "hash_deviceid": device,
+               "modelid": modelid, "model": model, "comment": null, "measures": measures})
+    };
+    let m = |value: i64, ty: i64, unit: i64| json!({"value": value, "type": ty, "unit": unit, "algo": 0, "fm": 3});
+    env.add_groups(
+        p.userid,
+        json!([
+            group(
+                910_001,
+                t_body,
+                0,
+                "scale-5010",
+                "Body Cardio",
+                6,
+                json!([
+                    m(500_000, 1, -4),
+                    m(180, 4, -2),
+                    m(41_250, 5, -3),
+                    m(1750, 6, -2),
+                    m(8750, 8, -3),
+                    m(3910, 76, -2),
+                    m(2805, 77, -2),
+                    m(205, 88, -2),
+                    m(712, 91, -2),
+                    m(64, 11, 0),
+                    // visceral fat: no ohx data type, counted
+                    m(900, 170, -2),
+                ])
+            ),
+            group(
+                910_002,
+                t_temp,
+                0,
+                "thermo-5010",
+                "Thermo",
+                70,
+                json!([m(3680, 71, -2), m(3325, 73, -2)])
+            ),
+            group(
+                910_003,
+                t_spo2,
+                0,
+                "watch-5010",
+                "ScanWatch",
+                93,
+                json!([m(97, 54, 0)])
+            ),
+            group(
+                910_004,
+                t_ecg,
+                0,
+                "watch-5010",
+                "ScanWatch",
+                93,
+                json!([
+                    m(96, 135, 0),
+                    m(162, 136, 0),
+                    m(388, 137, 0),
+                    m(412, 138, 0),
+                ])
+            ),
+            // typed in by the patient: no device
+            group(
+                910_005,
+                t_manual,
+                2,
+                "scale-5010",
+                "Body Cardio",
+                6,
+                json!([m(7310, 1, -2)])
+            ),
+            // the scale is not sure it was this user: held back
+            group(
+                910_006,
+                t_ambiguous,
+                1,
+                "scale-5010",
+                "Body Cardio",
+                6,
+                json!([m(9100, 1, -2)])
+            ),
+        ]),
+    )
+    .await?;
+    for appli in [1, 2, 4, 54] {
+        env.notify(p.userid, appli, t_body - 60_000, t_ambiguous + 60_000)
+            .await?;
+    }
+    let expected = 10 + 2 + 1 + 4 + 1;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}&_count=200", p.reference),
+            expected,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(
+        obs.len() == expected,
+        "expected {expected} observations, got {}",
+        obs.len()
+    );
+    let local = "https://ohx.example/fhir/CodeSystem/measurement-type";
+    let loinc = "http://loinc.org";
+    let find = |system: &str, code: &str, at: i64| {
+        obs.iter().find(|o| {
+            o["code"]["coding"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["system"] == system && c["code"] == code)
+            }) && instant(o["effectiveDateTime"].as_str().unwrap_or("")).ok() == Some(at)
+        })
+    };
+    let body_device =
+        find(loinc, "29463-7", t_body).context("weigh-in weight")?["device"]["reference"].clone();
+    for (system, code, at, value, unit, device) in [
+        (loinc, "29463-7", t_body, 50.0, "kg", "scale-5010"),
+        (loinc, "8302-2", t_body, 180.0, "cm", "scale-5010"),
+        (local, "fat-free-mass", t_body, 41.25, "kg", "scale-5010"),
+        (loinc, "41982-0", t_body, 17.5, "%", "scale-5010"),
+        (loinc, "73708-0", t_body, 8.75, "kg", "scale-5010"),
+        (loinc, "73964-9", t_body, 39.1, "kg", "scale-5010"),
+        (loinc, "101683-1", t_body, 28.05, "kg", "scale-5010"),
+        (local, "bone-mass", t_body, 2.05, "kg", "scale-5010"),
+        (
+            local,
+            "pulse-wave-velocity",
+            t_body,
+            7.12,
+            "m/s",
+            "scale-5010",
+        ),
+        (loinc, "8867-4", t_body, 64.0, "/min", "scale-5010"),
+        (loinc, "8310-5", t_temp, 36.8, "Cel", "thermo-5010"),
+        (
+            local,
+            "skin-temperature",
+            t_temp,
+            33.25,
+            "Cel",
+            "thermo-5010",
+        ),
+        (loinc, "2708-6", t_spo2, 97.0, "%", "watch-5010"),
+        (loinc, "8633-0", t_ecg, 96.0, "ms", "watch-5010"),
+        (loinc, "8625-6", t_ecg, 162.0, "ms", "watch-5010"),
+        (loinc, "8634-8", t_ecg, 388.0, "ms", "watch-5010"),
+        (loinc, "8636-3", t_ecg, 412.0, "ms", "watch-5010"),
+    ] {
+        let o = find(system, code, at).with_context(|| format!("no {code} at {at}"))?;
+        ensure!(
+            quantity(&o["valueQuantity"]) == (value, unit.to_string()),
+            "{code}: {}",
+            o["valueQuantity"]
+        );
+        let dev = env
+            .fhir(o["device"]["reference"].as_str().context("device")?)
+            .await?;
+        ensure!(
+            dev["identifier"].to_string().contains(device),
+            "{code} device: {dev}"
+        );
+        if at == t_body {
+            ensure!(
+                o["device"]["reference"] == body_device,
+                "{code}: one weigh-in, one device"
+            );
+        }
+    }
+    // The typed-in weight: patient-reported, no device; the ambiguous one never arrives.
+    let manual = find(loinc, "29463-7", t_manual).context("manual weight")?;
+    ensure!(
+        manual["performer"][0]["reference"] == p.reference.as_str(),
+        "manual performer: {manual}"
+    );
+    ensure!(
+        manual.get("device").is_none(),
+        "manual weight has no device"
+    );
+    ensure!(
+        find(loinc, "29463-7", t_ambiguous).is_none(),
+        "the ambiguous weigh-in was held back"
+    );
+    let unmapped = env
+        .metric(
+            "fetcher",
+            "ohx_measurements_skipped_total",
+            &["reason=\"unmapped_type\"", "type=\"withings:170\""],
+        )
+        .await?;
+    ensure!(
+        unmapped >= 1.0,
+        "visceral fat counted as unmapped: {unmapped}"
+    );
+    let ambiguous = env
+        .metric(
+            "fetcher",
+            "ohx_measurements_skipped_total",
+            &["reason=\"ambiguous_user\""],
+        )
+        .await?;
+    ensure!(ambiguous >= 1.0, "the ambiguous group counted: {ambiguous}");
+    Ok(())
+}
+
+/// Intraday steps become one Observation per whole UTC hour whose value is the hour's sum
+/// (55423-8), and intraday SpO2 hourly statistics, from one activity notification.
+async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5011).await?;
+    let now = Utc::now().timestamp_millis();
+    let h1 = hour_floor(now) - 5 * HOUR;
+    let h2 = h1 + HOUR;
+    let steps = |hi: i64, m: i64| (m * 3 + hi * 5) % 17;
+    let mut series = serde_json::Map::new();
+    let mut sums = [0i64; 2];
+    for (hi, hs) in [(0i64, h1), (1, h2)] {
+        for m in 0..60 {
+            let mut e = json!({"deviceid": "watch-5011", "model": "ScanWatch", "model_id": 93,
+                               "steps": steps(hi, m), "duration": 60});
+            sums[hi as usize] += steps(hi, m);
+            if m % 10 == 0 {
+                e["spo2_auto"] = json!(94 + (m / 10) % 5);
+            }
+            series.insert(((hs + m * 60_000) / 1000).to_string(), e);
+        }
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    env.notify(p.userid, 16, h1, h2 + HOUR).await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}&_count=200", p.reference),
+            4,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(
+        obs.len() == 4,
+        "expected 2 step hours and 2 SpO2 hours, got {}",
+        obs.len()
+    );
+    let mut step_hours: Vec<(i64, (f64, String))> = obs
+        .iter()
+        .filter(|o| code_of(o) == "55423-8")
+        .map(|o| {
+            let start = instant(o["effectivePeriod"]["start"].as_str().unwrap_or("")).unwrap_or(0);
+            (start, quantity(&o["valueQuantity"]))
+        })
+        .collect();
+    step_hours.sort_by_key(|(start, _)| *start);
+    ensure!(
+        step_hours
+            == vec![
+                (h1, (sums[0] as f64, "{steps}".to_string())),
+                (h2, (sums[1] as f64, "{steps}".to_string())),
+            ],
+        "hourly step sums {step_hours:?}, expected {sums:?}"
+    );
+    let stats = "http://hl7.org/fhir/observation-statistics";
+    for o in obs.iter().filter(|o| code_of(o) == "2708-6") {
+        let count = component(o, stats, "count").context("count")?["valueInteger"].as_i64();
+        ensure!(count == Some(6), "six SpO2 readings an hour: {count:?}");
+        let min = quantity(&component(o, stats, "minimum").context("minimum")?["valueQuantity"]);
+        ensure!(min == (94.0, "%".into()), "SpO2 minimum {min:?}");
+    }
+    Ok(())
+}
+
 /// Three deliveries of the same webhook, and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
@@ -1522,6 +1809,12 @@ type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
         ("webhook_to_fhir", |e| Box::pin(webhook_to_fhir(e))),
+        ("withings_measures_to_fhir", |e| {
+            Box::pin(withings_measures_to_fhir(e))
+        }),
+        ("withings_hourly_steps_and_spo2", |e| {
+            Box::pin(withings_hourly_steps_and_spo2(e))
+        }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
         }),

@@ -413,12 +413,24 @@ pub fn map_aggregate(
         unit: a.unit.clone(),
         allowed: entry.units.iter().map(|u| u.code.clone()).collect(),
     })?;
-    let components = entry
-        .statistics
-        .iter()
-        .map(|statistic| statistic_component(a, statistic, unit))
-        .collect::<Result<Vec<_>, _>>()?;
-    obs.insert("component".to_owned(), Value::Array(components));
+    if let Some(value) = &entry.value {
+        let number =
+            decimal(statistic_of(a, value.statistic), value.decimals).ok_or_else(|| {
+                MappingError::NonFiniteValue {
+                    data_type: a.data_type.clone(),
+                    component: format!("{:?}", value.statistic).to_lowercase(),
+                }
+            })?;
+        obs.insert("valueQuantity".to_owned(), quantity(number, unit));
+    }
+    if !entry.statistics.is_empty() {
+        let components = entry
+            .statistics
+            .iter()
+            .map(|statistic| statistic_component(a, statistic, unit))
+            .collect::<Result<Vec<_>, _>>()?;
+        obs.insert("component".to_owned(), Value::Array(components));
+    }
     resources.push(MappedResource {
         resource_type: "Observation".to_owned(),
         id,
@@ -686,10 +698,7 @@ fn statistic_component(
                 })?;
             return Ok(json!({ "code": code, "valueInteger": count }));
         }
-        Statistic::Mean => a.mean,
-        Statistic::Min => a.min,
-        Statistic::Max => a.max,
-        Statistic::Sum => a.sum,
+        other => statistic_of(a, other),
     };
     let number =
         decimal(value, statistic.decimals).ok_or_else(|| MappingError::NonFiniteValue {
@@ -697,6 +706,17 @@ fn statistic_component(
             component: format!("{:?}", statistic.statistic).to_lowercase(),
         })?;
     Ok(json!({ "code": code, "valueQuantity": quantity(number, unit) }))
+}
+
+/// The value of a statistic of an hour (`count` as a number).
+fn statistic_of(a: &HourlyAggregate, statistic: Statistic) -> f64 {
+    match statistic {
+        Statistic::Mean => a.mean,
+        Statistic::Min => a.min,
+        Statistic::Max => a.max,
+        Statistic::Sum => a.sum,
+        Statistic::Count => a.count as f64,
+    }
 }
 
 fn quantity(value: Number, unit: &Unit) -> Value {
@@ -962,6 +982,12 @@ mod tests {
         &found[0].json
     }
 
+    fn code_of(obs: &Value) -> &str {
+        obs["code"]["coding"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+    }
+
     fn observation(m: &Measurement) -> Value {
         only(&map(m), "Observation").clone()
     }
@@ -1049,6 +1075,38 @@ mod tests {
         // without reported places, as before
         w.components[0].decimals = None;
         assert!(canonical_json(&observation(&w)).contains(r#""value":50}"#));
+    }
+
+    #[test]
+    fn test_hourly_steps_are_the_sum_as_value_and_spo2_hours_are_statistics() {
+        let validator = shared_test_validator();
+        let mut steps = hourly_hr();
+        steps.data_type = "steps".into();
+        steps.unit = "{steps}".into();
+        steps.count = 60;
+        steps.sum = 1234.0;
+        steps.mean = 20.566;
+        let resources = map_aggregate(&steps, &table(), &settings()).unwrap();
+        let obs = only(&resources, "Observation");
+        assert_eq!(code_of(obs), "55423-8");
+        assert_eq!(obs["category"][0]["coding"][0]["code"], "activity");
+        assert_eq!(obs["valueQuantity"]["value"], 1234);
+        assert_eq!(obs["valueQuantity"]["code"], "{steps}");
+        assert!(
+            obs.get("component").is_none(),
+            "a sum, not statistics: {obs}"
+        );
+        validator.validate_all(obs).unwrap();
+
+        let mut spo2 = hourly_hr();
+        spo2.data_type = "oxygen_saturation".into();
+        spo2.unit = "%".into();
+        (spo2.min, spo2.max, spo2.mean) = (93.0, 99.0, 96.25);
+        let resources = map_aggregate(&spo2, &table(), &settings()).unwrap();
+        let obs = only(&resources, "Observation");
+        assert!(obs.get("valueQuantity").is_none());
+        assert_eq!(obs["component"].as_array().map(Vec::len), Some(4));
+        validator.validate_all(obs).unwrap();
     }
 
     #[test]
@@ -1663,7 +1721,7 @@ mod tests {
             }
         );
         let mut a = hourly_hr();
-        a.data_type = "steps".to_owned();
+        a.data_type = "respiratory_rate".to_owned();
         assert!(matches!(
             map_aggregate(&a, &table(), &settings()),
             Err(MappingError::UnknownDataType {

@@ -199,8 +199,23 @@ pub struct AggregateEntry {
     pub text: Option<String>,
     /// Allowed UCUM units of the aggregate; its `unit` must be one of them.
     pub units: Vec<Unit>,
+    /// The statistic written as `Observation.valueQuantity` (steps per hour: `sum`), if any.
+    #[serde(default)]
+    pub value: Option<ValueStatistic>,
     /// Statistic components, in output order.
+    #[serde(default)]
     pub statistics: Vec<StatisticEntry>,
+}
+
+/// The statistic of an hour that is the Observation's value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueStatistic {
+    /// Which aggregate field (not `count`: a value in the aggregate's unit).
+    pub statistic: Statistic,
+    /// Round the value to this many decimals (none: written as received).
+    #[serde(default)]
+    pub decimals: Option<u32>,
 }
 
 /// A loaded and checked mapping table.
@@ -352,8 +367,16 @@ fn check_aggregate(data_type: &str, entry: &AggregateEntry) -> Result<(), Mappin
     check_token("data type", data_type)?;
     check_common(&at, entry.profile.as_deref(), &entry.category, &entry.code)?;
     check_units(&at, &entry.units)?;
-    if entry.statistics.is_empty() {
-        return invalid(format!("{at}: needs at least one statistic"));
+    if entry.statistics.is_empty() && entry.value.is_none() {
+        return invalid(format!("{at}: needs a value or at least one statistic"));
+    }
+    if let Some(value) = &entry.value {
+        check_decimals(&format!("{at}.value"), value.decimals)?;
+        if value.statistic == Statistic::Count {
+            return invalid(format!(
+                "{at}.value: a count is not a quantity in the aggregate's unit"
+            ));
+        }
     }
     let mut seen = BTreeSet::new();
     for statistic in &entry.statistics {

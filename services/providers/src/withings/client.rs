@@ -469,10 +469,14 @@ pub struct IntradayEntry {
     /// Device model id, e.g. 93.
     #[serde(default, deserialize_with = "de_opt_i64")]
     pub model_id: Option<i64>,
-    /// Heart rate in beats per minute; absent on entries that carry other fields only.
-    #[serde(default)]
-    pub heart_rate: Option<f64>,
+    /// The entry's numeric data fields (`heart_rate`, `steps`, `spo2_auto`, ...); entries are
+    /// sparse, a field is absent where it does not apply.
+    #[serde(skip)]
+    pub values: BTreeMap<String, f64>,
 }
+
+/// Fields of an intraday entry that describe the device, not a measurement.
+const INTRADAY_DEVICE_FIELDS: [&str; 4] = ["deviceid", "hash_deviceid", "model", "model_id"];
 
 /// Intraday activity (`getintradayactivity`), merged over all chunks.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -672,45 +676,47 @@ impl WithingsClient {
             .await
     }
 
-    /// Intraday heart rate for `[start_s, end_s]`, split into ≤ 24 h chunks (one request and
-    /// one [`RateGate`] permit each) and merged by epoch key.
+    /// `getintradayactivity` for `fields` (`data_fields`, e.g. `heart_rate,steps`) over
+    /// `[start_s, end_s]`, in chunks of at most 24 h (Withings silently cuts longer ranges),
+    /// merged. One [`RateGate`] permit per chunk.
     ///
     /// # Errors
     ///
     /// The first failing chunk's error (see [`WithingsError`]).
-    pub async fn get_intraday_heart_rate(
+    pub async fn get_intraday(
         &self,
         token: &str,
         start_s: i64,
         end_s: i64,
+        fields: &[&str],
     ) -> Result<IntradayResponse, WithingsError> {
         let mut out = IntradayResponse::default();
         for w in intraday_chunks(start_s, end_s) {
             let chunk = self
-                .get_intraday_heart_rate_chunk(token, w.start_s, w.end_s)
+                .get_intraday_chunk(token, w.start_s, w.end_s, fields)
                 .await?;
             out.series.extend(chunk.series);
         }
         Ok(out)
     }
 
-    /// One `getintradayactivity` request with `data_fields=heart_rate`. The caller keeps the
-    /// range ≤ 24 h (Withings silently cuts longer ones).
+    /// One `getintradayactivity` request for `fields`. The caller keeps the range ≤ 24 h.
     ///
     /// # Errors
     ///
     /// See [`WithingsError`].
-    pub async fn get_intraday_heart_rate_chunk(
+    pub async fn get_intraday_chunk(
         &self,
         token: &str,
         start_s: i64,
         end_s: i64,
+        fields: &[&str],
     ) -> Result<IntradayResponse, WithingsError> {
         let form = [
             ("action", "getintradayactivity".to_owned()),
             ("startdate", start_s.to_string()),
             ("enddate", end_s.to_string()),
-            ("data_fields", "heart_rate".to_owned()),
+            ("data_fields", fields.join(",")),
         ];
         self.post(PATH_MEASURE_V2, Some(token), &form, Endpoint::Data)
             .await
@@ -871,7 +877,16 @@ fn de_series<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i64, IntradayEn
                 let t: i64 = k.trim().parse().map_err(|_| {
                     D::Error::custom(format!("series key {k:?} is not an epoch second"))
                 })?;
-                let e: IntradayEntry = serde_json::from_value(v).map_err(D::Error::custom)?;
+                let values: BTreeMap<String, f64> = match &v {
+                    Value::Object(fields) => fields
+                        .iter()
+                        .filter(|(name, _)| !INTRADAY_DEVICE_FIELDS.contains(&name.as_str()))
+                        .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
+                let mut e: IntradayEntry = serde_json::from_value(v).map_err(D::Error::custom)?;
+                e.values = values;
                 Ok((t, e))
             })
             .collect(),
@@ -1210,10 +1225,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.series.len(), 3);
-        assert_eq!(r.series[&1712720400].heart_rate, Some(62.0));
+        assert_eq!(r.series[&1712720400].values.get("heart_rate"), Some(&62.0));
         assert_eq!(r.series[&1712720400].model_id, Some(93));
-        assert_eq!(r.series[&1712720520].heart_rate, None);
-        assert_eq!(r.series[&1712720520].deviceid, None);
+        let sparse = &r.series[&1712720520];
+        assert_eq!(sparse.values.get("heart_rate"), None);
+        assert_eq!(sparse.values.get("steps"), Some(&3.0));
+        assert_eq!(sparse.deviceid, None);
+        // device fields are not data fields
+        assert!(!r.series[&1712720460].values.contains_key("model_id"));
+        assert_eq!(r.series[&1712720460].values.get("duration"), Some(&60.0));
     }
 
     #[test]
@@ -1505,7 +1525,7 @@ mod tests {
         let start = 1_712_700_000;
         let end = start + 2 * 86_400 + 600;
         let r = client
-            .get_intraday_heart_rate("tok", start, end)
+            .get_intraday("tok", start, end, &["heart_rate", "steps"])
             .await
             .unwrap();
         let seen = sim.seen();
@@ -1513,7 +1533,7 @@ mod tests {
         for s in &seen {
             assert_eq!(s.path, "/v2/measure");
             assert_eq!(s.form["action"], "getintradayactivity");
-            assert_eq!(s.form["data_fields"], "heart_rate");
+            assert_eq!(s.form["data_fields"], "heart_rate,steps");
             assert_eq!(s.auth.as_deref(), Some("Bearer tok"));
             let a: i64 = s.form["startdate"].parse().unwrap();
             let b: i64 = s.form["enddate"].parse().unwrap();

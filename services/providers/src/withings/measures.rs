@@ -30,6 +30,22 @@ fn value_component() -> String {
     "value".to_owned()
 }
 
+/// What one intraday field becomes (HOURLY measurements).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntradayRule {
+    /// The `data_fields` name.
+    pub field: String,
+    pub data_type: String,
+    /// UCUM unit of the value.
+    pub unit: String,
+    /// Tag in the measurement id.
+    pub id: String,
+    /// Whether 0 is a measured value (steps) rather than no reading.
+    #[serde(default)]
+    pub zero_is_value: bool,
+}
+
 /// A data type made of several measure types of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,7 +62,7 @@ struct Raw {
     format: u32,
     notify: BTreeMap<String, Vec<String>>,
     getmeas: BTreeMap<String, Vec<i32>>,
-    intraday: BTreeMap<String, String>,
+    intraday: BTreeMap<String, IntradayRule>,
     #[serde(default)]
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<String, TypeRule>,
@@ -57,7 +73,7 @@ struct Raw {
 pub struct MeasureTable {
     notify: BTreeMap<i32, Vec<String>>,
     getmeas: BTreeMap<String, Vec<i32>>,
-    intraday: BTreeMap<String, String>,
+    intraday: BTreeMap<String, IntradayRule>,
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<i32, TypeRule>,
 }
@@ -130,6 +146,19 @@ impl MeasureTable {
                 )));
             }
         }
+        for (category, rule) in &raw.intraday {
+            if [&rule.field, &rule.data_type, &rule.unit, &rule.id]
+                .iter()
+                .any(|t| t.trim().is_empty())
+            {
+                return Err(TableError(format!("intraday {category}: empty field")));
+            }
+            if raw.getmeas.contains_key(category) {
+                return Err(TableError(format!(
+                    "category {category} is both a getmeas and an intraday category"
+                )));
+            }
+        }
         let mut notify = BTreeMap::new();
         for (k, categories) in raw.notify {
             let appli = int_key("notify", &k)?;
@@ -185,10 +214,10 @@ impl MeasureTable {
         self.getmeas.contains_key(category)
     }
 
-    /// The intraday field of a fetch category, if it is an intraday one.
+    /// The intraday rule of a fetch category, if it is an intraday one.
     #[must_use]
-    pub fn intraday_field(&self, category: &str) -> Option<&str> {
-        self.intraday.get(category).map(String::as_str)
+    pub fn intraday(&self, category: &str) -> Option<&IntradayRule> {
+        self.intraday.get(category)
     }
 
     /// What measure type `t` becomes.
@@ -220,7 +249,10 @@ mod tests {
         // one list, no repeats, for several categories
         let both = t.meastypes(["body", "blood_pressure"]);
         assert_eq!(both.iter().filter(|x| **x == 11).count(), 1);
-        assert_eq!(t.intraday_field("heart_rate"), Some("heart_rate"));
+        assert_eq!(t.intraday("heart_rate").unwrap().field, "heart_rate");
+        assert_eq!(t.intraday("spo2").unwrap().field, "spo2_auto");
+        assert!(t.intraday("steps").unwrap().zero_is_value);
+        assert_eq!(t.categories_of(16), ["heart_rate", "steps", "spo2"]);
         assert_eq!(t.rule(4).unwrap().shift, 2);
         assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
     }

@@ -233,7 +233,7 @@ fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     out.skip("ambiguous_user", "", stats.ambiguous_groups);
     out.skip("segmental_measure", "", stats.segmental_measures);
     out.skip("invalid_value", "", stats.invalid_values);
-    out.skip("entry_without_value", "", stats.entries_without_heart_rate);
+    out.skip("entry_without_value", "", stats.entries_without_value);
 }
 
 impl Withings {
@@ -283,23 +283,30 @@ impl Withings {
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
         }
-        // Intraday heart rate: whole UTC hours, so any re-fetch of an hour carries all of it.
+        // Intraday series (heart rate, steps, SpO2): one call for all their fields over the
+        // union of their windows, widened to whole UTC hours so that any re-fetch of an hour
+        // carries all of it.
         let mut ahead = Vec::new();
-        let heart_rate = plan
+        let intraday: Vec<(&measures::IntradayRule, (i64, i64))> = plan
             .windows
             .iter()
-            .find(|(c, _)| table.intraday_field(c) == Some(normalize::DATA_TYPE_HEART_RATE))
-            .map(|(_, w)| *w);
-        if let Some((start, end)) = heart_rate {
+            .filter_map(|(c, w)| Some((table.intraday(c)?, *w)))
+            .collect();
+        if let (Some(start), Some(end)) = (
+            intraday.iter().map(|(_, w)| w.0).min(),
+            intraday.iter().map(|(_, w)| w.1).max(),
+        ) {
+            let rules: Vec<&measures::IntradayRule> = intraday.iter().map(|(r, _)| *r).collect();
+            let fields: Vec<&str> = rules.iter().map(|r| r.field.as_str()).collect();
             let (hs, he) = widen_to_hours(start, end);
             // Withings' enddate is inclusive: stop one second before the next hour.
             let resp = client
-                .get_intraday_heart_rate(token, hs / 1000, he / 1000 - 1)
+                .get_intraday(token, hs / 1000, he / 1000 - 1, &fields)
                 .await?;
             fetched.api_calls += 1;
             hourly_end = Some(hourly_progress_end(he, now));
             let n =
-                normalize::normalize_intraday_heart_rate(&resp, context, timezone.as_deref(), None);
+                normalize::normalize_intraday(&resp, context, &rules, timezone.as_deref(), None);
             count_skips(&mut fetched, &n.stats);
             // A sample dated after the fetched window (a device clock ahead) is not dropped:
             // it goes on, after the progress marks, for the aggregator to dead-letter.
@@ -429,7 +436,7 @@ mod tests {
             interpret_(&n("42", "16", Some("1"), Some("2")))
                 .unwrap()
                 .categories,
-            vec!["heart_rate"]
+            vec!["heart_rate", "steps", "spo2"]
         );
     }
 

@@ -30,10 +30,8 @@ use ohx_common::records::{
     AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
 };
 
-use super::client::{
-    CATEGORY_OBJECTIVE, IntradayEntry, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
-};
-use super::measures::MeasureTable;
+use super::client::{CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse};
+use super::measures::{IntradayRule, MeasureTable};
 
 /// `measurement_id` prefix and manufacturer name.
 pub const PROVIDER_WITHINGS: &str = "withings";
@@ -77,8 +75,8 @@ pub struct NormalizeStats {
     pub segmental_measures: u64,
     /// Values that decode to a non-finite or non-positive number (skipped).
     pub invalid_values: u64,
-    /// Intraday entries without `heart_rate` (skipped).
-    pub entries_without_heart_rate: u64,
+    /// Intraday entries with none of the fields asked for (skipped).
+    pub entries_without_value: u64,
     /// A time zone name that is not in the tz database (the fallback offset was used).
     pub unknown_timezone: Option<String>,
 }
@@ -342,54 +340,62 @@ pub fn normalize_measures(
     }
 }
 
-/// Normalizes intraday heart rate: one HOURLY `heart_rate` Measurement per epoch key that
-/// has a `heart_rate`. The intraday answer has no time zone: pass the user's IANA `timezone`
-/// if known (e.g. from the last `getmeas` answer), else only the fallback offset is used.
+/// Normalizes intraday series: for every rule of `rules` (the plan's intraday categories),
+/// one HOURLY Measurement per epoch key that has its field. The intraday answer has no time
+/// zone: pass the user's IANA `timezone` if known (e.g. from the last `getmeas` answer), else
+/// only the fallback offset is used.
 #[must_use]
-pub fn normalize_intraday_heart_rate(
+pub fn normalize_intraday(
     resp: &IntradayResponse,
     ctx: &Context,
+    rules: &[&IntradayRule],
     timezone: Option<&str>,
     fallback_utc_offset_seconds: Option<i32>,
 ) -> Normalized {
     let mut stats = NormalizeStats::default();
     let offsets = OffsetResolver::new(timezone, fallback_utc_offset_seconds, &mut stats);
-    let mut out = Vec::with_capacity(resp.series.len());
+    let mut out = Vec::with_capacity(resp.series.len() * rules.len());
+    let user = &ctx.provider_user_id;
     for (&epoch, entry) in &resp.series {
-        let IntradayEntry {
-            deviceid,
-            model,
-            model_id,
-            heart_rate,
-        } = entry;
-        let Some(hr) = *heart_rate else {
-            stats.entries_without_heart_rate += 1;
-            continue;
-        };
-        if !(hr.is_finite() && hr > 0.0) {
-            stats.invalid_values += 1;
-            continue;
+        let mut found = false;
+        for rule in rules {
+            let Some(&v) = entry.values.get(&rule.field) else {
+                continue;
+            };
+            found = true;
+            let usable = v.is_finite() && (v > 0.0 || rule.zero_is_value && v == 0.0);
+            if !usable {
+                stats.invalid_values += 1;
+                continue;
+            }
+            let device_part = entry.deviceid.as_deref().unwrap_or("none");
+            out.push(Measurement {
+                context: ctx.clone(),
+                measurement_id: format!(
+                    "{PROVIDER_WITHINGS}:{user}:{}:{epoch}:{device_part}",
+                    rule.id
+                ),
+                series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
+                data_type: rule.data_type.clone(),
+                aggregation: AGGREGATION_HOURLY.to_owned(),
+                effective_start: epoch.saturating_mul(1000),
+                effective_end: None,
+                utc_offset_seconds: offsets.offset_at(epoch),
+                components: vec![component(COMPONENT_VALUE, v, &rule.unit)],
+                device: device(
+                    entry.deviceid.as_deref(),
+                    entry.model.as_deref(),
+                    entry.model_id,
+                ),
+                entry_method: Some("device".to_owned()),
+                provider_group_id: None,
+                provider_modified_at: None,
+                fetched_through: None,
+            });
         }
-        let device_part = deviceid.as_deref().unwrap_or("none");
-        out.push(Measurement {
-            context: ctx.clone(),
-            measurement_id: format!(
-                "{PROVIDER_WITHINGS}:{}:hr:{epoch}:{device_part}",
-                ctx.provider_user_id
-            ),
-            series_key: series_key(&ctx.patient_id, &ctx.provider, DATA_TYPE_HEART_RATE),
-            data_type: DATA_TYPE_HEART_RATE.to_owned(),
-            aggregation: AGGREGATION_HOURLY.to_owned(),
-            effective_start: epoch.saturating_mul(1000),
-            effective_end: None,
-            utc_offset_seconds: offsets.offset_at(epoch),
-            components: vec![component(COMPONENT_VALUE, hr, UNIT_PER_MINUTE)],
-            device: device(deviceid.as_deref(), model.as_deref(), *model_id),
-            entry_method: Some("device".to_owned()),
-            provider_group_id: None,
-            provider_modified_at: None,
-            fetched_through: None,
-        });
+        if !found {
+            stats.entries_without_value += 1;
+        }
     }
     sort(&mut out);
     Normalized {
@@ -901,6 +907,61 @@ mod tests {
         serde_json::from_str(body).unwrap()
     }
 
+    fn hr_only(
+        r: &IntradayResponse,
+        ctx: &Context,
+        tz: Option<&str>,
+        fallback: Option<i32>,
+    ) -> Normalized {
+        let table = MeasureTable::builtin().unwrap();
+        normalize_intraday(
+            r,
+            ctx,
+            &[table.intraday("heart_rate").unwrap()],
+            tz,
+            fallback,
+        )
+    }
+
+    #[test]
+    fn test_intraday_steps_and_spo2_from_one_answer() {
+        let table = MeasureTable::builtin().unwrap();
+        let rules: Vec<&IntradayRule> = ["heart_rate", "steps", "spo2"]
+            .iter()
+            .map(|c| table.intraday(c).unwrap())
+            .collect();
+        let r = intraday(
+            r#"{"series":{
+              "1712720400":{"deviceid":"w","model":"ScanWatch","model_id":93,"heart_rate":62,"steps":0},
+              "1712720460":{"deviceid":"w","model":"ScanWatch","model_id":93,"steps":14,"duration":60,"spo2_auto":97},
+              "1712720520":{"deviceid":"w","duration":60}}}"#,
+        );
+        let n = normalize_intraday(&r, &ctx(), &rules, Some("UTC"), None);
+        // 0 steps is a value (a still minute), never a gap
+        let still = find(&n, "withings:363:steps:1712720400:w");
+        assert_eq!(
+            (still.data_type.as_str(), values(still)),
+            ("steps", vec![("value", 0.0, "{steps}")])
+        );
+        assert_eq!(still.series_key, "p1/withings/steps");
+        assert_eq!(still.aggregation, AGGREGATION_HOURLY);
+        let walk = find(&n, "withings:363:steps:1712720460:w");
+        assert_eq!(values(walk), vec![("value", 14.0, "{steps}")]);
+        let spo2 = find(&n, "withings:363:spo2:1712720460:w");
+        assert_eq!(
+            (spo2.data_type.as_str(), values(spo2)),
+            ("oxygen_saturation", vec![("value", 97.0, "%")])
+        );
+        assert_eq!(n.measurements.len(), 4);
+        // an entry with none of the fields asked for (duration only)
+        assert_eq!(n.stats.entries_without_value, 1);
+        // a zero heart rate is no reading
+        let r = intraday(r#"{"series":{"1712720400":{"deviceid":"w","heart_rate":0}}}"#);
+        let n = normalize_intraday(&r, &ctx(), &rules, None, None);
+        assert!(n.measurements.is_empty());
+        assert_eq!(n.stats.invalid_values, 1);
+    }
+
     #[test]
     fn test_intraday_heart_rate_mapping() {
         let r = intraday(
@@ -911,9 +972,9 @@ mod tests {
               "1712720580":{"deviceid":null,"heart_rate":64.5},
               "1712720640":{"deviceid":"8923","heart_rate":0}}}"#,
         );
-        let n = normalize_intraday_heart_rate(&r, &ctx(), Some("Europe/Paris"), Some(0));
+        let n = hr_only(&r, &ctx(), Some("Europe/Paris"), Some(0));
         assert_eq!(n.measurements.len(), 3);
-        assert_eq!(n.stats.entries_without_heart_rate, 1);
+        assert_eq!(n.stats.entries_without_value, 1);
         assert_eq!(n.stats.invalid_values, 1);
 
         let m = find(&n, "withings:363:hr:1712720400:8923");
@@ -948,9 +1009,9 @@ mod tests {
     #[test]
     fn test_intraday_without_timezone_uses_fallback() {
         let r = intraday(r#"{"series":{"1712720400":{"deviceid":"d","heart_rate":62}}}"#);
-        let n = normalize_intraday_heart_rate(&r, &ctx(), None, Some(-25200));
+        let n = hr_only(&r, &ctx(), None, Some(-25200));
         assert_eq!(n.measurements[0].utc_offset_seconds, Some(-25200));
-        let n = normalize_intraday_heart_rate(&r, &ctx(), None, None);
+        let n = hr_only(&r, &ctx(), None, None);
         assert_eq!(n.measurements[0].utc_offset_seconds, None);
     }
 
@@ -959,8 +1020,8 @@ mod tests {
         let r = intraday(
             r#"{"series":{"1712720460":{"deviceid":"d","heart_rate":71},"1712720400":{"deviceid":"d","heart_rate":62}}}"#,
         );
-        let a = normalize_intraday_heart_rate(&r, &ctx(), Some("UTC"), None);
-        let b = normalize_intraday_heart_rate(&r, &ctx(), Some("UTC"), None);
+        let a = hr_only(&r, &ctx(), Some("UTC"), None);
+        let b = hr_only(&r, &ctx(), Some("UTC"), None);
         assert_eq!(a, b);
         let ids: Vec<&str> = a
             .measurements
