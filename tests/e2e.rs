@@ -891,6 +891,87 @@ async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A data type the patient's policy disables, and one the patient refused consent to, are
+/// never asked of the provider; the rest of the same notifications flows.
+async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5012).await?;
+    {
+        let s = env.stack.lock().await;
+        s.ohx(&[
+            "set-policy",
+            "--patient",
+            &p.patient_id,
+            r#"{"disabled_data_types": ["body_fat_percentage", "steps"]}"#,
+        ])
+        .await?;
+        s.ohx(&[
+            "consent",
+            "--patient",
+            &p.patient_id,
+            "--data-type",
+            "fat_mass",
+            "--refused",
+        ])
+        .await?;
+    }
+    let now = Utc::now().timestamp_millis();
+    let h1 = hour_floor(now) - 4 * HOUR;
+    env.add_groups(
+        p.userid,
+        json!([{"grpid": 920_001, "attrib": 0, "date": (h1 + 60_000) / 1000, "created": h1 / 1000 + 90,
+                "modified": h1 / 1000 + 90, "category": 1, "deviceid": "scale-5012", "hash_deviceid": "scale-5012",
+                "modelid": 6, "model": "Body Cardio", "comment": null,
+                "measures": [{"value": 7010, "type": 1, "unit": -2}, {"value": 1820, "type": 6, "unit": -2},
+                             {"value": 1276, "type": 8, "unit": -2}]}]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(
+            ((h1 + m * 60_000) / 1000).to_string(),
+            json!({"deviceid": "watch-5012", "model": "ScanWatch", "model_id": 93, "heart_rate": 60 + m % 7, "steps": 11}),
+        );
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    env.notify(p.userid, 1, h1, h1 + HOUR).await?;
+    env.notify(p.userid, 16, h1, h1 + HOUR).await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}&_count=200", p.reference),
+            2,
+            Duration::from_secs(90),
+        )
+        .await?;
+    let mut codes: Vec<String> = obs.iter().map(code_of).collect();
+    codes.sort();
+    ensure!(
+        codes == ["29463-7", "8867-4"],
+        "only weight and hourly heart rate: {codes:?}"
+    );
+    let stats: Value = env
+        .http
+        .get(format!("{}/_sim/stats", env.sim_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let requested: Vec<String> =
+        serde_json::from_value(stats["tokens"][p.userid.to_string()]["requested"].clone())?;
+    for asked in ["meastype:1", "field:heart_rate"] {
+        ensure!(
+            requested.iter().any(|r| r == asked),
+            "{asked} was asked: {requested:?}"
+        );
+    }
+    for never in ["meastype:6", "meastype:8", "field:steps"] {
+        ensure!(
+            !requested.iter().any(|r| r == never),
+            "{never} was fetched: {requested:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Three deliveries of the same webhook, and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
@@ -1814,6 +1895,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("withings_hourly_steps_and_spo2", |e| {
             Box::pin(withings_hourly_steps_and_spo2(e))
+        }),
+        ("policy_disabled_data_type_never_fetched", |e| {
+            Box::pin(policy_disabled_data_type_never_fetched(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

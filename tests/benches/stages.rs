@@ -163,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 &resp,
                 &ctx(),
                 withings.table(),
+                &Default::default(),
                 None,
             );
             for m in &out.measurements {

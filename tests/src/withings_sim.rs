@@ -49,7 +49,7 @@
 //! redirects straight back with a code, and a simulated clock that tests can
 //! move forward (`POST /_sim/clock/advance`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -466,6 +466,9 @@ struct User {
     subscriptions: Vec<Subscription>,
     current_access: Option<String>,
     current_refresh: Option<String>,
+    /// Every `getmeas` type and intraday `data_fields` entry this user's data was asked for
+    /// (so tests can tell a data type was never fetched).
+    requested: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -606,6 +609,7 @@ impl Inner {
             subscriptions: Vec::new(),
             current_access: None,
             current_refresh: None,
+            requested: BTreeSet::new(),
         });
         user.client_id = seed.client_id.clone();
         user.timezone = timezone;
@@ -940,7 +944,8 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `POST /_sim/fail-next` `{"count":N,"status":601,"error"?}`;
 /// * `POST /_sim/clock/advance` `{"seconds":N}`;
 /// * `POST /_sim/notify` `{"userid","appli","startdate","enddate","date"?,"deviceid"?,"action"?}`;
-/// * `GET /_sim/stats`.
+/// * `GET /_sim/stats` (per user: tokens, counts, and `requested`: every `meastype:N` and
+///   `field:NAME` a data request asked for).
 pub fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/v2/oauth2", get(api).post(api))
@@ -1074,8 +1079,14 @@ async fn handle_api(
             return Reply::unauthorized();
         };
         match (service, action) {
-            ("measure", "getmeas") => return inner.getmeas(userid, params, st.config.page_size),
-            ("v2/measure", "getintradayactivity") => return inner.intraday(userid, params),
+            ("measure", "getmeas") => {
+                inner.record_requested(userid, params, &["meastype", "meastypes"], "meastype");
+                return inner.getmeas(userid, params, st.config.page_size);
+            }
+            ("v2/measure", "getintradayactivity") => {
+                inner.record_requested(userid, params, &["data_fields"], "field");
+                return inner.intraday(userid, params);
+            }
             ("notify", "list") => return inner.notify_list(userid, params),
             ("notify", "get") => return inner.notify_get(userid, params),
             ("notify", "revoke") => return inner.notify_revoke(userid, params),
@@ -1258,6 +1269,21 @@ impl Inner {
         }
         self.revoke_user_tokens(userid);
         Reply::ok(json!({}))
+    }
+
+    /// Remembers what a data request asked for: `{prefix}:{value}` for every comma-separated
+    /// value of the `keys` parameters (e.g. `meastype:9`, `field:steps`).
+    fn record_requested(&mut self, userid: i64, params: &Params, keys: &[&str], prefix: &str) {
+        let Some(user) = self.users.get_mut(&userid) else {
+            return;
+        };
+        for key in keys {
+            if let Some(list) = param(params, key) {
+                for v in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                    user.requested.insert(format!("{prefix}:{v}"));
+                }
+            }
+        }
     }
 
     fn getmeas(&self, userid: i64, params: &Params, page_size: usize) -> Reply {
@@ -1915,6 +1941,7 @@ async fn sim_stats(State(st): State<Arc<SimState>>) -> Response {
                     "subscriptions": u.subscriptions.len(),
                     "measuregrps": u.groups.len(),
                     "intraday_entries": u.intraday.len(),
+                    "requested": u.requested,
                 }),
             )
         })

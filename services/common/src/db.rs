@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_provider_seam",
         include_str!("../migrations/0005_provider_seam.sql"),
     ),
+    (
+        "0006_policies",
+        include_str!("../migrations/0006_policies.sql"),
+    ),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

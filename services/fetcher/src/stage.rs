@@ -166,7 +166,10 @@ pub fn plan(
                 .or_insert((start, end));
         }
     }
-    Plan { windows }
+    Plan {
+        windows,
+        policy: Default::default(),
+    }
 }
 
 /// The requests of a batch worth fetching: without those whose sync request id already has a
@@ -488,10 +491,22 @@ impl Fetcher {
             .as_ref()
             .map(|p| p.categories())
             .unwrap_or_default();
-        let plan = plan(requests, now_ms, strategy, link.cursor_ms, &all);
+        let mut plan = plan(requests, now_ms, strategy, link.cursor_ms, &all);
         if link.status != "active" {
             let reason = format!("link is {}", link.status);
             return Ok((plan, LinkOutcome::Inactive(reason)));
+        }
+        match &link.policy {
+            Ok(policy) => plan.policy = policy.clone(),
+            Err(e) => {
+                return Ok((
+                    plan,
+                    LinkOutcome::Failed {
+                        kind: "config",
+                        reason: e.to_string(),
+                    },
+                ));
+            }
         }
         let Some(provider) = provider else {
             let reason = format!("provider {} is not known to this fetcher", link.provider);

@@ -4,6 +4,7 @@
 
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
+use ohx_providers::policy::{Policy, PolicyDoc, PolicyError};
 use ohx_providers::{BoxFuture, GateError, ProviderError, RateGate, Tokens};
 use std::time::Duration;
 use uuid::Uuid;
@@ -52,6 +53,9 @@ pub struct Link {
     pub api_base_url: Option<String>,
     /// The link's cursor: the end of its last successful window (epoch ms), if any.
     pub cursor_ms: Option<i64>,
+    /// The patient's policy (organization's, patient's overrides, consents); an error if a
+    /// stored document is invalid (the link's requests are dead-lettered with it).
+    pub policy: Result<Policy, PolicyError>,
 }
 
 impl std::fmt::Debug for Link {
@@ -100,8 +104,12 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
-                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider \
-                 FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id WHERE l.id = $1",
+                        a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider, \
+                        o.policy, p.policy, \
+                        COALESCE((SELECT jsonb_object_agg(c.data_type, c.granted) FROM consents c WHERE c.patient_id = l.patient_id), '{}'::jsonb) \
+                 FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id \
+                 JOIN organizations o ON o.id = l.organization_id JOIN patients p ON p.id = l.patient_id \
+                 WHERE l.id = $1",
                 &[&id],
             )
             .await?
@@ -128,6 +136,7 @@ impl Store {
             api_base_url: row.get(8),
             cursor_ms: row.get(9),
             provider: row.get(10),
+            policy: policy_of(row.get(11), row.get(12), row.get(13)),
         })
     }
 
@@ -299,6 +308,26 @@ pub struct SyncRun {
     /// What the provider answered and was not turned into measurements: count by
     /// `reason` or `reason:provider type` (`sync_runs.skipped`).
     pub skipped: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Resolves a patient's policy from the stored documents and consents.
+fn policy_of(
+    org: serde_json::Value,
+    patient: serde_json::Value,
+    consents: serde_json::Value,
+) -> Result<Policy, PolicyError> {
+    let consents = match consents {
+        serde_json::Value::Object(m) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_bool()?)))
+            .collect(),
+        _ => Default::default(),
+    };
+    Ok(Policy::resolve(
+        &PolicyDoc::from_json(&org).map_err(|e| PolicyError(format!("organization {}", e.0)))?,
+        &PolicyDoc::from_json(&patient).map_err(|e| PolicyError(format!("patient {}", e.0)))?,
+        consents,
+    ))
 }
 
 /// A refresh failure that may mean the grant is revoked.

@@ -74,6 +74,26 @@ enum Command {
         #[arg(long)]
         reference: String,
     },
+    /// Sets the policy of an organization or of a patient (overriding the organization's),
+    /// e.g. '{"disabled_data_types": ["fat_mass"], "require_consent": true,
+    /// "aggregation": {"heart_rate": "INDIVIDUAL"}, "ambiguous_readings": "accept"}'.
+    SetPolicy {
+        #[arg(long, conflicts_with = "patient", required_unless_present = "patient")]
+        org: Option<Uuid>,
+        #[arg(long)]
+        patient: Option<Uuid>,
+        /// The policy document (JSON); `{}` clears it.
+        policy: String,
+    },
+    /// Records a patient's consent to a data type (or its refusal with --refused).
+    Consent {
+        #[arg(long)]
+        patient: Uuid,
+        #[arg(long)]
+        data_type: String,
+        #[arg(long)]
+        refused: bool,
+    },
     /// Creates a provider app; prints {"id", "webhook_path"}.
     CreateApp {
         #[arg(long)]
@@ -385,6 +405,36 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             print(json!({"id": id}));
+        }
+        Command::SetPolicy {
+            org,
+            patient,
+            policy,
+        } => {
+            let value: serde_json::Value = serde_json::from_str(&policy)?;
+            ohx_providers::policy::PolicyDoc::from_json(&value)?;
+            let (sql, id) = match (org, patient) {
+                (Some(org), _) => ("UPDATE organizations SET policy = $2 WHERE id = $1", org),
+                (None, Some(patient)) => ("UPDATE patients SET policy = $2 WHERE id = $1", patient),
+                (None, None) => anyhow::bail!("--org or --patient"),
+            };
+            let n = db().await?.execute(sql, &[&id, &value]).await?;
+            anyhow::ensure!(n == 1, "no such organization or patient: {id}");
+            print(json!({"id": id, "policy": value}));
+        }
+        Command::Consent {
+            patient,
+            data_type,
+            refused,
+        } => {
+            db().await?
+                .execute(
+                    "INSERT INTO consents (patient_id, data_type, granted) VALUES ($1, $2, $3) \
+                     ON CONFLICT (patient_id, data_type) DO UPDATE SET granted = EXCLUDED.granted, updated_at = now()",
+                    &[&patient, &data_type, &!refused],
+                )
+                .await?;
+            print(json!({"patient": patient, "data_type": data_type, "granted": !refused}));
         }
         Command::CreateApp {
             org,

@@ -14,6 +14,7 @@
 //! simulator in `tests/`, its rows in the mapper's mapping file, and one line in
 //! [`Registry::standard`].
 
+pub mod policy;
 pub mod progress;
 pub mod withings;
 
@@ -178,10 +179,12 @@ impl fmt::Debug for Api {
     }
 }
 
-/// One merged fetch for a link: data category → window (epoch ms, end exclusive).
+/// One merged fetch for a link: data category → window (epoch ms, end exclusive), and the
+/// patient's policy, which adapters obey: a data type it does not allow is never requested.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
     pub windows: BTreeMap<String, (i64, i64)>,
+    pub policy: policy::Policy,
 }
 
 /// What a fetch produced.

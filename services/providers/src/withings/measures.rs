@@ -196,14 +196,20 @@ impl MeasureTable {
             .collect()
     }
 
-    /// The `getmeas` types to ask for the given fetch categories, sorted, without repeats.
+    /// The `getmeas` types to ask for the given fetch categories, sorted, without repeats,
+    /// keeping only types whose data type `allowed` accepts.
     #[must_use]
-    pub fn meastypes<'a>(&self, categories: impl IntoIterator<Item = &'a str>) -> Vec<i32> {
+    pub fn meastypes<'a>(
+        &self,
+        categories: impl IntoIterator<Item = &'a str>,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Vec<i32> {
         let set: BTreeSet<i32> = categories
             .into_iter()
             .filter_map(|c| self.getmeas.get(c))
             .flatten()
             .copied()
+            .filter(|t| self.types.get(t).is_some_and(|r| allowed(&r.data_type)))
             .collect();
         set.into_iter().collect()
     }
@@ -243,11 +249,12 @@ mod tests {
         assert_eq!(t.categories_of(1), ["body"]);
         assert_eq!(t.categories_of(4), ["blood_pressure"]);
         assert!(t.categories_of(46).is_empty());
-        assert_eq!(t.meastypes(["blood_pressure"]), vec![9, 10, 11, 54]);
+        let all = |_: &str| true;
+        assert_eq!(t.meastypes(["blood_pressure"], all), vec![9, 10, 11, 54]);
         // a weigh-in brings the scale's pulse
-        assert!(t.meastypes(["body"]).contains(&11));
+        assert!(t.meastypes(["body"], all).contains(&11));
         // one list, no repeats, for several categories
-        let both = t.meastypes(["body", "blood_pressure"]);
+        let both = t.meastypes(["body", "blood_pressure"], all);
         assert_eq!(both.iter().filter(|x| **x == 11).count(), 1);
         assert_eq!(t.intraday("heart_rate").unwrap().field, "heart_rate");
         assert_eq!(t.intraday("spo2").unwrap().field, "spo2_auto");
@@ -255,6 +262,16 @@ mod tests {
         assert_eq!(t.categories_of(16), ["heart_rate", "steps", "spo2"]);
         assert_eq!(t.rule(4).unwrap().shift, 2);
         assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
+    }
+
+    #[test]
+    fn test_types_of_a_data_type_not_allowed_are_not_asked_for() {
+        let t = MeasureTable::builtin().unwrap();
+        let no_pulse = t.meastypes(["blood_pressure"], |d| d != "heart_rate");
+        assert_eq!(no_pulse, vec![9, 10, 54]);
+        let no_bp = t.meastypes(["blood_pressure"], |d| d != "blood_pressure");
+        assert_eq!(no_bp, vec![11, 54]);
+        assert!(t.meastypes(["body"], |_| false).is_empty());
     }
 
     #[test]

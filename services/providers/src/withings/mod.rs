@@ -232,6 +232,7 @@ fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     }
     out.skip("ambiguous_user", "", stats.ambiguous_groups);
     out.skip("segmental_measure", "", stats.segmental_measures);
+    out.skip("disabled_data_type", "", stats.disabled);
     out.skip("invalid_value", "", stats.invalid_values);
     out.skip("entry_without_value", "", stats.entries_without_value);
 }
@@ -259,7 +260,8 @@ impl Withings {
             .map(String::as_str)
             .filter(|c| table.is_getmeas(c))
             .collect();
-        let types = table.meastypes(spot.iter().copied());
+        let policy = &plan.policy;
+        let types = table.meastypes(spot.iter().copied(), |d| policy.allows(d));
         if !types.is_empty() {
             let windows = || spot.iter().filter_map(|c| plan.windows.get(*c));
             let start = windows().map(|w| w.0).min().unwrap_or(0);
@@ -279,7 +281,7 @@ impl Withings {
             fetched.api_calls += 1;
             spot_end = Some(end.min(now));
             timezone = resp.timezone.clone();
-            let n = normalize::normalize_measures(&resp, context, table, None);
+            let n = normalize::normalize_measures(&resp, context, table, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
         }
@@ -291,6 +293,7 @@ impl Withings {
             .windows
             .iter()
             .filter_map(|(c, w)| Some((table.intraday(c)?, *w)))
+            .filter(|(rule, _)| policy.allows(&rule.data_type))
             .collect();
         if let (Some(start), Some(end)) = (
             intraday.iter().map(|(_, w)| w.0).min(),
@@ -305,8 +308,14 @@ impl Withings {
                 .await?;
             fetched.api_calls += 1;
             hourly_end = Some(hourly_progress_end(he, now));
-            let n =
-                normalize::normalize_intraday(&resp, context, &rules, timezone.as_deref(), None);
+            let n = normalize::normalize_intraday(
+                &resp,
+                context,
+                &rules,
+                policy,
+                timezone.as_deref(),
+                None,
+            );
             count_skips(&mut fetched, &n.stats);
             // A sample dated after the fetched window (a device clock ahead) is not dropped:
             // it goes on, after the progress marks, for the aggregator to dead-letter.

@@ -32,6 +32,7 @@ use ohx_common::records::{
 
 use super::client::{CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse};
 use super::measures::{IntradayRule, MeasureTable};
+use crate::policy::Policy;
 
 /// `measurement_id` prefix and manufacturer name.
 pub const PROVIDER_WITHINGS: &str = "withings";
@@ -73,6 +74,8 @@ pub struct NormalizeStats {
     pub ambiguous_groups: u64,
     /// Measures of one body segment or placement (with a `position`), skipped.
     pub segmental_measures: u64,
+    /// Values of a data type the policy does not allow (never asked for; counted if sent).
+    pub disabled: u64,
     /// Values that decode to a non-finite or non-positive number (skipped).
     pub invalid_values: u64,
     /// Intraday entries with none of the fields asked for (skipped).
@@ -222,6 +225,7 @@ pub fn normalize_measures(
     resp: &MeasureResponse,
     ctx: &Context,
     table: &MeasureTable,
+    policy: &Policy,
     fallback_utc_offset_seconds: Option<i32>,
 ) -> Normalized {
     let mut stats = NormalizeStats::default();
@@ -266,7 +270,7 @@ pub fn normalize_measures(
         else {
             continue;
         };
-        if meta.attrib == Some(ATTRIB_AMBIGUOUS) {
+        if meta.attrib == Some(ATTRIB_AMBIGUOUS) && !policy.accepts_ambiguous() {
             stats.ambiguous_groups += 1;
             continue;
         }
@@ -283,6 +287,10 @@ pub fn normalize_measures(
                 *stats.skipped_types.entry(*measure_type).or_default() += 1;
                 continue;
             };
+            if !policy.allows(&rule.data_type) {
+                stats.disabled += 1;
+                continue;
+            }
             if table.panel(&rule.data_type).is_some() {
                 panels.entry(rule.data_type.as_str()).or_default().insert(
                     rule.component.as_str(),
@@ -297,7 +305,10 @@ pub fn normalize_measures(
                 ctx,
                 meta,
                 &offsets,
-                &rule.data_type,
+                (
+                    &rule.data_type,
+                    policy.aggregation(&rule.data_type, AGGREGATION_INDIVIDUAL),
+                ),
                 &format!("{PROVIDER_WITHINGS}:{user}:{grpid}:{measure_type}"),
                 vec![c],
             ));
@@ -327,7 +338,10 @@ pub fn normalize_measures(
                 ctx,
                 meta,
                 &offsets,
-                data_type,
+                (
+                    data_type,
+                    policy.aggregation(data_type, AGGREGATION_INDIVIDUAL),
+                ),
                 &format!("{PROVIDER_WITHINGS}:{user}:{grpid}:{}", panel.id),
                 components,
             ));
@@ -349,6 +363,7 @@ pub fn normalize_intraday(
     resp: &IntradayResponse,
     ctx: &Context,
     rules: &[&IntradayRule],
+    policy: &Policy,
     timezone: Option<&str>,
     fallback_utc_offset_seconds: Option<i32>,
 ) -> Normalized {
@@ -377,7 +392,9 @@ pub fn normalize_intraday(
                 ),
                 series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
                 data_type: rule.data_type.clone(),
-                aggregation: AGGREGATION_HOURLY.to_owned(),
+                aggregation: policy
+                    .aggregation(&rule.data_type, AGGREGATION_HOURLY)
+                    .to_owned(),
                 effective_start: epoch.saturating_mul(1000),
                 effective_end: None,
                 utc_offset_seconds: offsets.offset_at(epoch),
@@ -413,12 +430,12 @@ fn component(code: &str, value: f64, unit: &str) -> Component {
     }
 }
 
-/// A Measurement of a measure group (INDIVIDUAL).
+/// A Measurement of a measure group, with its data type and aggregation.
 fn group_measurement(
     ctx: &Context,
     g: &MeasureGroup,
     offsets: &OffsetResolver,
-    data_type: &str,
+    (data_type, aggregation): (&str, &str),
     measurement_id: &str,
     components: Vec<Component>,
 ) -> Measurement {
@@ -433,7 +450,7 @@ fn group_measurement(
         measurement_id: measurement_id.to_owned(),
         series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
         data_type: data_type.to_owned(),
-        aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+        aggregation: aggregation.to_owned(),
         effective_start: g.date.saturating_mul(1000),
         effective_end: None,
         utc_offset_seconds: offsets.offset_at(g.date),
@@ -459,7 +476,13 @@ mod tests {
     use crate::withings::client::MeasurePage;
 
     fn norm(resp: &MeasureResponse, ctx: &Context, fallback: Option<i32>) -> Normalized {
-        normalize_measures(resp, ctx, &MeasureTable::builtin().unwrap(), fallback)
+        normalize_measures(
+            resp,
+            ctx,
+            &MeasureTable::builtin().unwrap(),
+            &Policy::default(),
+            fallback,
+        )
     }
 
     fn ctx() -> Context {
@@ -918,6 +941,7 @@ mod tests {
             r,
             ctx,
             &[table.intraday("heart_rate").unwrap()],
+            &Policy::default(),
             tz,
             fallback,
         )
@@ -936,7 +960,7 @@ mod tests {
               "1712720460":{"deviceid":"w","model":"ScanWatch","model_id":93,"steps":14,"duration":60,"spo2_auto":97},
               "1712720520":{"deviceid":"w","duration":60}}}"#,
         );
-        let n = normalize_intraday(&r, &ctx(), &rules, Some("UTC"), None);
+        let n = normalize_intraday(&r, &ctx(), &rules, &Policy::default(), Some("UTC"), None);
         // 0 steps is a value (a still minute), never a gap
         let still = find(&n, "withings:363:steps:1712720400:w");
         assert_eq!(
@@ -957,7 +981,7 @@ mod tests {
         assert_eq!(n.stats.entries_without_value, 1);
         // a zero heart rate is no reading
         let r = intraday(r#"{"series":{"1712720400":{"deviceid":"w","heart_rate":0}}}"#);
-        let n = normalize_intraday(&r, &ctx(), &rules, None, None);
+        let n = normalize_intraday(&r, &ctx(), &rules, &Policy::default(), None, None);
         assert!(n.measurements.is_empty());
         assert_eq!(n.stats.invalid_values, 1);
     }
@@ -1156,6 +1180,31 @@ mod tests {
         let n = norm(&resp(&body), &ctx(), None);
         assert!(n.measurements.is_empty(), "{:#?}", n.measurements);
         assert_eq!(n.stats.ambiguous_groups, 1);
+    }
+
+    #[test]
+    fn test_policy_accepts_ambiguous_drops_disabled_and_sets_aggregation() {
+        use crate::policy::PolicyDoc;
+        let doc: PolicyDoc = serde_json::from_value(serde_json::json!({
+            "ambiguous_readings": "accept",
+            "disabled_data_types": ["fat_mass"],
+            "aggregation": {"body_weight": "HOURLY"}
+        }))
+        .unwrap();
+        let policy = Policy::resolve(&doc, &PolicyDoc::default(), BTreeMap::new());
+        let body = BODY_CARDIO.replace(r#""attrib": 0"#, r#""attrib": 1"#);
+        let table = MeasureTable::builtin().unwrap();
+        let n = normalize_measures(&resp(&body), &ctx(), &table, &policy, None);
+        assert_eq!(n.stats.ambiguous_groups, 0);
+        assert_eq!(n.stats.disabled, 1);
+        assert!(n.measurements.iter().all(|m| m.data_type != "fat_mass"));
+        let w = find(&n, "withings:363:5100:1");
+        assert_eq!(w.aggregation, AGGREGATION_HOURLY);
+        assert_eq!(w.entry_method.as_deref(), Some("device-ambiguous"));
+        assert_eq!(
+            find(&n, "withings:363:5100:6").aggregation,
+            AGGREGATION_INDIVIDUAL
+        );
     }
 
     #[test]
