@@ -136,6 +136,21 @@ impl Env {
         Ok(())
     }
 
+    async fn add_activities(&self, userid: i64, rows: Value) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/_sim/users/{userid}/activities", self.sim_url))
+            .json(&json!({"activities": rows}))
+            .send()
+            .await?;
+        ensure!(
+            r.status().is_success(),
+            "sim activities: {}",
+            r.text().await?
+        );
+        Ok(())
+    }
+
     async fn sim_post(&self, path: &str) -> anyhow::Result<Value> {
         let s = self;
         let r = s
@@ -969,6 +984,84 @@ async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Resul
             "{never} was fetched: {requested:?}"
         );
     }
+    Ok(())
+}
+
+/// A day's step total from `getactivity` is one Observation over the local day (41950-7);
+/// when Withings rewrites the day's row (a later `modified`), the same resource gets exactly
+/// one new version with the new total.
+async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5013).await?;
+    let now = Utc::now().timestamp_millis();
+    // A whole local day well in the past, in the simulator user's zone.
+    let date = (Utc::now() - chrono::Duration::days(2))
+        .format("%Y-%m-%d")
+        .to_string();
+    let (start, end, _) =
+        ohx_providers::withings::normalize::local_day(&date, Some("Europe/Berlin"), None)
+            .context("a calendar day")?;
+    let modified = now / 1000 - 3600;
+    let row = |steps: i64, modified: i64| {
+        json!({"steps": steps, "distance": 3100.5, "deviceid": "watch-5013", "hash_deviceid": "watch-5013",
+               "timezone": "Europe/Berlin", "date": date, "modified": modified, "brand": 1,
+               "modelid": 93, "model": "ScanWatch", "is_tracker": true})
+    };
+    env.add_activities(p.userid, json!([row(4000, modified)]))
+        .await?;
+    env.notify(p.userid, 16, start, end).await?;
+    let query = format!(
+        "Observation?subject={}&code=http://loinc.org|41950-7",
+        p.reference
+    );
+    let obs = env.wait_for(&query, 1, Duration::from_secs(90)).await?;
+    ensure!(obs.len() == 1, "one day, one Observation: {}", obs.len());
+    let o = &obs[0];
+    ensure!(
+        quantity(&o["valueQuantity"]) == (4000.0, "/d".into()),
+        "{}",
+        o["valueQuantity"]
+    );
+    ensure!(
+        instant(o["effectivePeriod"]["start"].as_str().unwrap_or(""))? == start,
+        "day start"
+    );
+    ensure!(
+        instant(o["effectivePeriod"]["end"].as_str().unwrap_or(""))? == end,
+        "day end"
+    );
+    let id = o["id"].as_str().context("id")?.to_owned();
+    ensure!(
+        o["meta"]["versionId"] == "1",
+        "first version: {}",
+        o["meta"]
+    );
+    // Withings rewrites the day's row; a later notification of the same window.
+    env.add_activities(p.userid, json!([row(6500, modified + 600)]))
+        .await?;
+    env.notify(p.userid, 16, start, end).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let o = env.fhir(&format!("Observation/{id}")).await?;
+        if quantity(&o["valueQuantity"]).0 == 6500.0 {
+            ensure!(
+                o["meta"]["versionId"] == "2",
+                "exactly one new version: {}",
+                o["meta"]
+            );
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the revised total never arrived: {o}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let obs = env.search(&query).await?;
+    ensure!(
+        obs.len() == 1,
+        "still one Observation for the day: {}",
+        obs.len()
+    );
     Ok(())
 }
 
@@ -1898,6 +1991,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("policy_disabled_data_type_never_fetched", |e| {
             Box::pin(policy_disabled_data_type_never_fetched(e))
+        }),
+        ("withings_daily_steps_revised", |e| {
+            Box::pin(withings_daily_steps_revised(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

@@ -463,6 +463,8 @@ struct User {
     timezone: String,
     groups: BTreeMap<i64, MeasureGroup>,
     intraday: BTreeMap<i64, Map<String, Value>>,
+    /// Daily activity rows keyed by their `date` (`YYYY-MM-DD`), as `getactivity` answers them.
+    activities: BTreeMap<String, Map<String, Value>>,
     subscriptions: Vec<Subscription>,
     current_access: Option<String>,
     current_refresh: Option<String>,
@@ -606,6 +608,7 @@ impl Inner {
             timezone: String::new(),
             groups: BTreeMap::new(),
             intraday: BTreeMap::new(),
+            activities: BTreeMap::new(),
             subscriptions: Vec::new(),
             current_access: None,
             current_refresh: None,
@@ -956,6 +959,7 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/_sim/users", post(sim_create_user))
         .route("/_sim/users/{userid}/measuregrps", post(sim_measuregrps))
         .route("/_sim/users/{userid}/intraday", post(sim_intraday))
+        .route("/_sim/users/{userid}/activities", post(sim_activities))
         .route(
             "/_sim/users/{userid}/expire-access-token",
             post(sim_expire_access_token),
@@ -1082,6 +1086,10 @@ async fn handle_api(
             ("measure", "getmeas") => {
                 inner.record_requested(userid, params, &["meastype", "meastypes"], "meastype");
                 return inner.getmeas(userid, params, st.config.page_size);
+            }
+            ("v2/measure", "getactivity") => {
+                inner.record_requested(userid, params, &["data_fields"], "activity");
+                return inner.activity(userid, params, st.config.page_size);
             }
             ("v2/measure", "getintradayactivity") => {
                 inner.record_requested(userid, params, &["data_fields"], "field");
@@ -1349,6 +1357,85 @@ impl Inner {
             "more": more,
             "offset": next,
         }))
+    }
+
+    /// `getactivity`: the daily rows between `startdateymd` and `enddateymd` (inclusive) or
+    /// modified since `lastupdate`, oldest first, paged with boolean `more` and `offset`;
+    /// `data_fields` keeps only those fields (plus the row's identity fields).
+    fn activity(&self, userid: i64, params: &Params, page_size: usize) -> Reply {
+        let Some(user) = self.users.get(&userid) else {
+            return Reply::unauthorized();
+        };
+        let ymd = |key: &str| -> Result<Option<String>, Reply> {
+            match param(params, key) {
+                None => Ok(None),
+                Some(s) if chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok() => {
+                    Ok(Some(s.to_owned()))
+                }
+                Some(_) => Err(Reply::invalid(&format!("invalid {key}"))),
+            }
+        };
+        let (start, end) = match (ymd("startdateymd"), ymd("enddateymd")) {
+            (Ok(s), Ok(e)) => (s, e),
+            (Err(r), _) | (_, Err(r)) => return r,
+        };
+        let (lastupdate, offset) =
+            match (int_param(params, "lastupdate"), int_param(params, "offset")) {
+                (Ok(l), Ok(o)) => (l, o.unwrap_or(0)),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+        if lastupdate.is_none() && (start.is_none() || end.is_none()) {
+            return Reply::invalid("startdateymd and enddateymd, or lastupdate");
+        }
+        let fields: Option<Vec<&str>> = param(params, "data_fields").map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .collect()
+        });
+        const IDENTITY: [&str; 8] = [
+            "date",
+            "timezone",
+            "modified",
+            "deviceid",
+            "hash_deviceid",
+            "brand",
+            "model",
+            "modelid",
+        ];
+        let rows: Vec<Value> = user
+            .activities
+            .iter()
+            .filter(|(date, _)| start.as_ref().is_none_or(|s| *date >= s))
+            .filter(|(date, _)| end.as_ref().is_none_or(|e| *date <= e))
+            .filter(|(_, row)| {
+                lastupdate
+                    .is_none_or(|l| row.get("modified").and_then(Value::as_i64).unwrap_or(0) >= l)
+            })
+            .map(|(_, row)| {
+                let kept = row
+                    .iter()
+                    .filter(|(k, _)| {
+                        IDENTITY.contains(&k.as_str())
+                            || fields.as_ref().is_none_or(|f| f.contains(&k.as_str()))
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Map<String, Value>>();
+                Value::Object(kept)
+            })
+            .collect();
+        let Ok(offset) = usize::try_from(offset) else {
+            return Reply::invalid("invalid offset");
+        };
+        let page: Vec<Value> = rows
+            .iter()
+            .skip(offset)
+            .take(page_size.max(1))
+            .cloned()
+            .collect();
+        let next = offset + page.len();
+        // getactivity's `more` is a boolean (getmeas' is an integer).
+        Reply::ok(json!({"activities": page, "more": next < rows.len(), "offset": next}))
     }
 
     fn intraday(&self, userid: i64, params: &Params) -> Reply {
@@ -1687,6 +1774,37 @@ async fn sim_measuregrps(
         Some(n) => axum::Json(json!({ "upserted": n })).into_response(),
         None => unknown_user(userid),
     }
+}
+
+#[derive(Deserialize)]
+struct ActivitiesBody {
+    activities: Vec<Map<String, Value>>,
+}
+
+/// `POST /_sim/users/{userid}/activities`: stores daily rows by their `date` (a row for a
+/// date already there replaces it, as Withings rewrites a day's row during the day).
+async fn sim_activities(
+    State(st): State<Arc<SimState>>,
+    Path(userid): Path<i64>,
+    body: Bytes,
+) -> Response {
+    let b: ActivitiesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    let mut stored = 0;
+    for row in b.activities {
+        let Some(date) = row.get("date").and_then(Value::as_str).map(str::to_owned) else {
+            return sim_error(StatusCode::BAD_REQUEST, "every activity row needs a date");
+        };
+        user.activities.insert(date, row);
+        stored += 1;
+    }
+    axum::Json(json!({ "stored": stored })).into_response()
 }
 
 #[derive(Deserialize)]

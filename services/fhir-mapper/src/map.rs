@@ -1110,6 +1110,22 @@ mod tests {
     }
 
     #[test]
+    fn test_daily_steps_cover_the_local_day() {
+        let mut c = component("value", 8412.0, "/d");
+        c.decimals = Some(0);
+        let mut day = measurement("daily_steps", "withings-1-day-steps-2026-11-20", vec![c]);
+        day.effective_start = ms("2026-11-19T23:00:00Z");
+        day.effective_end = Some(ms("2026-11-20T23:00:00Z"));
+        let obs = observation(&day);
+        assert_eq!(code_of(&obs), "41950-7");
+        assert_eq!(obs["category"][0]["coding"][0]["code"], "activity");
+        assert_eq!(obs["effectivePeriod"]["start"], "2026-11-20T00:00:00+01:00");
+        assert_eq!(obs["effectivePeriod"]["end"], "2026-11-21T00:00:00+01:00");
+        assert_eq!(obs["valueQuantity"]["value"], 8412);
+        shared_test_validator().validate_all(&obs).unwrap();
+    }
+
+    #[test]
     fn test_manual_entry_is_patient_reported_without_device() {
         let mut w = weight();
         w.entry_method = Some("manual".into());

@@ -486,6 +486,76 @@ pub struct IntradayResponse {
     pub series: BTreeMap<i64, IntradayEntry>,
 }
 
+/// One day's row of `getactivity`. Withings rewrites a day's row as the day goes on, with a
+/// new `modified`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ActivityDay {
+    /// The local day, `YYYY-MM-DD`.
+    pub date: String,
+    /// The IANA zone of the day.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub timezone: Option<String>,
+    /// Last change of the row (epoch seconds).
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub modified: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub deviceid: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub model: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub modelid: Option<i64>,
+    /// The row's numeric data fields (`steps`, `distance`, `calories`, ...).
+    #[serde(skip)]
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Fields of an activity row that describe it rather than measure the day.
+const ACTIVITY_ROW_FIELDS: [&str; 8] = [
+    "date",
+    "timezone",
+    "modified",
+    "deviceid",
+    "hash_deviceid",
+    "brand",
+    "model",
+    "modelid",
+];
+
+/// One page of `getactivity`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct ActivityPage {
+    #[serde(default, deserialize_with = "de_activities")]
+    pub activities: Vec<ActivityDay>,
+    /// A boolean here (getmeas' is an integer); tolerant of both.
+    #[serde(default, deserialize_with = "de_bool")]
+    pub more: bool,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub offset: Option<i64>,
+}
+
+fn de_activities<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ActivityDay>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(rows) => rows
+            .into_iter()
+            .map(|row| {
+                let values: BTreeMap<String, f64> = match &row {
+                    Value::Object(fields) => fields
+                        .iter()
+                        .filter(|(name, _)| !ACTIVITY_ROW_FIELDS.contains(&name.as_str()))
+                        .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
+                let mut day: ActivityDay = serde_json::from_value(row).map_err(D::Error::custom)?;
+                day.values = values;
+                Ok(day)
+            })
+            .collect(),
+        other => Err(D::Error::custom(format!("expected an array, got {other}"))),
+    }
+}
+
 /// Splits `[start_s, end_s]` into consecutive chunks spanning at most
 /// [`INTRADAY_MAX_SPAN_SECONDS`] each (chunk `i` ends where chunk `i+1` starts). An empty or
 /// inverted range gives no chunk.
@@ -674,6 +744,51 @@ impl WithingsClient {
         }
         self.post(PATH_MEASURE, Some(token), &form, Endpoint::Data)
             .await
+    }
+
+    /// `getactivity` for the days `start_ymd..=end_ymd` (`YYYY-MM-DD`) and `fields`, over all
+    /// pages (one [`RateGate`] permit per page).
+    ///
+    /// # Errors
+    ///
+    /// The first failing page's error; [`WithingsError::Decode`] when paging does not
+    /// advance or exceeds [`MAX_MEASURE_PAGES`].
+    pub async fn get_activity(
+        &self,
+        token: &str,
+        start_ymd: &str,
+        end_ymd: &str,
+        fields: &[&str],
+    ) -> Result<Vec<ActivityDay>, WithingsError> {
+        let mut out = Vec::new();
+        let mut offset: Option<i64> = None;
+        for _ in 0..MAX_MEASURE_PAGES {
+            let mut form = vec![
+                ("action", "getactivity".to_owned()),
+                ("startdateymd", start_ymd.to_owned()),
+                ("enddateymd", end_ymd.to_owned()),
+                ("data_fields", fields.join(",")),
+            ];
+            if let Some(o) = offset {
+                form.push(("offset", o.to_string()));
+            }
+            let page: ActivityPage = self
+                .post(PATH_MEASURE_V2, Some(token), &form, Endpoint::Data)
+                .await?;
+            out.extend(page.activities);
+            if !page.more {
+                return Ok(out);
+            }
+            match page.offset {
+                Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
+                _ => {
+                    return Err(WithingsError::Decode(
+                        "getactivity paging does not advance".into(),
+                    ));
+                }
+            }
+        }
+        Err(WithingsError::Decode("getactivity: too many pages".into()))
     }
 
     /// `getintradayactivity` for `fields` (`data_fields`, e.g. `heart_rate,steps`) over

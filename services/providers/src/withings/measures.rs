@@ -46,6 +46,19 @@ pub struct IntradayRule {
     pub zero_is_value: bool,
 }
 
+/// What one field of a `getactivity` day row becomes (INDIVIDUAL, one per day).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DailyRule {
+    /// The `data_fields` name.
+    pub field: String,
+    pub data_type: String,
+    /// UCUM unit of the value.
+    pub unit: String,
+    /// Tag in the measurement id.
+    pub id: String,
+}
+
 /// A data type made of several measure types of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +77,8 @@ struct Raw {
     getmeas: BTreeMap<String, Vec<i32>>,
     intraday: BTreeMap<String, IntradayRule>,
     #[serde(default)]
+    daily: BTreeMap<String, DailyRule>,
+    #[serde(default)]
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<String, TypeRule>,
 }
@@ -74,6 +89,7 @@ pub struct MeasureTable {
     notify: BTreeMap<i32, Vec<String>>,
     getmeas: BTreeMap<String, Vec<i32>>,
     intraday: BTreeMap<String, IntradayRule>,
+    daily: BTreeMap<String, DailyRule>,
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<i32, TypeRule>,
 }
@@ -159,11 +175,27 @@ impl MeasureTable {
                 )));
             }
         }
+        for (category, rule) in &raw.daily {
+            if [&rule.field, &rule.data_type, &rule.unit, &rule.id]
+                .iter()
+                .any(|t| t.trim().is_empty())
+            {
+                return Err(TableError(format!("daily {category}: empty field")));
+            }
+            if raw.getmeas.contains_key(category) || raw.intraday.contains_key(category) {
+                return Err(TableError(format!(
+                    "category {category} is fetched by two endpoints"
+                )));
+            }
+        }
         let mut notify = BTreeMap::new();
         for (k, categories) in raw.notify {
             let appli = int_key("notify", &k)?;
             for c in &categories {
-                if !raw.getmeas.contains_key(c) && !raw.intraday.contains_key(c) {
+                if !raw.getmeas.contains_key(c)
+                    && !raw.intraday.contains_key(c)
+                    && !raw.daily.contains_key(c)
+                {
                     return Err(TableError(format!(
                         "notification {appli} names category {c}, which nothing fetches"
                     )));
@@ -175,6 +207,7 @@ impl MeasureTable {
             notify,
             getmeas: raw.getmeas,
             intraday: raw.intraday,
+            daily: raw.daily,
             panels: raw.panels,
             types,
         })
@@ -192,6 +225,7 @@ impl MeasureTable {
         self.getmeas
             .keys()
             .chain(self.intraday.keys())
+            .chain(self.daily.keys())
             .map(String::as_str)
             .collect()
     }
@@ -224,6 +258,12 @@ impl MeasureTable {
     #[must_use]
     pub fn intraday(&self, category: &str) -> Option<&IntradayRule> {
         self.intraday.get(category)
+    }
+
+    /// The daily rule of a fetch category, if it is a `getactivity` one.
+    #[must_use]
+    pub fn daily(&self, category: &str) -> Option<&DailyRule> {
+        self.daily.get(category)
     }
 
     /// What measure type `t` becomes.
@@ -259,7 +299,11 @@ mod tests {
         assert_eq!(t.intraday("heart_rate").unwrap().field, "heart_rate");
         assert_eq!(t.intraday("spo2").unwrap().field, "spo2_auto");
         assert!(t.intraday("steps").unwrap().zero_is_value);
-        assert_eq!(t.categories_of(16), ["heart_rate", "steps", "spo2"]);
+        assert_eq!(
+            t.categories_of(16),
+            ["heart_rate", "steps", "spo2", "daily_steps"]
+        );
+        assert_eq!(t.daily("daily_steps").unwrap().unit, "/d");
         assert_eq!(t.rule(4).unwrap().shift, 2);
         assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
     }

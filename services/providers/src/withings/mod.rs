@@ -327,6 +327,39 @@ impl Withings {
                 }
             }
         }
+        // Daily totals (getactivity): whole local days, so the UTC dates asked for reach 14 h
+        // beyond the window on each side (the widest UTC offsets).
+        let daily: Vec<(&measures::DailyRule, (i64, i64))> = plan
+            .windows
+            .iter()
+            .filter_map(|(c, w)| Some((table.daily(c)?, *w)))
+            .filter(|(rule, _)| policy.allows(&rule.data_type))
+            .collect();
+        if let (Some(start), Some(end)) = (
+            daily.iter().map(|(_, w)| w.0).min(),
+            daily.iter().map(|(_, w)| w.1).max(),
+        ) {
+            let rules: Vec<&measures::DailyRule> = daily.iter().map(|(r, _)| *r).collect();
+            let fields: Vec<&str> = rules.iter().map(|r| r.field.as_str()).collect();
+            let ymd = |ms: i64| {
+                jiff::Timestamp::from_millisecond(ms)
+                    .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
+                    .map_err(|_| WithingsError::Decode("window outside the calendar".into()))
+            };
+            const REACH_MS: i64 = 14 * 3_600_000;
+            let days = client
+                .get_activity(
+                    token,
+                    &ymd(start.saturating_sub(REACH_MS))?,
+                    &ymd(end.saturating_add(REACH_MS))?,
+                    &fields,
+                )
+                .await?;
+            fetched.api_calls += 1;
+            let n = normalize::normalize_activity(&days, context, &rules, policy, None);
+            count_skips(&mut fetched, &n.stats);
+            out.extend(n.measurements);
+        }
         mark_progress(&mut out, |m| {
             if m.aggregation == AGGREGATION_HOURLY {
                 hourly_end
@@ -445,7 +478,7 @@ mod tests {
             interpret_(&n("42", "16", Some("1"), Some("2")))
                 .unwrap()
                 .categories,
-            vec!["heart_rate", "steps", "spo2"]
+            vec!["heart_rate", "steps", "spo2", "daily_steps"]
         );
     }
 

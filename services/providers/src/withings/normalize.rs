@@ -30,8 +30,10 @@ use ohx_common::records::{
     AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
 };
 
-use super::client::{CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse};
-use super::measures::{IntradayRule, MeasureTable};
+use super::client::{
+    ActivityDay, CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
+};
+use super::measures::{DailyRule, IntradayRule, MeasureTable};
 use crate::policy::Policy;
 
 /// `measurement_id` prefix and manufacturer name.
@@ -407,6 +409,105 @@ pub fn normalize_intraday(
                 entry_method: Some("device".to_owned()),
                 provider_group_id: None,
                 provider_modified_at: None,
+                fetched_through: None,
+            });
+        }
+        if !found {
+            stats.entries_without_value += 1;
+        }
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+/// The local day `date` (`YYYY-MM-DD`) in zone `timezone` (else the fallback offset, else
+/// UTC) as epoch ms `[start, end)` with the offset at its start. `None` for a malformed date.
+#[must_use]
+pub fn local_day(
+    date: &str,
+    timezone: Option<&str>,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Option<(i64, i64, Option<i32>)> {
+    let day: jiff::civil::Date = date.trim().parse().ok()?;
+    let next = day.tomorrow().ok()?;
+    let tz = timezone
+        .and_then(|name| TimeZone::get(name.trim()).ok())
+        .or_else(|| {
+            fallback_utc_offset_seconds
+                .and_then(|s| jiff::tz::Offset::from_seconds(s).ok())
+                .map(TimeZone::fixed)
+        })
+        .unwrap_or(TimeZone::UTC);
+    let start = day.to_zoned(tz.clone()).ok()?;
+    let end = next.to_zoned(tz).ok()?;
+    Some((
+        start.timestamp().as_millisecond(),
+        end.timestamp().as_millisecond(),
+        Some(start.offset().seconds()),
+    ))
+}
+
+/// Normalizes `getactivity` rows: for every rule, one Measurement per day that has its field,
+/// covering the local day (`effective_start`..`effective_end`), revised by the row's
+/// `modified` (a later row of the same day is a new version of the same measurement).
+#[must_use]
+pub fn normalize_activity(
+    days: &[ActivityDay],
+    ctx: &Context,
+    rules: &[&DailyRule],
+    policy: &Policy,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let mut out = Vec::new();
+    let user = &ctx.provider_user_id;
+    for day in days {
+        let Some((start, end, offset)) = local_day(
+            &day.date,
+            day.timezone.as_deref(),
+            fallback_utc_offset_seconds,
+        ) else {
+            stats.invalid_values += 1;
+            continue;
+        };
+        let mut found = false;
+        for rule in rules {
+            let Some(&v) = day.values.get(&rule.field) else {
+                continue;
+            };
+            found = true;
+            if !(v.is_finite() && v >= 0.0) {
+                stats.invalid_values += 1;
+                continue;
+            }
+            out.push(Measurement {
+                context: ctx.clone(),
+                measurement_id: format!(
+                    "{PROVIDER_WITHINGS}:{user}:{}:{}",
+                    rule.id,
+                    day.date.trim()
+                ),
+                series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
+                data_type: rule.data_type.clone(),
+                aggregation: policy
+                    .aggregation(&rule.data_type, AGGREGATION_INDIVIDUAL)
+                    .to_owned(),
+                effective_start: start,
+                effective_end: Some(end),
+                utc_offset_seconds: offset,
+                components: vec![Component {
+                    code: COMPONENT_VALUE.to_owned(),
+                    value: v,
+                    unit: rule.unit.clone(),
+                    decimals: Some(0),
+                }],
+                device: device(day.deviceid.as_deref(), day.model.as_deref(), day.modelid),
+                entry_method: Some("device".to_owned()),
+                provider_group_id: None,
+                provider_modified_at: day.modified.map(|m| m.saturating_mul(1000)),
                 fetched_through: None,
             });
         }
@@ -1234,5 +1335,66 @@ mod tests {
         let h = find(&n, "withings:363:3:4");
         assert_eq!(values(h), vec![("value", 180.5, "cm")]);
         assert_eq!(decimals(h), vec![Some(1)]);
+    }
+
+    // ---- daily activity ----
+
+    fn days(body: &str) -> Vec<ActivityDay> {
+        let page: crate::withings::client::ActivityPage = serde_json::from_str(body).unwrap();
+        page.activities
+    }
+
+    #[test]
+    fn test_local_day_follows_the_zone_and_its_dst() {
+        // 2026-03-29: Europe/Paris springs forward, a 23-hour day starting at +01:00.
+        let (s, e, off) = local_day("2026-03-29", Some("Europe/Paris"), None).unwrap();
+        assert_eq!(off, Some(3600));
+        assert_eq!(e - s, 23 * crate::progress::HOUR_MS);
+        assert_eq!(s, 1_774_738_800_000); // 2026-03-28T23:00:00Z
+        // no zone: the fallback offset, else UTC
+        let (s, e, off) = local_day("2026-03-29", None, Some(-18_000)).unwrap();
+        assert_eq!((e - s, off), (24 * crate::progress::HOUR_MS, Some(-18_000)));
+        assert_eq!(local_day("2026-03-29", None, None).unwrap().2, Some(0));
+        assert!(local_day("29/03/2026", None, None).is_none());
+    }
+
+    #[test]
+    fn test_daily_steps_one_per_day_revised_by_modified() {
+        let table = MeasureTable::builtin().unwrap();
+        let rule = table.daily("daily_steps").unwrap();
+        let d = days(
+            r#"{"activities":[
+              {"steps":1209,"distance":1028.559,"calories":85.497,"deviceid":null,"timezone":"Europe/Amsterdam",
+               "date":"2023-10-20","modified":1697884856,"brand":18,"modelid":1055,"model":"GoogleFit tracker","is_tracker":false},
+              {"steps":0,"deviceid":"w1","timezone":"Europe/Amsterdam","date":"2023-10-21","modified":1697900000,"brand":1,"modelid":93,"model":"ScanWatch"},
+              {"distance":12.0,"timezone":"Europe/Amsterdam","date":"2023-10-22","modified":1697990000}],
+             "more":false,"offset":3}"#,
+        );
+        let n = normalize_activity(&d, &ctx(), &[rule], &Policy::default(), None);
+        assert_eq!(n.measurements.len(), 2);
+        assert_eq!(n.stats.entries_without_value, 1);
+        let day = find(&n, "withings:363:day-steps:2023-10-20");
+        assert_eq!(day.data_type, "daily_steps");
+        assert_eq!(day.aggregation, AGGREGATION_INDIVIDUAL);
+        assert_eq!(values(day), vec![("value", 1209.0, "/d")]);
+        assert_eq!(day.effective_start, 1_697_752_800_000); // 2023-10-19T22:00:00Z (+02:00)
+        assert_eq!(day.effective_end, Some(1_697_839_200_000));
+        assert_eq!(day.utc_offset_seconds, Some(7200));
+        assert_eq!(day.provider_modified_at, Some(1_697_884_856_000));
+        assert_eq!(day.device, None, "an external source without device id");
+        let still = find(&n, "withings:363:day-steps:2023-10-21");
+        assert_eq!(
+            values(still)[0].1,
+            0.0,
+            "a day without steps is a day of 0 steps"
+        );
+        // the same day rewritten later: the same id, a later revision
+        let later = days(
+            r#"{"activities":[{"steps":5400,"timezone":"Europe/Amsterdam","date":"2023-10-20","modified":1697999999}]}"#,
+        );
+        let m = normalize_activity(&later, &ctx(), &[rule], &Policy::default(), None);
+        let revised = find(&m, "withings:363:day-steps:2023-10-20");
+        assert!(revised.provider_modified_at > day.provider_modified_at);
+        assert_eq!(values(revised)[0].1, 5400.0);
     }
 }
