@@ -1065,6 +1065,87 @@ async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sleep notification brings the night's summary: sleep duration with its stages in
+/// minutes (93832-4 over the night), and the night's average heart and breathing rates.
+async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5014).await?;
+    let now = Utc::now().timestamp_millis();
+    let end = hour_floor(now) - 6 * HOUR;
+    let start = end - 7 * HOUR - 20 * 60_000;
+    let date = chrono::DateTime::from_timestamp_millis(end)
+        .context("night end")?
+        .format("%Y-%m-%d")
+        .to_string();
+    let night = json!({"id": 930_001, "timezone": "Europe/Berlin", "model": 32, "model_id": 63,
+        "hash_deviceid": "aura-5014", "startdate": start / 1000, "enddate": end / 1000, "date": date,
+        "data": {"total_sleep_time": 23_400, "deepsleepduration": 5_400, "lightsleepduration": 12_630,
+                 "remsleepduration": 5_370, "wakeupduration": 1_800, "hr_average": 58, "rr_average": 13,
+                 "sleep_score": 81},
+        "created": end / 1000 + 600, "modified": end / 1000 + 600});
+    let r = env
+        .http
+        .post(format!(
+            "{}/_sim/users/{}/sleep-summaries",
+            env.sim_url, p.userid
+        ))
+        .json(&json!({"series": [night]}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "sim sleep: {}", r.text().await?);
+    env.notify(p.userid, 44, start, end).await?;
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={}&_count=200", p.reference),
+            3,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(
+        obs.len() == 3,
+        "sleep, heart rate, breathing rate: {}",
+        obs.len()
+    );
+    let by = |code: &str| {
+        obs.iter()
+            .find(|o| code_of(o) == code)
+            .with_context(|| format!("no {code}"))
+    };
+    let sleep = by("93832-4")?;
+    ensure!(
+        quantity(&sleep["valueQuantity"]) == (390.0, "min".into()),
+        "{}",
+        sleep["valueQuantity"]
+    );
+    for (code, minutes) in [("93831-6", 90.0), ("93830-8", 210.5), ("93829-0", 89.5)] {
+        let c =
+            component(sleep, "http://loinc.org", code).with_context(|| format!("stage {code}"))?;
+        ensure!(
+            quantity(&c["valueQuantity"]) == (minutes, "min".into()),
+            "{code}: {}",
+            c["valueQuantity"]
+        );
+    }
+    for o in &obs {
+        ensure!(
+            instant(o["effectivePeriod"]["start"].as_str().unwrap_or(""))? == start,
+            "night start"
+        );
+        ensure!(
+            instant(o["effectivePeriod"]["end"].as_str().unwrap_or(""))? == end,
+            "night end"
+        );
+    }
+    ensure!(
+        quantity(&by("8867-4")?["valueQuantity"]) == (58.0, "/min".into()),
+        "sleep heart rate"
+    );
+    ensure!(
+        quantity(&by("9279-1")?["valueQuantity"]) == (13.0, "/min".into()),
+        "sleep breathing rate"
+    );
+    Ok(())
+}
+
 /// Three deliveries of the same webhook, and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
@@ -1994,6 +2075,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("withings_daily_steps_revised", |e| {
             Box::pin(withings_daily_steps_revised(e))
+        }),
+        ("withings_sleep_summary", |e| {
+            Box::pin(withings_sleep_summary(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

@@ -465,6 +465,8 @@ struct User {
     intraday: BTreeMap<i64, Map<String, Value>>,
     /// Daily activity rows keyed by their `date` (`YYYY-MM-DD`), as `getactivity` answers them.
     activities: BTreeMap<String, Map<String, Value>>,
+    /// Sleep summaries keyed by their night `id`, as `v2/sleep getsummary` answers them.
+    sleep_summaries: BTreeMap<i64, Map<String, Value>>,
     subscriptions: Vec<Subscription>,
     current_access: Option<String>,
     current_refresh: Option<String>,
@@ -609,6 +611,7 @@ impl Inner {
             groups: BTreeMap::new(),
             intraday: BTreeMap::new(),
             activities: BTreeMap::new(),
+            sleep_summaries: BTreeMap::new(),
             subscriptions: Vec::new(),
             current_access: None,
             current_refresh: None,
@@ -928,7 +931,8 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `/v2/oauth2`: `requesttoken` (grant types `authorization_code`,
 ///   `refresh_token`), `revoke`;
 /// * `/measure`: `getmeas`;
-/// * `/v2/measure`: `getintradayactivity`;
+/// * `/v2/measure`: `getintradayactivity`, `getactivity` (daily rows, boolean `more`);
+/// * `/v2/sleep`: `getsummary` (nights, boolean `more`);
 /// * `/notify`: `subscribe`, `list`, `get`, `revoke`, `update`;
 /// * `GET /oauth2_user/authorize2`: browser authorize step, redirects to
 ///   `redirect_uri?code=..&state=..` at once (pick the user with `userid=`,
@@ -939,6 +943,10 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `POST /_sim/users/{userid}/measuregrps` `{"measuregrps":[...]}`;
 /// * `POST /_sim/users/{userid}/intraday` `{"series":{"<epoch>":{...}}}` (an entry with
 ///   `"_stamped_at": <epoch>` is found at its key but served stamped with that time);
+/// * `POST /_sim/users/{userid}/activities` `{"activities":[{"date":"YYYY-MM-DD",...}]}` (a row
+///   replaces the one of its date);
+/// * `POST /_sim/users/{userid}/sleep-summaries` `{"series":[{"id":N,...}]}` (a night replaces
+///   the one with its id);
 /// * `POST /_sim/users/{userid}/expire-access-token`;
 /// * `POST /_sim/users/{userid}/revoke`;
 /// * `POST /_sim/users/{userid}/authorization-code` `{"redirect_uri"?}` →
@@ -954,12 +962,17 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/v2/oauth2", get(api).post(api))
         .route("/measure", get(api).post(api))
         .route("/v2/measure", get(api).post(api))
+        .route("/v2/sleep", get(api).post(api))
         .route("/notify", get(api).post(api))
         .route("/oauth2_user/authorize2", get(authorize))
         .route("/_sim/users", post(sim_create_user))
         .route("/_sim/users/{userid}/measuregrps", post(sim_measuregrps))
         .route("/_sim/users/{userid}/intraday", post(sim_intraday))
         .route("/_sim/users/{userid}/activities", post(sim_activities))
+        .route(
+            "/_sim/users/{userid}/sleep-summaries",
+            post(sim_sleep_summaries),
+        )
         .route(
             "/_sim/users/{userid}/expire-access-token",
             post(sim_expire_access_token),
@@ -1086,6 +1099,10 @@ async fn handle_api(
             ("measure", "getmeas") => {
                 inner.record_requested(userid, params, &["meastype", "meastypes"], "meastype");
                 return inner.getmeas(userid, params, st.config.page_size);
+            }
+            ("v2/sleep", "getsummary") => {
+                inner.record_requested(userid, params, &["data_fields"], "sleep");
+                return inner.sleep_summary(userid, params, st.config.page_size);
             }
             ("v2/measure", "getactivity") => {
                 inner.record_requested(userid, params, &["data_fields"], "activity");
@@ -1438,6 +1455,65 @@ impl Inner {
         Reply::ok(json!({"activities": page, "more": next < rows.len(), "offset": next}))
     }
 
+    /// `v2/sleep getsummary`: the nights whose `date` (the day they end) lies between
+    /// `startdateymd` and `enddateymd`, or modified since `lastupdate`; `data_fields` keeps
+    /// only those fields of each night's `data`; paged with boolean `more` and `offset`.
+    fn sleep_summary(&self, userid: i64, params: &Params, page_size: usize) -> Reply {
+        let Some(user) = self.users.get(&userid) else {
+            return Reply::unauthorized();
+        };
+        let (start, end) = (param(params, "startdateymd"), param(params, "enddateymd"));
+        for d in [start, end].into_iter().flatten() {
+            if chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_err() {
+                return Reply::invalid("invalid startdateymd or enddateymd");
+            }
+        }
+        let (lastupdate, offset) =
+            match (int_param(params, "lastupdate"), int_param(params, "offset")) {
+                (Ok(l), Ok(o)) => (l, o.unwrap_or(0)),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+        if lastupdate.is_none() && (start.is_none() || end.is_none()) {
+            return Reply::invalid("startdateymd and enddateymd, or lastupdate");
+        }
+        let fields: Option<Vec<&str>> = param(params, "data_fields").map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .collect()
+        });
+        let nights: Vec<Value> = user
+            .sleep_summaries
+            .values()
+            .filter(|n| {
+                let date = n.get("date").and_then(Value::as_str).unwrap_or("");
+                start.is_none_or(|s| date >= s) && end.is_none_or(|e| date <= e)
+            })
+            .filter(|n| {
+                lastupdate
+                    .is_none_or(|l| n.get("modified").and_then(Value::as_i64).unwrap_or(0) >= l)
+            })
+            .map(|n| {
+                let mut n = n.clone();
+                if let (Some(fields), Some(Value::Object(data))) = (&fields, n.get_mut("data")) {
+                    data.retain(|k, _| fields.contains(&k.as_str()));
+                }
+                Value::Object(n)
+            })
+            .collect();
+        let Ok(offset) = usize::try_from(offset) else {
+            return Reply::invalid("invalid offset");
+        };
+        let page: Vec<Value> = nights
+            .iter()
+            .skip(offset)
+            .take(page_size.max(1))
+            .cloned()
+            .collect();
+        let next = offset + page.len();
+        Reply::ok(json!({"series": page, "more": next < nights.len(), "offset": next}))
+    }
+
     fn intraday(&self, userid: i64, params: &Params) -> Reply {
         let Some(user) = self.users.get(&userid) else {
             return Reply::unauthorized();
@@ -1774,6 +1850,37 @@ async fn sim_measuregrps(
         Some(n) => axum::Json(json!({ "upserted": n })).into_response(),
         None => unknown_user(userid),
     }
+}
+
+#[derive(Deserialize)]
+struct SleepSummariesBody {
+    series: Vec<Map<String, Value>>,
+}
+
+/// `POST /_sim/users/{userid}/sleep-summaries`: stores nights by their `id` (a night already
+/// there is replaced, as Withings revises a night).
+async fn sim_sleep_summaries(
+    State(st): State<Arc<SimState>>,
+    Path(userid): Path<i64>,
+    body: Bytes,
+) -> Response {
+    let b: SleepSummariesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    let mut stored = 0;
+    for night in b.series {
+        let Some(id) = night.get("id").and_then(Value::as_i64) else {
+            return sim_error(StatusCode::BAD_REQUEST, "every night needs an integer id");
+        };
+        user.sleep_summaries.insert(id, night);
+        stored += 1;
+    }
+    axum::Json(json!({ "stored": stored })).into_response()
 }
 
 #[derive(Deserialize)]

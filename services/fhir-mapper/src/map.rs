@@ -610,10 +610,12 @@ fn insert_measurement_values(
     m: &Measurement,
     entry: &MeasurementEntry,
 ) -> Result<(), MappingError> {
-    let expected: Vec<&str> = match &entry.value {
-        Some(value) => vec![value.source.as_str()],
-        None => entry.components.iter().map(|c| c.source.as_str()).collect(),
-    };
+    let expected: Vec<&str> = entry
+        .value
+        .iter()
+        .map(|v| v.source.as_str())
+        .chain(entry.components.iter().map(|c| c.source.as_str()))
+        .collect();
     for (i, component) in m.components.iter().enumerate() {
         if !expected.contains(&component.code.as_str()) {
             return Err(MappingError::UnexpectedComponent {
@@ -641,11 +643,17 @@ fn insert_measurement_values(
         let component = find(&value.source)?;
         let quantity = component_quantity(&m.data_type, component, &value.units, value.decimals)?;
         obs.insert("valueQuantity".to_owned(), quantity);
+    }
+    if entry.components.is_empty() {
         return Ok(());
     }
     let mut out = Vec::with_capacity(entry.components.len());
     for spec in &entry.components {
-        let component = find(&spec.source)?;
+        let component = match find(&spec.source) {
+            Ok(c) => c,
+            Err(_) if spec.optional => continue,
+            Err(e) => return Err(e),
+        };
         let mut code = Map::new();
         code.insert("coding".to_owned(), codings_json(&spec.code));
         if let Some(text) = &spec.text {
@@ -1123,6 +1131,52 @@ mod tests {
         assert_eq!(obs["effectivePeriod"]["end"], "2026-11-21T00:00:00+01:00");
         assert_eq!(obs["valueQuantity"]["value"], 8412);
         shared_test_validator().validate_all(&obs).unwrap();
+    }
+
+    #[test]
+    fn test_a_night_is_its_total_with_the_stages_it_has() {
+        let part = |code: &str, v: f64| {
+            let mut c = component(code, v, "min");
+            c.decimals = Some(0);
+            c
+        };
+        let mut night = measurement(
+            "sleep_duration",
+            "withings-1-sleep-2081804182",
+            vec![
+                part("value", 311.0),
+                part("deep", 97.0),
+                part("light", 174.0),
+                part("rem", 40.0),
+            ],
+        );
+        night.effective_start = ms("2021-04-17T20:30:53Z");
+        night.effective_end = Some(ms("2021-04-18T02:32:53Z"));
+        let obs = observation(&night);
+        assert_eq!(code_of(&obs), "93832-4");
+        assert_eq!(obs["valueQuantity"]["value"], 311);
+        let codes: Vec<&str> = obs["component"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"]["coding"][0]["code"].as_str().unwrap())
+            .collect();
+        // the night had no awake time: that optional component is left out
+        assert_eq!(codes, ["93831-6", "93830-8", "93829-0"]);
+        shared_test_validator().validate_all(&obs).unwrap();
+        for (data_type, unit) in [
+            ("sleep_heart_rate", "/min"),
+            ("sleep_respiratory_rate", "/min"),
+        ] {
+            let mut m = measurement(
+                data_type,
+                "withings-1-x-1",
+                vec![component("value", 14.0, unit)],
+            );
+            m.effective_end = Some(m.effective_start + 6 * 3_600_000);
+            let obs = observation(&m);
+            shared_test_validator().validate_all(&obs).unwrap();
+        }
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct ComponentEntry {
     /// Round the value to this many decimals (none: written as received).
     #[serde(default)]
     pub decimals: Option<u32>,
+    /// The record may lack this component (it is then left out); else a record without it
+    /// is a mapping error.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// How a Measurement of one data type becomes an Observation.
@@ -146,10 +150,11 @@ pub struct MeasurementEntry {
     /// `Observation.code.text`.
     #[serde(default)]
     pub text: Option<String>,
-    /// A single value (`Observation.valueQuantity`); exclusive with `components`.
+    /// A single value (`Observation.valueQuantity`).
     #[serde(default)]
     pub value: Option<ValueEntry>,
-    /// Panel components, in output order; exclusive with `value`.
+    /// Components, in output order: a panel without `value` (blood pressure), or the parts of
+    /// a value (a night's sleep and its stages).
     #[serde(default)]
     pub components: Vec<ComponentEntry>,
 }
@@ -334,14 +339,16 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
     let at = format!("measurements.{data_type}");
     check_token("data type", data_type)?;
     check_common(&at, entry.profile.as_deref(), &entry.category, &entry.code)?;
-    match (&entry.value, entry.components.is_empty()) {
-        (Some(_), false) => {
-            return invalid(format!("{at}: has both `value` and `components`"));
-        }
-        (None, true) => {
-            return invalid(format!("{at}: needs `value` or `components`"));
-        }
-        _ => {}
+    if entry.value.is_none() && entry.components.is_empty() {
+        return invalid(format!("{at}: needs `value` or `components`"));
+    }
+    if let Some(value) = &entry.value
+        && entry.components.iter().any(|c| c.source == value.source)
+    {
+        return invalid(format!(
+            "{at}: `{}` is both the value and a component",
+            value.source
+        ));
     }
     if let Some(value) = &entry.value {
         check_token(&format!("{at}.value.source"), &value.source)?;
@@ -523,15 +530,19 @@ mod tests {
     }
 
     #[test]
-    fn test_table_rejects_value_and_components_together() {
-        let text = format!(
-            "{DEFAULT_TABLE_TOML}\n[[measurements.heart_rate.components]]\nsource = \"x\"\n\
-             code = [{{ system = \"http://loinc.org\", code = \"1-1\" }}]\n\
-             units = [{{ code = \"/min\", display = \"/min\" }}]\n"
-        );
-        let err = Mapping::from_toml_str(&text).unwrap_err();
+    fn test_table_rejects_the_value_repeated_as_a_component() {
+        let with = |source: &str| {
+            format!(
+                "{DEFAULT_TABLE_TOML}\n[[measurements.heart_rate.components]]\nsource = \"{source}\"\n\
+                 code = [{{ system = \"http://loinc.org\", code = \"1-1\" }}]\n\
+                 units = [{{ code = \"/min\", display = \"/min\" }}]\n"
+            )
+        };
+        // a value with its parts is a valid shape (a night's sleep and its stages)
+        assert!(Mapping::from_toml_str(&with("x")).is_ok());
+        let err = Mapping::from_toml_str(&with("value")).unwrap_err();
         assert!(
-            err.to_string().contains("both `value` and `components`"),
+            err.to_string().contains("both the value and a component"),
             "{err}"
         );
     }

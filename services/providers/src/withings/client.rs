@@ -36,6 +36,8 @@ pub const PATH_OAUTH2: &str = "/v2/oauth2";
 pub const PATH_MEASURE: &str = "/measure";
 /// Path of `getactivity` / `getintradayactivity`.
 pub const PATH_MEASURE_V2: &str = "/v2/measure";
+/// Path of `getsummary` / `get` (sleep).
+pub const PATH_SLEEP_V2: &str = "/v2/sleep";
 
 /// Longest range Withings answers in one `getintradayactivity` call (longer ranges are cut to
 /// the first 24 h).
@@ -521,6 +523,52 @@ const ACTIVITY_ROW_FIELDS: [&str; 8] = [
     "modelid",
 ];
 
+/// One night of `v2/sleep getsummary`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SleepNight {
+    /// The night's id (stable across revisions).
+    #[serde(deserialize_with = "de_string")]
+    pub id: String,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub timezone: Option<String>,
+    /// Start and end of the night (epoch seconds).
+    #[serde(deserialize_with = "de_i64")]
+    pub startdate: i64,
+    #[serde(deserialize_with = "de_i64")]
+    pub enddate: i64,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub modified: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub model_id: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub hash_deviceid: Option<String>,
+    /// The numeric fields of `data` (durations in seconds, rates per minute, ...).
+    #[serde(default, deserialize_with = "de_numbers")]
+    pub data: BTreeMap<String, f64>,
+}
+
+/// One page of `getsummary`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct SleepPage {
+    #[serde(default, deserialize_with = "de_vec_or_empty")]
+    pub series: Vec<SleepNight>,
+    #[serde(default, deserialize_with = "de_bool")]
+    pub more: bool,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub offset: Option<i64>,
+}
+
+/// An object's numeric fields (others, and a null or missing object, give nothing).
+fn de_numbers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Object(fields) => fields
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+            .collect(),
+        _ => BTreeMap::new(),
+    })
+}
+
 /// One page of `getactivity`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct ActivityPage {
@@ -789,6 +837,50 @@ impl WithingsClient {
             }
         }
         Err(WithingsError::Decode("getactivity: too many pages".into()))
+    }
+
+    /// `v2/sleep getsummary` for the nights dated `start_ymd..=end_ymd` and `fields`, over
+    /// all pages (one [`RateGate`] permit per page).
+    ///
+    /// # Errors
+    ///
+    /// The first failing page's error; [`WithingsError::Decode`] when paging does not advance.
+    pub async fn get_sleep_summary(
+        &self,
+        token: &str,
+        start_ymd: &str,
+        end_ymd: &str,
+        fields: &[&str],
+    ) -> Result<Vec<SleepNight>, WithingsError> {
+        let mut out = Vec::new();
+        let mut offset: Option<i64> = None;
+        for _ in 0..MAX_MEASURE_PAGES {
+            let mut form = vec![
+                ("action", "getsummary".to_owned()),
+                ("startdateymd", start_ymd.to_owned()),
+                ("enddateymd", end_ymd.to_owned()),
+                ("data_fields", fields.join(",")),
+            ];
+            if let Some(o) = offset {
+                form.push(("offset", o.to_string()));
+            }
+            let page: SleepPage = self
+                .post(PATH_SLEEP_V2, Some(token), &form, Endpoint::Data)
+                .await?;
+            out.extend(page.series);
+            if !page.more {
+                return Ok(out);
+            }
+            match page.offset {
+                Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
+                _ => {
+                    return Err(WithingsError::Decode(
+                        "getsummary paging does not advance".into(),
+                    ));
+                }
+            }
+        }
+        Err(WithingsError::Decode("getsummary: too many pages".into()))
     }
 
     /// `getintradayactivity` for `fields` (`data_fields`, e.g. `heart_rate,steps`) over

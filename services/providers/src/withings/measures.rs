@@ -59,6 +59,43 @@ pub struct DailyRule {
     pub id: String,
 }
 
+/// One value of a night's summary.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepPart {
+    pub component: String,
+    /// The field of the summary's `data`.
+    pub field: String,
+    /// UCUM unit after dividing.
+    pub unit: String,
+    /// The field's value is divided by it (seconds → minutes: 60).
+    #[serde(default = "one")]
+    pub divisor: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A data type made of a night's summary fields.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepRule {
+    /// Tag in the measurement id.
+    pub id: String,
+    /// The first is the value.
+    pub parts: Vec<SleepPart>,
+}
+
+/// The sleep summary's category and data types.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sleep {
+    pub category: String,
+    /// Data type → its rule.
+    pub types: BTreeMap<String, SleepRule>,
+}
+
 /// A data type made of several measure types of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,17 +116,20 @@ struct Raw {
     #[serde(default)]
     daily: BTreeMap<String, DailyRule>,
     #[serde(default)]
+    sleep: Option<Sleep>,
+    #[serde(default)]
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<String, TypeRule>,
 }
 
 /// The checked table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MeasureTable {
     notify: BTreeMap<i32, Vec<String>>,
     getmeas: BTreeMap<String, Vec<i32>>,
     intraday: BTreeMap<String, IntradayRule>,
     daily: BTreeMap<String, DailyRule>,
+    sleep: Sleep,
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<i32, TypeRule>,
 }
@@ -188,14 +228,31 @@ impl MeasureTable {
                 )));
             }
         }
+        let sleep = raw.sleep.unwrap_or_default();
+        for (data_type, rule) in &sleep.types {
+            let bad_part = rule.parts.iter().any(|p| {
+                p.component.trim().is_empty()
+                    || p.field.trim().is_empty()
+                    || p.unit.trim().is_empty()
+                    || !(p.divisor.is_finite() && p.divisor > 0.0)
+            });
+            if rule.parts.first().is_none_or(|p| p.component != "value") || bad_part {
+                return Err(TableError(format!(
+                    "sleep {data_type}: the first part is the value, every part complete"
+                )));
+            }
+        }
+        let fetched_by = |c: &str| {
+            usize::from(raw.getmeas.contains_key(c))
+                + usize::from(raw.intraday.contains_key(c))
+                + usize::from(raw.daily.contains_key(c))
+                + usize::from(!sleep.types.is_empty() && sleep.category == c)
+        };
         let mut notify = BTreeMap::new();
         for (k, categories) in raw.notify {
             let appli = int_key("notify", &k)?;
             for c in &categories {
-                if !raw.getmeas.contains_key(c)
-                    && !raw.intraday.contains_key(c)
-                    && !raw.daily.contains_key(c)
-                {
+                if fetched_by(c) != 1 {
                     return Err(TableError(format!(
                         "notification {appli} names category {c}, which nothing fetches"
                     )));
@@ -208,6 +265,7 @@ impl MeasureTable {
             getmeas: raw.getmeas,
             intraday: raw.intraday,
             daily: raw.daily,
+            sleep,
             panels: raw.panels,
             types,
         })
@@ -227,6 +285,7 @@ impl MeasureTable {
             .chain(self.intraday.keys())
             .chain(self.daily.keys())
             .map(String::as_str)
+            .chain((!self.sleep.types.is_empty()).then_some(self.sleep.category.as_str()))
             .collect()
     }
 
@@ -264,6 +323,13 @@ impl MeasureTable {
     #[must_use]
     pub fn daily(&self, category: &str) -> Option<&DailyRule> {
         self.daily.get(category)
+    }
+
+    /// The sleep summary's data types, if `category` is the sleep category.
+    #[must_use]
+    pub fn sleep(&self, category: &str) -> Option<&BTreeMap<String, SleepRule>> {
+        (self.sleep.category == category && !self.sleep.types.is_empty())
+            .then_some(&self.sleep.types)
     }
 
     /// What measure type `t` becomes.
@@ -304,6 +370,10 @@ mod tests {
             ["heart_rate", "steps", "spo2", "daily_steps"]
         );
         assert_eq!(t.daily("daily_steps").unwrap().unit, "/d");
+        let sleep = t.sleep("sleep").unwrap();
+        assert_eq!(sleep["sleep_duration"].parts[0].field, "total_sleep_time");
+        assert_eq!(t.categories_of(44), ["sleep"]);
+        assert!(t.categories().contains("sleep"));
         assert_eq!(t.rule(4).unwrap().shift, 2);
         assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
     }

@@ -220,6 +220,17 @@ impl From<WithingsError> for ProviderError {
     }
 }
 
+/// How far local dates reach beyond UTC: the widest UTC offsets are −12 h and +14 h.
+const ZONE_REACH_MS: i64 = 14 * 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// The UTC calendar date (`YYYY-MM-DD`) of an instant (epoch ms).
+fn utc_date(ms: i64) -> Result<String, WithingsError> {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
+        .map_err(|_| WithingsError::Decode("window outside the calendar".into()))
+}
+
 /// Adds a normalization's skip counts to a fetch's.
 fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     for (t, n) in &stats.skipped_types {
@@ -341,22 +352,45 @@ impl Withings {
         ) {
             let rules: Vec<&measures::DailyRule> = daily.iter().map(|(r, _)| *r).collect();
             let fields: Vec<&str> = rules.iter().map(|r| r.field.as_str()).collect();
-            let ymd = |ms: i64| {
-                jiff::Timestamp::from_millisecond(ms)
-                    .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
-                    .map_err(|_| WithingsError::Decode("window outside the calendar".into()))
-            };
-            const REACH_MS: i64 = 14 * 3_600_000;
             let days = client
                 .get_activity(
                     token,
-                    &ymd(start.saturating_sub(REACH_MS))?,
-                    &ymd(end.saturating_add(REACH_MS))?,
+                    &utc_date(start.saturating_sub(ZONE_REACH_MS))?,
+                    &utc_date(end.saturating_add(ZONE_REACH_MS))?,
                     &fields,
                 )
                 .await?;
             fetched.api_calls += 1;
             let n = normalize::normalize_activity(&days, context, &rules, policy, None);
+            count_skips(&mut fetched, &n.stats);
+            out.extend(n.measurements);
+        }
+        // Nights (sleep summary): dated by the day they end, so the dates asked for reach a
+        // day and 14 h before the window and 14 h after it.
+        let sleep = plan
+            .windows
+            .iter()
+            .find_map(|(c, w)| Some((table.sleep(c)?, *w)));
+        if let Some((rules, (start, end))) = sleep
+            && rules.keys().any(|d| policy.allows(d))
+        {
+            let mut fields: Vec<&str> = rules
+                .iter()
+                .filter(|(d, _)| policy.allows(d))
+                .flat_map(|(_, r)| r.parts.iter().map(|p| p.field.as_str()))
+                .collect();
+            fields.sort_unstable();
+            fields.dedup();
+            let nights = client
+                .get_sleep_summary(
+                    token,
+                    &utc_date(start.saturating_sub(ZONE_REACH_MS + DAY_MS))?,
+                    &utc_date(end.saturating_add(ZONE_REACH_MS))?,
+                    &fields,
+                )
+                .await?;
+            fetched.api_calls += 1;
+            let n = normalize::normalize_sleep(&nights, context, rules, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
         }

@@ -32,8 +32,9 @@ use ohx_common::records::{
 
 use super::client::{
     ActivityDay, CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
+    SleepNight,
 };
-use super::measures::{DailyRule, IntradayRule, MeasureTable};
+use super::measures::{DailyRule, IntradayRule, MeasureTable, SleepRule};
 use crate::policy::Policy;
 
 /// `measurement_id` prefix and manufacturer name.
@@ -513,6 +514,94 @@ pub fn normalize_activity(
         }
         if !found {
             stats.entries_without_value += 1;
+        }
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+/// A value divided by `divisor`, with the decimal places that keep it exact up to a tenth
+/// (18660 s / 60 = 311 min; 10470 s / 60 = 174.5 min).
+fn divided(value: f64, divisor: f64) -> (f64, i32) {
+    let v = value / divisor;
+    let places = if (v - v.round()).abs() < 1e-9 { 0 } else { 1 };
+    let scale = 10f64.powi(places);
+    ((v * scale).round() / scale, places)
+}
+
+/// Normalizes `v2/sleep getsummary` nights: for every data type of `rules` (allowed by the
+/// policy), one Measurement per night that has its value, from the night's start to its end,
+/// revised by the night's `modified`.
+#[must_use]
+pub fn normalize_sleep(
+    nights: &[SleepNight],
+    ctx: &Context,
+    rules: &BTreeMap<String, SleepRule>,
+    policy: &Policy,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let mut out = Vec::new();
+    let user = &ctx.provider_user_id;
+    for night in nights {
+        if night.enddate < night.startdate {
+            stats.invalid_values += 1;
+            continue;
+        }
+        let offsets = OffsetResolver::new(
+            night.timezone.as_deref(),
+            fallback_utc_offset_seconds,
+            &mut stats,
+        );
+        for (data_type, rule) in rules {
+            if !policy.allows(data_type) {
+                continue;
+            }
+            let mut components = Vec::with_capacity(rule.parts.len());
+            for part in &rule.parts {
+                let Some(&raw) = night.data.get(&part.field) else {
+                    continue;
+                };
+                if !(raw.is_finite() && raw >= 0.0) {
+                    stats.invalid_values += 1;
+                    continue;
+                }
+                let (value, places) = divided(raw, part.divisor);
+                components.push(Component {
+                    code: part.component.clone(),
+                    value,
+                    unit: part.unit.clone(),
+                    decimals: Some(places),
+                });
+            }
+            // The first part is the value: without it, no measurement of this data type.
+            if components.first().is_none_or(|c| c.code != COMPONENT_VALUE) {
+                continue;
+            }
+            out.push(Measurement {
+                context: ctx.clone(),
+                measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", rule.id, night.id),
+                series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
+                data_type: data_type.clone(),
+                aggregation: policy
+                    .aggregation(data_type, AGGREGATION_INDIVIDUAL)
+                    .to_owned(),
+                effective_start: night.startdate.saturating_mul(1000),
+                effective_end: Some(night.enddate.saturating_mul(1000)),
+                utc_offset_seconds: offsets.offset_at(night.startdate),
+                components,
+                device: night
+                    .hash_deviceid
+                    .as_deref()
+                    .and_then(|d| device(Some(d), None, night.model_id)),
+                entry_method: Some("device".to_owned()),
+                provider_group_id: Some(night.id.clone()),
+                provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
+                fetched_through: None,
+            });
         }
     }
     sort(&mut out);
@@ -1396,5 +1485,61 @@ mod tests {
         let revised = find(&m, "withings:363:day-steps:2023-10-20");
         assert!(revised.provider_modified_at > day.provider_modified_at);
         assert_eq!(values(revised)[0].1, 5400.0);
+    }
+
+    // ---- sleep ----
+
+    #[test]
+    fn test_sleep_summary_night_with_stages_in_minutes() {
+        let table = MeasureTable::builtin().unwrap();
+        let rules = table.sleep("sleep").unwrap();
+        let page: crate::withings::client::SleepPage = serde_json::from_str(
+            r#"{"series":[{"id":2081804182,"timezone":"Europe/Paris","model":32,"model_id":63,
+             "hash_deviceid":"201d0b9a0556d6b755166b2cf8d22d3bdf0487ee",
+             "startdate":1618691453,"enddate":1618713173,"date":"2021-04-18",
+             "data":{"wakeupduration":3060,"wakeupcount":1,"durationtosleep":540,"remsleepduration":2400,
+               "durationtowakeup":1140,"total_sleep_time":18660,"sleep_efficiency":0.86,"sleep_latency":540,
+               "wakeup_latency":1140,"waso":1380,"nb_rem_episodes":1,"out_of_bed_count":0,
+               "lightsleepduration":10470,"deepsleepduration":5820,"hr_average":103,"hr_min":70,"hr_max":120,
+               "rr_average":14,"rr_min":10,"rr_max":20,"breathing_disturbances_intensity":9,"snoring":1080,
+               "snoringepisodecount":18,"sleep_score":37,"apnea_hypopnea_index":9},
+             "created":1620237476,"modified":1620237476},
+             {"id":2081804183,"startdate":1618780000,"enddate":1618790000,"data":{"hr_average":61}}],
+             "more":false,"offset":0}"#,
+        )
+        .unwrap();
+        let n = normalize_sleep(&page.series, &ctx(), rules, &Policy::default(), None);
+        let night = find(&n, "withings:363:sleep:2081804182");
+        assert_eq!(night.data_type, "sleep_duration");
+        assert_eq!(
+            values(night),
+            vec![
+                ("value", 311.0, "min"),
+                ("deep", 97.0, "min"),
+                ("light", 174.5, "min"),
+                ("rem", 40.0, "min"),
+                ("awake", 51.0, "min"),
+            ]
+        );
+        assert_eq!(
+            decimals(night),
+            vec![Some(0), Some(0), Some(1), Some(0), Some(0)]
+        );
+        assert_eq!(night.effective_start, 1_618_691_453_000);
+        assert_eq!(night.effective_end, Some(1_618_713_173_000));
+        assert_eq!(night.utc_offset_seconds, Some(7200));
+        assert_eq!(night.provider_modified_at, Some(1_620_237_476_000));
+        let hr = find(&n, "withings:363:sleep-hr:2081804182");
+        assert_eq!(values(hr), vec![("value", 103.0, "/min")]);
+        let rr = find(&n, "withings:363:sleep-rr:2081804182");
+        assert_eq!(values(rr), vec![("value", 14.0, "/min")]);
+        // a night with only its heart rate: no sleep duration without the total
+        assert!(
+            n.measurements
+                .iter()
+                .all(|m| m.measurement_id != "withings:363:sleep:2081804183")
+        );
+        find(&n, "withings:363:sleep-hr:2081804183");
+        assert_eq!(n.measurements.len(), 4);
     }
 }
