@@ -1115,6 +1115,16 @@ mod tests {
         assert!(obs.get("valueQuantity").is_none());
         assert_eq!(obs["component"].as_array().map(Vec::len), Some(4));
         validator.validate_all(obs).unwrap();
+
+        for (data_type, code) in [("hrv_sdnn", "80404-7"), ("hrv_rmssd", "hrv-rmssd")] {
+            let mut hrv = hourly_hr();
+            hrv.data_type = data_type.into();
+            hrv.unit = "ms".into();
+            let resources = map_aggregate(&hrv, &table(), &settings()).unwrap();
+            let obs = only(&resources, "Observation");
+            assert_eq!(code_of(obs), code);
+            validator.validate_all(obs).unwrap();
+        }
     }
 
     #[test]

@@ -367,8 +367,16 @@ mod tests {
         assert!(t.intraday("steps").unwrap().zero_is_value);
         assert_eq!(
             t.categories_of(16),
-            ["heart_rate", "steps", "spo2", "daily_steps"]
+            [
+                "heart_rate",
+                "steps",
+                "spo2",
+                "hrv_sdnn",
+                "hrv_rmssd",
+                "daily_steps"
+            ]
         );
+        assert_eq!(t.intraday("hrv_sdnn").unwrap().field, "sdnn1");
         assert_eq!(t.daily("daily_steps").unwrap().unit, "/d");
         let sleep = t.sleep("sleep").unwrap();
         assert_eq!(sleep["sleep_duration"].parts[0].field, "total_sleep_time");

@@ -512,7 +512,14 @@ mod tests {
             interpret_(&n("42", "16", Some("1"), Some("2")))
                 .unwrap()
                 .categories,
-            vec!["heart_rate", "steps", "spo2", "daily_steps"]
+            vec![
+                "heart_rate",
+                "steps",
+                "spo2",
+                "hrv_sdnn",
+                "hrv_rmssd",
+                "daily_steps"
+            ]
         );
     }
 
