@@ -845,8 +845,9 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
 }
 
 /// Intraday steps become one Observation per whole UTC hour whose value is the hour's sum
-/// (55423-8), and intraday SpO2 hourly statistics, from one activity notification.
-async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
+/// (55423-8), and intraday SpO2 and heart rate variability (SDNN, RMSSD) hourly statistics,
+/// from one activity notification.
+async fn withings_hourly_steps_spo2_hrv(env: Arc<Env>) -> anyhow::Result<()> {
     let p = env.new_patient(5011).await?;
     let now = Utc::now().timestamp_millis();
     let h1 = hour_floor(now) - 5 * HOUR;
@@ -862,6 +863,10 @@ async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
             if m % 10 == 0 {
                 e["spo2_auto"] = json!(94 + (m / 10) % 5);
             }
+            if m % 15 == 0 {
+                e["sdnn1"] = json!(40 + m / 15);
+                e["rmssd"] = json!(31);
+            }
             series.insert(((hs + m * 60_000) / 1000).to_string(), e);
         }
     }
@@ -870,13 +875,13 @@ async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
     let obs = env
         .wait_for(
             &format!("Observation?subject={}&_count=200", p.reference),
-            4,
+            8,
             Duration::from_secs(90),
         )
         .await?;
     ensure!(
-        obs.len() == 4,
-        "expected 2 step hours and 2 SpO2 hours, got {}",
+        obs.len() == 8,
+        "expected 2 hours each of steps, SpO2, SDNN and RMSSD, got {}",
         obs.len()
     );
     let mut step_hours: Vec<(i64, (f64, String))> = obs
@@ -902,6 +907,12 @@ async fn withings_hourly_steps_and_spo2(env: Arc<Env>) -> anyhow::Result<()> {
         ensure!(count == Some(6), "six SpO2 readings an hour: {count:?}");
         let min = quantity(&component(o, stats, "minimum").context("minimum")?["valueQuantity"]);
         ensure!(min == (94.0, "%".into()), "SpO2 minimum {min:?}");
+    }
+    let sdnn: Vec<&Value> = obs.iter().filter(|o| code_of(o) == "80404-7").collect();
+    ensure!(sdnn.len() == 2, "two SDNN hours: {}", sdnn.len());
+    for o in sdnn {
+        let max = quantity(&component(o, stats, "maximum").context("maximum")?["valueQuantity"]);
+        ensure!(max == (43.0, "ms".into()), "SDNN maximum {max:?}");
     }
     Ok(())
 }
@@ -2067,8 +2078,8 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("withings_measures_to_fhir", |e| {
             Box::pin(withings_measures_to_fhir(e))
         }),
-        ("withings_hourly_steps_and_spo2", |e| {
-            Box::pin(withings_hourly_steps_and_spo2(e))
+        ("withings_hourly_steps_spo2_hrv", |e| {
+            Box::pin(withings_hourly_steps_spo2_hrv(e))
         }),
         ("policy_disabled_data_type_never_fetched", |e| {
             Box::pin(policy_disabled_data_type_never_fetched(e))
