@@ -235,6 +235,20 @@ impl Env {
         self.stack.lock().await.search(query).await
     }
 
+    /// A per-user figure of the simulator's stats (`subscriptions`, `measuregrps`, ...).
+    async fn sim_stat_of(&self, userid: i64, key: &str) -> anyhow::Result<i64> {
+        let stats: Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.sim_url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        stats["tokens"][userid.to_string()][key]
+            .as_i64()
+            .with_context(|| format!("simulator stats have no {key} for user {userid}"))
+    }
+
     async fn sim_stat(&self, key: &str) -> anyhow::Result<i64> {
         let stats: Value = self
             .http
@@ -1154,6 +1168,130 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
         quantity(&by("9279-1")?["valueQuantity"]) == (13.0, "/min".into()),
         "sleep breathing rate"
     );
+    Ok(())
+}
+
+/// The connect flow: `ohx connect` gives the authorize URL; the patient authorizes at the
+/// provider, whose redirect reaches the gateway's callback; the link is stored with its
+/// tokens, subscribed to every category it needs, and its INITIAL backfill brings the last
+/// weeks' data into the EHR. The state cannot be used twice; a disconnect revokes the
+/// subscriptions and stops the link.
+async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()> {
+    let userid = 5015i64;
+    let (reference, patient_id) = {
+        let s = env.stack.lock().await;
+        let r = s
+            .http
+            .post(format!("{}/_sim/users", s.sim_url))
+            .json(
+                &json!({"userid": userid, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}),
+            )
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "sim user: {}", r.text().await?);
+        let fhir_id = format!("p{userid}");
+        let r = s
+            .http
+            .put(format!("{}/Patient/{fhir_id}", s.fhir_base))
+            .header("Content-Type", "application/fhir+json")
+            .json(&json!({"resourceType": "Patient", "id": fhir_id, "active": true}))
+            .send()
+            .await?;
+        ensure!(
+            r.status().is_success(),
+            "create Patient: {}",
+            r.text().await?
+        );
+        let reference = format!("Patient/{fhir_id}");
+        let patient_id = s
+            .ohx_id(&[
+                "create-patient",
+                "--org",
+                &env.org,
+                "--target",
+                &env.target,
+                "--reference",
+                &reference,
+            ])
+            .await?;
+        (reference, patient_id)
+    };
+    // Data from before the connection: the INITIAL backfill (30 days) brings it.
+    let when = Utc::now().timestamp_millis() - 3 * 86_400_000;
+    env.add_groups(
+        userid,
+        json!([weight_group(940_001, when, "scale-5015", 68_350, -3)]),
+    )
+    .await?;
+    let started = env
+        .stack
+        .lock()
+        .await
+        .ohx(&["connect", "--patient", &patient_id, "--app", &env.app])
+        .await?;
+    let authorize = started
+        .first()
+        .and_then(|v| v["authorize_url"].as_str())
+        .context("connect prints the authorize URL")?
+        .to_owned();
+    // The patient's browser: the provider's page redirects to the gateway's callback.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let at_provider = browser
+        .get(format!("{authorize}&userid={userid}"))
+        .send()
+        .await?;
+    ensure!(
+        at_provider.status().is_redirection(),
+        "authorize: {}",
+        at_provider.status()
+    );
+    let callback = at_provider
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("redirect to the callback")?
+        .to_owned();
+    let done = browser.get(&callback).send().await?;
+    let status = done.status();
+    let body: Value = done.json().await?;
+    ensure!(status == 200, "callback {status}: {body}");
+    ensure!(body["status"] == "connected", "{body}");
+    ensure!(
+        body["subscriptions"] == 7,
+        "subscribed to every category: {body}"
+    );
+    let link_id = body["link_id"].as_str().context("link id")?.to_owned();
+    let subscribed = env.sim_stat_of(userid, "subscriptions").await?;
+    ensure!(
+        subscribed == 7,
+        "the provider lists {subscribed} subscriptions"
+    );
+    let obs = env
+        .wait_for(
+            &format!("Observation?subject={reference}&_count=200"),
+            1,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(
+        obs.iter()
+            .any(|o| code_of(o) == "29463-7"
+                && quantity(&o["valueQuantity"]) == (68.35, "kg".into())),
+        "the backfilled weight: {obs:?}"
+    );
+    // The same state again (a reload, a replay): refused.
+    let again = browser.get(&callback).send().await?;
+    ensure!(again.status() == 400, "a used state: {}", again.status());
+    // Disconnect: subscriptions revoked, link disabled.
+    env.stack
+        .lock()
+        .await
+        .ohx(&["disconnect", "--link", &link_id])
+        .await?;
+    let left = env.sim_stat_of(userid, "subscriptions").await?;
+    ensure!(left == 0, "{left} subscriptions left after the disconnect");
     Ok(())
 }
 
@@ -2090,6 +2228,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("withings_sleep_summary", |e| {
             Box::pin(withings_sleep_summary(e))
         }),
+        ("connect_flow_to_first_observations", |e| {
+            Box::pin(connect_flow_to_first_observations(e))
+        }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
         }),
@@ -2142,6 +2283,8 @@ async fn setup() -> anyhow::Result<Env> {
             "--webhook-token",
             WEBHOOK_TOKEN,
             "--api-base-url",
+            &sim_api,
+            "--authorize-base-url",
             &sim_api,
         ])
         .await?;

@@ -438,6 +438,13 @@ impl Stack {
             ("OHX_RATE_LIMIT_PAUSE_MS".into(), "1000".into()),
         ]
         .into_iter()
+        // The gateway's address, once it has one: the connect flow's callback and the
+        // subscriptions it makes point there.
+        .chain(
+            self.ports
+                .get("webhook-gateway")
+                .map(|p| ("OHX_PUBLIC_URL".to_owned(), format!("http://127.0.0.1:{p}"))),
+        )
         .chain(self.extra_env.iter().cloned())
         .collect()
     }

@@ -30,6 +30,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_policies",
         include_str!("../migrations/0006_policies.sql"),
     ),
+    (
+        "0007_connect_flow",
+        include_str!("../migrations/0007_connect_flow.sql"),
+    ),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

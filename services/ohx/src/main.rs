@@ -110,6 +110,26 @@ enum Command {
         /// Provider API base URL (simulators, regional clouds).
         #[arg(long)]
         api_base_url: Option<String>,
+        /// Host of the provider's authorize page (simulators, regional clouds).
+        #[arg(long)]
+        authorize_base_url: Option<String>,
+    },
+    /// Starts connecting a patient to a provider account: prints {"authorize_url"} for the
+    /// patient's browser. The state in it is single use and expires; the provider redirects
+    /// to the gateway's `OHX_PUBLIC_URL/oauth/<provider>/callback`, which finishes the link.
+    Connect {
+        #[arg(long)]
+        patient: Uuid,
+        #[arg(long)]
+        app: Uuid,
+        /// Seconds the authorization may take.
+        #[arg(long, default_value_t = 600)]
+        expires_in: i64,
+    },
+    /// Disconnects a link: revokes its provider subscriptions and stops syncing it.
+    Disconnect {
+        #[arg(long)]
+        link: Uuid,
     },
     /// Links a patient to a provider account with its tokens; prints {"id"}.
     CreateLink {
@@ -308,6 +328,75 @@ fn producer() -> anyhow::Result<Producer> {
     )?)
 }
 
+/// Revokes a link's subscriptions (refreshing its token once if the provider rejects it) and
+/// disables the link.
+async fn disconnect(link: Uuid) -> anyhow::Result<usize> {
+    let pool = ohx_common::db::pool_from_env()?;
+    let secrets = SecretBox::from_env()?;
+    let store = fetcher::store::Store::new(pool.clone(), secrets.clone());
+    let l = store.load_link(link).await?;
+    let providers = ohx_providers::Registry::standard(Default::default())?;
+    let adapter = providers
+        .get(&l.provider)
+        .with_context(|| format!("unknown provider {}", l.provider))?;
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT webhook_token_sealed FROM provider_apps WHERE id = $1",
+            &[&l.app_id],
+        )
+        .await?;
+    let sealed: Option<String> = row.get(0);
+    let token = secrets.open_string(
+        &sealed
+            .context("the app has no stored webhook token (created before 0007): recreate it")?,
+        &format!("provider_app:{}:webhook_token", l.app_id),
+    )?;
+    let public = std::env::var("OHX_PUBLIC_URL").context("OHX_PUBLIC_URL")?;
+    let callback = format!(
+        "{}/webhooks/{}?token={token}",
+        public.trim_end_matches('/'),
+        l.provider
+    );
+    let base = l
+        .api_base_url
+        .clone()
+        .unwrap_or_else(|| adapter.default_base_url().to_owned());
+    let api = ohx_providers::Api::new(
+        reqwest::Client::new(),
+        &base,
+        std::sync::Arc::new(ohx_providers::NoRateGate),
+    );
+    let revoked = match adapter.unsubscribe(&api, &l.access_token, &callback).await {
+        Err(ohx_providers::ProviderError::TokenRejected { .. }) if l.status == "active" => {
+            let app = ohx_providers::AppCredentials {
+                client_id: l.client_id.clone(),
+                client_secret: l.client_secret.clone(),
+            };
+            let refreshed = store
+                .refresh(&l, Some(&l.access_token), |rt| {
+                    let (adapter, api, app) = (adapter.clone(), api.clone(), app.clone());
+                    async move { adapter.refresh(&api, &app, rt).await }
+                })
+                .await?;
+            match refreshed {
+                Ok(fetcher::store::Refreshed::Token(t)) => {
+                    adapter.unsubscribe(&api, &t, &callback).await?
+                }
+                _ => 0,
+            }
+        }
+        other => other?,
+    };
+    client
+        .execute(
+            "UPDATE provider_links SET status = 'disabled', status_reason = 'disconnected', updated_at = now() WHERE id = $1",
+            &[&link],
+        )
+        .await?;
+    Ok(revoked)
+}
+
 fn print(v: serde_json::Value) {
     println!("{v}");
 }
@@ -443,22 +532,78 @@ async fn main() -> anyhow::Result<()> {
             client_secret,
             webhook_token,
             api_base_url,
+            authorize_base_url,
         } => {
             let id = Uuid::new_v4();
-            let sealed = SecretBox::from_env()?.seal(
+            let secrets = SecretBox::from_env()?;
+            let sealed = secrets.seal(
                 client_secret.as_bytes(),
                 &format!("provider_app:{id}:client_secret"),
+            )?;
+            let sealed_token = secrets.seal(
+                webhook_token.as_bytes(),
+                &format!("provider_app:{id}:webhook_token"),
             )?;
             let token_hash = hex::encode(Sha256::digest(webhook_token.as_bytes()));
             db().await?
                 .execute(
-                    "INSERT INTO provider_apps (id, organization_id, provider, client_id, client_secret, webhook_token_sha256, api_base_url) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                    &[&id, &org, &provider, &client_id, &sealed, &token_hash, &api_base_url],
+                    "INSERT INTO provider_apps (id, organization_id, provider, client_id, client_secret, webhook_token_sha256, api_base_url, webhook_token_sealed, authorize_base_url) \
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                    &[&id, &org, &provider, &client_id, &sealed, &token_hash, &api_base_url, &sealed_token, &authorize_base_url],
                 )
                 .await?;
             print(
                 json!({"id": id, "webhook_path": format!("/webhooks/{provider}?token=<webhook token>")}),
             );
+        }
+        Command::Connect {
+            patient,
+            app,
+            expires_in,
+        } => {
+            let public = std::env::var("OHX_PUBLIC_URL")
+                .context("OHX_PUBLIC_URL: the gateway's public base URL (for the callback)")?;
+            let client = db().await?;
+            let row = client
+                .query_one(
+                    "SELECT a.organization_id, a.provider, a.client_id, a.authorize_base_url FROM provider_apps a \
+                     JOIN patients p ON p.organization_id = a.organization_id WHERE a.id = $1 AND p.id = $2",
+                    &[&app, &patient],
+                )
+                .await
+                .context("unknown app, or a patient of another organization")?;
+            let (org, provider, client_id, authorize_base): (Uuid, String, String, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let providers = ohx_providers::Registry::standard(Default::default())?;
+            let adapter = providers
+                .get(&provider)
+                .with_context(|| format!("unknown provider {provider}"))?;
+            // 244 random bits, hex: single use, expiring, only its hash is stored.
+            let state = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+            let redirect_uri =
+                format!("{}/oauth/{provider}/callback", public.trim_end_matches('/'));
+            client
+                .execute(
+                    "INSERT INTO oauth_states (state_sha256, organization_id, patient_id, provider_app_id, redirect_uri, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+                    &[&hex::encode(Sha256::digest(state.as_bytes())), &org, &patient, &app, &redirect_uri, &(expires_in.max(1) as f64)],
+                )
+                .await?;
+            let credentials = ohx_providers::AppCredentials {
+                client_id,
+                client_secret: String::new(),
+            };
+            let url = adapter.authorize_url(
+                authorize_base.as_deref(),
+                &credentials,
+                &redirect_uri,
+                &state,
+            );
+            print(json!({"authorize_url": url, "expires_in": expires_in}));
+        }
+        Command::Disconnect { link } => {
+            let revoked = disconnect(link).await?;
+            print(json!({"link": link, "status": "disabled", "subscriptions_revoked": revoked}));
         }
         Command::CreateLink {
             app,

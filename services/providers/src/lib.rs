@@ -134,6 +134,13 @@ impl fmt::Debug for Tokens {
     }
 }
 
+/// What a code exchange gives: the tokens and who they are for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connected {
+    pub tokens: Tokens,
+    pub provider_user_id: String,
+}
+
 /// A provider application's credentials. `Debug` redacts the secret.
 #[derive(Clone)]
 pub struct AppCredentials {
@@ -285,6 +292,43 @@ pub trait Provider: Send + Sync + 'static {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<Vec<Notice>, BadNotice>;
+
+    /// The URL of the provider's authorize page for the connect flow; `authorize_base`
+    /// replaces the production host (regional clouds, simulators).
+    fn authorize_url(
+        &self,
+        authorize_base: Option<&str>,
+        app: &AppCredentials,
+        redirect_uri: &str,
+        state: &str,
+    ) -> String;
+
+    /// Exchanges an authorization code for tokens and the provider's user id.
+    fn exchange_code<'a>(
+        &'a self,
+        api: &'a Api,
+        app: &'a AppCredentials,
+        code: &'a str,
+        redirect_uri: &'a str,
+    ) -> BoxFuture<'a, Result<Connected, ProviderError>>;
+
+    /// Subscribes a newly connected user to every notification ohx needs, at
+    /// `callback_url`; returns how many subscriptions were made.
+    fn subscribe<'a>(
+        &'a self,
+        api: &'a Api,
+        access_token: &'a str,
+        callback_url: &'a str,
+    ) -> BoxFuture<'a, Result<usize, ProviderError>>;
+
+    /// Revokes what [`Provider::subscribe`] made (a disconnect); a subscription already gone
+    /// is not an error.
+    fn unsubscribe<'a>(
+        &'a self,
+        api: &'a Api,
+        access_token: &'a str,
+        callback_url: &'a str,
+    ) -> BoxFuture<'a, Result<usize, ProviderError>>;
 
     /// Refreshes a link's tokens.
     fn refresh<'a>(

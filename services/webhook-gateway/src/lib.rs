@@ -7,6 +7,7 @@
 //! acknowledged by the broker (acks=all), 503 otherwise so that the provider retries (Withings
 //! expects an answer within 2 s).
 
+pub mod connect;
 pub mod lookup;
 
 use axum::Router;
@@ -14,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use deadpool_postgres::Pool;
 use lookup::{LinkRow, LookupCache};
 use ohx_common::admin::Problem;
@@ -58,6 +59,8 @@ pub struct AppState {
     /// Longest notified window accepted (`OHX_MAX_WEBHOOK_WINDOW_DAYS`, default
     /// [`DEFAULT_MAX_WEBHOOK_WINDOW_DAYS`]).
     pub max_window: Duration,
+    /// The connect flow's callback (`None` without `OHX_PUBLIC_URL`: the route answers 404).
+    pub connect: Option<connect::ConnectSettings>,
 }
 
 /// Default longest window of a notification, in days. Withings notifies the window of the data
@@ -99,6 +102,7 @@ pub fn validate_window(
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/{provider}", post(webhook).head(probe).get(probe))
+        .route("/oauth/{provider}/callback", get(connect::callback))
         .with_state(state)
 }
 
@@ -109,7 +113,7 @@ async fn probe(State(state): State<AppState>, Path(provider): Path<String>) -> R
     }
 }
 
-fn unknown_provider(provider: &str) -> Response {
+pub(crate) fn unknown_provider(provider: &str) -> Response {
     Problem::new(StatusCode::NOT_FOUND, "Unknown provider")
         .detail(format!("ohx has no provider called {provider:?}"))
         .into_response()
@@ -224,7 +228,7 @@ pub fn encode_failure(e: &CodecError) -> Option<Unavailable> {
 
 /// Runs a database step under the pool's timeout (a connection taken from the pool can still
 /// hang on a query if the server stalls).
-async fn db_step<T, E: std::fmt::Display>(
+pub(crate) async fn db_step<T, E: std::fmt::Display>(
     provider: &str,
     timeout: Duration,
     what: &'static str,
@@ -614,6 +618,7 @@ mod tests {
             ack_timeout: Duration::from_millis(600),
             db_timeout: Duration::from_millis(300),
             max_window: Duration::from_secs(31 * 86_400),
+            connect: None,
         }
     }
 

@@ -12,7 +12,25 @@ async fn main() -> anyhow::Result<()> {
         ohx_common::db::url_from_env(),
         ohx_common::db::CONFIG_CHANGED_CHANNEL,
     );
+    // The connect flow's callback needs the gateway's public URL (for the subscriptions it
+    // makes) and the secret keys (the app's client secret, the link's tokens).
+    let connect = match std::env::var("OHX_PUBLIC_URL") {
+        Ok(public_url) if !public_url.trim().is_empty() => {
+            Some(webhook_gateway::connect::ConnectSettings {
+                secrets: ohx_common::crypto::SecretBox::from_env()?,
+                http: reqwest::Client::builder()
+                    .timeout(ohx_common::config::millis(
+                        "OHX_PROVIDER_TIMEOUT_MS",
+                        30_000,
+                    )?)
+                    .build()?,
+                public_url,
+            })
+        }
+        _ => None,
+    };
     let state = webhook_gateway::AppState {
+        connect,
         // The gateway only parses webhooks: the adapters' fetch settings do not matter here.
         providers: ohx_providers::Registry::standard(Default::default())?,
         pool,

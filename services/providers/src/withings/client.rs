@@ -36,6 +36,12 @@ pub const PATH_OAUTH2: &str = "/v2/oauth2";
 pub const PATH_MEASURE: &str = "/measure";
 /// Path of `getactivity` / `getintradayactivity`.
 pub const PATH_MEASURE_V2: &str = "/v2/measure";
+/// Path of the notification subscriptions (`subscribe`, `list`, `revoke`).
+pub const PATH_NOTIFY: &str = "/notify";
+/// Path of the browser's authorize step (on `account.withings.com` in production).
+pub const PATH_AUTHORIZE: &str = "/oauth2_user/authorize2";
+/// Production host of the authorize step.
+pub const DEFAULT_AUTHORIZE_BASE_URL: &str = "https://account.withings.com";
 /// Path of `getsummary` / `get` (sleep).
 pub const PATH_SLEEP_V2: &str = "/v2/sleep";
 
@@ -837,6 +843,52 @@ impl WithingsClient {
             }
         }
         Err(WithingsError::Decode("getactivity: too many pages".into()))
+    }
+
+    /// Subscribes the token's user to notifications of category `appli` at `callback_url`
+    /// (Withings probes the URL with `HEAD` first and answers status 293 if it fails).
+    ///
+    /// # Errors
+    ///
+    /// See [`WithingsError`].
+    pub async fn subscribe(
+        &self,
+        token: &str,
+        callback_url: &str,
+        appli: i32,
+    ) -> Result<(), WithingsError> {
+        let form = [
+            ("action", "subscribe".to_owned()),
+            ("callbackurl", callback_url.to_owned()),
+            ("appli", appli.to_string()),
+            ("comment", "ohx".to_owned()),
+        ];
+        let _: Value = self
+            .post(PATH_NOTIFY, Some(token), &form, Endpoint::Data)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes the token's user's subscription to `appli` at `callback_url`.
+    ///
+    /// # Errors
+    ///
+    /// See [`WithingsError`] (status 2554: no such subscription).
+    pub async fn revoke_subscription(
+        &self,
+        token: &str,
+        callback_url: &str,
+        appli: i32,
+    ) -> Result<(), WithingsError> {
+        let form = [
+            ("action", "revoke".to_owned()),
+            ("callbackurl", callback_url.to_owned()),
+            ("appli", appli.to_string()),
+        ];
+        let _: Value = self
+            .post(PATH_NOTIFY, Some(token), &form, Endpoint::Data)
+            .await?;
+        Ok(())
     }
 
     /// `v2/sleep getsummary` for the nights dated `start_ymd..=end_ymd` and `fields`, over

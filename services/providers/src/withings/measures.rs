@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The table compiled into the binary.
 pub const BUILTIN: &str = include_str!("measures.toml");
 
+/// The user-profile notification category (`action=delete` / `unlink` end a link).
+pub const APPLI_USER: i32 = 46;
+
 /// Why a table was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("withings measure table: {0}")]
@@ -269,6 +272,18 @@ impl MeasureTable {
             panels: raw.panels,
             types,
         })
+    }
+
+    /// The notification categories a connected user is subscribed to: every category with
+    /// data to fetch, and the user-profile category 46 (an unlink ends the link).
+    #[must_use]
+    pub fn subscriptions(&self) -> Vec<i32> {
+        let mut applis: Vec<i32> = self.notify.keys().copied().collect();
+        if !applis.contains(&APPLI_USER) {
+            applis.push(APPLI_USER);
+        }
+        applis.sort_unstable();
+        applis
     }
 
     /// The fetch categories of a notification category (empty: nothing to fetch).

@@ -12,11 +12,11 @@ pub mod normalize;
 
 use crate::progress::{hourly_progress_end, mark_progress, widen_to_hours};
 use crate::{
-    Api, AppCredentials, BadNotice, BoxFuture, Fetched, Notice, NoticeKind, Plan, Provider,
-    ProviderError, RatePolicy, Tokens,
+    Api, AppCredentials, BadNotice, BoxFuture, Connected, Fetched, Notice, NoticeKind, Plan,
+    Provider, ProviderError, RatePolicy, Tokens,
 };
 use client::{CATEGORY_REAL, MeasureSelector, Window, WithingsClient, WithingsError};
-use measures::{MeasureTable, TableError};
+use measures::{APPLI_USER, MeasureTable, TableError};
 use normalize::NormalizeStats;
 use ohx_common::records::{AGGREGATION_HOURLY, Context};
 use serde::Deserialize;
@@ -25,6 +25,9 @@ use std::sync::Arc;
 
 /// The provider's name.
 pub const NAME: &str = "withings";
+
+/// The scopes ohx asks for (comma-separated, as Withings wants them).
+const SCOPES: &str = "user.info,user.metrics,user.activity";
 
 /// Settings of the Withings adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +86,6 @@ pub struct WithingsNotification {
 /// Notification categories that announce an event and carry no data to fetch: in bed (50),
 /// out of bed (51), cuff inflation done (52), ECG failed (55).
 const EVENT_ONLY_APPLIS: [i32; 4] = [50, 51, 52, 55];
-/// The user-profile category: `action=delete` / `unlink` ends the link.
-const APPLI_USER: i32 = 46;
 
 /// Validates a notification and says what it asks for.
 ///
@@ -440,6 +441,90 @@ impl Provider for Withings {
         Ok(vec![interpret(&n, &self.table)?])
     }
 
+    fn authorize_url(
+        &self,
+        authorize_base: Option<&str>,
+        app: &AppCredentials,
+        redirect_uri: &str,
+        state: &str,
+    ) -> String {
+        let base = authorize_base
+            .unwrap_or(client::DEFAULT_AUTHORIZE_BASE_URL)
+            .trim_end_matches('/');
+        let query = serde_urlencoded::to_string([
+            ("response_type", "code"),
+            ("client_id", app.client_id.as_str()),
+            ("scope", SCOPES),
+            ("redirect_uri", redirect_uri),
+            ("state", state),
+        ])
+        .unwrap_or_default();
+        format!("{base}{}?{query}", client::PATH_AUTHORIZE)
+    }
+
+    fn exchange_code<'a>(
+        &'a self,
+        api: &'a Api,
+        app: &'a AppCredentials,
+        code: &'a str,
+        redirect_uri: &'a str,
+    ) -> BoxFuture<'a, Result<Connected, ProviderError>> {
+        Box::pin(async move {
+            let t = WithingsClient::from_api(api)
+                .exchange_code(&app.client_id, &app.client_secret, code, redirect_uri)
+                .await?;
+            Ok(Connected {
+                provider_user_id: t.userid.clone(),
+                tokens: Tokens {
+                    access_token: t.access_token,
+                    refresh_token: Some(t.refresh_token),
+                    expires_in: t.expires_in,
+                    scope: t.scope,
+                },
+            })
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        api: &'a Api,
+        access_token: &'a str,
+        callback_url: &'a str,
+    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
+        Box::pin(async move {
+            let client = WithingsClient::from_api(api);
+            let applis = self.table.subscriptions();
+            for appli in &applis {
+                client.subscribe(access_token, callback_url, *appli).await?;
+            }
+            Ok(applis.len())
+        })
+    }
+
+    fn unsubscribe<'a>(
+        &'a self,
+        api: &'a Api,
+        access_token: &'a str,
+        callback_url: &'a str,
+    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
+        Box::pin(async move {
+            let client = WithingsClient::from_api(api);
+            let mut revoked = 0;
+            for appli in self.table.subscriptions() {
+                match client
+                    .revoke_subscription(access_token, callback_url, appli)
+                    .await
+                {
+                    Ok(()) => revoked += 1,
+                    // 2554: no such subscription (already gone).
+                    Err(WithingsError::Api { status: 2554, .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(revoked)
+        })
+    }
+
     fn refresh<'a>(
         &'a self,
         api: &'a Api,
@@ -570,6 +655,48 @@ mod tests {
         assert_eq!(got[0].provider_user_id, "12345");
         assert_eq!(got[0].window, Some((1_530_576_000_000, 1_530_698_754_000)));
         assert!(w.parse_webhook(None, b"appli=1").is_err());
+    }
+
+    #[test]
+    fn test_authorize_url_carries_client_scopes_redirect_and_state() {
+        let w = Withings::new(WithingsSettings::default()).unwrap();
+        let app = AppCredentials {
+            client_id: "cid".into(),
+            client_secret: "secret".into(),
+        };
+        let url = w.authorize_url(
+            None,
+            &app,
+            "https://ohx.example/oauth/withings/callback",
+            "s t",
+        );
+        assert!(
+            url.starts_with("https://account.withings.com/oauth2_user/authorize2?"),
+            "{url}"
+        );
+        let query: Vec<(String, String)> =
+            serde_urlencoded::from_str(url.split_once('?').unwrap().1).unwrap();
+        let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("response_type"), Some("code"));
+        assert_eq!(get("client_id"), Some("cid"));
+        assert_eq!(get("scope"), Some("user.info,user.metrics,user.activity"));
+        assert_eq!(
+            get("redirect_uri"),
+            Some("https://ohx.example/oauth/withings/callback")
+        );
+        assert_eq!(get("state"), Some("s t"));
+        assert!(!url.contains("secret"));
+        let sim = w.authorize_url(Some("http://127.0.0.1:9/"), &app, "r", "s");
+        assert!(
+            sim.starts_with("http://127.0.0.1:9/oauth2_user/authorize2?"),
+            "{sim}"
+        );
+    }
+
+    #[test]
+    fn test_a_connected_user_is_subscribed_to_every_fetched_category_and_unlinks() {
+        let t = MeasureTable::builtin().unwrap();
+        assert_eq!(t.subscriptions(), vec![1, 2, 4, 16, 44, 46, 54]);
     }
 
     #[test]
