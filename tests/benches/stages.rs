@@ -140,45 +140,60 @@ fn main() -> anyhow::Result<()> {
         started,
     );
 
-    // fetcher: provider JSON -> Measurements (Avro).
-    let groups: Vec<serde_json::Value> = (0..100)
-        .map(|g| json!({"grpid": 5_000_000 + g, "attrib": 0, "date": 1_790_000_000 + g * 60, "created": 1_790_000_100, "modified": 1_790_000_100,
-                        "category": 1, "deviceid": "bpm", "hash_deviceid": "bpm", "modelid": 45, "model": "BPM Connect", "comment": null,
-                        "measures": [{"value": 12100, "type": 10, "unit": -2}, {"value": 80, "type": 9, "unit": 0}, {"value": 7200, "type": 11, "unit": -2}]}))
-        .collect();
-    let page = json!({"status": 0, "body": {"updatetime": 1_790_000_200, "timezone": "Europe/Berlin", "measuregrps": groups, "more": 0, "offset": 0}});
-    let page_text = page.to_string();
-    let rounds = 100;
-    let started = Instant::now();
-    let mut produced = 0usize;
-    rt.block_on(async {
-        for _ in 0..rounds {
-            let v: serde_json::Value = serde_json::from_str(&page_text)?;
-            let resp = ohx_providers::withings::client::MeasureResponse {
-                updatetime: v["body"]["updatetime"].as_i64(),
-                timezone: v["body"]["timezone"].as_str().map(str::to_string),
-                measuregrps: serde_json::from_value(v["body"]["measuregrps"].clone())?,
-            };
-            let out = ohx_providers::withings::normalize::normalize_measures(
-                &resp,
-                &ctx(),
-                withings.table(),
-                &Default::default(),
-                None,
-            );
-            for m in &out.measurements {
-                black_box(codec.encode(topic::MEASUREMENTS, m).await?);
-                produced += 1;
+    // fetcher: provider JSON -> Measurements (Avro), for blood-pressure groups (3 measures,
+    // one panel) and Body Cardio weigh-ins (10 types of one group, each its own data type).
+    let bp_group = |g: i64| {
+        json!({"grpid": 5_000_000 + g, "attrib": 0, "date": 1_790_000_000 + g * 60, "created": 1_790_000_100, "modified": 1_790_000_100,
+               "category": 1, "deviceid": "bpm", "hash_deviceid": "bpm", "modelid": 45, "model": "BPM Connect", "comment": null,
+               "measures": [{"value": 12100, "type": 10, "unit": -2}, {"value": 80, "type": 9, "unit": 0}, {"value": 7200, "type": 11, "unit": -2}]})
+    };
+    let body_group = |g: i64| {
+        let m = |value: i64, ty: i64, unit: i64| json!({"value": value, "type": ty, "unit": unit});
+        json!({"grpid": 6_000_000 + g, "attrib": 0, "date": 1_790_000_000 + g * 60, "created": 1_790_000_100, "modified": 1_790_000_100,
+               "category": 1, "deviceid": "scale", "hash_deviceid": "scale", "modelid": 6, "model": "Body Cardio", "comment": null,
+               "measures": [m(500_000, 1, -4), m(180, 4, -2), m(41_250, 5, -3), m(1750, 6, -2), m(8750, 8, -3),
+                            m(3910, 76, -2), m(2805, 77, -2), m(205, 88, -2), m(712, 91, -2), m(64, 11, 0)]})
+    };
+    for (label, group) in [
+        (
+            "getmeas JSON (BP) -> Measurements (Avro), per measurement",
+            &bp_group as &dyn Fn(i64) -> serde_json::Value,
+        ),
+        (
+            "getmeas JSON (body composition) -> Measurements (Avro)",
+            &body_group,
+        ),
+    ] {
+        let groups: Vec<serde_json::Value> = (0..100).map(group).collect();
+        let page = json!({"status": 0, "body": {"updatetime": 1_790_000_200, "timezone": "Europe/Berlin", "measuregrps": groups, "more": 0, "offset": 0}});
+        let page_text = page.to_string();
+        let rounds = 100;
+        let started = Instant::now();
+        let mut produced = 0usize;
+        rt.block_on(async {
+            for _ in 0..rounds {
+                let v: serde_json::Value = serde_json::from_str(&page_text)?;
+                let resp = ohx_providers::withings::client::MeasureResponse {
+                    updatetime: v["body"]["updatetime"].as_i64(),
+                    timezone: v["body"]["timezone"].as_str().map(str::to_string),
+                    measuregrps: serde_json::from_value(v["body"]["measuregrps"].clone())?,
+                };
+                let out = ohx_providers::withings::normalize::normalize_measures(
+                    &resp,
+                    &ctx(),
+                    withings.table(),
+                    &Default::default(),
+                    None,
+                );
+                for m in &out.measurements {
+                    black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                    produced += 1;
+                }
             }
-        }
-        anyhow::Ok(())
-    })?;
-    report(
-        "fetcher",
-        "getmeas JSON -> Measurements (Avro), per measurement",
-        produced,
-        started,
-    );
+            anyhow::Ok(())
+        })?;
+        report("fetcher", label, produced, started);
+    }
 
     // hourly-aggregator: decode a sample, add it to its window; closes and encodes aggregates.
     let series: Vec<String> = (0..50).map(|s| format!("patient-{s}/heart_rate")).collect();
