@@ -839,8 +839,8 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
     let unmapped = env
         .metric(
             "fetcher",
-            "ohx_measurements_skipped_total",
-            &["reason=\"unmapped_type\"", "type=\"withings:170\""],
+            "ohx_measurements_unmapped_total",
+            &["type=\"withings:170\""],
         )
         .await?;
     ensure!(

@@ -44,6 +44,12 @@ static REFRESHES: LazyLock<Counter<u64>> = LazyLock::new(|| {
         "Token refreshes, by provider and outcome",
     )
 });
+static UNMAPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_measurements_unmapped",
+        "Provider measures of a type ohx does not map, by provider and provider type",
+    )
+});
 static SKIPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_counter(
         "ohx_measurements_skipped",
@@ -683,6 +689,15 @@ impl Processor for Fetcher {
                                 KeyValue::new("type", detail.clone()),
                             ],
                         );
+                        if reason == ohx_providers::SKIP_UNMAPPED_TYPE {
+                            UNMAPPED.add(
+                                *n,
+                                &[
+                                    KeyValue::new("provider", provider_name.clone()),
+                                    KeyValue::new("type", detail.clone()),
+                                ],
+                            );
+                        }
                         let key = if detail.is_empty() {
                             reason.clone()
                         } else {

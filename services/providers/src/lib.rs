@@ -226,6 +226,10 @@ impl Fetched {
     }
 }
 
+/// The skip reason of a provider measure of a type ohx does not map (also counted in
+/// `ohx_measurements_unmapped_total`).
+pub const SKIP_UNMAPPED_TYPE: &str = "unmapped_type";
+
 /// What a webhook notification means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoticeKind {

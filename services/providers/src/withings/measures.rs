@@ -322,6 +322,12 @@ impl MeasureTable {
         set.into_iter().collect()
     }
 
+    /// Whether `allowed` accepts the data type of every measure type of the table.
+    #[must_use]
+    pub fn all_types_allowed(&self, allowed: impl Fn(&str) -> bool) -> bool {
+        self.types.values().all(|r| allowed(&r.data_type))
+    }
+
     /// Whether a fetch category is answered by `getmeas`.
     #[must_use]
     pub fn is_getmeas(&self, category: &str) -> bool {
@@ -409,6 +415,13 @@ mod tests {
         let no_bp = t.meastypes(["blood_pressure"], |d| d != "blood_pressure");
         assert_eq!(no_bp, vec![11, 54]);
         assert!(t.meastypes(["body"], |_| false).is_empty());
+    }
+
+    #[test]
+    fn test_all_types_allowed_only_when_no_data_type_is_refused() {
+        let t = MeasureTable::builtin().unwrap();
+        assert!(t.all_types_allowed(|_| true));
+        assert!(!t.all_types_allowed(|d| d != "bone_mass"));
     }
 
     #[test]

@@ -235,7 +235,7 @@ fn utc_date(ms: i64) -> Result<String, WithingsError> {
 /// Adds a normalization's skip counts to a fetch's.
 fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     for (t, n) in &stats.skipped_types {
-        out.skip("unmapped_type", &format!("{NAME}:{t}"), *n);
+        out.skip(crate::SKIP_UNMAPPED_TYPE, &format!("{NAME}:{t}"), *n);
     }
     out.skip("objective_group", "", stats.objective_groups_skipped);
     out.skip("duplicate_measure", "", stats.duplicate_measures_dropped);
@@ -274,6 +274,15 @@ impl Withings {
             .collect();
         let policy = &plan.policy;
         let types = table.meastypes(spot.iter().copied(), |d| policy.allows(d));
+        // While the policy allows every data type of the table, ask for all types (no
+        // `meastypes`): a measure type ohx does not map yet then shows up, counted as
+        // unmapped, instead of never being seen. Otherwise ask for the allowed types only, so
+        // a disabled data type is never fetched.
+        let ask = if table.all_types_allowed(|d| policy.allows(d)) {
+            Vec::new()
+        } else {
+            types.clone()
+        };
         if !types.is_empty() {
             let windows = || spot.iter().filter_map(|c| plan.windows.get(*c));
             let start = windows().map(|w| w.0).min().unwrap_or(0);
@@ -283,12 +292,7 @@ impl Withings {
                 end_s: (end + 999).div_euclid(1000),
             };
             let resp = client
-                .get_measures(
-                    token,
-                    &types,
-                    CATEGORY_REAL,
-                    MeasureSelector::Window(window),
-                )
+                .get_measures(token, &ask, CATEGORY_REAL, MeasureSelector::Window(window))
                 .await?;
             fetched.api_calls += 1;
             spot_end = Some(end.min(now));
