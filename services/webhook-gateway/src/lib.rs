@@ -424,10 +424,7 @@ async fn webhook(
             }
         }
         match emit_requests(&state, provider, app, notice, received_at).await {
-            Ok(n) => {
-                sent += n;
-                handled += 1;
-            }
+            Ok(n) => sent += n,
             Err(response) => return response,
         }
     }
