@@ -964,6 +964,76 @@ mod tests {
         assert_eq!(problem["title"], "Unknown provider");
     }
 
+    /// The connect callback refuses a state it does not know and one that has expired, before
+    /// any provider call (the app's API is unreachable here), and names why.
+    #[tokio::test]
+    async fn test_connect_callback_refuses_unknown_and_expired_states() {
+        let (pool, _token, userid) = seeded_pool().await;
+        let c = pool.get().await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT l.organization_id, l.patient_id, l.provider_app_id FROM provider_links l WHERE l.provider_user_id = $1",
+                &[&userid],
+            )
+            .await
+            .unwrap();
+        let (org, patient, app): (uuid::Uuid, uuid::Uuid, uuid::Uuid) =
+            (row.get(0), row.get(1), row.get(2));
+        let expired = format!("expired-{userid}");
+        c.execute(
+            "INSERT INTO oauth_states (state_sha256, organization_id, patient_id, provider_app_id, redirect_uri, expires_at) \
+             VALUES ($1, $2, $3, $4, 'http://127.0.0.1:1/cb', now() - interval '1 second')",
+            &[&token_hash(&expired), &org, &patient, &app],
+        )
+        .await
+        .unwrap();
+        let mut st = state(pool.clone(), Codec::embedded().unwrap());
+        st.connect = Some(connect::ConnectSettings {
+            secrets: ohx_common::crypto::SecretBox::from_spec(
+                "k:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                None,
+            )
+            .unwrap(),
+            http: reqwest::Client::new(),
+            public_url: "http://127.0.0.1:1".into(),
+        });
+        for state_value in ["never-issued", expired.as_str()] {
+            let response = connect::callback(
+                State(st.clone()),
+                Path("withings".into()),
+                Query(
+                    serde_json::from_value(serde_json::json!({"code": "c", "state": state_value}))
+                        .unwrap(),
+                ),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{state_value}");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                problem["title"], "Unknown, used or expired state",
+                "{state_value}"
+            );
+        }
+        // The patient declined at the provider: 400, with the provider's code only.
+        let response = connect::callback(
+            State(st),
+            Path("withings".into()),
+            Query(
+                serde_json::from_value(serde_json::json!({"error": "access_denied <b>"})).unwrap(),
+            ),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["detail"], "the provider answered access_deniedb");
+    }
+
     #[test]
     fn test_encode_failure_names_the_registry_only() {
         assert_eq!(
