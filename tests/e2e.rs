@@ -638,7 +638,7 @@ async fn webhook_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
 /// an ambiguous reading is held back, a typed-in one is patient-reported, an unmapped type is
 /// counted.
 async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5010).await?;
+    let p = env.new_patient(5020).await?;
     let now = Utc::now().timestamp_millis();
     let t_body = hour_floor(now) - 3 * HOUR + 7 * 60_000;
     let (t_temp, t_spo2, t_ecg, t_manual, t_ambiguous) = (
@@ -667,7 +667,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_001,
                 t_body,
                 0,
-                "scale-5010",
+                "scale-5020",
                 "Body Cardio",
                 6,
                 json!([
@@ -689,7 +689,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_002,
                 t_temp,
                 0,
-                "thermo-5010",
+                "thermo-5020",
                 "Thermo",
                 70,
                 json!([m(3680, 71, -2), m(3325, 73, -2)])
@@ -698,7 +698,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_003,
                 t_spo2,
                 0,
-                "watch-5010",
+                "watch-5020",
                 "ScanWatch",
                 93,
                 json!([m(97, 54, 0)])
@@ -707,7 +707,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_004,
                 t_ecg,
                 0,
-                "watch-5010",
+                "watch-5020",
                 "ScanWatch",
                 93,
                 json!([
@@ -722,7 +722,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_005,
                 t_manual,
                 2,
-                "scale-5010",
+                "scale-5020",
                 "Body Cardio",
                 6,
                 json!([m(7310, 1, -2)])
@@ -732,7 +732,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 910_006,
                 t_ambiguous,
                 1,
-                "scale-5010",
+                "scale-5020",
                 "Body Cardio",
                 6,
                 json!([m(9100, 1, -2)])
@@ -770,37 +770,37 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
     let body_device =
         find(loinc, "29463-7", t_body).context("weigh-in weight")?["device"]["reference"].clone();
     for (system, code, at, value, unit, device) in [
-        (loinc, "29463-7", t_body, 50.0, "kg", "scale-5010"),
-        (loinc, "8302-2", t_body, 180.0, "cm", "scale-5010"),
-        (local, "fat-free-mass", t_body, 41.25, "kg", "scale-5010"),
-        (loinc, "41982-0", t_body, 17.5, "%", "scale-5010"),
-        (loinc, "73708-0", t_body, 8.75, "kg", "scale-5010"),
-        (loinc, "73964-9", t_body, 39.1, "kg", "scale-5010"),
-        (loinc, "101683-1", t_body, 28.05, "kg", "scale-5010"),
-        (local, "bone-mass", t_body, 2.05, "kg", "scale-5010"),
+        (loinc, "29463-7", t_body, 50.0, "kg", "scale-5020"),
+        (loinc, "8302-2", t_body, 180.0, "cm", "scale-5020"),
+        (local, "fat-free-mass", t_body, 41.25, "kg", "scale-5020"),
+        (loinc, "41982-0", t_body, 17.5, "%", "scale-5020"),
+        (loinc, "73708-0", t_body, 8.75, "kg", "scale-5020"),
+        (loinc, "73964-9", t_body, 39.1, "kg", "scale-5020"),
+        (loinc, "101683-1", t_body, 28.05, "kg", "scale-5020"),
+        (local, "bone-mass", t_body, 2.05, "kg", "scale-5020"),
         (
             local,
             "pulse-wave-velocity",
             t_body,
             7.12,
             "m/s",
-            "scale-5010",
+            "scale-5020",
         ),
-        (loinc, "8867-4", t_body, 64.0, "/min", "scale-5010"),
-        (loinc, "8310-5", t_temp, 36.8, "Cel", "thermo-5010"),
+        (loinc, "8867-4", t_body, 64.0, "/min", "scale-5020"),
+        (loinc, "8310-5", t_temp, 36.8, "Cel", "thermo-5020"),
         (
             local,
             "skin-temperature",
             t_temp,
             33.25,
             "Cel",
-            "thermo-5010",
+            "thermo-5020",
         ),
-        (loinc, "2708-6", t_spo2, 97.0, "%", "watch-5010"),
-        (loinc, "8633-0", t_ecg, 96.0, "ms", "watch-5010"),
-        (loinc, "8625-6", t_ecg, 162.0, "ms", "watch-5010"),
-        (loinc, "8634-8", t_ecg, 388.0, "ms", "watch-5010"),
-        (loinc, "8636-3", t_ecg, 412.0, "ms", "watch-5010"),
+        (loinc, "2708-6", t_spo2, 97.0, "%", "watch-5020"),
+        (loinc, "8633-0", t_ecg, 96.0, "ms", "watch-5020"),
+        (loinc, "8625-6", t_ecg, 162.0, "ms", "watch-5020"),
+        (loinc, "8634-8", t_ecg, 388.0, "ms", "watch-5020"),
+        (loinc, "8636-3", t_ecg, 412.0, "ms", "watch-5020"),
     ] {
         let o = find(system, code, at).with_context(|| format!("no {code} at {at}"))?;
         ensure!(
@@ -862,7 +862,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
 /// (55423-8), and intraday SpO2 and heart rate variability (SDNN, RMSSD) hourly statistics,
 /// from one activity notification.
 async fn withings_hourly_steps_spo2_hrv(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5011).await?;
+    let p = env.new_patient(5021).await?;
     let now = Utc::now().timestamp_millis();
     let h1 = hour_floor(now) - 5 * HOUR;
     let h2 = h1 + HOUR;
@@ -871,7 +871,7 @@ async fn withings_hourly_steps_spo2_hrv(env: Arc<Env>) -> anyhow::Result<()> {
     let mut sums = [0i64; 2];
     for (hi, hs) in [(0i64, h1), (1, h2)] {
         for m in 0..60 {
-            let mut e = json!({"deviceid": "watch-5011", "model": "ScanWatch", "model_id": 93,
+            let mut e = json!({"deviceid": "watch-5021", "model": "ScanWatch", "model_id": 93,
                                "steps": steps(hi, m), "duration": 60});
             sums[hi as usize] += steps(hi, m);
             if m % 10 == 0 {
@@ -934,7 +934,7 @@ async fn withings_hourly_steps_spo2_hrv(env: Arc<Env>) -> anyhow::Result<()> {
 /// A data type the patient's policy disables, and one the patient refused consent to, are
 /// never asked of the provider; the rest of the same notifications flows.
 async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5012).await?;
+    let p = env.new_patient(5022).await?;
     {
         let s = env.stack.lock().await;
         s.ohx(&[
@@ -959,7 +959,7 @@ async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Resul
     env.add_groups(
         p.userid,
         json!([{"grpid": 920_001, "attrib": 0, "date": (h1 + 60_000) / 1000, "created": h1 / 1000 + 90,
-                "modified": h1 / 1000 + 90, "category": 1, "deviceid": "scale-5012", "hash_deviceid": "scale-5012",
+                "modified": h1 / 1000 + 90, "category": 1, "deviceid": "scale-5022", "hash_deviceid": "scale-5022",
                 "modelid": 6, "model": "Body Cardio", "comment": null,
                 "measures": [{"value": 7010, "type": 1, "unit": -2}, {"value": 1820, "type": 6, "unit": -2},
                              {"value": 1276, "type": 8, "unit": -2}]}]),
@@ -969,7 +969,7 @@ async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Resul
     for m in 0..60 {
         series.insert(
             ((h1 + m * 60_000) / 1000).to_string(),
-            json!({"deviceid": "watch-5012", "model": "ScanWatch", "model_id": 93, "heart_rate": 60 + m % 7, "steps": 11}),
+            json!({"deviceid": "watch-5022", "model": "ScanWatch", "model_id": 93, "heart_rate": 60 + m % 7, "steps": 11}),
         );
     }
     env.add_intraday(p.userid, Value::Object(series)).await?;
@@ -1016,7 +1016,7 @@ async fn policy_disabled_data_type_never_fetched(env: Arc<Env>) -> anyhow::Resul
 /// when Withings rewrites the day's row (a later `modified`), the same resource gets exactly
 /// one new version with the new total.
 async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5013).await?;
+    let p = env.new_patient(5023).await?;
     let now = Utc::now().timestamp_millis();
     // A whole local day well in the past, in the simulator user's zone.
     let date = (Utc::now() - chrono::Duration::days(2))
@@ -1027,7 +1027,7 @@ async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
             .context("a calendar day")?;
     let modified = now / 1000 - 3600;
     let row = |steps: i64, modified: i64| {
-        json!({"steps": steps, "distance": 3100.5, "deviceid": "watch-5013", "hash_deviceid": "watch-5013",
+        json!({"steps": steps, "distance": 3100.5, "deviceid": "watch-5023", "hash_deviceid": "watch-5023",
                "timezone": "Europe/Berlin", "date": date, "modified": modified, "brand": 1,
                "modelid": 93, "model": "ScanWatch", "is_tracker": true})
     };
@@ -1093,7 +1093,7 @@ async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
 /// A sleep notification brings the night's summary: sleep duration with its stages in
 /// minutes (93832-4 over the night), and the night's average heart and breathing rates.
 async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
-    let p = env.new_patient(5014).await?;
+    let p = env.new_patient(5024).await?;
     let now = Utc::now().timestamp_millis();
     let end = hour_floor(now) - 6 * HOUR;
     let start = end - 7 * HOUR - 20 * 60_000;
@@ -1102,7 +1102,7 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
         .format("%Y-%m-%d")
         .to_string();
     let night = json!({"id": 930_001, "timezone": "Europe/Berlin", "model": 32, "model_id": 63,
-        "hash_deviceid": "aura-5014", "startdate": start / 1000, "enddate": end / 1000, "date": date,
+        "hash_deviceid": "aura-5024", "startdate": start / 1000, "enddate": end / 1000, "date": date,
         "data": {"total_sleep_time": 23_400, "deepsleepduration": 5_400, "lightsleepduration": 12_630,
                  "remsleepduration": 5_370, "wakeupduration": 1_800, "hr_average": 58, "rr_average": 13,
                  "sleep_score": 81},
@@ -1177,7 +1177,7 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
 /// weeks' data into the EHR. The state cannot be used twice; a disconnect revokes the
 /// subscriptions and stops the link.
 async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()> {
-    let userid = 5015i64;
+    let userid = 5025i64;
     let (reference, patient_id) = {
         let s = env.stack.lock().await;
         let r = s
@@ -1220,7 +1220,7 @@ async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()>
     let when = Utc::now().timestamp_millis() - 3 * 86_400_000;
     env.add_groups(
         userid,
-        json!([weight_group(940_001, when, "scale-5015", 68_350, -3)]),
+        json!([weight_group(940_001, when, "scale-5025", 68_350, -3)]),
     )
     .await?;
     let started = env
