@@ -1295,6 +1295,72 @@ async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Withings' user notification `appli=46` with `action=unlink` ends the link: it is marked
+/// `unlinked`, and a later data notification for the user fetches nothing.
+async fn withings_unlink_stops_the_link(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5026).await?;
+    let h = hour_floor(Utc::now().timestamp_millis()) - 2 * HOUR;
+    let (status, _, body) = env
+        .webhook(
+            WEBHOOK_TOKEN,
+            &[
+                ("userid", p.userid.to_string()),
+                ("appli", "46".to_string()),
+                ("action", "unlink".to_string()),
+            ],
+        )
+        .await?;
+    ensure!(status == 200, "unlink answered {status}: {body}");
+    let db = env.stack.lock().await.db().await?;
+    let link_status: String = db
+        .query_one(
+            "SELECT status FROM provider_links WHERE id = $1::text::uuid",
+            &[&p.link_id],
+        )
+        .await?
+        .get(0);
+    ensure!(link_status == "unlinked", "link status {link_status}");
+    // New data and its notification: the gateway emits nothing for an ended link.
+    env.add_groups(
+        p.userid,
+        json!([weight_group(950_001, h, "scale-5026", 7100, -2)]),
+    )
+    .await?;
+    let (status, _, body) = env
+        .webhook(
+            WEBHOOK_TOKEN,
+            &[
+                ("userid", p.userid.to_string()),
+                ("appli", "1".to_string()),
+                ("startdate", (h / 1000 - 60).to_string()),
+                ("enddate", (h / 1000 + 60).to_string()),
+            ],
+        )
+        .await?;
+    ensure!(
+        (200..300).contains(&status),
+        "data notification answered {status}: {body}"
+    );
+    wait_settled(&env.kafka, Duration::from_secs(60)).await?;
+    let runs: i64 = db
+        .query_one(
+            "SELECT count(*) FROM sync_runs WHERE link_id = $1::text::uuid AND status = 'ok'",
+            &[&p.link_id],
+        )
+        .await?
+        .get(0);
+    ensure!(runs == 0, "{runs} fetches for an unlinked link");
+    let obs = env
+        .search(&format!("Observation?subject={}", p.reference))
+        .await?;
+    ensure!(
+        obs.is_empty(),
+        "{} observations for an unlinked link",
+        obs.len()
+    );
+    Ok(())
+}
+
 /// Three deliveries of the same webhook, and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
@@ -2230,6 +2296,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("connect_flow_to_first_observations", |e| {
             Box::pin(connect_flow_to_first_observations(e))
+        }),
+        ("withings_unlink_stops_the_link", |e| {
+            Box::pin(withings_unlink_stops_the_link(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
