@@ -1361,6 +1361,59 @@ async fn withings_unlink_stops_the_link(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The user's devices (`getdevice`, fetched by a sync that names no category) become Device
+/// resources associated with the patient before any measurement names them.
+async fn withings_devices_registered(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5027).await?;
+    let r = env
+        .http
+        .post(format!("{}/_sim/users/{}/devices", env.sim_url, p.userid))
+        .json(&json!({"devices": [
+            {"type": "Scale", "battery": "high", "model": "Body+", "model_id": 5, "timezone": "Europe/Berlin",
+             "first_session_date": null, "last_session_date": 1_693_867_179, "deviceid": "scale-5027", "hash_deviceid": "scale-5027"},
+            {"type": "Blood Pressure Monitor", "battery": "unknown", "model": "BPM Connect", "model_id": 45,
+             "first_session_date": null, "last_session_date": null, "deviceid": "bpm-5027", "hash_deviceid": "bpm-5027"}]}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "sim devices: {}", r.text().await?);
+    env.stack
+        .lock()
+        .await
+        .ohx(&["sync", "--link", &p.link_id, "--days", "1"])
+        .await?;
+    let assoc = env
+        .wait_for(
+            &format!("DeviceAssociation?subject={}", p.reference),
+            2,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(assoc.len() == 2, "two devices associated: {}", assoc.len());
+    let mut models = Vec::new();
+    for a in &assoc {
+        let dev = env
+            .fhir(a["device"]["reference"].as_str().context("device")?)
+            .await?;
+        let id = dev["identifier"].to_string();
+        ensure!(
+            id.contains("scale-5027") || id.contains("bpm-5027"),
+            "device identifier: {dev}"
+        );
+        models.push(dev["modelNumber"].as_str().unwrap_or("").to_owned());
+    }
+    models.sort();
+    ensure!(models == ["45", "5"], "model numbers {models:?}");
+    let obs = env
+        .search(&format!("Observation?subject={}", p.reference))
+        .await?;
+    ensure!(
+        obs.is_empty(),
+        "no measurement, no Observation: {}",
+        obs.len()
+    );
+    Ok(())
+}
+
 /// Three deliveries of the same webhook, and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
@@ -2299,6 +2352,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("withings_unlink_stops_the_link", |e| {
             Box::pin(withings_unlink_stops_the_link(e))
+        }),
+        ("withings_devices_registered", |e| {
+            Box::pin(withings_devices_registered(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

@@ -467,6 +467,8 @@ struct User {
     activities: BTreeMap<String, Map<String, Value>>,
     /// Sleep summaries keyed by their night `id`, as `v2/sleep getsummary` answers them.
     sleep_summaries: BTreeMap<i64, Map<String, Value>>,
+    /// Devices as `v2/user getdevice` lists them.
+    devices: Vec<Value>,
     subscriptions: Vec<Subscription>,
     current_access: Option<String>,
     current_refresh: Option<String>,
@@ -612,6 +614,7 @@ impl Inner {
             intraday: BTreeMap::new(),
             activities: BTreeMap::new(),
             sleep_summaries: BTreeMap::new(),
+            devices: Vec::new(),
             subscriptions: Vec::new(),
             current_access: None,
             current_refresh: None,
@@ -933,6 +936,7 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `/measure`: `getmeas`;
 /// * `/v2/measure`: `getintradayactivity`, `getactivity` (daily rows, boolean `more`);
 /// * `/v2/sleep`: `getsummary` (nights, boolean `more`);
+/// * `/v2/user`: `getdevice`;
 /// * `/notify`: `subscribe`, `list`, `get`, `revoke`, `update`;
 /// * `GET /oauth2_user/authorize2`: browser authorize step, redirects to
 ///   `redirect_uri?code=..&state=..` at once (pick the user with `userid=`,
@@ -947,6 +951,7 @@ fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 ///   replaces the one of its date);
 /// * `POST /_sim/users/{userid}/sleep-summaries` `{"series":[{"id":N,...}]}` (a night replaces
 ///   the one with its id);
+/// * `POST /_sim/users/{userid}/devices` `{"devices":[...]}` (replaces the list);
 /// * `POST /_sim/users/{userid}/expire-access-token`;
 /// * `POST /_sim/users/{userid}/revoke`;
 /// * `POST /_sim/users/{userid}/authorization-code` `{"redirect_uri"?}` →
@@ -963,6 +968,7 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/measure", get(api).post(api))
         .route("/v2/measure", get(api).post(api))
         .route("/v2/sleep", get(api).post(api))
+        .route("/v2/user", get(api).post(api))
         .route("/notify", get(api).post(api))
         .route("/oauth2_user/authorize2", get(authorize))
         .route("/_sim/users", post(sim_create_user))
@@ -973,6 +979,7 @@ pub fn router(state: Arc<SimState>) -> Router {
             "/_sim/users/{userid}/sleep-summaries",
             post(sim_sleep_summaries),
         )
+        .route("/_sim/users/{userid}/devices", post(sim_devices))
         .route(
             "/_sim/users/{userid}/expire-access-token",
             post(sim_expire_access_token),
@@ -1099,6 +1106,12 @@ async fn handle_api(
             ("measure", "getmeas") => {
                 inner.record_requested(userid, params, &["meastype", "meastypes"], "meastype");
                 return inner.getmeas(userid, params, st.config.page_size);
+            }
+            ("v2/user", "getdevice") => {
+                return match inner.users.get(&userid) {
+                    Some(u) => Reply::ok(json!({ "devices": u.devices })),
+                    None => Reply::unauthorized(),
+                };
             }
             ("v2/sleep", "getsummary") => {
                 inner.record_requested(userid, params, &["data_fields"], "sleep");
@@ -1850,6 +1863,29 @@ async fn sim_measuregrps(
         Some(n) => axum::Json(json!({ "upserted": n })).into_response(),
         None => unknown_user(userid),
     }
+}
+
+#[derive(Deserialize)]
+struct DevicesBody {
+    devices: Vec<Value>,
+}
+
+async fn sim_devices(
+    State(st): State<Arc<SimState>>,
+    Path(userid): Path<i64>,
+    body: Bytes,
+) -> Response {
+    let b: DevicesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    let stored = b.devices.len();
+    user.devices = b.devices;
+    axum::Json(json!({ "stored": stored })).into_response()
 }
 
 #[derive(Deserialize)]

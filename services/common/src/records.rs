@@ -71,6 +71,11 @@ pub struct Device {
     pub manufacturer: Option<String>,
 }
 
+/// `Measurement.data_type` of a device the provider lists for the user (no components): it
+/// maps to the Device and its DeviceAssociation to the patient only, so a device is in the
+/// chart before (or without) any measurement naming it.
+pub const DATA_TYPE_DEVICE: &str = "device";
+
 /// Aggregation policy: mapped one by one, or aggregated per UTC hour first.
 pub const AGGREGATION_INDIVIDUAL: &str = "INDIVIDUAL";
 /// Aggregated per UTC hour by the hourly-aggregator before mapping.

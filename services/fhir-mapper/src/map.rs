@@ -17,8 +17,8 @@
 
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use ohx_common::records::{
-    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, HourlyAggregate,
-    Measurement,
+    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DATA_TYPE_DEVICE, Device,
+    HourlyAggregate, Measurement,
 };
 use serde_json::{Map, Number, Value, json};
 use sha2::{Digest, Sha256};
@@ -317,13 +317,25 @@ pub fn map_measurement(
         AGGREGATION_HOURLY => return Ok(Vec::new()),
         other => return Err(MappingError::UnknownAggregation(other.to_owned())),
     }
+    let ctx = &m.context;
+    if m.data_type == DATA_TYPE_DEVICE {
+        if let Some(c) = m.components.first() {
+            return Err(MappingError::UnexpectedComponent {
+                data_type: m.data_type.clone(),
+                component: c.code.clone(),
+            });
+        }
+        if m.device.is_none() {
+            return Err(MappingError::InvalidField("device"));
+        }
+        return Ok(map_device(ctx, m.device.as_ref(), table, settings)?.0);
+    }
     let entry = table
         .measurement(&m.data_type)
         .ok_or_else(|| MappingError::UnknownDataType {
             kind: "measurement",
             data_type: m.data_type.clone(),
         })?;
-    let ctx = &m.context;
     let (mut resources, device_reference) = map_device(ctx, m.device.as_ref(), table, settings)?;
 
     let system = settings.observation_system()?;
@@ -1187,6 +1199,30 @@ mod tests {
             let obs = observation(&m);
             shared_test_validator().validate_all(&obs).unwrap();
         }
+    }
+
+    #[test]
+    fn test_a_device_registration_maps_to_device_and_association_only() {
+        let mut d = measurement(DATA_TYPE_DEVICE, "withings-1-device-a1b2c3d4e5", vec![]);
+        d.device = Some(bpm_connect());
+        let resources = map(&d);
+        let types: Vec<&str> = resources.iter().map(|r| r.resource_type.as_str()).collect();
+        assert_eq!(types, ["Device", "DeviceAssociation"]);
+        // the same resources a measurement of that device makes
+        let with_bp = map(&bp());
+        assert_eq!(
+            resources[0].id,
+            only(&with_bp, "Device")["id"].as_str().unwrap()
+        );
+        assert_eq!(
+            resources[1].id,
+            only(&with_bp, "DeviceAssociation")["id"].as_str().unwrap()
+        );
+        d.device = None;
+        assert!(map_measurement(&d, &table(), &settings()).is_err());
+        d.device = Some(bpm_connect());
+        d.components = vec![component("value", 1.0, "kg")];
+        assert!(map_measurement(&d, &table(), &settings()).is_err());
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub const PATH_NOTIFY: &str = "/notify";
 pub const PATH_AUTHORIZE: &str = "/oauth2_user/authorize2";
 /// Production host of the authorize step.
 pub const DEFAULT_AUTHORIZE_BASE_URL: &str = "https://account.withings.com";
+/// Path of `getdevice`.
+pub const PATH_USER_V2: &str = "/v2/user";
 /// Path of `getsummary` / `get` (sleep).
 pub const PATH_SLEEP_V2: &str = "/v2/sleep";
 
@@ -529,6 +531,32 @@ const ACTIVITY_ROW_FIELDS: [&str; 8] = [
     "modelid",
 ];
 
+/// One device of `v2/user getdevice`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UserDevice {
+    /// e.g. `Scale`, `Blood Pressure Monitor`, `Activity Tracker`.
+    #[serde(default, rename = "type", deserialize_with = "de_opt_string")]
+    pub kind: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub model: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub model_id: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub deviceid: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub hash_deviceid: Option<String>,
+    /// Epoch seconds; null for a device never used.
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub last_session_date: Option<i64>,
+}
+
+/// The body of `getdevice`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct DeviceList {
+    #[serde(default, deserialize_with = "de_vec_or_empty")]
+    pub devices: Vec<UserDevice>,
+}
+
 /// One night of `v2/sleep getsummary`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SleepNight {
@@ -843,6 +871,19 @@ impl WithingsClient {
             }
         }
         Err(WithingsError::Decode("getactivity: too many pages".into()))
+    }
+
+    /// `v2/user getdevice`: the devices of the token's user.
+    ///
+    /// # Errors
+    ///
+    /// See [`WithingsError`].
+    pub async fn get_devices(&self, token: &str) -> Result<Vec<UserDevice>, WithingsError> {
+        let form = [("action", "getdevice")];
+        let list: DeviceList = self
+            .post(PATH_USER_V2, Some(token), &form, Endpoint::Data)
+            .await?;
+        Ok(list.devices)
     }
 
     /// Subscribes the token's user to notifications of category `appli` at `callback_url`

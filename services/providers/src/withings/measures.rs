@@ -99,6 +99,13 @@ pub struct Sleep {
     pub types: BTreeMap<String, SleepRule>,
 }
 
+/// The category whose fetch lists the user's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Devices {
+    pub category: String,
+}
+
 /// A data type made of several measure types of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +128,8 @@ struct Raw {
     #[serde(default)]
     sleep: Option<Sleep>,
     #[serde(default)]
+    devices: Option<Devices>,
+    #[serde(default)]
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<String, TypeRule>,
 }
@@ -133,6 +142,7 @@ pub struct MeasureTable {
     intraday: BTreeMap<String, IntradayRule>,
     daily: BTreeMap<String, DailyRule>,
     sleep: Sleep,
+    devices: Option<Devices>,
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<i32, TypeRule>,
 }
@@ -250,6 +260,7 @@ impl MeasureTable {
                 + usize::from(raw.intraday.contains_key(c))
                 + usize::from(raw.daily.contains_key(c))
                 + usize::from(!sleep.types.is_empty() && sleep.category == c)
+                + usize::from(raw.devices.as_ref().is_some_and(|d| d.category == c))
         };
         let mut notify = BTreeMap::new();
         for (k, categories) in raw.notify {
@@ -269,6 +280,7 @@ impl MeasureTable {
             intraday: raw.intraday,
             daily: raw.daily,
             sleep,
+            devices: raw.devices,
             panels: raw.panels,
             types,
         })
@@ -301,6 +313,7 @@ impl MeasureTable {
             .chain(self.daily.keys())
             .map(String::as_str)
             .chain((!self.sleep.types.is_empty()).then_some(self.sleep.category.as_str()))
+            .chain(self.devices.as_ref().map(|d| d.category.as_str()))
             .collect()
     }
 
@@ -353,6 +366,14 @@ impl MeasureTable {
             .then_some(&self.sleep.types)
     }
 
+    /// Whether `category` is the one that lists the user's devices.
+    #[must_use]
+    pub fn is_devices(&self, category: &str) -> bool {
+        self.devices
+            .as_ref()
+            .is_some_and(|d| d.category == category)
+    }
+
     /// What measure type `t` becomes.
     #[must_use]
     pub fn rule(&self, t: i32) -> Option<&TypeRule> {
@@ -403,6 +424,7 @@ mod tests {
         assert_eq!(sleep["sleep_duration"].parts[0].field, "total_sleep_time");
         assert_eq!(t.categories_of(44), ["sleep"]);
         assert!(t.categories().contains("sleep"));
+        assert!(t.is_devices("devices") && t.categories().contains("devices"));
         assert_eq!(t.rule(4).unwrap().shift, 2);
         assert_eq!(t.panel("blood_pressure").unwrap().id, "bp");
     }

@@ -399,6 +399,14 @@ impl Withings {
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
         }
+        // The user's devices (getdevice), when the plan names their category.
+        if plan.windows.keys().any(|c| table.is_devices(c)) {
+            let devices = client.get_devices(token).await?;
+            fetched.api_calls += 1;
+            let n = normalize::normalize_devices(&devices, context);
+            count_skips(&mut fetched, &n.stats);
+            out.extend(n.measurements);
+        }
         mark_progress(&mut out, |m| {
             if m.aggregation == AGGREGATION_HOURLY {
                 hourly_end

@@ -27,12 +27,13 @@ use std::collections::btree_map::Entry;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use ohx_common::records::{
-    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
+    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DATA_TYPE_DEVICE, Device,
+    Measurement, series_key,
 };
 
 use super::client::{
     ActivityDay, CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
-    SleepNight,
+    SleepNight, UserDevice,
 };
 use super::measures::{DailyRule, IntradayRule, MeasureTable, SleepRule};
 use crate::policy::Policy;
@@ -416,6 +417,47 @@ pub fn normalize_intraday(
         if !found {
             stats.entries_without_value += 1;
         }
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+/// Normalizes `getdevice`: one device registration (data type [`DATA_TYPE_DEVICE`], no
+/// components) per device with an id; its time is the device's last session, if any.
+#[must_use]
+pub fn normalize_devices(devices: &[UserDevice], ctx: &Context) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let mut out = Vec::new();
+    let user = &ctx.provider_user_id;
+    for d in devices {
+        let Some(id) = d
+            .deviceid
+            .as_deref()
+            .or(d.hash_deviceid.as_deref())
+            .filter(|id| !id.trim().is_empty())
+        else {
+            stats.invalid_values += 1;
+            continue;
+        };
+        out.push(Measurement {
+            context: ctx.clone(),
+            measurement_id: format!("{PROVIDER_WITHINGS}:{user}:device:{id}"),
+            series_key: series_key(&ctx.patient_id, &ctx.provider, DATA_TYPE_DEVICE),
+            data_type: DATA_TYPE_DEVICE.to_owned(),
+            aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+            effective_start: d.last_session_date.unwrap_or(0).saturating_mul(1000),
+            effective_end: None,
+            utc_offset_seconds: None,
+            components: Vec::new(),
+            device: device(Some(id), d.model.as_deref(), d.model_id),
+            entry_method: Some("device".to_owned()),
+            provider_group_id: None,
+            provider_modified_at: None,
+            fetched_through: None,
+        });
     }
     sort(&mut out);
     Normalized {
@@ -1541,5 +1583,35 @@ mod tests {
         );
         find(&n, "withings:363:sleep-hr:2081804183");
         assert_eq!(n.measurements.len(), 4);
+    }
+
+    // ---- devices ----
+
+    #[test]
+    fn test_devices_become_registrations_without_components() {
+        let list: crate::withings::client::DeviceList = serde_json::from_str(
+            r#"{"devices":[
+              {"type":"Scale","battery":"high","model":"Body+","model_id":5,"timezone":"Europe/Amsterdam",
+               "first_session_date":null,"last_session_date":1693867179,"deviceid":"d5","hash_deviceid":"d5"},
+              {"type":"Activity Tracker","battery":"unknown","model":"ScanWatch","model_id":93,
+               "first_session_date":null,"last_session_date":null,"deviceid":null,"hash_deviceid":"w93"},
+              {"type":"Scale","model":"?","deviceid":null,"hash_deviceid":null}]}"#,
+        )
+        .unwrap();
+        let n = normalize_devices(&list.devices, &ctx());
+        assert_eq!(n.measurements.len(), 2);
+        assert_eq!(n.stats.invalid_values, 1, "a device without any id");
+        let scale = find(&n, "withings:363:device:d5");
+        assert_eq!(scale.data_type, DATA_TYPE_DEVICE);
+        assert!(scale.components.is_empty());
+        assert_eq!(scale.effective_start, 1_693_867_179_000);
+        let d = scale.device.as_ref().unwrap();
+        assert_eq!(
+            (d.model.as_deref(), d.model_id.as_deref()),
+            (Some("Body+"), Some("5"))
+        );
+        assert_eq!(d.manufacturer.as_deref(), Some("Withings"));
+        let watch = find(&n, "withings:363:device:w93");
+        assert_eq!(watch.device.as_ref().unwrap().device_id, "w93");
     }
 }
