@@ -603,6 +603,26 @@ fn de_numbers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, 
     })
 }
 
+/// A page of a `v2` list answer: its items, `more` and the next `offset`.
+trait DatedPage: DeserializeOwned {
+    type Item;
+    fn into_parts(self) -> (Vec<Self::Item>, bool, Option<i64>);
+}
+
+impl DatedPage for ActivityPage {
+    type Item = ActivityDay;
+    fn into_parts(self) -> (Vec<ActivityDay>, bool, Option<i64>) {
+        (self.activities, self.more, self.offset)
+    }
+}
+
+impl DatedPage for SleepPage {
+    type Item = SleepNight;
+    fn into_parts(self) -> (Vec<SleepNight>, bool, Option<i64>) {
+        (self.series, self.more, self.offset)
+    }
+}
+
 /// One page of `getactivity`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct ActivityPage {
@@ -842,11 +862,32 @@ impl WithingsClient {
         end_ymd: &str,
         fields: &[&str],
     ) -> Result<Vec<ActivityDay>, WithingsError> {
+        self.get_dated_pages::<ActivityPage>(
+            PATH_MEASURE_V2,
+            "getactivity",
+            token,
+            (start_ymd, end_ymd),
+            fields,
+        )
+        .await
+    }
+
+    /// One `action` over the dates `start_ymd..=end_ymd` and `fields`, following the boolean
+    /// `more` and `offset` of the `v2` list answers over all pages (one [`RateGate`] permit
+    /// per page).
+    async fn get_dated_pages<P: DatedPage>(
+        &self,
+        path: &str,
+        action: &str,
+        token: &str,
+        (start_ymd, end_ymd): (&str, &str),
+        fields: &[&str],
+    ) -> Result<Vec<P::Item>, WithingsError> {
         let mut out = Vec::new();
         let mut offset: Option<i64> = None;
         for _ in 0..MAX_MEASURE_PAGES {
             let mut form = vec![
-                ("action", "getactivity".to_owned()),
+                ("action", action.to_owned()),
                 ("startdateymd", start_ymd.to_owned()),
                 ("enddateymd", end_ymd.to_owned()),
                 ("data_fields", fields.join(",")),
@@ -854,23 +895,22 @@ impl WithingsClient {
             if let Some(o) = offset {
                 form.push(("offset", o.to_string()));
             }
-            let page: ActivityPage = self
-                .post(PATH_MEASURE_V2, Some(token), &form, Endpoint::Data)
-                .await?;
-            out.extend(page.activities);
-            if !page.more {
+            let page: P = self.post(path, Some(token), &form, Endpoint::Data).await?;
+            let (items, more, next) = page.into_parts();
+            out.extend(items);
+            if !more {
                 return Ok(out);
             }
-            match page.offset {
+            match next {
                 Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
                 _ => {
-                    return Err(WithingsError::Decode(
-                        "getactivity paging does not advance".into(),
-                    ));
+                    return Err(WithingsError::Decode(format!(
+                        "{action} paging does not advance"
+                    )));
                 }
             }
         }
-        Err(WithingsError::Decode("getactivity: too many pages".into()))
+        Err(WithingsError::Decode(format!("{action}: too many pages")))
     }
 
     /// `v2/user getdevice`: the devices of the token's user.
@@ -945,35 +985,14 @@ impl WithingsClient {
         end_ymd: &str,
         fields: &[&str],
     ) -> Result<Vec<SleepNight>, WithingsError> {
-        let mut out = Vec::new();
-        let mut offset: Option<i64> = None;
-        for _ in 0..MAX_MEASURE_PAGES {
-            let mut form = vec![
-                ("action", "getsummary".to_owned()),
-                ("startdateymd", start_ymd.to_owned()),
-                ("enddateymd", end_ymd.to_owned()),
-                ("data_fields", fields.join(",")),
-            ];
-            if let Some(o) = offset {
-                form.push(("offset", o.to_string()));
-            }
-            let page: SleepPage = self
-                .post(PATH_SLEEP_V2, Some(token), &form, Endpoint::Data)
-                .await?;
-            out.extend(page.series);
-            if !page.more {
-                return Ok(out);
-            }
-            match page.offset {
-                Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
-                _ => {
-                    return Err(WithingsError::Decode(
-                        "getsummary paging does not advance".into(),
-                    ));
-                }
-            }
-        }
-        Err(WithingsError::Decode("getsummary: too many pages".into()))
+        self.get_dated_pages::<SleepPage>(
+            PATH_SLEEP_V2,
+            "getsummary",
+            token,
+            (start_ymd, end_ymd),
+            fields,
+        )
+        .await
     }
 
     /// `getintradayactivity` for `fields` (`data_fields`, e.g. `heart_rate,steps`) over
