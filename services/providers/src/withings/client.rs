@@ -592,15 +592,21 @@ pub struct SleepPage {
     pub offset: Option<i64>,
 }
 
-/// An object's numeric fields (others, and a null or missing object, give nothing).
-fn de_numbers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
-    Ok(match Value::deserialize(d)? {
+/// The numeric fields of a JSON object other than `except` (a non-object gives nothing).
+fn numeric_fields(v: &Value, except: &[&str]) -> BTreeMap<String, f64> {
+    match v {
         Value::Object(fields) => fields
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+            .iter()
+            .filter(|(name, _)| !except.contains(&name.as_str()))
+            .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
             .collect(),
         _ => BTreeMap::new(),
-    })
+    }
+}
+
+/// An object's numeric fields (others, and a null or missing object, give nothing).
+fn de_numbers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    Ok(numeric_fields(&Value::deserialize(d)?, &[]))
 }
 
 /// A page of a `v2` list answer: its items, `more` and the next `offset`.
@@ -641,14 +647,7 @@ fn de_activities<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ActivityDay>, D:
         Value::Array(rows) => rows
             .into_iter()
             .map(|row| {
-                let values: BTreeMap<String, f64> = match &row {
-                    Value::Object(fields) => fields
-                        .iter()
-                        .filter(|(name, _)| !ACTIVITY_ROW_FIELDS.contains(&name.as_str()))
-                        .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
-                        .collect(),
-                    _ => BTreeMap::new(),
-                };
+                let values = numeric_fields(&row, &ACTIVITY_ROW_FIELDS);
                 let mut day: ActivityDay = serde_json::from_value(row).map_err(D::Error::custom)?;
                 day.values = values;
                 Ok(day)
@@ -1196,14 +1195,7 @@ fn de_series<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i64, IntradayEn
                 let t: i64 = k.trim().parse().map_err(|_| {
                     D::Error::custom(format!("series key {k:?} is not an epoch second"))
                 })?;
-                let values: BTreeMap<String, f64> = match &v {
-                    Value::Object(fields) => fields
-                        .iter()
-                        .filter(|(name, _)| !INTRADAY_DEVICE_FIELDS.contains(&name.as_str()))
-                        .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
-                        .collect(),
-                    _ => BTreeMap::new(),
-                };
+                let values = numeric_fields(&v, &INTRADAY_DEVICE_FIELDS);
                 let mut e: IntradayEntry = serde_json::from_value(v).map_err(D::Error::custom)?;
                 e.values = values;
                 Ok((t, e))

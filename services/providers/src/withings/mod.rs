@@ -225,6 +225,11 @@ impl From<WithingsError> for ProviderError {
 const ZONE_REACH_MS: i64 = 14 * 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
+/// The smallest window covering every window (epoch ms, end exclusive); `None` for none.
+fn union(windows: impl Iterator<Item = (i64, i64)>) -> Option<(i64, i64)> {
+    windows.reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
+}
+
 /// The UTC calendar date (`YYYY-MM-DD`) of an instant (epoch ms).
 fn utc_date(ms: i64) -> Result<String, WithingsError> {
     jiff::Timestamp::from_millisecond(ms)
@@ -284,9 +289,8 @@ impl Withings {
             types.clone()
         };
         if !types.is_empty() {
-            let windows = || spot.iter().filter_map(|c| plan.windows.get(*c));
-            let start = windows().map(|w| w.0).min().unwrap_or(0);
-            let end = windows().map(|w| w.1).max().unwrap_or(0);
+            let (start, end) =
+                union(spot.iter().filter_map(|c| plan.windows.get(*c).copied())).unwrap_or((0, 0));
             let window = Window {
                 start_s: start.div_euclid(1000),
                 end_s: (end + 999).div_euclid(1000),
@@ -311,10 +315,7 @@ impl Withings {
             .filter_map(|(c, w)| Some((table.intraday(c)?, *w)))
             .filter(|(rule, _)| policy.allows(&rule.data_type))
             .collect();
-        if let (Some(start), Some(end)) = (
-            intraday.iter().map(|(_, w)| w.0).min(),
-            intraday.iter().map(|(_, w)| w.1).max(),
-        ) {
+        if let Some((start, end)) = union(intraday.iter().map(|(_, w)| *w)) {
             let rules: Vec<&measures::IntradayRule> = intraday.iter().map(|(r, _)| *r).collect();
             let fields: Vec<&str> = rules.iter().map(|r| r.field.as_str()).collect();
             let (hs, he) = widen_to_hours(start, end);
@@ -351,10 +352,7 @@ impl Withings {
             .filter_map(|(c, w)| Some((table.daily(c)?, *w)))
             .filter(|(rule, _)| policy.allows(&rule.data_type))
             .collect();
-        if let (Some(start), Some(end)) = (
-            daily.iter().map(|(_, w)| w.0).min(),
-            daily.iter().map(|(_, w)| w.1).max(),
-        ) {
+        if let Some((start, end)) = union(daily.iter().map(|(_, w)| *w)) {
             let rules: Vec<&measures::DailyRule> = daily.iter().map(|(r, _)| *r).collect();
             let fields: Vec<&str> = rules.iter().map(|r| r.field.as_str()).collect();
             let days = client
@@ -667,6 +665,12 @@ mod tests {
         assert_eq!(got[0].provider_user_id, "12345");
         assert_eq!(got[0].window, Some((1_530_576_000_000, 1_530_698_754_000)));
         assert!(w.parse_webhook(None, b"appli=1").is_err());
+    }
+
+    #[test]
+    fn test_union_of_windows() {
+        assert_eq!(union([(5, 9), (1, 7), (6, 12)].into_iter()), Some((1, 12)));
+        assert_eq!(union(std::iter::empty()), None);
     }
 
     #[test]
