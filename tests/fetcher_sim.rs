@@ -15,8 +15,8 @@ use ohx_common::codec::Codec;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, Context, Measurement, SyncRequest, topic};
-use ohx_providers::Registry;
 use ohx_providers::withings::WithingsSettings;
+use ohx_providers::{ProviderSettings, Registry};
 use ohx_tests::withings_sim::{self, SimConfig, SimState, UserSeed};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -191,8 +191,11 @@ impl Env {
         let store = Store::new(self.pool.clone(), SecretBox::from_spec(KEYS, None).unwrap());
         Fetcher::new(
             store,
-            Registry::standard(WithingsSettings {
-                rate_per_minute: 600,
+            Registry::standard(ProviderSettings {
+                withings: WithingsSettings {
+                    rate_per_minute: 600,
+                },
+                ..Default::default()
             })
             .unwrap(),
             FetcherSettings {

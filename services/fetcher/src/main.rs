@@ -5,8 +5,7 @@ use fetcher::store::Store;
 use ohx_common::kafka::StageSettings;
 use ohx_common::records::topic;
 use ohx_common::service::Runtime;
-use ohx_providers::Registry;
-use ohx_providers::withings::WithingsSettings;
+use ohx_providers::{ProviderSettings, Registry};
 use std::collections::BTreeMap;
 
 #[tokio::main]
@@ -23,12 +22,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let mut stage = StageSettings::from_env("fetcher", vec![topic::SYNC_REQUESTS])?;
     stage.max_batch = ohx_common::config::parse("OHX_FETCH_BATCH", 20usize)?.max(1);
-    let providers = Registry::standard(WithingsSettings {
-        rate_per_minute: ohx_common::config::parse("OHX_WITHINGS_RATE_PER_MINUTE", 120u32)?,
-    })?;
+    let providers = Registry::standard(ProviderSettings::from_env()?)?;
     let mut base_urls = BTreeMap::new();
-    if let Ok(url) = std::env::var("OHX_WITHINGS_API_URL") {
-        base_urls.insert(ohx_providers::withings::NAME.to_owned(), url);
+    for (name, var) in [
+        (ohx_providers::withings::NAME, "OHX_WITHINGS_API_URL"),
+        (ohx_providers::omron::NAME, "OHX_OMRON_API_URL"),
+    ] {
+        if let Ok(url) = std::env::var(var) {
+            base_urls.insert(name.to_owned(), url);
+        }
     }
     let settings = FetcherSettings {
         base_urls,

@@ -14,6 +14,9 @@
 //! simulator in `tests/`, its rows in the mapper's mapping file, and one line in
 //! [`Registry::standard`].
 
+pub mod beurer;
+pub mod oauth;
+pub mod omron;
 pub mod policy;
 pub mod progress;
 pub mod withings;
@@ -268,6 +271,49 @@ pub struct BadNotice(pub String);
 pub enum SetupError {
     #[error(transparent)]
     WithingsTable(#[from] withings::measures::TableError),
+    #[error(transparent)]
+    OmronFields(#[from] omron::normalize::FieldTableError),
+    /// A setting (environment variable) that cannot be used.
+    #[error("{0}")]
+    Setting(String),
+}
+
+/// Settings of every provider ohx ships.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderSettings {
+    pub withings: withings::WithingsSettings,
+    pub omron: omron::OmronSettings,
+}
+
+impl ProviderSettings {
+    /// Settings from the environment: `OHX_WITHINGS_RATE_PER_MINUTE`,
+    /// `OHX_OMRON_RATE_PER_MINUTE`, `OHX_OMRON_FIELDS_FILE`.
+    ///
+    /// # Errors
+    /// A variable that does not parse, or a field table that cannot be read or used.
+    pub fn from_env() -> Result<Self, SetupError> {
+        let setting = |e: ohx_common::config::ConfigError| SetupError::Setting(e.to_string());
+        let fields = match std::env::var("OHX_OMRON_FIELDS_FILE") {
+            Ok(path) if !path.trim().is_empty() => {
+                let text = std::fs::read_to_string(path.trim()).map_err(|e| {
+                    SetupError::Setting(format!("OHX_OMRON_FIELDS_FILE {path}: {e}"))
+                })?;
+                Some(omron::normalize::FieldTable::from_toml(&text)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            withings: withings::WithingsSettings {
+                rate_per_minute: ohx_common::config::parse("OHX_WITHINGS_RATE_PER_MINUTE", 120u32)
+                    .map_err(setting)?,
+            },
+            omron: omron::OmronSettings {
+                rate_per_minute: ohx_common::config::parse("OHX_OMRON_RATE_PER_MINUTE", 60u32)
+                    .map_err(setting)?,
+                fields,
+            },
+        })
+    }
 }
 
 /// The contract of a provider adapter.
@@ -374,9 +420,10 @@ impl Registry {
     ///
     /// # Errors
     /// When a provider's compiled-in tables are inconsistent.
-    pub fn standard(withings: withings::WithingsSettings) -> Result<Self, SetupError> {
+    pub fn standard(settings: ProviderSettings) -> Result<Self, SetupError> {
         let mut r = Self::default();
-        r.register(Arc::new(withings::Withings::new(withings)?));
+        r.register(Arc::new(withings::Withings::new(settings.withings)?));
+        r.register(Arc::new(omron::Omron::new(settings.omron)?));
         Ok(r)
     }
 
