@@ -671,11 +671,38 @@ fn insert_measurement_values(
         if let Some(text) = &spec.text {
             code.insert("text".to_owned(), json!(text));
         }
+        if spec.boolean {
+            out.push(json!({ "code": code, "valueBoolean": flag_value(&m.data_type, component, &spec.units)? }));
+            continue;
+        }
         let quantity = component_quantity(&m.data_type, component, &spec.units, spec.decimals)?;
         out.push(json!({ "code": code, "valueQuantity": quantity }));
     }
     obs.insert("component".to_owned(), Value::Array(out));
     Ok(())
+}
+
+/// A flag component's value: its unit must be allowed and its value finite; 0 is `false`.
+fn flag_value(
+    data_type: &str,
+    component: &Component,
+    units: &[Unit],
+) -> Result<bool, MappingError> {
+    if find_unit(units, &component.unit).is_none() {
+        return Err(MappingError::UnsupportedUnit {
+            data_type: data_type.to_owned(),
+            component: component.code.clone(),
+            unit: component.unit.clone(),
+            allowed: units.iter().map(|u| u.code.clone()).collect(),
+        });
+    }
+    if !component.value.is_finite() {
+        return Err(MappingError::NonFiniteValue {
+            data_type: data_type.to_owned(),
+            component: component.code.clone(),
+        });
+    }
+    Ok(component.value != 0.0)
 }
 
 fn component_quantity(
@@ -1255,6 +1282,35 @@ mod tests {
         }
         all.extend(map_aggregate(&hourly_hr(), &table(), &settings()).unwrap());
         assert_eq!(all.len(), 3 * 4 + 3);
+        // A blood pressure with the irregular-heartbeat flag, and the percentages and BMI of
+        // Omron and Beurer scales.
+        let mut flagged = bp();
+        flagged.measurement_id = "omron:u:bloodpressure:1:blood_pressure".into();
+        flagged
+            .components
+            .push(component("irregular_heartbeat", 1.0, "1"));
+        all.extend(
+            map(&flagged)
+                .into_iter()
+                .filter(|r| r.resource_type == "Observation"),
+        );
+        for (data_type, value, unit) in [
+            ("body_mass_index", 23.1, "kg/m2"),
+            ("body_water_percentage", 57.8, "%"),
+            ("muscle_percentage", 43.7, "%"),
+            ("bone_mass", 6.2, "[lb_av]"),
+        ] {
+            let m = measurement(
+                data_type,
+                &format!("beurer-{data_type}"),
+                vec![component("value", value, unit)],
+            );
+            all.extend(
+                map(&m)
+                    .into_iter()
+                    .filter(|r| r.resource_type == "Observation"),
+            );
+        }
         for resource in &all {
             assert_eq!(
                 resource.json["resourceType"],
@@ -1333,6 +1389,50 @@ mod tests {
         let mut swapped = bp();
         swapped.components.reverse();
         assert_eq!(observation(&swapped), obs);
+    }
+
+    #[test]
+    fn test_irregular_heartbeat_flag_is_a_boolean_component_after_the_pressures() {
+        let mut flagged = bp();
+        flagged
+            .components
+            .push(component("irregular_heartbeat", 1.0, "1"));
+        let obs = observation(&flagged);
+        let c = &obs["component"];
+        assert_eq!(c.as_array().unwrap().len(), 3);
+        assert_eq!(c[2]["valueBoolean"], true);
+        assert!(c[2].get("valueQuantity").is_none());
+        assert_eq!(
+            c[2]["code"]["coding"][0]["system"],
+            "https://ohx.example/fhir/CodeSystem/measurement-type"
+        );
+        assert_eq!(c[2]["code"]["coding"][0]["code"], "irregular-heartbeat");
+        flagged.components[2].value = 0.0;
+        assert_eq!(observation(&flagged)["component"][2]["valueBoolean"], false);
+        // without the flag the panel has the two pressures only
+        assert_eq!(observation(&bp())["component"].as_array().unwrap().len(), 2);
+        // a flag in a unit the table does not allow is a mapping error
+        flagged.components[2].unit = "%".into();
+        assert!(matches!(
+            map_measurement(&flagged, &table(), &settings()),
+            Err(MappingError::UnsupportedUnit { .. })
+        ));
+    }
+
+    #[test]
+    fn test_body_mass_index_uses_the_bmi_profile_and_kg_per_m2() {
+        let obs = observation(&measurement(
+            "body_mass_index",
+            "omron:u:weight:1:body_mass_index",
+            vec![component("value", 23.1, "kg/m2")],
+        ));
+        assert_eq!(
+            obs["meta"]["profile"][0],
+            "http://hl7.org/fhir/StructureDefinition/bmi"
+        );
+        assert_eq!(obs["code"]["coding"][0]["code"], "39156-5");
+        assert_eq!(obs["valueQuantity"]["code"], "kg/m2");
+        assert_eq!(obs["valueQuantity"]["value"], 23.1);
     }
 
     #[test]

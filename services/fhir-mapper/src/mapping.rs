@@ -134,6 +134,9 @@ pub struct ComponentEntry {
     /// is a mapping error.
     #[serde(default)]
     pub optional: bool,
+    /// A yes/no flag: written as `valueBoolean` (0 = false, anything else true).
+    #[serde(default)]
+    pub boolean: bool,
 }
 
 /// How a Measurement of one data type becomes an Observation.
