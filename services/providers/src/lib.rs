@@ -343,6 +343,12 @@ pub trait Provider: Send + Sync + 'static {
         body: &[u8],
     ) -> Result<Vec<Notice>, BadNotice>;
 
+    /// The HTTP status that acknowledges a webhook; `emitted` says whether it led to sync
+    /// requests. Default: 200 when it did, 204 when there was nothing to fetch.
+    fn webhook_ack_status(&self, emitted: bool) -> u16 {
+        if emitted { 200 } else { 204 }
+    }
+
     /// The URL of the provider's authorize page for the connect flow; `authorize_base`
     /// replaces the production host (regional clouds, simulators).
     fn authorize_url(

@@ -8,11 +8,12 @@
 //! expects an answer within 2 s).
 
 pub mod connect;
+pub mod import;
 pub mod lookup;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -61,6 +62,9 @@ pub struct AppState {
     pub max_window: Duration,
     /// The connect flow's callback (`None` without `OHX_PUBLIC_URL`: the route answers 404).
     pub connect: Option<connect::ConnectSettings>,
+    /// Largest import body (`OHX_MAX_IMPORT_BYTES`, default
+    /// [`import::DEFAULT_MAX_IMPORT_BYTES`]); a larger one is answered 413.
+    pub max_import_bytes: usize,
 }
 
 /// Default longest window of a notification, in days. Withings notifies the window of the data
@@ -103,6 +107,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/{provider}", post(webhook).head(probe).get(probe))
         .route("/oauth/{provider}/callback", get(connect::callback))
+        .route(
+            "/imports/beurer",
+            post(import::beurer).layer(DefaultBodyLimit::max(state.max_import_bytes)),
+        )
         .with_state(state)
 }
 
@@ -162,7 +170,7 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-fn count(provider: &str, outcome: &'static str) {
+pub(crate) fn count(provider: &str, outcome: &'static str) {
     WEBHOOKS.add(
         1,
         &[
@@ -275,7 +283,7 @@ const LINK_LOOKUP: &str = "SELECT l.id, l.organization_id, l.patient_id, p.ehr_t
      WHERE l.provider_app_id = $1 AND l.provider_user_id = $2";
 
 /// The app a webhook token (by its hash) belongs to, from the cache or the database.
-async fn lookup_app(
+pub(crate) async fn lookup_app(
     state: &AppState,
     provider: &str,
     hash: &str,
@@ -315,7 +323,7 @@ async fn unlink(
 }
 
 /// The links of a provider user under an app, from the cache or the database.
-async fn lookup_links(
+pub(crate) async fn lookup_links(
     state: &AppState,
     provider: &str,
     app: uuid::Uuid,
@@ -430,12 +438,11 @@ async fn webhook(
     }
     if sent > 0 {
         count(provider, "accepted");
-        StatusCode::OK.into_response()
-    } else if handled > 0 {
-        StatusCode::OK.into_response()
-    } else {
-        StatusCode::NO_CONTENT.into_response()
     }
+    let status = adapter.webhook_ack_status(sent > 0 || handled > 0);
+    StatusCode::from_u16(status)
+        .unwrap_or(StatusCode::OK)
+        .into_response()
 }
 
 /// Emits one SyncRequest per active link of the notice's user; returns how many. Each is
@@ -616,6 +623,7 @@ mod tests {
             db_timeout: Duration::from_millis(300),
             max_window: Duration::from_secs(31 * 86_400),
             connect: None,
+            max_import_bytes: import::DEFAULT_MAX_IMPORT_BYTES,
         }
     }
 

@@ -239,6 +239,12 @@ impl Provider for Omron {
         Ok(vec![interpret(body)?])
     }
 
+    /// Omron retries anything but 200 (OHSU `OmronController.notify`, Stanford
+    /// `newdata_hook.php`), including a 204 for a notification that needed no fetch.
+    fn webhook_ack_status(&self, _emitted: bool) -> u16 {
+        200
+    }
+
     fn authorize_url(
         &self,
         authorize_base: Option<&str>,
@@ -393,6 +399,12 @@ mod tests {
             "{url}"
         );
         assert!(url.ends_with("&state=st"), "{url}");
+    }
+
+    #[test]
+    fn test_every_notification_is_acknowledged_with_200() {
+        assert_eq!(omron().webhook_ack_status(false), 200);
+        assert_eq!(omron().webhook_ack_status(true), 200);
     }
 
     #[test]
