@@ -34,6 +34,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_connect_flow",
         include_str!("../migrations/0007_connect_flow.sql"),
     ),
+    (
+        "0008_imports",
+        include_str!("../migrations/0008_imports.sql"),
+    ),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

@@ -4,7 +4,7 @@
 
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
-use ohx_providers::policy::{Policy, PolicyDoc, PolicyError};
+use ohx_providers::policy::{POLICY_COLUMNS, Policy, PolicyError};
 use ohx_providers::{BoxFuture, GateError, ProviderError, RateGate, Tokens};
 use std::time::Duration;
 use uuid::Uuid;
@@ -103,13 +103,12 @@ impl Store {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
+                &format!("SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
                         a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider, \
-                        o.policy, p.policy, \
-                        COALESCE((SELECT jsonb_object_agg(c.data_type, c.granted) FROM consents c WHERE c.patient_id = l.patient_id), '{}'::jsonb) \
+                        {POLICY_COLUMNS} \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id \
                  JOIN organizations o ON o.id = l.organization_id JOIN patients p ON p.id = l.patient_id \
-                 WHERE l.id = $1",
+                 WHERE l.id = $1"),
                 &[&id],
             )
             .await?
@@ -136,7 +135,7 @@ impl Store {
             api_base_url: row.get(8),
             cursor_ms: row.get(9),
             provider: row.get(10),
-            policy: policy_of(row.get(11), row.get(12), row.get(13)),
+            policy: Policy::from_stored(row.get(11), row.get(12), row.get(13)),
         })
     }
 
@@ -308,26 +307,6 @@ pub struct SyncRun {
     /// What the provider answered and was not turned into measurements: count by
     /// `reason` or `reason:provider type` (`sync_runs.skipped`).
     pub skipped: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Resolves a patient's policy from the stored documents and consents.
-fn policy_of(
-    org: serde_json::Value,
-    patient: serde_json::Value,
-    consents: serde_json::Value,
-) -> Result<Policy, PolicyError> {
-    let consents = match consents {
-        serde_json::Value::Object(m) => m
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v.as_bool()?)))
-            .collect(),
-        _ => Default::default(),
-    };
-    Ok(Policy::resolve(
-        &PolicyDoc::from_json(&org).map_err(|e| PolicyError(format!("organization {}", e.0)))?,
-        &PolicyDoc::from_json(&patient).map_err(|e| PolicyError(format!("patient {}", e.0)))?,
-        consents,
-    ))
 }
 
 /// A refresh failure that may mean the grant is revoked.

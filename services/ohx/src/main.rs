@@ -139,10 +139,12 @@ enum Command {
         patient: Uuid,
         #[arg(long)]
         provider_user_id: String,
+        /// The link's access token (none for a provider without an API, e.g. Beurer
+        /// imports).
         #[arg(long, env = "OHX_LINK_ACCESS_TOKEN")]
-        access_token: String,
+        access_token: Option<String>,
         #[arg(long, env = "OHX_LINK_REFRESH_TOKEN")]
-        refresh_token: String,
+        refresh_token: Option<String>,
         /// Seconds until the access token expires.
         #[arg(long, default_value_t = 10800)]
         expires_in: i64,
@@ -615,14 +617,12 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let id = Uuid::new_v4();
             let secrets = SecretBox::from_env()?;
-            let access = secrets.seal(
-                access_token.as_bytes(),
-                &format!("provider_link:{id}:access_token"),
-            )?;
-            let refresh = secrets.seal(
-                refresh_token.as_bytes(),
-                &format!("provider_link:{id}:refresh_token"),
-            )?;
+            let access = access_token
+                .map(|t| secrets.seal(t.as_bytes(), &format!("provider_link:{id}:access_token")))
+                .transpose()?;
+            let refresh = refresh_token
+                .map(|t| secrets.seal(t.as_bytes(), &format!("provider_link:{id}:refresh_token")))
+                .transpose()?;
             let client = db().await?;
             let row = client
                 .query_one(
@@ -678,6 +678,13 @@ async fn main() -> anyhow::Result<()> {
             let now = chrono::Utc::now().timestamp_millis();
             let producer = producer()?;
             let mut sent = 0usize;
+            // Links of providers the fetcher cannot fetch (Beurer: imports only) have nothing
+            // to reconcile.
+            let providers = ohx_providers::Registry::standard(Default::default())?;
+            let rows: Vec<_> = rows
+                .into_iter()
+                .filter(|r| providers.get(r.get::<_, &str>(4)).is_some())
+                .collect();
             for row in &rows {
                 let link: Uuid = row.get(6);
                 let request = sync_request(

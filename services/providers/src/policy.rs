@@ -34,6 +34,13 @@ pub struct PolicyDoc {
 #[error("policy: {0}")]
 pub struct PolicyError(pub String);
 
+/// The stored policy of a patient as SQL columns: the organization's document, the patient's,
+/// and the patient's consents as one JSON object. Needs `organizations o` and `patients p` in
+/// the query; read the three columns with [`Policy::from_stored`].
+pub const POLICY_COLUMNS: &str = "o.policy, p.policy, \
+     COALESCE((SELECT jsonb_object_agg(c.data_type, c.granted) FROM consents c \
+     WHERE c.patient_id = p.id), '{}'::jsonb)";
+
 impl PolicyDoc {
     /// Parses and checks a document (an empty or null document is the default).
     ///
@@ -78,6 +85,30 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Resolves a patient's policy from the columns of [`POLICY_COLUMNS`].
+    ///
+    /// # Errors
+    /// A stored document that is not a valid policy (naming whose it is).
+    pub fn from_stored(
+        org: serde_json::Value,
+        patient: serde_json::Value,
+        consents: serde_json::Value,
+    ) -> Result<Self, PolicyError> {
+        let consents = match consents {
+            serde_json::Value::Object(m) => m
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v.as_bool()?)))
+                .collect(),
+            _ => Default::default(),
+        };
+        Ok(Self::resolve(
+            &PolicyDoc::from_json(&org)
+                .map_err(|e| PolicyError(format!("organization {}", e.0)))?,
+            &PolicyDoc::from_json(&patient).map_err(|e| PolicyError(format!("patient {}", e.0)))?,
+            consents,
+        ))
+    }
+
     /// Resolves the policy of a patient: each field of the patient's document replaces the
     /// organization's; aggregation entries are merged, the patient's winning.
     #[must_use]

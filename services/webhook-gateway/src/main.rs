@@ -5,7 +5,12 @@ use ohx_common::service::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start("webhook-gateway", 8080, &[topic::SYNC_REQUESTS]).await?;
+    let rt = Runtime::start(
+        "webhook-gateway",
+        8080,
+        &[topic::SYNC_REQUESTS, topic::MEASUREMENTS],
+    )
+    .await?;
     let pool = ohx_common::db::pool_from_env()?;
     let lookups = webhook_gateway::lookup::LookupCache::default();
     let listener = lookups.spawn_listener(
@@ -40,6 +45,10 @@ async fn main() -> anyhow::Result<()> {
         db_timeout: ohx_common::config::millis(
             "OHX_DATABASE_TIMEOUT_MS",
             ohx_common::db::DEFAULT_TIMEOUT_MS,
+        )?,
+        max_import_bytes: ohx_common::config::parse(
+            "OHX_MAX_IMPORT_BYTES",
+            webhook_gateway::import::DEFAULT_MAX_IMPORT_BYTES,
         )?,
         max_window: std::time::Duration::from_secs(
             ohx_common::config::parse(

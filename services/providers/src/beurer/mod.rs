@@ -16,7 +16,9 @@
 //!
 //! What each column becomes (data type, component, UCUM unit, sanity bounds), every header
 //! spelling and the languages are data in `tables.toml` ([`Tables`]): a new locale is a table
-//! edit. Values keep the decimal places as written (`62.500000` → 62.5 with 6 decimals).
+//! edit. Values keep the decimal places as written, up to 3; more
+//! places are the app's float formatting (`59.54000091552734`, `62.500000`), so such a value is
+//! the shortest decimal of the same 32-bit float (59.54, 62.5).
 //! Medication and Comment are free text: never read into a record, a hash, a reason or a log.
 //!
 //! # Time
