@@ -21,6 +21,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "e2e_providers.rs"]
+mod providers;
+
 const HOUR: i64 = 3_600_000;
 const CLIENT_ID: &str = "e2e-client";
 const CLIENT_SECRET: &str = "e2e-secret";
@@ -2355,6 +2358,18 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("withings_devices_registered", |e| {
             Box::pin(withings_devices_registered(e))
+        }),
+        ("omron_connect_backfill_and_webhook", |e| {
+            Box::pin(providers::omron_connect_backfill_and_webhook(e))
+        }),
+        ("omron_webhook_forgeries_rejected", |e| {
+            Box::pin(providers::omron_webhook_forgeries_rejected(e))
+        }),
+        ("omron_refresh_then_revoked_grant", |e| {
+            Box::pin(providers::omron_refresh_then_revoked_grant(e))
+        }),
+        ("beurer_csv_imported_twice", |e| {
+            Box::pin(providers::beurer_csv_imported_twice(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

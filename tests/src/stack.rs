@@ -41,6 +41,8 @@ pub struct Stack {
     pub fhir_base: String,
     pub db_url: String,
     pub sim_url: String,
+    /// The Omron Wellness API simulator.
+    pub omron_url: String,
     pub procs: HashMap<String, Proc>,
     /// Extra environment per stage (kept across restarts).
     pub stage_env: HashMap<String, Vec<(String, String)>>,
@@ -198,7 +200,10 @@ impl Stack {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
         let bin_dir = bin_dir();
-        for b in STAGES.iter().chain(["ohx", "withings-sim"].iter()) {
+        for b in STAGES
+            .iter()
+            .chain(["ohx", "withings-sim", "omron-sim"].iter())
+        {
             if !bin_dir.join(b).is_file() {
                 bail!(
                     "{} is missing: run `cargo build --workspace --bins` first",
@@ -216,6 +221,7 @@ impl Stack {
             fhir_base: String::new(),
             db_url: String::new(),
             sim_url: String::new(),
+            omron_url: String::new(),
             procs: HashMap::new(),
             stage_env: HashMap::new(),
             extra_env: options.stage_env.clone(),
@@ -246,6 +252,19 @@ impl Stack {
         wait_tcp(
             &format!("127.0.0.1:{sport}"),
             "withings-sim",
+            Duration::from_secs(30),
+        )
+        .await?;
+
+        // Omron simulator.
+        let oport = free_port()?;
+        let mut cmd = Command::new(stack.bin_dir.join("omron-sim"));
+        cmd.arg("--addr").arg(format!("127.0.0.1:{oport}"));
+        stack.omron_url = format!("http://127.0.0.1:{oport}");
+        stack.spawn("omron-sim", cmd, format!("127.0.0.1:{oport}"))?;
+        wait_tcp(
+            &format!("127.0.0.1:{oport}"),
+            "omron-sim",
             Duration::from_secs(30),
         )
         .await?;
