@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0008_imports",
         include_str!("../migrations/0008_imports.sql"),
     ),
+    ("0009_pkce", include_str!("../migrations/0009_pkce.sql")),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

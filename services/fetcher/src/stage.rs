@@ -175,6 +175,7 @@ pub fn plan(
     Plan {
         windows,
         policy: Default::default(),
+        granted_scopes: None,
     }
 }
 
@@ -502,6 +503,10 @@ impl Fetcher {
             let reason = format!("link is {}", link.status);
             return Ok((plan, LinkOutcome::Inactive(reason)));
         }
+        plan.granted_scopes = link
+            .scopes
+            .as_deref()
+            .map(|s| s.split_whitespace().map(str::to_owned).collect());
         match &link.policy {
             Ok(policy) => plan.policy = policy.clone(),
             Err(e) => {

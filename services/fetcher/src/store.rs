@@ -56,6 +56,8 @@ pub struct Link {
     /// The patient's policy (organization's, patient's overrides, consents); an error if a
     /// stored document is invalid (the link's requests are dead-lettered with it).
     pub policy: Result<Policy, PolicyError>,
+    /// The scopes the user granted (`provider_links.scopes`, space-separated), if recorded.
+    pub scopes: Option<String>,
 }
 
 impl std::fmt::Debug for Link {
@@ -105,7 +107,7 @@ impl Store {
             .query_opt(
                 &format!("SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
                         a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider, \
-                        {POLICY_COLUMNS} \
+                        {POLICY_COLUMNS}, l.scopes \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id \
                  JOIN organizations o ON o.id = l.organization_id JOIN patients p ON p.id = l.patient_id \
                  WHERE l.id = $1"),
@@ -136,6 +138,7 @@ impl Store {
             cursor_ms: row.get(9),
             provider: row.get(10),
             policy: Policy::from_stored(row.get(11), row.get(12), row.get(13)),
+            scopes: row.get(14),
         })
     }
 

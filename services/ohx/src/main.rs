@@ -584,11 +584,23 @@ async fn main() -> anyhow::Result<()> {
             let state = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
             let redirect_uri =
                 format!("{}/oauth/{provider}/callback", public.trim_end_matches('/'));
+            let state_hash = hex::encode(Sha256::digest(state.as_bytes()));
+            // PKCE: the verifier stays sealed with the state until the callback's exchange.
+            let (verifier, challenge) = if adapter.pkce() {
+                let (v, c) = ohx_providers::oauth::pkce_pair();
+                let sealed = SecretBox::from_env()?.seal(
+                    v.as_bytes(),
+                    &format!("oauth_state:{state_hash}:code_verifier"),
+                )?;
+                (Some(sealed), Some(c))
+            } else {
+                (None, None)
+            };
             client
                 .execute(
-                    "INSERT INTO oauth_states (state_sha256, organization_id, patient_id, provider_app_id, redirect_uri, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
-                    &[&hex::encode(Sha256::digest(state.as_bytes())), &org, &patient, &app, &redirect_uri, &(expires_in.max(1) as f64)],
+                    "INSERT INTO oauth_states (state_sha256, organization_id, patient_id, provider_app_id, redirect_uri, expires_at, code_verifier) \
+                     VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)",
+                    &[&state_hash, &org, &patient, &app, &redirect_uri, &(expires_in.max(1) as f64), &verifier],
                 )
                 .await?;
             let credentials = ohx_providers::AppCredentials {
@@ -600,6 +612,7 @@ async fn main() -> anyhow::Result<()> {
                 &credentials,
                 &redirect_uri,
                 &state,
+                challenge.as_deref(),
             );
             print(json!({"authorize_url": url, "expires_in": expires_in}));
         }

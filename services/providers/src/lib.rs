@@ -15,6 +15,7 @@
 //! [`Registry::standard`].
 
 pub mod beurer;
+pub mod google_health;
 pub mod oauth;
 pub mod omron;
 pub mod policy;
@@ -195,6 +196,9 @@ impl fmt::Debug for Api {
 pub struct Plan {
     pub windows: BTreeMap<String, (i64, i64)>,
     pub policy: policy::Policy,
+    /// The OAuth2 scopes the user granted, when the provider reports them (granular consent):
+    /// an adapter asks only for data types whose scope is among them. `None`: not known.
+    pub granted_scopes: Option<std::collections::BTreeSet<String>>,
 }
 
 /// What a fetch produced.
@@ -243,6 +247,9 @@ pub enum NoticeKind {
     Unlinked,
     /// An event that carries no data to fetch (in bed, cuff inflated, ECG failed): counted.
     EventOnly,
+    /// The provider checking the webhook endpoint (Google Health's verification probe):
+    /// answered 200 once authenticated, nothing fetched.
+    Verification,
     /// A category ohx does not subscribe to: acknowledged and counted.
     NotSubscribed,
 }
@@ -261,6 +268,27 @@ pub struct Notice {
     pub window: Option<(i64, i64)>,
 }
 
+/// Where a webhook request carries the provider app's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookSecret {
+    /// In the callback URL: `?token=…` (Withings, Omron: they call the URL they were given).
+    Query,
+    /// The whole `Authorization` header value (Google Health sends the subscriber's secret
+    /// there, and probes that a request without it is refused).
+    AuthorizationHeader,
+}
+
+/// How a provider signs its notifications (a Tink ECDSA P-256 keyset, Google Health).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedWebhooks {
+    /// The headers that may carry the signature, in the order they are read.
+    pub headers: &'static [&'static str],
+    /// Where the provider publishes its public keyset.
+    pub keyset_url: &'static str,
+    /// The environment variable that overrides `keyset_url` (simulators, mirrors).
+    pub keyset_url_env: &'static str,
+}
+
 /// A notification the adapter refuses (answered 400 with the text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -273,6 +301,8 @@ pub enum SetupError {
     WithingsTable(#[from] withings::measures::TableError),
     #[error(transparent)]
     OmronFields(#[from] omron::normalize::FieldTableError),
+    #[error(transparent)]
+    GoogleHealthTypes(#[from] google_health::normalize::DataTypeTableError),
     /// A setting (environment variable) that cannot be used.
     #[error("{0}")]
     Setting(String),
@@ -283,11 +313,13 @@ pub enum SetupError {
 pub struct ProviderSettings {
     pub withings: withings::WithingsSettings,
     pub omron: omron::OmronSettings,
+    pub google_health: google_health::GoogleHealthSettings,
 }
 
 impl ProviderSettings {
     /// Settings from the environment: `OHX_WITHINGS_RATE_PER_MINUTE`,
-    /// `OHX_OMRON_RATE_PER_MINUTE`, `OHX_OMRON_FIELDS_FILE`.
+    /// `OHX_OMRON_RATE_PER_MINUTE`, `OHX_OMRON_FIELDS_FILE`, `OHX_GOOGLE_HEALTH_RATE_PER_MINUTE`,
+    /// `OHX_GOOGLE_HEALTH_TOKEN_URL`.
     ///
     /// # Errors
     /// A variable that does not parse, or a field table that cannot be read or used.
@@ -311,6 +343,17 @@ impl ProviderSettings {
                 rate_per_minute: ohx_common::config::parse("OHX_OMRON_RATE_PER_MINUTE", 60u32)
                     .map_err(setting)?,
                 fields,
+            },
+            google_health: google_health::GoogleHealthSettings {
+                rate_per_minute: ohx_common::config::parse(
+                    "OHX_GOOGLE_HEALTH_RATE_PER_MINUTE",
+                    300u32,
+                )
+                .map_err(setting)?,
+                token_base_url: std::env::var("OHX_GOOGLE_HEALTH_TOKEN_URL")
+                    .ok()
+                    .filter(|u| !u.trim().is_empty())
+                    .unwrap_or_else(|| google_health::DEFAULT_TOKEN_BASE_URL.to_owned()),
             },
         })
     }
@@ -343,6 +386,24 @@ pub trait Provider: Send + Sync + 'static {
         body: &[u8],
     ) -> Result<Vec<Notice>, BadNotice>;
 
+    /// Where the provider's webhook requests carry the app's secret.
+    fn webhook_secret(&self) -> WebhookSecret {
+        WebhookSecret::Query
+    }
+
+    /// How the provider signs notifications, if it does: every notification (but a
+    /// verification probe) must then carry a valid signature, checked by the gateway against
+    /// the provider's published keys.
+    fn signed_webhooks(&self) -> Option<SignedWebhooks> {
+        None
+    }
+
+    /// Whether the connect flow uses PKCE (RFC 7636, S256): the authorize URL carries a code
+    /// challenge and the code exchange its verifier.
+    fn pkce(&self) -> bool {
+        false
+    }
+
     /// The HTTP status that acknowledges a webhook; `emitted` says whether it led to sync
     /// requests. Default: 200 when it did, 204 when there was nothing to fetch.
     fn webhook_ack_status(&self, emitted: bool) -> u16 {
@@ -357,6 +418,7 @@ pub trait Provider: Send + Sync + 'static {
         app: &AppCredentials,
         redirect_uri: &str,
         state: &str,
+        code_challenge: Option<&str>,
     ) -> String;
 
     /// Exchanges an authorization code for tokens and the provider's user id.
@@ -366,6 +428,7 @@ pub trait Provider: Send + Sync + 'static {
         app: &'a AppCredentials,
         code: &'a str,
         redirect_uri: &'a str,
+        code_verifier: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Connected, ProviderError>>;
 
     /// Subscribes a newly connected user to every notification ohx needs, at
@@ -430,12 +493,23 @@ impl Registry {
         let mut r = Self::default();
         r.register(Arc::new(withings::Withings::new(settings.withings)?));
         r.register(Arc::new(omron::Omron::new(settings.omron)?));
+        r.register(Arc::new(google_health::GoogleHealth::new(
+            settings.google_health,
+        )?));
         Ok(r)
     }
 
     /// Adds (or replaces) a provider.
     pub fn register(&mut self, provider: Arc<dyn Provider>) {
         self.providers.insert(provider.name(), provider);
+    }
+
+    /// The names of the providers, sorted.
+    #[must_use]
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.providers.keys().copied().collect();
+        names.sort_unstable();
+        names
     }
 
     /// The provider called `name`.

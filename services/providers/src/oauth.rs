@@ -154,6 +154,14 @@ pub fn client(
         .set_token_uri(token_url))
 }
 
+/// A fresh PKCE pair (RFC 7636, S256): the verifier (kept until the code exchange) and the
+/// challenge (sent with the authorize request).
+#[must_use]
+pub fn pkce_pair() -> (String, String) {
+    let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
+    (verifier.secret().clone(), challenge.as_str().to_owned())
+}
+
 /// Exchanges an authorization code (with the redirect URI it was issued for).
 ///
 /// # Errors
@@ -164,15 +172,20 @@ pub async fn exchange_code(
     provider: &str,
     code: &str,
     redirect_uri: &str,
+    code_verifier: Option<&str>,
 ) -> Result<TokenAnswer, ProviderError> {
     let redirect =
         RedirectUrl::new(redirect_uri.to_owned()).map_err(|_| ProviderError::Permanent {
             kind: "provider",
             reason: "the redirect URI is not a valid URL".into(),
         })?;
-    client
+    let mut request = client
         .exchange_code(AuthorizationCode::new(code.to_owned()))
-        .set_redirect_uri(Cow::Owned(redirect))
+        .set_redirect_uri(Cow::Owned(redirect));
+    if let Some(v) = code_verifier {
+        request = request.set_pkce_verifier(oauth2::PkceCodeVerifier::new(v.to_owned()));
+    }
+    request
         .request_async(&Http(http))
         .await
         .map_err(|e| classify(provider, &e))
@@ -378,6 +391,17 @@ mod tests {
         assert_eq!(t.expires_in, 3_600);
         assert_eq!(t.scope.as_deref(), Some("bloodpressure openid"));
         assert_eq!(answer.extra_fields().id_token.as_deref(), Some("x.y.z"));
+    }
+
+    #[test]
+    fn test_pkce_challenge_is_the_s256_of_the_verifier() {
+        use sha2::Digest as _;
+        let (verifier, challenge) = pkce_pair();
+        assert!((43..=128).contains(&verifier.len()), "{verifier}");
+        let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(verifier.as_bytes()));
+        assert_eq!(challenge, expected);
+        assert_ne!(pkce_pair().0, verifier, "fresh each time");
     }
 
     #[test]

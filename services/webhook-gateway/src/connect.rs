@@ -51,7 +51,7 @@ pub struct Callback {
 
 const CONSUME_STATE: &str = "UPDATE oauth_states SET used_at = now() \
      WHERE state_sha256 = $1 AND used_at IS NULL AND expires_at > now() \
-     RETURNING organization_id, patient_id, provider_app_id, redirect_uri";
+     RETURNING organization_id, patient_id, provider_app_id, redirect_uri, code_verifier";
 
 const APP: &str = "SELECT provider, client_id, client_secret, api_base_url, webhook_token_sealed \
      FROM provider_apps WHERE id = $1";
@@ -150,6 +150,7 @@ pub async fn callback(
         consumed.get(2),
         consumed.get(3),
     );
+    let sealed_verifier: Option<String> = consumed.get(4);
     let app = match db_step(provider, state.db_timeout, "app", async {
         db.query_one(APP, &[&app_id]).await
     })
@@ -205,8 +206,28 @@ pub async fn callback(
         .get::<_, Option<String>>(3)
         .unwrap_or_else(|| adapter.default_base_url().to_owned());
     let api = Api::new(settings.http.clone(), &base, Arc::new(NoRateGate));
+    let code_verifier = match sealed_verifier
+        .map(|v| secrets.open_string(&v, &format!("oauth_state:{hash}:code_verifier")))
+        .transpose()
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, app_id = %app_id, "cannot open the PKCE verifier");
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Cannot open the PKCE verifier",
+                "check OHX_SECRET_KEYS",
+            );
+        }
+    };
     let connected = match adapter
-        .exchange_code(&api, &credentials, &code, &redirect_uri)
+        .exchange_code(
+            &api,
+            &credentials,
+            &code,
+            &redirect_uri,
+            code_verifier.as_deref(),
+        )
         .await
     {
         Ok(c) => c,

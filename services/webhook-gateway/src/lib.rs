@@ -10,6 +10,7 @@
 pub mod connect;
 pub mod import;
 pub mod lookup;
+pub mod signature;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -23,7 +24,7 @@ use ohx_common::admin::Problem;
 use ohx_common::codec::CodecError;
 use ohx_common::kafka::{OutRecord, Producer};
 use ohx_common::records::{Context, SyncRequest, topic};
-use ohx_providers::{Notice, NoticeKind, Registry};
+use ohx_providers::{Notice, NoticeKind, Registry, WebhookSecret};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use serde::Deserialize;
@@ -62,6 +63,9 @@ pub struct AppState {
     pub max_window: Duration,
     /// The connect flow's callback (`None` without `OHX_PUBLIC_URL`: the route answers 404).
     pub connect: Option<connect::ConnectSettings>,
+    /// Signature checks of the providers that sign their notifications, by provider name
+    /// (built by [`signature_checks`]).
+    pub signatures: std::collections::BTreeMap<&'static str, std::sync::Arc<signature::Signatures>>,
     /// Largest import body (`OHX_MAX_IMPORT_BYTES`, default
     /// [`import::DEFAULT_MAX_IMPORT_BYTES`]); a larger one is answered 413.
     pub max_import_bytes: usize,
@@ -99,6 +103,30 @@ pub fn validate_window(
         ));
     }
     Ok(())
+}
+
+/// The signature checks of every provider of `providers` that signs its notifications, with
+/// the keyset URL from the provider's environment variable when set.
+pub fn signature_checks(
+    providers: &Registry,
+    http: &reqwest::Client,
+) -> std::collections::BTreeMap<&'static str, std::sync::Arc<signature::Signatures>> {
+    providers
+        .names()
+        .into_iter()
+        .filter_map(|n| providers.get(n))
+        .filter_map(|p| {
+            let scheme = p.signed_webhooks()?;
+            let url = std::env::var(scheme.keyset_url_env)
+                .ok()
+                .filter(|u| !u.trim().is_empty())
+                .unwrap_or_else(|| scheme.keyset_url.to_owned());
+            Some((
+                p.name(),
+                std::sync::Arc::new(signature::Signatures::new(scheme, url, http.clone())),
+            ))
+        })
+        .collect()
 }
 
 /// Returns the webhook routes. `HEAD` and `GET` answer 200 for a known provider: Withings
@@ -195,6 +223,8 @@ pub enum Unavailable {
     SchemaRegistry,
     /// The broker did not acknowledge the sync request in time.
     Broker,
+    /// The provider's signing keys could not be fetched.
+    Keyset,
 }
 
 impl Unavailable {
@@ -204,6 +234,7 @@ impl Unavailable {
             Unavailable::Database => "Configuration database unavailable",
             Unavailable::SchemaRegistry => "Schema registry unavailable",
             Unavailable::Broker => "Broker unavailable",
+            Unavailable::Keyset => "Provider signing keys unavailable",
         }
     }
 
@@ -213,6 +244,7 @@ impl Unavailable {
             Unavailable::Database => "unavailable_database",
             Unavailable::SchemaRegistry => "unavailable_schema_registry",
             Unavailable::Broker => "unavailable_broker",
+            Unavailable::Keyset => "unavailable_keyset",
         }
     }
 }
@@ -366,10 +398,22 @@ async fn webhook(
         return unknown_provider(&provider);
     };
     let provider = adapter.name();
-    let Some(token) = query.token.filter(|t| !t.is_empty()) else {
+    let secret = match adapter.webhook_secret() {
+        WebhookSecret::Query => query.token,
+        WebhookSecret::AuthorizationHeader => headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    let Some(token) = secret.filter(|t| !t.is_empty()) else {
         count(provider, "unauthorized");
-        return Problem::new(StatusCode::UNAUTHORIZED, "Missing webhook token")
-            .detail("the callback URL must carry ?token=")
+        return Problem::new(StatusCode::UNAUTHORIZED, "Missing webhook secret")
+            .detail(match adapter.webhook_secret() {
+                WebhookSecret::Query => "the callback URL must carry ?token=",
+                WebhookSecret::AuthorizationHeader => {
+                    "the Authorization header must carry the subscriber's secret"
+                }
+            })
             .into_response();
     };
     let app = match lookup_app(&state, provider, &token_hash(&token)).await {
@@ -392,6 +436,44 @@ async fn webhook(
                 .into_response();
         }
     };
+    // The provider checking its endpoint: authenticated above; probes are not signed.
+    if notices.iter().any(|n| n.kind == NoticeKind::Verification) {
+        count(provider, "verification");
+        tracing::info!("webhook verification probe answered");
+        return StatusCode::OK.into_response();
+    }
+    if let Some(check) = state.signatures.get(provider) {
+        match check.check(&headers, &body).await {
+            Ok(()) => {}
+            Err(signature::Refused::KeysetUnavailable) => {
+                return unavailable(
+                    provider,
+                    Unavailable::Keyset,
+                    "the provider's signing keys could not be fetched; retry",
+                );
+            }
+            Err(refused) => {
+                count(provider, "bad_signature");
+                let detail = match refused {
+                    signature::Refused::Missing => {
+                        "the notification carries no signature".to_owned()
+                    }
+                    signature::Refused::Invalid(why) => why,
+                    signature::Refused::KeysetUnavailable => String::new(),
+                };
+                tracing::info!(detail, "notification signature refused");
+                return Problem::new(StatusCode::UNAUTHORIZED, "Invalid signature")
+                    .detail(detail)
+                    .into_response();
+            }
+        }
+    } else if adapter.signed_webhooks().is_some() {
+        // A provider that signs, with no check configured: refuse rather than trust.
+        count(provider, "bad_signature");
+        return Problem::new(StatusCode::UNAUTHORIZED, "Signature not checked")
+            .detail("this gateway has no keyset for the provider")
+            .into_response();
+    }
     // Windows are checked before anything is stored: a batch is taken whole or refused whole.
     for notice in &notices {
         if let Some(window) = notice.window
@@ -430,6 +512,8 @@ async fn webhook(
                 tracing::info!(event = %notice.event, "notification category not synced");
                 continue;
             }
+            // Answered before the loop.
+            NoticeKind::Verification => continue,
         }
         match emit_requests(&state, provider, app, notice, received_at).await {
             Ok(n) => sent += n,
@@ -623,6 +707,7 @@ mod tests {
             db_timeout: Duration::from_millis(300),
             max_window: Duration::from_secs(31 * 86_400),
             connect: None,
+            signatures: Default::default(),
             max_import_bytes: import::DEFAULT_MAX_IMPORT_BYTES,
         }
     }

@@ -34,10 +34,19 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // The gateway parses webhooks and exchanges codes (Google's token endpoint is a setting).
+    let providers =
+        ohx_providers::Registry::standard(ohx_providers::ProviderSettings::from_env()?)?;
+    let signatures = webhook_gateway::signature_checks(
+        &providers,
+        &reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?,
+    );
     let state = webhook_gateway::AppState {
         connect,
-        // The gateway only parses webhooks: the adapters' fetch settings do not matter here.
-        providers: ohx_providers::Registry::standard(Default::default())?,
+        providers,
+        signatures,
         pool,
         lookups,
         producer: rt.producer.clone(),

@@ -251,6 +251,7 @@ impl Provider for Omron {
         app: &AppCredentials,
         redirect_uri: &str,
         state: &str,
+        _code_challenge: Option<&str>,
     ) -> String {
         let query = serde_urlencoded::to_string([
             ("client_id", app.client_id.as_str()),
@@ -272,10 +273,12 @@ impl Provider for Omron {
         app: &'a AppCredentials,
         code: &'a str,
         redirect_uri: &'a str,
+        _code_verifier: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Connected, ProviderError>> {
         Box::pin(async move {
             let client = self.client(None, &api.base_url, app)?;
-            let answer = oauth::exchange_code(&client, &api.http, NAME, code, redirect_uri).await?;
+            let answer =
+                oauth::exchange_code(&client, &api.http, NAME, code, redirect_uri, None).await?;
             let user = answer
                 .extra_fields()
                 .id_token
@@ -390,6 +393,7 @@ mod tests {
             &app,
             "https://ohx.example/oauth/omron/callback",
             "st",
+            None,
         );
         assert!(url.starts_with("http://127.0.0.1:1/connect/authorize?client_id=cid&response_type=code&redirect_uri=https%3A%2F%2Fohx.example%2Foauth%2Fomron%2Fcallback&scope="), "{url}");
         assert!(

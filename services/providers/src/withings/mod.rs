@@ -457,6 +457,7 @@ impl Provider for Withings {
         app: &AppCredentials,
         redirect_uri: &str,
         state: &str,
+        _code_challenge: Option<&str>,
     ) -> String {
         let base = authorize_base
             .unwrap_or(client::DEFAULT_AUTHORIZE_BASE_URL)
@@ -478,6 +479,7 @@ impl Provider for Withings {
         app: &'a AppCredentials,
         code: &'a str,
         redirect_uri: &'a str,
+        _code_verifier: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Connected, ProviderError>> {
         Box::pin(async move {
             let t = WithingsClient::from_api(api)
@@ -685,6 +687,7 @@ mod tests {
             &app,
             "https://ohx.example/oauth/withings/callback",
             "s t",
+            None,
         );
         assert!(
             url.starts_with("https://account.withings.com/oauth2_user/authorize2?"),
@@ -702,7 +705,7 @@ mod tests {
         );
         assert_eq!(get("state"), Some("s t"));
         assert!(!url.contains("secret"));
-        let sim = w.authorize_url(Some("http://127.0.0.1:9/"), &app, "r", "s");
+        let sim = w.authorize_url(Some("http://127.0.0.1:9/"), &app, "r", "s", None);
         assert!(
             sim.starts_with("http://127.0.0.1:9/oauth2_user/authorize2?"),
             "{sim}"
