@@ -1299,6 +1299,9 @@ mod tests {
             ("body_water_percentage", 57.8, "%"),
             ("muscle_percentage", 43.7, "%"),
             ("bone_mass", 6.2, "[lb_av]"),
+            ("resting_heart_rate", 58.0, "/min"),
+            ("daily_oxygen_saturation", 95.4, "%"),
+            ("skin_temperature_deviation", -0.4, "K"),
         ] {
             let m = measurement(
                 data_type,
