@@ -195,6 +195,81 @@ fn main() -> anyhow::Result<()> {
         report("fetcher", label, produced, started);
     }
 
+    // fetcher, Omron: a /api/measurement page of 100 blood-pressure items (panel + pulse each).
+    let omron_table = ohx_providers::omron::normalize::FieldTable::builtin()?;
+    let omron_items: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            json!({"id": 9_000_000 + i, "dateTime": format!("2026-03-01T{:02}:{:02}:00", i / 60, i % 60),
+                   "dateTimeLocal": format!("2026-03-01T{:02}:{:02}:00", i / 60, i % 60), "dateTimeUtcOffset": "+01:00",
+                   "systolic": 128, "diastolic": 82, "bloodPressureUnits": "mmHg", "pulse": 67, "pulseUnits": "bpm",
+                   "irregularHB": 0, "deviceType": "HEM-7600T"})
+        })
+        .collect();
+    let omron_page =
+        json!({"status": 0, "result": {"truncated": false, "bloodPressure": omron_items}})
+            .to_string();
+    let started = Instant::now();
+    let mut produced = 0usize;
+    rt.block_on(async {
+        for _ in 0..100 {
+            let page =
+                ohx_providers::omron::client::decode_page(omron_page.as_bytes(), "bloodPressure")
+                    .map_err(anyhow::Error::new)?;
+            let out = ohx_providers::omron::normalize::normalize(
+                "bloodpressure",
+                &omron_table.types["bloodpressure"],
+                &page.items,
+                &ctx(),
+                &Default::default(),
+            );
+            for m in &out.measurements {
+                black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                produced += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "fetcher",
+        "Omron JSON (BP) -> Measurements (Avro), per measurement",
+        produced,
+        started,
+    );
+
+    // gateway, Beurer: a HealthManager Pro export of 1,000 weigh-ins (6 values each).
+    let mut export = String::from(
+        "\"User details\"\n\"Name\";\"Bench\"\n\n\"Category\"\n\"Weight\"\n\nDate;Time;kg;BMI;Body fat;Water;Muscles;Bones;Medication;Comment\n",
+    );
+    for i in 0..1000 {
+        export.push_str(&format!(
+            "\"2022-{:02}-{:02}\";\"{:02}:{:02}\";\"62.5\";\"21.4\";\"15.8\";\"57.8\";\"43.7\";\"2.8\";\"\";\"\"\n",
+            1 + i / 280,
+            1 + (i / 10) % 28,
+            6 + i % 10,
+            i % 60
+        ));
+    }
+    let started = Instant::now();
+    let mut produced = 0usize;
+    rt.block_on(async {
+        for _ in 0..20 {
+            let parsed =
+                ohx_providers::beurer::parse_export(export.as_bytes(), &ctx(), "Europe/Berlin")
+                    .map_err(anyhow::Error::new)?;
+            for m in parsed.imported.iter().flat_map(|r| &r.measurements) {
+                black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                produced += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "webhook-gateway",
+        "Beurer CSV (weight) -> Measurements (Avro), per measurement",
+        produced,
+        started,
+    );
+
     // hourly-aggregator: decode a sample, add it to its window; closes and encodes aggregates.
     let series: Vec<String> = (0..50).map(|s| format!("patient-{s}/heart_rate")).collect();
     let mut encoded = Vec::new();
