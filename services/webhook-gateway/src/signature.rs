@@ -111,3 +111,125 @@ impl Signatures {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::extract::State;
+    use base64::Engine as _;
+    use p256::ecdsa::signature::Signer as _;
+    use p256::ecdsa::{Signature, SigningKey};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SCHEME: SignedWebhooks = SignedWebhooks {
+        headers: &["google-health-api-signature", "x-healthapi-signature"],
+        keyset_url: "unused",
+        keyset_url_env: "UNUSED",
+    };
+
+    /// A key server: serves a keyset of the current keys, counts its fetches.
+    #[derive(Clone, Default)]
+    struct KeyServer {
+        keys: Arc<std::sync::Mutex<Vec<(u32, SigningKey)>>>,
+        fetches: Arc<AtomicUsize>,
+    }
+
+    fn b64(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    fn keyset_json(keys: &[(u32, SigningKey)]) -> serde_json::Value {
+        let key: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|(id, k)| {
+                let p = k.verifying_key().to_encoded_point(false);
+                let mut v = vec![0x08, 0x00, 0x12, 0x06, 0x08, 3, 0x10, 2, 0x18, 2, 0x1a, 32];
+                v.extend_from_slice(p.x().unwrap());
+                v.extend_from_slice(&[0x22, 32]);
+                v.extend_from_slice(p.y().unwrap());
+                serde_json::json!({"keyData": {"typeUrl": "type.googleapis.com/google.crypto.tink.EcdsaPublicKey",
+                    "value": b64(&v), "keyMaterialType": "ASYMMETRIC_PUBLIC"}, "status": "ENABLED",
+                    "keyId": id, "outputPrefixType": "TINK"})
+            })
+            .collect();
+        serde_json::json!({"primaryKeyId": keys.first().map_or(0, |k| k.0), "key": key})
+    }
+
+    async fn serve(server: KeyServer) -> String {
+        async fn keyset(State(s): State<KeyServer>) -> axum::Json<serde_json::Value> {
+            s.fetches.fetch_add(1, Ordering::SeqCst);
+            let keys = s.keys.lock().unwrap().clone();
+            axum::Json(keyset_json(&keys))
+        }
+        let app = axum::Router::new()
+            .route("/keyset.json", axum::routing::get(keyset))
+            .with_state(server);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/keyset.json", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    fn signed(key: &SigningKey, id: u32, body: &[u8]) -> axum::http::HeaderMap {
+        let sig: Signature = key.sign(body);
+        let mut raw = vec![1u8];
+        raw.extend_from_slice(&id.to_be_bytes());
+        raw.extend_from_slice(sig.to_der().as_bytes());
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-healthapi-signature", b64(&raw).parse().unwrap());
+        h
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32].into()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn test_rotation_is_followed_and_unknown_ids_refetch_at_most_once_a_minute() {
+        let server = KeyServer::default();
+        server.keys.lock().unwrap().push((1, key(1)));
+        let url = serve(server.clone()).await;
+        let check = Signatures::new(SCHEME, url, reqwest::Client::new());
+        let body = br#"[{"data":{}}]"#;
+        assert_eq!(check.check(&signed(&key(1), 1, body), body).await, Ok(()));
+        assert_eq!(check.check(&signed(&key(1), 1, body), body).await, Ok(()));
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 1, "cached");
+        // A tampered body, a missing header.
+        assert!(matches!(
+            check.check(&signed(&key(1), 1, body), b"[{}]").await,
+            Err(Refused::Invalid(_))
+        ));
+        assert_eq!(
+            check.check(&axum::http::HeaderMap::new(), body).await,
+            Err(Refused::Missing)
+        );
+        // A forged key id: within a minute of the last fetch, no refetch (no amplification).
+        assert!(matches!(
+            check.check(&signed(&key(9), 9, body), body).await,
+            Err(Refused::Invalid(_))
+        ));
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
+        // Google rotates: once the last fetch is a minute old, the new key id is fetched.
+        server.keys.lock().unwrap().insert(0, (2, key(2)));
+        check.cached.lock().await.fetched_at =
+            Some(Instant::now() - REFETCH_AFTER - Duration::from_secs(1));
+        assert_eq!(check.check(&signed(&key(2), 2, body), body).await, Ok(()));
+        assert_eq!(server.fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn test_no_keyset_at_all_is_unavailable_not_accepted() {
+        let check = Signatures::new(
+            SCHEME,
+            "http://127.0.0.1:9/keyset.json".into(),
+            reqwest::Client::new(),
+        );
+        let body = b"[]";
+        assert_eq!(
+            check.check(&signed(&key(1), 1, body), body).await,
+            Err(Refused::KeysetUnavailable)
+        );
+    }
+}
