@@ -1,5 +1,6 @@
 //! Test harness.
 pub mod fixtures;
+pub mod google_health_sim;
 pub mod kafka_util;
 pub mod omron_sim;
 pub mod stack;

@@ -43,6 +43,8 @@ pub struct Stack {
     pub sim_url: String,
     /// The Omron Wellness API simulator.
     pub omron_url: String,
+    /// The Google Health API simulator (OAuth, API, keyset on one address).
+    pub google_url: String,
     pub procs: HashMap<String, Proc>,
     /// Extra environment per stage (kept across restarts).
     pub stage_env: HashMap<String, Vec<(String, String)>>,
@@ -202,7 +204,7 @@ impl Stack {
         let bin_dir = bin_dir();
         for b in STAGES
             .iter()
-            .chain(["ohx", "withings-sim", "omron-sim"].iter())
+            .chain(["ohx", "withings-sim", "omron-sim", "google-health-sim"].iter())
         {
             if !bin_dir.join(b).is_file() {
                 bail!(
@@ -222,6 +224,7 @@ impl Stack {
             db_url: String::new(),
             sim_url: String::new(),
             omron_url: String::new(),
+            google_url: String::new(),
             procs: HashMap::new(),
             stage_env: HashMap::new(),
             extra_env: options.stage_env.clone(),
@@ -265,6 +268,19 @@ impl Stack {
         wait_tcp(
             &format!("127.0.0.1:{oport}"),
             "omron-sim",
+            Duration::from_secs(30),
+        )
+        .await?;
+
+        // Google Health simulator.
+        let gport = free_port()?;
+        let mut cmd = Command::new(stack.bin_dir.join("google-health-sim"));
+        cmd.arg("--addr").arg(format!("127.0.0.1:{gport}"));
+        stack.google_url = format!("http://127.0.0.1:{gport}");
+        stack.spawn("google-health-sim", cmd, format!("127.0.0.1:{gport}"))?;
+        wait_tcp(
+            &format!("127.0.0.1:{gport}"),
+            "google-health-sim",
             Duration::from_secs(30),
         )
         .await?;
@@ -463,6 +479,22 @@ impl Stack {
             self.ports
                 .get("webhook-gateway")
                 .map(|p| ("OHX_PUBLIC_URL".to_owned(), format!("http://127.0.0.1:{p}"))),
+        )
+        // Google's token endpoint and signing keys: the simulator's.
+        .chain(
+            [
+                ("OHX_GOOGLE_HEALTH_TOKEN_URL", self.google_url.clone()),
+                (
+                    "OHX_GOOGLE_HEALTH_KEYSET_URL",
+                    format!(
+                        "{}/googlehealthapi/webhooks/webhooks_public_keyset.json",
+                        self.google_url
+                    ),
+                ),
+            ]
+            .into_iter()
+            .filter(|_| !self.google_url.is_empty())
+            .map(|(k, v)| (k.to_owned(), v)),
         )
         .chain(self.extra_env.iter().cloned())
         .collect()
