@@ -2371,6 +2371,14 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("beurer_csv_imported_twice", |e| {
             Box::pin(providers::beurer_csv_imported_twice(e))
         }),
+        ("google_health_connect_backfill_and_signed_webhook", |e| {
+            Box::pin(providers::google_health_connect_backfill_and_signed_webhook(e))
+        }),
+        ("google_health_consent_limits_and_expired_refresh", |e| {
+            Box::pin(providers::google_health_consent_limits_and_expired_refresh(
+                e,
+            ))
+        }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
         }),

@@ -668,3 +668,516 @@ pub async fn beurer_csv_imported_twice(env: Arc<Env>) -> anyhow::Result<()> {
     ensure!(status == 401, "forged token: {status}");
     Ok(())
 }
+
+const GH_CLIENT_ID: &str = "ohx-e2e.apps.googleusercontent.com";
+const GH_CLIENT_SECRET: &str = "gh-e2e-secret";
+/// The subscriber's secret: the whole `Authorization` header value Google sends.
+const GH_WEBHOOK_SECRET: &str = "Bearer gh-e2e-webhook-secret";
+const GH_PROJECT: &str = "123456789";
+const GH_SA_TOKEN: &str = "gh-e2e-service-account";
+
+impl Env {
+    async fn google(&self) -> String {
+        self.stack.lock().await.google_url.clone()
+    }
+
+    async fn google_post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.google().await);
+        let r = self.http.post(url).json(&body).send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    async fn google_ok(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (status, v) = self.google_post(path, body).await?;
+        ensure!(
+            (200..300).contains(&status),
+            "google-sim {path}: {status} {v}"
+        );
+        Ok(v)
+    }
+
+    /// The organization's Google Health app (`client_id`), the simulator's OAuth client, and,
+    /// once, the project's subscriber, whose creation runs Google's verification handshake
+    /// against the gateway.
+    async fn google_app(&self, client_id: &str, testing: bool) -> anyhow::Result<String> {
+        self.google_ok(
+            "/_sim/apps",
+            json!({"client_id": client_id, "client_secret": GH_CLIENT_SECRET, "testing": testing}),
+        )
+        .await?;
+        let s = self.stack.lock().await;
+        let db = s.db().await?;
+        if let Some(row) = db
+            .query_opt(
+                "SELECT id::text FROM provider_apps WHERE provider = 'google-health' AND client_id = $1",
+                &[&client_id],
+            )
+            .await?
+        {
+            return Ok(row.get(0));
+        }
+        let google = s.google_url.clone();
+        let app = s
+            .ohx_id(&[
+                "create-app",
+                "--org",
+                &self.org,
+                "--provider",
+                "google-health",
+                "--client-id",
+                client_id,
+                "--client-secret",
+                GH_CLIENT_SECRET,
+                "--webhook-token",
+                if testing {
+                    "Bearer gh-e2e-testing-app-secret"
+                } else {
+                    GH_WEBHOOK_SECRET
+                },
+                "--api-base-url",
+                &google,
+                "--authorize-base-url",
+                &google,
+            ])
+            .await?;
+        Ok(app)
+    }
+
+    async fn google_subscriber(&self) -> anyhow::Result<Value> {
+        let google = self.google().await;
+        let gateway = self.stack.lock().await.http_of("webhook-gateway")?;
+        self.google_ok(
+            "/_sim/projects",
+            json!({"number": GH_PROJECT, "token": GH_SA_TOKEN}),
+        )
+        .await?;
+        let r = self
+            .http
+            .post(format!(
+                "{google}/v4/projects/{GH_PROJECT}/subscribers?subscriberId=ohx-e2e"
+            ))
+            .bearer_auth(GH_SA_TOKEN)
+            .json(&json!({
+                "endpointUri": format!("{gateway}/webhooks/google-health"),
+                "subscriberConfigs": [{"dataTypes": ["weight", "steps", "heart-rate", "daily-resting-heart-rate"],
+                                       "subscriptionCreatePolicy": "AUTOMATIC"}],
+                "endpointAuthorization": {"secret": GH_WEBHOOK_SECRET},
+            }))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        ensure!(
+            status == 200 || status == 409,
+            "subscriber: {status} {body}"
+        );
+        Ok(body)
+    }
+
+    /// Connects a patient to the Google Health user `user` (granting `grant` scopes, or all);
+    /// returns the link id.
+    async fn google_connect(
+        &self,
+        patient_id: &str,
+        app: &str,
+        user: &str,
+        grant: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let started = self
+            .stack
+            .lock()
+            .await
+            .ohx(&["connect", "--patient", patient_id, "--app", app])
+            .await?;
+        let authorize = started
+            .first()
+            .and_then(|v| v["authorize_url"].as_str())
+            .context("connect prints the authorize URL")?
+            .to_owned();
+        ensure!(
+            authorize.contains("code_challenge_method=S256"),
+            "PKCE: {authorize}"
+        );
+        let mut url = reqwest::Url::parse(&authorize)?;
+        url.query_pairs_mut().append_pair("user", user);
+        if let Some(g) = grant {
+            url.query_pairs_mut().append_pair("grant", g);
+        }
+        let browser = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let at_google = browser.get(url).send().await?;
+        let callback = at_google
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .with_context(|| format!("authorize answered {}", at_google.status()))?
+            .to_owned();
+        let done = browser.get(&callback).send().await?;
+        let status = done.status();
+        let body: Value = done.json().await?;
+        ensure!(status == 200, "callback {status}: {body}");
+        ensure!(body["status"] == "connected", "{body}");
+        body["link_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("link id")
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// A Google Health weight point (list shape, named, a scale's).
+fn gh_weight(user_num: &str, id: u64, ms: i64, grams: i64) -> Value {
+    json!({"name": format!("users/{user_num}/dataTypes/weight/dataPoints/{id}"),
+           "dataSource": {"recordingMethod": "ACTIVELY_MEASURED", "platform": "FITBIT",
+                          "device": {"displayName": "Aria Air", "formFactor": "SCALE"}},
+           "weight": {"sampleTime": {"physicalTime": rfc3339(ms), "utcOffset": "-18000s"},
+                      "weightGrams": grams}})
+}
+
+fn gh_heart_rate(ms: i64, bpm: i64) -> Value {
+    json!({"dataSource": {"recordingMethod": "PASSIVELY_MEASURED", "device": {"displayName": "Inspire 3"}, "platform": "FITBIT"},
+           "heartRate": {"sampleTime": {"physicalTime": rfc3339(ms), "utcOffset": "-18000s"},
+                         "beatsPerMinute": bpm.to_string()}})
+}
+
+/// Google Health end to end: the project's subscriber passes Google's verification handshake
+/// against the gateway; the connect flow (PKCE, the user from `users/me/identity`) backfills
+/// weight and intraday heart rate (hourly statistics); a signed notification brings a new
+/// weight; forged notifications (no or wrong secret, tampered body, bad signature, a key id
+/// Google does not publish) are 401 and fetch nothing. The patient is linked to Withings too:
+/// both weights arrive, with separate identities and Devices.
+pub async fn google_health_connect_backfill_and_signed_webhook(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    let app = env.google_app(GH_CLIENT_ID, false).await?;
+    let subscriber = env.google_subscriber().await?;
+    ensure!(
+        subscriber["done"] == true || subscriber["error"]["status"] == "ALREADY_EXISTS",
+        "the handshake passed: {subscriber}"
+    );
+    let user = "gh-5200";
+    let user_num = "2515055256096816351";
+    env.google_ok(
+        "/_sim/users",
+        json!({"healthUserId": user, "legacyUserId": "26FWFL"}),
+    )
+    .await?;
+    let p = env.new_patient(5200).await?;
+    let now = Utc::now().timestamp_millis();
+    let weighed = (now - 2 * 86_400_000) / 1000 * 1000;
+    let hour = (now - 5 * HOUR) / HOUR * HOUR;
+    env.google_ok(
+        &format!("/_sim/users/{user}/dataPoints"),
+        json!({"dataType": "weight", "points": [gh_weight(user_num, 7001, weighed, 79_832)]}),
+    )
+    .await?;
+    env.google_ok(
+        &format!("/_sim/users/{user}/dataPoints"),
+        json!({"dataType": "heart-rate", "points": [
+            gh_heart_rate(hour + 60_000, 61), gh_heart_rate(hour + 120_000, 75), gh_heart_rate(hour + 180_000, 68)]}),
+    )
+    .await?;
+    // The same patient's Withings scale, the same minute.
+    env.add_groups(
+        p.userid,
+        json!([super::weight_group(
+            952_001,
+            weighed,
+            "scale-5200",
+            79_900,
+            -3
+        )]),
+    )
+    .await?;
+    env.notify(p.userid, 1, weighed - HOUR, weighed + HOUR)
+        .await?;
+
+    let link = env.google_connect(&p.patient_id, &app, user, None).await?;
+    let query = format!("Observation?subject={}&_count=200", p.reference);
+    let from = |o: &&Value| source_of(o).ends_with("/source/google-health");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (weight, hourly) = loop {
+        let obs = env.search(&query).await?;
+        let weight = obs
+            .iter()
+            .filter(from)
+            .find(|o| code_of(o) == "29463-7")
+            .cloned();
+        let hourly = obs
+            .iter()
+            .filter(from)
+            .find(|o| code_of(o) == "8867-4" && o.get("effectivePeriod").is_some())
+            .cloned();
+        if let (Some(w), Some(h)) = (&weight, &hourly) {
+            break (w.clone(), h.clone());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "Google backfill missing (weight {}, hourly heart rate {}): {}",
+            weight.is_some(),
+            hourly.is_some(),
+            env.stack.lock().await.log_tail("fetcher")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    ensure!(
+        quantity(&weight["valueQuantity"]) == (79.832, "kg".into()),
+        "{}",
+        weight["valueQuantity"]
+    );
+    ensure!(
+        instant(&weight) == weighed,
+        "{}",
+        weight["effectiveDateTime"]
+    );
+    let mean = hourly["component"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|x| x["code"]["coding"][0]["code"] == "average")
+        })
+        .context("hourly mean")?;
+    ensure!(
+        (quantity(&mean["valueQuantity"]).0 - 68.0).abs() < 1e-9,
+        "mean of 61, 75, 68: {mean}"
+    );
+    // Two providers: two weights, two identities, two Devices.
+    let obs = env.search(&query).await?;
+    let withings_weight = obs
+        .iter()
+        .find(|o| code_of(o) == "29463-7" && source_of(o).ends_with("/source/withings"))
+        .context("the Withings weight")?;
+    ensure!(withings_weight["id"] != weight["id"]);
+    ensure!(
+        withings_weight["device"]["reference"] != weight["device"]["reference"],
+        "separate Devices"
+    );
+    let stored: String = env
+        .stack
+        .lock()
+        .await
+        .db()
+        .await?
+        .query_one(
+            "SELECT provider_user_id FROM provider_links WHERE id = $1::text::uuid",
+            &[&link],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        stored == user,
+        "the link's user is the healthUserId: {stored}"
+    );
+
+    // A signed notification: a new weight.
+    let later = (now - HOUR) / 1000 * 1000;
+    let seeded = env
+        .google_ok(
+            &format!("/_sim/users/{user}/dataPoints"),
+            json!({"dataType": "weight", "points": [gh_weight(user_num, 7002, later, 79_410)]}),
+        )
+        .await?;
+    ensure!(seeded["notifications"] == 1, "{seeded}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let obs = env.search(&query).await?;
+        if obs
+            .iter()
+            .filter(from)
+            .any(|o| code_of(o) == "29463-7" && instant(o) == later)
+        {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the notified weight did not arrive: {}",
+            env.stack.lock().await.log_tail("webhook-gateway")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Forgeries: 401, nothing fetched.
+    let requests_before = env.google_stat(user, "requests").await?;
+    for tamper in ["body", "signature", "unknown_key"] {
+        let (status, v) = env
+            .google_post(
+                "/_sim/notify",
+                json!({"healthUserId": user, "dataType": "weight", "start": rfc3339(later), "tamper": tamper}),
+            )
+            .await?;
+        ensure!(status == 200, "sim notify: {status} {v}");
+        ensure!(
+            v["status"] == 401,
+            "tampered {tamper}: the gateway answered {v}"
+        );
+    }
+    let body = json!([{"data": {"version": "1", "healthUserId": user, "operation": "UPSERT", "dataType": "weight",
+        "intervals": [{"physicalTimeInterval": {"startTime": rfc3339(later), "endTime": rfc3339(later + 1000)}}]}}]);
+    let gateway = env.stack.lock().await.http_of("webhook-gateway")?;
+    for auth in [None, Some("Bearer forged")] {
+        let mut r = env
+            .http
+            .post(format!("{gateway}/webhooks/google-health"))
+            .json(&body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let status = r.send().await?.status().as_u16();
+        ensure!(status == 401, "authorization {auth:?}: {status}");
+    }
+    // The right secret but no signature.
+    let status = env
+        .http
+        .post(format!("{gateway}/webhooks/google-health"))
+        .header("authorization", GH_WEBHOOK_SECRET)
+        .json(&body)
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    ensure!(status == 401, "unsigned: {status}");
+    super::wait_settled(&env.kafka, Duration::from_secs(60)).await?;
+    ensure!(
+        env.google_stat(user, "requests").await? == requests_before,
+        "a forged notification made the fetcher call Google"
+    );
+    Ok(())
+}
+
+impl Env {
+    async fn google_stat(&self, user: &str, key: &str) -> anyhow::Result<i64> {
+        let stats: Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.google().await))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(stats["users"][user][key].as_i64().unwrap_or(0))
+    }
+}
+
+/// Granular consent: a user who granted only the health-metrics scope gets weight, and steps
+/// are never asked for (counted `scope_not_granted`). Google's 429 pauses the fetcher instead
+/// of losing the request. A testing-mode app's refresh token dies after 7 days: the link
+/// becomes `reauth_required`, with no retry loop.
+pub async fn google_health_consent_limits_and_expired_refresh(env: Arc<Env>) -> anyhow::Result<()> {
+    let client_id = "ohx-e2e-testing.apps.googleusercontent.com";
+    let app = env.google_app(client_id, true).await?;
+    let user = "gh-5201";
+    env.google_ok("/_sim/users", json!({"healthUserId": user}))
+        .await?;
+    let p = env.new_patient(5201).await?;
+    let now = Utc::now().timestamp_millis();
+    let weighed = (now - 86_400_000) / 1000 * 1000;
+    env.google_ok(
+        &format!("/_sim/users/{user}/dataPoints"),
+        json!({"dataType": "weight", "points": [gh_weight("2515055256096816352", 7101, weighed, 65_120)]}),
+    )
+    .await?;
+    // Google answers 429 once more than 4 requests a minute arrive for the user.
+    env.google_ok("/_sim/config", json!({"rate_limit_per_user": 4}))
+        .await?;
+    let link = env
+        .google_connect(
+            &p.patient_id,
+            &app,
+            user,
+            Some("https://www.googleapis.com/auth/googlehealth.health_metrics_and_measurements.readonly"),
+        )
+        .await?;
+    let query = format!("Observation?subject={}&_count=200", p.reference);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if env.google_stat(user, "rate_limited").await? > 0 {
+            // The fetcher paused and retries; a minute on Google's clock frees the budget.
+            env.google_ok("/_sim/clock/advance", json!({"seconds": 61}))
+                .await?;
+        }
+        let obs = env.search(&query).await?;
+        if obs
+            .iter()
+            .any(|o| code_of(o) == "29463-7" && instant(o) == weighed)
+        {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "weight missing: {}",
+            env.stack.lock().await.log_tail("fetcher")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    env.google_ok("/_sim/config", json!({"rate_limit_per_user": 300}))
+        .await?;
+    ensure!(
+        env.google_stat(user, "rate_limited").await? > 0,
+        "the scenario hit the limit"
+    );
+    let by_type: Value = env
+        .http
+        .get(format!("{}/_sim/stats", env.google().await))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        by_type["users"][user]["by_data_type"]
+            .get("steps")
+            .is_none_or(|n| n == 0),
+        "steps were asked for without their scope: {}",
+        by_type["users"][user]
+    );
+    let skipped: Vec<Value> = env
+        .stack
+        .lock()
+        .await
+        .db()
+        .await?
+        .query(
+            "SELECT skipped FROM sync_runs WHERE link_id = $1::text::uuid AND status = 'ok'",
+            &[&link],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        skipped
+            .iter()
+            .any(|s| s.get("scope_not_granted:steps").is_some()),
+        "scope_not_granted counted: {skipped:?}"
+    );
+
+    // Testing mode: eight days later the refresh token is dead.
+    env.google_ok("/_sim/clock/advance", json!({"seconds": 8 * 86_400}))
+        .await?;
+    env.google_ok(&format!("/_sim/users/{user}/expire-access"), json!({}))
+        .await?;
+    env.stack
+        .lock()
+        .await
+        .ohx(&["sync", "--link", &link, "--days", "1"])
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = env.link_status(&link).await?;
+        if status == "reauth_required" {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "link status stayed {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
