@@ -236,6 +236,46 @@ fn main() -> anyhow::Result<()> {
         started,
     );
 
+    // fetcher, Google Health: a reconcile page of 1,000 heart-rate samples (proto3 JSON, int64
+    // strings) -> hourly Measurements.
+    let gh_table = ohx_providers::google_health::normalize::DataTypeTable::builtin()?;
+    let gh_points: Vec<serde_json::Value> = (0..1000)
+        .map(|i| {
+            json!({"heartRate": {"sampleTime": {"physicalTime": format!("2026-08-29T{:02}:{:02}:{:02}Z", i / 3600, (i / 60) % 60, i % 60),
+                   "utcOffset": "19800s"}, "beatsPerMinute": (60 + i % 40).to_string()}})
+        })
+        .collect();
+    let gh_page = json!({"dataPoints": gh_points}).to_string();
+    let started = Instant::now();
+    let mut produced = 0usize;
+    rt.block_on(async {
+        for _ in 0..20 {
+            let page = ohx_providers::google_health::client::decode_page(
+                gh_page.as_bytes(),
+                ohx_providers::google_health::normalize::Method::Reconcile,
+            )
+            .map_err(anyhow::Error::new)?;
+            let out = ohx_providers::google_health::normalize::normalize(
+                "heart-rate",
+                &page.items,
+                &ctx(),
+                &gh_table,
+                &Default::default(),
+            );
+            for m in &out.measurements {
+                black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                produced += 1;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "fetcher",
+        "Google Health reconcile JSON (heart rate) -> Measurements",
+        produced,
+        started,
+    );
+
     // gateway, Beurer: a HealthManager Pro export of 1,000 weigh-ins (6 values each).
     let mut export = String::from(
         "\"User details\"\n\"Name\";\"Bench\"\n\n\"Category\"\n\"Weight\"\n\nDate;Time;kg;BMI;Body fat;Water;Muscles;Bones;Medication;Comment\n",

@@ -70,8 +70,41 @@
 //!   `NEST`); else 400 `INVALID_DATA_POINT_DATA_SOURCE_FAMILY`.
 //! * `GET …/dataPoints/{id}` (types with `get`) → the stored point whose `name` ends in
 //!   `/dataPoints/{id}`, else 404 `RESOURCE_NOT_FOUND`.
-//! * `POST …:rollUp|:dailyRollUp|:batchDelete`, `POST …/dataPoints`, `PATCH …/dataPoints/{id}`:
-//!   501 `UNIMPLEMENTED` (not simulated).
+//! * `POST …/dataPoints:dailyRollUp` (types with `dailyRollUp`) `{"range":{"start":{"date":
+//!   {"year","month","day"}[,"time":{}]},"end":{…}}[,"windowSizeDays":1][,"dataSourceFamily"]
+//!   [,"pageSize"][,"pageToken"]}` (lowerCamel or snake_case names; `range` closed-open, whole
+//!   civil days) → `{"rollupDataPoints":[{"civilStartTime":{"date":{…},"time":{}},
+//!   "civilEndTime":{…},"<key>":<RollupValue>}…]}`, one row per window of `windowSizeDays`
+//!   (default 1) civil days counted from the range start (the last one cut at the range end),
+//!   ascending; a point counts in the window holding its civil start date (its `civilStartTime` /
+//!   `civilTime`, else instant + offset) and is in `dataSourceFamily` (as for reconcile);
+//!   windows without points are omitted, no row is exactly `{}`, and there is never a
+//!   `nextPageToken` (`pageToken` is ignored). Values (proto3 JSON, zero fields omitted):
+//!   `steps`/`floors` `{"countSum":"<int64>"}`, `distance` `millimetersSum`, `altitude`
+//!   `gainMillimetersSum`, `swim-lengths-data` `strokeCountSum`, `active-zone-minutes`
+//!   `sumIn{FatBurn,Cardio,Peak}HeartZone` (int64 strings); `active-energy-burned` `kcalSum`;
+//!   `heart-rate` `beatsPerMinuteAvg/Min/Max`, `core-body-temperature` `temperatureCelsiusAvg/
+//!   Min/Max`, `run-vo2-max` `rateAvg/Min/Max`, `weight` `weightGramsAvg`, `body-fat`
+//!   `bodyFatPercentageAvg`, `blood-glucose` `bloodGlucoseMilligramsPerDeciliterAvg` (doubles,
+//!   integral ones without a fraction); `sedentary-period` `durationSum`; `active-minutes`
+//!   `activeMinutesRollupByActivityLevel[{activityLevel,activeMinutesSum}]`;
+//!   `time-in-heart-rate-zone` `timeInHeartRateZones[{heartRateZone,duration}]` (summed interval
+//!   lengths). Other `dailyRollUp` types (`total-calories`, `calories-in-heart-rate-zone`,
+//!   `hydration-log`, `nutrition-log`, `basal-energy-burned`): 501 `UNIMPLEMENTED`. Errors (400):
+//!   a body the transcoder refuses (not JSON, unknown field, wrong type) `INVALID_ARGUMENT`
+//!   "Invalid JSON payload received. …" with only a `BadRequest` detail; `windowSizeDays` < 0, or a
+//!   range bound with a time of day, `INVALID_ROLLUP_WINDOW`; `pageSize` < 0
+//!   `INVALID_PAGE_SIZE`; more windows (⌈days/window⌉, or an explicit `pageSize`) than
+//!   ⌊cap/window⌋ `INVALID_ROLLUP_QUERY_DURATION` (cap 14 days for `heart-rate`,
+//!   `active-minutes`, `total-calories`, `calories-in-heart-rate-zone`; 90 otherwise); `pageSize`
+//!   below ⌈days/window⌉ `INVALID_DATA_POINT_NAME` (as measured); a bad `dataSourceFamily`
+//!   `INVALID_DATA_POINT_DATA_SOURCE_FAMILY`; no range or bound
+//!   `INVALID_TIME_RANGE_INTERVAL_FORMAT`; an impossible date or time `INVALID_CIVIL_DATE_TIME`;
+//!   end not after start `INVALID_TIME_RANGE`. Method scopes: any `.readonly` of
+//!   `activity_and_fitness`, `health_metrics_and_measurements`, `location`, `nutrition`, `sleep`
+//!   (no write scope). The body is read after every check below, in the order listed there.
+//! * `POST …:rollUp|:batchDelete`, `POST …/dataPoints`, `PATCH …/dataPoints/{id}`: 501
+//!   `UNIMPLEMENTED` (not simulated).
 //! * Filters (AIP-160 subset; members `{filter_name}.{member}`, quoted literals): interval types
 //!   `interval.start_time` (RFC 3339) / `interval.civil_start_time` (`YYYY-MM-DD[THH:mm:ss]`);
 //!   sample types `sample_time.physical_time` / `sample_time.civil_time`; daily types `date`
@@ -86,11 +119,11 @@
 //!   off); 403 `ACCESS_TOKEN_SCOPE_INSUFFICIENT` (none of the method's scopes); 403
 //!   `DISALLOWED_OAUTH_SCOPES` (token carries `cloud-platform`); 400 bare `INVALID_ARGUMENT`
 //!   ("Request contains an invalid argument.", no details) for a user segment other than `me` on
-//!   list/reconcile (get/identity also accept the caller's own id; another id is 403 bare
-//!   `PERMISSION_DENIED`); 400 `INVALID_PARENT_DATA_TYPE_COLLECTION` (unknown or camelCase type,
-//!   with a `google.rpc.BadRequest` detail); 400 `UNSUPPORTED_DATA_TYPE_ACTION`; 403
-//!   `MISSING_OAUTH_SCOPE` (a method scope, but not the data type's family); 400
-//!   `FAILED_PRECONDITION` `ACCOUNT_NOT_LINKED`; then parameters.
+//!   list/reconcile/dailyRollUp (get/identity also accept the caller's own id; another id is
+//!   403 bare `PERMISSION_DENIED`); 400 `INVALID_PARENT_DATA_TYPE_COLLECTION` (unknown or
+//!   camelCase type, with a `google.rpc.BadRequest` detail); 400 `UNSUPPORTED_DATA_TYPE_ACTION`;
+//!   403 `MISSING_OAUTH_SCOPE` (a method scope, but not the data type's family); 400
+//!   `FAILED_PRECONDITION` `ACCOUNT_NOT_LINKED`; then parameters (or the `dailyRollUp` body).
 //! * Error envelope (`google.rpc.Status`): `{"error":{"code":403,"message":"…","status":
 //!   "PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":
 //!   "MISSING_OAUTH_SCOPE","domain":"health.googleapis.com","metadata":{"dataType":"heart-rate"}}]}}`.
@@ -667,6 +700,7 @@ enum Rpc {
     List,
     Reconcile,
     Get,
+    DailyRollUp,
     Unimplemented(&'static str),
     Identity,
     CreateSubscriber,
@@ -680,6 +714,7 @@ impl Rpc {
             Self::List => "DataPointsService.ListDataPoints",
             Self::Reconcile => "DataPointsService.ReconcileDataPoints",
             Self::Get => "DataPointsService.GetDataPoint",
+            Self::DailyRollUp => "DataPointsService.DailyRollUpDataPoints",
             Self::Unimplemented(n) => n,
             Self::Identity => "HealthProfileService.GetIdentity",
             Self::CreateSubscriber => "DataSubscriptionService.CreateSubscriber",
@@ -694,7 +729,7 @@ impl Rpc {
     fn accepts(self, scopes: &[String]) -> bool {
         let read: &[&str] = match self {
             Self::List => &[ACT, "ecg", HM, "irn", "location", "nutrition", "sleep"],
-            Self::Reconcile | Self::Get | Self::Unimplemented(_) => {
+            Self::Reconcile | Self::Get | Self::DailyRollUp | Self::Unimplemented(_) => {
                 &[ACT, HM, "location", "nutrition", "sleep"]
             }
             Self::Identity => &[
@@ -3098,9 +3133,7 @@ fn data_point_rpc(method: &Method, verb: Option<&str>, point: Option<&str>) -> O
         (None, Some("rollUp")) if *method == Method::POST => {
             Rpc::Unimplemented("DataPointsService.RollUpDataPoints")
         }
-        (None, Some("dailyRollUp")) if *method == Method::POST => {
-            Rpc::Unimplemented("DataPointsService.DailyRollUpDataPoints")
-        }
+        (None, Some("dailyRollUp")) if *method == Method::POST => Rpc::DailyRollUp,
         (None, Some("batchDelete")) if *method == Method::POST => {
             Rpc::Unimplemented("DataPointsService.BatchDeleteDataPoints")
         }
@@ -3122,7 +3155,17 @@ async fn v4(
     let query = parse_form(uri.query().unwrap_or(""));
     match segs.as_slice() {
         ["users", user, "identity"] if method == Method::GET => {
-            user_call(&st, Rpc::Identity, user, None, None, &query, &headers).await
+            user_call(
+                &st,
+                Rpc::Identity,
+                user,
+                None,
+                None,
+                &query,
+                &headers,
+                &body,
+            )
+            .await
         }
         ["users", user, "dataTypes", t, last] => {
             let (coll, verb) = match last.split_once(':') {
@@ -3131,14 +3174,16 @@ async fn v4(
             };
             match data_point_rpc(&method, verb, None) {
                 Some(rpc) if coll == "dataPoints" => {
-                    user_call(&st, rpc, user, Some(t), None, &query, &headers).await
+                    user_call(&st, rpc, user, Some(t), None, &query, &headers, &body).await
                 }
                 _ => not_found(),
             }
         }
         ["users", user, "dataTypes", t, "dataPoints", id] => {
             match data_point_rpc(&method, None, Some(id)) {
-                Some(rpc) => user_call(&st, rpc, user, Some(t), Some(id), &query, &headers).await,
+                Some(rpc) => {
+                    user_call(&st, rpc, user, Some(t), Some(id), &query, &headers, &body).await
+                }
                 None => not_found(),
             }
         }
@@ -3212,6 +3257,7 @@ fn disallowed_scopes() -> Response {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn user_call(
     st: &Arc<SimState>,
     rpc: Rpc,
@@ -3220,6 +3266,7 @@ async fn user_call(
     point_id: Option<&str>,
     query: &Params,
     headers: &HeaderMap,
+    body: &Bytes,
 ) -> Response {
     let token = bearer_token(headers).or_else(|| param(query, "access_token").map(str::to_owned));
     let mut inner = st.inner.lock().await;
@@ -3245,7 +3292,7 @@ async fn user_call(
     if scopes.iter().any(|s| s == CLOUD_PLATFORM_SCOPE) {
         return disallowed_scopes();
     }
-    let me_only = matches!(rpc, Rpc::List | Rpc::Reconcile)
+    let me_only = matches!(rpc, Rpc::List | Rpc::Reconcile | Rpc::DailyRollUp)
         || matches!(rpc, Rpc::Unimplemented(n) if n.contains("RollUp") || n.contains("BatchDelete"));
     if me_only && user_seg != "me" {
         return bare_error(400, MSG_INVALID_ARGUMENT);
@@ -3299,6 +3346,7 @@ async fn user_call(
         Rpc::List => (OP_LIST, "list"),
         Rpc::Reconcile => (OP_RECONCILE, "reconcile"),
         Rpc::Get => (OP_GET, "get"),
+        Rpc::DailyRollUp => (OP_DAILY_ROLLUP, "dailyRollUp"),
         _ => return unimplemented_rpc(),
     };
     if !t.supports(op) {
@@ -3329,6 +3377,7 @@ async fn user_call(
     *user.stats.by_data_type.entry(t.id.to_owned()).or_default() += 1;
     let user = &*user;
     match (rpc, point_id) {
+        (Rpc::DailyRollUp, _) => daily_roll_up(user, t, body),
         (Rpc::Get, Some(id)) => {
             let suffix = format!("/dataPoints/{id}");
             let found = user
@@ -3371,6 +3420,28 @@ fn in_family(point: &Value, family: &str) -> bool {
         }
         "google-sources" => matches!(platform, "FITBIT" | "FIT" | "NEST"),
         _ => true,
+    }
+}
+
+/// The family of a `dataSourceFamily` (`users/{u}/dataSourceFamilies/{family}`; absent:
+/// `all-sources`), else 400 `INVALID_DATA_POINT_DATA_SOURCE_FAMILY`.
+fn source_family(value: Option<&str>) -> Result<String, Box<Response>> {
+    let Some(f) = value else {
+        return Ok("all-sources".to_owned());
+    };
+    let parts: Vec<&str> = f.split('/').collect();
+    match parts.as_slice() {
+        ["users", _, "dataSourceFamilies", fam]
+            if matches!(*fam, "all-sources" | "google-wearables" | "google-sources") =>
+        {
+            Ok((*fam).to_owned())
+        }
+        _ => Err(Box::new(health_error(
+            400,
+            "INVALID_DATA_POINT_DATA_SOURCE_FAMILY",
+            &format!("Invalid data source family: {f}"),
+            json!({}),
+        ))),
     }
 }
 
@@ -3425,29 +3496,9 @@ fn query_points(
         Err(e) => return filter_error(&e),
     };
     let family = if rpc == Rpc::Reconcile {
-        match param(query, "dataSourceFamily") {
-            None => "all-sources".to_owned(),
-            Some(f) => {
-                let parts: Vec<&str> = f.split('/').collect();
-                match parts.as_slice() {
-                    ["users", _, "dataSourceFamilies", fam]
-                        if matches!(
-                            *fam,
-                            "all-sources" | "google-wearables" | "google-sources"
-                        ) =>
-                    {
-                        (*fam).to_owned()
-                    }
-                    _ => {
-                        return health_error(
-                            400,
-                            "INVALID_DATA_POINT_DATA_SOURCE_FAMILY",
-                            &format!("Invalid data source family: {f}"),
-                            json!({}),
-                        );
-                    }
-                }
-            }
+        match source_family(param(query, "dataSourceFamily")) {
+            Ok(f) => f,
+            Err(resp) => return *resp,
         }
     } else {
         "all-sources".to_owned()
@@ -3546,6 +3597,607 @@ fn reconciled(t: &DataType, p: &Point) -> Value {
         out.insert(t.key.into(), v.clone());
     }
     Value::Object(out)
+}
+
+// ---------------------------------------------------------------------------
+// dailyRollUp
+// ---------------------------------------------------------------------------
+
+/// Longest roll-up range of a type, in days (§3.8: 14 for four types, 90 for the others).
+fn rollup_cap_days(t: &DataType) -> i64 {
+    if matches!(
+        t.id,
+        "calories-in-heart-rate-zone" | "heart-rate" | "active-minutes" | "total-calories"
+    ) {
+        14
+    } else {
+        90
+    }
+}
+
+/// How the points of a type fold into its `…RollupValue` (Discovery `DailyRollupDataPoint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RollupKind {
+    /// Sum of an int64 member field, written as an int64 string.
+    Sum {
+        field: &'static str,
+        out: &'static str,
+    },
+    /// `kcalSum`: sum of the double `kcal`.
+    KcalSum,
+    /// Average (and optionally minimum and maximum) of a numeric member field, as doubles.
+    Stats {
+        field: &'static str,
+        avg: &'static str,
+        min: Option<&'static str>,
+        max: Option<&'static str>,
+    },
+    /// `durationSum`: the summed interval durations.
+    DurationSum,
+    /// `sumIn{FatBurn,Cardio,Peak}HeartZone` from `activeZoneMinutes` by `heartRateZone`.
+    ZoneMinutes,
+    /// `activeMinutesRollupByActivityLevel[{activityLevel, activeMinutesSum}]`.
+    ActiveMinutes,
+    /// `timeInHeartRateZones[{heartRateZone, duration}]` from the intervals by zone.
+    TimeInZones,
+}
+
+/// The roll-up of a type, when the simulator computes one (`calories-in-heart-rate-zone`,
+/// `total-calories`, `hydration-log`, `nutrition-log` and `basal-energy-burned` have none: 501).
+fn rollup_kind(t: &DataType) -> Option<RollupKind> {
+    let stats = |field, avg, min, max| RollupKind::Stats {
+        field,
+        avg,
+        min,
+        max,
+    };
+    let sum = |field, out| RollupKind::Sum { field, out };
+    Some(match t.id {
+        "steps" | "floors" => sum("count", "countSum"),
+        "distance" => sum("millimeters", "millimetersSum"),
+        "altitude" => sum("gainMillimeters", "gainMillimetersSum"),
+        "swim-lengths-data" => sum("strokeCount", "strokeCountSum"),
+        "active-energy-burned" => RollupKind::KcalSum,
+        "heart-rate" => stats(
+            "beatsPerMinute",
+            "beatsPerMinuteAvg",
+            Some("beatsPerMinuteMin"),
+            Some("beatsPerMinuteMax"),
+        ),
+        "weight" => stats("weightGrams", "weightGramsAvg", None, None),
+        "body-fat" => stats("percentage", "bodyFatPercentageAvg", None, None),
+        "blood-glucose" => stats(
+            "bloodGlucoseMilligramsPerDeciliter",
+            "bloodGlucoseMilligramsPerDeciliterAvg",
+            None,
+            None,
+        ),
+        "core-body-temperature" => stats(
+            "temperatureCelsius",
+            "temperatureCelsiusAvg",
+            Some("temperatureCelsiusMin"),
+            Some("temperatureCelsiusMax"),
+        ),
+        "run-vo2-max" => stats("runVo2Max", "rateAvg", Some("rateMin"), Some("rateMax")),
+        "sedentary-period" => RollupKind::DurationSum,
+        "active-zone-minutes" => RollupKind::ZoneMinutes,
+        "active-minutes" => RollupKind::ActiveMinutes,
+        "time-in-heart-rate-zone" => RollupKind::TimeInZones,
+        _ => return None,
+    })
+}
+
+fn json_f64(v: Option<&Value>) -> Option<f64> {
+    let f = match v? {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    f.is_finite().then_some(f)
+}
+
+/// A double as Google's JSON writes it: integral values without a fraction (`69`, not `69.0`).
+fn double_json(f: f64) -> Value {
+    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        json!(f as i64)
+    } else {
+        json!(f)
+    }
+}
+
+/// A `google-duration` (`"3600s"`, `"1.5s"`; 0, 3, 6 or 9 fractional digits).
+fn duration_json(d: TimeDelta) -> String {
+    let secs = d.num_seconds();
+    let nanos = d.subsec_nanos().unsigned_abs();
+    if nanos == 0 {
+        return format!("{secs}s");
+    }
+    let mut frac = format!("{nanos:09}");
+    while frac.len() > 3 && frac.ends_with("000") {
+        frac.truncate(frac.len() - 3);
+    }
+    format!("{secs}.{frac}s")
+}
+
+/// The positive length of a point's interval.
+fn span_of(p: &Point) -> TimeDelta {
+    (p.times.end - p.times.start).max(TimeDelta::zero())
+}
+
+impl RollupKind {
+    /// The `…RollupValue` of `points` (proto3 JSON: zero fields omitted).
+    fn value(self, t: &DataType, points: &[&Point]) -> Value {
+        let member = |p: &Point, k: &str| p.json.get(t.key).and_then(|m| m.get(k)).cloned();
+        let mut out = Map::new();
+        match self {
+            Self::Sum { field, out: name } => {
+                let total = points.iter().fold(0_i64, |acc, p| {
+                    acc.saturating_add(json_i64(member(p, field).as_ref()).unwrap_or(0))
+                });
+                if total != 0 {
+                    out.insert(name.into(), json!(total.to_string()));
+                }
+            }
+            Self::KcalSum => {
+                let total: f64 = points
+                    .iter()
+                    .filter_map(|p| json_f64(member(p, "kcal").as_ref()))
+                    .sum();
+                if total != 0.0 {
+                    out.insert("kcalSum".into(), double_json(total));
+                }
+            }
+            Self::Stats {
+                field,
+                avg,
+                min,
+                max,
+            } => {
+                let values: Vec<f64> = points
+                    .iter()
+                    .filter_map(|p| json_f64(member(p, field).as_ref()))
+                    .collect();
+                if !values.is_empty() {
+                    let mean = values.iter().sum::<f64>() / values.len() as f64;
+                    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    for (name, v) in [(Some(avg), mean), (min, lo), (max, hi)] {
+                        if let Some(name) = name
+                            && v != 0.0
+                        {
+                            out.insert(name.into(), double_json(v));
+                        }
+                    }
+                }
+            }
+            Self::DurationSum => {
+                let total = points
+                    .iter()
+                    .fold(TimeDelta::zero(), |acc, p| acc + span_of(p));
+                if !total.is_zero() {
+                    out.insert("durationSum".into(), json!(duration_json(total)));
+                }
+            }
+            Self::ZoneMinutes => {
+                let mut sums = [0_i64; 3];
+                for p in points {
+                    let zone = member(p, "heartRateZone");
+                    let slot = match zone.as_ref().and_then(Value::as_str) {
+                        Some("FAT_BURN") => 0,
+                        Some("CARDIO") => 1,
+                        Some("PEAK") => 2,
+                        _ => continue,
+                    };
+                    let minutes = json_i64(member(p, "activeZoneMinutes").as_ref()).unwrap_or(0);
+                    sums[slot] = sums[slot].saturating_add(minutes);
+                }
+                let names = [
+                    "sumInFatBurnHeartZone",
+                    "sumInCardioHeartZone",
+                    "sumInPeakHeartZone",
+                ];
+                for (name, sum) in names.into_iter().zip(sums) {
+                    if sum != 0 {
+                        out.insert(name.into(), json!(sum.to_string()));
+                    }
+                }
+            }
+            Self::ActiveMinutes => {
+                let levels = ["LIGHT", "MODERATE", "VIGOROUS"];
+                let mut sums = [0_i64; 3];
+                for p in points {
+                    let by_level = member(p, "activeMinutesByActivityLevel");
+                    for entry in by_level.iter().filter_map(Value::as_array).flatten() {
+                        let level = entry.get("activityLevel").and_then(Value::as_str);
+                        if let Some(i) = levels.iter().position(|l| Some(*l) == level) {
+                            let minutes = json_i64(entry.get("activeMinutes")).unwrap_or(0);
+                            sums[i] = sums[i].saturating_add(minutes);
+                        }
+                    }
+                }
+                let rows: Vec<Value> = levels
+                    .into_iter()
+                    .zip(sums)
+                    .filter(|(_, sum)| *sum != 0)
+                    .map(|(level, sum)| {
+                        json!({ "activityLevel": level, "activeMinutesSum": sum.to_string() })
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    out.insert("activeMinutesRollupByActivityLevel".into(), json!(rows));
+                }
+            }
+            Self::TimeInZones => {
+                let zones = ["LIGHT", "MODERATE", "VIGOROUS", "PEAK"];
+                let mut sums = [TimeDelta::zero(); 4];
+                for p in points {
+                    let zone = member(p, "heartRateZoneType");
+                    let level = zone.as_ref().and_then(Value::as_str);
+                    if let Some(i) = zones.iter().position(|z| Some(*z) == level) {
+                        sums[i] += span_of(p);
+                    }
+                }
+                let rows: Vec<Value> = zones
+                    .into_iter()
+                    .zip(sums)
+                    .filter(|(_, d)| !d.is_zero())
+                    .map(|(zone, d)| json!({ "heartRateZone": zone, "duration": duration_json(d) }))
+                    .collect();
+                if !rows.is_empty() {
+                    out.insert("timeInHeartRateZones".into(), json!(rows));
+                }
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+/// A parsed `DailyRollUpDataPointsRequest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DailyRollUpRequest {
+    start: NaiveDate,
+    end: NaiveDate,
+    window_days: i64,
+    family: String,
+}
+
+/// 400 for a body the JSON ↔ proto transcoder refuses (Google's front end: a `BadRequest`
+/// detail, no `ErrorInfo`).
+fn bad_payload(field: Option<&str>, description: &str) -> Box<Response> {
+    let mut violation = json!({ "description": description });
+    if let (Some(f), Value::Object(m)) = (field, &mut violation) {
+        m.insert("field".into(), json!(f));
+    }
+    Box::new(envelope(
+        400,
+        "INVALID_ARGUMENT",
+        description,
+        vec![json!({ "@type": TYPE_BAD_REQUEST, "fieldViolations": [violation] })],
+    ))
+}
+
+fn rollup_error(reason: &str, message: &str) -> Box<Response> {
+    Box::new(health_error(400, reason, message, json!({})))
+}
+
+/// `windowSizeDays` → `window_size_days`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The members of a request message: refuses a non-object and unknown names (proto3 JSON takes
+/// the lowerCamel or the original snake_case name); `get` looks a field up under either.
+struct Message<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Message<'a> {
+    fn new(v: &'a Value, path: &str, fields: &[&str]) -> Result<Self, Box<Response>> {
+        let Value::Object(map) = v else {
+            let at = if path.is_empty() { "" } else { path };
+            return Err(bad_payload(
+                (!at.is_empty()).then_some(at),
+                &format!("Invalid JSON payload received. Expected an object for '{at}', got {v}."),
+            ));
+        };
+        for key in map.keys() {
+            if !fields.iter().any(|f| key == f || *key == snake_case(f)) {
+                let name = if path.is_empty() {
+                    format!("\"{key}\"")
+                } else {
+                    format!("\"{key}\" at '{path}'")
+                };
+                return Err(bad_payload(
+                    (!path.is_empty()).then_some(path),
+                    &format!(
+                        "Invalid JSON payload received. Unknown name {name}: Cannot find field."
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            map,
+            path: path.to_owned(),
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map
+            .get(name)
+            .or_else(|| self.map.get(&snake_case(name)))
+            .filter(|v| !v.is_null())
+    }
+
+    fn child_path(&self, name: &str) -> String {
+        let snake = snake_case(name);
+        if self.path.is_empty() {
+            snake
+        } else {
+            format!("{}.{snake}", self.path)
+        }
+    }
+
+    /// An `int32` field (a JSON number or a decimal string); absent: 0.
+    fn int32(&self, name: &str) -> Result<i64, Box<Response>> {
+        let Some(v) = self.get(name) else {
+            return Ok(0);
+        };
+        let n = match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse::<i64>().ok(),
+            _ => None,
+        };
+        match n.filter(|n| i32::try_from(*n).is_ok()) {
+            Some(n) => Ok(n),
+            None => {
+                let path = self.child_path(name);
+                Err(bad_payload(
+                    Some(&path),
+                    &format!("Invalid value at '{path}' (TYPE_INT32), {v}"),
+                ))
+            }
+        }
+    }
+
+    /// A `string` field; absent: `""`.
+    fn string(&self, name: &str) -> Result<&'a str, Box<Response>> {
+        match self.get(name) {
+            None => Ok(""),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => {
+                let path = self.child_path(name);
+                Err(bad_payload(
+                    Some(&path),
+                    &format!("Invalid value at '{path}' (TYPE_STRING), {v}"),
+                ))
+            }
+        }
+    }
+}
+
+/// A `CivilDateTime` bound of the range; `None` when absent.
+fn civil_bound(range: &Message<'_>, name: &str) -> Result<Option<NaiveDateTime>, Box<Response>> {
+    let Some(v) = range.get(name) else {
+        return Ok(None);
+    };
+    let path = range.child_path(name);
+    let bound = Message::new(v, &path, &["date", "time"])?;
+    let invalid = |what: &str| {
+        rollup_error(
+            "INVALID_CIVIL_DATE_TIME",
+            &format!("Invalid civil date time at '{path}': {what}."),
+        )
+    };
+    let Some(date_v) = bound.get("date") else {
+        return Err(invalid("a date is required"));
+    };
+    let date = Message::new(date_v, &bound.child_path("date"), &["year", "month", "day"])?;
+    let (y, m, d) = (
+        date.int32("year")?,
+        date.int32("month")?,
+        date.int32("day")?,
+    );
+    let date = (1..=9999)
+        .contains(&y)
+        .then(|| {
+            NaiveDate::from_ymd_opt(
+                i32::try_from(y).ok()?,
+                u32::try_from(m).ok()?,
+                u32::try_from(d).ok()?,
+            )
+        })
+        .flatten()
+        .ok_or_else(|| invalid(&format!("{y:04}-{m:02}-{d:02} is not a calendar date")))?;
+    let time = match bound.get("time") {
+        None => NaiveTime::MIN,
+        Some(time_v) => {
+            let fields = ["hours", "minutes", "seconds", "nanos"];
+            let time = Message::new(time_v, &bound.child_path("time"), &fields)?;
+            let mut parts = [0_u32; 4];
+            for (slot, name) in parts.iter_mut().zip(fields) {
+                *slot = u32::try_from(time.int32(name)?).map_err(|_| invalid("bad time of day"))?;
+            }
+            NaiveTime::from_hms_nano_opt(parts[0], parts[1], parts[2], parts[3])
+                .filter(|_| parts[3] < 1_000_000_000)
+                .ok_or_else(|| invalid("bad time of day"))?
+        }
+    };
+    Ok(Some(date.and_time(time)))
+}
+
+/// Parses and checks a `DailyRollUpDataPointsRequest` (§3.8): `windowSizeDays` (default 1),
+/// `pageSize` bounds the query (more than ⌊cap/window⌋ → `INVALID_ROLLUP_QUERY_DURATION`, fewer
+/// than ⌈days/window⌉ → `INVALID_DATA_POINT_NAME`), `pageToken` accepted and ignored,
+/// `dataSourceFamily`, and the closed-open civil `range` of whole days.
+fn parse_daily_roll_up(t: &DataType, body: &Bytes) -> Result<DailyRollUpRequest, Box<Response>> {
+    let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| bad_payload(None, &format!("Invalid JSON payload received. {e}.")))?
+    };
+    if !value.is_object() {
+        return Err(bad_payload(
+            None,
+            "Invalid JSON payload received. Root element must be a message.",
+        ));
+    }
+    let fields = [
+        "range",
+        "windowSizeDays",
+        "pageSize",
+        "pageToken",
+        "dataSourceFamily",
+    ];
+    let req = Message::new(&value, "", &fields)?;
+    let window_days = match req.int32("windowSizeDays")? {
+        0 => 1,
+        n if n < 0 => {
+            return Err(rollup_error(
+                "INVALID_ROLLUP_WINDOW",
+                &format!("Invalid roll-up window: windowSizeDays must be positive, got {n}."),
+            ));
+        }
+        n => n,
+    };
+    let cap = rollup_cap_days(t);
+    let max_windows = cap / window_days;
+    let duration_error = |windows: i64| {
+        rollup_error(
+            "INVALID_ROLLUP_QUERY_DURATION",
+            &format!(
+                "The roll-up query asks for {windows} windows of {window_days} day(s); at most {max_windows} fit the {cap}-day limit of data type '{}'.",
+                t.id
+            ),
+        )
+    };
+    let page_size = match req.int32("pageSize")? {
+        n if n < 0 => {
+            return Err(rollup_error(
+                "INVALID_PAGE_SIZE",
+                &format!("Invalid page size {n}: must not be negative."),
+            ));
+        }
+        0 => None,
+        n if n > max_windows => return Err(duration_error(n)),
+        n => Some(n),
+    };
+    req.string("pageToken")?;
+    let family = match req.string("dataSourceFamily")? {
+        "" => None,
+        f => Some(f),
+    };
+    let family = source_family(family)?;
+    let Some(range_v) = req.get("range") else {
+        return Err(rollup_error(
+            "INVALID_TIME_RANGE_INTERVAL_FORMAT",
+            "The range is required: {\"start\": CivilDateTime, \"end\": CivilDateTime}.",
+        ));
+    };
+    let range = Message::new(range_v, "range", &["start", "end"])?;
+    let (Some(start), Some(end)) = (civil_bound(&range, "start")?, civil_bound(&range, "end")?)
+    else {
+        return Err(rollup_error(
+            "INVALID_TIME_RANGE_INTERVAL_FORMAT",
+            "The range needs both a start and an end.",
+        ));
+    };
+    if end <= start {
+        return Err(rollup_error(
+            "INVALID_TIME_RANGE",
+            &format!(
+                "Invalid time range: the end {} is not after the start {}.",
+                civil_iso(end),
+                civil_iso(start)
+            ),
+        ));
+    }
+    if start.time() != NaiveTime::MIN || end.time() != NaiveTime::MIN {
+        return Err(rollup_error(
+            "INVALID_ROLLUP_WINDOW",
+            "The range must be aligned with the aggregation window: whole civil days (no time of day).",
+        ));
+    }
+    let (start, end) = (start.date(), end.date());
+    let days = (end - start).num_days();
+    let windows = (days + window_days - 1) / window_days;
+    if windows > max_windows {
+        return Err(duration_error(windows));
+    }
+    if let Some(size) = page_size
+        && size < windows
+    {
+        return Err(rollup_error(
+            "INVALID_DATA_POINT_NAME",
+            &format!("Page size {size} is smaller than the {windows} windows of the range."),
+        ));
+    }
+    Ok(DailyRollUpRequest {
+        start,
+        end,
+        window_days,
+        family,
+    })
+}
+
+/// `dailyRollUp`: the user's points of `t` whose civil start falls in the range, bucketed into
+/// windows of `windowSizeDays` civil days from the range start (the last one cut at the range
+/// end), one row per window with data, ascending; `{}` when none; never a `nextPageToken`.
+fn daily_roll_up(user: &User, t: &DataType, body: &Bytes) -> Response {
+    let Some(kind) = rollup_kind(t) else {
+        return unimplemented_rpc();
+    };
+    let req = match parse_daily_roll_up(t, body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    let mut windows: BTreeMap<i64, Vec<&Point>> = BTreeMap::new();
+    for p in user.points.get(t.id).into_iter().flat_map(BTreeMap::values) {
+        let day = p.times.civil_start.date();
+        if day < req.start || day >= req.end || !in_family(&p.json, &req.family) {
+            continue;
+        }
+        let index = (day - req.start).num_days() / req.window_days;
+        windows.entry(index).or_default().push(p);
+    }
+    let day = |n: i64| {
+        req.start
+            .checked_add_signed(TimeDelta::days(n))
+            .unwrap_or(req.end)
+            .min(req.end)
+    };
+    let rows: Vec<Value> = windows
+        .into_iter()
+        .map(|(index, points)| {
+            let from = day(index * req.window_days);
+            let to = day((index + 1) * req.window_days);
+            let mut row = Map::new();
+            row.insert(
+                "civilStartTime".into(),
+                civil_json(from.and_time(NaiveTime::MIN)),
+            );
+            row.insert(
+                "civilEndTime".into(),
+                civil_json(to.and_time(NaiveTime::MIN)),
+            );
+            row.insert(t.key.into(), kind.value(t, &points));
+            Value::Object(row)
+        })
+        .collect();
+    if rows.is_empty() {
+        return axum::Json(json!({})).into_response();
+    }
+    axum::Json(json!({ "rollupDataPoints": rows })).into_response()
 }
 
 // ---------------------------------------------------------------------------
@@ -5716,6 +6368,491 @@ mod tests {
         let stats = sim.stats().await;
         // Calls rejected before the data type was resolved and checked do not count.
         assert_eq!(stats["users"][UID]["by_data_type"]["steps"], 10);
+    }
+
+    /// `POST …/{data_type}/dataPoints:dailyRollUp` with `body`; the status and the raw body.
+    async fn roll_up_raw(sim: &Sim, token: Option<&str>, path: &str, body: &str) -> (u16, String) {
+        let mut req = sim
+            .http
+            .post(format!("{}{path}", sim.base))
+            .header(header::CONTENT_TYPE, "application/json")
+            .query(&[("prettyPrint", "false")])
+            .body(body.to_owned());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    async fn roll_up(sim: &Sim, token: &str, data_type: &str, body: Value) -> (u16, Value) {
+        let path = format!("/v4/users/me/dataTypes/{data_type}/dataPoints:dailyRollUp");
+        let (status, text) = roll_up_raw(sim, Some(token), &path, &body.to_string()).await;
+        (status, serde_json::from_str(&text).unwrap())
+    }
+
+    /// A `DailyRollUpDataPointsRequest` of `[from, to)` (`YYYY-MM-DD`).
+    fn roll_up_body(from: &str, to: &str, window: Option<i64>) -> Value {
+        let date = |s: &str| {
+            let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+            json!({ "date": date_json(d) })
+        };
+        let mut body = json!({ "range": { "start": date(from), "end": date(to) } });
+        if let Some(w) = window {
+            body["windowSizeDays"] = json!(w);
+        }
+        body
+    }
+
+    /// Civil-day row bounds as Google writes them.
+    fn day_bounds(from: (i32, u32, u32), to: (i32, u32, u32)) -> (Value, Value) {
+        let civil = |(y, m, d): (i32, u32, u32)| json!({ "date": { "year": y, "month": m, "day": d }, "time": {} });
+        (civil(from), civil(to))
+    }
+
+    fn steps_at(start: &str, offset: &str, count: &str) -> Value {
+        let end = (parse_instant(start).unwrap() + TimeDelta::minutes(1))
+            .to_rfc3339_opts(SecondsFormat::Secs, true);
+        let mut p = steps(start, &end, count);
+        p["steps"]["interval"]["startUtcOffset"] = json!(offset);
+        p["steps"]["interval"]["endUtcOffset"] = json!(offset);
+        p
+    }
+
+    #[test]
+    fn roll_up_values_render_like_google() {
+        assert_eq!(double_json(69.0), json!(69));
+        assert_eq!(double_json(62.5), json!(62.5));
+        assert_eq!(duration_json(TimeDelta::seconds(3600)), "3600s");
+        assert_eq!(duration_json(TimeDelta::milliseconds(1500)), "1.500s");
+        assert_eq!(
+            duration_json(TimeDelta::nanoseconds(1_000_001)),
+            "0.001000001s"
+        );
+        assert_eq!(snake_case("windowSizeDays"), "window_size_days");
+        let steps_t = DataType::by_id("steps").unwrap();
+        let hr = DataType::by_id("heart-rate").unwrap();
+        assert_eq!((rollup_cap_days(steps_t), rollup_cap_days(hr)), (90, 14));
+        // Every type the simulator rolls up supports dailyRollUp and has a row key of its own.
+        for t in DATA_TYPES {
+            if rollup_kind(t).is_some() {
+                assert!(t.supports(OP_DAILY_ROLLUP), "{}", t.id);
+            }
+        }
+        assert_eq!(
+            rollup_kind(DataType::by_id("total-calories").unwrap()),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn daily_roll_up_sums_steps_per_civil_day() {
+        let sim = start(SimConfig::default()).await;
+        let token = sim.user(UID, None).await;
+        let est = "-18000s";
+        // An explicit civil start wins over instant + offset (02:00Z at +00:00 would be the 26th).
+        let mut civil = steps_at("2026-07-26T02:00:00Z", "0s", "9");
+        civil["steps"]["interval"]["civilStartTime"] =
+            json!({ "date": { "year": 2026, "month": 7, "day": 25 }, "time": { "hours": 21 } });
+        let mut phone = steps_at("2026-07-23T14:00:00Z", est, "5");
+        phone["dataSource"] =
+            json!({ "platform": "HEALTH_CONNECT", "device": { "formFactor": "PHONE" } });
+        sim.seed(
+            UID,
+            "steps",
+            json!([
+                // Civil 2026-07-21 19:00: before the range.
+                steps_at("2026-07-22T00:00:00Z", est, "100000"),
+                // Civil 2026-07-22 18:30 and 22:00 (the second after UTC midnight).
+                steps_at("2026-07-22T23:30:00Z", est, "100"),
+                steps_at("2026-07-23T03:00:00Z", est, "50"),
+                // Civil 2026-07-23 00:30 and 11:00.
+                steps_at("2026-07-23T05:30:00Z", est, "7"),
+                steps_at("2026-07-23T16:00:00Z", est, "1000"),
+                phone,
+                // Nothing on the 24th. Civil 2026-07-25 07:00.
+                steps_at("2026-07-25T12:00:00Z", est, "42"),
+                civil,
+                // Civil 2026-07-26 23:00, the last day of the range.
+                steps_at("2026-07-27T04:00:00Z", est, "3"),
+                // Civil 2026-07-27 01:00: the range end is exclusive.
+                steps_at("2026-07-27T06:00:00Z", est, "100000"),
+            ]),
+        )
+        .await;
+
+        let row = |from, to, count: &str| {
+            let (s, e) = day_bounds(from, to);
+            json!({ "civilStartTime": s, "civilEndTime": e, "steps": { "countSum": count } })
+        };
+        let daily = json!({ "rollupDataPoints": [
+            row((2026, 7, 22), (2026, 7, 23), "150"),
+            row((2026, 7, 23), (2026, 7, 24), "1012"),
+            row((2026, 7, 25), (2026, 7, 26), "51"),
+            row((2026, 7, 26), (2026, 7, 27), "3"),
+        ]});
+        let (status, v) = roll_up(
+            &sim,
+            &token,
+            "steps",
+            roll_up_body("2026-07-22", "2026-07-27", Some(1)),
+        )
+        .await;
+        assert_eq!((status, &v), (200, &daily));
+        // windowSizeDays defaults to 1; snake_case names are accepted; no page token, ever.
+        let (status, v) = roll_up(
+            &sim,
+            &token,
+            "steps",
+            roll_up_body("2026-07-22", "2026-07-27", None),
+        )
+        .await;
+        assert_eq!((status, &v), (200, &daily));
+        let mut snake = roll_up_body("2026-07-22", "2026-07-27", None);
+        snake["window_size_days"] = json!("1");
+        snake["page_size"] = json!(5);
+        let (status, v) = roll_up(&sim, &token, "steps", snake).await;
+        assert_eq!((status, &v), (200, &daily));
+        sim.sim("/_sim/config", json!({ "empty_next_page_token": true }))
+            .await;
+        let path = "/v4/users/me/dataTypes/steps/dataPoints:dailyRollUp";
+        let body = roll_up_body("2026-07-22", "2026-07-27", Some(1)).to_string();
+        let (status, text) = roll_up_raw(&sim, Some(&token), path, &body).await;
+        assert_eq!(status, 200);
+        assert!(!text.contains("nextPageToken"), "{text}");
+        // No data in the range: exactly {}.
+        let body = roll_up_body("2026-08-01", "2026-08-03", Some(1)).to_string();
+        assert_eq!(
+            roll_up_raw(&sim, Some(&token), path, &body).await,
+            (200, "{}".to_owned())
+        );
+
+        // Windows of 2 days from the range start; the last one is cut at the range end.
+        let (_, v) = roll_up(
+            &sim,
+            &token,
+            "steps",
+            roll_up_body("2026-07-22", "2026-07-27", Some(2)),
+        )
+        .await;
+        assert_eq!(
+            v,
+            json!({ "rollupDataPoints": [
+                row((2026, 7, 22), (2026, 7, 24), "1162"),
+                row((2026, 7, 24), (2026, 7, 26), "51"),
+                row((2026, 7, 26), (2026, 7, 27), "3"),
+            ]})
+        );
+
+        // Source families.
+        let mut wear = roll_up_body("2026-07-23", "2026-07-24", None);
+        wear["dataSourceFamily"] = json!("users/me/dataSourceFamilies/google-wearables");
+        let (_, v) = roll_up(&sim, &token, "steps", wear).await;
+        assert_eq!(
+            v,
+            json!({ "rollupDataPoints": [row((2026, 7, 23), (2026, 7, 24), "1007")] })
+        );
+
+        // Averages and extremes of samples (+05:30: 20:00Z is the next civil day).
+        sim.seed(
+            UID,
+            "heart-rate",
+            json!([
+                heart_rate("2026-08-29T05:29:57Z", "61"),
+                heart_rate("2026-08-29T05:30:57Z", "64"),
+                heart_rate("2026-08-29T20:00:00Z", "70"),
+            ]),
+        )
+        .await;
+        let (status, v) = roll_up(
+            &sim,
+            &token,
+            "heart-rate",
+            roll_up_body("2026-08-29", "2026-09-12", None),
+        )
+        .await;
+        let (s29, e29) = day_bounds((2026, 8, 29), (2026, 8, 30));
+        let (s30, e30) = day_bounds((2026, 8, 30), (2026, 8, 31));
+        assert_eq!(status, 200);
+        assert_eq!(
+            v,
+            json!({ "rollupDataPoints": [
+                { "civilStartTime": s29, "civilEndTime": e29, "heartRate":
+                    { "beatsPerMinuteAvg": 62.5, "beatsPerMinuteMin": 61, "beatsPerMinuteMax": 64 } },
+                { "civilStartTime": s30, "civilEndTime": e30, "heartRate":
+                    { "beatsPerMinuteAvg": 70, "beatsPerMinuteMin": 70, "beatsPerMinuteMax": 70 } },
+            ]})
+        );
+
+        // Grouped values: active minutes by level, time in zone as summed interval lengths.
+        let interval = |start: &str, end: &str| json!({ "startTime": start, "endTime": end, "startUtcOffset": "0s", "endUtcOffset": "0s" });
+        sim.seed(
+            UID,
+            "active-minutes",
+            json!([
+                { "activeMinutes": { "interval": interval("2026-08-01T10:00:00Z", "2026-08-01T11:00:00Z"),
+                  "activeMinutesByActivityLevel": [
+                      { "activityLevel": "VIGOROUS", "activeMinutes": "5" },
+                      { "activityLevel": "LIGHT", "activeMinutes": "20" } ] } },
+                { "activeMinutes": { "interval": interval("2026-08-01T12:00:00Z", "2026-08-01T13:00:00Z"),
+                  "activeMinutesByActivityLevel": [
+                      { "activityLevel": "LIGHT", "activeMinutes": "10" } ] } },
+            ]),
+        )
+        .await;
+        sim.seed(
+            UID,
+            "time-in-heart-rate-zone",
+            json!([
+                { "timeInHeartRateZone": { "interval": interval("2026-08-01T10:00:00Z", "2026-08-01T10:30:00Z"),
+                  "heartRateZoneType": "PEAK" } },
+                { "timeInHeartRateZone": { "interval": interval("2026-08-01T11:00:00Z", "2026-08-01T11:00:01.5Z"),
+                  "heartRateZoneType": "PEAK" } },
+                { "timeInHeartRateZone": { "interval": interval("2026-08-01T12:00:00Z", "2026-08-01T12:01:00Z"),
+                  "heartRateZoneType": "LIGHT" } },
+            ]),
+        )
+        .await;
+        let (_, v) = roll_up(
+            &sim,
+            &token,
+            "active-minutes",
+            roll_up_body("2026-08-01", "2026-08-02", None),
+        )
+        .await;
+        assert_eq!(
+            v["rollupDataPoints"][0]["activeMinutes"],
+            json!({ "activeMinutesRollupByActivityLevel": [
+                { "activityLevel": "LIGHT", "activeMinutesSum": "30" },
+                { "activityLevel": "VIGOROUS", "activeMinutesSum": "5" },
+            ]})
+        );
+        let (_, v) = roll_up(
+            &sim,
+            &token,
+            "time-in-heart-rate-zone",
+            roll_up_body("2026-08-01", "2026-08-02", None),
+        )
+        .await;
+        assert_eq!(
+            v["rollupDataPoints"][0]["timeInHeartRateZone"],
+            json!({ "timeInHeartRateZones": [
+                { "heartRateZone": "LIGHT", "duration": "60s" },
+                { "heartRateZone": "PEAK", "duration": "1801.500s" },
+            ]})
+        );
+        let stats = sim.stats().await;
+        assert_eq!(stats["users"][UID]["by_data_type"]["steps"], 7);
+    }
+
+    #[tokio::test]
+    async fn daily_roll_up_caps_scopes_and_errors() {
+        let sim = start(SimConfig::default()).await;
+        let token = sim.user(UID, None).await;
+        let call = |t: &'static str, body: Value| {
+            let (sim, token) = (&sim, token.clone());
+            async move { roll_up(sim, &token, t, body).await }
+        };
+
+        // Range caps: 90 days (steps), 14 days (heart-rate), counted in whole windows.
+        let (status, v) = call("steps", roll_up_body("2026-01-01", "2026-04-01", None)).await;
+        assert_eq!((status, v), (200, json!({})), "90 days");
+        let (status, err) = call("steps", roll_up_body("2026-01-01", "2026-04-02", None)).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "INVALID_ROLLUP_QUERY_DURATION")
+        );
+        assert_eq!(err["error"]["status"], "INVALID_ARGUMENT");
+        assert_eq!(
+            err["error"]["details"][0]["domain"],
+            "health.googleapis.com"
+        );
+        let (status, _) = call("heart-rate", roll_up_body("2026-01-01", "2026-01-15", None)).await;
+        assert_eq!(status, 200, "14 days");
+        let (status, err) =
+            call("heart-rate", roll_up_body("2026-01-01", "2026-01-16", None)).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "INVALID_ROLLUP_QUERY_DURATION")
+        );
+        // Weekly windows: ⌊90/7⌋ = 12 windows; 84 days fit, 85 need a 13th.
+        let (status, _) = call("steps", roll_up_body("2026-01-01", "2026-03-26", Some(7))).await;
+        assert_eq!(status, 200);
+        let (status, err) = call("steps", roll_up_body("2026-01-01", "2026-03-27", Some(7))).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "INVALID_ROLLUP_QUERY_DURATION")
+        );
+        // pageSize bounds the query: above the ceiling, or below the windows of the range.
+        let with_page = |from, to, window, size: i64| {
+            let mut b = roll_up_body(from, to, Some(window));
+            b["pageSize"] = json!(size);
+            b
+        };
+        let (status, err) = call("steps", with_page("2026-01-01", "2026-01-02", 7, 13)).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "INVALID_ROLLUP_QUERY_DURATION")
+        );
+        let (status, err) = call("steps", with_page("2026-01-01", "2026-01-21", 7, 2)).await;
+        assert_eq!((status, reason(&err)), (400, "INVALID_DATA_POINT_NAME"));
+        let (status, _) = call("steps", with_page("2026-01-01", "2026-01-21", 7, 3)).await;
+        assert_eq!(status, 200);
+        let (status, err) = call("steps", with_page("2026-01-01", "2026-01-02", 1, -1)).await;
+        assert_eq!((status, reason(&err)), (400, "INVALID_PAGE_SIZE"));
+
+        // The body.
+        let day = roll_up_body("2026-01-01", "2026-01-02", None);
+        let mut cases: Vec<(Value, &str)> = Vec::new();
+        cases.push((json!({}), "INVALID_TIME_RANGE_INTERVAL_FORMAT"));
+        cases.push((
+            json!({ "range": { "start": day["range"]["start"] } }),
+            "INVALID_TIME_RANGE_INTERVAL_FORMAT",
+        ));
+        cases.push((
+            roll_up_body("2026-01-02", "2026-01-02", None),
+            "INVALID_TIME_RANGE",
+        ));
+        let mut bad_date = day.clone();
+        bad_date["range"]["end"]["date"]["month"] = json!(13);
+        cases.push((bad_date, "INVALID_CIVIL_DATE_TIME"));
+        let mut no_date = day.clone();
+        no_date["range"]["end"] = json!({ "time": {} });
+        cases.push((no_date, "INVALID_CIVIL_DATE_TIME"));
+        let mut misaligned = day.clone();
+        misaligned["range"]["start"]["time"] = json!({ "hours": 5 });
+        cases.push((misaligned, "INVALID_ROLLUP_WINDOW"));
+        cases.push((
+            roll_up_body("2026-01-01", "2026-01-02", Some(-1)),
+            "INVALID_ROLLUP_WINDOW",
+        ));
+        let mut family = day.clone();
+        family["dataSourceFamily"] = json!("phones");
+        cases.push((family, "INVALID_DATA_POINT_DATA_SOURCE_FAMILY"));
+        for (body, want) in cases {
+            let (status, err) = call("steps", body.clone()).await;
+            assert_eq!((status, reason(&err)), (400, want), "{body}");
+        }
+        // Bodies the transcoder refuses: a BadRequest detail and no ErrorInfo.
+        let path = "/v4/users/me/dataTypes/steps/dataPoints:dailyRollUp";
+        let mut unknown = day.clone();
+        unknown["windowSize"] = json!("86400s");
+        let mut wrong_type = day.clone();
+        wrong_type["windowSizeDays"] = json!("one");
+        for body in [
+            "{\"range\":".to_owned(),
+            "[]".to_owned(),
+            unknown.to_string(),
+            wrong_type.to_string(),
+        ] {
+            let (status, text) = roll_up_raw(&sim, Some(&token), path, &body).await;
+            let err: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(err["error"]["status"], "INVALID_ARGUMENT");
+            assert_eq!(
+                err["error"]["details"][0]["@type"], "type.googleapis.com/google.rpc.BadRequest",
+                "{body}"
+            );
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Invalid"),
+                "{err}"
+            );
+        }
+
+        // Checks before the body, in the order of the other data methods.
+        let (status, text) = roll_up_raw(&sim, None, path, &day.to_string()).await;
+        assert_eq!(status, 401, "{text}");
+        let profile_only = sim.user("u-profile", Some(vec![PROFILE])).await;
+        let (status, err) = roll_up(&sim, &profile_only, "steps", day.clone()).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (403, "ACCESS_TOKEN_SCOPE_INSUFFICIENT")
+        );
+        assert_eq!(
+            err["error"]["details"][0]["metadata"]["method"],
+            "google.devicesandservices.health.v4.DataPointsService.DailyRollUpDataPoints"
+        );
+        // A write scope is not a roll-up scope.
+        let write_only = sim
+            .user("u-write", Some(vec!["activity_and_fitness.writeonly"]))
+            .await;
+        let (status, err) = roll_up(&sim, &write_only, "steps", day.clone()).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (403, "ACCESS_TOKEN_SCOPE_INSUFFICIENT")
+        );
+        let metrics_only = sim.user("u-metrics", Some(vec![METRICS])).await;
+        let (status, err) = roll_up(&sim, &metrics_only, "steps", day.clone()).await;
+        assert_eq!((status, reason(&err)), (403, "MISSING_OAUTH_SCOPE"));
+        assert_eq!(err["error"]["details"][0]["metadata"]["dataType"], "steps");
+        let (status, _) = roll_up(&sim, &metrics_only, "heart-rate", day.clone()).await;
+        assert_eq!(status, 200);
+        let mixed = sim
+            .user(
+                "u-mixed",
+                Some(vec!["activity_and_fitness.readonly", "cloud-platform"]),
+            )
+            .await;
+        let (status, err) = roll_up(&sim, &mixed, "steps", day.clone()).await;
+        assert_eq!((status, reason(&err)), (403, "DISALLOWED_OAUTH_SCOPES"));
+        let numeric = format!("/v4/users/{UID}/dataTypes/steps/dataPoints:dailyRollUp");
+        let (status, text) = roll_up_raw(&sim, Some(&token), &numeric, &day.to_string()).await;
+        assert_eq!(
+            (status, serde_json::from_str::<Value>(&text).unwrap()),
+            (
+                400,
+                json!({ "error": { "code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT" } })
+            )
+        );
+        let (status, err) = call("heartRate", day.clone()).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "INVALID_PARENT_DATA_TYPE_COLLECTION")
+        );
+        let (status, err) = call("activity-level", day.clone()).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "UNSUPPORTED_DATA_TYPE_ACTION")
+        );
+        assert_eq!(
+            err["error"]["message"],
+            "The data type 'activity-level' does not support the dailyRollUp action."
+        );
+        // A type check comes before the body: an unsupported type with a bad body is still 400
+        // UNSUPPORTED_DATA_TYPE_ACTION.
+        let (status, err) = call("sleep", json!({})).await;
+        assert_eq!(
+            (status, reason(&err)),
+            (400, "UNSUPPORTED_DATA_TYPE_ACTION")
+        );
+        // Roll-up-only types the simulator cannot compute.
+        let (status, err) = call("total-calories", day.clone()).await;
+        assert_eq!(
+            (status, err["error"]["status"].as_str()),
+            (501, Some("UNIMPLEMENTED"))
+        );
+        let v = sim
+            .sim(
+                "/_sim/users",
+                json!({ "healthUserId": "u-nolink", "linked": false,
+                        "client_id": "app", "client_secret": "secret" }),
+            )
+            .await;
+        let unlinked = v["access_token"].as_str().unwrap();
+        let (status, err) = roll_up(&sim, unlinked, "steps", day.clone()).await;
+        assert_eq!((status, reason(&err)), (400, "ACCOUNT_NOT_LINKED"));
+        // rollUp stays unimplemented.
+        let (status, _) = roll_up_raw(
+            &sim,
+            Some(&token),
+            "/v4/users/me/dataTypes/steps/dataPoints:rollUp",
+            "{}",
+        )
+        .await;
+        assert_eq!(status, 501);
     }
 
     #[tokio::test]
