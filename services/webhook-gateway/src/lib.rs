@@ -11,6 +11,7 @@ pub mod connect;
 pub mod import;
 pub mod lookup;
 pub mod signature;
+pub mod sources;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -66,6 +67,8 @@ pub struct AppState {
     /// Signature checks of the providers that sign their notifications, by provider name
     /// (built by [`signature_checks`]).
     pub signatures: std::collections::BTreeMap<&'static str, std::sync::Arc<signature::Signatures>>,
+    /// Source-address allow-lists (`OHX_WEBHOOK_ALLOWED_SOURCES`, `OHX_TRUSTED_PROXIES`).
+    pub sources: std::sync::Arc<sources::SourceRules>,
     /// Largest import body (`OHX_MAX_IMPORT_BYTES`, default
     /// [`import::DEFAULT_MAX_IMPORT_BYTES`]); a larger one is answered 413.
     pub max_import_bytes: usize,
@@ -388,6 +391,7 @@ pub(crate) async fn lookup_links(
 
 async fn webhook(
     State(state): State<AppState>,
+    sources::PeerAddr(peer): sources::PeerAddr,
     Path(provider): Path<String>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
@@ -398,6 +402,17 @@ async fn webhook(
         return unknown_provider(&provider);
     };
     let provider = adapter.name();
+    let client = state.sources.client(
+        peer,
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+    );
+    if !state.sources.allows(provider, client) {
+        count(provider, "forbidden_source");
+        tracing::info!(client = ?client, "webhook from an address outside the provider's allow-list");
+        return Problem::new(StatusCode::FORBIDDEN, "Source address not allowed")
+            .detail("this provider's webhooks are accepted from its listed addresses only")
+            .into_response();
+    }
     let secret = match adapter.webhook_secret() {
         WebhookSecret::Query => query.token,
         WebhookSecret::AuthorizationHeader => headers
@@ -708,6 +723,7 @@ mod tests {
             max_window: Duration::from_secs(31 * 86_400),
             connect: None,
             signatures: Default::default(),
+            sources: Default::default(),
             max_import_bytes: import::DEFAULT_MAX_IMPORT_BYTES,
         }
     }
@@ -748,6 +764,7 @@ mod tests {
         );
         let response = webhook(
             State(state),
+            sources::PeerAddr(Some([127, 0, 0, 1].into())),
             Path(provider.into()),
             Query(TokenQuery {
                 token: Some(token.into()),
@@ -771,6 +788,53 @@ mod tests {
         }
         assert!(ct.starts_with("application/problem+json"), "{ct}");
         (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A provider with an allow-list: a webhook from another address is 403 before anything
+    /// is looked up (the pool here points nowhere); the allowed address gets past the check.
+    #[tokio::test]
+    async fn test_source_outside_the_allow_list_is_forbidden() {
+        let pool = ohx_common::db::pool_with_timeout(
+            "postgres://postgres@127.0.0.1:1/ohx",
+            1,
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        let mut st = state(pool, Codec::embedded().unwrap());
+        st.sources = Arc::new(sources::SourceRules::parse("withings=192.0.2.0/24", "").unwrap());
+        let now = chrono::Utc::now().timestamp();
+        let form = format!("userid=1&appli=4&startdate={}&enddate={now}", now - 60);
+        let send = |st: AppState, peer: [u8; 4]| {
+            let form = form.clone();
+            async move {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded".parse().unwrap(),
+                );
+                webhook(
+                    State(st),
+                    sources::PeerAddr(Some(peer.into())),
+                    Path("withings".into()),
+                    Query(TokenQuery {
+                        token: Some("t".into()),
+                    }),
+                    headers,
+                    Bytes::from(form),
+                )
+                .await
+                .status()
+            }
+        };
+        assert_eq!(
+            send(st.clone(), [198, 51, 100, 1]).await,
+            StatusCode::FORBIDDEN
+        );
+        // Allowed: it reaches the (unreachable) database.
+        assert_eq!(
+            send(st, [192, 0, 2, 10]).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     /// A database that accepts connections and never answers: 503 naming the database, well

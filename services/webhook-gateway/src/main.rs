@@ -47,6 +47,9 @@ async fn main() -> anyhow::Result<()> {
         connect,
         providers,
         signatures,
+        sources: std::sync::Arc::new(
+            webhook_gateway::sources::SourceRules::from_env().map_err(anyhow::Error::msg)?,
+        ),
         pool,
         lookups,
         producer: rt.producer.clone(),
