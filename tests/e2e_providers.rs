@@ -698,9 +698,8 @@ impl Env {
         Ok(v)
     }
 
-    /// The organization's Google Health app (`client_id`), the simulator's OAuth client, and,
-    /// once, the project's subscriber, whose creation runs Google's verification handshake
-    /// against the gateway.
+    /// The organization's Google Health app (`client_id`) and the simulator's OAuth client, in
+    /// testing mode or not.
     async fn google_app(&self, client_id: &str, testing: bool) -> anyhow::Result<String> {
         self.google_ok(
             "/_sim/apps",
@@ -731,11 +730,7 @@ impl Env {
                 "--client-secret",
                 GH_CLIENT_SECRET,
                 "--webhook-token",
-                if testing {
-                    "Bearer gh-e2e-testing-app-secret"
-                } else {
-                    GH_WEBHOOK_SECRET
-                },
+                GH_WEBHOOK_SECRET,
                 "--api-base-url",
                 &google,
                 "--authorize-base-url",
@@ -1070,8 +1065,9 @@ impl Env {
 /// of losing the request. A testing-mode app's refresh token dies after 7 days: the link
 /// becomes `reauth_required`, with no retry loop.
 pub async fn google_health_consent_limits_and_expired_refresh(env: Arc<Env>) -> anyhow::Result<()> {
-    let client_id = "ohx-e2e-testing.apps.googleusercontent.com";
-    let app = env.google_app(client_id, true).await?;
+    // One app per organization and provider: the same client, its consent screen now in
+    // testing (refresh tokens issued from here on die after 7 days).
+    let app = env.google_app(GH_CLIENT_ID, true).await?;
     let user = "gh-5201";
     env.google_ok("/_sim/users", json!({"healthUserId": user}))
         .await?;
@@ -1083,9 +1079,13 @@ pub async fn google_health_consent_limits_and_expired_refresh(env: Arc<Env>) -> 
         json!({"dataType": "weight", "points": [gh_weight("2515055256096816352", 7101, weighed, 65_120)]}),
     )
     .await?;
-    // Google answers 429 once more than 4 requests a minute arrive for the user.
-    env.google_ok("/_sim/config", json!({"rate_limit_per_user": 4}))
-        .await?;
+    // Google answers 429 once more than 4 requests a minute arrive for the user (without
+    // Retry-After, which Google sends only sometimes: the fetcher's own pause applies).
+    env.google_ok(
+        "/_sim/config",
+        json!({"rate_limit_per_user": 4, "retry_after": false}),
+    )
+    .await?;
     let link = env
         .google_connect(
             &p.patient_id,
@@ -1116,8 +1116,11 @@ pub async fn google_health_consent_limits_and_expired_refresh(env: Arc<Env>) -> 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    env.google_ok("/_sim/config", json!({"rate_limit_per_user": 300}))
-        .await?;
+    env.google_ok(
+        "/_sim/config",
+        json!({"rate_limit_per_user": 300, "retry_after": true}),
+    )
+    .await?;
     ensure!(
         env.google_stat(user, "rate_limited").await? > 0,
         "the scenario hit the limit"
