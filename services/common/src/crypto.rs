@@ -29,6 +29,8 @@ pub enum CryptoError {
 pub struct SecretBox {
     keys: HashMap<String, Aes256Gcm>,
     active: String,
+    /// Key of [`SecretBox::digest`]: derived from the active key, never used to encrypt.
+    digest_key: [u8; 32],
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -38,6 +40,28 @@ impl std::fmt::Debug for SecretBox {
             .field("keys", &self.keys.len())
             .finish()
     }
+}
+
+/// HMAC-SHA256 (RFC 2104) of `msg` under `key` (at most one SHA-256 block of key is used as
+/// is; a longer key is hashed first).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 impl SecretBox {
@@ -52,6 +76,7 @@ impl SecretBox {
     /// Parses `kid:base64key[,kid:base64key...]`.
     pub fn from_spec(spec: &str, active: Option<&str>) -> Result<Self, CryptoError> {
         let mut keys = HashMap::new();
+        let mut raws = HashMap::new();
         let mut first = None;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (kid, b64) = part
@@ -64,15 +89,34 @@ impl SecretBox {
                 .map_err(|_| CryptoError::InvalidKeys(format!("key {kid} must be 32 bytes")))?;
             first.get_or_insert_with(|| kid.to_string());
             keys.insert(kid.to_string(), cipher);
+            raws.insert(kid.to_string(), raw);
         }
         let active = match active {
             Some(a) => a.to_string(),
             None => first.ok_or_else(|| CryptoError::InvalidKeys("no keys given".into()))?,
         };
-        if !keys.contains_key(&active) {
+        let Some(raw) = raws.get(&active) else {
             return Err(CryptoError::UnknownKey(active));
-        }
-        Ok(Self { keys, active })
+        };
+        let digest_key = hmac_sha256(raw, b"ohx digest key");
+        Ok(Self {
+            keys,
+            active,
+            digest_key,
+        })
+    }
+
+    /// A keyed digest of `data` for `context` (HMAC-SHA256 under a key derived from the
+    /// active key), hex: bookkeeping that must match equal inputs without being reversible by
+    /// enumerating them (a hash of a reading's content is guessable; this is not, without the
+    /// key). Rotating the active key changes every digest.
+    #[must_use]
+    pub fn digest(&self, context: &str, data: &[u8]) -> String {
+        let mut msg = Vec::with_capacity(context.len() + 1 + data.len());
+        msg.extend_from_slice(context.as_bytes());
+        msg.push(0x1f);
+        msg.extend_from_slice(data);
+        hex::encode(hmac_sha256(&self.digest_key, &msg))
     }
 
     /// Returns the active key id.
@@ -136,6 +180,38 @@ mod tests {
 
     const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const K2: &str = "k2:HxoZGBcWFRQTEhEQDw4NDAsKCQgHBgUEAwIBAB8eHRw=";
+
+    #[test]
+    fn test_hmac_sha256_matches_rfc_4231() {
+        // Test case 2: key "Jefe".
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a 131-byte key is hashed first.
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn test_digest_is_stable_per_key_and_context() {
+        let a = SecretBox::from_spec(K1, None).unwrap();
+        let b = SecretBox::from_spec(&format!("{K2},{K1}"), Some("k1")).unwrap();
+        let other = SecretBox::from_spec(K2, None).unwrap();
+        assert_eq!(a.digest("import_row", b"r1"), b.digest("import_row", b"r1"));
+        assert_ne!(a.digest("import_row", b"r1"), a.digest("import_row", b"r2"));
+        assert_ne!(a.digest("import_row", b"r1"), a.digest("other", b"r1"));
+        assert_ne!(
+            a.digest("import_row", b"r1"),
+            other.digest("import_row", b"r1")
+        );
+        assert_eq!(a.digest("c", b"x").len(), 64);
+    }
 
     #[test]
     fn test_seal_open_round_trip_and_aad_binding() {

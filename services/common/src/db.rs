@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0008_imports.sql"),
     ),
     ("0009_pkce", include_str!("../migrations/0009_pkce.sql")),
+    (
+        "0010_import_row_digests",
+        include_str!("../migrations/0010_import_row_digests.sql"),
+    ),
 ];
 
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).

@@ -7,8 +7,9 @@
 //! [`ohx_providers::beurer::parse_export`], and its Measurements travel the same topic as every
 //! provider's (`ohx.measurements.v1`), so mapping, deduplication and publishing are the same.
 //!
-//! Per row the answer says `imported`, `unchanged` (a row this link imported before: its
-//! content identity is in `import_rows`, and nothing is sent again) or `rejected` with the
+//! Per row the answer says `imported`, `unchanged` (a row this link imported before: a keyed
+//! digest of its content identity is in `import_rows`, and nothing is sent again) or
+//! `rejected` with the
 //! reason. A malformed file is refused whole (400 problem+json naming the line); a bad row
 //! never rejects the others. The rows' identities are recorded only after the broker
 //! acknowledged their Measurements: a failure in between sends them again on the next import,
@@ -23,6 +24,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ohx_common::admin::Problem;
+use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::OutRecord;
 use ohx_common::records::{Context, topic};
 use ohx_providers::beurer::{self, ParsedExport};
@@ -62,10 +64,15 @@ fn policy_sql() -> String {
 }
 
 const KNOWN_ROWS: &str =
-    "SELECT row_id FROM import_rows WHERE link_id = $1 AND row_id = ANY($2::text[])";
+    "SELECT row_digest FROM import_rows WHERE link_id = $1 AND row_digest = ANY($2::text[])";
 
-const RECORD_ROWS: &str = "INSERT INTO import_rows (link_id, row_id) \
+const RECORD_ROWS: &str = "INSERT INTO import_rows (link_id, row_digest) \
      SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING";
+
+/// The digest a row is recorded by (see migration 0010).
+fn row_digest(secrets: &SecretBox, link_id: &Uuid, row_id: &str) -> String {
+    secrets.digest("import_row", format!("{link_id}:{row_id}").as_bytes())
+}
 
 fn bad_request(title: &str, detail: impl Into<String>) -> Response {
     count(beurer::NAME, "bad_request");
@@ -218,14 +225,34 @@ async fn import_link(
             );
         }
     };
-    let ids: Vec<String> = parsed.imported.iter().map(|r| r.row_id.clone()).collect();
-    let known: BTreeSet<String> = db_step(provider, state.db_timeout, "known rows", async {
-        db.query(KNOWN_ROWS, &[link_id, &ids]).await
-    })
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
+    let Some(secrets) = &state.secrets else {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Imports are not configured",
+        )
+        .detail("the gateway needs OHX_SECRET_KEYS to record imported rows")
+        .into_response());
+    };
+    let digests: Vec<String> = parsed
+        .imported
+        .iter()
+        .map(|r| row_digest(secrets, link_id, &r.row_id))
+        .collect();
+    let known_digests: BTreeSet<String> =
+        db_step(provider, state.db_timeout, "known rows", async {
+            db.query(KNOWN_ROWS, &[link_id, &digests]).await
+        })
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known: BTreeSet<String> = parsed
+        .imported
+        .iter()
+        .zip(&digests)
+        .filter(|(_, d)| known_digests.contains(*d))
+        .map(|(r, _)| r.row_id.clone())
+        .collect();
     let mut records = Vec::new();
     let mut disabled = 0usize;
     let mut fresh = Vec::new();
@@ -233,7 +260,7 @@ async fn import_link(
         if known.contains(&row.row_id) {
             continue;
         }
-        fresh.push(row.row_id.clone());
+        fresh.push(row_digest(secrets, link_id, &row.row_id));
         for m in &row.measurements {
             if !policy.allows(&m.data_type) {
                 disabled += 1;

@@ -69,6 +69,9 @@ pub struct AppState {
     pub signatures: std::collections::BTreeMap<&'static str, std::sync::Arc<signature::Signatures>>,
     /// Source-address allow-lists (`OHX_WEBHOOK_ALLOWED_SOURCES`, `OHX_TRUSTED_PROXIES`).
     pub sources: std::sync::Arc<sources::SourceRules>,
+    /// Keys of the keyed digests imported rows are recorded by (`OHX_SECRET_KEYS`; imports
+    /// answer 503 without them).
+    pub secrets: Option<ohx_common::crypto::SecretBox>,
     /// Largest import body (`OHX_MAX_IMPORT_BYTES`, default
     /// [`import::DEFAULT_MAX_IMPORT_BYTES`]); a larger one is answered 413.
     pub max_import_bytes: usize,
@@ -724,6 +727,7 @@ mod tests {
             connect: None,
             signatures: Default::default(),
             sources: Default::default(),
+            secrets: None,
             max_import_bytes: import::DEFAULT_MAX_IMPORT_BYTES,
         }
     }

@@ -47,6 +47,10 @@ async fn main() -> anyhow::Result<()> {
         connect,
         providers,
         signatures,
+        secrets: std::env::var("OHX_SECRET_KEYS")
+            .ok()
+            .map(|_| ohx_common::crypto::SecretBox::from_env())
+            .transpose()?,
         sources: std::sync::Arc::new(
             webhook_gateway::sources::SourceRules::from_env().map_err(anyhow::Error::msg)?,
         ),
