@@ -1271,6 +1271,19 @@ async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()>
         subscribed == 7,
         "the provider lists {subscribed} subscriptions"
     );
+    // The code exchange and the 7 subscriptions took their permits from the application's
+    // shared budget, as the fetchers' calls do.
+    let gated = env
+        .metric(
+            "webhook-gateway",
+            "ohx_provider_api_calls_total",
+            &["provider=\"withings\""],
+        )
+        .await?;
+    ensure!(
+        gated >= 8.0,
+        "{gated} connect-flow calls counted by the shared gate"
+    );
     let obs = env
         .wait_for(
             &format!("Observation?subject={reference}&_count=200"),

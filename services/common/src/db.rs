@@ -45,6 +45,16 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// A database error as text for logs and errors: the server's message and SQLSTATE ("db
+/// error" alone says nothing), never its detail, which can quote row values.
+#[must_use]
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 /// The channel on which PostgreSQL announces changes of what webhooks look up (migration 0004).
 pub const CONFIG_CHANGED_CHANNEL: &str = "ohx_config_changed";
 

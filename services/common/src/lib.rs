@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod kafka;
+pub mod ratelimit;
 pub mod records;
 pub mod service;
 pub mod telemetry;

@@ -9,8 +9,9 @@
 //! recorded. The stage never names a provider: what differs between providers is behind
 //! [`ohx_providers::Provider`].
 
-use crate::store::{Link, PgRateGate, Refreshed, Store, StoreError, SyncRun};
+use crate::store::{Link, Refreshed, Store, StoreError, SyncRun};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
+use ohx_common::ratelimit::PgRateGate;
 use ohx_common::records::{SyncRequest, topic};
 use ohx_providers::{Api, AppCredentials, Fetched, Plan, Provider, ProviderError, Registry};
 use opentelemetry::KeyValue;

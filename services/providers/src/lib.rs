@@ -55,6 +55,17 @@ impl RateGate for NoRateGate {
     }
 }
 
+/// The limit shared in PostgreSQL by every replica (fetcher, gateway).
+impl RateGate for ohx_common::ratelimit::PgRateGate {
+    fn acquire(&self) -> BoxFuture<'_, Result<(), GateError>> {
+        Box::pin(async move {
+            self.acquire_permit()
+                .await
+                .map_err(|e| Box::new(e) as GateError)
+        })
+    }
+}
+
 /// Whose budget a provider's rate limit counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RatePolicy {

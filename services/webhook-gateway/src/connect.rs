@@ -14,12 +14,21 @@ use axum::response::{IntoResponse, Response};
 use ohx_common::admin::Problem;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::OutRecord;
+use ohx_common::ratelimit::PgRateGate;
 use ohx_common::records::{Context, SyncRequest, topic};
 use ohx_providers::{Api, AppCredentials, NoRateGate, ProviderError};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use uuid::Uuid;
+
+static PROVIDER_CALLS: LazyLock<opentelemetry::metrics::Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_provider_api_calls",
+        "Provider API requests sent, by provider",
+    )
+});
 
 /// What the callback needs beyond the webhook path.
 #[derive(Clone)]
@@ -202,10 +211,38 @@ pub async fn callback(
         client_id: app.get(1),
         client_secret,
     };
+    let credentials_client_id = credentials.client_id.clone();
     let base = app
         .get::<_, Option<String>>(3)
         .unwrap_or_else(|| adapter.default_base_url().to_owned());
-    let api = Api::new(settings.http.clone(), &base, Arc::new(NoRateGate));
+    // The provider's budget is shared with the fetchers (one GCRA row in PostgreSQL per
+    // bucket): a burst of connections cannot push the application over its limit. A per-user
+    // budget is taken from the user's bucket once the user is known (the exchange names them).
+    let gate = |user: &str| -> Arc<dyn ohx_providers::RateGate> {
+        let (bucket, per_minute) =
+            adapter
+                .rate_policy()
+                .bucket(provider, &credentials_client_id, user);
+        Arc::new(PgRateGate::new(
+            state.pool.clone(),
+            bucket,
+            per_minute,
+            PROVIDER_CALLS.clone(),
+        ))
+    };
+    let per_user = matches!(
+        adapter.rate_policy(),
+        ohx_providers::RatePolicy::PerUser { .. }
+    );
+    let api = Api::new(
+        settings.http.clone(),
+        &base,
+        if per_user {
+            Arc::new(NoRateGate)
+        } else {
+            gate("")
+        },
+    );
     let code_verifier = match sealed_verifier
         .map(|v| secrets.open_string(&v, &format!("oauth_state:{hash}:code_verifier")))
         .transpose()
@@ -294,6 +331,11 @@ pub async fn callback(
         "{}/webhooks/{provider}?token={webhook_token}",
         settings.public_url.trim_end_matches('/')
     );
+    let api = if per_user {
+        Api::new(settings.http.clone(), &base, gate(&user))
+    } else {
+        api
+    };
     let subscriptions = match adapter
         .subscribe(&api, &tokens.access_token, &callback_url)
         .await
