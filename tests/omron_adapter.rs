@@ -274,3 +274,30 @@ async fn test_rejected_token_and_rate_limit_are_classified() {
         other => panic!("expected RateLimited, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn test_only_the_types_the_patient_granted_are_asked_for() {
+    let s = sim(SimConfig::default()).await;
+    let token = user(&s, "u6").await;
+    let now = ms("2026-03-02");
+    let mut p = plan(ms("2026-03-01"), now);
+    for t in ["weight", "activity"] {
+        p.windows.insert(t.to_owned(), (ms("2026-03-01"), now));
+    }
+    p.granted_scopes = Some(
+        ["bloodpressure", "weight", "openid", "offline_access"]
+            .map(str::to_owned)
+            .into(),
+    );
+    let fetched = omron()
+        .fetch(&s.api, &token, &p, &ctx("u6"), now)
+        .await
+        .unwrap();
+    assert_eq!(fetched.api_calls, 2, "bloodpressure and weight only");
+    assert_eq!(
+        fetched
+            .skipped
+            .get(&("scope_not_granted".to_owned(), "activity".to_owned())),
+        Some(&1)
+    );
+}

@@ -134,6 +134,13 @@ impl Omron {
                 fetched.skip("disabled_data_type", omron_type, 1);
                 continue;
             }
+            // The patient may have granted only some types on Omron's consent page.
+            if let Some(granted) = &plan.granted_scopes
+                && !granted.contains(&rule.scope)
+            {
+                fetched.skip("scope_not_granted", omron_type, 1);
+                continue;
+            }
             // `since` is a date: the day before the window's UTC date covers every local date
             // of the window whatever the user's offset.
             let since = utc_date(start.saturating_sub(DAY_MS))?;
