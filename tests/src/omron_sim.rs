@@ -84,7 +84,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -92,12 +91,17 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
+
+use crate::sim_support::{
+    Params, basic_credentials, bearer_token, is_form, json_body, outbound_client, param,
+    parse_form, random_hex, rate_limit_admit, serve_router, sim_error, sim_health, unknown_user,
+};
 
 /// Lifetime of an access token (`expires_in`).
 pub const ACCESS_TOKEN_LIFETIME_SECS: i64 = 3_600;
@@ -138,8 +142,6 @@ const INVALID_CLIENT: &str = "invalid_client";
 const INVALID_GRANT: &str = "invalid_grant";
 const INVALID_REQUEST: &str = "invalid_request";
 const UNSUPPORTED_GRANT_TYPE: &str = "unsupported_grant_type";
-/// Rate-limit window.
-const RATE_WINDOW_MS: i64 = 60_000;
 
 // ---------------------------------------------------------------------------
 // Public data types
@@ -364,12 +366,7 @@ pub struct SimState {
 impl SimState {
     /// Creates an empty simulator.
     pub fn new(config: SimConfig) -> anyhow::Result<Arc<Self>> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(NOTIFY_TIMEOUT)
-            .build()
-            .context("building the notification HTTP client")?;
+        let http = outbound_client(Some(NOTIFY_TIMEOUT), "notification")?;
         Ok(Arc::new(Self {
             config,
             inner: Mutex::new(Inner::default()),
@@ -403,12 +400,6 @@ impl SimState {
     pub async fn set_notification_url(&self, url: Option<String>) {
         self.inner.lock().await.notification_url = url;
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill(buf.as_mut_slice());
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn all_scopes() -> Vec<String> {
@@ -666,129 +657,22 @@ fn parse_ymd(s: &str) -> Option<NaiveDate> {
         .flatten()
 }
 
-/// Sliding 60 s window; `Err` carries the `Retry-After` seconds.
-fn rate_limit_admit(window: &mut VecDeque<i64>, limit: usize, now_ms: i64) -> Result<(), i64> {
-    if limit == 0 {
-        return Ok(());
-    }
-    while window
-        .front()
-        .is_some_and(|t| *t <= now_ms - RATE_WINDOW_MS)
-    {
-        window.pop_front();
-    }
-    if window.len() >= limit {
-        let wait_ms = window
-            .front()
-            .map_or(RATE_WINDOW_MS, |oldest| oldest + RATE_WINDOW_MS - now_ms);
-        return Err(((wait_ms + 999) / 1_000).max(1));
-    }
-    window.push_back(now_ms);
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------
 // Parameters
 // ---------------------------------------------------------------------------
-
-type Params = HashMap<String, String>;
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// `application/x-www-form-urlencoded` component decoding (`+` is a space).
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let escaped = (b == b'%')
-            .then(|| {
-                let hi = bytes.get(i + 1).copied().and_then(hex_val)?;
-                let lo = bytes.get(i + 2).copied().and_then(hex_val)?;
-                Some(hi * 16 + lo)
-            })
-            .flatten();
-        match (b, escaped) {
-            (_, Some(decoded)) => {
-                out.push(decoded);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (other, None) => {
-                out.push(other);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses a form body or a query string; a repeated key keeps its last value.
-fn parse_form(s: &str) -> Params {
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (form_decode(k), form_decode(v))
-        })
-        .collect()
-}
-
-/// A non-empty parameter.
-fn param<'a>(p: &'a Params, key: &str) -> Option<&'a str> {
-    p.get(key).map(String::as_str).filter(|s| !s.is_empty())
-}
-
-fn is_form(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            v.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
-}
 
 /// Client id and secret from HTTP Basic (preferred) or from the form body.
 fn client_credentials(
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<(String, String), &'static str> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| INVALID_CLIENT)?.trim();
-        if let Some((scheme, encoded)) = value.split_once(' ')
-            && scheme.eq_ignore_ascii_case("basic")
-        {
-            let raw = STANDARD
-                .decode(encoded.trim())
-                .map_err(|_| INVALID_CLIENT)?;
-            let text = String::from_utf8(raw).map_err(|_| INVALID_CLIENT)?;
-            let (id, secret) = text.split_once(':').ok_or(INVALID_CLIENT)?;
-            return Ok((form_decode(id), form_decode(secret)));
-        }
+    if let Some(credentials) = basic_credentials(headers).map_err(|_| INVALID_CLIENT)? {
+        return Ok(credentials);
     }
     match (param(params, "client_id"), param(params, "client_secret")) {
         (Some(id), Some(secret)) => Ok((id.to_owned(), secret.to_owned())),
         _ => Err(INVALID_CLIENT),
     }
-}
-
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The issuer: the base URL the client reached (IdentityServer derives it from the request
@@ -869,10 +753,7 @@ pub async fn serve_with_state(
     state: Arc<SimState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("omron-sim server")
+    serve_router("omron-sim", listener, router(state), shutdown).await
 }
 
 // ---------------------------------------------------------------------------
@@ -1185,33 +1066,6 @@ async fn measurement(State(st): State<Arc<SimState>>, headers: HeaderMap, body: 
 // Control API
 // ---------------------------------------------------------------------------
 
-fn sim_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn unknown_user(user: &str) -> Response {
-    sim_error(StatusCode::NOT_FOUND, format!("unknown user {user}"))
-}
-
-/// A control request with an unreadable body (HTTP 400).
-struct BadBody(String);
-
-impl IntoResponse for BadBody {
-    fn into_response(self) -> Response {
-        sim_error(StatusCode::BAD_REQUEST, self.0)
-    }
-}
-
-/// Parses a JSON control body; an empty body means `{}`.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text).map_err(|e| BadBody(format!("invalid JSON body: {e}")))
-}
-
 async fn sim_create_user(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let seed: UserSeed = match json_body(&body) {
         Ok(s) => s,
@@ -1408,14 +1262,12 @@ async fn sim_stats(State(st): State<Arc<SimState>>) -> Response {
     .into_response()
 }
 
-async fn sim_health() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::sim_support::testing::{client, spawn_server};
+    use base64::engine::general_purpose::STANDARD;
     use tokio::sync::oneshot;
 
     const REDIRECT: &str = "https://app.example/cb";
@@ -1429,25 +1281,11 @@ mod tests {
     }
 
     async fn start(config: SimConfig) -> Sim {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            serve(listener, config, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
+        let (base, stop) = spawn_server(|listener, stop| serve(listener, config, stop)).await;
         Sim {
-            base: format!("http://{addr}"),
-            http,
-            _stop: tx,
+            base,
+            http: client(),
+            _stop: stop,
         }
     }
 

@@ -54,7 +54,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -66,6 +65,11 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
+
+use crate::sim_support::{
+    Params, RATE_WINDOW_MS, bearer_token, json_body, outbound_client, parse_form_into, random_hex,
+    rate_limit_admit, serve_router, sim_error, unknown_user,
+};
 
 /// Lifetime of an access token (W-DOC: 3 h).
 pub const ACCESS_TOKEN_LIFETIME_SECS: i64 = 10_800;
@@ -108,8 +112,6 @@ const INTRADAY_META_KEYS: &[&str] = &["deviceid", "model", "model_id"];
 /// Control key of an intraday entry (not Withings): the entry is served stamped with this
 /// epoch second instead of the one it is filed under, like a device whose clock is wrong.
 pub const INTRADAY_STAMPED_AT: &str = "_stamped_at";
-/// Rate-limit window.
-const RATE_WINDOW_MS: i64 = 60_000;
 
 // ---------------------------------------------------------------------------
 // Public data types
@@ -524,12 +526,7 @@ impl SimState {
     /// Creates an empty simulator (no users, even if `config.demo` is set;
     /// [`serve`] seeds the demo user).
     pub fn new(config: SimConfig) -> anyhow::Result<Arc<Self>> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(CALLBACK_TIMEOUT)
-            .build()
-            .context("building the callback HTTP client")?;
+        let http = outbound_client(Some(CALLBACK_TIMEOUT), "callback")?;
         Ok(Arc::new(Self {
             config,
             inner: Mutex::new(Inner::default()),
@@ -572,12 +569,6 @@ impl SimState {
     ) -> Option<usize> {
         self.inner.lock().await.merge_intraday(userid, series)
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill(buf.as_mut_slice());
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn random_alnum(len: usize) -> String {
@@ -778,22 +769,8 @@ impl Inner {
 
     /// Sliding 60 s window over admitted requests.
     fn rate_limit_admit(&mut self, limit: usize) -> bool {
-        if limit == 0 {
-            return true;
-        }
         let now_ms = self.now().timestamp_millis();
-        while self
-            .rate_window
-            .front()
-            .is_some_and(|t| *t <= now_ms - RATE_WINDOW_MS)
-        {
-            self.rate_window.pop_front();
-        }
-        if self.rate_window.len() >= limit {
-            return false;
-        }
-        self.rate_window.push_back(now_ms);
-        true
+        rate_limit_admit(&mut self.rate_window, limit, now_ms).is_ok()
     }
 }
 
@@ -846,55 +823,7 @@ impl IntoResponse for Reply {
 // Parameters
 // ---------------------------------------------------------------------------
 
-type Params = HashMap<String, String>;
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// `application/x-www-form-urlencoded` component decoding.
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' => {
-                let hi = bytes.get(i + 1).copied().and_then(hex_val);
-                let lo = bytes.get(i + 2).copied().and_then(hex_val);
-                if let (Some(h), Some(l)) = (hi, lo) {
-                    out.push(h * 16 + l);
-                    i += 3;
-                } else {
-                    out.push(b'%');
-                    i += 1;
-                }
-            }
-            other => {
-                out.push(other);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn parse_form_into(s: &str, out: &mut Params) {
-    for pair in s.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(form_decode(k), form_decode(v));
-    }
-}
-
+/// A non-empty parameter, trimmed (Withings ignores surrounding blanks).
 fn param<'a>(p: &'a Params, key: &str) -> Option<&'a str> {
     p.get(key).map(|s| s.trim()).filter(|s| !s.is_empty())
 }
@@ -910,18 +839,10 @@ fn int_param(p: &Params, key: &str) -> Result<Option<i64>, Reply> {
     }
 }
 
-fn bearer_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a str> {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then_some(token.trim())
-        })
-        .filter(|t| !t.is_empty());
-    from_header.or_else(|| param(params, "access_token"))
+/// The Bearer token of the `Authorization` header, else the `access_token` parameter, trimmed
+/// (unlike [`crate::sim_support::bearer_or_access_token`]: Withings trims every parameter).
+fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a str> {
+    bearer_token(headers).or_else(|| param(params, "access_token"))
 }
 
 // ---------------------------------------------------------------------------
@@ -1019,10 +940,7 @@ pub async fn serve_with_state(
     state: Arc<SimState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("withings-sim server")
+    serve_router("withings-sim", listener, router(state), shutdown).await
 }
 
 async fn api(
@@ -1099,7 +1017,7 @@ async fn handle_api(
                 _ => Reply::invalid("unknown action"),
             };
         }
-        let Some(userid) = inner.authenticate(bearer_token(headers, params)) else {
+        let Some(userid) = inner.authenticate(access_token(headers, params)) else {
             return Reply::unauthorized();
         };
         match (service, action) {
@@ -1809,33 +1727,6 @@ async fn authorize(State(st): State<Arc<SimState>>, uri: Uri) -> Response {
 // Control API
 // ---------------------------------------------------------------------------
 
-fn sim_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn unknown_user(userid: i64) -> Response {
-    sim_error(StatusCode::NOT_FOUND, format!("unknown user {userid}"))
-}
-
-/// A control request with an unreadable body (HTTP 400).
-struct BadBody(String);
-
-impl IntoResponse for BadBody {
-    fn into_response(self) -> Response {
-        sim_error(StatusCode::BAD_REQUEST, self.0)
-    }
-}
-
-/// Parses a JSON control body; an empty body means `{}`.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text).map_err(|e| BadBody(format!("invalid JSON body: {e}")))
-}
-
 async fn sim_create_user(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
     let seed: UserSeed = match json_body(&body) {
         Ok(s) => s,
@@ -2229,6 +2120,8 @@ async fn sim_stats(State(st): State<Arc<SimState>>) -> Response {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::sim_support::form_decode;
+    use crate::sim_support::testing::{client, spawn_server};
     use tokio::sync::oneshot;
 
     struct Sim {
@@ -2237,29 +2130,12 @@ mod tests {
         _stop: oneshot::Sender<()>,
     }
 
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    }
-
     async fn start(config: SimConfig) -> Sim {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            serve(listener, config, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
+        let (base, stop) = spawn_server(|listener, stop| serve(listener, config, stop)).await;
         Sim {
-            base: format!("http://{addr}"),
+            base,
             http: client(),
-            _stop: tx,
+            _stop: stop,
         }
     }
 

@@ -17,29 +17,7 @@ use super::state::{SimState, notification};
 use super::time::{local, parse_duration_secs, parse_instant, rfc3339};
 use super::webhooks::{Tamper, after_delivered, attempt_once, batch_body, deliver};
 use super::{AppSeed, SimConfig, StoreError, UserSeed};
-
-fn sim_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
-}
-
-/// A control request with an unreadable body (HTTP 400).
-struct BadBody(String);
-
-impl IntoResponse for BadBody {
-    fn into_response(self) -> Response {
-        sim_error(StatusCode::BAD_REQUEST, self.0)
-    }
-}
-
-/// Parses a JSON control body; an empty body means `{}`.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text).map_err(|e| BadBody(format!("invalid JSON body: {e}")))
-}
+use crate::sim_support::{json_body, sim_error};
 
 fn store_error(e: &StoreError) -> Response {
     match e {
@@ -410,8 +388,4 @@ pub(super) async fn sim_stats(State(st): State<Arc<SimState>>) -> Response {
         "unauthorized": inner.unauthorized,
     }))
     .into_response()
-}
-
-pub(super) async fn sim_health() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
 }

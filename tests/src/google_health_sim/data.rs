@@ -1,7 +1,7 @@
 //! Data API (`/v4/users/…`): routing of `/v4`, user authentication, the per-user rate
 //! limit, identity, and list / get / reconcile with their paging.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -21,7 +21,6 @@ use super::errors::{
     unauthenticated,
 };
 use super::filter::{compile_filter, eval, parse_filter};
-use super::params::{Params, bearer_token, param, parse_form, percent_decode};
 use super::points::Point;
 use super::rollup::daily_roll_up;
 use super::state::{Inner, SimState, User};
@@ -29,30 +28,11 @@ use super::subscribers::project_call;
 use super::time::parse_instant;
 use super::{
     CLOUD_PLATFORM_SCOPE, DOMAIN_GOOGLEAPIS, DOMAIN_HEALTH, MSG_INVALID_ARGUMENT,
-    MSG_PERMISSION_DENIED, RATE_WINDOW_MS, SCOPE_PREFIX, SERVICE, SimConfig, TYPE_BAD_REQUEST,
-    TYPE_QUOTA_FAILURE,
+    MSG_PERMISSION_DENIED, SCOPE_PREFIX, SERVICE, SimConfig, TYPE_BAD_REQUEST, TYPE_QUOTA_FAILURE,
 };
-
-/// Sliding 60 s window; `Err` carries the `Retry-After` seconds.
-fn rate_limit_admit(window: &mut VecDeque<i64>, limit: usize, now_ms: i64) -> Result<(), i64> {
-    if limit == 0 {
-        return Ok(());
-    }
-    while window
-        .front()
-        .is_some_and(|t| *t <= now_ms - RATE_WINDOW_MS)
-    {
-        window.pop_front();
-    }
-    if window.len() >= limit {
-        let wait_ms = window
-            .front()
-            .map_or(RATE_WINDOW_MS, |oldest| oldest + RATE_WINDOW_MS - now_ms);
-        return Err(((wait_ms + 999) / 1_000).max(1));
-    }
-    window.push_back(now_ms);
-    Ok(())
-}
+use crate::sim_support::{
+    Params, bearer_or_access_token, param, parse_form, percent_decode, rate_limit_admit,
+};
 
 fn rate_limited(user: &str, limit: usize, retry_after: Option<i64>) -> Response {
     let message = format!(
@@ -253,7 +233,7 @@ async fn user_call(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Response {
-    let token = bearer_token(headers).or_else(|| param(query, "access_token").map(str::to_owned));
+    let token = bearer_or_access_token(headers, query).map(str::to_owned);
     let mut inner = st.inner.lock().await;
     let (user_id, scopes) = match authenticate_user(&mut inner, token, rpc) {
         Ok(u) => u,

@@ -181,7 +181,6 @@ mod data;
 mod errors;
 mod filter;
 mod oauth;
-mod params;
 mod points;
 mod rollup;
 mod state;
@@ -197,18 +196,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{any, get, post};
 use serde::{Deserialize, Serialize};
 
 use control::{
     keyset, sim_apps, sim_clock_advance, sim_delete_points, sim_expire_access, sim_get_config,
-    sim_health, sim_notify, sim_projects, sim_revoke_tokens, sim_rotate, sim_seed, sim_set_config,
-    sim_stats, sim_users,
+    sim_notify, sim_projects, sim_revoke_tokens, sim_rotate, sim_seed, sim_set_config, sim_stats,
+    sim_users,
 };
 use data::v4;
 use oauth::{authorize, revoke, token};
+
+use crate::sim_support::{serve_router, sim_health};
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -286,8 +286,6 @@ const INVALID_GRANT: &str = "invalid_grant";
 const INVALID_REQUEST: &str = "invalid_request";
 const INVALID_CLIENT: &str = "invalid_client";
 const EXPIRED_OR_REVOKED: &str = "Token has been expired or revoked.";
-/// Rate-limit window.
-const RATE_WINDOW_MS: i64 = 60_000;
 const DEFAULT_PAGE_SIZE: usize = 1_440;
 const MAX_PAGE_SIZE: usize = 10_000;
 const SESSION_PAGE_SIZE: usize = 25;
@@ -528,10 +526,7 @@ pub async fn serve_with_state(
     state: Arc<SimState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("google-health-sim server")
+    serve_router("google-health-sim", listener, router(state), shutdown).await
 }
 
 #[cfg(test)]

@@ -8,16 +8,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
 use super::catalogue::{is_known_scope, scope_url};
-use super::params::{Params, is_form, param, parse_form, percent_decode};
 use super::state::{AuthCode, Inner, SimState, random_token};
 use super::{
     ACCESS_TOKEN_LIFETIME_SECS, AUTHORIZATION_CODE_LIFETIME_SECS, EXPIRED_OR_REVOKED,
     INVALID_CLIENT, INVALID_GRANT, INVALID_REQUEST, TESTING_REFRESH_LIFETIME_SECS,
 };
+use crate::sim_support::{Params, basic_credentials, is_form, param, parse_form};
 
 /// An error on Google's own page (no redirect).
 fn oauth_page_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -215,17 +215,10 @@ fn client_credentials(
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<(String, Option<String>), OAuthError> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let bad = || oauth_err(INVALID_CLIENT, "Unauthorized");
-        let value = value.to_str().map_err(|_| bad())?.trim();
-        if let Some((scheme, encoded)) = value.split_once(' ')
-            && scheme.eq_ignore_ascii_case("basic")
-        {
-            let raw = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
-            let text = String::from_utf8(raw).map_err(|_| bad())?;
-            let (id, secret) = text.split_once(':').ok_or_else(bad)?;
-            return Ok((percent_decode(id, true), Some(percent_decode(secret, true))));
-        }
+    if let Some((id, secret)) =
+        basic_credentials(headers).map_err(|_| oauth_err(INVALID_CLIENT, "Unauthorized"))?
+    {
+        return Ok((id, Some(secret)));
     }
     match param(params, "client_id") {
         Some(id) => Ok((id.to_owned(), params.get("client_secret").cloned())),

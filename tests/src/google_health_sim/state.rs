@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
@@ -22,6 +21,7 @@ use super::{
     ACCESS_TOKEN_LIFETIME_SECS, AppSeed, DEFAULT_READ_FAMILIES, ECDSA_PUBLIC_KEY_TYPE_URL,
     SCOPE_PREFIX, SimConfig, StoreError, TESTING_REFRESH_LIFETIME_SECS, UserSeed, UserTokens,
 };
+use crate::sim_support::outbound_client;
 
 #[derive(Debug)]
 pub(super) struct App {
@@ -204,11 +204,7 @@ pub(super) fn new_key_id(taken: &[Key]) -> u32 {
 impl SimState {
     /// Creates an empty simulator with one signing key.
     pub fn new(config: SimConfig) -> anyhow::Result<Arc<Self>> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("building the notification HTTP client")?;
+        let http = outbound_client(None, "notification")?;
         let key = Key {
             id: new_key_id(&[]),
             key: new_signing_key(),

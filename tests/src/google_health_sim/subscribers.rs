@@ -17,7 +17,6 @@ use super::data::{authenticate_user, unimplemented_rpc};
 use super::errors::{
     bare_error, envelope, error_info, health_error, scope_insufficient, unauthenticated,
 };
-use super::params::{Params, bearer_token, param};
 use super::state::{SimState, Subscriber};
 use super::time::rfc3339;
 use super::webhooks::{subscriber_worker, verify_endpoint};
@@ -25,6 +24,7 @@ use super::{
     MSG_INVALID_ARGUMENT, MSG_PERMISSION_DENIED, SUBSCRIBER_DEFAULT_PAGE, SUBSCRIBER_MAX_PAGE,
     TYPE_EMPTY, TYPE_SUBSCRIBER,
 };
+use crate::sim_support::{Params, bearer_or_access_token, param};
 
 fn valid_subscriber_id(id: &str) -> bool {
     let b = id.as_bytes();
@@ -53,7 +53,7 @@ pub(super) async fn project_call(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Response {
-    let token = bearer_token(headers).or_else(|| param(query, "access_token").map(str::to_owned));
+    let token = bearer_or_access_token(headers, query).map(str::to_owned);
     {
         let mut inner = st.inner.lock().await;
         let Some(token) = token else {

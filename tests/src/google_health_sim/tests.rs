@@ -29,6 +29,7 @@ use super::points::interval_json;
 use super::rollup::{double_json, duration_json, rollup_cap_days, rollup_kind, snake_case};
 use super::time::{civil_json, date_json, local, parse_instant, rfc3339};
 use super::*;
+use crate::sim_support::testing::{client, spawn_server};
 
 const REDIRECT: &str = "https://app.example/cb";
 const ACTIVITY: &str = "https://www.googleapis.com/auth/googlehealth.activity_and_fitness.readonly";
@@ -47,26 +48,13 @@ struct Sim {
 }
 
 async fn start(config: SimConfig) -> Sim {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
     let state = SimState::new(config).unwrap();
-    tokio::spawn(async move {
-        serve_with_state(listener, state, async move {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let (base, stop) =
+        spawn_server(move |listener, stop| serve_with_state(listener, state, stop)).await;
     Sim {
-        base: format!("http://{addr}"),
-        http,
-        _stop: tx,
+        base,
+        http: client(),
+        _stop: stop,
     }
 }
 
