@@ -27,7 +27,7 @@ use crate::{
     Api, AppCredentials, BadNotice, BoxFuture, Connected, Fetched, Notice, NoticeKind, Plan,
     Provider, ProviderError, RatePolicy, SignedWebhooks, Tokens, WebhookSecret,
 };
-use normalize::{DataTypeTable, DataTypeTableError, Method, Shape};
+use normalize::{DataTypeTable, DataTypeTableError, Shape};
 use ohx_common::records::{AGGREGATION_HOURLY, Context};
 use std::sync::Arc;
 
@@ -198,18 +198,15 @@ impl GoogleHealth {
             {
                 offset = latest.utc_offset_seconds;
             }
+            // The filter bounds every point to the fetched window, so each sample lies inside
+            // the hours its series' progress mark covers (Withings' intraday call, which
+            // answers beyond the window, has to set later samples aside).
             if hourly {
                 hourly_end = Some(hourly_end.unwrap_or(0).max(hourly_progress_end(end, now)));
-                // Samples dated after the fetched hours (a device clock ahead) go on after the
-                // progress marks, for the aggregator to dead-letter, as for Withings.
-                out.extend(n.measurements);
             } else {
                 spot_end = Some(spot_end.unwrap_or(0).max(end.min(now)));
-                out.extend(n.measurements);
             }
-            if rule.method == Method::DailyRollUp {
-                tracing::debug!(rule = %rule.name, "daily roll-up fetched");
-            }
+            out.extend(n.measurements);
         }
         out.sort_by(|a, b| {
             (a.effective_start, &a.measurement_id).cmp(&(b.effective_start, &b.measurement_id))
