@@ -443,13 +443,18 @@ pub trait Provider: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Connected, ProviderError>>;
 
     /// Subscribes a newly connected user to every notification ohx needs, at
-    /// `callback_url`; returns how many subscriptions were made.
+    /// `callback_url`; returns how many subscriptions were made. Default: none, for providers
+    /// without a per-user subscription API (Omron allow-lists one URL by hand, Google
+    /// subscribes users through the project's subscriber).
     fn subscribe<'a>(
         &'a self,
         api: &'a Api,
         access_token: &'a str,
         callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>>;
+    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
+        let _ = (api, access_token, callback_url);
+        Box::pin(async { Ok(0) })
+    }
 
     /// Revokes what [`Provider::subscribe`] made (a disconnect); a subscription already gone
     /// is not an error.
@@ -458,7 +463,10 @@ pub trait Provider: Send + Sync + 'static {
         api: &'a Api,
         access_token: &'a str,
         callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>>;
+    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
+        let _ = (api, access_token, callback_url);
+        Box::pin(async { Ok(0) })
+    }
 
     /// Refreshes a link's tokens.
     fn refresh<'a>(

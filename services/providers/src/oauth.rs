@@ -191,7 +191,7 @@ pub async fn exchange_code(
         .map_err(|e| classify(provider, &e))
 }
 
-/// Refreshes with a refresh token.
+/// Refreshes with a refresh token; the new tokens ([`tokens`]).
 ///
 /// # Errors
 /// The failure, classified by [`classify`].
@@ -200,12 +200,13 @@ pub async fn refresh(
     http: &reqwest::Client,
     provider: &str,
     refresh_token: String,
-) -> Result<TokenAnswer, ProviderError> {
+) -> Result<Tokens, ProviderError> {
     let token = RefreshToken::new(refresh_token);
     client
         .exchange_refresh_token(&token)
         .request_async(&Http(http))
         .await
+        .map(|answer| tokens(&answer))
         .map_err(|e| classify(provider, &e))
 }
 

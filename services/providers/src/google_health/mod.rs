@@ -334,26 +334,6 @@ impl Provider for GoogleHealth {
         })
     }
 
-    fn subscribe<'a>(
-        &'a self,
-        _api: &'a Api,
-        _access_token: &'a str,
-        _callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
-        // The project's subscriber uses AUTOMATIC subscriptions: Google subscribes each user
-        // from their consent; there is nothing to do per user.
-        Box::pin(async { Ok(0) })
-    }
-
-    fn unsubscribe<'a>(
-        &'a self,
-        _api: &'a Api,
-        _access_token: &'a str,
-        _callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
-        Box::pin(async { Ok(0) })
-    }
-
     fn refresh<'a>(
         &'a self,
         api: &'a Api,
@@ -362,8 +342,7 @@ impl Provider for GoogleHealth {
     ) -> BoxFuture<'a, Result<Tokens, ProviderError>> {
         Box::pin(async move {
             let client = self.client(None, app)?;
-            let answer = oauth::refresh(&client, &api.http, NAME, refresh_token).await?;
-            Ok(oauth::tokens(&answer))
+            oauth::refresh(&client, &api.http, NAME, refresh_token).await
         })
     }
 

@@ -302,25 +302,6 @@ impl Provider for Omron {
         })
     }
 
-    fn subscribe<'a>(
-        &'a self,
-        _api: &'a Api,
-        _access_token: &'a str,
-        _callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
-        // Omron allow-lists the notification URL by hand, once per application.
-        Box::pin(async { Ok(0) })
-    }
-
-    fn unsubscribe<'a>(
-        &'a self,
-        _api: &'a Api,
-        _access_token: &'a str,
-        _callback_url: &'a str,
-    ) -> BoxFuture<'a, Result<usize, ProviderError>> {
-        Box::pin(async { Ok(0) })
-    }
-
     fn refresh<'a>(
         &'a self,
         api: &'a Api,
@@ -329,8 +310,7 @@ impl Provider for Omron {
     ) -> BoxFuture<'a, Result<Tokens, ProviderError>> {
         Box::pin(async move {
             let client = self.client(None, &api.base_url, app)?;
-            let answer = oauth::refresh(&client, &api.http, NAME, refresh_token).await?;
-            Ok(oauth::tokens(&answer))
+            oauth::refresh(&client, &api.http, NAME, refresh_token).await
         })
     }
 
