@@ -7,10 +7,12 @@
 use anyhow::{Context as _, bail, ensure};
 use chrono::{DateTime, Utc};
 use ohx_common::codec::Codec;
-use ohx_common::kafka::{KafkaSettings, Producer};
+use ohx_common::kafka::{KafkaSettings, Producer, inspect};
 use ohx_common::records::{
-    AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Measurement, series_key, topic,
+    AGGREGATION_INDIVIDUAL, Component, Context, DeadLetter, Measurement, PublishResult, series_key,
+    topic,
 };
+use ohx_common::trace::Trace;
 use ohx_tests::fixtures::heart_rate_sample;
 use ohx_tests::kafka_util::{GROUPS, high_watermark_sum, produce_raw, read_all, wait_settled};
 use ohx_tests::stack::Stack;
@@ -2237,6 +2239,147 @@ async fn prometheus_scrapes_every_service(env: Arc<Env>) -> anyhow::Result<()> {
 /// A mapping table deployed without its body-weight entry dead-letters a weigh-in; once the
 /// table is fixed (the mapper restarted with it), `ohx dlq redrive` sends the dead letter back
 /// to its topic and the Observation lands, once.
+/// Posts a Withings notification with a W3C `traceparent` and expects 200.
+async fn notify_traced(
+    env: &Env,
+    userid: i64,
+    appli: i32,
+    window: (i64, i64),
+    traceparent: &str,
+) -> anyhow::Result<()> {
+    let gateway = env.stack.lock().await.http_of("webhook-gateway")?;
+    let r = env
+        .http
+        .post(format!("{gateway}/webhooks/withings?token={WEBHOOK_TOKEN}"))
+        .header("traceparent", traceparent)
+        .form(&[
+            ("userid", userid.to_string()),
+            ("appli", appli.to_string()),
+            ("startdate", (window.0 / 1000).to_string()),
+            ("enddate", (window.1 / 1000).to_string()),
+        ])
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "webhook answered {}", r.status());
+    Ok(())
+}
+
+/// One webhook can be followed to the FHIR write: its `traceparent` (W3C) reaches the
+/// publisher's results through every stage, a measurement mapped directly and an hourly
+/// aggregate alike, and the trace id is in the gateway's, fetcher's and publisher's logs.
+async fn webhook_traced_to_the_fhir_write(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5028).await?;
+    let h = hour_floor(Utc::now().timestamp_millis()) - 7 * HOUR;
+    let bp_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let hr_trace = "0af7651916cd43dd8448eb211c80319c";
+    env.add_groups(
+        p.userid,
+        json!([bp_group(
+            900_201,
+            h + 600_000,
+            "bpm-5028",
+            (12500, -2),
+            (8100, -2),
+            (6600, -2)
+        )]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(((h + m * 60_000) / 1000).to_string(), json!({"deviceid": "watch-5028", "model": "ScanWatch", "model_id": 93, "heart_rate": bpm(2, m)}));
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    let query = format!("Observation?subject={}", p.reference);
+    // One webhook at a time, so that the fetcher never coalesces the two into one run.
+    notify_traced(
+        &env,
+        p.userid,
+        4,
+        (h, h + HOUR),
+        &format!("00-{bp_trace}-00f067aa0ba902b7-01"),
+    )
+    .await?;
+    env.wait_for(&query, 2, Duration::from_secs(90)).await?;
+    notify_traced(
+        &env,
+        p.userid,
+        16,
+        (h, h + HOUR - 1000),
+        &format!("00-{hr_trace}-b7ad6b7169203331-01"),
+    )
+    .await?;
+    let obs = env.wait_for(&query, 3, Duration::from_secs(90)).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+
+    let kafka = KafkaSettings {
+        bootstrap: env.kafka.clone(),
+        extra: vec![],
+    };
+    let stored = tokio::task::spawn_blocking(move || {
+        inspect::read_topic(&kafka, topic::PUBLISH_RESULTS, Duration::from_secs(30))
+    })
+    .await??;
+    let codec = Codec::embedded()?;
+    // resource id -> the trace ids of its results
+    let mut traces: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in stored {
+        let result: PublishResult = codec.decode(&r.payload).await?;
+        if result.patient_id != p.patient_id {
+            continue;
+        }
+        let header = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .with_context(|| format!("result for {} has no traceparent", result.resource_id))?;
+        let t = Trace::parse(&header).with_context(|| format!("invalid traceparent {header}"))?;
+        ensure!(
+            !header.contains("00f067aa0ba902b7") && !header.contains("b7ad6b7169203331"),
+            "a result reuses the webhook's span id: {header}"
+        );
+        traces
+            .entry(result.resource_id)
+            .or_default()
+            .push(t.trace_id());
+    }
+    for o in &obs {
+        let id = o["id"].as_str().context("observation id")?;
+        // The hourly heart rate is the only observation with a period.
+        let want = if o.get("effectivePeriod").is_some() {
+            hr_trace
+        } else {
+            bp_trace
+        };
+        let got = traces
+            .get(id)
+            .with_context(|| format!("no publish result for {id}"))?;
+        ensure!(
+            got.iter().all(|t| t == want),
+            "Observation/{id} ({}) carries traces {got:?}, expected {want}",
+            code_of(o)
+        );
+    }
+    let stack = env.stack.lock().await;
+    let log =
+        |name: &str| std::fs::read_to_string(stack.dir.join("logs").join(format!("{name}.log")));
+    let gateway = log("webhook-gateway")?;
+    let fetcher = log("fetcher")?;
+    let publisher = log("publisher")?;
+    for t in [bp_trace, hr_trace] {
+        ensure!(
+            gateway.contains(&format!("\"trace_id\":\"{t}\"")),
+            "gateway log lacks {t}"
+        );
+        ensure!(
+            fetcher.contains(&format!("\"trace_id\":\"{t}\"")),
+            "fetcher log lacks {t}"
+        );
+        ensure!(publisher.contains(t), "publisher log lacks {t}");
+    }
+    Ok(())
+}
+
 async fn dead_letter_redriven_after_a_fix(env: Arc<Env>) -> anyhow::Result<()> {
     let p = env.new_patient(5010).await?;
     let since = Utc::now().to_rfc3339();
@@ -2402,6 +2545,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
             Box::pin(prometheus_scrapes_every_service(e))
         }),
         ("bad_input", |e| Box::pin(bad_input(e))),
+        ("webhook_traced_to_the_fhir_write", |e| {
+            Box::pin(webhook_traced_to_the_fhir_write(e))
+        }),
         ("dead_letter_redriven_after_a_fix", |e| {
             Box::pin(dead_letter_redriven_after_a_fix(e))
         }),

@@ -1467,7 +1467,8 @@ async fn start_front(upstream: String) -> anyhow::Result<Front> {
 }
 
 /// Two EHR targets, one answering 403 (misconfigured) and one healthy: the healthy one gets
-/// everything on time, the misconfigured one gets everything once fixed.
+/// everything on time, the misconfigured one gets everything once fixed, and `ohx targets`
+/// shows which one failed, why, and when it recovered.
 async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
     let mut fx = Fx::start(StackOptions::default()).await?;
     let hfs2 = fx.stack.start_hfs("hfs2").await?;
@@ -1535,6 +1536,19 @@ async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
         front.refused.load(Ordering::Relaxed) > 0,
         "the misconfigured target was never called",
     );
+    // Operators see which target is failing and why (`ohx targets`).
+    let listed = target_states(&fx).await?;
+    let bad_state = listed.get(&bad_target).cloned().unwrap_or_default();
+    let good_state = listed.get(&fx.target).cloned().unwrap_or_default();
+    r.check(
+        matches!(bad_state["state"].as_str(), Some("open" | "half_open"))
+            && bad_state["faults"] == json!(["forbidden"]),
+        format!("ohx targets shows the refusing target as {bad_state}"),
+    );
+    r.check(
+        good_state["state"] == "closed",
+        format!("ohx targets shows the healthy target as {good_state}"),
+    );
     front.forwarding.store(true, Ordering::SeqCst);
     let repaired = Instant::now();
     let before = load.sent();
@@ -1549,9 +1563,35 @@ async fn misconfigured_target(r: &mut Report) -> anyhow::Result<()> {
     )
     .await;
     load.wait_more(3, Duration::from_secs(60)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fixed = loop {
+        let now = target_states(&fx)
+            .await?
+            .remove(&bad_target)
+            .unwrap_or_default();
+        if now["state"] == "closed" || Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    r.check(
+        fixed["state"] == "closed" && fixed["faults"] == json!([]),
+        format!("ohx targets shows the fixed target as {fixed}"),
+    );
     conclude(&fx, load, &all, vec![], r).await?;
     fx.stack.drop_database().await?;
     Ok(())
+}
+
+/// `ohx targets` by target id.
+async fn target_states(fx: &Fx) -> anyhow::Result<BTreeMap<String, Value>> {
+    Ok(fx
+        .stack
+        .ohx(&["targets"])
+        .await?
+        .into_iter()
+        .filter_map(|t| Some((t["id"].as_str()?.to_string(), t)))
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 //! retry commits nothing, a retried batch sees the state it saw the first time, commits never
 //! pass the processor's commit point, undecodable records are dead-lettered, a schema registry
 //! answering 404 for a moment is retried while one that never had a schema id is given up on
-//! after the bound, the partitions of a member killed without leaving are taken over, and a
-//! service whose port is taken exits with the reason.
+//! after the bound, the partitions of a member killed without leaving are taken over, outputs
+//! carry their input's trace, and a service whose port is taken exits with the reason.
 
 use anyhow::Context as _;
 use axum::Router;
@@ -15,10 +15,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ohx_common::admin::Health;
 use ohx_common::codec::Codec;
+use ohx_common::kafka::inspect::read_topic;
 use ohx_common::kafka::{
-    Emitter, Input, KafkaSettings, Processor, Producer, StageError, StageSettings, run_stage,
+    Emitter, Input, KafkaSettings, OutRecord, Processor, Producer, StageError, StageSettings,
+    run_stage,
 };
 use ohx_common::records::{Context, DeadLetter, SyncRequest, topic};
+use ohx_common::trace::Trace;
 use ohx_tests::kafka_util::{group_lag, produce_raw, read_all};
 use ohx_tests::stack::spawn_tansu;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -189,6 +192,7 @@ impl Processor for Copier {
         for input in batch {
             let mut r = input.value.clone();
             r.provider_event = Some(input.value.context.sync_request_id.clone());
+            out.follow(input);
             out.emit(OUT, &format!("{}", input.offset), &r).await?;
         }
         Ok(batch.len())
@@ -588,6 +592,65 @@ async fn test_commits_never_pass_the_processors_commit_point() -> anyhow::Result
         6,
         "the final commit keeps the commit point too"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_outputs_carry_their_inputs_trace_with_a_span_of_their_own() -> anyhow::Result<()> {
+    let b = broker("trace").await?;
+    let group = "rt.trace";
+    let p = producer(&b.addr)?;
+    let parent = Trace::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .context("the W3C example")?;
+    // input-0 traced, input-1 without any header
+    for (n, headers) in [(0, vec![parent.header()]), (1, vec![])] {
+        let payload = p.codec().encode(IN, &request(n)).await?;
+        p.send_all(&[OutRecord {
+            topic: IN.into(),
+            partition: None,
+            key: Some(format!("key-{n}").into_bytes()),
+            payload,
+            headers,
+        }])
+        .await?;
+    }
+    let m = start_member(&b.addr, group, Copier::default())?;
+    wait_for(
+        "the group to commit everything",
+        Duration::from_secs(60),
+        async || Ok(lag(&b.addr, group).await? == 0),
+    )
+    .await?;
+    m.stop.cancel();
+    m.task.await??;
+    let out = read_topic(&kafka(&b.addr), OUT, Duration::from_secs(30))?;
+    ensure_eq(out.len(), 2, "outputs")?;
+    let codec = Codec::embedded()?;
+    for r in out {
+        let value: SyncRequest = codec.decode(&r.payload).await?;
+        let traces: Vec<_> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "traceparent")
+            .collect();
+        match value.provider_event.as_deref() {
+            Some("input-0") => {
+                ensure_eq(traces.len(), 1, "traceparent headers of input-0's output")?;
+                let child = Trace::from_headers(&r.headers).context("a valid traceparent")?;
+                ensure_eq(child.trace_id(), parent.trace_id(), "trace id")?;
+                anyhow::ensure!(child != parent, "the output reuses its input's span");
+            }
+            Some("input-1") => {
+                ensure_eq(traces.len(), 0, "traceparent headers of input-1's output")?
+            }
+            other => anyhow::bail!("unexpected output {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn ensure_eq<T: PartialEq + std::fmt::Debug>(got: T, want: T, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(got == want, "{what}: got {got:?}, want {want:?}");
     Ok(())
 }
 

@@ -20,6 +20,13 @@ pub fn string(name: &str, default: &str) -> String {
     }
 }
 
+/// This process's name among replicas: `OHX_INSTANCE`, else `HOSTNAME` (a Kubernetes pod's
+/// name), else `pid-<process id>`.
+pub fn instance_name() -> String {
+    let fallback = format!("pid-{}", std::process::id());
+    string("OHX_INSTANCE", &string("HOSTNAME", &fallback))
+}
+
 /// Returns the variable's value, or an error when it is unset or empty.
 pub fn required(name: &str) -> Result<String, ConfigError> {
     match std::env::var(name) {

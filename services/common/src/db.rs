@@ -43,6 +43,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0010_import_row_digests",
         include_str!("../migrations/0010_import_row_digests.sql"),
     ),
+    (
+        "0011_target_status",
+        include_str!("../migrations/0011_target_status.sql"),
+    ),
 ];
 
 /// A database error as text for logs and errors: the server's message and SQLSTATE ("db

@@ -12,3 +12,4 @@ pub mod records;
 pub mod service;
 pub mod telemetry;
 pub mod topics;
+pub mod trace;

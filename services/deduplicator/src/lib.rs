@@ -272,6 +272,7 @@ impl Processor for Deduplicator {
                     Decision::Stale => "stale",
                     Decision::Unchanged { .. } => "unchanged",
                     Decision::Forward => {
+                        out.follow(input);
                         out.emit(topic::FHIR_OUTBOX, &r.identity, r).await?;
                         "forwarded"
                     }
@@ -288,6 +289,7 @@ impl Processor for Deduplicator {
         // The changelog only after the outbox is acknowledged: a crash in between re-forwards
         // (the publisher finds the resource unchanged); it never records an unsent resource.
         out.barrier();
+        out.follow_trace(None);
         for (partition, identity, s) in &remembered {
             out.emit_to(
                 topic::DEDUP_STATE,

@@ -13,6 +13,7 @@ use crate::store::{Link, Refreshed, Store, StoreError, SyncRun};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::ratelimit::PgRateGate;
 use ohx_common::records::{SyncRequest, topic};
+use ohx_common::trace;
 use ohx_providers::{Api, AppCredentials, Fetched, Plan, Provider, ProviderError, Registry};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -656,6 +657,9 @@ impl Processor for Fetcher {
                 continue;
             };
             let requests: Vec<&SyncRequest> = inputs.iter().map(|i| &i.value).collect();
+            // The measurements carry the trace of the first request, whose context they keep.
+            out.follow(inputs[0]);
+            let trace_id = trace::trace_id_of(&inputs[0].headers);
             let provider_name = requests[0].context.provider.clone();
             let key: MemoKey = (
                 link_str.clone(),
@@ -711,7 +715,7 @@ impl Processor for Fetcher {
                         };
                         skipped.insert(key, (*n).into());
                     }
-                    tracing::info!(link_id = %link_id, requests = requests.len(), measurements = count, skipped = fetched.skipped_total(), api_calls = fetched.api_calls, "fetched");
+                    tracing::info!(link_id = %link_id, trace_id, requests = requests.len(), measurements = count, skipped = fetched.skipped_total(), api_calls = fetched.api_calls, "fetched");
                     ("ok", None, count, fetched.api_calls)
                 }
                 LinkOutcome::Reauth(reason) => {

@@ -90,6 +90,7 @@ impl MapperCore {
                     .await;
             }
         }
+        out.follow(input);
         for r in resources {
             MAPPED.add(
                 1,

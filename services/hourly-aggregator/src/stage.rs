@@ -11,9 +11,10 @@
 //! from the committed offset and rebuilds its windows; re-emitted aggregates are identical and
 //! the deduplicator drops them.
 
-use crate::window::{PartitionWindows, WindowConfig, WindowError};
+use crate::window::{PartitionWindows, WindowConfig, WindowError, aggregate_id, hour_start};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, HourlyAggregate, Measurement, topic};
+use ohx_common::trace::Trace;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -69,7 +70,14 @@ pub struct Aggregator {
     config: WindowConfig,
     partitions: HashMap<i32, PartitionWindows>,
     late_seen: HashMap<i32, u64>,
+    /// Per aggregate id, the trace of the last sample that entered the window: the aggregate
+    /// carries it. A log aid, not state that decides outputs: forgetting it (at the bound, or
+    /// after a rebalance) only leaves an aggregate without a `traceparent`.
+    traces: HashMap<String, Trace>,
 }
+
+/// How many aggregates' traces are remembered before they are forgotten all at once.
+const MAX_TRACES: usize = 100_000;
 
 impl Aggregator {
     /// Creates the stage.
@@ -78,6 +86,7 @@ impl Aggregator {
             config,
             partitions: HashMap::new(),
             late_seen: HashMap::new(),
+            traces: HashMap::new(),
         }
     }
 
@@ -156,7 +165,25 @@ impl Aggregator {
         self.partitions.get(&partition)
     }
 
-    async fn emit(out: &mut Emitter, a: &HourlyAggregate) -> Result<(), StageError> {
+    /// Remembers the trace of each hourly sample of the batch for its window's aggregate.
+    fn note_traces(&mut self, batch: &[Input<Measurement>]) {
+        for input in batch {
+            let m = &input.value;
+            if m.aggregation != AGGREGATION_HOURLY {
+                continue;
+            }
+            if let Some(t) = Trace::from_headers(&input.headers) {
+                if self.traces.len() >= MAX_TRACES {
+                    self.traces.clear();
+                }
+                let id = aggregate_id(&m.series_key, hour_start(m.effective_start));
+                self.traces.insert(id, t);
+            }
+        }
+    }
+
+    async fn emit(&self, out: &mut Emitter, a: &HourlyAggregate) -> Result<(), StageError> {
+        out.follow_trace(self.traces.get(&a.aggregate_id).cloned());
         tracing::debug!(
             aggregate_id = %a.aggregate_id,
             count = a.count,
@@ -192,10 +219,11 @@ impl Processor for Aggregator {
         out: &mut Emitter,
     ) -> Result<Change, StageError> {
         let now = chrono::Utc::now().timestamp_millis();
+        self.note_traces(batch);
         let (outputs, change) = self.process_batch(batch, now);
         for output in outputs {
             match output {
-                Output::Aggregate(a) => Self::emit(out, &a).await?,
+                Output::Aggregate(a) => self.emit(out, &a).await?,
                 Output::Rejected(index, error) => {
                     let Some(input) = batch.get(index) else {
                         return Err(StageError::Fatal(format!(
@@ -223,7 +251,7 @@ impl Processor for Aggregator {
             caught_up.contains(&(topic::MEASUREMENTS.to_string(), p))
         });
         for a in &closed {
-            Self::emit(out, a).await?;
+            self.emit(out, a).await?;
         }
         Ok(Some(change))
     }

@@ -4,6 +4,7 @@
 //! replay its input; lists and re-drives dead letters; shows consumer lag.
 
 mod dlq;
+mod targets;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -178,6 +179,9 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Every EHR target with its delivery status from the publishers: breaker state (closed,
+    /// half_open, open), faults flagged, failures, records held; one JSON line per target.
+    Targets,
     /// Consumer lag of the pipeline's groups (or one), per partition, with the time to drain
     /// it at the rate measured over `--interval-ms`.
     Lag {
@@ -745,6 +749,12 @@ async fn main() -> anyhow::Result<()> {
                         dlq::redrive(&letters, &filter.selection()?, &producer()?, dry_run).await?;
                     print(outcome);
                 }
+            }
+        }
+        Command::Targets => {
+            let now = chrono::Utc::now().timestamp_millis();
+            for t in targets::list(&db().await?, now).await? {
+                print(t);
             }
         }
         Command::Lag { group, interval_ms } => {

@@ -100,6 +100,11 @@ impl Breaker {
         self.fault
     }
 
+    /// Whether the breaker is open (calls only as half-open probes after `not_before_ms`).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
     /// Consecutive failures since the last success.
     pub fn failures(&self) -> u32 {
         self.failures

@@ -7,6 +7,7 @@ use crate::targets::{Configured, Entry, Target};
 use crate::{Change, Publisher, Tracked, classify};
 use ohx_common::kafka::{Emitter, Input, StageError};
 use ohx_common::records::{FhirResource, PublishResult, content_hash_of, topic};
+use ohx_common::trace;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use serde_json::Value;
@@ -153,6 +154,8 @@ impl Publisher {
         let now = chrono::Utc::now().timestamp_millis();
         let mut undelivered = Vec::new();
         let mut rejected = 0usize;
+        // The traces of what the server confirmed, for the log (a webhook followed to here).
+        let mut traces = std::collections::BTreeSet::new();
         for (i, result) in sent.into_iter().zip(run.results) {
             let input = records[i];
             let r = &input.value;
@@ -199,6 +202,12 @@ impl Publisher {
                 received_at: r.context.received_at,
                 confirmed_at: now,
             };
+            if outcome != "rejected"
+                && let Some(t) = trace::Trace::from_headers(&input.headers)
+            {
+                traces.insert(t.trace_id());
+            }
+            out.follow(input);
             out.emit(topic::PUBLISH_RESULTS, &r.identity, &result)
                 .await?;
         }
@@ -221,6 +230,10 @@ impl Publisher {
         }
         if rejected > 0 {
             tracing::warn!(target_id, rejected, "resources rejected for their content");
+        }
+        if !traces.is_empty() {
+            let trace_ids = traces.into_iter().collect::<Vec<_>>().join(",");
+            tracing::info!(target_id, trace_ids, "resources written to the EHR");
         }
         Ok(undelivered)
     }

@@ -34,6 +34,7 @@ pub mod decision;
 mod deliver;
 pub mod ehr;
 pub mod ledger;
+pub mod status;
 pub mod targets;
 
 #[cfg(test)]
@@ -115,6 +116,8 @@ pub struct PublisherSettings {
     pub chunks_per_tick: usize,
     /// Held records (all targets) above which each tick logs a warning.
     pub held_warn: usize,
+    /// This replica's name in `ehr_target_status`.
+    pub instance: String,
 }
 
 impl Default for PublisherSettings {
@@ -127,6 +130,7 @@ impl Default for PublisherSettings {
             chunk: 100,
             chunks_per_tick: 10,
             held_warn: 50_000,
+            instance: "publisher".into(),
         }
     }
 }
@@ -143,6 +147,7 @@ pub struct Publisher {
     reload_soon: bool,
     ledger: Ledger,
     breakers: HashMap<String, Tracked>,
+    status: status::StatusWriter,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -162,6 +167,7 @@ impl Publisher {
     ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             ehr: Ehr::new(settings.request_timeout)?.with_transaction_size(settings.chunk),
+            status: status::StatusWriter::new(settings.instance.clone()),
             pool,
             secrets,
             settings,
@@ -219,6 +225,22 @@ impl Publisher {
                 &[KeyValue::new("target", target.clone())],
             );
         }
+    }
+
+    /// Every known target's status as this replica sees it now.
+    fn statuses(&self) -> HashMap<String, status::Status> {
+        let closed = Tracked::default();
+        self.targets
+            .keys()
+            .chain(self.breakers.keys())
+            .map(|t| {
+                let tracked = self.breakers.get(t).unwrap_or(&closed);
+                (
+                    t.clone(),
+                    status::status_of(tracked, self.ledger.held_count(t)),
+                )
+            })
+            .collect()
     }
 
     fn tracked(&self, change: &Change, target: &str) -> Tracked {
@@ -462,6 +484,8 @@ impl Processor for Publisher {
 
     async fn apply(&mut self, change: &Change) -> Result<(), StageError> {
         self.apply_change(change);
+        let current = self.statuses();
+        self.status.write(&self.pool, &current).await;
         Ok(())
     }
 

@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         chunk: transaction_size,
         chunks_per_tick: ohx_common::config::parse("OHX_PUBLISH_CHUNKS_PER_TICK", 10usize)?.max(1),
         held_warn: ohx_common::config::parse("OHX_PUBLISH_HELD_WARN", 50_000usize)?,
+        instance: ohx_common::config::instance_name(),
     };
     let processor = publisher::Publisher::new(pool, secrets, publisher_settings)?;
     rt.run_stage(settings, processor).await

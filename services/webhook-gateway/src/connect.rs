@@ -397,12 +397,14 @@ pub async fn callback(
             );
         }
     };
+    // The initial backfill starts a trace of its own.
+    let trace = ohx_common::trace::Trace::root();
     let record = OutRecord {
         topic: topic::SYNC_REQUESTS.to_string(),
         partition: None,
         key: Some(link_id.to_string().into_bytes()),
         payload,
-        headers: vec![],
+        headers: vec![trace.header()],
     };
     if let Err(e) = state.producer.send_all(std::slice::from_ref(&record)).await {
         tracing::error!(error = %e, link_id = %link_id, "broker did not store the initial sync request");
@@ -412,7 +414,7 @@ pub async fn callback(
             "the initial sync request was not stored; the link is connected, run `ohx sync --trigger INITIAL`",
         );
     }
-    tracing::info!(link_id = %link_id, subscriptions, "link connected");
+    tracing::info!(link_id = %link_id, subscriptions, trace_id = %trace.trace_id(), "link connected");
     (
         StatusCode::OK,
         Json(json!({

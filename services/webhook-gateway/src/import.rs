@@ -253,6 +253,8 @@ async fn import_link(
         .filter(|(_, d)| known_digests.contains(*d))
         .map(|(r, _)| r.row_id.clone())
         .collect();
+    // One trace per import: its measurements can be followed to the EHR together.
+    let trace = ohx_common::trace::Trace::root();
     let mut records = Vec::new();
     let mut disabled = 0usize;
     let mut fresh = Vec::new();
@@ -287,7 +289,7 @@ async fn import_link(
                 partition: None,
                 key: Some(m.series_key.as_bytes().to_vec()),
                 payload,
-                headers: vec![],
+                headers: vec![trace.child().header()],
             });
         }
     }
@@ -317,7 +319,7 @@ async fn import_link(
             ],
         );
     }
-    tracing::info!(link_id = %link_id, imported, unchanged, rejected, measurements = records.len(), "import stored");
+    tracing::info!(link_id = %link_id, imported, unchanged, rejected, measurements = records.len(), trace_id = %trace.trace_id(), "import stored");
     let import_id = parsed
         .imported
         .first()

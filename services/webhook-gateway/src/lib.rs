@@ -25,6 +25,7 @@ use ohx_common::admin::Problem;
 use ohx_common::codec::CodecError;
 use ohx_common::kafka::{OutRecord, Producer};
 use ohx_common::records::{Context, SyncRequest, topic};
+use ohx_common::trace::{self, Trace};
 use ohx_providers::{Notice, NoticeKind, Registry, WebhookSecret};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -404,6 +405,12 @@ async fn webhook(
     let Some(adapter) = state.providers.get(&provider).cloned() else {
         return unknown_provider(&provider);
     };
+    // The webhook's trace: the caller's W3C `traceparent` if it sent a valid one, else new.
+    let trace = headers
+        .get(trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Trace::parse)
+        .unwrap_or_else(Trace::root);
     let provider = adapter.name();
     let client = state.sources.client(
         peer,
@@ -533,7 +540,7 @@ async fn webhook(
             // Answered before the loop.
             NoticeKind::Verification => continue,
         }
-        match emit_requests(&state, provider, app, notice, received_at).await {
+        match emit_requests(&state, provider, app, notice, received_at, &trace).await {
             Ok(n) => sent += n,
             Err(response) => return response,
         }
@@ -555,6 +562,7 @@ async fn emit_requests(
     app: uuid::Uuid,
     notice: &Notice,
     received_at: i64,
+    trace: &Trace,
 ) -> Result<usize, Response> {
     let rows = lookup_links(state, provider, app, &notice.provider_user_id).await?;
     if rows.is_empty() {
@@ -639,7 +647,7 @@ async fn emit_requests(
             partition: None,
             key: Some(request.context.link_id.as_bytes().to_vec()),
             payload,
-            headers: vec![],
+            headers: vec![trace.child().header()],
         };
         let send = state.producer.send_all(std::slice::from_ref(&record));
         match tokio::time::timeout_at(deadline, send).await {
@@ -652,7 +660,7 @@ async fn emit_requests(
                         KeyValue::new("trigger", "WEBHOOK"),
                     ],
                 );
-                tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, event = %notice.event, "sync request emitted");
+                tracing::info!(link_id = %link_id, sync_request_id = %request.context.sync_request_id, event = %notice.event, trace_id = %trace.trace_id(), "sync request emitted");
             }
             Ok(Err(error)) => {
                 tracing::error!(%error, link_id = %link_id, "broker did not acknowledge the sync request");

@@ -4,6 +4,7 @@
 use crate::codec::{Codec, CodecError};
 use crate::records::{DeadLetter, Header, Record, topic};
 use crate::telemetry;
+use crate::trace::Trace;
 use opentelemetry::KeyValue;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -68,6 +69,8 @@ pub struct Emitter {
     stage: &'static str,
     codec: Arc<Codec>,
     phases: Vec<Vec<OutRecord>>,
+    /// The trace the next outputs belong to (see [`Emitter::follow`]).
+    trace: Option<Trace>,
 }
 
 impl std::fmt::Debug for Emitter {
@@ -85,7 +88,19 @@ impl Emitter {
             stage,
             codec,
             phases: vec![Vec::new()],
+            trace: None,
         }
+    }
+
+    /// Makes the outputs queued from now on part of `input`'s trace (W3C `traceparent`), each
+    /// with a span of its own. A processor calls it before emitting what an input produced.
+    pub fn follow<T>(&mut self, input: &Input<T>) {
+        self.trace = Trace::from_headers(&input.headers);
+    }
+
+    /// Makes the outputs queued from now on part of `trace` (`None`: no trace header).
+    pub fn follow_trace(&mut self, trace: Option<Trace>) {
+        self.trace = trace;
     }
 
     fn current(&mut self) -> &mut Vec<OutRecord> {
@@ -123,12 +138,13 @@ impl Emitter {
         value: &T,
     ) -> Result<(), StageError> {
         let payload = encode(&self.codec, topic, value, T::SCHEMA_FILE).await?;
+        let headers = self.trace.iter().map(|t| t.child().header()).collect();
         self.current().push(OutRecord {
             topic: topic.to_string(),
             partition,
             key: Some(key.as_bytes().to_vec()),
             payload,
-            headers: vec![],
+            headers,
         });
         Ok(())
     }
@@ -237,11 +253,13 @@ impl Emitter {
 
     pub(crate) fn clear(&mut self) {
         self.phases = vec![Vec::new()];
+        self.trace = None;
     }
 
     pub(crate) fn take_phases(&mut self) -> Vec<Vec<OutRecord>> {
         let phases = std::mem::take(&mut self.phases);
         self.phases = vec![Vec::new()];
+        self.trace = None;
         phases.into_iter().filter(|p| !p.is_empty()).collect()
     }
 }

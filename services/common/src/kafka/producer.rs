@@ -148,7 +148,8 @@ impl Producer {
         }
     }
 
-    /// Encodes and produces one record, returning once the broker acknowledged it.
+    /// Encodes and produces one record, returning once the broker acknowledged it. The record
+    /// enters the pipeline from outside a stage (a command, a test): it starts a trace.
     pub async fn send_record<T: Record>(
         &self,
         topic: &str,
@@ -161,7 +162,7 @@ impl Producer {
             partition: None,
             key: Some(key.as_bytes().to_vec()),
             payload,
-            headers: vec![],
+            headers: vec![crate::trace::Trace::root().header()],
         };
         self.send_all(std::slice::from_ref(&record)).await
     }
