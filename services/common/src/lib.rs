@@ -13,3 +13,7 @@ pub mod service;
 pub mod telemetry;
 pub mod topics;
 pub mod trace;
+
+/// Every ohx binary links this crate, so every one allocates with mimalloc (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
