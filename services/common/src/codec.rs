@@ -10,13 +10,12 @@
 //! Records are always read with the schema compiled into this binary (the reader schema), so
 //! records written with an older, compatible schema decode too. Records written with the
 //! binary's own schema (nearly all) are serialized and deserialized straight between the Rust
-//! value and Avro binary, in one walk and without the intermediate `Value` tree; only an older
-//! writer schema goes through schema resolution.
+//! value and Avro binary by `serde_avro_fast`, in one walk, without the intermediate `Value`
+//! tree or per-field name lookups; only an older writer schema goes through apache-avro's
+//! schema resolution.
 
 use crate::records::Record;
 use apache_avro::Schema;
-use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
@@ -113,11 +112,10 @@ fn parsed() -> &'static Result<Schemas, String> {
     })
 }
 
-/// A schema's writer and reader, built once per process: they serialize and deserialize a
-/// value directly, in one walk.
+/// A schema compiled once per process for `serde_avro_fast`, which serializes and deserializes
+/// a value directly, in one walk.
 struct Compiled {
-    writer: GenericDatumWriter<'static>,
-    reader: GenericDatumReader<'static>,
+    schema: serde_avro_fast::Schema,
 }
 
 fn compiled() -> &'static Result<HashMap<&'static str, Compiled>, String> {
@@ -126,14 +124,11 @@ fn compiled() -> &'static Result<HashMap<&'static str, Compiled>, String> {
         let parsed = parsed().as_ref().map_err(Clone::clone)?;
         parsed
             .iter()
-            .map(|(file, (schema, _))| {
-                let writer = GenericDatumWriter::builder(schema)
-                    .build()
+            .map(|(file, (_, raw))| {
+                let schema = raw
+                    .parse::<serde_avro_fast::Schema>()
                     .map_err(|e| format!("{file}: {e}"))?;
-                let reader = GenericDatumReader::builder(schema)
-                    .build()
-                    .map_err(|e| format!("{file}: {e}"))?;
-                Ok((*file, Compiled { writer, reader }))
+                Ok((*file, Compiled { schema }))
             })
             .collect()
     })
@@ -240,11 +235,13 @@ impl Codec {
                 let mut out = Vec::with_capacity(256);
                 out.push(0u8);
                 out.extend_from_slice(&id.to_be_bytes());
-                self.compiled(T::SCHEMA_FILE)?
-                    .writer
-                    .write_ser(&mut out, value)
-                    .map_err(|e| CodecError::Avro(e.to_string()))?;
-                Ok(out)
+                let schema = &self.compiled(T::SCHEMA_FILE)?.schema;
+                serde_avro_fast::to_datum(
+                    value,
+                    out,
+                    &mut serde_avro_fast::ser::SerializerConfig::new(schema),
+                )
+                .map_err(|e| CodecError::Avro(e.to_string()))
             }
             Some(http) => {
                 let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
@@ -314,14 +311,15 @@ impl Codec {
     }
 
     /// Deserializes a body written with this binary's own schema of `T`.
-    fn decode_own<T: Record>(&self, mut body: &[u8]) -> Result<T, CodecError> {
-        let value = self
-            .compiled(T::SCHEMA_FILE)?
-            .reader
-            .read_deser::<T>(&mut body)
-            .map_err(|e| CodecError::Avro(e.to_string()))?;
-        if !body.is_empty() {
-            return Err(CodecError::Avro(format!("{} trailing bytes", body.len())));
+    fn decode_own<T: Record>(&self, body: &[u8]) -> Result<T, CodecError> {
+        let schema = &self.compiled(T::SCHEMA_FILE)?.schema;
+        // Read from the slice as a reader, which hands back what is left after the record.
+        let mut state = serde_avro_fast::de::DeserializerState::from_reader(body, schema);
+        let value =
+            T::deserialize(state.deserializer()).map_err(|e| CodecError::Avro(e.to_string()))?;
+        let rest = state.into_reader().into_inner();
+        if !rest.is_empty() {
+            return Err(CodecError::Avro(format!("{} trailing bytes", rest.len())));
         }
         Ok(value)
     }
