@@ -232,9 +232,13 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
+        // With `arbitrary_precision` a number is the text it was written with: copy it as is.
+        Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Null => out.extend_from_slice(b"null"),
         // Writing into a Vec cannot fail.
-        scalar => {
-            let _ = serde_json::to_writer(&mut *out, scalar);
+        Value::String(text) => {
+            let _ = serde_json::to_writer(&mut *out, text);
         }
     }
 }
@@ -2138,6 +2142,12 @@ mod tests {
                 json!("\t\u{7f}\u{2028}")
             )
         );
+        // Numbers keep the text they were written with; literals as serde_json writes them.
+        let text =
+            r#"{"a":50.0000,"b":true,"c":false,"d":null,"e":-1e-7,"f":123456789012345678901234}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(canonical_json(&v), text);
+        assert_eq!(canonical_json(&v), serde_json::to_string(&v).unwrap());
     }
 
     #[test]
