@@ -296,6 +296,14 @@ async fn wait_for(
     }
 }
 
+/// Waits until `group` has committed everything on the input topic.
+async fn drained(addr: &str, group: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_for("the group to commit everything", timeout, async || {
+        Ok(lag(addr, group).await? == 0)
+    })
+    .await
+}
+
 fn expected(count: usize) -> BTreeSet<String> {
     (0..count).map(|n| format!("input-{n}")).collect()
 }
@@ -464,12 +472,7 @@ async fn test_members_joining_and_leaving_mid_stream_lose_nothing() -> anyhow::R
         let _ = m3.task.await;
     }
     feeder.await??;
-    wait_for(
-        "the group to commit everything",
-        Duration::from_secs(120),
-        async || Ok(lag(&b.addr, group).await? == 0),
-    )
-    .await?;
+    drained(&b.addr, group, Duration::from_secs(120)).await?;
     let got = copied(&b.addr).await?;
     let want = expected(TOTAL);
     let missing: Vec<&String> = want.difference(&got).collect();
@@ -507,12 +510,7 @@ async fn test_shutdown_during_a_retry_commits_nothing_and_the_next_member_gets_e
     assert!(copied(&b.addr).await?.is_empty());
 
     let m = start_member(&b.addr, group, Copier::default())?;
-    wait_for(
-        "the group to commit everything",
-        Duration::from_secs(60),
-        async || Ok(lag(&b.addr, group).await? == 0),
-    )
-    .await?;
+    drained(&b.addr, group, Duration::from_secs(60)).await?;
     m.stop.cancel();
     m.task.await??;
     assert_eq!(copied(&b.addr).await?, expected(20));
@@ -615,12 +613,7 @@ async fn test_outputs_carry_their_inputs_trace_with_a_span_of_their_own() -> any
         .await?;
     }
     let m = start_member(&b.addr, group, Copier::default())?;
-    wait_for(
-        "the group to commit everything",
-        Duration::from_secs(60),
-        async || Ok(lag(&b.addr, group).await? == 0),
-    )
-    .await?;
+    drained(&b.addr, group, Duration::from_secs(60)).await?;
     m.stop.cancel();
     m.task.await??;
     let out = read_topic(&kafka(&b.addr), OUT, Duration::from_secs(30))?;
@@ -664,12 +657,7 @@ async fn test_an_undecodable_record_is_dead_lettered_and_the_rest_processed() ->
     produce_raw(&b.addr, IN, "key-0", b"\x00\x00\x00\x00\x01not avro").await?;
     produce_inputs(&p, 3, 3).await?;
     let m = start_member(&b.addr, group, Copier::default())?;
-    wait_for(
-        "the group to commit everything",
-        Duration::from_secs(60),
-        async || Ok(lag(&b.addr, group).await? == 0),
-    )
-    .await?;
+    drained(&b.addr, group, Duration::from_secs(60)).await?;
     m.stop.cancel();
     m.task.await??;
     assert_eq!(copied(&b.addr).await?, expected(6));
@@ -752,12 +740,7 @@ async fn test_a_schema_id_the_registry_never_had_is_dead_lettered_after_the_boun
         Codec::http(&url)?,
         Copier::default(),
     )?;
-    wait_for(
-        "the group to commit everything",
-        Duration::from_secs(60),
-        async || Ok(lag(&b.addr, group).await? == 0),
-    )
-    .await?;
+    drained(&b.addr, group, Duration::from_secs(60)).await?;
     let elapsed = started.elapsed();
     m.stop.cancel();
     m.task.await??;
