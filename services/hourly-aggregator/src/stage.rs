@@ -11,7 +11,7 @@
 //! from the committed offset and rebuilds its windows; re-emitted aggregates are identical and
 //! the deduplicator drops them.
 
-use crate::window::{PartitionWindows, WindowConfig, WindowError, aggregate_id, hour_start};
+use crate::window::{PartitionWindows, WindowConfig, WindowError, hour_start};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{AGGREGATION_HOURLY, HourlyAggregate, Measurement, topic};
 use ohx_common::trace::Trace;
@@ -70,10 +70,10 @@ pub struct Aggregator {
     config: WindowConfig,
     partitions: HashMap<i32, PartitionWindows>,
     late_seen: HashMap<i32, u64>,
-    /// Per aggregate id, the trace of the last sample that entered the window: the aggregate
-    /// carries it. A log aid, not state that decides outputs: forgetting it (at the bound, or
-    /// after a rebalance) only leaves an aggregate without a `traceparent`.
-    traces: HashMap<String, Trace>,
+    /// Per window (series key, hour start), the trace of the last sample that entered it: the
+    /// aggregate carries it. A log aid, not state that decides outputs: forgetting it (at the
+    /// bound) only leaves an aggregate without a `traceparent`.
+    traces: HashMap<(String, i64), Trace>,
 }
 
 /// How many aggregates' traces are remembered before they are forgotten all at once.
@@ -165,25 +165,28 @@ impl Aggregator {
         self.partitions.get(&partition)
     }
 
-    /// Remembers the trace of each hourly sample of the batch for its window's aggregate.
+    /// Remembers, per window, the trace of the batch's last hourly sample for it (one header
+    /// parsed per window and batch, not per sample).
     fn note_traces(&mut self, batch: &[Input<Measurement>]) {
-        for input in batch {
+        let mut seen: BTreeSet<(&str, i64)> = BTreeSet::new();
+        for input in batch.iter().rev() {
             let m = &input.value;
-            if m.aggregation != AGGREGATION_HOURLY {
+            let window = (m.series_key.as_str(), hour_start(m.effective_start));
+            if m.aggregation != AGGREGATION_HOURLY || !seen.insert(window) {
                 continue;
             }
             if let Some(t) = Trace::from_headers(&input.headers) {
                 if self.traces.len() >= MAX_TRACES {
                     self.traces.clear();
                 }
-                let id = aggregate_id(&m.series_key, hour_start(m.effective_start));
-                self.traces.insert(id, t);
+                self.traces.insert((window.0.to_string(), window.1), t);
             }
         }
     }
 
     async fn emit(&self, out: &mut Emitter, a: &HourlyAggregate) -> Result<(), StageError> {
-        out.follow_trace(self.traces.get(&a.aggregate_id).cloned());
+        let window = (a.series_key.clone(), a.hour_start);
+        out.follow_trace(self.traces.get(&window).cloned());
         tracing::debug!(
             aggregate_id = %a.aggregate_id,
             count = a.count,
@@ -423,6 +426,34 @@ mod tests {
         let windows = stage.windows(0).unwrap();
         assert_eq!((windows.open_windows(), windows.held_samples()), (1, 1));
         assert_eq!(commit(&stage, 4), 3);
+    }
+
+    #[tokio::test]
+    async fn test_an_aggregate_carries_the_trace_of_the_last_sample_of_its_hour() {
+        let (h, mut stage) = (base(), stage());
+        let traced = |offset, id, ts, through, trace: &str| {
+            let mut i = input(offset, id, ts, through);
+            i.headers = vec![(
+                ohx_common::trace::HEADER.to_owned(),
+                trace.as_bytes().to_vec(),
+            )];
+            i
+        };
+        let first = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let last = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let next_hour = "00-11111111111111111111111111111111-2222222222222222-01";
+        let batch = [
+            traced(0, "a", h + 10 * MIN, None, first),
+            traced(1, "b", h + 50 * MIN, Some(h + HOUR_MS), last),
+            traced(2, "c", h + HOUR_MS + 5 * MIN, None, next_hour),
+        ];
+        let (mut out, codec) = emitter();
+        stage.process(&batch, &mut out).await.unwrap();
+        assert_eq!(aggregates(&out, &codec).await.len(), 1);
+        let record = out.records().next().unwrap();
+        let carried = Trace::from_headers(&record.headers).unwrap();
+        assert_eq!(carried.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_ne!(carried, Trace::parse(last).unwrap(), "a span of its own");
     }
 
     #[tokio::test]
