@@ -174,13 +174,25 @@ impl Env {
         token: &str,
         form: &[(&str, String)],
     ) -> anyhow::Result<(u16, String, String)> {
+        self.webhook_with_headers(token, form, &[]).await
+    }
+
+    /// [`Env::webhook`] with extra request headers.
+    async fn webhook_with_headers(
+        &self,
+        token: &str,
+        form: &[(&str, String)],
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String, String)> {
         let gateway = self.stack.lock().await.http_of("webhook-gateway")?;
-        let r = self
+        let mut request = self
             .http
             .post(format!("{gateway}/webhooks/withings?token={token}"))
-            .form(form)
-            .send()
-            .await?;
+            .form(form);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let r = request.send().await?;
         let status = r.status().as_u16();
         let ct = r
             .headers()
@@ -2247,20 +2259,19 @@ async fn notify_traced(
     window: (i64, i64),
     traceparent: &str,
 ) -> anyhow::Result<()> {
-    let gateway = env.stack.lock().await.http_of("webhook-gateway")?;
-    let r = env
-        .http
-        .post(format!("{gateway}/webhooks/withings?token={WEBHOOK_TOKEN}"))
-        .header("traceparent", traceparent)
-        .form(&[
-            ("userid", userid.to_string()),
-            ("appli", appli.to_string()),
-            ("startdate", (window.0 / 1000).to_string()),
-            ("enddate", (window.1 / 1000).to_string()),
-        ])
-        .send()
+    let (status, _, body) = env
+        .webhook_with_headers(
+            WEBHOOK_TOKEN,
+            &[
+                ("userid", userid.to_string()),
+                ("appli", appli.to_string()),
+                ("startdate", (window.0 / 1000).to_string()),
+                ("enddate", (window.1 / 1000).to_string()),
+            ],
+            &[("traceparent", traceparent)],
+        )
         .await?;
-    ensure!(r.status() == 200, "webhook answered {}", r.status());
+    ensure!(status == 200, "webhook answered {status}: {body}");
     Ok(())
 }
 
