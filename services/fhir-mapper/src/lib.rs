@@ -3,5 +3,6 @@
 pub mod devices;
 pub mod map;
 pub mod mapping;
+pub mod shapes;
 pub mod stage;
 pub mod validate;

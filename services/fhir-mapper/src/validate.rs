@@ -23,6 +23,7 @@ use crate::mapping::{
     DEVICE_ASSOCIATION_STATUS_SYSTEM, DEVICE_ASSOCIATION_STATUSES, DEVICE_NAME_TYPES,
     DEVICE_STATUSES,
 };
+use crate::shapes::Shapes;
 
 /// The official FHIR R5 JSON schema (draft-06, `hl7.fhir.r5.core@5.0.0`, CC0).
 pub const FHIR_SCHEMA_JSON: &str = include_str!("../../../schemas/fhir/fhir.schema.json");
@@ -246,6 +247,7 @@ impl std::error::Error for ValidationError {}
 /// build it once at start-up and share it.
 pub struct FhirValidator {
     validators: BTreeMap<&'static str, jsonschema::Validator>,
+    shapes: Shapes,
     compile_time: Duration,
 }
 
@@ -256,6 +258,7 @@ impl fmt::Debug for FhirValidator {
                 "resource_types",
                 &self.validators.keys().collect::<Vec<_>>(),
             )
+            .field("shapes", &self.shapes)
             .field("compile_time", &self.compile_time)
             .finish()
     }
@@ -287,6 +290,7 @@ impl FhirValidator {
                 )));
             }
         }
+        let shapes = Shapes::new(definitions);
         let mut validators = BTreeMap::new();
         for resource_type in VALIDATED_RESOURCE_TYPES {
             let mut schema: Map<String, Value> = root.clone();
@@ -304,8 +308,14 @@ impl FhirValidator {
         }
         Ok(Self {
             validators,
+            shapes,
             compile_time: started.elapsed(),
         })
+    }
+
+    /// The shapes accepted so far (see [`Shapes`]).
+    pub fn shapes(&self) -> &Shapes {
+        &self.shapes
     }
 
     /// How long [`FhirValidator::new`] took (parse + compile of all types).
@@ -316,11 +326,17 @@ impl FhirValidator {
     /// Validates a resource against the FHIR R5 JSON schema of its `resourceType` (one of
     /// [`VALIDATED_RESOURCE_TYPES`]). Resources inside a Bundle's entries are validated
     /// against their own type first, so their issues are specific.
+    ///
+    /// A resource of a shape already accepted has only its leaves checked ([`Shapes`]).
     pub fn validate(&self, resource: &Value) -> Result<(), ValidationError> {
+        if self.shapes.accepts(resource) {
+            return Ok(());
+        }
         let resource_type = resource_type_of(resource);
         let mut issues = Vec::new();
         self.collect_schema_issues(resource, "", &mut issues);
         if issues.is_empty() {
+            self.shapes.learn(resource_type, resource);
             Ok(())
         } else {
             Err(ValidationError::from_issues(
@@ -335,6 +351,14 @@ impl FhirValidator {
     pub fn validate_all(&self, resource: &Value) -> Result<(), ValidationError> {
         self.validate(resource)?;
         check_profile_rules(resource)
+    }
+
+    /// Whether the full schema accepts `resource` (no shapes): the oracle of the shape tests.
+    #[cfg(test)]
+    pub(crate) fn schema_accepts(&self, resource: &Value) -> bool {
+        let mut issues = Vec::new();
+        self.collect_schema_issues(resource, "", &mut issues);
+        issues.is_empty()
     }
 
     fn collect_schema_issues(&self, resource: &Value, prefix: &str, issues: &mut Vec<Issue>) {
