@@ -236,10 +236,20 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Null => out.extend_from_slice(b"null"),
+        Value::String(text) => write_string(text, out),
+    }
+}
+
+/// A JSON string as serde_json writes it: as is between quotes unless it has a byte serde_json
+/// escapes (control characters, `"` and `\\`), then through serde_json.
+fn write_string(text: &str, out: &mut Vec<u8>) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
         // Writing into a Vec cannot fail.
-        Value::String(text) => {
-            let _ = serde_json::to_writer(&mut *out, text);
-        }
+        let _ = serde_json::to_writer(&mut *out, text);
     }
 }
 
@@ -248,7 +258,7 @@ fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out
         if i > 0 {
             out.push(b',');
         }
-        let _ = serde_json::to_writer(&mut *out, key);
+        write_string(key, out);
         out.push(b':');
         write_canonical(value, out);
     }
@@ -518,7 +528,7 @@ fn observation_skeleton(head: ObservationHead<'_>) -> Result<Map<String, Value>,
     obs.insert("status".to_owned(), json!("final"));
     obs.insert(
         "category".to_owned(),
-        json!([{ "coding": codings_json(head.category) }]),
+        Value::Array(vec![object([("coding", codings_json(head.category))])]),
     );
     obs.insert("code".to_owned(), Value::Object(code));
     obs.insert(
@@ -715,11 +725,18 @@ fn insert_measurement_values(
             code.insert("text".to_owned(), json!(text));
         }
         if spec.boolean {
-            out.push(json!({ "code": code, "valueBoolean": flag_value(&m.data_type, component, &spec.units)? }));
+            let flag = flag_value(&m.data_type, component, &spec.units)?;
+            out.push(object([
+                ("code", Value::Object(code)),
+                ("valueBoolean", Value::Bool(flag)),
+            ]));
             continue;
         }
         let quantity = component_quantity(&m.data_type, component, &spec.units, spec.decimals)?;
-        out.push(json!({ "code": code, "valueQuantity": quantity }));
+        out.push(object([
+            ("code", Value::Object(code)),
+            ("valueQuantity", quantity),
+        ]));
     }
     obs.insert("component".to_owned(), Value::Array(out));
     Ok(())
@@ -777,7 +794,10 @@ fn statistic_component(
     statistic: &StatisticEntry,
     unit: &Unit,
 ) -> Result<Value, MappingError> {
-    let code = json!({ "coding": codings_json(std::slice::from_ref(&statistic.code)) });
+    let code = object([(
+        "coding",
+        codings_json(std::slice::from_ref(&statistic.code)),
+    )]);
     let value = match statistic.statistic {
         Statistic::Count => {
             let count = i32::try_from(a.count)
@@ -786,7 +806,10 @@ fn statistic_component(
                 .ok_or_else(|| {
                     MappingError::InvalidAggregate("count is not in 1..=2147483647".to_owned())
                 })?;
-            return Ok(json!({ "code": code, "valueInteger": count }));
+            return Ok(object([
+                ("code", code),
+                ("valueInteger", Value::from(count)),
+            ]));
         }
         other => statistic_of(a, other),
     };
@@ -795,7 +818,10 @@ fn statistic_component(
             data_type: a.data_type.clone(),
             component: format!("{:?}", statistic.statistic).to_lowercase(),
         })?;
-    Ok(json!({ "code": code, "valueQuantity": quantity(number, unit) }))
+    Ok(object([
+        ("code", code),
+        ("valueQuantity", quantity(number, unit)),
+    ]))
 }
 
 /// The value of a statistic of an hour (`count` as a number).
@@ -810,7 +836,23 @@ fn statistic_of(a: &HourlyAggregate, statistic: Statistic) -> f64 {
 }
 
 fn quantity(value: Number, unit: &Unit) -> Value {
-    json!({ "value": value, "unit": unit.display, "system": UCUM_SYSTEM, "code": unit.code })
+    object([
+        ("value", Value::Number(value)),
+        ("unit", Value::String(unit.display.clone())),
+        ("system", Value::String(UCUM_SYSTEM.to_owned())),
+        ("code", Value::String(unit.code.clone())),
+    ])
+}
+
+/// A JSON object of these members, moved in (`json!` would copy a `Value` member through its
+/// serializer).
+fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
+    )
 }
 
 fn find_unit<'a>(units: &'a [Unit], code: &str) -> Option<&'a Unit> {
@@ -2180,6 +2222,11 @@ mod tests {
                 json!("k\n\u{1}"),
                 json!("\t\u{7f}\u{2028}")
             )
+        );
+        let strings = json!(["plain", "back\\slash", "quote\"", "\u{1f}", "\u{20}", "€/"]);
+        assert_eq!(
+            canonical_json(&strings),
+            serde_json::to_string(&strings).unwrap()
         );
         // Numbers keep the text they were written with; literals as serde_json writes them.
         let text =

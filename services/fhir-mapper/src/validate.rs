@@ -591,7 +591,7 @@ fn check_vital_signs(obs: &Map<String, Value>, components: &[Value], issues: &mu
         );
     }
     if let Some(quantity) = obs.get("valueQuantity") {
-        check_quantity(quantity, "/valueQuantity", issues);
+        check_quantity(quantity, || "/valueQuantity".to_owned(), issues);
     }
     for (i, component) in components.iter().enumerate() {
         if value_key_of(component).is_none() && component.get("dataAbsentReason").is_none() {
@@ -602,28 +602,29 @@ fn check_vital_signs(obs: &Map<String, Value>, components: &[Value], issues: &mu
             );
         }
         if let Some(quantity) = component.get("valueQuantity") {
-            check_quantity(quantity, &format!("/component/{i}/valueQuantity"), issues);
+            check_quantity(quantity, || format!("/component/{i}/valueQuantity"), issues);
         }
     }
 }
 
-/// A vital-signs Quantity: value, unit, UCUM system and code all present.
-fn check_quantity(quantity: &Value, path: &str, issues: &mut Vec<Issue>) {
+/// A vital-signs Quantity: value, unit, UCUM system and code all present. `path` is made only
+/// for an issue.
+fn check_quantity(quantity: &Value, path: impl Fn() -> String, issues: &mut Vec<Issue>) {
     if !quantity.get("value").is_some_and(Value::is_number) {
-        issue(issues, path, "a vital-signs quantity needs a value");
+        issue(issues, &path(), "a vital-signs quantity needs a value");
     }
     if !quantity.get("unit").is_some_and(Value::is_string) {
-        issue(issues, path, "a vital-signs quantity needs a unit");
+        issue(issues, &path(), "a vital-signs quantity needs a unit");
     }
     if quantity.get("system").and_then(Value::as_str) != Some(UCUM) {
         issue(
             issues,
-            path,
+            &path(),
             "a vital-signs quantity needs system http://unitsofmeasure.org",
         );
     }
     if !quantity.get("code").is_some_and(Value::is_string) {
-        issue(issues, path, "a vital-signs quantity needs a UCUM code");
+        issue(issues, &path(), "a vital-signs quantity needs a UCUM code");
     }
 }
 
@@ -755,8 +756,8 @@ fn value_key_of(value: &Value) -> Option<&str> {
     value.as_object().and_then(value_key)
 }
 
-/// `system|code` of every coding of a CodeableConcept.
-fn coding_keys(concept: Option<&Value>) -> Vec<String> {
+/// `(system, code)` of every coding of a CodeableConcept.
+fn coding_keys(concept: Option<&Value>) -> Vec<(&str, &str)> {
     concept
         .and_then(|c| c.get("coding"))
         .and_then(Value::as_array)
@@ -765,7 +766,7 @@ fn coding_keys(concept: Option<&Value>) -> Vec<String> {
         .filter_map(|coding| {
             let system = coding.get("system").and_then(Value::as_str)?;
             let code = coding.get("code").and_then(Value::as_str)?;
-            Some(format!("{system}|{code}"))
+            Some((system, code))
         })
         .collect()
 }
