@@ -4,6 +4,8 @@
 //! time − gateway receive time, read from `ohx.publish-results.v1`.
 //!
 //! Run: `cargo build --release --workspace --bins && OHX_BIN_DIR=target/release cargo bench -p ohx-tests --bench latency`
+//! Then, with every stage idle, the CPU the broker and each stage burn over
+//! `OHX_BENCH_IDLE_SECONDS` (default 30).
 //! Settings: `OHX_BENCH_RATE` webhooks/s (default 5), `OHX_BENCH_SECONDS` (default 60).
 
 use anyhow::ensure;
@@ -20,6 +22,23 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+/// User + system CPU seconds of a process of the stack (`/proc/{pid}/stat`, 10 ms ticks).
+fn cpu_seconds(stack: &Stack, name: &str) -> f64 {
+    let Ok(pid) = stack.pid_of(name) else {
+        return 0.0;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +117,20 @@ fn main() -> anyhow::Result<()> {
             percentile(&latencies, 0.5), percentile(&latencies, 0.9), percentile(&latencies, 0.99), latencies.last().copied().unwrap_or(0)
         );
         ensure!(latencies.len() as i64 >= 2 * n, "expected {} observations, saw {}", 2 * n, latencies.len());
+
+        // Idle cost: with nothing to do, how much CPU the broker and each stage burn.
+        let idle = Duration::from_secs_f64(
+            std::env::var("OHX_BENCH_IDLE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0),
+        );
+        let names = ["tansu", "webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
+        let before: Vec<f64> = names.iter().map(|name| cpu_seconds(&stack, name)).collect();
+        tokio::time::sleep(idle).await;
+        let used: Vec<String> = names
+            .iter()
+            .zip(&before)
+            .map(|(name, b)| format!("{name} {:.1} %", 100.0 * (cpu_seconds(&stack, name) - b) / idle.as_secs_f64()))
+            .collect();
+        println!("idle for {} s, CPU as % of one core: {}", idle.as_secs(), used.join(", "));
         stack.drop_database().await?;
         anyhow::Ok(())
     })
