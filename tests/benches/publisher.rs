@@ -1,0 +1,552 @@
+//! The publisher against the FHIR server's own ceiling, in the same run on the same machine:
+//! tansu, PostgreSQL, hfs (R5, in memory, validation enforced) and the publisher alone.
+//!
+//! 1. `OHX_BENCH_RESOURCES` distinct blood-pressure Observations (the mapper's shape) of one
+//!    Patient that exists in hfs, three sets with fresh ids (prefixes `a`, `b`, `c`).
+//! 2. hfs ceiling (set `a`): the publisher's own transaction Bundles (100 `PUT` upserts, tagged
+//!    as the publisher tags them) posted straight to hfs, `OHX_PUBLISH_CONCURRENCY` in flight.
+//! 3. Publisher (set `b`): the resources are produced as `FhirResource` records, keyed by
+//!    identity, onto the publisher's input topic before the publisher runs; then it is started
+//!    with its default settings and timed from its start until all publish results
+//!    (`created`/`updated`) are on `ohx.publish-results.v1`.
+//! 4. hfs ceiling again (set `c`): hfs is slower as it fills; the ratio uses the mean of both.
+//!
+//! Run from the workspace root:
+//! `cargo build --release --workspace --bins && cargo bench -p ohx-tests --bench publisher`
+//! The binaries are taken from `OHX_BIN_DIR` if set (a relative one from the workspace root),
+//! else from the release build (`target/release`, or `$CARGO_TARGET_DIR/release`).
+//! Settings: `OHX_BENCH_RESOURCES` (default 10000), `OHX_PUBLISH_CONCURRENCY` (default 4: the
+//! transactions in flight of the ceiling; the publisher is started with its own default).
+
+use anyhow::{Context as _, bail, ensure};
+use ohx_common::codec::Codec;
+use ohx_common::records::{
+    Context, FhirResource, PublishResult, content_hash_of, resource_identity, topic,
+};
+use ohx_common::trace::Trace;
+use ohx_tests::kafka_util::{high_watermark_sum, read_all};
+use ohx_tests::stack::{Proc, Stack, bin_dir, spawn_tansu};
+use publisher::bundle::{
+    Item, UpsertMode, outcome_codes, transaction_bundle, transaction_outcomes,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Resources per transaction (the publisher's default `OHX_PUBLISH_BATCH_SIZE`).
+const TRANSACTION_SIZE: usize = 100;
+/// The Patient the Observations belong to.
+const PATIENT: &str = "Patient/bench";
+/// The identifier base the stack's mapper uses (`OHX_IDENTIFIER_BASE` of the tests).
+const IDENTIFIER_BASE: &str = "https://ohx.test/fhir";
+
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => workspace_root().join(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("target"),
+    }
+}
+
+/// `OHX_BIN_DIR` if set (see [`bin_dir`]), else the release build.
+fn bench_bin_dir() -> PathBuf {
+    if std::env::var_os("OHX_BIN_DIR").is_some() {
+        bin_dir()
+    } else {
+        target_dir().join("release")
+    }
+}
+
+/// Starts tansu, a fresh database with the topics, and nothing else: hfs and the stages
+/// needed are started by the caller.
+async fn minimal_stack(name: &str, binaries: &[&str]) -> anyhow::Result<Stack> {
+    let run = format!("{name}_{}", std::process::id());
+    let dir = target_dir().join("bench").join(&run);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let bin_dir = bench_bin_dir();
+    for b in binaries.iter().chain(&["ohx"]) {
+        if !bin_dir.join(b).is_file() {
+            bail!(
+                "{} is missing: run `cargo build --release --workspace --bins` first (or set OHX_BIN_DIR)",
+                bin_dir.join(b).display()
+            );
+        }
+    }
+    let (child, kafka) = spawn_tansu(&dir, "tansu").await?;
+    let stack = Stack {
+        dir,
+        bin_dir,
+        kafka: kafka.clone(),
+        fhir_base: String::new(),
+        db_url: format!("postgres://postgres@127.0.0.1:5432/ohx_bench_{run}"),
+        sim_url: String::new(),
+        omron_url: String::new(),
+        google_url: String::new(),
+        procs: HashMap::from([("tansu".to_owned(), Proc { child, http: kafka })]),
+        stage_env: HashMap::new(),
+        extra_env: Vec::new(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?,
+        ports: HashMap::new(),
+        tansu_db: "tansu".into(),
+    };
+    stack.ohx(&["migrate"]).await?;
+    stack.ohx(&["topics", "apply"]).await?;
+    Ok(stack)
+}
+
+/// The logical id of resource `i` of set `prefix` (the mapper's shape: `ohx-` + 32 hex digits).
+fn resource_id(prefix: char, i: usize) -> String {
+    format!("ohx-{prefix}{i:031x}")
+}
+
+/// A blood-pressure Observation as the mapper makes it from a Withings measurement (no device).
+fn blood_pressure(id: &str, i: usize, effective_ms: i64) -> anyhow::Result<Value> {
+    let effective = chrono::DateTime::from_timestamp_millis(effective_ms)
+        .context("effective time out of range")?
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let quantity = |v: usize| json!({"value": v, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"});
+    Ok(json!({
+        "resourceType": "Observation",
+        "id": id,
+        "meta": {
+            "profile": ["http://hl7.org/fhir/StructureDefinition/bp"],
+            "source": format!("{IDENTIFIER_BASE}/source/withings"),
+        },
+        "identifier": [{"system": format!("{IDENTIFIER_BASE}/sid/observation"), "value": format!("withings-4242-{id}:bp")}],
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs", "display": "Vital Signs"}]}],
+        "code": {"coding": [
+            {"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel with all children optional"},
+            {"system": "urn:iso:std:iso:11073:10101", "code": "150020", "display": "MDC_PRESS_BLD_NONINV"}
+        ]},
+        "subject": {"reference": PATIENT},
+        "effectiveDateTime": effective,
+        "component": [
+            {"code": {"coding": [
+                {"system": "http://loinc.org", "code": "8480-6", "display": "Systolic blood pressure"},
+                {"system": "urn:iso:std:iso:11073:10101", "code": "150021", "display": "MDC_PRESS_BLD_NONINV_SYS"}
+             ]},
+             "valueQuantity": quantity(100 + i % 60)},
+            {"code": {"coding": [
+                {"system": "http://loinc.org", "code": "8462-4", "display": "Diastolic blood pressure"},
+                {"system": "urn:iso:std:iso:11073:10101", "code": "150022", "display": "MDC_PRESS_BLD_NONINV_DIA"}
+             ]},
+             "valueQuantity": quantity(60 + i % 30)}
+        ]
+    }))
+}
+
+/// `n` resources of set `prefix`, one a minute back from `now_ms`, as the publisher's items.
+fn items(prefix: char, n: usize, now_ms: i64) -> anyhow::Result<Vec<Item>> {
+    (0..n)
+        .map(|i| {
+            let id = resource_id(prefix, i);
+            let resource = blood_pressure(&id, i, now_ms - 86_400_000 + i as i64 * 1_000)?;
+            Ok(Item {
+                resource_type: "Observation".into(),
+                hash: content_hash_of(&resource)?,
+                resource_id: id,
+                resource,
+                revision: 1,
+            })
+        })
+        .collect()
+}
+
+/// What posting one set straight to hfs gave.
+struct Ceiling {
+    resources: usize,
+    elapsed: Duration,
+    retries: u64,
+}
+
+impl Ceiling {
+    fn rate(&self) -> f64 {
+        self.resources as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Posts the items to hfs as the publisher's transaction Bundles, `concurrency` at once;
+/// answers 503 (hfs: "database table is locked") and 429 are retried after 50 ms.
+async fn hfs_ceiling(
+    http: &reqwest::Client,
+    base: &str,
+    items: &[Item],
+    concurrency: usize,
+) -> anyhow::Result<Ceiling> {
+    // Built before the clock starts: this measures the server.
+    let bundles = items
+        .chunks(TRANSACTION_SIZE)
+        .map(|chunk| {
+            let refs: Vec<&Item> = chunk.iter().collect();
+            let bundle = transaction_bundle(&refs, UpsertMode::Put).map_err(anyhow::Error::msg)?;
+            Ok((chunk.len(), serde_json::to_vec(&bundle)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bundles = Arc::new(bundles);
+    let next = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (http, base, bundles, next, retries) = (
+            http.clone(),
+            base.to_owned(),
+            bundles.clone(),
+            next.clone(),
+            retries.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((count, body)) = bundles.get(i) else {
+                    return anyhow::Ok(());
+                };
+                loop {
+                    let r = http
+                        .post(&base)
+                        .header("Content-Type", "application/fhir+json")
+                        .header("Accept", "application/fhir+json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    let status = r.status();
+                    let text = r.text().await?;
+                    if status.as_u16() == 503 || status.as_u16() == 429 {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    ensure!(
+                        status.is_success(),
+                        "transaction {i}: {status} {}",
+                        outcome_codes(&text)
+                    );
+                    let answer: Value = serde_json::from_str(&text)?;
+                    let outcomes =
+                        transaction_outcomes(&answer, *count).map_err(anyhow::Error::msg)?;
+                    ensure!(
+                        outcomes.iter().all(|o| (200..300).contains(&o.http_status)),
+                        "transaction {i}: an entry was not written"
+                    );
+                    break;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(Ceiling {
+        resources: items.len(),
+        elapsed: started.elapsed(),
+        retries: retries.load(Ordering::Relaxed),
+    })
+}
+
+/// The producer settings of the stages (services/common/src/kafka/producer.rs).
+fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("broker.address.family", "v4")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "0")
+        .create()?)
+}
+
+/// Produces the items as `FhirResource` records onto the publisher's input, keyed by identity
+/// as the mapper keys them, and waits for every acknowledgement.
+async fn produce_resources(
+    bootstrap: &str,
+    items: &[Item],
+    context: &Context,
+) -> anyhow::Result<()> {
+    let codec = Codec::embedded()?;
+    let producer = producer(bootstrap)?;
+    let mut pending = Vec::with_capacity(items.len());
+    for item in items {
+        let mut ctx = context.clone();
+        ctx.sync_request_id = uuid::Uuid::new_v4().to_string();
+        ctx.received_at = chrono::Utc::now().timestamp_millis();
+        let identity =
+            resource_identity(&ctx.ehr_target_id, &item.resource_type, &item.resource_id);
+        let record = FhirResource {
+            context: ctx,
+            identity: identity.clone(),
+            resource_type: item.resource_type.clone(),
+            resource_id: item.resource_id.clone(),
+            // serde_json's map keeps keys sorted: this is the canonical JSON.
+            resource: serde_json::to_string(&item.resource)?,
+            source_ids: vec![format!("withings:4242:{}:bp", item.resource_id)],
+            source_revision: item.revision,
+        };
+        let payload = codec.encode(topic::FHIR_OUTBOX, &record).await?;
+        let (key, value) = Trace::root().child().header();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: &key,
+            value: Some(&value),
+        });
+        let mut fr = FutureRecord::to(topic::FHIR_OUTBOX)
+            .key(&identity)
+            .payload(&payload)
+            .headers(headers);
+        loop {
+            match producer.send_result(fr) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    fr = back;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    for delivery in pending {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e.into()),
+            Err(_) => bail!("delivery canceled"),
+        }
+    }
+    Ok(())
+}
+
+/// What the publisher run gave.
+struct Published {
+    resources: usize,
+    /// Publisher start to its last confirmation.
+    elapsed: Duration,
+    /// Publisher start to its first confirmation (process start, group join, first batch).
+    first: Duration,
+    outcomes: BTreeMap<String, usize>,
+}
+
+impl Published {
+    fn rate(&self) -> f64 {
+        self.resources as f64 / self.elapsed.as_secs_f64()
+    }
+    /// From the first confirmation to the last.
+    fn steady_rate(&self) -> f64 {
+        self.resources as f64
+            / self
+                .elapsed
+                .saturating_sub(self.first)
+                .as_secs_f64()
+                .max(1e-3)
+    }
+}
+
+async fn publisher_run(stack: &mut Stack, prefix: &str, n: usize) -> anyhow::Result<Published> {
+    let before = high_watermark_sum(&stack.kafka, topic::PUBLISH_RESULTS)?;
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    stack.start_stage("publisher").await?;
+    let deadline = started + Duration::from_secs(1_800);
+    while high_watermark_sum(&stack.kafka, topic::PUBLISH_RESULTS)? < before + n as i64 {
+        if Instant::now() > deadline {
+            bail!(
+                "the publisher wrote {} of {n} results within {:?}; log: {}",
+                high_watermark_sum(&stack.kafka, topic::PUBLISH_RESULTS)? - before,
+                deadline - started,
+                stack.log_tail("publisher")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let codec = Codec::embedded()?;
+    let mut outcomes = BTreeMap::new();
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    let mut confirmed = 0usize;
+    for (_, payload) in read_all(&stack.kafka, topic::PUBLISH_RESULTS)? {
+        let r: PublishResult = codec.decode(&payload).await?;
+        if !r.resource_id.starts_with(prefix) {
+            continue;
+        }
+        *outcomes.entry(r.outcome.clone()).or_default() += 1;
+        if r.outcome == "created" || r.outcome == "updated" {
+            confirmed += 1;
+            first = first.min(r.confirmed_at);
+            last = last.max(r.confirmed_at);
+        }
+    }
+    ensure!(
+        confirmed == n,
+        "{confirmed} of {n} resources created or updated: {outcomes:?}"
+    );
+    let ms = |t: i64| Duration::from_millis(u64::try_from(t - started_ms).unwrap_or(0));
+    Ok(Published {
+        resources: n,
+        elapsed: ms(last),
+        first: ms(first),
+        outcomes,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let n: usize = setting("OHX_BENCH_RESOURCES", 10_000usize).max(1);
+    let concurrency: usize = setting("OHX_PUBLISH_CONCURRENCY", 4usize).max(1);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut stack = minimal_stack("publisher", &["publisher"]).await?;
+        let result = run(&mut stack, n, concurrency).await;
+        let stopped = stack.stop("publisher").await;
+        stack.kill("hfs").await?;
+        stack.kill("tansu").await?;
+        stack.drop_database().await?;
+        result?;
+        stopped?;
+        // Logs and broker data are kept only when something failed.
+        std::fs::remove_dir_all(&stack.dir)?;
+        anyhow::Ok(())
+    })
+}
+
+async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<()> {
+    let setup = Instant::now();
+    stack.fhir_base = stack.start_hfs("hfs").await?;
+    let r = stack
+        .http
+        .put(format!("{}/{PATIENT}", stack.fhir_base))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "Patient", "id": "bench"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "PUT {PATIENT}: {}", r.status());
+    let org = stack.ohx_id(&["create-org", "--name", "Bench"]).await?;
+    let target = stack
+        .ohx_id(&[
+            "create-target",
+            "--org",
+            &org,
+            "--name",
+            "hfs",
+            "--base-url",
+            &stack.fhir_base,
+        ])
+        .await?;
+    let patient = stack
+        .ohx_id(&[
+            "create-patient",
+            "--org",
+            &org,
+            "--target",
+            &target,
+            "--reference",
+            PATIENT,
+        ])
+        .await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (set_a, set_b, set_c) = (
+        items('a', n, now_ms)?,
+        items('b', n, now_ms)?,
+        items('c', n, now_ms)?,
+    );
+    let context = Context {
+        organization_id: org,
+        ehr_target_id: target,
+        patient_id: patient,
+        patient_reference: PATIENT.into(),
+        provider: "withings".into(),
+        link_id: uuid::Uuid::new_v4().to_string(),
+        provider_user_id: "4242".into(),
+        sync_request_id: String::new(),
+        trigger: "WEBHOOK".into(),
+        received_at: 0,
+    };
+    println!(
+        "setup: hfs, broker and {n} x 3 resources in {:.1} s (binaries: {})",
+        setup.elapsed().as_secs_f64(),
+        stack.bin_dir.display()
+    );
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let before = hfs_ceiling(&http, &stack.fhir_base, &set_a, concurrency).await?;
+    println!(
+        "hfs ceiling before: {} resources in {:.1} s = {:.0} resources/s ({concurrency} transactions of {TRANSACTION_SIZE} in flight; 503/429 retried: {})",
+        before.resources,
+        before.elapsed.as_secs_f64(),
+        before.rate(),
+        before.retries
+    );
+
+    let produced = Instant::now();
+    produce_resources(&stack.kafka, &set_b, &context).await?;
+    println!(
+        "produced {n} FhirResource records onto {} in {:.1} s",
+        topic::FHIR_OUTBOX,
+        produced.elapsed().as_secs_f64()
+    );
+    let published = publisher_run(stack, "ohx-b", n).await?;
+    stack.stop("publisher").await?;
+    println!(
+        "publisher: {} resources in {:.1} s from its start = {:.0} resources/s (first confirmation after {:.1} s; first to last: {:.0} resources/s); outcomes {:?}",
+        published.resources,
+        published.elapsed.as_secs_f64(),
+        published.rate(),
+        published.first.as_secs_f64(),
+        published.steady_rate(),
+        published.outcomes
+    );
+
+    let after = hfs_ceiling(&http, &stack.fhir_base, &set_c, concurrency).await?;
+    println!(
+        "hfs ceiling after: {} resources in {:.1} s = {:.0} resources/s (503/429 retried: {})",
+        after.resources,
+        after.elapsed.as_secs_f64(),
+        after.rate(),
+        after.retries
+    );
+
+    let ceiling = (before.rate() + after.rate()) / 2.0;
+    println!();
+    println!("== publisher summary ==");
+    println!(
+        "resources per set: {n}; transactions of {TRANSACTION_SIZE}; {concurrency} in flight (ceiling), publisher defaults"
+    );
+    println!("hfs ceiling before:  {:.0} resources/s", before.rate());
+    println!(
+        "publisher:           {:.0} resources/s from its start ({:.0}/s first to last confirmation)",
+        published.rate(),
+        published.steady_rate()
+    );
+    println!("hfs ceiling after:   {:.0} resources/s", after.rate());
+    println!("hfs ceiling mean:    {ceiling:.0} resources/s");
+    println!(
+        "publisher / ceiling: {:.2} ({:.2} first to last)",
+        published.rate() / ceiling,
+        published.steady_rate() / ceiling
+    );
+    Ok(())
+}
