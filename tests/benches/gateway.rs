@@ -24,7 +24,7 @@
 use anyhow::{Context as _, bail, ensure};
 use ohx_common::kafka::{KafkaSettings, inspect};
 use ohx_common::records::topic;
-use ohx_tests::stack::{Proc, Stack, bin_dir, spawn_tansu};
+use ohx_tests::stack::{Stack, minimal_stack, setting};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -32,7 +32,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,77 +43,6 @@ const TOKEN: &str = "bench-gateway-token";
 const CLOSED_LOOP: Duration = Duration::from_secs(10);
 /// `ohx` commands run at once while the links are created.
 const SETUP_PARALLELISM: usize = 8;
-
-fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        Some(dir) if dir.is_relative() => workspace_root().join(dir),
-        Some(dir) => dir,
-        None => workspace_root().join("target"),
-    }
-}
-
-/// `OHX_BIN_DIR` if set (see [`bin_dir`]), else the release build.
-fn bench_bin_dir() -> PathBuf {
-    if std::env::var_os("OHX_BIN_DIR").is_some() {
-        bin_dir()
-    } else {
-        target_dir().join("release")
-    }
-}
-
-/// Starts tansu, a fresh database with the topics, and nothing else: the stages needed are
-/// started by the caller.
-async fn minimal_stack(name: &str, binaries: &[&str]) -> anyhow::Result<Stack> {
-    let run = format!("{name}_{}", std::process::id());
-    let dir = target_dir().join("bench").join(&run);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("logs"))?;
-    let bin_dir = bench_bin_dir();
-    for b in binaries.iter().chain(&["ohx"]) {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: run `cargo build --release --workspace --bins` first (or set OHX_BIN_DIR)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
-    let (child, kafka) = spawn_tansu(&dir, "tansu").await?;
-    let stack = Stack {
-        dir,
-        bin_dir,
-        kafka: kafka.clone(),
-        fhir_base: String::new(),
-        db_url: format!("postgres://postgres@127.0.0.1:5432/ohx_bench_{run}"),
-        sim_url: String::new(),
-        omron_url: String::new(),
-        google_url: String::new(),
-        procs: HashMap::from([("tansu".to_owned(), Proc { child, http: kafka })]),
-        stage_env: HashMap::new(),
-        extra_env: Vec::new(),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?,
-        ports: HashMap::new(),
-        tansu_db: "tansu".into(),
-    };
-    stack.ohx(&["migrate"]).await?;
-    stack.ohx(&["topics", "apply"]).await?;
-    Ok(stack)
-}
 
 /// Runs `ohx` (owned arguments, so that several run at once) and returns the `id` it printed.
 async fn ohx_id(
@@ -522,7 +451,8 @@ fn main() -> anyhow::Result<()> {
     let links: usize = setting("OHX_BENCH_LINKS", 1000usize).max(1);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let mut stack = minimal_stack("gateway", &["webhook-gateway"]).await?;
+        let mut stack =
+            minimal_stack("gateway", &["webhook-gateway"], Duration::from_secs(30)).await?;
         let result = run(&mut stack, rate, seconds, concurrency, links).await;
         let stopped = stack.stop("webhook-gateway").await;
         stack.kill("tansu").await?;

@@ -25,7 +25,7 @@ use ohx_common::records::{
 };
 use ohx_common::trace::Trace;
 use ohx_tests::kafka_util::{high_watermark_sum, read_all};
-use ohx_tests::stack::{Proc, Stack, bin_dir, spawn_tansu};
+use ohx_tests::stack::{Stack, minimal_stack, setting};
 use publisher::bundle::{
     Item, UpsertMode, outcome_codes, transaction_bundle, transaction_outcomes,
 };
@@ -34,8 +34,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -46,77 +45,6 @@ const TRANSACTION_SIZE: usize = 100;
 const PATIENT: &str = "Patient/bench";
 /// The identifier base the stack's mapper uses (`OHX_IDENTIFIER_BASE` of the tests).
 const IDENTIFIER_BASE: &str = "https://ohx.test/fhir";
-
-fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        Some(dir) if dir.is_relative() => workspace_root().join(dir),
-        Some(dir) => dir,
-        None => workspace_root().join("target"),
-    }
-}
-
-/// `OHX_BIN_DIR` if set (see [`bin_dir`]), else the release build.
-fn bench_bin_dir() -> PathBuf {
-    if std::env::var_os("OHX_BIN_DIR").is_some() {
-        bin_dir()
-    } else {
-        target_dir().join("release")
-    }
-}
-
-/// Starts tansu, a fresh database with the topics, and nothing else: hfs and the stages
-/// needed are started by the caller.
-async fn minimal_stack(name: &str, binaries: &[&str]) -> anyhow::Result<Stack> {
-    let run = format!("{name}_{}", std::process::id());
-    let dir = target_dir().join("bench").join(&run);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("logs"))?;
-    let bin_dir = bench_bin_dir();
-    for b in binaries.iter().chain(&["ohx"]) {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: run `cargo build --release --workspace --bins` first (or set OHX_BIN_DIR)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
-    let (child, kafka) = spawn_tansu(&dir, "tansu").await?;
-    let stack = Stack {
-        dir,
-        bin_dir,
-        kafka: kafka.clone(),
-        fhir_base: String::new(),
-        db_url: format!("postgres://postgres@127.0.0.1:5432/ohx_bench_{run}"),
-        sim_url: String::new(),
-        omron_url: String::new(),
-        google_url: String::new(),
-        procs: HashMap::from([("tansu".to_owned(), Proc { child, http: kafka })]),
-        stage_env: HashMap::new(),
-        extra_env: Vec::new(),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()?,
-        ports: HashMap::new(),
-        tansu_db: "tansu".into(),
-    };
-    stack.ohx(&["migrate"]).await?;
-    stack.ohx(&["topics", "apply"]).await?;
-    Ok(stack)
-}
 
 /// The logical id of resource `i` of set `prefix` (the mapper's shape: `ohx-` + 32 hex digits).
 fn resource_id(prefix: char, i: usize) -> String {
@@ -417,7 +345,7 @@ fn main() -> anyhow::Result<()> {
     let concurrency: usize = setting("OHX_PUBLISH_CONCURRENCY", 4usize).max(1);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let mut stack = minimal_stack("publisher", &["publisher"]).await?;
+        let mut stack = minimal_stack("publisher", &["publisher"], Duration::from_secs(60)).await?;
         let result = run(&mut stack, n, concurrency).await;
         let stopped = stack.stop("publisher").await;
         stack.kill("hfs").await?;

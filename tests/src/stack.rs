@@ -74,9 +74,11 @@ fn workspace_root() -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => workspace_root().join(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("target"),
+    }
 }
 
 /// Where the binaries under test are: `OHX_BIN_DIR` (a relative one taken from the workspace
@@ -685,4 +687,65 @@ impl Stack {
         tokio::spawn(conn);
         Ok(client)
     }
+}
+
+/// A benchmark setting from the environment, else `default`.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where benchmarks take the binaries: `OHX_BIN_DIR` if set (see [`bin_dir`]), else the release
+/// build.
+pub fn bench_bin_dir() -> PathBuf {
+    if std::env::var_os("OHX_BIN_DIR").is_some() {
+        bin_dir()
+    } else {
+        target_dir().join("release")
+    }
+}
+
+/// For benchmarks: tansu, a fresh database with the topics, and nothing else (hfs and the
+/// stages needed are started by the caller), from [`bench_bin_dir`]; `binaries` must be built.
+/// Its HTTP client waits up to `http_timeout`.
+pub async fn minimal_stack(
+    name: &str,
+    binaries: &[&str],
+    http_timeout: Duration,
+) -> anyhow::Result<Stack> {
+    let run = format!("{name}_{}", std::process::id());
+    let dir = target_dir().join("bench").join(&run);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let bin_dir = bench_bin_dir();
+    for b in binaries.iter().chain(&["ohx"]) {
+        if !bin_dir.join(b).is_file() {
+            anyhow::bail!(
+                "{} is missing: run `cargo build --release --workspace --bins` first (or set OHX_BIN_DIR)",
+                bin_dir.join(b).display()
+            );
+        }
+    }
+    let (child, kafka) = spawn_tansu(&dir, "tansu").await?;
+    let stack = Stack {
+        dir,
+        bin_dir,
+        kafka: kafka.clone(),
+        fhir_base: String::new(),
+        db_url: format!("postgres://postgres@127.0.0.1:5432/ohx_bench_{run}"),
+        sim_url: String::new(),
+        omron_url: String::new(),
+        google_url: String::new(),
+        procs: HashMap::from([("tansu".to_owned(), Proc { child, http: kafka })]),
+        stage_env: HashMap::new(),
+        extra_env: Vec::new(),
+        http: reqwest::Client::builder().timeout(http_timeout).build()?,
+        ports: HashMap::new(),
+        tansu_db: "tansu".into(),
+    };
+    stack.ohx(&["migrate"]).await?;
+    stack.ohx(&["topics", "apply"]).await?;
+    Ok(stack)
 }
