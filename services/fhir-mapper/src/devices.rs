@@ -54,20 +54,12 @@ pub fn input_key(ctx: &Context, device: &Device) -> String {
     key
 }
 
-/// A device input's resources once acknowledged: the reference the Observation points to and
-/// each resource's identity and content hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MappedDevice {
-    pub reference: String,
-    pub contents: Vec<(String, u64)>,
-}
-
 /// What a batch's `apply` teaches [`Devices`]: device contents emitted, and device inputs whose
-/// resources are all acknowledged.
+/// resources are all acknowledged with their reference.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceChange {
     pub contents: Vec<(String, u64)>,
-    pub inputs: Vec<(String, MappedDevice)>,
+    pub inputs: Vec<(String, String)>,
 }
 
 impl DeviceChange {
@@ -110,7 +102,7 @@ fn hash_json(value: &Value, h: &mut DefaultHasher) {
 #[derive(Debug, Clone)]
 pub struct Devices {
     acknowledged: HashMap<String, u64>,
-    inputs: HashMap<String, MappedDevice>,
+    references: HashMap<String, String>,
     capacity: usize,
 }
 
@@ -124,7 +116,7 @@ impl Devices {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             acknowledged: HashMap::new(),
-            inputs: HashMap::new(),
+            references: HashMap::new(),
             capacity: capacity.max(1),
         }
     }
@@ -134,26 +126,19 @@ impl Devices {
         self.acknowledged.get(identity) == Some(&hash)
     }
 
-    /// The reference of a device input whose resources were acknowledged and are still the
-    /// last content acknowledged for their identities (a device renamed and renamed back maps
-    /// again).
+    /// The reference of a device input whose resources were acknowledged.
     pub fn reference(&self, input_key: &str) -> Option<&str> {
-        let mapped = self.inputs.get(input_key)?;
-        mapped
-            .contents
-            .iter()
-            .all(|(identity, hash)| self.is_acknowledged(identity, *hash))
-            .then_some(mapped.reference.as_str())
+        self.references.get(input_key).map(String::as_str)
     }
 
     /// Records what a batch emitted, once the broker acknowledged it.
     pub fn learn(&mut self, change: &DeviceChange) {
         self.remember(&change.contents);
-        for (key, mapped) in &change.inputs {
-            if self.inputs.len() >= self.capacity && !self.inputs.contains_key(key) {
-                self.inputs.clear();
+        for (key, reference) in &change.inputs {
+            if self.references.len() >= self.capacity && !self.references.contains_key(key) {
+                self.references.clear();
             }
-            self.inputs.insert(key.clone(), mapped.clone());
+            self.references.insert(key.clone(), reference.clone());
         }
     }
 
@@ -183,7 +168,7 @@ impl Devices {
 pub struct BatchDevices {
     emitted: Vec<(String, u64)>,
     in_batch: HashSet<(String, u64)>,
-    inputs: Vec<(String, MappedDevice)>,
+    inputs: Vec<(String, String)>,
 }
 
 impl BatchDevices {
@@ -203,8 +188,8 @@ impl BatchDevices {
     }
 
     /// Notes a device input whose resources this batch emitted or found acknowledged.
-    pub fn mapped_input(&mut self, key: String, mapped: MappedDevice) {
-        self.inputs.push((key, mapped));
+    pub fn mapped_input(&mut self, key: String, reference: String) {
+        self.inputs.push((key, reference));
     }
 
     /// The batch's entries, for `apply`.

@@ -5,8 +5,7 @@
 //! broker already acknowledged with the same content is not emitted again (see `devices`).
 
 use crate::devices::{
-    BatchDevices, DeviceChange, Devices, MappedDevice, content_hash, input_key,
-    repeats_per_measurement,
+    BatchDevices, DeviceChange, Devices, content_hash, input_key, repeats_per_measurement,
 };
 use crate::map::{
     MappedResource, MapperSettings, canonical_json, map_aggregate_with, map_measurement_with,
@@ -83,19 +82,12 @@ impl MapperCore {
             mut resources,
             device_input,
         } = mapped;
-        // The record's device resources (all of them, emitted now or acknowledged before),
-        // learnt with the device input once acknowledged.
-        let mut device_reference = device_input.and_then(|key| {
+        // The reference of the record's device resources, learnt with them once acknowledged.
+        let device_reference = device_input.and_then(|key| {
             resources
                 .iter()
                 .find(|r| r.resource_type == "Device")
-                .map(|d| {
-                    let mapped = MappedDevice {
-                        reference: format!("Device/{}", d.id),
-                        contents: Vec::new(),
-                    };
-                    (key, mapped)
-                })
+                .map(|d| (key, format!("Device/{}", d.id)))
         });
         let mut devices = Vec::new();
         resources.retain(|r| {
@@ -104,9 +96,6 @@ impl MapperCore {
             }
             let identity = resource_identity(&context.ehr_target_id, &r.resource_type, &r.id);
             let hash = content_hash(&r.json);
-            if let Some((_, mapped)) = &mut device_reference {
-                mapped.contents.push((identity.clone(), hash));
-            }
             let wanted = batch.wanted(known, &identity, hash);
             if wanted {
                 devices.push((identity, hash));
@@ -154,8 +143,8 @@ impl MapperCore {
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
         batch.emitted(devices);
-        if let Some((key, mapped)) = device_reference {
-            batch.mapped_input(key, mapped);
+        if let Some((key, reference)) = device_reference {
+            batch.mapped_input(key, reference);
         }
         Ok(())
     }
@@ -423,14 +412,6 @@ mod tests {
             .find(|r| r.resource_type == "Observation")
             .unwrap();
         assert_eq!(records[0].resource, observation.canonical_json());
-        // Renamed, then renamed back: the old name's input is known, but its Device is no
-        // longer the content last acknowledged, so it is built and emitted again.
-        let (renamed, change) = types(&mut mapper, &[weight(3, "scale", "Body Smart")]).await;
-        assert_eq!(renamed, ["Device", "Observation"]);
-        mapper.apply(&change).await.unwrap();
-        let (back, change) = types(&mut mapper, &[weight(4, "scale", "Body+")]).await;
-        assert_eq!(back, ["Device", "Observation"]);
-        mapper.apply(&change).await.unwrap();
         // Another patient's use of the same scale is another input: built again.
         let mut moved = weight(2, "scale", "Body+");
         moved.value.context.patient_reference = "Patient/2".into();
