@@ -7,12 +7,7 @@
 //! content it had acknowledged and skips repeats. It learns only through the processor's
 //! `apply` (after the broker acknowledged the batch), so a retried batch emits them again; and
 //! it starts empty after a restart or rebalance, which costs one repeat per device.
-//!
-//! It also remembers, per device input ([`input_key`]: everything the device resources are
-//! made of), the reference they map to once acknowledged, so that later measurements of that
-//! device do not even build them ([`crate::map::map_measurement_with`]).
 
-use ohx_common::records::{Context, Device};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -23,49 +18,6 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// Whether resources of this type repeat with every measurement of a device.
 pub fn repeats_per_measurement(resource_type: &str) -> bool {
     matches!(resource_type, "Device" | "DeviceAssociation")
-}
-
-/// Everything a record's Device and DeviceAssociation are made of besides the mapping table
-/// and settings (fixed for a process): the target, provider, user, patient and the device's
-/// fields, each length-prefixed so no two inputs share a key.
-pub fn input_key(ctx: &Context, device: &Device) -> String {
-    let parts = [
-        Some(ctx.ehr_target_id.as_str()),
-        Some(ctx.provider.as_str()),
-        Some(ctx.provider_user_id.as_str()),
-        Some(ctx.patient_reference.as_str()),
-        Some(device.device_id.as_str()),
-        device.manufacturer.as_deref(),
-        device.model.as_deref(),
-        device.model_id.as_deref(),
-    ];
-    let mut key = String::with_capacity(128);
-    for part in parts {
-        match part {
-            // A digit never starts `_`: an absent field differs from every present one.
-            None => key.push('_'),
-            Some(part) => {
-                key.push_str(&part.len().to_string());
-                key.push(':');
-                key.push_str(part);
-            }
-        }
-    }
-    key
-}
-
-/// What a batch's `apply` teaches [`Devices`]: device contents emitted, and device inputs whose
-/// resources are all acknowledged with their reference.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceChange {
-    pub contents: Vec<(String, u64)>,
-    pub inputs: Vec<(String, String)>,
-}
-
-impl DeviceChange {
-    pub fn is_empty(&self) -> bool {
-        self.contents.is_empty() && self.inputs.is_empty()
-    }
 }
 
 /// A hash of a JSON value's content (object keys in their map's order, which serde_json keeps
@@ -102,7 +54,6 @@ fn hash_json(value: &Value, h: &mut DefaultHasher) {
 #[derive(Debug, Clone)]
 pub struct Devices {
     acknowledged: HashMap<String, u64>,
-    references: HashMap<String, String>,
     capacity: usize,
 }
 
@@ -116,7 +67,6 @@ impl Devices {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             acknowledged: HashMap::new(),
-            references: HashMap::new(),
             capacity: capacity.max(1),
         }
     }
@@ -124,22 +74,6 @@ impl Devices {
     /// Whether this exact content of `identity` was acknowledged.
     pub fn is_acknowledged(&self, identity: &str, hash: u64) -> bool {
         self.acknowledged.get(identity) == Some(&hash)
-    }
-
-    /// The reference of a device input whose resources were acknowledged.
-    pub fn reference(&self, input_key: &str) -> Option<&str> {
-        self.references.get(input_key).map(String::as_str)
-    }
-
-    /// Records what a batch emitted, once the broker acknowledged it.
-    pub fn learn(&mut self, change: &DeviceChange) {
-        self.remember(&change.contents);
-        for (key, reference) in &change.inputs {
-            if self.references.len() >= self.capacity && !self.references.contains_key(key) {
-                self.references.clear();
-            }
-            self.references.insert(key.clone(), reference.clone());
-        }
     }
 
     /// Records contents the broker acknowledged.
@@ -168,7 +102,6 @@ impl Devices {
 pub struct BatchDevices {
     emitted: Vec<(String, u64)>,
     in_batch: HashSet<(String, u64)>,
-    inputs: Vec<(String, String)>,
 }
 
 impl BatchDevices {
@@ -187,17 +120,9 @@ impl BatchDevices {
         }
     }
 
-    /// Notes a device input whose resources this batch emitted or found acknowledged.
-    pub fn mapped_input(&mut self, key: String, reference: String) {
-        self.inputs.push((key, reference));
-    }
-
     /// The batch's entries, for `apply`.
-    pub fn into_change(self) -> DeviceChange {
-        DeviceChange {
-            contents: self.emitted,
-            inputs: self.inputs,
-        }
+    pub fn into_change(self) -> Vec<(String, u64)> {
+        self.emitted
     }
 }
 
@@ -247,7 +172,7 @@ mod tests {
         assert!(!batch.wanted(&known, "t/Device/d", 1));
         batch.emitted(vec![("t/Device/d".into(), 1), ("t/Device/d".into(), 2)]);
         assert_eq!(
-            batch.into_change().contents,
+            batch.into_change(),
             vec![("t/Device/d".to_string(), 1), ("t/Device/d".to_string(), 2)]
         );
     }

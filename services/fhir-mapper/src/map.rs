@@ -326,18 +326,6 @@ pub fn map_measurement(
     table: &Mapping,
     settings: &MapperSettings,
 ) -> Result<Vec<MappedResource>, MappingError> {
-    map_measurement_with(m, table, settings, None)
-}
-
-/// [`map_measurement`], except that when `known_device` is the reference its device resources
-/// had when mapped before (same [`crate::devices::input_key`]), they are not built again: only
-/// the Observation is returned, pointing at that reference.
-pub fn map_measurement_with(
-    m: &Measurement,
-    table: &Mapping,
-    settings: &MapperSettings,
-    known_device: Option<&str>,
-) -> Result<Vec<MappedResource>, MappingError> {
     match m.aggregation.as_str() {
         AGGREGATION_INDIVIDUAL => {}
         AGGREGATION_HOURLY => return Ok(Vec::new()),
@@ -362,8 +350,7 @@ pub fn map_measurement_with(
             kind: "measurement",
             data_type: m.data_type.clone(),
         })?;
-    let (mut resources, device_reference) =
-        device_resources(ctx, m.device.as_ref(), known_device, table, settings)?;
+    let (mut resources, device_reference) = map_device(ctx, m.device.as_ref(), table, settings)?;
 
     let system = settings.observation_system()?;
     let value = measurement_identifier_value(m)?;
@@ -408,16 +395,6 @@ pub fn map_aggregate(
     table: &Mapping,
     settings: &MapperSettings,
 ) -> Result<Vec<MappedResource>, MappingError> {
-    map_aggregate_with(a, table, settings, None)
-}
-
-/// [`map_aggregate`], with the device resources left out as in [`map_measurement_with`].
-pub fn map_aggregate_with(
-    a: &HourlyAggregate,
-    table: &Mapping,
-    settings: &MapperSettings,
-    known_device: Option<&str>,
-) -> Result<Vec<MappedResource>, MappingError> {
     let entry = table
         .aggregate(&a.data_type)
         .ok_or_else(|| MappingError::UnknownDataType {
@@ -430,8 +407,7 @@ pub fn map_aggregate_with(
         ));
     }
     let ctx = &a.context;
-    let (mut resources, device_reference) =
-        device_resources(ctx, a.device.as_ref(), known_device, table, settings)?;
+    let (mut resources, device_reference) = map_device(ctx, a.device.as_ref(), table, settings)?;
 
     let system = settings.observation_system()?;
     let value = aggregate_identifier_value(a)?;
@@ -536,21 +512,6 @@ fn observation_skeleton(head: ObservationHead<'_>) -> Result<Map<String, Value>,
         json!({ "reference": ctx.patient_reference }),
     );
     Ok(obs)
-}
-
-/// The device resources of a record and the reference the Observation points to: none and
-/// `known` when the device is known to map to that reference, else [`map_device`].
-fn device_resources(
-    ctx: &Context,
-    device: Option<&Device>,
-    known: Option<&str>,
-    table: &Mapping,
-    settings: &MapperSettings,
-) -> Result<(Vec<MappedResource>, Option<String>), MappingError> {
-    match (device, known) {
-        (Some(_), Some(reference)) => Ok((Vec::new(), Some(reference.to_owned()))),
-        _ => map_device(ctx, device, table, settings),
-    }
 }
 
 /// Builds the Device and DeviceAssociation of a record's device; returns them with the

@@ -4,12 +4,8 @@
 //! dead-letter topic with the reason; the stage keeps going. A Device or DeviceAssociation the
 //! broker already acknowledged with the same content is not emitted again (see `devices`).
 
-use crate::devices::{
-    BatchDevices, DeviceChange, Devices, content_hash, input_key, repeats_per_measurement,
-};
-use crate::map::{
-    MappedResource, MapperSettings, canonical_json, map_aggregate_with, map_measurement_with,
-};
+use crate::devices::{BatchDevices, Devices, content_hash, repeats_per_measurement};
+use crate::map::{MappedResource, MapperSettings, canonical_json, map_aggregate, map_measurement};
 use crate::mapping::Mapping;
 use crate::validate::FhirValidator;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
@@ -43,25 +39,6 @@ struct Mapped<'a, T> {
     source_id: &'a str,
     source_revision: i64,
     resources: Vec<MappedResource>,
-    /// The record's device input, when its device resources were built (not known).
-    device_input: Option<String>,
-}
-
-/// The input key of a record's device and, if its resources were acknowledged before, their
-/// reference.
-fn known_device<'a>(
-    devices: &'a Devices,
-    ctx: &Context,
-    device: Option<&ohx_common::records::Device>,
-) -> (Option<String>, Option<&'a str>) {
-    let Some(device) = device else {
-        return (None, None);
-    };
-    let key = input_key(ctx, device);
-    match devices.reference(&key) {
-        Some(reference) => (None, Some(reference)),
-        None => (Some(key), None),
-    }
 }
 
 impl MapperCore {
@@ -80,15 +57,7 @@ impl MapperCore {
             source_id,
             source_revision,
             mut resources,
-            device_input,
         } = mapped;
-        // The reference of the record's device resources, learnt with them once acknowledged.
-        let device_reference = device_input.and_then(|key| {
-            resources
-                .iter()
-                .find(|r| r.resource_type == "Device")
-                .map(|d| (key, format!("Device/{}", d.id)))
-        });
         let mut devices = Vec::new();
         resources.retain(|r| {
             if !repeats_per_measurement(&r.resource_type) {
@@ -143,9 +112,6 @@ impl MapperCore {
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
         batch.emitted(devices);
-        if let Some((key, reference)) = device_reference {
-            batch.mapped_input(key, reference);
-        }
         Ok(())
     }
 }
@@ -168,8 +134,8 @@ impl MeasurementMapper {
 
 impl Processor for MeasurementMapper {
     type In = Measurement;
-    /// The device contents and inputs emitted, learnt once acknowledged.
-    type Change = DeviceChange;
+    /// The device contents emitted, learnt once acknowledged.
+    type Change = Vec<(String, u64)>;
 
     async fn process(
         &mut self,
@@ -182,8 +148,7 @@ impl Processor for MeasurementMapper {
             if m.aggregation == AGGREGATION_HOURLY {
                 continue; // the hourly-aggregator's output is mapped instead
             }
-            let (device_input, known) = known_device(&self.devices, &m.context, m.device.as_ref());
-            match map_measurement_with(m, &self.core.table, &self.core.settings, known) {
+            match map_measurement(m, &self.core.table, &self.core.settings) {
                 Ok(resources) => {
                     let mapped = Mapped {
                         input,
@@ -191,7 +156,6 @@ impl Processor for MeasurementMapper {
                         source_id: &m.measurement_id,
                         source_revision: m.provider_modified_at.unwrap_or(0),
                         resources,
-                        device_input,
                     };
                     self.core
                         .emit(mapped, &self.devices, &mut devices, out)
@@ -204,7 +168,7 @@ impl Processor for MeasurementMapper {
     }
 
     async fn apply(&mut self, change: &Self::Change) -> Result<(), StageError> {
-        self.devices.learn(change);
+        self.devices.remember(change);
         Ok(())
     }
 }
@@ -227,8 +191,8 @@ impl AggregateMapper {
 
 impl Processor for AggregateMapper {
     type In = HourlyAggregate;
-    /// The device contents and inputs emitted, learnt once acknowledged.
-    type Change = DeviceChange;
+    /// The device contents emitted, learnt once acknowledged.
+    type Change = Vec<(String, u64)>;
 
     async fn process(
         &mut self,
@@ -238,8 +202,7 @@ impl Processor for AggregateMapper {
         let mut devices = BatchDevices::default();
         for input in batch {
             let a = &input.value;
-            let (device_input, known) = known_device(&self.devices, &a.context, a.device.as_ref());
-            match map_aggregate_with(a, &self.core.table, &self.core.settings, known) {
+            match map_aggregate(a, &self.core.table, &self.core.settings) {
                 Ok(resources) => {
                     let mapped = Mapped {
                         input,
@@ -247,7 +210,6 @@ impl Processor for AggregateMapper {
                         source_id: &a.aggregate_id,
                         source_revision: a.revision,
                         resources,
-                        device_input,
                     };
                     self.core
                         .emit(mapped, &self.devices, &mut devices, out)
@@ -260,7 +222,7 @@ impl Processor for AggregateMapper {
     }
 
     async fn apply(&mut self, change: &Self::Change) -> Result<(), StageError> {
-        self.devices.learn(change);
+        self.devices.remember(change);
         Ok(())
     }
 }
@@ -334,7 +296,7 @@ mod tests {
     async fn types(
         mapper: &mut MeasurementMapper,
         batch: &[Input<Measurement>],
-    ) -> (Vec<String>, DeviceChange) {
+    ) -> (Vec<String>, Vec<(String, u64)>) {
         let mut out = Emitter::new("fhir-mapper", Arc::new(Codec::embedded().unwrap()));
         let change = mapper.process(batch, &mut out).await.unwrap();
         let codec = Codec::embedded().unwrap();
@@ -373,50 +335,5 @@ mod tests {
         // Another scale is another device.
         let (other, _) = types(&mut mapper, &[weight(4, "scale-2", "Body+")]).await;
         assert_eq!(other, ["Device", "DeviceAssociation", "Observation"]);
-    }
-
-    /// A measurement whose device is known maps without building the device resources, to
-    /// the same Observation, and a changed device is built again.
-    #[tokio::test]
-    async fn test_a_known_device_is_not_built_again_and_its_observation_is_unchanged() {
-        let core = core();
-        let mut mapper = MeasurementMapper::new(core.clone());
-        let mut out = Emitter::new("fhir-mapper", Arc::new(Codec::embedded().unwrap()));
-        let change = mapper
-            .process(&[weight(0, "scale", "Body+")], &mut out)
-            .await
-            .unwrap();
-        assert_eq!(change.inputs.len(), 1, "the device input is learnt");
-        mapper.apply(&change).await.unwrap();
-        let input = weight(1, "scale", "Body+");
-        let m = &input.value;
-        let key = input_key(&m.context, m.device.as_ref().unwrap());
-        assert!(mapper.devices.reference(&key).is_some());
-        let mut out = Emitter::new("fhir-mapper", Arc::new(Codec::embedded().unwrap()));
-        mapper
-            .process(std::slice::from_ref(&input), &mut out)
-            .await
-            .unwrap();
-        let codec = Codec::embedded().unwrap();
-        let records: Vec<FhirResource> = {
-            let mut v = Vec::new();
-            for r in out.records() {
-                v.push(codec.decode(&r.payload).await.unwrap());
-            }
-            v
-        };
-        assert_eq!(records.len(), 1);
-        let full = crate::map::map_measurement(m, &core.table, &core.settings).unwrap();
-        let observation = full
-            .iter()
-            .find(|r| r.resource_type == "Observation")
-            .unwrap();
-        assert_eq!(records[0].resource, observation.canonical_json());
-        // Another patient's use of the same scale is another input: built again.
-        let mut moved = weight(2, "scale", "Body+");
-        moved.value.context.patient_reference = "Patient/2".into();
-        let (types, change) = types(&mut mapper, &[moved]).await;
-        assert_eq!(types, ["DeviceAssociation", "Observation"]);
-        assert_eq!(change.inputs.len(), 1);
     }
 }
