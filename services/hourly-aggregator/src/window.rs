@@ -31,10 +31,13 @@
 //! statistics are computed over the samples sorted by (`effective_start`, `measurement_id`),
 //! so they do not depend on arrival order; its `revision` is the highest offset of a record
 //! that changed the window. Aggregates closed by one call are sorted by (hour, series key).
-//! The window is dropped and its hour remembered as emitted (for [`AMENDS_MEMORY_MS`]): a
-//! later sample of that hour (a re-fetch; the fetcher re-fetches whole hours) opens a new
-//! window, closed by the same rules, whose aggregate has the same id, `amends = true` and a
-//! higher `revision` (its records come later in the partition).
+//! The window is dropped and its hour remembered as emitted (for [`AMENDS_MEMORY_MS`]), with
+//! a fingerprint of its aggregate's content: a later sample of that hour (a re-fetch; the
+//! fetcher re-fetches whole hours) opens a new window, closed by the same rules, whose
+//! aggregate has the same id and a higher `revision` (its records come later in the
+//! partition). It has `amends = true` when its content differs from the hour's last
+//! emission; a re-fetch that changed nothing (a redelivered webhook) repeats the last
+//! emission's `amends`, so its content is identical and nothing new reaches the EHR.
 //!
 //! # Retries
 //! [`PartitionWindows`] is cheap to clone: series and windows are shared and copied on write
@@ -53,7 +56,8 @@
 //! commit point are not remembered, so a revision rebuilt after a restart carries
 //! `amends = false` (same id and revision; the deduplicator orders contents by revision).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat};
@@ -360,7 +364,25 @@ struct Series {
     /// Open windows by hour start.
     windows: BTreeMap<i64, Arc<Window>>,
     /// Hours emitted within [`AMENDS_MEMORY_MS`], by hour start.
-    emitted: BTreeSet<i64>,
+    emitted: BTreeMap<i64, Emitted>,
+}
+
+/// What is remembered of an hour's last emission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Emitted {
+    /// [`content_fingerprint`] of the aggregate.
+    content: u64,
+    /// The aggregate's `amends`.
+    amends: bool,
+}
+
+/// A closed window, ready to be emitted.
+struct Closed {
+    hour: i64,
+    series_key: Arc<str>,
+    range: ClosedRange,
+    samples: usize,
+    aggregate: Option<HourlyAggregate>,
 }
 
 impl Series {
@@ -386,6 +408,51 @@ impl Series {
         }
         !holders.is_empty()
     }
+
+    /// Closes `window` of `hour`: computes its aggregate and remembers the hour as emitted. A
+    /// revision whose content equals the hour's last emission keeps that emission's `amends`.
+    fn close(&mut self, key: &Arc<str>, hour: i64, window: &Window) -> Closed {
+        let mut aggregate = window.aggregate(key, hour);
+        if let Some(a) = aggregate.as_mut() {
+            let content = content_fingerprint(a);
+            if let Some(last) = self.emitted.get(&hour)
+                && last.content == content
+            {
+                a.amends = last.amends;
+            }
+            self.emitted.insert(
+                hour,
+                Emitted {
+                    content,
+                    amends: a.amends,
+                },
+            );
+        }
+        Closed {
+            hour,
+            series_key: Arc::clone(key),
+            range: ClosedRange {
+                first_offset: window.first_offset,
+                last_offset: window.last_offset,
+            },
+            samples: window.samples.len(),
+            aggregate,
+        }
+    }
+}
+
+/// Returns a fingerprint of what an aggregate says about its hour: everything but its
+/// context, `revision` and `amends` (the aggregate id, series and hour are the window's).
+fn content_fingerprint(a: &HourlyAggregate) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (&a.data_type, &a.unit, a.count).hash(&mut h);
+    [a.min, a.max, a.mean, a.sum].map(f64::to_bits).hash(&mut h);
+    (a.first_sample_at, a.last_sample_at, a.utc_offset_seconds).hash(&mut h);
+    a.device
+        .as_ref()
+        .map(|d| (&d.device_id, &d.model, &d.model_id, &d.manufacturer))
+        .hash(&mut h);
+    h.finish()
 }
 
 /// Offsets of an emitted window, kept while a commit could split it.
@@ -479,7 +546,7 @@ impl PartitionWindows {
         };
         let series = Arc::make_mut(shared);
         let moved = series.remove_from_other_hours(&m.measurement_id, start, offset);
-        let amends = series.emitted.contains(&start);
+        let amends = series.emitted.contains_key(&start);
         let window = Arc::make_mut(
             series
                 .windows
@@ -523,10 +590,9 @@ impl PartitionWindows {
         let series = Arc::make_mut(shared);
         let open = series.windows.split_off(&last_due.saturating_add(1));
         let ended = std::mem::replace(&mut series.windows, open);
-        series.emitted.extend(ended.keys().copied());
         let due = ended
             .into_iter()
-            .map(|(hour, window)| (hour, Arc::clone(&key), window))
+            .map(|(hour, window)| series.close(&key, hour, &window))
             .collect();
         self.emit(due)
     }
@@ -547,7 +613,10 @@ impl PartitionWindows {
             let changes = shared.windows.iter().any(|(hour, w)| {
                 let heard_at = if w.touched { now_ms } else { w.heard_at };
                 w.touched || is_due(*hour, heard_at)
-            }) || shared.emitted.first().is_some_and(|h| *h < forget_before);
+            }) || shared
+                .emitted
+                .first_key_value()
+                .is_some_and(|(h, _)| *h < forget_before);
             if !changes {
                 continue;
             }
@@ -567,8 +636,7 @@ impl PartitionWindows {
                 .collect();
             for hour in ended {
                 if let Some(window) = series.windows.remove(&hour) {
-                    series.emitted.insert(hour);
-                    due.push((hour, Arc::clone(key), window));
+                    due.push(series.close(key, hour, &window));
                 }
             }
             series.emitted = series.emitted.split_off(&forget_before);
@@ -644,19 +712,16 @@ impl PartitionWindows {
 
     /// Returns the aggregates of closed windows sorted by (hour, series key) and forgets them
     /// except for their offsets.
-    fn emit(&mut self, mut due: Vec<(i64, Arc<str>, Arc<Window>)>) -> Vec<HourlyAggregate> {
+    fn emit(&mut self, mut due: Vec<Closed>) -> Vec<HourlyAggregate> {
         if due.is_empty() {
             return Vec::new();
         }
-        due.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        due.sort_by(|a, b| (a.hour, &a.series_key).cmp(&(b.hour, &b.series_key)));
         let mut out = Vec::with_capacity(due.len());
-        for (hour, series_key, window) in due {
-            self.held_samples = self.held_samples.saturating_sub(window.samples.len());
-            self.closed.push(ClosedRange {
-                first_offset: window.first_offset,
-                last_offset: window.last_offset,
-            });
-            out.extend(window.aggregate(&series_key, hour));
+        for closed in due {
+            self.held_samples = self.held_samples.saturating_sub(closed.samples);
+            self.closed.push(closed.range);
+            out.extend(closed.aggregate);
         }
         self.emitted_aggregates += out.len() as u64;
         self.prune_closed();
@@ -1336,6 +1401,79 @@ mod tests {
         assert!(closed[0].revision > 100);
     }
 
+    /// Returns `a` without what differs between emissions of one content: the context (it
+    /// names the sync request), `revision` and `amends`.
+    fn content(a: &HourlyAggregate) -> HourlyAggregate {
+        HourlyAggregate {
+            context: context("any"),
+            revision: 0,
+            amends: false,
+            ..a.clone()
+        }
+    }
+
+    #[test]
+    fn test_unchanged_refetch_of_an_emitted_hour_repeats_its_content_without_amends() {
+        let mut p = partition_with_emitted_hour();
+        // A redelivered webhook: the same hour fetched again, by another sync request.
+        let mut again = |id: &str, minute: i64, value: f64, through: Option<i64>| {
+            let mut m = measurement(HR, id, at(10, minute), value);
+            m.context = context("sync-2");
+            m.fetched_through = through;
+            p.send(&m)
+        };
+        assert!(again("a", 10, 60.0, None).late);
+        let closed = again("b", 50, 70.0, Some(at(11, 0))).closed;
+        assert_eq!(ids(&closed), [aggregate_id(HR, at(10, 0))]);
+        assert!(!closed[0].amends, "nothing changed, nothing amended");
+        assert_eq!((closed[0].count, closed[0].sum), (2, 130.0));
+        assert_eq!(
+            closed[0].revision, 104,
+            "a later revision of the same content"
+        );
+        assert_eq!(closed[0].context.sync_request_id, "sync-2");
+        // The same content as the first emission, which the partition rebuilt from scratch
+        // also emits.
+        let mut replay = Partition::new();
+        replay.value(HR, "a", at(10, 10), 60.0);
+        let original = replay.last(HR, "b", at(10, 50), 70.0, at(11, 0));
+        assert_eq!(content(&closed[0]), content(&original[0]));
+    }
+
+    #[test]
+    fn test_unchanged_refetch_of_an_amended_hour_stays_amended() {
+        let mut p = partition_with_emitted_hour();
+        let amended = p.last(HR, "a", at(10, 10), 61.0, at(11, 0));
+        assert_eq!((amended[0].count, amended[0].amends), (1, true));
+        let again = p.last(HR, "a", at(10, 10), 61.0, at(11, 0));
+        assert_eq!(content(&again[0]), content(&amended[0]));
+        assert!(again[0].amends, "went back from amended to final");
+        assert!(again[0].revision > amended[0].revision);
+        // Back to the original content: a change from the last emission, so an amendment.
+        p.value(HR, "a", at(10, 10), 60.0);
+        let back = p.last(HR, "b", at(10, 50), 70.0, at(11, 0));
+        assert_eq!(
+            (back[0].count, back[0].sum, back[0].amends),
+            (2, 130.0, true)
+        );
+    }
+
+    #[test]
+    fn test_refetch_that_changes_only_the_device_or_offset_amends() {
+        let mut p = partition_with_emitted_hour();
+        p.value(HR, "a", at(10, 10), 60.0);
+        let mut b = last_of_fetch(measurement(HR, "b", at(10, 50), 70.0), at(11, 0));
+        b.device = Some(device("d2"));
+        let closed = p.send(&b).closed;
+        assert!(closed[0].amends, "another device is another content");
+        p.value(HR, "a", at(10, 10), 60.0);
+        let mut b = last_of_fetch(measurement(HR, "b", at(10, 50), 70.0), at(11, 0));
+        b.device = Some(device("d2"));
+        b.utc_offset_seconds = Some(7200);
+        let closed = p.send(&b).closed;
+        assert!(closed[0].amends, "another UTC offset is another content");
+    }
+
     #[test]
     fn test_emitted_hours_are_forgotten_after_the_amends_memory() {
         let mut p = partition_with_emitted_hour();
@@ -1345,7 +1483,7 @@ mod tests {
             p.windows
                 .series
                 .get(HR)
-                .map(|s| s.emitted.iter().copied().collect())
+                .map(|s| s.emitted.keys().copied().collect())
                 .unwrap_or_default()
         };
         assert_eq!(emitted(&p), [at(10, 0), at(11, 0)]);
