@@ -7,6 +7,8 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod kafka;
+#[cfg(feature = "oauth")]
+pub mod oauth_http;
 pub mod ratelimit;
 pub mod records;
 pub mod service;

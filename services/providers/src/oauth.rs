@@ -2,9 +2,8 @@
 //! authorization-code and refresh grants, the `id_token` of OpenID Connect providers, and the
 //! classification of every failure into a [`ProviderError`].
 //!
-//! The crate's own reqwest client is built for reqwest 0.12; ohx uses 0.13, so requests go
-//! through [`send`], a small adapter that also keeps the HTTP status of failures the crate
-//! would otherwise only see as an unparseable body (a 503 page, a 429 with `Retry-After`).
+//! Requests go through [`ohx_common::oauth_http`], the workspace's adapter of the crate to
+//! reqwest 0.13.
 
 use crate::{ProviderError, Tokens};
 use base64::Engine as _;
@@ -14,14 +13,12 @@ use oauth2::basic::{
 };
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
-    ExtraTokenFields, HttpRequest, HttpResponse, RedirectUrl, RefreshToken, RequestTokenError,
-    StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
+    ExtraTokenFields, RedirectUrl, RefreshToken, RequestTokenError, StandardRevocableToken,
+    StandardTokenResponse, TokenResponse, TokenUrl,
 };
+pub use ohx_common::oauth_http::{Http, HttpError, retry_after, send};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use std::future::Future;
-use std::pin::Pin;
-use std::time::Duration;
 
 /// The fields a token response carries beyond RFC 6749: OpenID Connect's `id_token`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,70 +55,6 @@ pub struct Endpoints {
     pub token_path: &'static str,
     /// Credentials in the form body (`client_id`, `client_secret`) rather than HTTP Basic.
     pub credentials_in_body: bool,
-}
-
-/// Why a token request failed at the HTTP level.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The server answered a status the token endpoint does not use for OAuth2 errors
-    /// (429, 5xx): kept so that the failure is classified as a limit or an outage.
-    #[error("http status {status}")]
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
-    #[error("http request failed")]
-    Transport(#[source] reqwest::Error),
-}
-
-/// Parses `Retry-After` given in seconds (the HTTP-date form is not used by these providers).
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
-/// Sends one token request with `http`.
-///
-/// # Errors
-/// [`HttpError::Status`] for 429 and 5xx, [`HttpError::Transport`] when no answer came.
-pub async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-    let request = reqwest::Request::try_from(request).map_err(HttpError::Transport)?;
-    let response = http.execute(request).await.map_err(HttpError::Transport)?;
-    let status = response.status();
-    if status.as_u16() == 429 || status.is_server_error() {
-        return Err(HttpError::Status {
-            status: status.as_u16(),
-            retry_after: retry_after(response.headers()),
-        });
-    }
-    let mut answer = oauth2::http::Response::builder().status(status.as_u16());
-    for (name, value) in response.headers() {
-        answer = answer.header(name.as_str(), value.as_bytes());
-    }
-    let body = response.bytes().await.map_err(HttpError::Transport)?;
-    answer.body(body.to_vec()).map_err(|_| HttpError::Status {
-        status: status.as_u16(),
-        retry_after: None,
-    })
-}
-
-/// The HTTP client the `oauth2` crate sends token requests with: [`send`] over reqwest 0.13.
-#[derive(Debug, Clone, Copy)]
-pub struct Http<'a>(pub &'a reqwest::Client);
-
-impl<'c> oauth2::AsyncHttpClient<'c> for Http<'_> {
-    type Error = HttpError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send + 'c>>;
-
-    fn call(&'c self, request: HttpRequest) -> Self::Future {
-        Box::pin(send(self.0, request))
-    }
 }
 
 /// A client for `app` with the provider's `endpoints` at `api_base` (token) and
@@ -300,6 +233,7 @@ pub fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn jws(payload: &str) -> String {
         let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
