@@ -47,6 +47,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0011_target_status",
         include_str!("../migrations/0011_target_status.sql"),
     ),
+    (
+        "0012_ehr_target_keys",
+        include_str!("../migrations/0012_ehr_target_keys.sql"),
+    ),
 ];
 
 /// A database error as text for logs and errors: the server's message and SQLSTATE ("db

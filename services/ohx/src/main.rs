@@ -55,10 +55,24 @@ enum Command {
         name: String,
         #[arg(long)]
         base_url: String,
-        /// none | bearer
+        /// none | bearer | client_credentials (OAuth2, client secret) | smart_backend (SMART
+        /// Backend Services: add its key with `target-key add`, register the printed JWKS URL)
         #[arg(long, default_value = "none")]
         auth: String,
-        /// Bearer token (sealed with OHX_SECRET_KEYS).
+        /// OAuth2 client id (client_credentials, smart_backend).
+        #[arg(long)]
+        client_id: Option<String>,
+        /// Token endpoint (client_credentials; smart_backend discovers it when absent).
+        #[arg(long)]
+        token_url: Option<String>,
+        /// Space-separated scopes (default: create, read, update and search on Observation,
+        /// Device and DeviceAssociation, SMART v2 or v1 as the server advertises).
+        #[arg(long)]
+        scope: Option<String>,
+        /// How the client secret is sent: basic (HTTP Basic) | post (form fields).
+        #[arg(long)]
+        client_auth: Option<String>,
+        /// Bearer token or client secret (sealed with OHX_SECRET_KEYS).
         #[arg(long, env = "OHX_TARGET_TOKEN")]
         token: Option<String>,
         /// put (client ids) | conditional (identifier)
@@ -182,6 +196,12 @@ enum Command {
     /// Every EHR target with its delivery status from the publishers: breaker state (closed,
     /// half_open, open), faults flagged, failures, records held; one JSON line per target.
     Targets,
+    /// Key pairs of a SMART Backend Services target: ohx signs with the newest active key and
+    /// publishes all keys not retired at the gateway's /ehr-targets/{id}/jwks.json.
+    TargetKey {
+        #[command(subcommand)]
+        action: TargetKeyAction,
+    },
     /// Consumer lag of the pipeline's groups (or one), per partition, with the time to drain
     /// it at the rate measured over `--interval-ms`.
     Lag {
@@ -239,6 +259,35 @@ impl DlqFilter {
                 .unwrap_or_default(),
         })
     }
+}
+
+#[derive(Subcommand)]
+enum TargetKeyAction {
+    /// Generates a key pair (private key sealed with OHX_SECRET_KEYS); prints {"kid", "alg",
+    /// "activates_at", "jwks_path"}. Rotation: add a key with --activate-in longer than the
+    /// EHR caches JWKS for, then retire the old key once the new one signs.
+    Add {
+        #[arg(long)]
+        target: Uuid,
+        /// ES384 (P-384) | RS384 (RSA 3072).
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// Seconds before ohx signs with it (it is published at once).
+        #[arg(long, default_value_t = 0)]
+        activate_in: u64,
+    },
+    /// Stops signing with a key and removes it from the JWKS.
+    Retire {
+        #[arg(long)]
+        target: Uuid,
+        #[arg(long)]
+        kid: String,
+    },
+    /// One line per key of the target: kid, alg, created, activates, retired (no key material).
+    List {
+        #[arg(long)]
+        target: Uuid,
+    },
 }
 
 #[derive(Subcommand)]
@@ -466,23 +515,52 @@ async fn main() -> anyhow::Result<()> {
             name,
             base_url,
             auth,
+            client_id,
+            token_url,
+            scope,
+            client_auth,
             token,
             mode,
         } => {
             let id = Uuid::new_v4();
+            let seal = |t: &str| -> anyhow::Result<String> {
+                Ok(SecretBox::from_env()?
+                    .seal(t.as_bytes(), &format!("ehr_target:{id}:auth_secret"))?)
+            };
             let secret = match (auth.as_str(), token) {
-                ("none", _) => None,
-                ("bearer", Some(t)) => Some(
-                    SecretBox::from_env()?
-                        .seal(t.as_bytes(), &format!("ehr_target:{id}:auth_secret"))?,
-                ),
-                ("bearer", None) => bail!("--token is required for bearer auth"),
+                ("none" | "smart_backend", None) => None,
+                ("bearer" | "client_credentials", Some(t)) => Some(seal(&t)?),
+                ("bearer" | "client_credentials", None) => {
+                    bail!("--token (or OHX_TARGET_TOKEN) is required for {auth} auth")
+                }
+                ("none" | "smart_backend", Some(_)) => bail!("{auth} auth takes no --token"),
                 (other, _) => bail!("auth {other} is not supported by this version"),
             };
+            let mut settings = serde_json::Map::new();
+            for (k, v) in [
+                ("client_id", client_id),
+                ("token_url", token_url),
+                ("scope", scope),
+                ("client_auth", client_auth),
+            ] {
+                if let Some(v) = v {
+                    settings.insert(k.into(), v.into());
+                }
+            }
+            let settings = serde_json::Value::Object(settings);
+            if matches!(auth.as_str(), "client_credentials" | "smart_backend") {
+                let parsed = publisher::auth::Settings::from_json(&settings)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if auth == "client_credentials" && parsed.token_url.is_none() {
+                    bail!("--token-url is required for client_credentials auth");
+                }
+            } else if settings.as_object().is_some_and(|m| !m.is_empty()) {
+                bail!("--client-id, --token-url, --scope and --client-auth are for OAuth2 targets");
+            }
             db().await?
                 .execute(
-                    "INSERT INTO ehr_targets (id, organization_id, name, base_url, auth_kind, auth_secret, upsert_mode) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                    &[&id, &org, &name, &base_url, &auth, &secret, &mode],
+                    "INSERT INTO ehr_targets (id, organization_id, name, base_url, auth_kind, auth_secret, upsert_mode, auth_settings) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+                    &[&id, &org, &name, &base_url, &auth, &secret, &mode, &settings],
                 )
                 .await?;
             print(json!({"id": id}));
@@ -751,6 +829,11 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::TargetKey { action } => {
+            for line in target_key(&db().await?, action).await? {
+                print(line);
+            }
+        }
         Command::Targets => {
             let now = chrono::Utc::now().timestamp_millis();
             for t in targets::list(&db().await?, now).await? {
@@ -903,6 +986,29 @@ async fn main() -> anyhow::Result<()> {
 fn tracing_subscriber_init() -> anyhow::Result<()> {
     // The CLI prints results as JSON on stdout; logs go to stderr at warn level.
     ohx_common::telemetry::init_cli()
+}
+
+/// Runs a `target-key` action; returns the lines to print.
+async fn target_key(
+    client: &deadpool_postgres::Client,
+    action: TargetKeyAction,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    match action {
+        TargetKeyAction::Add {
+            target,
+            alg,
+            activate_in,
+        } => {
+            let secrets = SecretBox::from_env()?;
+            Ok(vec![
+                targets::add_key(client, &secrets, target, &alg, activate_in).await?,
+            ])
+        }
+        TargetKeyAction::Retire { target, kid } => {
+            Ok(vec![targets::retire_key(client, target, &kid).await?])
+        }
+        TargetKeyAction::List { target } => targets::list_keys(client, target).await,
+    }
 }
 
 async fn register_schemas() -> anyhow::Result<()> {

@@ -120,6 +120,97 @@ pub async fn list(client: &deadpool_postgres::Client, now_ms: i64) -> anyhow::Re
         .collect())
 }
 
+/// Generates a key pair for a SMART Backend Services target and stores it (private key
+/// sealed); returns its kid, algorithm, activation time and the gateway path of the JWKS.
+pub async fn add_key(
+    client: &deadpool_postgres::Client,
+    secrets: &ohx_common::crypto::SecretBox,
+    target: uuid::Uuid,
+    alg: &str,
+    activate_in_s: u64,
+) -> anyhow::Result<Value> {
+    let parsed = publisher::auth::Alg::parse(alg)
+        .ok_or_else(|| anyhow::anyhow!("--alg must be ES384 or RS384, not {alg}"))?;
+    let kind: Option<String> = client
+        .query_opt(
+            "SELECT auth_kind FROM ehr_targets WHERE id = $1",
+            &[&target],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match kind.as_deref() {
+        Some("smart_backend") => {}
+        Some(other) => {
+            anyhow::bail!("target {target} authenticates with {other}, not smart_backend")
+        }
+        None => anyhow::bail!("no such target: {target}"),
+    }
+    let kid = uuid::Uuid::new_v4().to_string();
+    let (pem, jwk) = publisher::auth::generate_key(parsed, &kid).map_err(anyhow::Error::msg)?;
+    let sealed = secrets.seal(pem.as_bytes(), &format!("ehr_target_key:{target}:{kid}"))?;
+    let delay = i64::try_from(activate_in_s)?;
+    let row = client
+        .query_one(
+            "INSERT INTO ehr_target_keys (ehr_target_id, kid, alg, private_key, public_jwk, activates_at)
+             VALUES ($1, $2, $3, $4, $5, clock_timestamp() + make_interval(secs => $6::bigint))
+             RETURNING (extract(epoch FROM activates_at) * 1000)::bigint",
+            &[&target, &kid, &alg, &sealed, &jwk, &delay],
+        )
+        .await?;
+    let activates_ms: i64 = row.get(0);
+    Ok(json!({
+        "kid": kid,
+        "alg": alg,
+        "activates_at_ms": activates_ms,
+        "jwks_path": format!("/ehr-targets/{target}/jwks.json"),
+    }))
+}
+
+/// Retires a key: it no longer signs and leaves the JWKS.
+pub async fn retire_key(
+    client: &deadpool_postgres::Client,
+    target: uuid::Uuid,
+    kid: &str,
+) -> anyhow::Result<Value> {
+    let n = client
+        .execute(
+            "UPDATE ehr_target_keys SET retired_at = clock_timestamp()
+             WHERE ehr_target_id = $1 AND kid = $2 AND retired_at IS NULL",
+            &[&target, &kid],
+        )
+        .await?;
+    anyhow::ensure!(n == 1, "target {target} has no unretired key {kid}");
+    Ok(json!({"kid": kid, "retired": true}))
+}
+
+/// The target's keys, newest first, without key material.
+pub async fn list_keys(
+    client: &deadpool_postgres::Client,
+    target: uuid::Uuid,
+) -> anyhow::Result<Vec<Value>> {
+    let rows = client
+        .query(
+            "SELECT kid, alg, (extract(epoch FROM created_at) * 1000)::bigint,
+                    (extract(epoch FROM activates_at) * 1000)::bigint,
+                    (extract(epoch FROM retired_at) * 1000)::bigint
+             FROM ehr_target_keys WHERE ehr_target_id = $1 ORDER BY created_at DESC",
+            &[&target],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            json!({
+                "kid": r.get::<_, String>(0),
+                "alg": r.get::<_, String>(1),
+                "created_at_ms": r.get::<_, i64>(2),
+                "activates_at_ms": r.get::<_, i64>(3),
+                "retired_at_ms": r.get::<_, Option<i64>>(4),
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

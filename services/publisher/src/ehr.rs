@@ -1,11 +1,12 @@
 //! Calls to one EHR target: read the current state, write a transaction of upserts, isolate a
 //! rejected resource. Every failure is classified ([`crate::classify`]).
 
+use crate::auth::Tokens;
 use crate::breaker::Failure;
 use crate::bundle::{self, Item};
 use crate::classify::{self, Class, Scope, TargetFault, TransportError};
 use crate::decision::{PublishDecision, publish_decision};
-use crate::targets::{Auth, Target};
+use crate::targets::Target;
 use opentelemetry::metrics::Histogram;
 use serde_json::Value;
 use std::sync::LazyLock;
@@ -74,12 +75,14 @@ pub struct TargetRun {
 #[derive(Debug, Clone)]
 pub struct Ehr {
     http: reqwest::Client,
+    /// Access tokens of the targets that use OAuth2.
+    tokens: Tokens,
     /// Most upserts per transaction: a target's records beyond it go in further transactions,
     /// sent concurrently.
     transaction_size: usize,
 }
 
-fn error_chain(e: &reqwest::Error) -> String {
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
@@ -102,6 +105,7 @@ impl Ehr {
             .build()?;
         Ok(Self {
             http,
+            tokens: Tokens::default(),
             transaction_size: usize::MAX,
         })
     }
@@ -112,9 +116,52 @@ impl Ehr {
         self
     }
 
+    /// Posts a Bundle to the target with its credentials. A 401 answered to a cached access
+    /// token drops it, and the call is made once more with a new one.
     async fn post_bundle(
         &self,
         target: &Target,
+        bundle: &Value,
+        scope: Scope,
+        timeout: Option<Duration>,
+    ) -> Result<Value, CallFailure> {
+        let bearer = self
+            .tokens
+            .bearer(&self.http, &target.key, &target.base_url, &target.auth)
+            .await?;
+        let first = self
+            .post_bundle_with(
+                target,
+                bearer.as_ref().map(|b| b.token.as_str()),
+                bundle,
+                scope,
+                timeout,
+            )
+            .await;
+        match (first, bearer) {
+            (Err(f), Some(b)) if f.status == Some(401) && !b.fresh => {
+                self.tokens.invalidate(&target.key, &b.token).await;
+                let renewed = self
+                    .tokens
+                    .bearer(&self.http, &target.key, &target.base_url, &target.auth)
+                    .await?;
+                self.post_bundle_with(
+                    target,
+                    renewed.as_ref().map(|b| b.token.as_str()),
+                    bundle,
+                    scope,
+                    timeout,
+                )
+                .await
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn post_bundle_with(
+        &self,
+        target: &Target,
+        token: Option<&str>,
         bundle: &Value,
         scope: Scope,
         timeout: Option<Duration>,
@@ -125,7 +172,7 @@ impl Ehr {
             .header("Content-Type", "application/fhir+json")
             .header("Accept", "application/fhir+json")
             .json(bundle);
-        if let Auth::Bearer(token) = &target.auth {
+        if let Some(token) = token {
             req = req.bearer_auth(token);
         }
         if let Some(t) = timeout {

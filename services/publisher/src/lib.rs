@@ -27,6 +27,7 @@
 //! first time and by the (shorter) probe timeout at each probe, spaced by its breaker's growing
 //! cool-down.
 
+pub mod auth;
 pub mod breaker;
 pub mod bundle;
 pub mod classify;

@@ -35,6 +35,13 @@ struct FakeState {
     in_flight: usize,
     max_in_flight: usize,
     max_entries: usize,
+    /// `Some`: the server demands one of these bearer tokens (401 otherwise).
+    valid_tokens: Option<Vec<String>>,
+    /// Tokens issued by `/token` (`t1`, `t2`, …); a refusing endpoint answers `invalid_client`.
+    issued: usize,
+    token_endpoint_refuses: bool,
+    /// Calls answered 401.
+    unauthorized: usize,
 }
 
 type Fake = Arc<Mutex<FakeState>>;
@@ -47,7 +54,25 @@ fn outcome(code: &str) -> String {
     json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": "d"}]}).to_string()
 }
 
-async fn handle(State(fake): State<Fake>, body: String) -> (StatusCode, String) {
+async fn handle(
+    State(fake): State<Fake>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> (StatusCode, String) {
+    {
+        let mut f = lock(&fake);
+        if let Some(valid) = &f.valid_tokens {
+            let sent = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned);
+            if !sent.is_some_and(|t| valid.contains(&t)) {
+                f.unauthorized += 1;
+                return (StatusCode::UNAUTHORIZED, outcome("login"));
+            }
+        }
+    }
     let bundle: Value = serde_json::from_str(&body).unwrap();
     let delay = lock(&fake).delay;
     if bundle["type"] == "transaction" && !delay.is_zero() {
@@ -115,6 +140,25 @@ async fn handle(State(fake): State<Fake>, body: String) -> (StatusCode, String) 
     )
 }
 
+/// The fake's token endpoint: client credentials, 60 s tokens that the EHR then accepts.
+async fn token(State(fake): State<Fake>, body: String) -> (StatusCode, axum::Json<Value>) {
+    assert!(body.contains("grant_type=client_credentials"), "{body}");
+    let mut f = lock(&fake);
+    if f.token_endpoint_refuses {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        );
+    }
+    f.issued += 1;
+    let t = format!("t{}", f.issued);
+    f.valid_tokens.get_or_insert_with(Vec::new).push(t.clone());
+    (
+        StatusCode::OK,
+        axum::Json(json!({"access_token": t, "token_type": "bearer", "expires_in": 60})),
+    )
+}
+
 async fn fake_ehr() -> (Fake, String) {
     let fake: Fake = Arc::new(Mutex::new(FakeState {
         mode: Some(Mode::Ok),
@@ -122,6 +166,7 @@ async fn fake_ehr() -> (Fake, String) {
     }));
     let app = Router::new()
         .route("/fhir", post(handle))
+        .route("/token", post(token))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -145,6 +190,7 @@ fn publisher(targets: &[(&str, &str)]) -> Publisher {
             id.to_string(),
             Entry {
                 target: Configured::Usable(Target {
+                    key: format!("{id}/fp"),
                     base_url: url.to_string(),
                     auth: Auth::None,
                     mode: bundle::UpsertMode::Put,
@@ -681,4 +727,60 @@ fn test_merged_runs_keep_every_result_and_the_gravest_failure() {
         merged.failure.map(|f| f.class),
         Some(classify::Class::Transient { retry_after: Some(d) }) if d == Duration::from_secs(9)
     ));
+}
+
+#[tokio::test]
+async fn test_access_tokens_are_cached_renewed_once_on_401_and_refusals_hold_the_target() {
+    let (ehr, url) = fake_ehr().await;
+    lock(&ehr).valid_tokens = Some(Vec::new());
+    let mut p = publisher(&[("a", &url)]);
+    let settings = auth::Settings::from_json(&json!({
+        "client_id": "ohx",
+        "token_url": url.replace("/fhir", "/token"),
+    }))
+    .unwrap();
+    if let Some(Entry {
+        target: Configured::Usable(t),
+        ..
+    }) = p.targets.get_mut("a")
+    {
+        t.auth = Auth::ClientSecret(Arc::new(auth::ClientSecret {
+            settings,
+            secret: "s".into(),
+        }));
+    }
+    let mut offset = 0;
+    let mut publish = async |p: &mut Publisher| {
+        offset += 1;
+        let (mut out, codec) = emitter();
+        let batch = vec![record(0, offset, "a", &format!("o{offset}"), 1, "final")];
+        let change = p.process(&batch, &mut out).await.unwrap();
+        p.apply(&change).await.unwrap();
+        emitted(&out, &codec).await.0
+    };
+    // The first call obtains a token, the second reuses it.
+    assert_eq!(publish(&mut p).await, [("o1".into(), "created".into())]);
+    assert_eq!(publish(&mut p).await, [("o2".into(), "created".into())]);
+    let calls = |ehr: &Fake| {
+        let f = lock(ehr);
+        (f.issued, f.unauthorized)
+    };
+    assert_eq!(calls(&ehr), (1, 0));
+    // The EHR stops accepting it: one 401, one new token, the call made again.
+    lock(&ehr).valid_tokens = Some(Vec::new());
+    assert_eq!(publish(&mut p).await, [("o3".into(), "created".into())]);
+    assert_eq!(calls(&ehr), (2, 1));
+    // Again, and now the token endpoint refuses the client: the target is held, flagged.
+    {
+        let mut f = lock(&ehr);
+        f.valid_tokens = Some(Vec::new());
+        f.token_endpoint_refuses = true;
+    }
+    assert!(publish(&mut p).await.is_empty());
+    assert_eq!(p.ledger.held_count("a"), 1);
+    assert_eq!(
+        p.breakers.get("a").and_then(|t| t.breaker.fault()),
+        Some(classify::TargetFault::Unauthorized)
+    );
+    assert_eq!(lock(&ehr).unauthorized, 2, "one call, not a retry loop");
 }

@@ -2,32 +2,21 @@
 //! before probing a target whose credentials were refused), so a fixed target recovers without
 //! a restart.
 
+pub use crate::auth::Auth;
+use crate::auth::{Alg, ClientSecret, Settings, SigningKey, Smart};
 use crate::bundle::UpsertMode;
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::StageError;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-
-/// How the publisher authenticates to a target.
-#[derive(Clone)]
-pub enum Auth {
-    None,
-    Bearer(String),
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::Bearer(_) => f.write_str("Bearer(***)"),
-        }
-    }
-}
+use std::sync::Arc;
 
 /// An EHR target as the publisher uses it.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// Target id and configuration fingerprint: what its access tokens are cached under.
+    pub key: String,
     pub base_url: String,
     pub auth: Auth,
     pub mode: UpsertMode,
@@ -58,6 +47,73 @@ fn fingerprint(parts: &[&str]) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
+/// Opens a sealed secret of a target.
+fn open(
+    secrets: Option<&SecretBox>,
+    id: &uuid::Uuid,
+    sealed: &str,
+    aad: &str,
+) -> Result<String, &'static str> {
+    let Some(secrets) = secrets else {
+        tracing::error!(target_id = %id, "target credentials but OHX_SECRET_KEYS is not set");
+        return Err("target credentials but no secret keys configured");
+    };
+    secrets.open_string(sealed, aad).map_err(|error| {
+        tracing::error!(target_id = %id, %error, "cannot open target credentials");
+        "target credentials cannot be opened"
+    })
+}
+
+/// A target's signing key: the newest active one not retired.
+struct KeyRow {
+    kid: String,
+    alg: String,
+    sealed: String,
+}
+
+/// How the target authenticates, from its row and its signing key.
+fn auth(
+    id: &uuid::Uuid,
+    kind: &str,
+    secret: Option<&str>,
+    settings: &serde_json::Value,
+    key: Option<&KeyRow>,
+    secrets: Option<&SecretBox>,
+) -> Result<Auth, &'static str> {
+    let secret_aad = format!("ehr_target:{id}:auth_secret");
+    match (kind, secret) {
+        ("none", _) => Ok(Auth::None),
+        ("bearer", Some(sealed)) => Ok(Auth::Bearer(open(secrets, id, sealed, &secret_aad)?)),
+        ("bearer", None) => Err("bearer target without a secret"),
+        ("client_credentials", Some(sealed)) => {
+            let settings = Settings::from_json(settings)?;
+            if settings.token_url.is_none() {
+                return Err("client credentials without a token_url");
+            }
+            Ok(Auth::ClientSecret(Arc::new(ClientSecret {
+                settings,
+                secret: open(secrets, id, sealed, &secret_aad)?,
+            })))
+        }
+        ("client_credentials", None) => Err("client credentials without a client secret"),
+        ("smart_backend", _) => {
+            let settings = Settings::from_json(settings)?;
+            let key = key.ok_or("SMART backend target without a signing key")?;
+            let alg = Alg::parse(&key.alg).ok_or("signing key of an unknown algorithm")?;
+            let aad = format!("ehr_target_key:{id}:{}", key.kid);
+            Ok(Auth::Smart(Arc::new(Smart {
+                settings,
+                key: SigningKey {
+                    kid: key.kid.clone(),
+                    alg,
+                    pem: open(secrets, id, &key.sealed, &aad)?,
+                },
+            })))
+        }
+        _ => Err("auth kind not supported by this publisher version"),
+    }
+}
+
 /// Loads every target.
 pub async fn load(
     pool: &Pool,
@@ -69,7 +125,13 @@ pub async fn load(
         .map_err(|e| StageError::transient("database", e))?;
     let rows = client
         .query(
-            "SELECT id, base_url, auth_kind, auth_secret, upsert_mode FROM ehr_targets",
+            "SELECT t.id, t.base_url, t.auth_kind, t.auth_secret, t.upsert_mode, t.auth_settings,
+                    k.kid, k.alg, k.private_key
+             FROM ehr_targets t
+             LEFT JOIN LATERAL (
+                 SELECT kid, alg, private_key FROM ehr_target_keys
+                 WHERE ehr_target_id = t.id AND retired_at IS NULL AND activates_at <= now()
+                 ORDER BY activates_at DESC, created_at DESC, kid DESC LIMIT 1) k ON true",
             &[],
         )
         .await
@@ -81,33 +143,31 @@ pub async fn load(
         let kind: String = row.get(2);
         let secret: Option<String> = row.get(3);
         let mode: String = row.get(4);
-        let fp = fingerprint(&[&base_url, &kind, secret.as_deref().unwrap_or(""), &mode]);
-        let auth = match (kind.as_str(), secret) {
-            ("none", _) => Ok(Auth::None),
-            ("bearer", Some(sealed)) => match secrets {
-                None => {
-                    tracing::error!(target_id = %id, "bearer target but OHX_SECRET_KEYS is not set");
-                    Err("bearer credentials but no secret keys configured")
-                }
-                Some(secrets) => {
-                    match secrets.open_string(&sealed, &format!("ehr_target:{id}:auth_secret")) {
-                        Ok(token) => Ok(Auth::Bearer(token)),
-                        Err(error) => {
-                            tracing::error!(target_id = %id, %error, "cannot open target credentials");
-                            Err("target credentials cannot be opened")
-                        }
-                    }
-                }
-            },
-            ("bearer", None) => {
-                tracing::error!(target_id = %id, "bearer target without a secret");
-                Err("bearer target without a secret")
-            }
-            (other, _) => {
-                tracing::error!(target_id = %id, auth_kind = other, "auth kind not supported by this publisher version");
-                Err("auth kind not supported by this publisher version")
-            }
-        };
+        let settings: serde_json::Value = row.get(5);
+        let key = row.get::<_, Option<String>>(6).map(|kid| KeyRow {
+            kid,
+            alg: row.get(7),
+            sealed: row.get(8),
+        });
+        let fp = fingerprint(&[
+            &base_url,
+            &kind,
+            secret.as_deref().unwrap_or(""),
+            &mode,
+            &settings.to_string(),
+            key.as_ref().map_or("", |k| k.sealed.as_str()),
+        ]);
+        let auth = auth(
+            &id,
+            &kind,
+            secret.as_deref(),
+            &settings,
+            key.as_ref(),
+            secrets,
+        );
+        if let Err(reason) = auth {
+            tracing::error!(target_id = %id, auth_kind = %kind, reason, "target cannot be used");
+        }
         let mode = if mode == "conditional" {
             UpsertMode::Conditional
         } else {
@@ -115,6 +175,7 @@ pub async fn load(
         };
         let target = match auth {
             Ok(auth) => Configured::Usable(Target {
+                key: format!("{id}/{fp}"),
                 base_url: base_url.trim_end_matches('/').to_string(),
                 auth,
                 mode,
@@ -133,8 +194,159 @@ pub async fn load(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    const KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn secrets() -> SecretBox {
+        SecretBox::from_spec(KEYS, None).unwrap()
+    }
+
+    #[test]
+    fn test_client_credentials_need_a_secret_a_client_id_and_a_token_url() {
+        let id = uuid::Uuid::new_v4();
+        let b = secrets();
+        let sealed = b
+            .seal(b"s3cret", &format!("ehr_target:{id}:auth_secret"))
+            .unwrap();
+        let settings = json!({"client_id": "ohx", "token_url": "https://as/token"});
+        match auth(
+            &id,
+            "client_credentials",
+            Some(&sealed),
+            &settings,
+            None,
+            Some(&b),
+        ) {
+            Ok(Auth::ClientSecret(c)) => {
+                assert_eq!(c.secret, "s3cret");
+                assert_eq!(c.settings.client_id, "ohx");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            auth(&id, "client_credentials", None, &settings, None, Some(&b)).unwrap_err(),
+            "client credentials without a client secret"
+        );
+        let no_url = json!({"client_id": "ohx"});
+        assert!(
+            auth(
+                &id,
+                "client_credentials",
+                Some(&sealed),
+                &no_url,
+                None,
+                Some(&b)
+            )
+            .is_err()
+        );
+        // A secret sealed for another target does not open.
+        let other = uuid::Uuid::new_v4();
+        assert!(
+            auth(
+                &other,
+                "client_credentials",
+                Some(&sealed),
+                &settings,
+                None,
+                Some(&b)
+            )
+            .is_err()
+        );
+        assert!(
+            auth(
+                &id,
+                "client_credentials",
+                Some(&sealed),
+                &settings,
+                None,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_smart_targets_need_an_active_key_of_a_known_algorithm() {
+        let id = uuid::Uuid::new_v4();
+        let b = secrets();
+        let settings = json!({"client_id": "ohx"});
+        let key = |kid: &str, alg: &str| KeyRow {
+            kid: kid.into(),
+            alg: alg.into(),
+            sealed: b
+                .seal(b"-----PEM-----", &format!("ehr_target_key:{id}:{kid}"))
+                .unwrap(),
+        };
+        match auth(
+            &id,
+            "smart_backend",
+            None,
+            &settings,
+            Some(&key("k1", "ES384")),
+            Some(&b),
+        ) {
+            Ok(Auth::Smart(s)) => {
+                assert_eq!((s.key.kid.as_str(), s.key.alg), ("k1", Alg::Es384));
+                assert_eq!(s.key.pem, "-----PEM-----");
+                assert_eq!(s.settings.token_url, None, "discovered");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            auth(&id, "smart_backend", None, &settings, None, Some(&b)).unwrap_err(),
+            "SMART backend target without a signing key"
+        );
+        assert!(
+            auth(
+                &id,
+                "smart_backend",
+                None,
+                &settings,
+                Some(&key("k2", "HS256")),
+                Some(&b)
+            )
+            .is_err()
+        );
+        // The key is bound to its kid: a row whose kid was changed does not open.
+        let mut moved = key("k3", "RS384");
+        moved.kid = "k4".into();
+        assert!(
+            auth(
+                &id,
+                "smart_backend",
+                None,
+                &settings,
+                Some(&moved),
+                Some(&b)
+            )
+            .is_err()
+        );
+        assert!(
+            auth(
+                &id,
+                "smart_backend",
+                None,
+                &json!({}),
+                Some(&key("k5", "ES384")),
+                Some(&b)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_unknown_auth_kinds_are_unusable() {
+        let id = uuid::Uuid::new_v4();
+        assert!(auth(&id, "kerberos", None, &json!({}), None, None).is_err());
+        assert!(matches!(
+            auth(&id, "none", None, &json!({}), None, None),
+            Ok(Auth::None)
+        ));
+    }
 
     #[test]
     fn test_fingerprint_changes_with_any_part() {

@@ -9,6 +9,7 @@
 
 pub mod connect;
 pub mod import;
+pub mod jwks;
 pub mod lookup;
 pub mod signature;
 pub mod sources;
@@ -142,6 +143,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/{provider}", post(webhook).head(probe).get(probe))
         .route("/oauth/{provider}/callback", get(connect::callback))
+        .route("/ehr-targets/{id}/jwks.json", get(jwks::jwks))
         .route(
             "/imports/beurer",
             post(import::beurer).layer(DefaultBodyLimit::max(state.max_import_bytes)),
