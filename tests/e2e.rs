@@ -26,6 +26,9 @@ use std::time::Duration;
 #[path = "e2e_providers.rs"]
 mod providers;
 
+#[path = "e2e_ehr_auth.rs"]
+mod ehr_auth;
+
 const HOUR: i64 = 3_600_000;
 const CLIENT_ID: &str = "e2e-client";
 const CLIENT_SECRET: &str = "e2e-secret";
@@ -2569,6 +2572,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
             Box::pin(providers::google_health_consent_limits_and_expired_refresh(
                 e,
             ))
+        }),
+        ("ehr_oauth_delivery", |e| {
+            Box::pin(ehr_auth::ehr_oauth_delivery(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

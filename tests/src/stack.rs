@@ -301,8 +301,18 @@ impl Stack {
     /// Starts an hfs (R5, in memory, validation enforced) named `name` on a free port and
     /// waits for it; returns its base URL.
     pub async fn start_hfs(&mut self, name: &str) -> anyhow::Result<String> {
+        self.start_hfs_on(name, free_port()?, &[]).await
+    }
+
+    /// Starts an hfs like [`Stack::start_hfs`] on `hport` with extra environment (its
+    /// `HFS_AUTH_*` settings, for example); returns its base URL once it answers.
+    pub async fn start_hfs_on(
+        &mut self,
+        name: &str,
+        hport: u16,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<String> {
         let hfs = which("hfs").context("hfs is not installed: run scripts/install-tools")?;
-        let hport = free_port()?;
         let data_dir = std::env::var("HFS_DATA_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
@@ -330,12 +340,53 @@ impl Stack {
             .env("HFS_VALIDATION_META_PROFILES", "false")
             .env("HFS_UI_ENABLED", "false")
             // Its `next` links otherwise point at localhost:8080.
-            .env("HFS_BASE_URL", format!("http://127.0.0.1:{hport}"));
+            .env("HFS_BASE_URL", format!("http://127.0.0.1:{hport}"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let base = format!("http://127.0.0.1:{hport}");
         self.spawn(name, cmd, format!("127.0.0.1:{hport}"))?;
         self.wait_http(&format!("{base}/health"), name, Duration::from_secs(60))
             .await?;
         Ok(base)
+    }
+
+    /// Starts the test authorization server (`tests/authz/server.mjs`: oidc-provider, the
+    /// client credentials grant, JWT access tokens for `resource`) on `port` with `clients`
+    /// (its clients file format) and waits for it; returns its issuer, token endpoint and
+    /// JWKS URL. Needs `npm ci --prefix tests/authz` (scripts/install-tools runs it).
+    pub async fn start_authz(
+        &mut self,
+        name: &str,
+        port: u16,
+        clients: &serde_json::Value,
+        resource: &str,
+        scopes: &str,
+        token_ttl_s: u64,
+    ) -> anyhow::Result<Authz> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("authz");
+        if !dir.join("node_modules").is_dir() {
+            bail!(
+                "{}/node_modules is missing: run scripts/install-tools",
+                dir.display()
+            );
+        }
+        let clients_file = self.dir.join(format!("{name}-clients.json"));
+        std::fs::write(&clients_file, serde_json::to_vec(clients)?)?;
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("server.mjs"))
+            .env("AUTHZ_PORT", port.to_string())
+            .env("AUTHZ_CLIENTS", &clients_file)
+            .env("AUTHZ_RESOURCE", resource)
+            .env("AUTHZ_SCOPES", scopes)
+            .env("AUTHZ_TOKEN_TTL", token_ttl_s.to_string());
+        self.spawn(name, cmd, format!("127.0.0.1:{port}"))?;
+        let issuer = format!("http://127.0.0.1:{port}");
+        self.wait_http(&format!("{issuer}/jwks"), name, Duration::from_secs(60))
+            .await?;
+        Ok(Authz {
+            token_endpoint: format!("{issuer}/token"),
+            jwks_uri: format!("{issuer}/jwks"),
+            issuer,
+        })
     }
 
     /// Kills the broker (SIGKILL), without restarting it.
@@ -469,6 +520,8 @@ impl Stack {
             // tansu answers a fetch only at the end of the wait (see DEFAULT_FETCH_WAIT_MS).
             ("OHX_FETCH_WAIT_MS".into(), "50".into()),
             ("OHX_TICK_MS".into(), "250".into()),
+            // Target configuration (keys, credentials) read again every 2 s (production: 60 s).
+            ("OHX_TARGETS_TTL_MS".into(), "2000".into()),
             // Idle hours close 2 s after their last sample (production: 5 min).
             ("OHX_IDLE_GRACE_MS".into(), "2000".into()),
             // Pause 1 s after a provider rate limit (production: 60 s).
@@ -705,6 +758,14 @@ pub fn bench_bin_dir() -> PathBuf {
     } else {
         target_dir().join("release")
     }
+}
+
+/// A running test authorization server.
+#[derive(Debug, Clone)]
+pub struct Authz {
+    pub issuer: String,
+    pub token_endpoint: String,
+    pub jwks_uri: String,
 }
 
 /// For benchmarks: tansu, a fresh database with the topics, and nothing else (hfs and the

@@ -196,6 +196,14 @@ enum Command {
     /// Every EHR target with its delivery status from the publishers: breaker state (closed,
     /// half_open, open), faults flagged, failures, records held; one JSON line per target.
     Targets,
+    /// Replaces the bearer token or client secret of a target (sealed with OHX_SECRET_KEYS);
+    /// the publishers use it from their next configuration read.
+    SetTargetSecret {
+        #[arg(long)]
+        target: Uuid,
+        #[arg(long, env = "OHX_TARGET_TOKEN")]
+        token: String,
+    },
     /// Key pairs of a SMART Backend Services target: ohx signs with the newest active key and
     /// publishes all keys not retired at the gateway's /ehr-targets/{id}/jwks.json.
     TargetKey {
@@ -828,6 +836,21 @@ async fn main() -> anyhow::Result<()> {
                     print(outcome);
                 }
             }
+        }
+        Command::SetTargetSecret { target, token } => {
+            let sealed = SecretBox::from_env()?.seal(
+                token.as_bytes(),
+                &format!("ehr_target:{target}:auth_secret"),
+            )?;
+            let n = db()
+                .await?
+                .execute(
+                    "UPDATE ehr_targets SET auth_secret = $2 WHERE id = $1 AND auth_kind IN ('bearer', 'client_credentials')",
+                    &[&target, &sealed],
+                )
+                .await?;
+            anyhow::ensure!(n == 1, "no bearer or client_credentials target {target}");
+            print(json!({"id": target}));
         }
         Command::TargetKey { action } => {
             for line in target_key(&db().await?, action).await? {

@@ -1,0 +1,276 @@
+// Real OAuth2 authorization server for ohx tests: oidc-provider, client_credentials grant only, JWT access tokens.
+// Run: `npm ci --prefix tests/authz`; AUTHZ_PORT=0 AUTHZ_CLIENTS=clients.json AUTHZ_RESOURCE=http://127.0.0.1:8080/fhir \
+//   AUTHZ_SCOPES="system/Observation.cu ..." [AUTHZ_TOKEN_TTL=300] [AUTHZ_SMART_STRICT=1] node tests/authz/server.mjs
+// Stdout: one line when listening, {"issuer":"http://127.0.0.1:PORT","token_endpoint":"<issuer>/token","jwks_uri":"<issuer>/jwks"};
+// logs on stderr; SIGTERM/SIGINT exit 0. Access token: RS384 JWT (typ at+jwt), iss, aud=AUTHZ_RESOURCE, exp, iat, jti, scope, client_id, sub=client_id.
+// AUTHZ_CLIENTS: JSON array of {client_id, token_endpoint_auth_method: client_secret_basic|client_secret_post|private_key_jwt,
+//   client_secret (secret methods), jwks_uri or jwks (private_key_jwt), token_endpoint_auth_signing_alg: RS384|ES384 (optional),
+//   scope: space-separated subset of AUTHZ_SCOPES}; other fields go to oidc-provider as client metadata.
+// Scopes: in AUTHZ_SCOPES but not the client's -> 400 invalid_scope; unknown -> dropped; none requested -> token without scope.
+// Strict (default; AUTHZ_SMART_STRICT=0 = stock oidc-provider): assertion aud must be the token endpoint (not the issuer), typ JWT,
+//   kid present, exp <= now+5 min, and a secret client must use its registered basic/post method. A client JWKS is re-fetched
+//   once when an assertion's kid is unknown (stock oidc-provider waits until its cached copy is >= 60 s old).
+
+// oidc-provider prints NOTICEs with console.info (stdout); keep stdout for the one JSON line.
+console.log = console.error;
+console.info = console.error;
+
+const { readFileSync } = await import('node:fs');
+const http = await import('node:http');
+const { generateKeyPair, exportJWK } = await import('jose');
+const { default: Provider, errors } = await import('oidc-provider');
+
+const log = (...args) => console.error('[authz]', ...args);
+
+function need(name) {
+  const v = process.env[name];
+  if (v === undefined || v === '') {
+    log(`missing required env ${name}`);
+    process.exit(2);
+  }
+  return v;
+}
+
+const PORT = Number(process.env.AUTHZ_PORT ?? '0');
+const RESOURCE = need('AUTHZ_RESOURCE');
+const SCOPES = need('AUTHZ_SCOPES').split(/\s+/).filter(Boolean);
+const TTL = Number(process.env.AUTHZ_TOKEN_TTL || '300');
+const STRICT = (process.env.AUTHZ_SMART_STRICT ?? '1') !== '0';
+const CLIENT_ALGS = ['RS384', 'ES384'];
+const ACCESS_TOKEN_ALG = 'RS384';
+
+if (!Number.isInteger(PORT) || PORT < 0 || PORT > 65535) { log('bad AUTHZ_PORT'); process.exit(2); }
+if (!Number.isSafeInteger(TTL) || TTL <= 0) { log('bad AUTHZ_TOKEN_TTL'); process.exit(2); }
+if (!URL.canParse(RESOURCE)) { log('AUTHZ_RESOURCE must be an absolute URL'); process.exit(2); }
+
+const rawClients = JSON.parse(readFileSync(need('AUTHZ_CLIENTS'), 'utf8'));
+if (!Array.isArray(rawClients)) { log('AUTHZ_CLIENTS must hold a JSON array'); process.exit(2); }
+const clients = rawClients.map((c) => ({
+  grant_types: ['client_credentials'],
+  response_types: [],
+  redirect_uris: [],
+  ...c,
+}));
+
+// Access-token signing key, fresh at every start.
+const { privateKey } = await generateKeyPair(ACCESS_TOKEN_ALG, { extractable: true });
+const signingJwk = { ...(await exportJWK(privateKey)), kid: `at-${Date.now().toString(36)}`, alg: ACCESS_TOKEN_ALG, use: 'sig' };
+
+const server = http.createServer();
+await new Promise((resolve, reject) => {
+  server.once('error', reject);
+  server.listen(PORT, '127.0.0.1', resolve);
+});
+const { port } = server.address();
+const issuer = `http://127.0.0.1:${port}`;
+
+const isLoopback = (url) => {
+  const { hostname } = new URL(url);
+  return hostname === 'localhost' || hostname === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(hostname);
+};
+
+const provider = new Provider(issuer, {
+  clients,
+  jwks: { keys: [signingJwk] },
+  scopes: SCOPES,
+  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+  enabledJWA: { clientAuthSigningAlgValues: CLIENT_ALGS, idTokenSigningAlgValues: [ACCESS_TOKEN_ALG] },
+  clientDefaults: { id_token_signed_response_alg: ACCESS_TOKEN_ALG },
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      // SMART Backend Services sends no `resource`: every token is for AUTHZ_RESOURCE.
+      defaultResource: () => RESOURCE,
+      useGrantedResource: () => true,
+      getResourceServerInfo(ctx, resourceIndicator) {
+        if (resourceIndicator !== RESOURCE) {
+          throw new errors.InvalidTarget(`unknown resource ${resourceIndicator}`);
+        }
+        return {
+          scope: SCOPES.join(' '),
+          audience: RESOURCE,
+          accessTokenTTL: TTL,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: ACCESS_TOKEN_ALG } },
+        };
+      },
+    },
+  },
+  ttl: { ClientCredentials: TTL },
+  // SMART Backend Services rules on top of oidc-provider's own (exp, jti, iss=client_id, aud in
+  // {issuer, token endpoint}, one-time jti). Called after the signature check, before the jti is burnt.
+  async assertJwtClientAuthClaimsAndHeader(ctx, claims, header, client) {
+    if (!STRICT) return;
+    const tokenUrl = ctx.oidc.urlFor('token');
+    const auds = Array.isArray(claims.aud) ? claims.aud : [claims.aud];
+    if (!auds.includes(tokenUrl)) {
+      throw new errors.InvalidClientAuth(`SMART: aud must be the token endpoint ${tokenUrl}`);
+    }
+    if (claims.sub !== client.clientId) {
+      throw new errors.InvalidClientAuth('SMART: sub must be the client_id');
+    }
+    if (typeof header.kid !== 'string' || !header.kid) {
+      throw new errors.InvalidClientAuth('SMART: kid header is required');
+    }
+    if (header.typ !== 'JWT') {
+      throw new errors.InvalidClientAuth('SMART: typ header must be "JWT"');
+    }
+    if (claims.exp - Math.floor(Date.now() / 1000) > 300 + 5) {
+      throw new errors.InvalidClientAuth('SMART: exp must be at most 5 minutes in the future');
+    }
+  },
+  // oidc-provider blocks special-use IPs (127/8 included) when fetching jwks_uri; clients here serve
+  // their JWKS on loopback, so fetch loopback URLs without that guard, and nothing else.
+  fetch(url, options) {
+    if (!isLoopback(url)) {
+      throw new Error(`refusing to fetch non-loopback URL ${url}`);
+    }
+    delete options.dispatcher;
+    return globalThis.fetch(url, options);
+  },
+  renderError(ctx, out) {
+    ctx.type = 'json';
+    ctx.body = out;
+  },
+});
+
+for (const ev of ['grant.error', 'server_error', 'introspection.error']) {
+  provider.on(ev, (ctx, err) => {
+    log(`${ev}: ${err.error ?? err.name}: ${err.error_description ?? err.message}${err.error_detail ? ` (${err.error_detail})` : ''}${err.cause ? ` cause: ${err.cause.message ?? err.cause}` : ''}`);
+  });
+}
+provider.on('grant.success', (ctx) => log(`token issued to ${ctx.oidc.client?.clientId}`));
+
+// Instantiate (and so validate) every client now: a bad clients file fails at start, not at first use.
+let keyStoreProto;
+for (const { client_id: id } of clients) {
+  let client;
+  try {
+    client = await provider.Client.find(id);
+  } catch (err) {
+    log(`client ${id}: ${err.error_description ?? err.message}`);
+    process.exit(2);
+  }
+  if (client.jwksUri && !keyStoreProto) keyStoreProto = Object.getPrototypeOf(client.asymmetricKeyStore);
+}
+
+// Key rotation. Stock oidc-provider refreshes a client's JWKS only when verification fails AND the cached
+// copy is stale (at least 60 s old, longer if the JWKS response's Cache-Control/Expires say so), so a
+// new kid within 60 s of the last fetch would be refused. Make an unknown kid force one re-fetch.
+// FORCE marks the store stale; JUST stops the retry that follows a forced fetch from forcing another.
+if (keyStoreProto) {
+  const FORCE = Symbol('force');
+  const JUST = Symbol('just');
+  const { selectForVerify, fresh, refresh } = keyStoreProto;
+  keyStoreProto.selectForVerify = function patchedSelectForVerify(opts) {
+    const keys = selectForVerify.call(this, opts);
+    const just = this[JUST];
+    this[JUST] = false;
+    if (this.jwksUri && keys.length === 0 && opts?.kid !== undefined && !just) {
+      this[FORCE] = true;
+    }
+    return keys;
+  };
+  keyStoreProto.fresh = function patchedFresh() {
+    return this[FORCE] ? false : fresh.call(this);
+  };
+  keyStoreProto.refresh = async function patchedRefresh() {
+    const forced = this[FORCE];
+    try {
+      await refresh.call(this);
+    } finally {
+      if (forced) {
+        this[FORCE] = false;
+        this[JUST] = true;
+        log(`fetched JWKS of ${this.client?.clientId}: assertion kid was not in the cached set`);
+      }
+    }
+  };
+}
+
+const tokenEndpoint = `${issuer}/token`;
+const jwksUri = `${issuer}/jwks`;
+const smartConfiguration = JSON.stringify({
+  issuer,
+  token_endpoint: tokenEndpoint,
+  jwks_uri: jwksUri,
+  grant_types_supported: ['client_credentials'],
+  token_endpoint_auth_methods_supported: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+  token_endpoint_auth_signing_alg_values_supported: CLIENT_ALGS,
+  scopes_supported: SCOPES,
+  capabilities: ['client-confidential-symmetric', 'client-confidential-asymmetric'],
+});
+
+// oidc-provider accepts client_secret_basic and client_secret_post interchangeably for any secret client.
+// In strict mode the method must be the registered one. The body read here is handed on as req.body,
+// which oidc-provider parses when the stream is already consumed.
+const methodOf = new Map(clients.map((c) => [c.client_id, c.token_endpoint_auth_method ?? 'client_secret_basic']));
+async function checkSecretMethod(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > 56 * 1024) return 'request body too large';
+    chunks.push(chunk);
+  }
+  req.body = Buffer.concat(chunks);
+  const params = new URLSearchParams(req.body.toString('utf8'));
+  let used;
+  let id;
+  const auth = req.headers.authorization;
+  if (typeof auth === 'string' && /^basic /i.test(auth)) {
+    used = 'client_secret_basic';
+    const basic = Buffer.from(auth.slice(6).trim(), 'base64').toString('utf8');
+    try {
+      id = decodeURIComponent(basic.slice(0, basic.indexOf(':')).replace(/\+/g, '%20'));
+    } catch {
+      return undefined;
+    }
+  } else if (params.has('client_secret')) {
+    used = 'client_secret_post';
+    id = params.get('client_id');
+  }
+  const registered = methodOf.get(id);
+  if (used && registered && used !== registered) {
+    return `client ${id} is registered for ${registered}, not ${used}`;
+  }
+  return undefined;
+}
+
+const callback = provider.callback();
+server.on('request', async (req, res) => {
+  try {
+    if (req.method === 'GET' && req.url === '/.well-known/smart-configuration') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(smartConfiguration);
+      return;
+    }
+    if (STRICT && req.method === 'POST' && req.url.split('?')[0] === '/token') {
+      const problem = await checkSecretMethod(req);
+      if (problem) {
+        log(`grant.error: invalid_client: client authentication failed (${problem})`);
+        res.writeHead(401, { 'content-type': 'application/json', 'cache-control': 'no-store' })
+          .end(JSON.stringify({ error: 'invalid_client', error_description: 'client authentication failed' }));
+        return;
+      }
+    }
+    callback(req, res);
+  } catch (err) {
+    log(`request error: ${err.message}`);
+    if (!res.headersSent) res.writeHead(400).end();
+  }
+});
+
+process.stdout.write(`${JSON.stringify({ issuer, token_endpoint: tokenEndpoint, jwks_uri: jwksUri })}\n`);
+log(`listening on ${issuer}; resource ${RESOURCE}; token ttl ${TTL}s; ${clients.length} client(s); smart strict ${STRICT}`);
+
+function shutdown(sig) {
+  log(`${sig}: shutting down`);
+  server.close(() => process.exit(0));
+  server.closeAllConnections();
+  setTimeout(() => process.exit(0), 2000).unref();
+}
+process.on('SIGTERM', () => shutdown('SIGTERM'));
+process.on('SIGINT', () => shutdown('SIGINT'));
