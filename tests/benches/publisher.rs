@@ -366,7 +366,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
         .http
         .put(format!("{}/{PATIENT}", stack.fhir_base))
         .header("Content-Type", "application/fhir+json")
-        .json(&json!({"resourceType": "Patient", "id": "bench"}))
+        .json(&json!({"resourceType": "Patient", "id": "bench", "active": true}))
         .send()
         .await?;
     ensure!(r.status().is_success(), "PUT {PATIENT}: {}", r.status());
