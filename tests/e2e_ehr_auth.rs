@@ -184,34 +184,24 @@ pub async fn ehr_oauth_delivery(env: Arc<Env>) -> anyhow::Result<()> {
         &["--auth", "smart_backend", "--client-id", "ohx-smart"],
     ))
     .await?;
-    let secret = run(target(
-        "secret ehr",
-        &[
-            "--auth",
-            "client_credentials",
-            "--client-id",
-            "ohx-secret",
-            "--token-url",
-            &token_endpoint,
-            "--token",
-            "ohx-secret-value",
-        ],
-    ))
-    .await?;
-    let refused = run(target(
-        "refused ehr",
-        &[
-            "--auth",
-            "client_credentials",
-            "--client-id",
-            "ohx-secret",
-            "--token-url",
-            &token_endpoint,
-            "--token",
-            "not-the-secret",
-        ],
-    ))
-    .await?;
+    // Two client-secret targets of the same client: one with its secret, one with a wrong one.
+    let with_secret = |name: &str, secret: &str| {
+        target(
+            name,
+            &[
+                "--auth",
+                "client_credentials",
+                "--client-id",
+                "ohx-secret",
+                "--token-url",
+                &token_endpoint,
+                "--token",
+                secret,
+            ],
+        )
+    };
+    let secret = run(with_secret("secret ehr", "ohx-secret-value")).await?;
+    let refused = run(with_secret("refused ehr", "not-the-secret")).await?;
     let key1 = stack
         .ohx(&["target-key", "add", "--target", &smart, "--alg", "ES384"])
         .await?;
