@@ -1447,7 +1447,8 @@ async fn withings_devices_registered(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Three deliveries of the same webhook, and a replay of every stage's input from the
+/// Three deliveries of the same webhook, later notifications of the same hours (re-fetches,
+/// one category at a time, data unchanged), and a replay of every stage's input from the
 /// beginning, leave the same resources and no additional versions.
 async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
     let p = env.new_patient(5002).await?;
@@ -1492,6 +1493,38 @@ async fn idempotent_redelivery_and_replay(env: Arc<Env>) -> anyhow::Result<()> {
     ensure!(
         v1.values().all(|v| v == "1"),
         "a redelivered webhook created versions: {v1:?}"
+    );
+
+    // Later notifications within the same hours, each fetched alone: intraday without
+    // `getmeas` first (it once took no timezone, so the hourly aggregate changed its UTC
+    // offset and was amended), then blood pressure. Whole hours again, nothing changed.
+    let db = env.stack.lock().await.db().await?;
+    let runs_sql =
+        "SELECT count(*) FROM sync_runs WHERE link_id = $1::text::uuid AND status = 'ok'";
+    let mut runs: i64 = db.query_one(runs_sql, &[&p.link_id]).await?.get(0);
+    for appli in [16, 4] {
+        env.notify(p.userid, appli, h + 60_000, h + HOUR - 60_000)
+            .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let now: i64 = db.query_one(runs_sql, &[&p.link_id]).await?.get(0);
+            if now > runs {
+                runs = now;
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the notification of appli {appli} was not fetched"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    let refetched = patient_resources(&env, &p).await?;
+    ensure!(
+        versions(&refetched) == v1,
+        "an unchanged re-fetch created versions: {:?}",
+        versions(&refetched)
     );
 
     // Replay every stage's input from the beginning: stop the consumers, rewind every group,

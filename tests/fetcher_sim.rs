@@ -210,6 +210,11 @@ impl Env {
 
     /// A WEBHOOK request for the last two hours of every category.
     fn request(&self, link: &LinkRow, offset: i64) -> Input<SyncRequest> {
+        self.request_for(link, offset, &["blood_pressure", "body", "heart_rate"])
+    }
+
+    /// A WEBHOOK request for the last two hours of `categories`.
+    fn request_for(&self, link: &LinkRow, offset: i64, categories: &[&str]) -> Input<SyncRequest> {
         let now = chrono::Utc::now().timestamp_millis();
         Input {
             topic: topic::SYNC_REQUESTS.into(),
@@ -229,7 +234,7 @@ impl Env {
                     trigger: "WEBHOOK".into(),
                     received_at: now,
                 },
-                categories: vec!["blood_pressure".into(), "body".into(), "heart_rate".into()],
+                categories: categories.iter().map(|c| (*c).to_owned()).collect(),
                 window_start: Some(now - 2 * HOUR_MS),
                 window_end: Some(now),
                 provider_event: Some("appli=4".into()),
@@ -344,6 +349,56 @@ async fn test_rate_limited_batch_resumes_and_duplicates_are_skipped() {
     assert!(runs.is_empty(), "{runs:?}");
     assert!(out.is_empty());
     assert_eq!(env.calls().await, calls);
+}
+
+/// Intraday heart rate carries no timezone; its samples' local offsets come from the user's
+/// timezone of a `getmeas` answer. Fetched alone, after a fetch that shared a `getmeas` call,
+/// it gets the same offsets (the link remembers the timezone): otherwise a re-fetch of one
+/// category would change the hourly aggregates' offsets, and with them their content.
+#[tokio::test]
+async fn test_intraday_fetched_alone_keeps_the_users_offsets() {
+    let env = Env::new(600, withings_sim::DEMO_CLIENT_SECRET).await;
+    let link = env.link(unique_userid(), false).await;
+    let mut fetcher = env.fetcher();
+    let hourly_offsets = |ms: &[Measurement]| -> Vec<(String, Option<i32>)> {
+        ms.iter()
+            .filter(|m| m.aggregation == AGGREGATION_HOURLY)
+            .map(|m| (m.measurement_id.clone(), m.utc_offset_seconds))
+            .collect()
+    };
+
+    let mut out = env.emitter();
+    let both = env.request_for(&link, 1, &["blood_pressure", "heart_rate"]);
+    let runs = fetcher.process(&[both], &mut out).await.unwrap();
+    fetcher.apply(&runs).await.unwrap();
+    let together = hourly_offsets(&env.measurements(&out).await);
+    assert!(together.len() >= 60, "{}", together.len());
+    // Europe/Berlin, the simulator's timezone: +01:00 or +02:00.
+    assert!(
+        together.iter().all(|(_, o)| matches!(o, Some(3600 | 7200))),
+        "{together:?}"
+    );
+    let c = env.pool.get().await.unwrap();
+    let stored: Option<String> = c
+        .query_one(
+            "SELECT timezone FROM provider_links WHERE id = $1",
+            &[&link.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored.as_deref(), Some("Europe/Berlin"));
+
+    let mut out = env.emitter();
+    let alone = env.request_for(&link, 2, &["heart_rate"]);
+    let runs = fetcher.process(&[alone], &mut out).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    let ms = env.measurements(&out).await;
+    assert!(
+        ms.iter().all(|m| m.aggregation == AGGREGATION_HOURLY),
+        "only intraday was asked for"
+    );
+    assert_eq!(hourly_offsets(&ms), together);
 }
 
 /// Item 1: a permanent provider refusal dead-letters the request and records a failed run.

@@ -104,6 +104,7 @@ fn all_rules(g: &GoogleHealth, start: i64, end: i64) -> Plan {
             .collect(),
         policy: Default::default(),
         granted_scopes: None,
+        timezone: None,
     }
 }
 

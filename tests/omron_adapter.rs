@@ -97,6 +97,7 @@ fn plan(start: i64, end: i64) -> Plan {
         windows: [("bloodpressure".to_owned(), (start, end))].into(),
         policy: Default::default(),
         granted_scopes: None,
+        timezone: None,
     }
 }
 

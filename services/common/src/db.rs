@@ -51,6 +51,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0012_ehr_target_keys",
         include_str!("../migrations/0012_ehr_target_keys.sql"),
     ),
+    (
+        "0013_link_timezone",
+        include_str!("../migrations/0013_link_timezone.sql"),
+    ),
 ];
 
 /// A database error as text for logs and errors: the server's message and SQLSTATE ("db

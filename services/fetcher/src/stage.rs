@@ -178,6 +178,7 @@ pub fn plan(
         windows,
         policy: Default::default(),
         granted_scopes: None,
+        timezone: None,
     }
 }
 
@@ -505,6 +506,7 @@ impl Fetcher {
             let reason = format!("link is {}", link.status);
             return Ok((plan, LinkOutcome::Inactive(reason)));
         }
+        plan.timezone.clone_from(&link.timezone);
         plan.granted_scopes = link
             .scopes
             .as_deref()
@@ -677,8 +679,10 @@ impl Processor for Fetcher {
                 }
             };
             let mut skipped = serde_json::Map::new();
+            let mut timezone = None;
             let (status, error, count, calls) = match outcome {
                 LinkOutcome::Done(fetched) => {
+                    timezone.clone_from(&fetched.timezone);
                     let count = fetched.measurements.len() as i32;
                     for m in &fetched.measurements {
                         MEASUREMENTS.add(
@@ -758,6 +762,7 @@ impl Processor for Fetcher {
                     error: error.clone(),
                     fetch_started_at: now,
                     skipped: skipped.clone(),
+                    timezone: timezone.clone(),
                 });
             }
         }

@@ -52,6 +52,8 @@ pub struct Link {
     pub policy: Result<Policy, PolicyError>,
     /// The scopes the user granted (`provider_links.scopes`, space-separated), if recorded.
     pub scopes: Option<String>,
+    /// The user's timezone as the provider last reported it (`provider_links.timezone`).
+    pub timezone: Option<String>,
 }
 
 impl std::fmt::Debug for Link {
@@ -101,7 +103,7 @@ impl Store {
             .query_opt(
                 &format!("SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
                         a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider, \
-                        {POLICY_COLUMNS}, l.scopes \
+                        {POLICY_COLUMNS}, l.scopes, l.timezone \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id \
                  JOIN organizations o ON o.id = l.organization_id JOIN patients p ON p.id = l.patient_id \
                  WHERE l.id = $1"),
@@ -133,6 +135,7 @@ impl Store {
             provider: row.get(10),
             policy: Policy::from_stored(row.get(11), row.get(12), row.get(13)),
             scopes: row.get(14),
+            timezone: row.get(15),
         })
     }
 
@@ -276,8 +279,8 @@ impl Store {
                 tx.execute(
                     "UPDATE provider_links SET last_synced_at = now(), \
                      cursors = cursors || jsonb_build_object('last_window_end_ms', GREATEST(COALESCE((cursors->>'last_window_end_ms')::bigint, 0), $2::bigint)), \
-                     updated_at = now() WHERE id = $1",
-                    &[&r.link_id, &r.window.1],
+                     timezone = COALESCE($3, timezone), updated_at = now() WHERE id = $1",
+                    &[&r.link_id, &r.window.1, &r.timezone],
                 )
                 .await?;
             }
@@ -304,6 +307,8 @@ pub struct SyncRun {
     /// What the provider answered and was not turned into measurements: count by
     /// `reason` or `reason:provider type` (`sync_runs.skipped`).
     pub skipped: serde_json::Map<String, serde_json::Value>,
+    /// The user's timezone the fetch's answers reported, remembered on the link when `ok`.
+    pub timezone: Option<String>,
 }
 
 /// A refresh failure that may mean the grant is revoked.

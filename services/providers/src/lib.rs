@@ -210,6 +210,9 @@ pub struct Plan {
     /// The OAuth2 scopes the user granted, when the provider reports them (granular consent):
     /// an adapter asks only for data types whose scope is among them. `None`: not known.
     pub granted_scopes: Option<std::collections::BTreeSet<String>>,
+    /// The user's timezone (IANA) as the provider last reported it for this link
+    /// ([`Fetched::timezone`] of an earlier fetch), for answers that carry none of their own.
+    pub timezone: Option<String>,
 }
 
 /// What a fetch produced.
@@ -224,6 +227,9 @@ pub struct Fetched {
     /// provider type (e.g. `unmapped_type` / `withings:123`): counted in metrics and the sync
     /// run, never silently dropped.
     pub skipped: BTreeMap<(String, String), u64>,
+    /// The user's timezone (IANA) as this fetch's answers reported it, if they did: the
+    /// fetcher remembers it on the link and hands it back in [`Plan::timezone`].
+    pub timezone: Option<String>,
 }
 
 impl Fetched {

@@ -266,7 +266,11 @@ impl Withings {
         let client = WithingsClient::from_api(api);
         let mut fetched = Fetched::default();
         let mut out = Vec::new();
-        let mut timezone: Option<String> = None;
+        // The user's timezone: this fetch's `getmeas` answer's, else the one the link's
+        // earlier answers reported. Intraday answers carry none, and their local offsets must
+        // not depend on whether a `getmeas` call happened to share the fetch (an hourly
+        // aggregate with another offset is new content, a new version in the EHR).
+        let mut timezone: Option<String> = plan.timezone.clone();
         let (mut spot_end, mut hourly_end) = (None, None);
         let table = &self.table;
         // Spot measures (getmeas): one call (with paging) over the union of their windows,
