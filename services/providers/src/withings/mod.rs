@@ -304,7 +304,10 @@ impl Withings {
                 .await?;
             fetched.api_calls += 1;
             spot_end = Some(end.min(now));
-            timezone = resp.timezone.clone();
+            if resp.timezone.is_some() {
+                timezone.clone_from(&resp.timezone);
+                fetched.timezone.clone_from(&resp.timezone);
+            }
             let n = normalize::normalize_measures(&resp, context, table, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
