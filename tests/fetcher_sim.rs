@@ -14,7 +14,7 @@ use fetcher::store::{Store, SyncRun};
 use ohx_common::codec::Codec;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
-use ohx_common::records::{AGGREGATION_HOURLY, Context, Measurement, SyncRequest, topic};
+use ohx_common::records::{AGGREGATION_HOURLY, Context, Delivery, Measurement, SyncRequest, topic};
 use ohx_providers::withings::WithingsSettings;
 use ohx_providers::{ProviderSettings, Registry};
 use ohx_tests::withings_sim::{self, SimConfig, SimState, UserSeed};
@@ -233,6 +233,7 @@ impl Env {
                     sync_request_id: Uuid::new_v4().to_string(),
                     trigger: "WEBHOOK".into(),
                     received_at: now,
+                    deliveries: Vec::new(),
                 },
                 categories: categories.iter().map(|c| (*c).to_owned()).collect(),
                 window_start: Some(now - 2 * HOUR_MS),
@@ -399,6 +400,56 @@ async fn test_intraday_fetched_alone_keeps_the_users_offsets() {
         "only intraday was asked for"
     );
     assert_eq!(hourly_offsets(&ms), together);
+}
+
+/// The measurements of a patient with a second EHR target carry both targets, the patient's
+/// own first, as the configuration says at fetch time; a patient with one target carries none.
+#[tokio::test]
+async fn test_measurements_carry_every_target_of_the_patient() {
+    let env = Env::new(600, withings_sim::DEMO_CLIENT_SECRET).await;
+    let (one, two) = (
+        env.link(unique_userid(), false).await,
+        env.link(unique_userid(), false).await,
+    );
+    let second = Uuid::new_v4();
+    let c = env.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO ehr_targets (id, organization_id, name, base_url) VALUES ($1, $2, 'second', 'http://127.0.0.1:2')",
+        &[&second, &env.org],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO patient_deliveries (patient_id, ehr_target_id, ehr_patient_reference) VALUES ($1, $2, 'Patient/b')",
+        &[&two.patient, &second],
+    )
+    .await
+    .unwrap();
+    let mut fetcher = env.fetcher();
+    let mut out = env.emitter();
+    let batch = [env.request(&one, 1), env.request(&two, 2)];
+    fetcher.process(&batch, &mut out).await.unwrap();
+    let ms = env.measurements(&out).await;
+    let of = |l: &LinkRow| -> Vec<&Measurement> {
+        ms.iter()
+            .filter(|m| m.context.link_id == l.id.to_string())
+            .collect()
+    };
+    assert!(!of(&one).is_empty() && !of(&two).is_empty());
+    assert!(of(&one).iter().all(|m| m.context.deliveries.is_empty()));
+    let expected = vec![
+        Delivery {
+            ehr_target_id: env.target.to_string(),
+            patient_reference: format!("Patient/{}", two.patient),
+        },
+        Delivery {
+            ehr_target_id: second.to_string(),
+            patient_reference: "Patient/b".into(),
+        },
+    ];
+    for m in of(&two) {
+        assert_eq!(m.context.deliveries, expected, "{}", m.measurement_id);
+    }
 }
 
 /// Item 1: a permanent provider refusal dead-letters the request and records a failed run.

@@ -68,6 +68,7 @@ fn ctx(user: &str) -> Context {
         sync_request_id: "s".into(),
         trigger: "MANUAL".into(),
         received_at: 0,
+        deliveries: Vec::new(),
     }
 }
 

@@ -111,6 +111,7 @@ fn request(n: usize) -> SyncRequest {
             sync_request_id: format!("input-{n}"),
             trigger: "MANUAL".into(),
             received_at: 0,
+            deliveries: Vec::new(),
         },
         categories: vec![],
         window_start: None,

@@ -410,6 +410,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
         sync_request_id: String::new(),
         trigger: "WEBHOOK".into(),
         received_at: 0,
+        deliveries: Vec::new(),
     };
     println!(
         "setup: hfs, broker and {n} x 3 resources in {:.1} s (binaries: {})",

@@ -35,6 +35,7 @@ fn ctx() -> Context {
         sync_request_id: "3f1d3b5e-0000-4000-8000-000000000005".into(),
         trigger: "WEBHOOK".into(),
         received_at: 1_790_000_000_000,
+        deliveries: Vec::new(),
     }
 }
 

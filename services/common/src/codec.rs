@@ -47,6 +47,22 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../../schemas/fhir_resource.avsc"),
     ),
     (
+        "sync_request_v2.avsc",
+        include_str!("../../../schemas/sync_request_v2.avsc"),
+    ),
+    (
+        "measurement_v3.avsc",
+        include_str!("../../../schemas/measurement_v3.avsc"),
+    ),
+    (
+        "hourly_aggregate_v2.avsc",
+        include_str!("../../../schemas/hourly_aggregate_v2.avsc"),
+    ),
+    (
+        "fhir_resource_v2.avsc",
+        include_str!("../../../schemas/fhir_resource_v2.avsc"),
+    ),
+    (
         "dedup_state.avsc",
         include_str!("../../../schemas/dedup_state.avsc"),
     ),
@@ -342,6 +358,7 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1_700_000_000_000,
+            deliveries: Vec::new(),
         }
     }
 
@@ -401,9 +418,21 @@ mod tests {
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            8
+            10
         );
         round_trip(&codec, topic::MEASUREMENTS, &m).await;
+        let mut to_two_targets = m.clone();
+        to_two_targets.context.deliveries = vec![
+            Delivery {
+                ehr_target_id: "t".into(),
+                patient_reference: "Patient/1".into(),
+            },
+            Delivery {
+                ehr_target_id: "t2".into(),
+                patient_reference: "Patient/abc".into(),
+            },
+        ];
+        round_trip(&codec, topic::MEASUREMENTS, &to_two_targets).await;
         let without_options = Measurement {
             device: None,
             entry_method: None,
@@ -525,6 +554,61 @@ mod tests {
                 revision: 0
             }
         );
+    }
+
+    /// Records written before contexts carried their deliveries (schema ids 1, 8 and 4) are
+    /// still read, as going to their own target alone.
+    #[tokio::test]
+    #[allow(deprecated)]
+    async fn test_records_of_the_schemas_before_deliveries_read_with_none() {
+        async fn written_with<T: Record + PartialEq + std::fmt::Debug>(
+            codec: &Codec,
+            file: &str,
+            id: u8,
+            v: &T,
+        ) {
+            let (old, _) = codec.schema(file).unwrap().clone();
+            let value = apache_avro::to_value(v).unwrap().resolve(&old).unwrap();
+            let mut bytes = vec![0, 0, 0, 0, id];
+            bytes.extend(apache_avro::to_avro_datum(&old, value).unwrap());
+            assert_eq!(&codec.decode::<T>(&bytes).await.unwrap(), v, "{file}");
+        }
+        let codec = Codec::embedded().unwrap();
+        let sr = SyncRequest {
+            context: ctx(),
+            categories: vec!["heart_rate".into()],
+            window_start: Some(1),
+            window_end: None,
+            provider_event: None,
+        };
+        written_with(&codec, "sync_request.avsc", 1, &sr).await;
+        let m = Measurement {
+            context: ctx(),
+            measurement_id: "m".into(),
+            series_key: series_key("p", "withings", "body_weight"),
+            data_type: "body_weight".into(),
+            aggregation: AGGREGATION_INDIVIDUAL.into(),
+            effective_start: 5,
+            effective_end: None,
+            utc_offset_seconds: None,
+            components: vec![],
+            device: None,
+            entry_method: None,
+            provider_group_id: None,
+            provider_modified_at: None,
+            fetched_through: None,
+        };
+        written_with(&codec, "measurement_v2.avsc", 8, &m).await;
+        let r = FhirResource {
+            context: ctx(),
+            identity: "t/Observation/x".into(),
+            resource_type: "Observation".into(),
+            resource_id: "x".into(),
+            resource: "{}".into(),
+            source_ids: vec!["m".into()],
+            source_revision: 3,
+        };
+        written_with(&codec, "fhir_resource.avsc", 4, &r).await;
     }
 
     /// Measurements written before components carried their decimal places (schema id 2) are

@@ -55,7 +55,38 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0013_link_timezone",
         include_str!("../migrations/0013_link_timezone.sql"),
     ),
+    (
+        "0014_patient_deliveries",
+        include_str!("../migrations/0014_patient_deliveries.sql"),
+    ),
 ];
+
+/// The EHR targets a patient's data goes to ([`crate::records::Context::deliveries`]): the
+/// patient's own target first, then those of `patient_deliveries` by target id; empty when
+/// the patient has only its own. One query.
+pub async fn patient_deliveries(
+    client: &tokio_postgres::Client,
+    patient_id: &uuid::Uuid,
+) -> Result<Vec<crate::records::Delivery>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT p.ehr_target_id::text, p.ehr_patient_reference, 0 AS rank FROM patients p \
+             WHERE p.id = $1 AND EXISTS (SELECT 1 FROM patient_deliveries d WHERE d.patient_id = $1) \
+             UNION ALL \
+             SELECT d.ehr_target_id::text, d.ehr_patient_reference, 1 FROM patient_deliveries d \
+             WHERE d.patient_id = $1 \
+             ORDER BY 3, 1",
+            &[patient_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| crate::records::Delivery {
+            ehr_target_id: r.get(0),
+            patient_reference: r.get(1),
+        })
+        .collect())
+}
 
 /// A database error as text for logs and errors: the server's message and SQLSTATE ("db
 /// error" alone says nothing), never its detail, which can quote row values.

@@ -28,6 +28,50 @@ pub struct Context {
     pub trigger: String,
     /// Receive time of the originating event, epoch ms (for end-to-end latency).
     pub received_at: i64,
+    /// Every EHR target of the patient, `ehr_target_id` first, set by the fetcher from the
+    /// configuration when the patient has more than one; empty: `ehr_target_id` alone. The
+    /// fhir-mapper maps a record once per delivery ([`Context::per_delivery`]).
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
+}
+
+/// One EHR target a patient's data goes to, with the patient as that EHR knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub ehr_target_id: String,
+    /// e.g. `Patient/123`.
+    pub patient_reference: String,
+}
+
+impl Context {
+    /// Whether the record goes to `ehr_target_id` alone, as `patient_reference`.
+    pub fn single_delivery(&self) -> bool {
+        match self.deliveries.as_slice() {
+            [] => true,
+            [d] => {
+                d.ehr_target_id == self.ehr_target_id
+                    && d.patient_reference == self.patient_reference
+            }
+            _ => false,
+        }
+    }
+
+    /// One context per delivery, each addressed to that delivery's target alone (its
+    /// `deliveries` empty); the context itself when it has none.
+    pub fn per_delivery(&self) -> Vec<Context> {
+        if self.deliveries.is_empty() {
+            return vec![self.clone()];
+        }
+        self.deliveries
+            .iter()
+            .map(|d| Context {
+                ehr_target_id: d.ehr_target_id.clone(),
+                patient_reference: d.patient_reference.clone(),
+                deliveries: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
+    }
 }
 
 /// Asks the fetcher to fetch a window of one provider link's data.
@@ -45,7 +89,7 @@ pub struct SyncRequest {
 }
 
 impl Record for SyncRequest {
-    const SCHEMA_FILE: &'static str = "sync_request.avsc";
+    const SCHEMA_FILE: &'static str = "sync_request_v2.avsc";
 }
 
 /// One value of a measurement (`value` for scalars; `systolic`/`diastolic` for blood pressure).
@@ -109,7 +153,7 @@ pub struct Measurement {
 }
 
 impl Record for Measurement {
-    const SCHEMA_FILE: &'static str = "measurement_v2.avsc";
+    const SCHEMA_FILE: &'static str = "measurement_v3.avsc";
 }
 
 /// Builds the series key of a patient's data type from one provider (the key of
@@ -149,7 +193,7 @@ pub struct HourlyAggregate {
 }
 
 impl Record for HourlyAggregate {
-    const SCHEMA_FILE: &'static str = "hourly_aggregate.avsc";
+    const SCHEMA_FILE: &'static str = "hourly_aggregate_v2.avsc";
 }
 
 /// A FHIR R5 resource ready for an EHR target.
@@ -171,7 +215,7 @@ pub struct FhirResource {
 }
 
 impl Record for FhirResource {
-    const SCHEMA_FILE: &'static str = "fhir_resource.avsc";
+    const SCHEMA_FILE: &'static str = "fhir_resource_v2.avsc";
 }
 
 /// Builds the identity (record key) of a resource for an EHR target.
@@ -281,4 +325,65 @@ pub fn content_hash_of(resource: &serde_json::Value) -> Result<String, serde_jso
         None => serde_json::to_vec(resource)?,
     };
     Ok(hex::encode(Sha256::digest(&canonical)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(deliveries: &[(&str, &str)]) -> Context {
+        Context {
+            organization_id: "o".into(),
+            ehr_target_id: "t1".into(),
+            patient_id: "p".into(),
+            patient_reference: "Patient/1".into(),
+            provider: "withings".into(),
+            link_id: "l".into(),
+            provider_user_id: "u".into(),
+            sync_request_id: "s".into(),
+            trigger: "WEBHOOK".into(),
+            received_at: 7,
+            deliveries: deliveries
+                .iter()
+                .map(|(t, r)| Delivery {
+                    ehr_target_id: (*t).into(),
+                    patient_reference: (*r).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn test_without_deliveries_the_record_goes_to_its_own_target() {
+        let c = ctx(&[]);
+        assert!(c.single_delivery());
+        assert_eq!(c.per_delivery(), vec![c.clone()]);
+    }
+
+    #[test]
+    fn test_a_single_delivery_is_single_only_when_it_is_the_records_own_target() {
+        assert!(ctx(&[("t1", "Patient/1")]).single_delivery());
+        assert!(!ctx(&[("t2", "Patient/1")]).single_delivery());
+        assert!(!ctx(&[("t1", "Patient/9")]).single_delivery());
+    }
+
+    #[test]
+    fn test_per_delivery_addresses_each_target_alone_and_keeps_the_rest() {
+        let c = ctx(&[("t1", "Patient/1"), ("t2", "Patient/abc")]);
+        assert!(!c.single_delivery());
+        let per = c.per_delivery();
+        let addressed: Vec<(&str, &str)> = per
+            .iter()
+            .map(|d| (d.ehr_target_id.as_str(), d.patient_reference.as_str()))
+            .collect();
+        assert_eq!(addressed, vec![("t1", "Patient/1"), ("t2", "Patient/abc")]);
+        for d in &per {
+            assert!(d.deliveries.is_empty());
+            assert!(d.single_delivery());
+            assert_eq!(
+                (d.patient_id.as_str(), d.link_id.as_str(), d.received_at),
+                ("p", "l", 7)
+            );
+        }
+    }
 }

@@ -549,6 +549,9 @@ impl Fetcher {
         now_ms: i64,
     ) -> Result<LinkOutcome, StageError> {
         let api = self.api(provider, &link);
+        // The measurements go to every target the patient has now.
+        let mut context = request.context.clone();
+        context.deliveries.clone_from(&link.deliveries);
         let mut token = match self.token(provider, &api, &link, None).await? {
             TokenOutcome::Token(t) => t,
             TokenOutcome::Revoked => {
@@ -558,10 +561,7 @@ impl Fetcher {
         };
         let mut refreshed = false;
         loop {
-            match provider
-                .fetch(&api, &token, plan, &request.context, now_ms)
-                .await
-            {
+            match provider.fetch(&api, &token, plan, &context, now_ms).await {
                 Ok(fetched) => return Ok(LinkOutcome::Done(fetched)),
                 Err(ProviderError::TokenRejected { .. }) if !refreshed => {
                     refreshed = true;
@@ -797,6 +797,7 @@ mod tests {
                 sync_request_id: "s".into(),
                 trigger: "WEBHOOK".into(),
                 received_at: 0,
+                deliveries: Vec::new(),
             },
             categories: cats.iter().map(|c| c.to_string()).collect(),
             window_start: s,

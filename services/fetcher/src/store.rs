@@ -54,6 +54,8 @@ pub struct Link {
     pub scopes: Option<String>,
     /// The user's timezone as the provider last reported it (`provider_links.timezone`).
     pub timezone: Option<String>,
+    /// Every EHR target of the patient, as of this load ([`ohx_common::db::patient_deliveries`]).
+    pub deliveries: Vec<ohx_common::records::Delivery>,
 }
 
 impl std::fmt::Debug for Link {
@@ -103,7 +105,7 @@ impl Store {
             .query_opt(
                 &format!("SELECT l.id, l.provider_app_id, l.status, l.provider_user_id, l.access_token, l.token_expires_at, \
                         a.client_id, a.client_secret, a.api_base_url, (l.cursors->>'last_window_end_ms')::bigint, l.provider, \
-                        {POLICY_COLUMNS}, l.scopes, l.timezone \
+                        {POLICY_COLUMNS}, l.scopes, l.timezone, l.patient_id \
                  FROM provider_links l JOIN provider_apps a ON a.id = l.provider_app_id \
                  JOIN organizations o ON o.id = l.organization_id JOIN patients p ON p.id = l.patient_id \
                  WHERE l.id = $1"),
@@ -111,6 +113,8 @@ impl Store {
             )
             .await?
             .ok_or_else(|| StoreError::UnknownLink(id.to_string()))?;
+        let patient_id: Uuid = row.get(16);
+        let deliveries = ohx_common::db::patient_deliveries(&client, &patient_id).await?;
         let app_id: Uuid = row.get(1);
         let sealed_access: Option<String> = row.get(4);
         let access_token = match sealed_access {
@@ -136,6 +140,7 @@ impl Store {
             policy: Policy::from_stored(row.get(11), row.get(12), row.get(13)),
             scopes: row.get(14),
             timezone: row.get(15),
+            deliveries,
         })
     }
 

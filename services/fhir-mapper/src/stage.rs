@@ -3,6 +3,11 @@
 //! identity. A record that cannot be mapped, or whose resource is invalid, goes to the
 //! dead-letter topic with the reason; the stage keeps going. A Device or DeviceAssociation the
 //! broker already acknowledged with the same content is not emitted again (see `devices`).
+//!
+//! A patient with several EHR targets ([`Context::deliveries`]) gets every record mapped once
+//! per target, each addressed to that target (its identity, its patient reference); should
+//! one target's mapping fail, the record is dead-lettered with the target named, and a
+//! re-drive repeats the targets already emitted, which the deduplicator finds unchanged.
 
 use crate::devices::{BatchDevices, Devices, content_hash, repeats_per_measurement};
 use crate::map::{MappedResource, MapperSettings, canonical_json, map_aggregate, map_measurement};
@@ -15,6 +20,7 @@ use ohx_common::records::{
 };
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 static MAPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
@@ -43,14 +49,14 @@ struct Mapped<'a, T> {
 
 impl MapperCore {
     /// Validates and emits mapped resources, leaving out devices already acknowledged with the
-    /// same content; an invalid resource dead-letters its input.
+    /// same content; an invalid resource dead-letters its input (returns `false`).
     async fn emit<T>(
         &self,
         mapped: Mapped<'_, T>,
         known: &Devices,
         batch: &mut BatchDevices,
         out: &mut Emitter,
-    ) -> Result<(), StageError> {
+    ) -> Result<bool, StageError> {
         let Mapped {
             input,
             context,
@@ -81,13 +87,18 @@ impl MapperCore {
                         KeyValue::new("outcome", "invalid"),
                     ],
                 );
-                return out
-                    .dead_letter(
-                        input,
-                        "validation",
-                        format!("{} {} is not valid FHIR R5: {e}", r.resource_type, r.id),
-                    )
-                    .await;
+                out.dead_letter(
+                    input,
+                    "validation",
+                    format!(
+                        "{} {} is not valid FHIR R5{}: {e}",
+                        r.resource_type,
+                        r.id,
+                        for_target(context)
+                    ),
+                )
+                .await?;
+                return Ok(false);
             }
         }
         out.follow(input);
@@ -112,8 +123,34 @@ impl MapperCore {
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
         batch.emitted(devices);
-        Ok(())
+        Ok(true)
     }
+}
+
+/// A record once per delivery of its patient ([`Context::per_delivery`]): itself when it goes
+/// to its own target alone, otherwise a copy addressed to each target.
+fn per_delivery<'a, T: Clone>(
+    value: &'a T,
+    context: &Context,
+    readdress: fn(&mut T, Context),
+) -> Vec<Cow<'a, T>> {
+    if context.single_delivery() {
+        return vec![Cow::Borrowed(value)];
+    }
+    context
+        .per_delivery()
+        .into_iter()
+        .map(|c| {
+            let mut v = value.clone();
+            readdress(&mut v, c);
+            Cow::Owned(v)
+        })
+        .collect()
+}
+
+/// ` for EHR target …`, naming the target in a dead letter's reason.
+fn for_target(context: &Context) -> String {
+    format!(" for EHR target {}", context.ehr_target_id)
 }
 
 /// Maps measurements that are not aggregated hourly.
@@ -148,20 +185,30 @@ impl Processor for MeasurementMapper {
             if m.aggregation == AGGREGATION_HOURLY {
                 continue; // the hourly-aggregator's output is mapped instead
             }
-            match map_measurement(m, &self.core.table, &self.core.settings) {
-                Ok(resources) => {
-                    let mapped = Mapped {
-                        input,
-                        context: &m.context,
-                        source_id: &m.measurement_id,
-                        source_revision: m.provider_modified_at.unwrap_or(0),
-                        resources,
-                    };
-                    self.core
-                        .emit(mapped, &self.devices, &mut devices, out)
-                        .await?
+            for m in per_delivery(m, &m.context, |m, c| m.context = c) {
+                match map_measurement(&m, &self.core.table, &self.core.settings) {
+                    Ok(resources) => {
+                        let mapped = Mapped {
+                            input,
+                            context: &m.context,
+                            source_id: &m.measurement_id,
+                            source_revision: m.provider_modified_at.unwrap_or(0),
+                            resources,
+                        };
+                        if !self
+                            .core
+                            .emit(mapped, &self.devices, &mut devices, out)
+                            .await?
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let reason = format!("{e}{}", for_target(&m.context));
+                        out.dead_letter(input, "mapping", reason).await?;
+                        break;
+                    }
                 }
-                Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }
         Ok(devices.into_change())
@@ -202,20 +249,30 @@ impl Processor for AggregateMapper {
         let mut devices = BatchDevices::default();
         for input in batch {
             let a = &input.value;
-            match map_aggregate(a, &self.core.table, &self.core.settings) {
-                Ok(resources) => {
-                    let mapped = Mapped {
-                        input,
-                        context: &a.context,
-                        source_id: &a.aggregate_id,
-                        source_revision: a.revision,
-                        resources,
-                    };
-                    self.core
-                        .emit(mapped, &self.devices, &mut devices, out)
-                        .await?
+            for a in per_delivery(a, &a.context, |a, c| a.context = c) {
+                match map_aggregate(&a, &self.core.table, &self.core.settings) {
+                    Ok(resources) => {
+                        let mapped = Mapped {
+                            input,
+                            context: &a.context,
+                            source_id: &a.aggregate_id,
+                            source_revision: a.revision,
+                            resources,
+                        };
+                        if !self
+                            .core
+                            .emit(mapped, &self.devices, &mut devices, out)
+                            .await?
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let reason = format!("{e}{}", for_target(&a.context));
+                        out.dead_letter(input, "mapping", reason).await?;
+                        break;
+                    }
                 }
-                Err(e) => out.dead_letter(input, "mapping", e.to_string()).await?,
             }
         }
         Ok(devices.into_change())
@@ -232,7 +289,7 @@ impl Processor for AggregateMapper {
 mod tests {
     use super::*;
     use ohx_common::codec::Codec;
-    use ohx_common::records::{AGGREGATION_INDIVIDUAL, Component, Device};
+    use ohx_common::records::{AGGREGATION_INDIVIDUAL, Component, Delivery, Device};
 
     fn core() -> Arc<MapperCore> {
         Arc::new(MapperCore {
@@ -255,6 +312,7 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1_790_000_000_000,
+            deliveries: Vec::new(),
         };
         let value = Measurement {
             context,
@@ -335,5 +393,108 @@ mod tests {
         // Another scale is another device.
         let (other, _) = types(&mut mapper, &[weight(4, "scale-2", "Body+")]).await;
         assert_eq!(other, ["Device", "DeviceAssociation", "Observation"]);
+    }
+
+    /// `input` addressed to its own target and to `t2` as `reference`.
+    fn with_second_target(mut input: Input<Measurement>, reference: &str) -> Input<Measurement> {
+        let c = &mut input.value.context;
+        c.deliveries = vec![
+            Delivery {
+                ehr_target_id: c.ehr_target_id.clone(),
+                patient_reference: c.patient_reference.clone(),
+            },
+            Delivery {
+                ehr_target_id: "t2".into(),
+                patient_reference: reference.into(),
+            },
+        ];
+        input
+    }
+
+    async fn emitted(mapper: &mut MeasurementMapper, batch: &[Input<Measurement>]) -> Emitter {
+        let mut out = Emitter::new("fhir-mapper", Arc::new(Codec::embedded().unwrap()));
+        mapper.process(batch, &mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn test_a_patient_with_two_targets_gets_every_resource_once_per_target() {
+        let mut mapper = MeasurementMapper::new(core());
+        let input = with_second_target(weight(0, "scale", "Body+"), "Patient/abc");
+        let out = emitted(&mut mapper, &[input]).await;
+        let codec = Codec::embedded().unwrap();
+        let mut per_target: std::collections::BTreeMap<String, Vec<FhirResource>> =
+            Default::default();
+        for r in out.records() {
+            assert_eq!(r.topic, topic::FHIR_RESOURCES);
+            let res: FhirResource = codec.decode(&r.payload).await.unwrap();
+            assert_eq!(r.key.as_deref(), Some(res.identity.as_bytes()));
+            per_target
+                .entry(res.context.ehr_target_id.clone())
+                .or_default()
+                .push(res);
+        }
+        assert_eq!(per_target.keys().collect::<Vec<_>>(), ["t", "t2"]);
+        let (own, second) = (&per_target["t"], &per_target["t2"]);
+        let kinds = |v: &[FhirResource]| -> Vec<String> {
+            v.iter().map(|r| r.resource_type.clone()).collect()
+        };
+        assert_eq!(kinds(own), ["Device", "DeviceAssociation", "Observation"]);
+        assert_eq!(kinds(second), kinds(own));
+        for (a, b) in own.iter().zip(second) {
+            // Same resource id, its own identity and context per target.
+            assert_eq!(a.resource_id, b.resource_id);
+            assert_eq!(
+                a.identity,
+                format!("t/{}/{}", a.resource_type, a.resource_id)
+            );
+            assert_eq!(
+                b.identity,
+                format!("t2/{}/{}", b.resource_type, b.resource_id)
+            );
+            assert!(a.context.deliveries.is_empty() && b.context.deliveries.is_empty());
+            assert_eq!(b.context.patient_reference, "Patient/abc");
+        }
+        // The Observation's subject is each EHR's patient; the rest is the same.
+        let obs =
+            |r: &FhirResource| -> serde_json::Value { serde_json::from_str(&r.resource).unwrap() };
+        let (mut a, mut b) = (obs(&own[2]), obs(&second[2]));
+        assert_eq!(a["subject"]["reference"], "Patient/1");
+        assert_eq!(b["subject"]["reference"], "Patient/abc");
+        a["subject"] = serde_json::Value::Null;
+        b["subject"] = serde_json::Value::Null;
+        assert_eq!(a, b);
+    }
+
+    #[tokio::test]
+    async fn test_a_target_that_cannot_be_mapped_dead_letters_the_record_naming_it() {
+        let mut mapper = MeasurementMapper::new(core());
+        // The second target's patient reference is empty: that mapping fails.
+        let input = with_second_target(weight(0, "scale", "Body+"), "");
+        let out = emitted(&mut mapper, &[input]).await;
+        let codec = Codec::embedded().unwrap();
+        let mut delivered = Vec::new();
+        let mut dead = Vec::new();
+        for r in out.records() {
+            if r.topic == topic::DEAD_LETTER {
+                let dl: ohx_common::records::DeadLetter = codec.decode(&r.payload).await.unwrap();
+                dead.push(dl);
+            } else {
+                let res: FhirResource = codec.decode(&r.payload).await.unwrap();
+                delivered.push(res.identity);
+            }
+        }
+        assert_eq!(dead.len(), 1, "one dead letter for the record");
+        assert_eq!(dead[0].error_kind, "mapping");
+        assert!(
+            dead[0].reason.ends_with("for EHR target t2"),
+            "{}",
+            dead[0].reason
+        );
+        assert!(
+            delivered.iter().all(|i| i.starts_with("t/")),
+            "{delivered:?}"
+        );
+        assert_eq!(delivered.len(), 3);
     }
 }

@@ -89,6 +89,26 @@ enum Command {
         #[arg(long)]
         reference: String,
     },
+    /// Sends a patient's data to another EHR target of its organization as well, as the
+    /// patient that EHR knows (`--reference`), from the patient's next fetch on; prints
+    /// {"patient", "deliveries"}.
+    AddDelivery {
+        #[arg(long)]
+        patient: Uuid,
+        #[arg(long)]
+        target: Uuid,
+        /// The patient as that EHR knows them, e.g. Patient/123.
+        #[arg(long)]
+        reference: String,
+    },
+    /// Stops sending a patient's data to a target added with add-delivery; prints
+    /// {"patient", "deliveries"}.
+    RemoveDelivery {
+        #[arg(long)]
+        patient: Uuid,
+        #[arg(long)]
+        target: Uuid,
+    },
     /// Sets the policy of an organization or of a patient (overriding the organization's),
     /// e.g. '{"disabled_data_types": ["fat_mass"], "require_consent": true,
     /// "aggregation": {"heart_rate": "INDIVIDUAL"}, "ambiguous_readings": "accept"}'.
@@ -354,6 +374,7 @@ fn sync_request(
             sync_request_id,
             trigger: trigger.to_string(),
             received_at: now,
+            deliveries: Vec::new(),
         },
         categories: parse_categories(categories),
         window_start: window.map(|w| w.0),
@@ -462,6 +483,16 @@ async fn disconnect(link: Uuid) -> anyhow::Result<usize> {
 
 fn print(v: serde_json::Value) {
     println!("{v}");
+}
+
+/// `{"patient", "deliveries": [{"ehr_target_id", "patient_reference"}]}`: every target of the
+/// patient, its own first (`deliveries` empty when it has only its own).
+async fn deliveries_json(
+    db: &deadpool_postgres::Client,
+    patient: &Uuid,
+) -> anyhow::Result<serde_json::Value> {
+    let deliveries = ohx_common::db::patient_deliveries(db, patient).await?;
+    Ok(json!({"patient": patient, "deliveries": serde_json::to_value(deliveries)?}))
 }
 
 async fn db() -> anyhow::Result<deadpool_postgres::Client> {
@@ -586,6 +617,48 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             print(json!({"id": id}));
+        }
+        Command::AddDelivery {
+            patient,
+            target,
+            reference,
+        } => {
+            let db = db().await?;
+            let row = db
+                .query_opt(
+                    "SELECT p.organization_id = t.organization_id, p.ehr_target_id = t.id \
+                     FROM patients p, ehr_targets t WHERE p.id = $1 AND t.id = $2",
+                    &[&patient, &target],
+                )
+                .await?
+                .context("no such patient or EHR target")?;
+            anyhow::ensure!(
+                row.get::<_, bool>(0),
+                "the EHR target belongs to another organization than the patient"
+            );
+            anyhow::ensure!(
+                !row.get::<_, bool>(1),
+                "the EHR target is the patient's own target already"
+            );
+            db.execute(
+                "INSERT INTO patient_deliveries (patient_id, ehr_target_id, ehr_patient_reference) \
+                 VALUES ($1, $2, $3) ON CONFLICT (patient_id, ehr_target_id) \
+                 DO UPDATE SET ehr_patient_reference = EXCLUDED.ehr_patient_reference",
+                &[&patient, &target, &reference],
+            )
+            .await?;
+            print(deliveries_json(&db, &patient).await?);
+        }
+        Command::RemoveDelivery { patient, target } => {
+            let db = db().await?;
+            let removed = db
+                .execute(
+                    "DELETE FROM patient_deliveries WHERE patient_id = $1 AND ehr_target_id = $2",
+                    &[&patient, &target],
+                )
+                .await?;
+            anyhow::ensure!(removed == 1, "the patient has no such added EHR target");
+            print(deliveries_json(&db, &patient).await?);
         }
         Command::SetPolicy {
             org,

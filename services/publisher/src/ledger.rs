@@ -215,6 +215,7 @@ mod tests {
                     sync_request_id: "s".into(),
                     trigger: "WEBHOOK".into(),
                     received_at: 0,
+                    deliveries: Vec::new(),
                 },
                 identity: format!("t/Observation/{offset}"),
                 resource_type: "Observation".into(),

@@ -229,6 +229,7 @@ fn record(
                 sync_request_id: "s".into(),
                 trigger: "WEBHOOK".into(),
                 received_at: 0,
+                deliveries: Vec::new(),
             },
             identity: format!("{target}/Observation/{id}"),
             resource_type: "Observation".into(),

@@ -375,6 +375,7 @@ pub async fn callback(
             sync_request_id: request_id.clone(),
             trigger: "INITIAL".into(),
             received_at,
+            deliveries: Vec::new(),
         },
         categories: Vec::new(),
         window_start: None,

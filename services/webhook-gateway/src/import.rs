@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use ohx_common::admin::Problem;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::OutRecord;
-use ohx_common::records::{Context, topic};
+use ohx_common::records::{Context, Delivery, topic};
 use ohx_providers::beurer::{self, ParsedExport};
 use ohx_providers::policy::{POLICY_COLUMNS, Policy};
 use opentelemetry::KeyValue;
@@ -177,6 +177,10 @@ pub async fn beurer(
     }
     let mut reports = Vec::new();
     for link in links {
+        let deliveries = match deliveries_of(&state, &link.patient_id).await {
+            Ok(d) => d,
+            Err(response) => return response,
+        };
         let ctx = Context {
             organization_id: link.organization_id.to_string(),
             ehr_target_id: link.ehr_target_id.to_string(),
@@ -188,6 +192,7 @@ pub async fn beurer(
             sync_request_id: import_id(&link.link_id, &body),
             trigger: "IMPORT".into(),
             received_at,
+            deliveries,
         };
         let mut parsed = match beurer::parse_export(&body, &ctx, &zone) {
             Ok(p) => p,
@@ -200,6 +205,19 @@ pub async fn beurer(
     }
     count(provider, "accepted");
     (StatusCode::OK, Json(json!({ "links": reports }))).into_response()
+}
+
+/// The EHR targets the patient's rows go to ([`ohx_common::db::patient_deliveries`]).
+async fn deliveries_of(state: &AppState, patient_id: &Uuid) -> Result<Vec<Delivery>, Response> {
+    let provider = beurer::NAME;
+    let db = db_step(provider, state.db_timeout, "connect", state.pool.get()).await?;
+    db_step(
+        provider,
+        state.db_timeout,
+        "deliveries",
+        ohx_common::db::patient_deliveries(&db, patient_id),
+    )
+    .await
 }
 
 /// Sends the new rows of one link's import and records them; returns the link's report.

@@ -599,6 +599,7 @@ async fn emit_requests(
                 ),
                 trigger: "WEBHOOK".into(),
                 received_at,
+                deliveries: Vec::new(),
             },
             categories: notice.categories.clone(),
             window_start: notice.window.map(|w| w.0),

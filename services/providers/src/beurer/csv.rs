@@ -685,6 +685,7 @@ mod tests {
             sync_request_id: "sr".into(),
             trigger: "MANUAL".into(),
             received_at: 1,
+            deliveries: Vec::new(),
         }
     }
 

@@ -729,6 +729,7 @@ mod tests {
             sync_request_id: "sr".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1,
+            deliveries: Vec::new(),
         }
     }
 
