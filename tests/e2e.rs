@@ -29,6 +29,9 @@ mod providers;
 #[path = "e2e_ehr_auth.rs"]
 mod ehr_auth;
 
+#[path = "e2e_targets.rs"]
+mod targets;
+
 const HOUR: i64 = 3_600_000;
 const CLIENT_ID: &str = "e2e-client";
 const CLIENT_SECRET: &str = "e2e-secret";
@@ -302,6 +305,7 @@ impl Env {
             sync_request_id: uuid::Uuid::new_v4().to_string(),
             trigger: "WEBHOOK".into(),
             received_at: Utc::now().timestamp_millis(),
+            deliveries: Vec::new(),
         }
     }
 
@@ -2584,6 +2588,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("ehr_oauth_delivery", |e| {
             Box::pin(ehr_auth::ehr_oauth_delivery(e))
+        }),
+        ("patient_delivered_to_two_targets", |e| {
+            Box::pin(targets::patient_delivered_to_two_targets(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

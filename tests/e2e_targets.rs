@@ -1,0 +1,245 @@
+//! End-to-end scenario of a patient whose data goes to two EHR targets of one organization:
+//! the stack's hfs, and a second hfs that is down when the data arrives. Part of the `e2e`
+//! test binary (`tests/e2e.rs`).
+
+use super::{Env, HOUR, bp_group, bpm, hour_floor};
+use anyhow::{Context as _, ensure};
+use chrono::Utc;
+use ohx_tests::kafka_util::wait_settled;
+use ohx_tests::stack::free_port;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Observations of `reference` in the FHIR server at `base`, by id.
+async fn observations(
+    env: &Env,
+    base: &str,
+    reference: &str,
+) -> anyhow::Result<BTreeMap<String, Value>> {
+    let bundle: Value = env
+        .http
+        .get(format!("{base}/Observation?subject={reference}&_count=200"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(bundle["entry"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .map(|x| {
+                    let r = x["resource"].clone();
+                    (r["id"].as_str().unwrap_or_default().to_owned(), r)
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Waits until `reference` has `n` Observations at `base`.
+async fn wait_observations(
+    env: &Env,
+    base: &str,
+    reference: &str,
+    n: usize,
+) -> anyhow::Result<BTreeMap<String, Value>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let found = observations(env, base, reference).await?;
+        if found.len() >= n {
+            ensure!(
+                found.len() == n,
+                "{} observations, expected {n}",
+                found.len()
+            );
+            return Ok(found);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{reference} at {base}: {} observations, expected {n}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The patient's own target (the stack's hfs) gets a blood pressure, its pulse and an hourly
+/// heart rate while the second target's server is down; the second target holds its records
+/// without delaying the first; once its server is up it gets the same Observations, addressed
+/// to the patient as that EHR knows them, each resource once (version 1 on both sides).
+///
+/// The scenarios share one pipeline: should this one fail before the second server is up, it
+/// is started anyway, so the held records drain and the scenarios after it can settle.
+pub async fn patient_delivered_to_two_targets(env: Arc<Env>) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let mut started = false;
+    let outcome = two_targets(&env, port, &mut started).await;
+    if outcome.is_err() && !started {
+        env.stack
+            .lock()
+            .await
+            .start_hfs_on("hfs-second", port, &[])
+            .await?;
+    }
+    outcome
+}
+
+/// The body of [`patient_delivered_to_two_targets`]; `started` tells whether the second
+/// server was started.
+async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::Result<()> {
+    let second_base = format!("http://127.0.0.1:{port}");
+    let second = env
+        .stack
+        .lock()
+        .await
+        .ohx_id(&[
+            "create-target",
+            "--org",
+            &env.org,
+            "--name",
+            "second ehr",
+            "--base-url",
+            &second_base,
+        ])
+        .await?;
+    let p = env.new_patient(5301).await?;
+    let second_ref = "Patient/second-5301";
+    let added = env
+        .stack
+        .lock()
+        .await
+        .ohx(&[
+            "add-delivery",
+            "--patient",
+            &p.patient_id,
+            "--target",
+            &second,
+            "--reference",
+            second_ref,
+        ])
+        .await?;
+    let listed: Vec<(&str, &str)> = added[0]["deliveries"]
+        .as_array()
+        .context("deliveries")?
+        .iter()
+        .map(|d| {
+            (
+                d["ehr_target_id"].as_str().unwrap_or_default(),
+                d["patient_reference"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    ensure!(
+        listed
+            == [
+                (env.target.as_str(), p.reference.as_str()),
+                (second.as_str(), second_ref)
+            ],
+        "deliveries: {listed:?}"
+    );
+
+    let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
+    env.add_groups(
+        p.userid,
+        json!([bp_group(
+            930_101,
+            h + 600_000,
+            "bpm-5301",
+            (12500, -2),
+            (8000, -2),
+            (6600, -2)
+        )]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(
+            ((h + m * 60_000) / 1000).to_string(),
+            json!({"deviceid": "watch-5301", "model": "ScanWatch", "model_id": 93,
+                   "heart_rate": bpm(4, m)}),
+        );
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+
+    // The own target gets everything while the second is down and holds its records.
+    let first_base = env.stack.lock().await.fhir_base.clone();
+    let first = wait_observations(env, &first_base, &p.reference, 3).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let targets = env.stack.lock().await.ohx(&["targets"]).await?;
+        let held = targets
+            .iter()
+            .find(|t| t["id"] == second.as_str())
+            .and_then(|t| t["held"].as_i64())
+            .unwrap_or(0);
+        if held > 0 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the second target holds nothing while its server is down: {targets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The second EHR comes up, with the patient as it knows them.
+    env.stack
+        .lock()
+        .await
+        .start_hfs_on("hfs-second", port, &[])
+        .await?;
+    *started = true;
+    let r = env
+        .http
+        .put(format!("{second_base}/{second_ref}"))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "Patient", "id": "second-5301", "active": true}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+    let second_obs = wait_observations(env, &second_base, second_ref, 3).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+
+    // The same Observations on both sides, each addressed to its EHR's patient, version 1.
+    ensure!(
+        first.keys().eq(second_obs.keys()),
+        "ids differ: {:?} / {:?}",
+        first.keys(),
+        second_obs.keys()
+    );
+    for (id, a) in observations(env, &first_base, &p.reference).await? {
+        let b = &second_obs[&id];
+        ensure!(
+            a["subject"]["reference"] == p.reference.as_str(),
+            "{id}: {a}"
+        );
+        ensure!(b["subject"]["reference"] == second_ref, "{id}: {b}");
+        for field in [
+            "code",
+            "valueQuantity",
+            "component",
+            "effectiveDateTime",
+            "effectivePeriod",
+        ] {
+            ensure!(
+                a[field] == b[field],
+                "{id}: {field} differs: {} / {}",
+                a[field],
+                b[field]
+            );
+        }
+        for (side, r) in [("first", &a), ("second", b)] {
+            ensure!(
+                r["meta"]["versionId"] == "1",
+                "{id} on the {side} EHR has version {}",
+                r["meta"]["versionId"]
+            );
+        }
+    }
+    Ok(())
+}
