@@ -66,6 +66,28 @@ async fn wait_observations(
     }
 }
 
+/// `ohx add-delivery`: the patient's data to `target` as well, as `reference`.
+async fn add_delivery(
+    env: &Env,
+    patient: &str,
+    target: &str,
+    reference: &str,
+) -> anyhow::Result<Vec<Value>> {
+    env.stack
+        .lock()
+        .await
+        .ohx(&[
+            "add-delivery",
+            "--patient",
+            patient,
+            "--target",
+            target,
+            "--reference",
+            reference,
+        ])
+        .await
+}
+
 /// The patient's own target (the stack's hfs) gets a blood pressure, its pulse and an hourly
 /// heart rate while the second target's server is down; the second target holds its records
 /// without delaying the first; once its server is up it gets the same Observations, addressed
@@ -107,20 +129,7 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
         .await?;
     let p = env.new_patient(5301).await?;
     let second_ref = "Patient/second-5301";
-    let added = env
-        .stack
-        .lock()
-        .await
-        .ohx(&[
-            "add-delivery",
-            "--patient",
-            &p.patient_id,
-            "--target",
-            &second,
-            "--reference",
-            second_ref,
-        ])
-        .await?;
+    let added = add_delivery(env, &p.patient_id, &second, second_ref).await?;
     let listed: Vec<(&str, &str)> = added[0]["deliveries"]
         .as_array()
         .context("deliveries")?
@@ -140,6 +149,9 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
             ],
         "deliveries: {listed:?}"
     );
+    // The patient's own target cannot be added a second time.
+    let again = add_delivery(env, &p.patient_id, &env.target, "Patient/other").await;
+    ensure!(again.is_err(), "the own target was added again: {again:?}");
 
     let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
     env.add_groups(
@@ -241,5 +253,25 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
             );
         }
     }
+
+    // Removed, the second target is no longer listed.
+    let removed = env
+        .stack
+        .lock()
+        .await
+        .ohx(&[
+            "remove-delivery",
+            "--patient",
+            &p.patient_id,
+            "--target",
+            &second,
+        ])
+        .await?;
+    ensure!(
+        removed[0]["deliveries"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "after remove-delivery: {removed:?}"
+    );
     Ok(())
 }
