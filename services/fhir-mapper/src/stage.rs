@@ -10,7 +10,9 @@
 //! re-drive repeats the targets already emitted, which the deduplicator finds unchanged.
 
 use crate::devices::{BatchDevices, Devices, content_hash, repeats_per_measurement};
-use crate::map::{MappedResource, MapperSettings, canonical_json, map_aggregate, map_measurement};
+use crate::map::{
+    MappedResource, MapperSettings, MappingError, canonical_json, map_aggregate, map_measurement,
+};
 use crate::mapping::Mapping;
 use crate::validate::FhirValidator;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
@@ -38,18 +40,19 @@ pub struct MapperCore {
     pub validator: FhirValidator,
 }
 
-/// One mapped input: what it came from and what it maps to.
+/// One input mapped for one target: what it came from and what it maps to (or why not).
 struct Mapped<'a, T> {
     input: &'a Input<T>,
     context: &'a Context,
     source_id: &'a str,
     source_revision: i64,
-    resources: Vec<MappedResource>,
+    resources: Result<Vec<MappedResource>, MappingError>,
 }
 
 impl MapperCore {
     /// Validates and emits mapped resources, leaving out devices already acknowledged with the
-    /// same content; an invalid resource dead-letters its input (returns `false`).
+    /// same content; a mapping error or an invalid resource dead-letters the input, naming the
+    /// target (returns `false`).
     async fn emit<T>(
         &self,
         mapped: Mapped<'_, T>,
@@ -62,8 +65,16 @@ impl MapperCore {
             context,
             source_id,
             source_revision,
-            mut resources,
+            resources,
         } = mapped;
+        let mut resources = match resources {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!("{e}{}", for_target(context));
+                out.dead_letter(input, "mapping", reason).await?;
+                return Ok(false);
+            }
+        };
         let mut devices = Vec::new();
         resources.retain(|r| {
             if !repeats_per_measurement(&r.resource_type) {
@@ -186,28 +197,19 @@ impl Processor for MeasurementMapper {
                 continue; // the hourly-aggregator's output is mapped instead
             }
             for m in per_delivery(m, &m.context, |m, c| m.context = c) {
-                match map_measurement(&m, &self.core.table, &self.core.settings) {
-                    Ok(resources) => {
-                        let mapped = Mapped {
-                            input,
-                            context: &m.context,
-                            source_id: &m.measurement_id,
-                            source_revision: m.provider_modified_at.unwrap_or(0),
-                            resources,
-                        };
-                        if !self
-                            .core
-                            .emit(mapped, &self.devices, &mut devices, out)
-                            .await?
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let reason = format!("{e}{}", for_target(&m.context));
-                        out.dead_letter(input, "mapping", reason).await?;
-                        break;
-                    }
+                let mapped = Mapped {
+                    input,
+                    context: &m.context,
+                    source_id: &m.measurement_id,
+                    source_revision: m.provider_modified_at.unwrap_or(0),
+                    resources: map_measurement(&m, &self.core.table, &self.core.settings),
+                };
+                if !self
+                    .core
+                    .emit(mapped, &self.devices, &mut devices, out)
+                    .await?
+                {
+                    break;
                 }
             }
         }
@@ -250,28 +252,19 @@ impl Processor for AggregateMapper {
         for input in batch {
             let a = &input.value;
             for a in per_delivery(a, &a.context, |a, c| a.context = c) {
-                match map_aggregate(&a, &self.core.table, &self.core.settings) {
-                    Ok(resources) => {
-                        let mapped = Mapped {
-                            input,
-                            context: &a.context,
-                            source_id: &a.aggregate_id,
-                            source_revision: a.revision,
-                            resources,
-                        };
-                        if !self
-                            .core
-                            .emit(mapped, &self.devices, &mut devices, out)
-                            .await?
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let reason = format!("{e}{}", for_target(&a.context));
-                        out.dead_letter(input, "mapping", reason).await?;
-                        break;
-                    }
+                let mapped = Mapped {
+                    input,
+                    context: &a.context,
+                    source_id: &a.aggregate_id,
+                    source_revision: a.revision,
+                    resources: map_aggregate(&a, &self.core.table, &self.core.settings),
+                };
+                if !self
+                    .core
+                    .emit(mapped, &self.devices, &mut devices, out)
+                    .await?
+                {
+                    break;
                 }
             }
         }
