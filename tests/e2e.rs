@@ -305,6 +305,7 @@ impl Env {
             sync_request_id: uuid::Uuid::new_v4().to_string(),
             trigger: "WEBHOOK".into(),
             received_at: Utc::now().timestamp_millis(),
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }

@@ -233,6 +233,7 @@ impl Env {
                     sync_request_id: Uuid::new_v4().to_string(),
                     trigger: "WEBHOOK".into(),
                     received_at: now,
+                    fhir_version: ohx_common::records::FHIR_R5.into(),
                     deliveries: Vec::new(),
                 },
                 categories: categories.iter().map(|c| (*c).to_owned()).collect(),
@@ -403,7 +404,8 @@ async fn test_intraday_fetched_alone_keeps_the_users_offsets() {
 }
 
 /// The measurements of a patient with a second EHR target carry both targets, the patient's
-/// own first, as the configuration says at fetch time; a patient with one target carries none.
+/// own first, each with the FHIR version it speaks, as the configuration says at fetch time; a
+/// patient with one target carries none, and its own target's version in the context.
 #[tokio::test]
 async fn test_measurements_carry_every_target_of_the_patient() {
     let env = Env::new(600, withings_sim::DEMO_CLIENT_SECRET).await;
@@ -414,7 +416,7 @@ async fn test_measurements_carry_every_target_of_the_patient() {
     let second = Uuid::new_v4();
     let c = env.pool.get().await.unwrap();
     c.execute(
-        "INSERT INTO ehr_targets (id, organization_id, name, base_url) VALUES ($1, $2, 'second', 'http://127.0.0.1:2')",
+        "INSERT INTO ehr_targets (id, organization_id, name, base_url, fhir_version) VALUES ($1, $2, 'second', 'http://127.0.0.1:2', 'R4')",
         &[&second, &env.org],
     )
     .await
@@ -441,14 +443,41 @@ async fn test_measurements_carry_every_target_of_the_patient() {
         Delivery {
             ehr_target_id: env.target.to_string(),
             patient_reference: format!("Patient/{}", two.patient),
+            fhir_version: ohx_common::records::FHIR_R5.into(),
         },
         Delivery {
             ehr_target_id: second.to_string(),
             patient_reference: "Patient/b".into(),
+            fhir_version: ohx_common::records::FHIR_R4.into(),
         },
     ];
     for m in of(&two) {
         assert_eq!(m.context.deliveries, expected, "{}", m.measurement_id);
+        assert_eq!(m.context.fhir_version, ohx_common::records::FHIR_R5);
+    }
+    assert!(
+        of(&one)
+            .iter()
+            .all(|m| m.context.fhir_version == ohx_common::records::FHIR_R5)
+    );
+
+    // The own target now speaks R4: the next fetch says so.
+    c.execute(
+        "UPDATE ehr_targets SET fhir_version = 'R4' WHERE id = $1",
+        &[&env.target],
+    )
+    .await
+    .unwrap();
+    let mut out = env.emitter();
+    fetcher
+        .process(&[env.request(&one, 3)], &mut out)
+        .await
+        .unwrap();
+    let ms = env.measurements(&out).await;
+    assert!(!ms.is_empty());
+    for m in &ms {
+        assert_eq!(m.context.fhir_version, ohx_common::records::FHIR_R4);
+        assert!(m.context.deliveries.is_empty());
     }
 }
 

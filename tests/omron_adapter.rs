@@ -68,6 +68,7 @@ fn ctx(user: &str) -> Context {
         sync_request_id: "s".into(),
         trigger: "MANUAL".into(),
         received_at: 0,
+        fhir_version: ohx_common::records::FHIR_R5.into(),
         deliveries: Vec::new(),
     }
 }

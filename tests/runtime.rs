@@ -111,6 +111,7 @@ fn request(n: usize) -> SyncRequest {
             sync_request_id: format!("input-{n}"),
             trigger: "MANUAL".into(),
             received_at: 0,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         },
         categories: vec![],

@@ -410,6 +410,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
         sync_request_id: String::new(),
         trigger: "WEBHOOK".into(),
         received_at: 0,
+        fhir_version: ohx_common::records::FHIR_R5.into(),
         deliveries: Vec::new(),
     };
     println!(

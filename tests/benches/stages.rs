@@ -4,8 +4,8 @@
 
 use fhir_mapper::map::{MapperSettings, canonical_json, map_aggregate, map_measurement};
 use fhir_mapper::mapping::Mapping;
+use fhir_mapper::r4::R4Rules;
 use fhir_mapper::stage::{MapperCore, MeasurementMapper};
-use fhir_mapper::validate::FhirValidator;
 use hourly_aggregator::window::{PartitionWindows, WindowConfig};
 use ohx_common::codec::Codec;
 use ohx_common::kafka::{Emitter, Input, Processor};
@@ -35,6 +35,7 @@ fn ctx() -> Context {
         sync_request_id: "3f1d3b5e-0000-4000-8000-000000000005".into(),
         trigger: "WEBHOOK".into(),
         received_at: 1_790_000_000_000,
+        fhir_version: ohx_common::records::FHIR_R5.into(),
         deliveries: Vec::new(),
     }
 }
@@ -509,7 +510,6 @@ fn main() -> anyhow::Result<()> {
     let table = Mapping::default_table()?;
     let shared_codec = std::sync::Arc::new(Codec::embedded()?);
     let settings = MapperSettings::new("https://ohx.example/fhir")?;
-    let validator = FhirValidator::new()?;
     let bps: Vec<Vec<u8>> = rt.block_on(async {
         let mut v = Vec::new();
         for i in 0..50_000 {
@@ -518,11 +518,11 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(v)
     })?;
     // As the stage runs it: decode a batch of 500, process it, apply the change.
-    let core = std::sync::Arc::new(MapperCore {
-        table: table.clone(),
-        settings: settings.clone(),
-        validator,
-    });
+    let core = std::sync::Arc::new(MapperCore::new(
+        table.clone(),
+        settings.clone(),
+        R4Rules::default_rules()?,
+    )?);
     // A first pass keeps the outputs (the inputs of the next stages) and lets the validator
     // learn the resources' shapes; the timed pass, with a fresh mapper, drops its outputs once
     // counted, as the stage does once they are produced.

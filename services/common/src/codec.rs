@@ -63,6 +63,22 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../../schemas/fhir_resource_v2.avsc"),
     ),
     (
+        "sync_request_v3.avsc",
+        include_str!("../../../schemas/sync_request_v3.avsc"),
+    ),
+    (
+        "measurement_v4.avsc",
+        include_str!("../../../schemas/measurement_v4.avsc"),
+    ),
+    (
+        "hourly_aggregate_v3.avsc",
+        include_str!("../../../schemas/hourly_aggregate_v3.avsc"),
+    ),
+    (
+        "fhir_resource_v3.avsc",
+        include_str!("../../../schemas/fhir_resource_v3.avsc"),
+    ),
+    (
         "dedup_state.avsc",
         include_str!("../../../schemas/dedup_state.avsc"),
     ),
@@ -358,6 +374,7 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1_700_000_000_000,
+            fhir_version: crate::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }
@@ -418,7 +435,7 @@ mod tests {
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            10
+            14
         );
         round_trip(&codec, topic::MEASUREMENTS, &m).await;
         let mut to_two_targets = m.clone();
@@ -426,10 +443,12 @@ mod tests {
             Delivery {
                 ehr_target_id: "t".into(),
                 patient_reference: "Patient/1".into(),
+                fhir_version: crate::records::FHIR_R5.into(),
             },
             Delivery {
                 ehr_target_id: "t2".into(),
                 patient_reference: "Patient/abc".into(),
+                fhir_version: crate::records::FHIR_R4.into(),
             },
         ];
         round_trip(&codec, topic::MEASUREMENTS, &to_two_targets).await;
@@ -609,6 +628,39 @@ mod tests {
             source_revision: 3,
         };
         written_with(&codec, "fhir_resource.avsc", 4, &r).await;
+
+        // Schemas with deliveries but before targets declared a FHIR version (ids 9, 10, 12):
+        // the context and every delivery read as R5.
+        let two_targets = Context {
+            deliveries: vec![
+                Delivery {
+                    ehr_target_id: "t".into(),
+                    patient_reference: "Patient/1".into(),
+                    fhir_version: crate::records::FHIR_R5.into(),
+                },
+                Delivery {
+                    ehr_target_id: "t2".into(),
+                    patient_reference: "Patient/abc".into(),
+                    fhir_version: crate::records::FHIR_R5.into(),
+                },
+            ],
+            ..ctx()
+        };
+        let sr = SyncRequest {
+            context: two_targets.clone(),
+            ..sr
+        };
+        written_with(&codec, "sync_request_v2.avsc", 9, &sr).await;
+        let m = Measurement {
+            context: two_targets.clone(),
+            ..m
+        };
+        written_with(&codec, "measurement_v3.avsc", 10, &m).await;
+        let r = FhirResource {
+            context: two_targets.clone(),
+            ..r
+        };
+        written_with(&codec, "fhir_resource_v2.avsc", 12, &r).await;
     }
 
     /// Measurements written before components carried their decimal places (schema id 2) are

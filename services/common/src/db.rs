@@ -59,33 +59,59 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0014_patient_deliveries",
         include_str!("../migrations/0014_patient_deliveries.sql"),
     ),
+    (
+        "0015_target_fhir_version",
+        include_str!("../migrations/0015_target_fhir_version.sql"),
+    ),
 ];
 
-/// The EHR targets a patient's data goes to ([`crate::records::Context::deliveries`]): the
-/// patient's own target first, then those of `patient_deliveries` by target id; empty when
-/// the patient has only its own. One query.
-pub async fn patient_deliveries(
+/// Where a patient's data goes, as the records' [`crate::records::Context`] carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientTargets {
+    /// The FHIR version of the patient's own target (`Context::fhir_version`).
+    pub fhir_version: String,
+    /// Every EHR target of the patient (`Context::deliveries`): the own target first, then
+    /// those of `patient_deliveries` by target id; empty when the patient has only its own.
+    pub deliveries: Vec<crate::records::Delivery>,
+}
+
+/// The EHR targets of a patient, each with the FHIR version it speaks. One query; `None` for
+/// an unknown patient.
+pub async fn patient_targets(
     client: &tokio_postgres::Client,
     patient_id: &uuid::Uuid,
-) -> Result<Vec<crate::records::Delivery>, tokio_postgres::Error> {
+) -> Result<Option<PatientTargets>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT p.ehr_target_id::text, p.ehr_patient_reference, 0 AS rank FROM patients p \
-             WHERE p.id = $1 AND EXISTS (SELECT 1 FROM patient_deliveries d WHERE d.patient_id = $1) \
+            "SELECT p.ehr_target_id::text, p.ehr_patient_reference, t.fhir_version, 0 AS rank \
+             FROM patients p JOIN ehr_targets t ON t.id = p.ehr_target_id WHERE p.id = $1 \
              UNION ALL \
-             SELECT d.ehr_target_id::text, d.ehr_patient_reference, 1 FROM patient_deliveries d \
+             SELECT d.ehr_target_id::text, d.ehr_patient_reference, t.fhir_version, 1 \
+             FROM patient_deliveries d JOIN ehr_targets t ON t.id = d.ehr_target_id \
              WHERE d.patient_id = $1 \
-             ORDER BY 3, 1",
+             ORDER BY 4, 1",
             &[patient_id],
         )
         .await?;
-    Ok(rows
+    let mut deliveries: Vec<crate::records::Delivery> = rows
         .iter()
         .map(|r| crate::records::Delivery {
             ehr_target_id: r.get(0),
             patient_reference: r.get(1),
+            fhir_version: r.get(2),
         })
-        .collect())
+        .collect();
+    let Some(own) = deliveries.first() else {
+        return Ok(None);
+    };
+    let fhir_version = own.fhir_version.clone();
+    if deliveries.len() == 1 {
+        deliveries.clear();
+    }
+    Ok(Some(PatientTargets {
+        fhir_version,
+        deliveries,
+    }))
 }
 
 /// A database error as text for logs and errors: the server's message and SQLSTATE ("db

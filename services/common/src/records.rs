@@ -28,6 +28,10 @@ pub struct Context {
     pub trigger: String,
     /// Receive time of the originating event, epoch ms (for end-to-end latency).
     pub received_at: i64,
+    /// The FHIR version `ehr_target_id` speaks ([`FHIR_R4`] or [`FHIR_R5`]); records written
+    /// before targets declared one read as R5.
+    #[serde(default = "default_fhir_version")]
+    pub fhir_version: String,
     /// Every EHR target of the patient, `ehr_target_id` first, set by the fetcher from the
     /// configuration when the patient has more than one; empty: `ehr_target_id` alone. The
     /// fhir-mapper maps a record once per delivery ([`Context::per_delivery`]).
@@ -41,6 +45,20 @@ pub struct Delivery {
     pub ehr_target_id: String,
     /// e.g. `Patient/123`.
     pub patient_reference: String,
+    /// The FHIR version this target speaks ([`FHIR_R4`] or [`FHIR_R5`]).
+    #[serde(default = "default_fhir_version")]
+    pub fhir_version: String,
+}
+
+/// `fhir_version` of a target that speaks FHIR R4 (4.0.1).
+pub const FHIR_R4: &str = "R4";
+/// `fhir_version` of a target that speaks FHIR R5 (5.0.0), the default.
+pub const FHIR_R5: &str = "R5";
+/// The FHIR versions a target can declare.
+pub const FHIR_VERSIONS: [&str; 2] = [FHIR_R4, FHIR_R5];
+
+fn default_fhir_version() -> String {
+    FHIR_R5.to_owned()
 }
 
 impl Context {
@@ -51,6 +69,7 @@ impl Context {
             [d] => {
                 d.ehr_target_id == self.ehr_target_id
                     && d.patient_reference == self.patient_reference
+                    && d.fhir_version == self.fhir_version
             }
             _ => false,
         }
@@ -67,6 +86,7 @@ impl Context {
             .map(|d| Context {
                 ehr_target_id: d.ehr_target_id.clone(),
                 patient_reference: d.patient_reference.clone(),
+                fhir_version: d.fhir_version.clone(),
                 deliveries: Vec::new(),
                 ..self.clone()
             })
@@ -89,7 +109,7 @@ pub struct SyncRequest {
 }
 
 impl Record for SyncRequest {
-    const SCHEMA_FILE: &'static str = "sync_request_v2.avsc";
+    const SCHEMA_FILE: &'static str = "sync_request_v3.avsc";
 }
 
 /// One value of a measurement (`value` for scalars; `systolic`/`diastolic` for blood pressure).
@@ -153,7 +173,7 @@ pub struct Measurement {
 }
 
 impl Record for Measurement {
-    const SCHEMA_FILE: &'static str = "measurement_v3.avsc";
+    const SCHEMA_FILE: &'static str = "measurement_v4.avsc";
 }
 
 /// Builds the series key of a patient's data type from one provider (the key of
@@ -193,7 +213,7 @@ pub struct HourlyAggregate {
 }
 
 impl Record for HourlyAggregate {
-    const SCHEMA_FILE: &'static str = "hourly_aggregate_v2.avsc";
+    const SCHEMA_FILE: &'static str = "hourly_aggregate_v3.avsc";
 }
 
 /// A FHIR R5 resource ready for an EHR target.
@@ -215,7 +235,7 @@ pub struct FhirResource {
 }
 
 impl Record for FhirResource {
-    const SCHEMA_FILE: &'static str = "fhir_resource_v2.avsc";
+    const SCHEMA_FILE: &'static str = "fhir_resource_v3.avsc";
 }
 
 /// Builds the identity (record key) of a resource for an EHR target.
@@ -343,11 +363,13 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 7,
+            fhir_version: FHIR_R5.into(),
             deliveries: deliveries
                 .iter()
                 .map(|(t, r)| Delivery {
                     ehr_target_id: (*t).into(),
                     patient_reference: (*r).into(),
+                    fhir_version: FHIR_R5.into(),
                 })
                 .collect(),
         }
@@ -365,6 +387,21 @@ mod tests {
         assert!(ctx(&[("t1", "Patient/1")]).single_delivery());
         assert!(!ctx(&[("t2", "Patient/1")]).single_delivery());
         assert!(!ctx(&[("t1", "Patient/9")]).single_delivery());
+        let mut other_version = ctx(&[("t1", "Patient/1")]);
+        other_version.deliveries[0].fhir_version = FHIR_R4.into();
+        assert!(!other_version.single_delivery());
+    }
+
+    #[test]
+    fn test_per_delivery_gives_each_target_its_own_fhir_version() {
+        let mut c = ctx(&[("t1", "Patient/1"), ("t2", "Patient/abc")]);
+        c.deliveries[1].fhir_version = FHIR_R4.into();
+        let versions: Vec<String> = c
+            .per_delivery()
+            .into_iter()
+            .map(|d| d.fhir_version)
+            .collect();
+        assert_eq!(versions, [FHIR_R5, FHIR_R4]);
     }
 
     #[test]

@@ -549,9 +549,11 @@ impl Fetcher {
         now_ms: i64,
     ) -> Result<LinkOutcome, StageError> {
         let api = self.api(provider, &link);
-        // The measurements go to every target the patient has now.
+        // The measurements go to every target the patient has now, in the FHIR version each
+        // target speaks now.
         let mut context = request.context.clone();
-        context.deliveries.clone_from(&link.deliveries);
+        context.fhir_version.clone_from(&link.targets.fhir_version);
+        context.deliveries.clone_from(&link.targets.deliveries);
         let mut token = match self.token(provider, &api, &link, None).await? {
             TokenOutcome::Token(t) => t,
             TokenOutcome::Revoked => {
@@ -797,6 +799,7 @@ mod tests {
                 sync_request_id: "s".into(),
                 trigger: "WEBHOOK".into(),
                 received_at: 0,
+                fhir_version: ohx_common::records::FHIR_R5.into(),
                 deliveries: Vec::new(),
             },
             categories: cats.iter().map(|c| c.to_string()).collect(),

@@ -54,8 +54,8 @@ pub struct Link {
     pub scopes: Option<String>,
     /// The user's timezone as the provider last reported it (`provider_links.timezone`).
     pub timezone: Option<String>,
-    /// Every EHR target of the patient, as of this load ([`ohx_common::db::patient_deliveries`]).
-    pub deliveries: Vec<ohx_common::records::Delivery>,
+    /// Where the patient's data goes, as of this load ([`ohx_common::db::patient_targets`]).
+    pub targets: ohx_common::db::PatientTargets,
 }
 
 impl std::fmt::Debug for Link {
@@ -114,7 +114,9 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownLink(id.to_string()))?;
         let patient_id: Uuid = row.get(16);
-        let deliveries = ohx_common::db::patient_deliveries(&client, &patient_id).await?;
+        let targets = ohx_common::db::patient_targets(&client, &patient_id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownLink(id.to_string()))?;
         let app_id: Uuid = row.get(1);
         let sealed_access: Option<String> = row.get(4);
         let access_token = match sealed_access {
@@ -140,7 +142,7 @@ impl Store {
             policy: Policy::from_stored(row.get(11), row.get(12), row.get(13)),
             scopes: row.get(14),
             timezone: row.get(15),
-            deliveries,
+            targets,
         })
     }
 

@@ -2,8 +2,8 @@
 
 use fhir_mapper::map::MapperSettings;
 use fhir_mapper::mapping::Mapping;
+use fhir_mapper::r4::R4Rules;
 use fhir_mapper::stage::{AggregateMapper, MapperCore, MeasurementMapper};
-use fhir_mapper::validate::FhirValidator;
 use ohx_common::kafka::StageSettings;
 use ohx_common::records::topic;
 use ohx_common::service::Runtime;
@@ -30,11 +30,11 @@ async fn main() -> anyhow::Result<()> {
         "OHX_IDENTIFIER_BASE",
         "https://ohx.example/fhir",
     ))?;
-    let core = Arc::new(MapperCore {
-        table,
-        settings,
-        validator: FhirValidator::new()?,
-    });
+    let r4_rules = match std::env::var("OHX_R4_RULES_FILE") {
+        Ok(path) if !path.is_empty() => R4Rules::from_toml_str(&std::fs::read_to_string(&path)?)?,
+        _ => R4Rules::default_rules()?,
+    };
+    let core = Arc::new(MapperCore::new(table, settings, r4_rules)?);
     let group = ohx_common::config::string("OHX_GROUP_ID", "ohx.fhir-mapper");
     let mut measurements = StageSettings::from_env("fhir-mapper", vec![topic::MEASUREMENTS])?;
     measurements.group_id = format!("{group}.measurements");

@@ -951,6 +951,7 @@ mod tests {
             sync_request_id: "sync-1".to_owned(),
             trigger: "WEBHOOK".to_owned(),
             received_at: ms("2026-11-20T07:20:00Z"),
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }

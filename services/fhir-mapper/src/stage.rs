@@ -1,6 +1,7 @@
 //! The Kafka side of the fhir-mapper: maps INDIVIDUAL measurements and hourly aggregates to
-//! FHIR R5 resources, validates each against the R5 JSON schema, and produces them keyed by
-//! identity. A record that cannot be mapped, or whose resource is invalid, goes to the
+//! FHIR R5 resources (rewritten as R4 for a target that speaks R4, see `r4`), validates each
+//! against the JSON schema and profile rules of the target's version, and produces them keyed
+//! by identity. A record that cannot be mapped, or whose resource is invalid, goes to the
 //! dead-letter topic with the reason; the stage keeps going. A Device or DeviceAssociation the
 //! broker already acknowledged with the same content is not emitted again (see `devices`).
 //!
@@ -14,7 +15,8 @@ use crate::map::{
     MappedResource, MapperSettings, MappingError, canonical_json, map_aggregate, map_measurement,
 };
 use crate::mapping::Mapping;
-use crate::validate::FhirValidator;
+use crate::r4::R4Rules;
+use crate::validate::{FhirValidator, FhirVersion, SchemaError};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::records::{
     AGGREGATION_HOURLY, Context, FhirResource, HourlyAggregate, Measurement, resource_identity,
@@ -32,12 +34,16 @@ static MAPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     )
 });
 
-/// What both mapper loops share: the code table, settings and the schema validator.
+/// What both mapper loops share: the code table, settings, the R4 rules and a schema
+/// validator per FHIR version.
 #[derive(Debug)]
 pub struct MapperCore {
     pub table: Mapping,
     pub settings: MapperSettings,
+    pub r4_rules: R4Rules,
+    /// R5.
     pub validator: FhirValidator,
+    pub r4_validator: FhirValidator,
 }
 
 /// One input mapped for one target: what it came from and what it maps to (or why not).
@@ -50,6 +56,48 @@ struct Mapped<'a, T> {
 }
 
 impl MapperCore {
+    /// Compiles the validators of both versions, side by side (seconds: once, at start-up).
+    pub fn new(
+        table: Mapping,
+        settings: MapperSettings,
+        r4_rules: R4Rules,
+    ) -> Result<Self, SchemaError> {
+        let (validator, r4_validator) = std::thread::scope(|s| {
+            let r4 = s.spawn(|| FhirValidator::new(FhirVersion::R4));
+            let r5 = FhirValidator::new(FhirVersion::R5);
+            let r4 = r4
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (r5, r4)
+        });
+        Ok(Self {
+            table,
+            settings,
+            r4_rules,
+            validator: validator?,
+            r4_validator: r4_validator?,
+        })
+    }
+
+    /// The resources in the target's FHIR version, with the validator of that version; the
+    /// reason when they cannot be written in it.
+    fn in_version(
+        &self,
+        resources: Vec<MappedResource>,
+        version: &str,
+    ) -> Result<(Vec<MappedResource>, &FhirValidator), String> {
+        match FhirVersion::from_context(version) {
+            Some(FhirVersion::R5) => Ok((resources, &self.validator)),
+            Some(FhirVersion::R4) => match self.r4_rules.convert(resources) {
+                Ok(r4) => Ok((r4, &self.r4_validator)),
+                Err(e) => Err(format!("cannot be written as FHIR R4: {e}")),
+            },
+            None => Err(format!(
+                "the target's FHIR version {version:?} is not R4 or R5"
+            )),
+        }
+    }
+
     /// Validates and emits mapped resources, leaving out devices already acknowledged with the
     /// same content; a mapping error or an invalid resource dead-letters the input, naming the
     /// target (returns `false`).
@@ -67,7 +115,11 @@ impl MapperCore {
             source_revision,
             resources,
         } = mapped;
-        let mut resources = match resources {
+        let converted = match resources {
+            Ok(r) => self.in_version(r, &context.fhir_version),
+            Err(e) => Err(e.to_string()),
+        };
+        let (mut resources, validator) = match converted {
             Ok(r) => r,
             Err(e) => {
                 let reason = format!("{e}{}", for_target(context));
@@ -90,7 +142,7 @@ impl MapperCore {
         });
         // Validate all first: a record either produces all its resources or none.
         for r in &resources {
-            if let Err(e) = self.validator.validate_all(&r.json) {
+            if let Err(e) = validator.validate_all(&r.json) {
                 MAPPED.add(
                     1,
                     &[
@@ -102,9 +154,10 @@ impl MapperCore {
                     input,
                     "validation",
                     format!(
-                        "{} {} is not valid FHIR R5{}: {e}",
+                        "{} {} is not valid FHIR {}{}: {e}",
                         r.resource_type,
                         r.id,
+                        validator.version(),
                         for_target(context)
                     ),
                 )
@@ -285,11 +338,18 @@ mod tests {
     use ohx_common::records::{AGGREGATION_INDIVIDUAL, Component, Delivery, Device};
 
     fn core() -> Arc<MapperCore> {
-        Arc::new(MapperCore {
-            table: Mapping::default_table().unwrap(),
-            settings: MapperSettings::new("https://ohx.example/fhir").unwrap(),
-            validator: FhirValidator::new().unwrap(),
+        static CORE: std::sync::OnceLock<Arc<MapperCore>> = std::sync::OnceLock::new();
+        CORE.get_or_init(|| {
+            Arc::new(
+                MapperCore::new(
+                    Mapping::default_table().unwrap(),
+                    MapperSettings::new("https://ohx.example/fhir").unwrap(),
+                    R4Rules::default_rules().unwrap(),
+                )
+                .unwrap(),
+            )
         })
+        .clone()
     }
 
     /// A weight from scale `device` (model `model`), measured at minute `n`.
@@ -305,6 +365,7 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1_790_000_000_000,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         };
         let value = Measurement {
@@ -395,10 +456,12 @@ mod tests {
             Delivery {
                 ehr_target_id: c.ehr_target_id.clone(),
                 patient_reference: c.patient_reference.clone(),
+                fhir_version: ohx_common::records::FHIR_R5.into(),
             },
             Delivery {
                 ehr_target_id: "t2".into(),
                 patient_reference: reference.into(),
+                fhir_version: ohx_common::records::FHIR_R5.into(),
             },
         ];
         input
@@ -489,5 +552,82 @@ mod tests {
             "{delivered:?}"
         );
         assert_eq!(delivered.len(), 3);
+    }
+
+    async fn resources_by_target(
+        out: &Emitter,
+    ) -> std::collections::BTreeMap<String, Vec<(String, serde_json::Value)>> {
+        let codec = Codec::embedded().unwrap();
+        let mut per_target: std::collections::BTreeMap<_, Vec<_>> = Default::default();
+        for r in out.records() {
+            assert_eq!(r.topic, topic::FHIR_RESOURCES);
+            let res: FhirResource = codec.decode(&r.payload).await.unwrap();
+            let json: serde_json::Value = serde_json::from_str(&res.resource).unwrap();
+            per_target
+                .entry(res.context.ehr_target_id.clone())
+                .or_default()
+                .push((res.resource_type, json));
+        }
+        per_target
+    }
+
+    #[tokio::test]
+    async fn test_an_r4_target_gets_r4_resources_and_an_r5_target_r5_from_one_record() {
+        let mut mapper = MeasurementMapper::new(core());
+        let mut input = with_second_target(weight(0, "scale", "Body+"), "Patient/abc");
+        input.value.context.deliveries[1].fhir_version = ohx_common::records::FHIR_R4.into();
+        let out = emitted(&mut mapper, &[input]).await;
+        let per_target = resources_by_target(&out).await;
+        let kinds =
+            |t: &str| -> Vec<&str> { per_target[t].iter().map(|(k, _)| k.as_str()).collect() };
+        assert_eq!(kinds("t"), ["Device", "DeviceAssociation", "Observation"]);
+        assert_eq!(
+            kinds("t2"),
+            ["Device", "Observation"],
+            "R4 has no DeviceAssociation"
+        );
+        let (r5_device, r4_device) = (&per_target["t"][0].1, &per_target["t2"][0].1);
+        assert!(r5_device.get("name").is_some() && r5_device.get("patient").is_none());
+        assert_eq!(r4_device["patient"]["reference"], "Patient/abc");
+        assert_eq!(
+            r4_device["deviceName"][0]["name"],
+            r5_device["name"][0]["value"]
+        );
+        assert_eq!(
+            r4_device["id"], r5_device["id"],
+            "one identity in both versions"
+        );
+        assert_eq!(per_target["t2"][1].1["subject"]["reference"], "Patient/abc");
+    }
+
+    #[tokio::test]
+    async fn test_a_record_for_an_r4_target_alone_is_written_as_r4() {
+        let mut mapper = MeasurementMapper::new(core());
+        let mut input = weight(0, "scale", "Body+");
+        input.value.context.fhir_version = ohx_common::records::FHIR_R4.into();
+        let out = emitted(&mut mapper, &[input]).await;
+        let per_target = resources_by_target(&out).await;
+        let kinds: Vec<&str> = per_target["t"].iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["Device", "Observation"]);
+        assert_eq!(per_target["t"][0].1["patient"]["reference"], "Patient/1");
+    }
+
+    #[tokio::test]
+    async fn test_an_unknown_fhir_version_dead_letters_the_record_naming_it() {
+        let mut mapper = MeasurementMapper::new(core());
+        let mut input = weight(0, "scale", "Body+");
+        input.value.context.fhir_version = "STU3".into();
+        let out = emitted(&mut mapper, &[input]).await;
+        let codec = Codec::embedded().unwrap();
+        let records: Vec<_> = out.records().collect();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].topic, topic::DEAD_LETTER);
+        let dl: ohx_common::records::DeadLetter = codec.decode(&records[0].payload).await.unwrap();
+        assert_eq!(dl.error_kind, "mapping");
+        assert!(
+            dl.reason.contains("\"STU3\" is not R4 or R5"),
+            "{}",
+            dl.reason
+        );
     }
 }

@@ -1,14 +1,15 @@
 //! Validation of mapped resources before they leave the mapper.
 //!
-//! Two layers:
-//! * [`FhirValidator::validate`]: the official FHIR R5 JSON schema (`schemas/fhir/fhir.schema.json`,
-//!   draft-06, from npm `hl7.fhir.r5.core@5.0.0`), compiled once per resource type. It catches
-//!   unknown elements, wrong JSON types, primitive patterns, choice-type names and R4-only
-//!   elements, but not cardinalities of primitives, code bindings, invariants or profiles.
+//! Two layers, for the FHIR version the target speaks ([`FhirVersion`]):
+//! * [`FhirValidator::validate`]: the official FHIR JSON schema, compiled once per resource
+//!   type: R5 `schemas/fhir/fhir.schema.json` (draft-06, from npm `hl7.fhir.r5.core@5.0.0`), R4
+//!   `schemas/fhir/fhir-r4.schema.json` (4.0.1, see `scripts/r4-schema.py`). It catches unknown
+//!   elements, wrong JSON types, primitive patterns, choice-type names and elements of the other
+//!   version, but not cardinalities of primitives, code bindings, invariants or profiles.
 //! * [`check_profile_rules`]: the rules the schema cannot express that ohx relies on: required
-//!   status bindings, the R5 core vital-signs profiles (category, subject, `effective[x]`, vs-1,
-//!   vs-2, vs-3, fixed LOINC codes and UCUM units), obs-6, obs-7, and the required bindings of
-//!   Device and DeviceAssociation.
+//!   status bindings, the core vital-signs profiles (category, subject, `effective[x]`, vs-1,
+//!   vs-2, vs-3, fixed LOINC codes and UCUM units; the same in R4 and R5), obs-6, obs-7, and
+//!   the required bindings of Device (each version's) and DeviceAssociation (R5 only).
 //!
 //! [`FhirValidator::validate_all`] runs both. Error reasons carry element paths and the
 //! validator's messages with instance values masked, so they can be logged (no health data).
@@ -28,9 +29,76 @@ use crate::shapes::Shapes;
 /// The official FHIR R5 JSON schema (draft-06, `hl7.fhir.r5.core@5.0.0`, CC0).
 pub const FHIR_SCHEMA_JSON: &str = include_str!("../../../schemas/fhir/fhir.schema.json");
 
-/// Resource types [`FhirValidator`] compiles a schema for.
+/// The official FHIR R4 (4.0.1) JSON schema (draft-06, CC0; `scripts/r4-schema.py`).
+pub const FHIR_R4_SCHEMA_JSON: &str = include_str!("../../../schemas/fhir/fhir-r4.schema.json");
+
+/// Resource types [`FhirValidator`] compiles a schema for (R5).
 pub const VALIDATED_RESOURCE_TYPES: [&str; 4] =
     ["Observation", "Device", "DeviceAssociation", "Bundle"];
+
+/// Resource types [`FhirValidator`] compiles a schema for (R4, which has no DeviceAssociation).
+pub const VALIDATED_R4_RESOURCE_TYPES: [&str; 3] = ["Observation", "Device", "Bundle"];
+
+/// The FHIR version a target speaks, and so what the mapper writes and validates for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FhirVersion {
+    /// FHIR R4 (4.0.1).
+    R4,
+    /// FHIR R5 (5.0.0).
+    R5,
+}
+
+impl FhirVersion {
+    /// The version a record's context names ([`ohx_common::records::FHIR_R4`], `FHIR_R5`).
+    pub fn from_context(version: &str) -> Option<Self> {
+        match version {
+            ohx_common::records::FHIR_R4 => Some(Self::R4),
+            ohx_common::records::FHIR_R5 => Some(Self::R5),
+            _ => None,
+        }
+    }
+
+    /// `R4` or `R5`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::R4 => ohx_common::records::FHIR_R4,
+            Self::R5 => ohx_common::records::FHIR_R5,
+        }
+    }
+
+    fn schema_json(self) -> &'static str {
+        match self {
+            Self::R4 => FHIR_R4_SCHEMA_JSON,
+            Self::R5 => FHIR_SCHEMA_JSON,
+        }
+    }
+
+    fn resource_types(self) -> &'static [&'static str] {
+        match self {
+            Self::R4 => &VALIDATED_R4_RESOURCE_TYPES,
+            Self::R5 => &VALIDATED_RESOURCE_TYPES,
+        }
+    }
+}
+
+impl fmt::Display for FhirVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Codes of R4 `Device.status` (required binding `FHIRDeviceStatus`, 4.0.1).
+pub const R4_DEVICE_STATUSES: [&str; 4] = ["active", "inactive", "entered-in-error", "unknown"];
+
+/// Codes of R4 `Device.deviceName.type` (required binding `DeviceNameType`, 4.0.1).
+pub const R4_DEVICE_NAME_TYPES: [&str; 6] = [
+    "udi-label-name",
+    "user-friendly-name",
+    "patient-reported-name",
+    "manufacturer-name",
+    "model-name",
+    "other",
+];
 
 /// How many issues a [`ValidationError`] keeps (it counts all of them).
 pub const MAX_REPORTED_ISSUES: usize = 5;
@@ -155,7 +223,7 @@ pub enum SchemaError {
 /// Which layer rejected a resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValidationKind {
-    /// The FHIR R5 JSON schema.
+    /// The FHIR JSON schema of the target's version.
     Schema,
     /// ohx's profile and binding rules ([`check_profile_rules`]).
     Profile,
@@ -164,7 +232,7 @@ pub enum ValidationKind {
 impl fmt::Display for ValidationKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::Schema => "the FHIR R5 JSON schema",
+            Self::Schema => "the FHIR JSON schema",
             Self::Profile => "the FHIR profile rules",
         })
     }
@@ -179,7 +247,7 @@ pub struct Issue {
     pub message: String,
 }
 
-/// A resource that is not valid FHIR R5 (or breaks a profile rule), with a readable reason.
+/// A resource that is not valid FHIR (or breaks a profile rule), with a readable reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidationError {
     /// Which layer rejected it.
@@ -242,10 +310,11 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
-/// Validators of the FHIR R5 JSON schema, compiled once per resource type of
-/// [`VALIDATED_RESOURCE_TYPES`]. Building one takes seconds (see [`FhirValidator::compile_time`]);
-/// build it once at start-up and share it.
+/// Validators of one FHIR version's JSON schema, compiled once per resource type of
+/// [`VALIDATED_RESOURCE_TYPES`] (R4: [`VALIDATED_R4_RESOURCE_TYPES`]). Building one takes
+/// seconds (see [`FhirValidator::compile_time`]); build it once at start-up and share it.
 pub struct FhirValidator {
+    version: FhirVersion,
     validators: BTreeMap<&'static str, jsonschema::Validator>,
     shapes: Shapes,
     compile_time: Duration,
@@ -254,6 +323,7 @@ pub struct FhirValidator {
 impl fmt::Debug for FhirValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FhirValidator")
+            .field("version", &self.version)
             .field(
                 "resource_types",
                 &self.validators.keys().collect::<Vec<_>>(),
@@ -265,12 +335,12 @@ impl fmt::Debug for FhirValidator {
 }
 
 impl FhirValidator {
-    /// Compiles the embedded schema: for each resource type, the root schema with its
-    /// `definitions` and, instead of the top-level `oneOf`/`discriminator` over all 158
+    /// Compiles the embedded schema of `version`: for each resource type, the root schema with
+    /// its `definitions` and, instead of the top-level `oneOf`/`discriminator` over all
     /// resources, a `$ref` to `#/definitions/<Type>` (better messages, less work).
-    pub fn new() -> Result<Self, SchemaError> {
+    pub fn new(version: FhirVersion) -> Result<Self, SchemaError> {
         let started = Instant::now();
-        let root: Value = serde_json::from_str(FHIR_SCHEMA_JSON)?;
+        let root: Value = serde_json::from_str(version.schema_json())?;
         let Value::Object(mut root) = root else {
             return Err(SchemaError::Shape("the root is not an object".to_owned()));
         };
@@ -283,7 +353,7 @@ impl FhirValidator {
             .get("definitions")
             .and_then(Value::as_object)
             .ok_or_else(|| SchemaError::Shape("no `definitions`".to_owned()))?;
-        for resource_type in VALIDATED_RESOURCE_TYPES {
+        for &resource_type in version.resource_types() {
             if !definitions.contains_key(resource_type) {
                 return Err(SchemaError::Shape(format!(
                     "no definition of {resource_type}"
@@ -292,7 +362,7 @@ impl FhirValidator {
         }
         let shapes = Shapes::new(definitions);
         let mut validators = BTreeMap::new();
-        for resource_type in VALIDATED_RESOURCE_TYPES {
+        for &resource_type in version.resource_types() {
             let mut schema: Map<String, Value> = root.clone();
             schema.insert(
                 "$ref".to_owned(),
@@ -307,10 +377,16 @@ impl FhirValidator {
             validators.insert(resource_type, validator);
         }
         Ok(Self {
+            version,
             validators,
             shapes,
             compile_time: started.elapsed(),
         })
+    }
+
+    /// The FHIR version this validator checks.
+    pub fn version(&self) -> FhirVersion {
+        self.version
     }
 
     /// The shapes accepted so far (see [`Shapes`]).
@@ -323,8 +399,8 @@ impl FhirValidator {
         self.compile_time
     }
 
-    /// Validates a resource against the FHIR R5 JSON schema of its `resourceType` (one of
-    /// [`VALIDATED_RESOURCE_TYPES`]). Resources inside a Bundle's entries are validated
+    /// Validates a resource against the FHIR JSON schema of its `resourceType` (one of the
+    /// version's validated types). Resources inside a Bundle's entries are validated
     /// against their own type first, so their issues are specific.
     ///
     /// A resource of a shape already accepted has only its leaves checked ([`Shapes`]).
@@ -350,7 +426,7 @@ impl FhirValidator {
     /// [`FhirValidator::validate`], then [`check_profile_rules`].
     pub fn validate_all(&self, resource: &Value) -> Result<(), ValidationError> {
         self.validate(resource)?;
-        check_profile_rules(resource)
+        check_profile_rules(resource, self.version)
     }
 
     /// Whether the full schema accepts `resource` (no shapes): the oracle of the shape tests.
@@ -429,8 +505,8 @@ fn fix_ecma_only_patterns(schema: &mut Value) {
     }
 }
 
-/// Checks the rules of FHIR R5 that the JSON schema cannot express, for the resources ohx
-/// writes:
+/// Checks the rules of FHIR (`version`) that the JSON schema cannot express, for the resources
+/// ohx writes:
 /// * Observation: `status` present and a code of `ObservationStatus`; obs-6 (no
 ///   `dataAbsentReason` with a value), obs-7 (no value when a component repeats
 ///   `Observation.code`).
@@ -440,16 +516,21 @@ fn fix_ecma_only_patterns(schema: &mut Value) {
 ///   components, members or dataAbsentReason), vs-3 (every component has a value or
 ///   dataAbsentReason), every `valueQuantity` with value, unit, UCUM system and code, and each
 ///   specific profile's fixed LOINC code, required components and UCUM units.
-/// * Device: `status` and `name.type` codes of their required bindings, `name.value` present.
-/// * DeviceAssociation: `status` coded from `deviceassociation-status`, `device.reference` set.
-pub fn check_profile_rules(resource: &Value) -> Result<(), ValidationError> {
+/// * Device: `status` and `name.type` (R4: `deviceName.type`) codes of their required
+///   bindings, `name.value` (R4: `deviceName.name`) present.
+/// * DeviceAssociation (R5): `status` coded from `deviceassociation-status`, `device.reference`.
+/// * R4 SampledData: `period` present (1..1 in R4).
+pub fn check_profile_rules(resource: &Value, version: FhirVersion) -> Result<(), ValidationError> {
     let resource_type = resource_type_of(resource);
     let mut issues = Vec::new();
     if let Some(object) = resource.as_object() {
-        match resource_type {
-            "Observation" => check_observation(object, &mut issues),
-            "Device" => check_device(object, &mut issues),
-            "DeviceAssociation" => check_device_association(object, &mut issues),
+        match (resource_type, version) {
+            ("Observation", _) => check_observation(object, version, &mut issues),
+            ("Device", FhirVersion::R5) => check_device(object, &R5_DEVICE, &mut issues),
+            ("Device", FhirVersion::R4) => check_device(object, &R4_DEVICE, &mut issues),
+            ("DeviceAssociation", FhirVersion::R5) => {
+                check_device_association(object, &mut issues);
+            }
             _ => {}
         }
     } else {
@@ -480,7 +561,10 @@ fn issue(issues: &mut Vec<Issue>, path: &str, message: &str) {
     });
 }
 
-fn check_observation(obs: &Map<String, Value>, issues: &mut Vec<Issue>) {
+fn check_observation(obs: &Map<String, Value>, version: FhirVersion, issues: &mut Vec<Issue>) {
+    if version == FhirVersion::R4 {
+        check_r4_sampled_data(obs, issues);
+    }
     match obs.get("status").and_then(Value::as_str) {
         None => issue(issues, "/status", "status is required"),
         Some(status) if !OBSERVATION_STATUSES.contains(&status) => issue(
@@ -680,36 +764,81 @@ fn check_specific_profile(
     }
 }
 
-fn check_device(device: &Map<String, Value>, issues: &mut Vec<Issue>) {
+/// Where a version keeps a Device's names and which codes its bindings allow.
+struct DeviceRules {
+    statuses: &'static [&'static str],
+    names: &'static str,
+    name_value: &'static str,
+    name_types: &'static [&'static str],
+}
+
+const R5_DEVICE: DeviceRules = DeviceRules {
+    statuses: &DEVICE_STATUSES,
+    names: "name",
+    name_value: "value",
+    name_types: &DEVICE_NAME_TYPES,
+};
+
+const R4_DEVICE: DeviceRules = DeviceRules {
+    statuses: &R4_DEVICE_STATUSES,
+    names: "deviceName",
+    name_value: "name",
+    name_types: &R4_DEVICE_NAME_TYPES,
+};
+
+fn check_device(device: &Map<String, Value>, rules: &DeviceRules, issues: &mut Vec<Issue>) {
     if let Some(status) = device.get("status")
-        && !status
-            .as_str()
-            .is_some_and(|s| DEVICE_STATUSES.contains(&s))
+        && !status.as_str().is_some_and(|s| rules.statuses.contains(&s))
     {
         issue(issues, "/status", "not a code of FHIRDeviceStatus");
     }
     let names = device
-        .get("name")
+        .get(rules.names)
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let (list, value) = (rules.names, rules.name_value);
     for (i, name) in names.iter().enumerate() {
-        if !name.get("value").is_some_and(Value::is_string) {
+        if !name.get(value).is_some_and(Value::is_string) {
             issue(
                 issues,
-                &format!("/name/{i}/value"),
-                "Device.name.value is required",
+                &format!("/{list}/{i}/{value}"),
+                &format!("Device.{list}.{value} is required"),
             );
         }
         if !name
             .get("type")
             .and_then(Value::as_str)
-            .is_some_and(|t| DEVICE_NAME_TYPES.contains(&t))
+            .is_some_and(|t| rules.name_types.contains(&t))
         {
             issue(
                 issues,
-                &format!("/name/{i}/type"),
-                "Device.name.type must be a code of DeviceNameType",
+                &format!("/{list}/{i}/type"),
+                &format!("Device.{list}.type must be a code of DeviceNameType"),
+            );
+        }
+    }
+}
+
+/// R4 `SampledData.period` is 1..1 (R5's `interval` is optional): every SampledData of the
+/// Observation and its components has one.
+fn check_r4_sampled_data(obs: &Map<String, Value>, issues: &mut Vec<Issue>) {
+    let components = obs
+        .get("component")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let own = obs.get("valueSampledData").map(|d| (String::new(), d));
+    let of_components = components.iter().enumerate().filter_map(|(i, c)| {
+        c.get("valueSampledData")
+            .map(|d| (format!("/component/{i}"), d))
+    });
+    for (at, data) in own.into_iter().chain(of_components) {
+        if !data.get("period").is_some_and(Value::is_number) {
+            issue(
+                issues,
+                &format!("{at}/valueSampledData/period"),
+                "R4 SampledData needs a period (milliseconds between samples)",
             );
         }
     }
@@ -833,7 +962,7 @@ fn precise_to_day(date_time: &str) -> bool {
 #[cfg(test)]
 pub(crate) fn shared_test_validator() -> &'static FhirValidator {
     static VALIDATOR: std::sync::OnceLock<FhirValidator> = std::sync::OnceLock::new();
-    VALIDATOR.get_or_init(|| match FhirValidator::new() {
+    VALIDATOR.get_or_init(|| match FhirValidator::new(FhirVersion::R5) {
         Ok(validator) => validator,
         Err(error) => panic!("the FHIR validator does not compile: {error}"),
     })
@@ -899,7 +1028,7 @@ mod tests {
 
     fn profile_error(resource: &Value) -> ValidationError {
         validator().validate(resource).unwrap();
-        let error = check_profile_rules(resource).unwrap_err();
+        let error = check_profile_rules(resource, FhirVersion::R5).unwrap_err();
         assert_eq!(error.kind, ValidationKind::Profile);
         error
     }
@@ -1088,7 +1217,7 @@ mod tests {
         assert!(profile_error(&resource).reason().contains("vs-2"));
         resource["dataAbsentReason"] = json!({"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}]});
-        check_profile_rules(&resource).unwrap();
+        check_profile_rules(&resource, FhirVersion::R5).unwrap();
     }
 
     #[test]
@@ -1170,5 +1299,101 @@ mod tests {
                 .reason()
                 .contains("deviceassociation-status")
         );
+    }
+
+    fn r4() -> &'static FhirValidator {
+        static VALIDATOR: std::sync::OnceLock<FhirValidator> = std::sync::OnceLock::new();
+        VALIDATOR.get_or_init(|| FhirValidator::new(FhirVersion::R4).unwrap())
+    }
+
+    fn r4_device() -> Value {
+        json!({"resourceType": "Device", "id": "d1", "status": "active",
+               "manufacturer": "Withings", "modelNumber": "BPM Connect",
+               "deviceName": [{"name": "BPM Connect", "type": "user-friendly-name"}],
+               "patient": {"reference": "Patient/7"}})
+    }
+
+    #[test]
+    fn test_the_r4_validator_compiles_without_device_association() {
+        let r4 = r4();
+        assert_eq!(r4.version(), FhirVersion::R4);
+        eprintln!("FhirValidator::new(R4) took {:?}", r4.compile_time());
+        let keys: Vec<&str> = r4.validators.keys().copied().collect();
+        assert_eq!(keys, ["Bundle", "Device", "Observation"]);
+    }
+
+    #[test]
+    fn test_vital_signs_observations_are_valid_r4_as_mapped() {
+        r4().validate_all(&bp_example()).unwrap();
+        r4().validate_all(&heart_rate_spot()).unwrap();
+    }
+
+    #[test]
+    fn test_r4_takes_device_name_and_patient_and_r5_rejects_them() {
+        r4().validate_all(&r4_device()).unwrap();
+        let error = validator().validate(&r4_device()).unwrap_err();
+        assert_eq!(error.kind, ValidationKind::Schema);
+        assert!(error.reason().contains("deviceName"), "{error}");
+    }
+
+    #[test]
+    fn test_r4_rejects_what_only_r5_has() {
+        let mut device = r4_device();
+        device["displayName"] = json!("Withings BPM Connect");
+        let error = r4().validate(&device).unwrap_err();
+        assert!(error.reason().contains("displayName"), "{error}");
+        let association = json!({"resourceType": "DeviceAssociation", "device": {"reference": "Device/d1"},
+            "status": {"coding": [{"system": DEVICE_ASSOCIATION_STATUS_SYSTEM, "code": "attached"}]}});
+        let error = r4().validate(&association).unwrap_err();
+        assert!(
+            error
+                .reason()
+                .contains("no validator for resource type `DeviceAssociation`"),
+            "{error}"
+        );
+        let mut obs = heart_rate_spot();
+        obs["valueSampledData"] =
+            json!({"origin": {"value": 0}, "interval": 2, "intervalUnit": "ms", "dimensions": 1});
+        obs.as_object_mut().unwrap().remove("valueQuantity");
+        let error = r4().validate(&obs).unwrap_err();
+        assert!(error.reason().contains("interval"), "{error}");
+    }
+
+    #[test]
+    fn test_r4_device_bindings_are_the_r4_ones() {
+        let mut device = r4_device();
+        device["deviceName"][0]["type"] = json!("registered-name");
+        device["status"] = json!("unknown");
+        let error = check_profile_rules(&device, FhirVersion::R4).unwrap_err();
+        let paths: Vec<&str> = error.issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/deviceName/0/type"],
+            "unknown is an R4 status, registered-name is not an R4 name type: {error}"
+        );
+        device["deviceName"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("name");
+        let error = check_profile_rules(&device, FhirVersion::R4).unwrap_err();
+        assert!(
+            error
+                .reason()
+                .contains("Device.deviceName.name is required"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn test_r4_sampled_data_needs_a_period() {
+        let mut obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "ECG"},
+            "component": [{"code": {"text": "lead I"},
+                "valueSampledData": {"origin": {"value": 0}, "dimensions": 1, "data": "1 2"}}]});
+        let error = r4().validate_all(&obs).unwrap_err();
+        assert_eq!(error.kind, ValidationKind::Profile);
+        assert_eq!(error.issues[0].path, "/component/0/valueSampledData/period");
+        obs["component"][0]["valueSampledData"]["period"] = json!(2);
+        r4().validate_all(&obs).unwrap();
     }
 }

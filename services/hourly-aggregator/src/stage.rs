@@ -325,6 +325,7 @@ mod tests {
                 sync_request_id: "sync-1".to_owned(),
                 trigger: "WEBHOOK".to_owned(),
                 received_at: ts,
+                fhir_version: ohx_common::records::FHIR_R5.into(),
                 deliveries: Vec::new(),
             },
             measurement_id: id.to_owned(),

@@ -807,6 +807,7 @@ mod tests {
             sync_request_id: sync_request_id.to_owned(),
             trigger: "WEBHOOK".to_owned(),
             received_at: T0,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }

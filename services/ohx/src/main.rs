@@ -78,6 +78,10 @@ enum Command {
         /// put (client ids) | conditional (identifier)
         #[arg(long, default_value = "put")]
         mode: String,
+        /// The FHIR version the target speaks: R5, or R4 (4.0.1: the fhir-mapper writes R4
+        /// through its cross-version rules).
+        #[arg(long, default_value = ohx_common::records::FHIR_R5)]
+        fhir_version: String,
     },
     /// Creates a patient known to an EHR target; prints {"id"}.
     CreatePatient {
@@ -374,6 +378,7 @@ fn sync_request(
             sync_request_id,
             trigger: trigger.to_string(),
             received_at: now,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         },
         categories: parse_categories(categories),
@@ -485,14 +490,21 @@ fn print(v: serde_json::Value) {
     println!("{v}");
 }
 
-/// `{"patient", "deliveries": [{"ehr_target_id", "patient_reference"}]}`: every target of the
-/// patient, its own first (`deliveries` empty when it has only its own).
+/// `{"patient", "fhir_version", "deliveries": [{"ehr_target_id", "patient_reference",
+/// "fhir_version"}]}`: every target of the patient, its own first (`deliveries` empty when it
+/// has only its own), and the FHIR version of its own target.
 async fn deliveries_json(
     db: &deadpool_postgres::Client,
     patient: &Uuid,
 ) -> anyhow::Result<serde_json::Value> {
-    let deliveries = ohx_common::db::patient_deliveries(db, patient).await?;
-    Ok(json!({"patient": patient, "deliveries": serde_json::to_value(deliveries)?}))
+    let targets = ohx_common::db::patient_targets(db, patient)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no patient {patient}"))?;
+    Ok(json!({
+        "patient": patient,
+        "fhir_version": targets.fhir_version,
+        "deliveries": serde_json::to_value(targets.deliveries)?,
+    }))
 }
 
 async fn db() -> anyhow::Result<deadpool_postgres::Client> {
@@ -560,7 +572,14 @@ async fn main() -> anyhow::Result<()> {
             client_auth,
             token,
             mode,
+            fhir_version,
         } => {
+            if !ohx_common::records::FHIR_VERSIONS.contains(&fhir_version.as_str()) {
+                bail!(
+                    "--fhir-version {fhir_version} is not one of {:?}",
+                    ohx_common::records::FHIR_VERSIONS
+                );
+            }
             let id = Uuid::new_v4();
             let seal = |t: &str| -> anyhow::Result<String> {
                 Ok(SecretBox::from_env()?
@@ -598,8 +617,8 @@ async fn main() -> anyhow::Result<()> {
             }
             db().await?
                 .execute(
-                    "INSERT INTO ehr_targets (id, organization_id, name, base_url, auth_kind, auth_secret, upsert_mode, auth_settings) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-                    &[&id, &org, &name, &base_url, &auth, &secret, &mode, &settings],
+                    "INSERT INTO ehr_targets (id, organization_id, name, base_url, auth_kind, auth_secret, upsert_mode, auth_settings, fhir_version) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                    &[&id, &org, &name, &base_url, &auth, &secret, &mode, &settings, &fhir_version],
                 )
                 .await?;
             print(json!({"id": id}));

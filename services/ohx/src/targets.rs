@@ -75,7 +75,7 @@ pub async fn list(client: &deadpool_postgres::Client, now_ms: i64) -> anyhow::Re
             "SELECT t.id::text, t.organization_id::text, t.name, t.base_url, t.auth_kind, t.upsert_mode,
                     s.instance, s.breaker, s.fault, s.failures, s.held,
                     (extract(epoch FROM s.not_before) * 1000)::bigint,
-                    (extract(epoch FROM s.updated_at) * 1000)::bigint
+                    (extract(epoch FROM s.updated_at) * 1000)::bigint, t.fhir_version
              FROM ehr_targets t LEFT JOIN ehr_target_status s ON s.ehr_target_id = t.id
              ORDER BY t.organization_id, t.name, t.id, s.instance",
             &[],
@@ -93,6 +93,7 @@ pub async fn list(client: &deadpool_postgres::Client, now_ms: i64) -> anyhow::Re
                     "base_url": r.get::<_, String>(3),
                     "auth": r.get::<_, String>(4),
                     "mode": r.get::<_, String>(5),
+                    "fhir_version": r.get::<_, String>(13),
                 }),
                 Vec::new(),
             ));

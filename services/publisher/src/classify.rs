@@ -194,15 +194,27 @@ pub fn classify_transport(e: TransportError<'_>) -> Class {
     Class::Transient { retry_after: None }
 }
 
-/// Flags a response that is not FHIR R5 by its `Content-Type` `fhirVersion` parameter.
-pub fn wrong_fhir_version(content_type: Option<&str>) -> bool {
+/// The `fhirVersion` of a target's FHIR version (`R4` or `R5`), as the `Content-Type`
+/// parameter names it (FHIR R4 and R5 §3.1.0.1.5: `4.0`, `5.0`).
+pub fn mime_fhir_version(version: &str) -> &'static str {
+    if version == ohx_common::records::FHIR_R4 {
+        "4.0"
+    } else {
+        "5.0"
+    }
+}
+
+/// Flags a response whose `Content-Type` `fhirVersion` parameter names another FHIR version
+/// than the target's (`expected`, e.g. `5.0`); a response without one passes.
+pub fn wrong_fhir_version(content_type: Option<&str>, expected: &str) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
+    let major = |v: &str| v.split('.').next().unwrap_or_default().to_owned();
     ct.split(';')
         .filter_map(|p| p.trim().split_once('='))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("fhirVersion"))
-        .is_some_and(|(_, v)| !v.trim().trim_matches('"').starts_with('5'))
+        .is_some_and(|(_, v)| major(v.trim().trim_matches('"')) != major(expected))
 }
 
 /// Decides, after a transaction was isolated resource by resource, whether the refusals blame
@@ -364,14 +376,25 @@ mod tests {
 
     #[test]
     fn test_fhir_version_from_content_type() {
-        assert!(!wrong_fhir_version(None));
-        assert!(!wrong_fhir_version(Some("application/fhir+json")));
-        assert!(!wrong_fhir_version(Some(
-            "application/fhir+json; fhirVersion=5.0"
-        )));
-        assert!(wrong_fhir_version(Some(
-            "application/fhir+json; charset=utf-8; fhirVersion=4.0"
-        )));
+        let r5 = mime_fhir_version(ohx_common::records::FHIR_R5);
+        let r4 = mime_fhir_version(ohx_common::records::FHIR_R4);
+        assert_eq!((r4, r5), ("4.0", "5.0"));
+        assert!(!wrong_fhir_version(None, r5));
+        assert!(!wrong_fhir_version(Some("application/fhir+json"), r5));
+        assert!(!wrong_fhir_version(
+            Some("application/fhir+json; fhirVersion=5.0"),
+            r5
+        ));
+        let r4_answer = "application/fhir+json; charset=utf-8; fhirVersion=4.0";
+        assert!(wrong_fhir_version(Some(r4_answer), r5));
+        assert!(
+            !wrong_fhir_version(Some(r4_answer), r4),
+            "right for an R4 target"
+        );
+        assert!(wrong_fhir_version(
+            Some("application/fhir+json; fhirVersion=\"5.0\""),
+            r4
+        ));
     }
 
     #[test]

@@ -166,11 +166,20 @@ impl Ehr {
         scope: Scope,
         timeout: Option<Duration>,
     ) -> Result<Value, CallFailure> {
+        // R5 is what a plain `application/fhir+json` means to the R5 servers ohx was built on;
+        // an R4 target is told the version (FHIR R4 §3.1.0.1.5), as a multi-version server
+        // needs it.
+        let version = classify::mime_fhir_version(&target.fhir_version);
+        let mime = if target.fhir_version == ohx_common::records::FHIR_R4 {
+            format!("application/fhir+json; fhirVersion={version}")
+        } else {
+            "application/fhir+json".to_owned()
+        };
         let mut req = self
             .http
             .post(&target.base_url)
-            .header("Content-Type", "application/fhir+json")
-            .header("Accept", "application/fhir+json")
+            .header("Content-Type", &mime)
+            .header("Accept", &mime)
             .json(bundle);
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -207,11 +216,14 @@ impl Ehr {
             .text()
             .await
             .map_err(|e| CallFailure::transient(format!("reading response failed: {e}")))?;
-        if classify::wrong_fhir_version(content_type.as_deref()) {
+        if classify::wrong_fhir_version(content_type.as_deref(), version) {
             return Err(CallFailure {
                 class: Class::Target(TargetFault::FhirVersion),
                 status: Some(status.as_u16()),
-                reason: format!("{status}: not a FHIR R5 endpoint (content type)"),
+                reason: format!(
+                    "{status}: not a FHIR {} endpoint (content type)",
+                    target.fhir_version
+                ),
                 body,
             });
         }

@@ -35,6 +35,8 @@ struct FakeState {
     in_flight: usize,
     max_in_flight: usize,
     max_entries: usize,
+    /// The `Content-Type` of every request.
+    content_types: Vec<String>,
     /// `Some`: the server demands one of these bearer tokens (401 otherwise).
     valid_tokens: Option<Vec<String>>,
     /// Tokens issued by `/token` (`t1`, `t2`, …); a refusing endpoint answers `invalid_client`.
@@ -61,6 +63,9 @@ async fn handle(
 ) -> (StatusCode, String) {
     {
         let mut f = lock(&fake);
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+        f.content_types
+            .push(content_type.unwrap_or_default().to_owned());
         if let Some(valid) = &f.valid_tokens {
             let sent = headers
                 .get("authorization")
@@ -194,6 +199,7 @@ fn publisher(targets: &[(&str, &str)]) -> Publisher {
                     base_url: url.to_string(),
                     auth: Auth::None,
                     mode: bundle::UpsertMode::Put,
+                    fhir_version: ohx_common::records::FHIR_R5.into(),
                 }),
                 fingerprint: format!("fp-{id}"),
             },
@@ -229,6 +235,7 @@ fn record(
                 sync_request_id: "s".into(),
                 trigger: "WEBHOOK".into(),
                 received_at: 0,
+                fhir_version: ohx_common::records::FHIR_R5.into(),
                 deliveries: Vec::new(),
             },
             identity: format!("{target}/Observation/{id}"),
@@ -424,6 +431,48 @@ async fn test_content_rejection_dead_letters_that_resource_only() {
     assert_eq!(p.ledger.held_count("a"), 0);
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 3).0, 3);
     assert_eq!(p.breakers["a"].breaker, Breaker::default());
+}
+
+#[tokio::test]
+async fn test_an_r4_target_is_sent_fhir_version_4_and_an_r5_target_plain_fhir_json() {
+    let (r4, r4_url) = fake_ehr().await;
+    let (r5, r5_url) = fake_ehr().await;
+    let mut p = publisher(&[("r4", &r4_url), ("r5", &r5_url)]);
+    if let Some(Entry {
+        target: Configured::Usable(target),
+        ..
+    }) = p.targets.get_mut("r4")
+    {
+        target.fhir_version = ohx_common::records::FHIR_R4.into();
+    }
+    let (mut out, codec) = emitter();
+    let batch = vec![
+        record(0, 0, "r4", "a", 1, "final"),
+        record(0, 1, "r5", "b", 1, "final"),
+    ];
+    p.process(&batch, &mut out).await.unwrap();
+    let (results, _) = emitted(&out, &codec).await;
+    assert_eq!(
+        results,
+        vec![
+            ("a".into(), "created".into()),
+            ("b".into(), "created".into())
+        ]
+    );
+    let seen = |f: &Fake| lock(f).content_types.clone();
+    assert!(!seen(&r4).is_empty() && !seen(&r5).is_empty());
+    assert!(
+        seen(&r4)
+            .iter()
+            .all(|c| c == "application/fhir+json; fhirVersion=4.0"),
+        "{:?}",
+        seen(&r4)
+    );
+    assert!(
+        seen(&r5).iter().all(|c| c == "application/fhir+json"),
+        "{:?}",
+        seen(&r5)
+    );
 }
 
 async fn publish(p: &mut Publisher, r: Input<FhirResource>) -> Vec<(String, String)> {

@@ -20,6 +20,8 @@ pub struct Target {
     pub base_url: String,
     pub auth: Auth,
     pub mode: UpsertMode,
+    /// The FHIR version it speaks (`ehr_targets.fhir_version`: R4 or R5).
+    pub fhir_version: String,
 }
 
 /// A configured target: usable, or configured in a way this publisher cannot use (its records
@@ -126,7 +128,7 @@ pub async fn load(
     let rows = client
         .query(
             "SELECT t.id, t.base_url, t.auth_kind, t.auth_secret, t.upsert_mode, t.auth_settings,
-                    k.kid, k.alg, k.private_key
+                    k.kid, k.alg, k.private_key, t.fhir_version
              FROM ehr_targets t
              LEFT JOIN LATERAL (
                  SELECT kid, alg, private_key FROM ehr_target_keys
@@ -149,6 +151,7 @@ pub async fn load(
             alg: row.get(7),
             sealed: row.get(8),
         });
+        let fhir_version: String = row.get(9);
         let fp = fingerprint(&[
             &base_url,
             &kind,
@@ -156,6 +159,7 @@ pub async fn load(
             &mode,
             &settings.to_string(),
             key.as_ref().map_or("", |k| k.sealed.as_str()),
+            &fhir_version,
         ]);
         let auth = auth(
             &id,
@@ -179,6 +183,7 @@ pub async fn load(
                 base_url: base_url.trim_end_matches('/').to_string(),
                 auth,
                 mode,
+                fhir_version,
             }),
             Err(reason) => Configured::Unusable(reason),
         };

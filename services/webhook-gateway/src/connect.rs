@@ -375,6 +375,7 @@ pub async fn callback(
             sync_request_id: request_id.clone(),
             trigger: "INITIAL".into(),
             received_at,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         },
         categories: Vec::new(),

@@ -25,8 +25,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ohx_common::admin::Problem;
 use ohx_common::crypto::SecretBox;
+use ohx_common::db::PatientTargets;
 use ohx_common::kafka::OutRecord;
-use ohx_common::records::{Context, Delivery, topic};
+use ohx_common::records::{Context, topic};
 use ohx_providers::beurer::{self, ParsedExport};
 use ohx_providers::policy::{POLICY_COLUMNS, Policy};
 use opentelemetry::KeyValue;
@@ -177,8 +178,8 @@ pub async fn beurer(
     }
     let mut reports = Vec::new();
     for link in links {
-        let deliveries = match deliveries_of(&state, &link.patient_id).await {
-            Ok(d) => d,
+        let targets = match targets_of(&state, &link.patient_id).await {
+            Ok(t) => t,
             Err(response) => return response,
         };
         let ctx = Context {
@@ -192,7 +193,8 @@ pub async fn beurer(
             sync_request_id: import_id(&link.link_id, &body),
             trigger: "IMPORT".into(),
             received_at,
-            deliveries,
+            fhir_version: targets.fhir_version,
+            deliveries: targets.deliveries,
         };
         let mut parsed = match beurer::parse_export(&body, &ctx, &zone) {
             Ok(p) => p,
@@ -207,17 +209,22 @@ pub async fn beurer(
     (StatusCode::OK, Json(json!({ "links": reports }))).into_response()
 }
 
-/// The EHR targets the patient's rows go to ([`ohx_common::db::patient_deliveries`]).
-async fn deliveries_of(state: &AppState, patient_id: &Uuid) -> Result<Vec<Delivery>, Response> {
+/// The EHR targets the patient's rows go to ([`ohx_common::db::patient_targets`]).
+async fn targets_of(state: &AppState, patient_id: &Uuid) -> Result<PatientTargets, Response> {
     let provider = beurer::NAME;
     let db = db_step(provider, state.db_timeout, "connect", state.pool.get()).await?;
     db_step(
         provider,
         state.db_timeout,
         "deliveries",
-        ohx_common::db::patient_deliveries(&db, patient_id),
+        ohx_common::db::patient_targets(&db, patient_id),
     )
-    .await
+    .await?
+    .ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "No patient")
+            .detail("the link's patient was deleted meanwhile")
+            .into_response()
+    })
 }
 
 /// Sends the new rows of one link's import and records them; returns the link's report.

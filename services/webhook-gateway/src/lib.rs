@@ -599,6 +599,7 @@ async fn emit_requests(
                 ),
                 trigger: "WEBHOOK".into(),
                 received_at,
+                fhir_version: ohx_common::records::FHIR_R5.into(),
                 deliveries: Vec::new(),
             },
             categories: notice.categories.clone(),

@@ -443,6 +443,7 @@ mod tests {
             sync_request_id: "s".into(),
             trigger: "WEBHOOK".into(),
             received_at: 0,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }

@@ -729,6 +729,7 @@ mod tests {
             sync_request_id: "sr".into(),
             trigger: "WEBHOOK".into(),
             received_at: 1,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
             deliveries: Vec::new(),
         }
     }
