@@ -929,7 +929,7 @@ fn require_token(field: &'static str, text: &str) -> Result<(), MappingError> {
 mod tests {
     use super::*;
     use crate::mapping::DEFAULT_TABLE_TOML;
-    use crate::validate::shared_test_validator;
+    use crate::validate::{FhirValidator, shared_test_validator};
 
     const BASE: &str = "https://ohx.example/fhir";
 
@@ -1317,9 +1317,8 @@ mod tests {
         assert!(observation(&weight()).get("performer").is_none());
     }
 
-    #[test]
-    fn test_every_mapped_resource_of_every_data_type_validates() {
-        let validator = shared_test_validator();
+    /// Every resource of every data type, with and without a device.
+    fn every_data_type_mapped() -> Vec<MappedResource> {
         let mut all = Vec::new();
         for m in [bp(), pulse(), weight()] {
             all.extend(map(&m));
@@ -1362,7 +1361,13 @@ mod tests {
                     .filter(|r| r.resource_type == "Observation"),
             );
         }
-        for resource in &all {
+        all
+    }
+
+    /// Each resource valid, and all of them in one transaction Bundle, as the publisher sends
+    /// them.
+    fn assert_all_valid(all: &[MappedResource], validator: &FhirValidator) {
+        for resource in all {
             assert_eq!(
                 resource.json["resourceType"],
                 resource.resource_type.as_str()
@@ -1375,7 +1380,6 @@ mod tests {
                 );
             }
         }
-        // And all of them in one transaction Bundle, as the publisher sends them.
         let entries: Vec<Value> = all
             .iter()
             .map(|r| {
@@ -1388,6 +1392,23 @@ mod tests {
             .collect();
         let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
         validator.validate(&bundle).unwrap();
+    }
+
+    #[test]
+    fn test_every_mapped_resource_of_every_data_type_validates() {
+        assert_all_valid(&every_data_type_mapped(), shared_test_validator());
+    }
+
+    #[test]
+    fn test_every_data_type_written_as_r4_validates_against_r4() {
+        let r4 = crate::r4::R4Rules::default_rules()
+            .unwrap()
+            .convert(every_data_type_mapped())
+            .unwrap();
+        assert!(r4.iter().all(|r| r.resource_type != "DeviceAssociation"));
+        assert!(r4.iter().any(|r| r.resource_type == "Device"));
+        let validator = FhirValidator::new(crate::validate::FhirVersion::R4).unwrap();
+        assert_all_valid(&r4, &validator);
     }
 
     #[test]
