@@ -131,7 +131,8 @@ async fn hfs_ceiling(
         .chunks(TRANSACTION_SIZE)
         .map(|chunk| {
             let refs: Vec<&Item> = chunk.iter().collect();
-            let bundle = transaction_bundle(&refs, UpsertMode::Put).map_err(anyhow::Error::msg)?;
+            let bundle = transaction_bundle(&refs, UpsertMode::Put, &Default::default())
+                .map_err(anyhow::Error::msg)?;
             Ok((chunk.len(), serde_json::to_vec(&bundle)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

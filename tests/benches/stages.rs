@@ -655,6 +655,7 @@ fn main() -> anyhow::Result<()> {
                 let b = publisher::bundle::transaction_bundle(
                     &refs,
                     publisher::bundle::UpsertMode::Put,
+                    &Default::default(),
                 )
                 .map_err(anyhow::Error::msg)?;
                 black_box(serde_json::to_vec(&b)?);

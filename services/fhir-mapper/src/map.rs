@@ -367,7 +367,7 @@ pub fn map_measurement(
     })?;
     insert_effective(&mut obs, m)?;
     if let Some(reference) = device_reference {
-        obs.insert("device".to_owned(), json!({ "reference": reference }));
+        obs.insert("device".to_owned(), reference);
     }
     if m.entry_method.as_deref() == Some(ENTRY_MANUAL) {
         // Typed in by the patient: patient-reported, the patient is the performer.
@@ -431,7 +431,7 @@ pub fn map_aggregate(
         json!({ "start": utc_date_time(a.hour_start)?, "end": utc_date_time(a.hour_end)? }),
     );
     if let Some(reference) = device_reference {
-        obs.insert("device".to_owned(), json!({ "reference": reference }));
+        obs.insert("device".to_owned(), reference);
     }
     let unit = find_unit(&entry.units, &a.unit).ok_or_else(|| MappingError::UnsupportedUnit {
         data_type: a.data_type.clone(),
@@ -515,13 +515,13 @@ fn observation_skeleton(head: ObservationHead<'_>) -> Result<Map<String, Value>,
 }
 
 /// Builds the Device and DeviceAssociation of a record's device; returns them with the
-/// reference (`Device/{id}`) the Observation points to.
+/// Reference the Observation points to (`Device/{id}` and the Device's identifier).
 fn map_device(
     ctx: &Context,
     device: Option<&Device>,
     table: &Mapping,
     settings: &MapperSettings,
-) -> Result<(Vec<MappedResource>, Option<String>), MappingError> {
+) -> Result<(Vec<MappedResource>, Option<Value>), MappingError> {
     let provider = table
         .provider(&ctx.provider)
         .ok_or_else(|| MappingError::UnknownProvider(ctx.provider.clone()))?;
@@ -536,7 +536,12 @@ fn map_device(
     let device_system = settings.device_system()?;
     let device_value = format!("{}-{}", ctx.provider, device.device_id);
     let device_id = resource_id("Device", &device_system, &device_value);
-    let device_reference = format!("Device/{device_id}");
+    // The reference names the Device's identifier too, so a publisher writing to a server that
+    // assigns its own ids can point it at the server's Device (see the publisher's `refs`).
+    let device_reference = json!({
+        "reference": format!("Device/{device_id}"),
+        "identifier": { "system": device_system, "value": device_value },
+    });
     let manufacturer = non_empty(device.manufacturer.as_deref())
         .or_else(|| non_empty(provider.manufacturer.as_deref()));
     let model = non_empty(device.model.as_deref());
@@ -583,7 +588,7 @@ fn map_device(
         "id": association_id,
         "meta": { "source": source },
         "identifier": [{ "system": association_system, "value": association_value }],
-        "device": { "reference": device_reference },
+        "device": device_reference,
         "status": { "coding": codings_json(std::slice::from_ref(&table.device.association_status)) },
         "subject": { "reference": ctx.patient_reference },
     });
@@ -1896,6 +1901,11 @@ mod tests {
                 "modelNumber": "44"
             })
         );
+        // References to the Device name its identifier as well.
+        let device_reference = json!({
+            "reference": format!("Device/{device_id}"),
+            "identifier": { "system": device_system, "value": "withings-a1b2c3d4e5" },
+        });
         let association_system = "https://ohx.example/fhir/sid/device-association";
         let association_value = "withings-u12345-a1b2c3d4e5";
         assert_eq!(
@@ -1905,17 +1915,14 @@ mod tests {
                 "id": resource_id("DeviceAssociation", association_system, association_value),
                 "meta": { "source": "https://ohx.example/fhir/source/withings" },
                 "identifier": [{ "system": association_system, "value": association_value }],
-                "device": { "reference": format!("Device/{device_id}") },
+                "device": device_reference.clone(),
                 "status": { "coding": [{
                     "system": "http://hl7.org/fhir/deviceassociation-status",
                     "code": "attached", "display": "Attached" }] },
                 "subject": { "reference": "Patient/123" }
             })
         );
-        assert_eq!(
-            resources[2].json["device"],
-            json!({ "reference": format!("Device/{device_id}") })
-        );
+        assert_eq!(resources[2].json["device"], device_reference);
         // The same device seen in another measurement is the same Device, byte for byte.
         let from_pulse = map(&pulse());
         assert_eq!(

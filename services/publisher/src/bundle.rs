@@ -1,7 +1,9 @@
 //! Pure parts of publishing: the content-hash and source-revision tags, transaction and read
 //! Bundles, and parsing the server's answers.
 
+use crate::auth::WRITTEN_TYPES;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 
 /// The `meta.tag` system carrying a resource's content hash on the server. The publisher reads
 /// it back to skip resources the server already holds unchanged, so replaying the outbox
@@ -46,6 +48,15 @@ fn encode_query_value(s: &str) -> String {
     out
 }
 
+/// `{type}?identifier={system}|{value}`: the search (and conditional URL) of a resource by
+/// identifier.
+pub fn identifier_query(resource_type: &str, system: &str, value: &str) -> String {
+    format!(
+        "{resource_type}?identifier={}",
+        encode_query_value(&format!("{system}|{value}"))
+    )
+}
+
 /// Returns the request URL of an item's upsert (relative to the base).
 pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
     match mode {
@@ -64,11 +75,7 @@ pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
                 .get("value")
                 .and_then(Value::as_str)
                 .ok_or("identifier has no value")?;
-            Ok(format!(
-                "{}?identifier={}",
-                item.resource_type,
-                encode_query_value(&format!("{system}|{value}"))
-            ))
+            Ok(identifier_query(&item.resource_type, system, value))
         }
     }
 }
@@ -124,30 +131,161 @@ pub fn stored_revision(resource: &Value) -> i64 {
 pub struct ServerState {
     pub revision: i64,
     pub hash: Option<String>,
+    /// `Type/id` on the server (in conditional mode, the server's own id).
+    pub reference: Option<String>,
 }
 
-/// Returns a `batch` Bundle that reads the current state of each item.
-pub fn read_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, String> {
-    let entries = items
+/// Returns a `batch` Bundle that reads the current state of each item, then of each
+/// resource the items reference ([`OwnRef::read_url`]).
+pub fn read_bundle(items: &[&Item], refs: &[OwnRef], mode: UpsertMode) -> Result<Value, String> {
+    let mut entries = items
         .iter()
         .map(|i| Ok(json!({"request": {"method": "GET", "url": upsert_url(i, mode)?}})))
         .collect::<Result<Vec<_>, String>>()?;
+    entries.extend(
+        refs.iter()
+            .map(|r| json!({"request": {"method": "GET", "url": r.read_url(mode)}})),
+    );
     Ok(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}))
 }
 
-/// Returns a `transaction` Bundle of upserts.
-pub fn transaction_bundle(items: &[&Item], mode: UpsertMode) -> Result<Value, String> {
+/// Returns a `transaction` Bundle of upserts. In conditional mode the server assigns the ids:
+/// the resources go without theirs, and their references to resources ohx writes
+/// ([`own_references`]) are rewritten to the entry of this transaction that writes the
+/// resource (its `urn:uuid` fullUrl), else to the server's id in `known` (from the read),
+/// else to a conditional reference (`Type?identifier=…`) the server resolves.
+pub fn transaction_bundle(
+    items: &[&Item],
+    mode: UpsertMode,
+    known: &HashMap<RefKey, String>,
+) -> Result<Value, String> {
+    let in_transaction: HashMap<RefKey, String> = items
+        .iter()
+        .map(|i| {
+            (
+                (i.resource_type.clone(), i.resource_id.clone()),
+                full_url(&i.resource_id),
+            )
+        })
+        .collect();
     let entries = items
         .iter()
         .map(|i| {
+            let mut resource = with_tags(&i.resource, &i.hash, i.revision);
+            if mode == UpsertMode::Conditional {
+                if let Some(object) = resource.as_object_mut() {
+                    object.remove("id");
+                }
+                rewrite_references(&mut resource, WRITTEN_TYPES, &|r| {
+                    in_transaction
+                        .get(&r.key())
+                        .or_else(|| known.get(&r.key()))
+                        .cloned()
+                        .unwrap_or_else(|| r.conditional())
+                });
+            }
             Ok(json!({
-                "fullUrl": format!("urn:uuid:{}", uuid_from_id(&i.resource_id)),
-                "resource": with_tags(&i.resource, &i.hash, i.revision),
+                "fullUrl": full_url(&i.resource_id),
+                "resource": resource,
                 "request": {"method": "PUT", "url": upsert_url(i, mode)?}
             }))
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+}
+
+/// `(resource type, ohx id)` of a resource ohx writes.
+pub type RefKey = (String, String);
+
+/// A reference to a resource ohx writes, as the fhir-mapper writes it: `Type/id` with the
+/// resource's identifier (e.g. an Observation's `device`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnRef {
+    pub resource_type: String,
+    pub id: String,
+    pub system: String,
+    pub value: String,
+}
+
+impl OwnRef {
+    /// `(type, id)`.
+    pub fn key(&self) -> RefKey {
+        (self.resource_type.clone(), self.id.clone())
+    }
+
+    /// `Type?identifier=system|value`.
+    pub fn conditional(&self) -> String {
+        identifier_query(&self.resource_type, &self.system, &self.value)
+    }
+
+    /// How to read the referenced resource: `Type/id`, or by identifier in conditional mode.
+    pub fn read_url(&self, mode: UpsertMode) -> String {
+        match mode {
+            UpsertMode::Put => format!("{}/{}", self.resource_type, self.id),
+            UpsertMode::Conditional => self.conditional(),
+        }
+    }
+}
+
+/// Every reference in `resource` to a resource of `types` that names its identifier, once
+/// each, in order.
+pub fn own_references(resource: &Value, types: &[&str]) -> Vec<OwnRef> {
+    fn walk(value: &Value, types: &[&str], out: &mut Vec<OwnRef>) {
+        match value {
+            Value::Object(object) => {
+                if let Some(r) = own_reference(object, types) {
+                    if !out.contains(&r) {
+                        out.push(r);
+                    }
+                    return;
+                }
+                object.values().for_each(|v| walk(v, types, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, types, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(resource, types, &mut out);
+    out
+}
+
+fn own_reference(object: &serde_json::Map<String, Value>, types: &[&str]) -> Option<OwnRef> {
+    let (resource_type, id) = object.get("reference")?.as_str()?.split_once('/')?;
+    if !types.contains(&resource_type) || id.is_empty() || id.contains('/') {
+        return None;
+    }
+    let identifier = object.get("identifier")?;
+    Some(OwnRef {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        system: identifier.get("system")?.as_str()?.to_owned(),
+        value: identifier.get("value")?.as_str()?.to_owned(),
+    })
+}
+
+/// Rewrites each reference of [`own_references`] to `to(reference)`.
+fn rewrite_references(value: &mut Value, types: &[&str], to: &impl Fn(&OwnRef) -> String) {
+    match value {
+        Value::Object(object) => {
+            if let Some(r) = own_reference(object, types) {
+                object.insert("reference".to_owned(), Value::String(to(&r)));
+                return;
+            }
+            object
+                .values_mut()
+                .for_each(|v| rewrite_references(v, types, to));
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| rewrite_references(v, types, to)),
+        _ => {}
+    }
+}
+
+/// The `fullUrl` of a resource's transaction entry.
+fn full_url(resource_id: &str) -> String {
+    format!("urn:uuid:{}", uuid_from_id(resource_id))
 }
 
 /// Formats a deterministic UUID-shaped string from a resource id (for `fullUrl`).
@@ -202,9 +340,17 @@ pub fn current_states(response: &Value, count: usize) -> Vec<Result<Option<Serve
             } else {
                 resource
             };
+            let reference = match (
+                resource.get("resourceType").and_then(Value::as_str),
+                resource.get("id").and_then(Value::as_str),
+            ) {
+                (Some(t), Some(id)) => Some(format!("{t}/{id}")),
+                _ => None,
+            };
             Ok(Some(ServerState {
                 revision: stored_revision(resource),
                 hash: stored_hash(resource).map(str::to_string),
+                reference,
             }))
         })
         .collect()
@@ -363,7 +509,7 @@ mod tests {
     #[test]
     fn test_transaction_bundle_shape() {
         let (a, b) = (item("a"), item("b"));
-        let bundle = transaction_bundle(&[&a, &b], UpsertMode::Put).unwrap();
+        let bundle = transaction_bundle(&[&a, &b], UpsertMode::Put, &HashMap::new()).unwrap();
         assert_eq!(bundle["type"], "transaction");
         assert_eq!(bundle["entry"][1]["request"]["method"], "PUT");
         assert_eq!(bundle["entry"][1]["request"]["url"], "Observation/b");
@@ -374,6 +520,121 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .starts_with("urn:uuid:")
+        );
+    }
+
+    const DEVICE_SYSTEM: &str = "https://ohx.example/fhir/sid/device";
+
+    /// A Device, and an Observation referencing it as the mapper does.
+    fn device_and_observation() -> (Item, Item) {
+        let device = Item {
+            resource_type: "Device".into(),
+            resource_id: "dev-1".into(),
+            resource: json!({"resourceType": "Device", "id": "dev-1",
+                "identifier": [{"system": DEVICE_SYSTEM, "value": "withings-abc"}]}),
+            hash: "d".into(),
+            revision: 0,
+        };
+        let mut obs = item("obs-1");
+        obs.resource["device"] = json!({"reference": "Device/dev-1",
+            "identifier": {"system": DEVICE_SYSTEM, "value": "withings-abc"}});
+        obs.resource["subject"] = json!({"reference": "Patient/7"});
+        (device, obs)
+    }
+
+    #[test]
+    fn test_own_references_are_those_to_written_types_that_name_their_identifier() {
+        let (_, obs) = device_and_observation();
+        let refs = own_references(&obs.resource, WRITTEN_TYPES);
+        assert_eq!(
+            refs,
+            [OwnRef {
+                resource_type: "Device".into(),
+                id: "dev-1".into(),
+                system: DEVICE_SYSTEM.into(),
+                value: "withings-abc".into(),
+            }],
+            "the EHR's Patient is not one of ours"
+        );
+        assert_eq!(refs[0].read_url(UpsertMode::Put), "Device/dev-1");
+        assert_eq!(
+            refs[0].read_url(UpsertMode::Conditional),
+            "Device?identifier=https://ohx.example/fhir/sid/device%7Cwithings-abc"
+        );
+        let mut bare = obs.resource.clone();
+        bare["device"] = json!({"reference": "Device/dev-1"});
+        assert!(own_references(&bare, WRITTEN_TYPES).is_empty());
+    }
+
+    #[test]
+    fn test_put_mode_sends_references_and_ids_as_mapped() {
+        let (device, obs) = device_and_observation();
+        let bundle = transaction_bundle(&[&obs], UpsertMode::Put, &HashMap::new()).unwrap();
+        let sent = &bundle["entry"][0]["resource"];
+        assert_eq!(sent["id"], "obs-1");
+        assert_eq!(sent["device"], obs.resource["device"]);
+        let both = transaction_bundle(&[&device, &obs], UpsertMode::Put, &HashMap::new()).unwrap();
+        assert_eq!(
+            both["entry"][1]["resource"]["device"]["reference"],
+            "Device/dev-1"
+        );
+    }
+
+    #[test]
+    fn test_conditional_mode_points_references_at_the_entry_the_server_id_or_a_search() {
+        let (device, obs) = device_and_observation();
+        // Written together: the Device's entry.
+        let both =
+            transaction_bundle(&[&device, &obs], UpsertMode::Conditional, &HashMap::new()).unwrap();
+        let entries = both["entry"].as_array().unwrap();
+        assert_eq!(
+            entries[1]["resource"]["device"]["reference"],
+            entries[0]["fullUrl"]
+        );
+        assert!(
+            entries.iter().all(|e| e["resource"].get("id").is_none()),
+            "the server assigns the ids"
+        );
+        assert_eq!(
+            entries[1]["resource"]["device"]["identifier"]["value"],
+            "withings-abc"
+        );
+        assert_eq!(entries[1]["resource"]["subject"]["reference"], "Patient/7");
+        // Already on the server: its id there.
+        let known = HashMap::from([(
+            ("Device".to_owned(), "dev-1".to_owned()),
+            "Device/42".to_owned(),
+        )]);
+        let alone = transaction_bundle(&[&obs], UpsertMode::Conditional, &known).unwrap();
+        assert_eq!(
+            alone["entry"][0]["resource"]["device"]["reference"],
+            "Device/42"
+        );
+        // Unknown: a conditional reference the server resolves.
+        let alone = transaction_bundle(&[&obs], UpsertMode::Conditional, &HashMap::new()).unwrap();
+        assert_eq!(
+            alone["entry"][0]["resource"]["device"]["reference"],
+            "Device?identifier=https://ohx.example/fhir/sid/device%7Cwithings-abc"
+        );
+    }
+
+    #[test]
+    fn test_read_bundle_reads_the_items_then_the_referenced_resources() {
+        let (device, obs) = device_and_observation();
+        let refs = own_references(&obs.resource, WRITTEN_TYPES);
+        let read = read_bundle(&[&obs], &refs, UpsertMode::Conditional).unwrap();
+        let urls: Vec<&str> = read["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["request"]["url"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                upsert_url(&obs, UpsertMode::Conditional).unwrap(),
+                upsert_url(&device, UpsertMode::Conditional).unwrap()
+            ]
         );
     }
 
@@ -400,18 +661,19 @@ mod tests {
             {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset"}},
             {"response": {"status": "200 OK"}, "resource": item("e").resource},
             {"response": {"status": "500 Internal Server Error"}}]});
-        let state = |revision, hash: Option<&str>| {
+        let state = |revision, hash: Option<&str>, id: &str| {
             Ok(Some(ServerState {
                 revision,
                 hash: hash.map(str::to_string),
+                reference: Some(format!("Observation/{id}")),
             }))
         };
         let got = current_states(&read, 7);
-        assert_eq!(got[0], state(5, Some("h1")));
+        assert_eq!(got[0], state(5, Some("h1"), "a"));
         assert_eq!(got[1], Ok(None));
-        assert_eq!(got[2], state(0, Some("h3")));
+        assert_eq!(got[2], state(0, Some("h3"), "c"));
         assert_eq!(got[3], Ok(None));
-        assert_eq!(got[4], state(0, None));
+        assert_eq!(got[4], state(0, None, "e"));
         assert!(got[5].is_err());
         assert!(got[6].is_err(), "a missing entry is not an absent resource");
     }

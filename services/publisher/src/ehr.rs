@@ -1,14 +1,16 @@
 //! Calls to one EHR target: read the current state, write a transaction of upserts, isolate a
 //! rejected resource. Every failure is classified ([`crate::classify`]).
 
-use crate::auth::Tokens;
+use crate::auth::{Tokens, WRITTEN_TYPES};
 use crate::breaker::Failure;
-use crate::bundle::{self, Item};
+use crate::bundle::{self, Item, OwnRef, RefKey};
 use crate::classify::{self, Class, Scope, TargetFault, TransportError};
 use crate::decision::{PublishDecision, publish_decision};
 use crate::targets::Target;
-use opentelemetry::metrics::Histogram;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
 use serde_json::Value;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,13 @@ static PUBLISH_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_seconds_histogram(
         "ohx_publish_latency",
         "Duration of one transaction against an EHR target",
+    )
+});
+
+static UNRESOLVED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_publisher_unresolved_references",
+        "Resources held because a resource they reference is not on the EHR yet, by type",
     )
 });
 
@@ -244,14 +253,16 @@ impl Ehr {
         &self,
         target: &Target,
         items: &[&Item],
+        known: &HashMap<RefKey, String>,
         timeout: Option<Duration>,
     ) -> Result<Vec<ItemResult>, CallFailure> {
-        let tx = bundle::transaction_bundle(items, target.mode).map_err(|e| CallFailure {
-            class: Class::Resource,
-            status: None,
-            reason: e.clone(),
-            body: e,
-        })?;
+        let tx =
+            bundle::transaction_bundle(items, target.mode, known).map_err(|e| CallFailure {
+                class: Class::Resource,
+                status: None,
+                reason: e.clone(),
+                body: e,
+            })?;
         let started = Instant::now();
         let resp = self
             .post_bundle(
@@ -313,9 +324,26 @@ impl Ehr {
             results,
             failure: Some(failure),
         };
-        // 1. What does the server hold?
+        // 1. What does the server hold, of the items and of the resources ohx writes that
+        //    they reference but that are not among them?
+        let in_chunk: HashSet<RefKey> = items
+            .iter()
+            .map(|i| (i.resource_type.clone(), i.resource_id.clone()))
+            .collect();
+        let item_refs: Vec<Vec<OwnRef>> = items
+            .iter()
+            .map(|i| bundle::own_references(&i.resource, WRITTEN_TYPES))
+            .collect();
+        let outside: Vec<OwnRef> = item_refs
+            .iter()
+            .flatten()
+            .filter(|r| !in_chunk.contains(&r.key()))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let refs: Vec<&Item> = items.iter().collect();
-        let read = match bundle::read_bundle(&refs, target.mode) {
+        let read = match bundle::read_bundle(&refs, &outside, target.mode) {
             Ok(r) => r,
             Err(e) => return stop(results, CallFailure::transient(e)),
         };
@@ -323,7 +351,24 @@ impl Ehr {
             Ok(r) => r,
             Err(f) => return stop(results, f),
         };
-        let states = bundle::current_states(&resp, items.len());
+        let mut states = bundle::current_states(&resp, items.len() + outside.len());
+        let outside_states = states.split_off(items.len());
+        // The server's references of what it holds; what it lacks.
+        let mut known: HashMap<RefKey, String> = HashMap::new();
+        let mut missing: HashSet<RefKey> = HashSet::new();
+        for (r, state) in outside.iter().zip(outside_states) {
+            match state {
+                Ok(Some(s)) => {
+                    if let Some(reference) = s.reference {
+                        known.insert(r.key(), reference);
+                    }
+                }
+                Ok(None) => {
+                    missing.insert(r.key());
+                }
+                Err(reason) => return stop(results, CallFailure::transient(reason)),
+            }
+        }
         let mut todo = Vec::new();
         for (i, (item, state)) in items.iter().zip(states).enumerate() {
             let state = match state {
@@ -331,10 +376,21 @@ impl Ehr {
                 // Without knowing what the server holds nothing is written (it could be newer).
                 Err(reason) => return stop(results, CallFailure::transient(reason)),
             };
+            if let Some(reference) = state.as_ref().and_then(|s| s.reference.clone()) {
+                known.insert(
+                    (item.resource_type.clone(), item.resource_id.clone()),
+                    reference,
+                );
+            }
             let server = state
                 .as_ref()
                 .map(|s| (s.revision, s.hash.as_deref().unwrap_or("")));
             match publish_decision(server, (item.revision, &item.hash)) {
+                // A resource it references is neither written with it nor on the server yet
+                // (it travels on another partition): held, tried again once it may be.
+                PublishDecision::Put if item_refs[i].iter().any(|r| missing.contains(&r.key())) => {
+                    UNRESOLVED.add(1, &[KeyValue::new("type", item.resource_type.clone())]);
+                }
                 PublishDecision::Put => todo.push(i),
                 PublishDecision::Unchanged => {
                     results[i] = Some(ItemResult::Done {
@@ -360,7 +416,7 @@ impl Ehr {
         }
         // 2. One transaction of upserts.
         let refs: Vec<&Item> = todo.iter().map(|i| &items[*i]).collect();
-        let failure = match self.transaction(target, &refs, timeout).await {
+        let failure = match self.transaction(target, &refs, &known, timeout).await {
             Ok(done) => {
                 for (i, r) in todo.iter().zip(done) {
                     results[*i] = Some(r);
@@ -391,8 +447,19 @@ impl Ehr {
         // 3. Isolate: one transaction per resource.
         tracing::warn!(reason = %failure.reason, resources = todo.len(), "transaction rejected; retrying resources one by one");
         let mut refusals = Vec::with_capacity(todo.len());
+        // Referenced resources first, so that what references them finds them written.
+        let referenced: HashSet<RefKey> = item_refs.iter().flatten().map(OwnRef::key).collect();
+        todo.sort_by_key(|i| {
+            !referenced.contains(&(
+                items[*i].resource_type.clone(),
+                items[*i].resource_id.clone(),
+            ))
+        });
         for i in &todo {
-            match self.transaction(target, &[&items[*i]], timeout).await {
+            match self
+                .transaction(target, &[&items[*i]], &known, timeout)
+                .await
+            {
                 Ok(mut done) => {
                     results[*i] = done.pop();
                     refusals.push(None);

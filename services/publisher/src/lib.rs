@@ -470,9 +470,11 @@ impl Processor for Publisher {
                             .push((chunk[*i].tp(), chunk[*i].input.offset));
                     }
                 }
-                if !undelivered.is_empty() {
-                    break;
-                }
+                // Records still held with the target answering (waiting for a resource they
+                // reference, which may be in a later chunk) do not stop the later chunks; a
+                // failing target does, through its breaker, checked above. Two versions of a
+                // resource cannot reorder on the server: older content is never written over
+                // newer (`decision`).
             }
         }
         self.warn_if_many_held();

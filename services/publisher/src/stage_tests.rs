@@ -636,6 +636,104 @@ async fn test_new_records_queue_behind_held_ones_and_a_superseded_held_record_is
     assert_eq!(f.store["Observation/x"].1, 1);
 }
 
+/// `record` carrying `resource` (of `resource_type`) instead of a bare Observation.
+fn record_of(
+    offset: i64,
+    target: &str,
+    resource_type: &str,
+    id: &str,
+    resource: Value,
+) -> Input<FhirResource> {
+    let mut r = record(offset as i32 % 2, offset, target, id, 1, "final");
+    r.value.resource_type = resource_type.into();
+    r.value.identity = format!("{target}/{resource_type}/{id}");
+    r.value.resource = resource.to_string();
+    r
+}
+
+#[tokio::test]
+async fn test_a_resource_whose_device_is_not_on_the_server_waits_for_it() {
+    let (a, url) = fake_ehr().await;
+    let mut p = publisher(&[("a", &url)]);
+    let identifier =
+        json!({"system": "https://ohx.example/fhir/sid/device", "value": "withings-1"});
+    let obs = record_of(
+        0,
+        "a",
+        "Observation",
+        "obs-1",
+        json!({"resourceType": "Observation", "id": "obs-1", "status": "final",
+               "device": {"reference": "Device/dev-1", "identifier": identifier}}),
+    );
+    let device = record_of(
+        1,
+        "a",
+        "Device",
+        "dev-1",
+        json!({"resourceType": "Device", "id": "dev-1", "identifier": [identifier]}),
+    );
+    // The Observation arrives first (its Device travels on another partition): held, and
+    // nothing written that would point at a Device the server does not have.
+    let (mut out, codec) = emitter();
+    let change = p.process(&[obs], &mut out).await.unwrap();
+    assert!(emitted(&out, &codec).await.0.is_empty());
+    assert_eq!(lock(&a).transactions, 0);
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("a"), 1);
+    assert_eq!(
+        p.commit_point(topic::FHIR_OUTBOX, 0, 1).0,
+        0,
+        "not committed past it"
+    );
+    // The Device queues behind it; the tick writes both, the Device with it.
+    let (mut out, _) = emitter();
+    let change = p.process(&[device], &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let (mut out, codec) = emitter();
+    let change = p
+        .tick(now, &BTreeSet::new(), &mut out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        emitted(&out, &codec).await.0,
+        vec![
+            ("dev-1".into(), "created".into()),
+            ("obs-1".into(), "created".into())
+        ]
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("a"), 0);
+    assert_eq!(lock(&a).transactions, 1, "one transaction with both");
+}
+
+#[tokio::test]
+async fn test_a_resource_whose_device_is_on_the_server_goes_at_once() {
+    let (a, url) = fake_ehr().await;
+    let mut p = publisher(&[("a", &url)]);
+    lock(&a).store.insert(
+        "Device/dev-1".into(),
+        (json!({"resourceType": "Device", "id": "dev-1"}), 1),
+    );
+    let obs = record_of(
+        0,
+        "a",
+        "Observation",
+        "obs-1",
+        json!({"resourceType": "Observation", "id": "obs-1", "status": "final",
+               "device": {"reference": "Device/dev-1",
+                          "identifier": {"system": "https://ohx.example/fhir/sid/device", "value": "withings-1"}}}),
+    );
+    let (mut out, codec) = emitter();
+    let change = p.process(&[obs], &mut out).await.unwrap();
+    assert_eq!(
+        emitted(&out, &codec).await.0,
+        vec![("obs-1".into(), "created".into())]
+    );
+    assert!(change.ledger.hold.is_empty());
+}
+
 #[tokio::test]
 async fn test_targets_are_called_concurrently() {
     let (a, a_url) = fake_ehr().await;
