@@ -2593,6 +2593,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("patient_delivered_to_two_targets", |e| {
             Box::pin(targets::patient_delivered_to_two_targets(e))
         }),
+        ("conditional_target_keeps_references", |e| {
+            Box::pin(targets::conditional_target_keeps_references(e))
+        }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
         }),

@@ -275,3 +275,163 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
     );
     Ok(())
 }
+
+/// `GET {base}/{path}` as JSON.
+async fn get_json(env: &Env, base: &str, path: &str) -> anyhow::Result<Value> {
+    Ok(env
+        .http
+        .get(format!("{base}/{path}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// The resources of `resource_type` at `base`.
+async fn all_of(env: &Env, base: &str, resource_type: &str) -> anyhow::Result<Vec<Value>> {
+    let bundle = get_json(env, base, &format!("{resource_type}?_count=200")).await?;
+    Ok(bundle["entry"]
+        .as_array()
+        .map(|e| e.iter().map(|x| x["resource"].clone()).collect())
+        .unwrap_or_default())
+}
+
+/// A target in conditional mode (a server that assigns its own ids: ohx sends none) gets a
+/// blood pressure with its pulse and an hourly heart rate from two devices. On that server
+/// every resource has the server's id, every Observation's and DeviceAssociation's `device`
+/// points at the server's Device with that identifier, and a re-fetch of the same data
+/// creates no resource and no version.
+pub async fn conditional_target_keeps_references(env: Arc<Env>) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let base = env
+        .stack
+        .lock()
+        .await
+        .start_hfs_on("hfs-conditional", port, &[])
+        .await?;
+    let target = env
+        .stack
+        .lock()
+        .await
+        .ohx_id(&[
+            "create-target",
+            "--org",
+            &env.org,
+            "--name",
+            "server ids",
+            "--base-url",
+            &base,
+            "--mode",
+            "conditional",
+        ])
+        .await?;
+    let p = env.new_patient(5302).await?;
+    let reference = "Patient/cond-5302";
+    add_delivery(&env, &p.patient_id, &target, reference).await?;
+    let r = env
+        .http
+        .put(format!("{base}/{reference}"))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "Patient", "id": "cond-5302", "active": true}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+
+    let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
+    env.add_groups(
+        p.userid,
+        json!([bp_group(
+            930_201,
+            h + 600_000,
+            "bpm-5302",
+            (12600, -2),
+            (8100, -2),
+            (6700, -2)
+        )]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(
+            ((h + m * 60_000) / 1000).to_string(),
+            json!({"deviceid": "watch-5302", "model": "ScanWatch", "model_id": 93,
+                   "heart_rate": bpm(5, m)}),
+        );
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    let obs = wait_observations(&env, &base, reference, 3).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+
+    // The server's ids, not ohx's; each device reference is the server's Device of that
+    // identifier.
+    let own_ids = observations(
+        &env,
+        &env.stack.lock().await.fhir_base.clone(),
+        &p.reference,
+    )
+    .await?
+    .into_keys()
+    .collect::<Vec<_>>();
+    ensure!(own_ids.len() == 3, "own target: {own_ids:?}");
+    let devices = all_of(&env, &base, "Device").await?;
+    let associations = all_of(&env, &base, "DeviceAssociation").await?;
+    ensure!(devices.len() == 2, "{} Devices", devices.len());
+    ensure!(
+        associations.len() == 2,
+        "{} DeviceAssociations",
+        associations.len()
+    );
+    let referencing = obs.values().chain(associations.iter());
+    for r in referencing {
+        let id = r["id"].as_str().unwrap_or_default();
+        ensure!(!own_ids.iter().any(|o| o == id), "{id} is ohx's id");
+        let device_ref = r["device"]["reference"].as_str().context("device")?;
+        ensure!(
+            !device_ref.starts_with("urn:") && !device_ref.contains('?'),
+            "{id}: device reference {device_ref} was not resolved"
+        );
+        let device = get_json(&env, &base, device_ref).await?;
+        ensure!(
+            device["identifier"][0] == r["device"]["identifier"],
+            "{id}: {device_ref} is {} but the reference names {}",
+            device["identifier"][0],
+            r["device"]["identifier"]
+        );
+    }
+
+    // The same data fetched again: nothing new on the server.
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    let again = observations(&env, &base, reference).await?;
+    ensure!(
+        again.keys().eq(obs.keys()),
+        "Observations changed: {again:?}"
+    );
+    for (kind, now, before) in [
+        ("Device", all_of(&env, &base, "Device").await?, &devices),
+        (
+            "DeviceAssociation",
+            all_of(&env, &base, "DeviceAssociation").await?,
+            &associations,
+        ),
+    ] {
+        ensure!(now.len() == before.len(), "{kind}: {} now", now.len());
+    }
+    for r in again
+        .values()
+        .chain(all_of(&env, &base, "Device").await?.iter())
+    {
+        ensure!(
+            r["meta"]["versionId"] == "1",
+            "{} {} has version {}",
+            r["resourceType"],
+            r["id"],
+            r["meta"]["versionId"]
+        );
+    }
+    Ok(())
+}
