@@ -30,6 +30,13 @@ use std::time::{Duration, Instant};
 /// The resource types the publisher writes, in the order scopes list them.
 pub const WRITTEN_TYPES: &[&str] = &["Observation", "Device", "DeviceAssociation"];
 
+/// The resource types written to an R4 target (R4 has no DeviceAssociation).
+pub const WRITTEN_TYPES_R4: &[&str] = &["Observation", "Device"];
+
+fn all_written_types() -> &'static [&'static str] {
+    WRITTEN_TYPES
+}
+
 /// Lifetime of a client assertion (SMART: at most five minutes).
 pub const ASSERTION_LIFETIME_S: u64 = 240;
 
@@ -80,6 +87,10 @@ pub struct Settings {
     /// Client secrets only: `basic` (HTTP Basic, the default) or `post` (form fields).
     #[serde(default)]
     pub client_auth: Option<String>,
+    /// The types [`default_scopes`] names: not a setting, the target's FHIR version decides
+    /// ([`WRITTEN_TYPES`], or [`WRITTEN_TYPES_R4`]).
+    #[serde(skip, default = "all_written_types")]
+    pub written_types: &'static [&'static str],
 }
 
 impl Settings {
@@ -242,7 +253,7 @@ pub fn sign(
 /// The scopes to ask for when the target's settings name none: create, read, update and
 /// search on every written type (`.crus`, SMART v2), or the v1 equivalents (`.read`,
 /// `.write`) for a server that supports only v1.
-pub fn default_scopes(v1_only: bool) -> String {
+pub fn default_scopes(written_types: &[&str], v1_only: bool) -> String {
     let per_type = |t: &&str| {
         if v1_only {
             format!("system/{t}.read system/{t}.write")
@@ -250,7 +261,7 @@ pub fn default_scopes(v1_only: bool) -> String {
             format!("system/{t}.crus")
         }
     };
-    WRITTEN_TYPES
+    written_types
         .iter()
         .map(per_type)
         .collect::<Vec<_>>()
@@ -513,7 +524,7 @@ async fn request_token(
     let scope = settings
         .scope
         .clone()
-        .unwrap_or_else(|| default_scopes(v1_only));
+        .unwrap_or_else(|| default_scopes(settings.written_types, v1_only));
     let mut request = client.exchange_client_credentials();
     for s in scope.split_whitespace() {
         request = request.add_scope(Scope::new(s.to_owned()));
@@ -619,12 +630,16 @@ mod tests {
     #[test]
     fn test_default_scopes_are_v2_unless_the_server_knows_only_v1() {
         assert_eq!(
-            default_scopes(false),
+            default_scopes(WRITTEN_TYPES, false),
             "system/Observation.crus system/Device.crus system/DeviceAssociation.crus"
         );
-        let v1 = default_scopes(true);
+        let v1 = default_scopes(WRITTEN_TYPES, true);
         assert!(v1.contains("system/Observation.read system/Observation.write"));
         assert!(!v1.contains(".crus"));
+        assert_eq!(
+            default_scopes(WRITTEN_TYPES_R4, false),
+            "system/Observation.crus system/Device.crus"
+        );
     }
 
     #[test]

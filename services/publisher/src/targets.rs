@@ -3,7 +3,7 @@
 //! a restart.
 
 pub use crate::auth::Auth;
-use crate::auth::{Alg, ClientSecret, Settings, SigningKey, Smart};
+use crate::auth::{Alg, ClientSecret, Settings, SigningKey, Smart, WRITTEN_TYPES_R4};
 use crate::bundle::UpsertMode;
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
@@ -73,12 +73,25 @@ struct KeyRow {
     sealed: String,
 }
 
+/// The settings of an OAuth2 target, its default scopes naming the types its FHIR version has.
+fn oauth_settings(
+    settings: &serde_json::Value,
+    fhir_version: &str,
+) -> Result<Settings, &'static str> {
+    let mut settings = Settings::from_json(settings)?;
+    if fhir_version == ohx_common::records::FHIR_R4 {
+        settings.written_types = WRITTEN_TYPES_R4;
+    }
+    Ok(settings)
+}
+
 /// How the target authenticates, from its row and its signing key.
 fn auth(
     id: &uuid::Uuid,
     kind: &str,
     secret: Option<&str>,
     settings: &serde_json::Value,
+    fhir_version: &str,
     key: Option<&KeyRow>,
     secrets: Option<&SecretBox>,
 ) -> Result<Auth, &'static str> {
@@ -88,7 +101,7 @@ fn auth(
         ("bearer", Some(sealed)) => Ok(Auth::Bearer(open(secrets, id, sealed, &secret_aad)?)),
         ("bearer", None) => Err("bearer target without a secret"),
         ("client_credentials", Some(sealed)) => {
-            let settings = Settings::from_json(settings)?;
+            let settings = oauth_settings(settings, fhir_version)?;
             if settings.token_url.is_none() {
                 return Err("client credentials without a token_url");
             }
@@ -99,7 +112,7 @@ fn auth(
         }
         ("client_credentials", None) => Err("client credentials without a client secret"),
         ("smart_backend", _) => {
-            let settings = Settings::from_json(settings)?;
+            let settings = oauth_settings(settings, fhir_version)?;
             let key = key.ok_or("SMART backend target without a signing key")?;
             let alg = Alg::parse(&key.alg).ok_or("signing key of an unknown algorithm")?;
             let aad = format!("ehr_target_key:{id}:{}", key.kid);
@@ -166,6 +179,7 @@ pub async fn load(
             &kind,
             secret.as_deref(),
             &settings,
+            &fhir_version,
             key.as_ref(),
             secrets,
         );
@@ -202,6 +216,7 @@ pub async fn load(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use ohx_common::records::{FHIR_R4, FHIR_R5 as R5};
     use serde_json::json;
 
     const KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -223,6 +238,7 @@ mod tests {
             "client_credentials",
             Some(&sealed),
             &settings,
+            R5,
             None,
             Some(&b),
         ) {
@@ -233,7 +249,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            auth(&id, "client_credentials", None, &settings, None, Some(&b)).unwrap_err(),
+            auth(
+                &id,
+                "client_credentials",
+                None,
+                &settings,
+                R5,
+                None,
+                Some(&b)
+            )
+            .unwrap_err(),
             "client credentials without a client secret"
         );
         let no_url = json!({"client_id": "ohx"});
@@ -243,6 +268,7 @@ mod tests {
                 "client_credentials",
                 Some(&sealed),
                 &no_url,
+                R5,
                 None,
                 Some(&b)
             )
@@ -256,6 +282,7 @@ mod tests {
                 "client_credentials",
                 Some(&sealed),
                 &settings,
+                R5,
                 None,
                 Some(&b)
             )
@@ -267,6 +294,7 @@ mod tests {
                 "client_credentials",
                 Some(&sealed),
                 &settings,
+                R5,
                 None,
                 None
             )
@@ -291,6 +319,7 @@ mod tests {
             "smart_backend",
             None,
             &settings,
+            R5,
             Some(&key("k1", "ES384")),
             Some(&b),
         ) {
@@ -302,7 +331,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            auth(&id, "smart_backend", None, &settings, None, Some(&b)).unwrap_err(),
+            auth(&id, "smart_backend", None, &settings, R5, None, Some(&b)).unwrap_err(),
             "SMART backend target without a signing key"
         );
         assert!(
@@ -311,6 +340,7 @@ mod tests {
                 "smart_backend",
                 None,
                 &settings,
+                R5,
                 Some(&key("k2", "HS256")),
                 Some(&b)
             )
@@ -325,6 +355,7 @@ mod tests {
                 "smart_backend",
                 None,
                 &settings,
+                R5,
                 Some(&moved),
                 Some(&b)
             )
@@ -336,6 +367,7 @@ mod tests {
                 "smart_backend",
                 None,
                 &json!({}),
+                R5,
                 Some(&key("k5", "ES384")),
                 Some(&b)
             )
@@ -344,11 +376,35 @@ mod tests {
     }
 
     #[test]
+    fn test_an_r4_targets_default_scopes_leave_out_device_association() {
+        let id = uuid::Uuid::new_v4();
+        let b = secrets();
+        let sealed = b
+            .seal(b"s3cret", &format!("ehr_target:{id}:auth_secret"))
+            .unwrap();
+        let settings = json!({"client_id": "ohx", "token_url": "https://as/token"});
+        let types = |version| match auth(
+            &id,
+            "client_credentials",
+            Some(&sealed),
+            &settings,
+            version,
+            None,
+            Some(&b),
+        ) {
+            Ok(Auth::ClientSecret(c)) => c.settings.written_types,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(types(FHIR_R4), ["Observation", "Device"]);
+        assert_eq!(types(R5), ["Observation", "Device", "DeviceAssociation"]);
+    }
+
+    #[test]
     fn test_unknown_auth_kinds_are_unusable() {
         let id = uuid::Uuid::new_v4();
-        assert!(auth(&id, "kerberos", None, &json!({}), None, None).is_err());
+        assert!(auth(&id, "kerberos", None, &json!({}), R5, None, None).is_err());
         assert!(matches!(
-            auth(&id, "none", None, &json!({}), None, None),
+            auth(&id, "none", None, &json!({}), R5, None, None),
             Ok(Auth::None)
         ));
     }
