@@ -16,7 +16,9 @@
 //! The binaries are taken from `OHX_BIN_DIR` if set (a relative one from the workspace root),
 //! else from the release build (`target/release`, or `$CARGO_TARGET_DIR/release`).
 //! Settings: `OHX_BENCH_RESOURCES` (default 10000), `OHX_PUBLISH_CONCURRENCY` (default 4: the
-//! transactions in flight of the ceiling; the publisher is started with its own default).
+//! transactions in flight of the ceiling; the publisher is started with its own default),
+//! `OHX_BENCH_MODE` (`put`, the default, or `conditional`: the target's upsert mode, and the
+//! ceiling's bundles written the same way).
 
 use anyhow::{Context as _, bail, ensure};
 use ohx_common::codec::Codec;
@@ -123,6 +125,7 @@ impl Ceiling {
 async fn hfs_ceiling(
     http: &reqwest::Client,
     base: &str,
+    mode: UpsertMode,
     items: &[Item],
     concurrency: usize,
 ) -> anyhow::Result<Ceiling> {
@@ -131,8 +134,8 @@ async fn hfs_ceiling(
         .chunks(TRANSACTION_SIZE)
         .map(|chunk| {
             let refs: Vec<&Item> = chunk.iter().collect();
-            let bundle = transaction_bundle(&refs, UpsertMode::Put, &Default::default())
-                .map_err(anyhow::Error::msg)?;
+            let bundle =
+                transaction_bundle(&refs, mode, &Default::default()).map_err(anyhow::Error::msg)?;
             Ok((chunk.len(), serde_json::to_vec(&bundle)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -344,10 +347,16 @@ async fn publisher_run(stack: &mut Stack, prefix: &str, n: usize) -> anyhow::Res
 fn main() -> anyhow::Result<()> {
     let n: usize = setting("OHX_BENCH_RESOURCES", 10_000usize).max(1);
     let concurrency: usize = setting("OHX_PUBLISH_CONCURRENCY", 4usize).max(1);
+    let mode_name = setting("OHX_BENCH_MODE", "put".to_owned());
+    let mode = match mode_name.as_str() {
+        "put" => UpsertMode::Put,
+        "conditional" => UpsertMode::Conditional,
+        other => bail!("OHX_BENCH_MODE {other} is neither put nor conditional"),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let mut stack = minimal_stack("publisher", &["publisher"], Duration::from_secs(60)).await?;
-        let result = run(&mut stack, n, concurrency).await;
+        let result = run(&mut stack, n, concurrency, (&mode_name, mode)).await;
         let stopped = stack.stop("publisher").await;
         stack.kill("hfs").await?;
         stack.kill("tansu").await?;
@@ -360,7 +369,12 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<()> {
+async fn run(
+    stack: &mut Stack,
+    n: usize,
+    concurrency: usize,
+    (mode_name, mode): (&str, UpsertMode),
+) -> anyhow::Result<()> {
     let setup = Instant::now();
     stack.fhir_base = stack.start_hfs("hfs").await?;
     let r = stack
@@ -381,6 +395,8 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
             "hfs",
             "--base-url",
             &stack.fhir_base,
+            "--mode",
+            mode_name,
         ])
         .await?;
     let patient = stack
@@ -415,7 +431,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
         deliveries: Vec::new(),
     };
     println!(
-        "setup: hfs, broker and {n} x 3 resources in {:.1} s (binaries: {})",
+        "setup: hfs, broker and {n} x 3 resources in {:.1} s (mode {mode_name}; binaries: {})",
         setup.elapsed().as_secs_f64(),
         stack.bin_dir.display()
     );
@@ -423,7 +439,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
-    let before = hfs_ceiling(&http, &stack.fhir_base, &set_a, concurrency).await?;
+    let before = hfs_ceiling(&http, &stack.fhir_base, mode, &set_a, concurrency).await?;
     println!(
         "hfs ceiling before: {} resources in {:.1} s = {:.0} resources/s ({concurrency} transactions of {TRANSACTION_SIZE} in flight; 503/429 retried: {})",
         before.resources,
@@ -451,7 +467,7 @@ async fn run(stack: &mut Stack, n: usize, concurrency: usize) -> anyhow::Result<
         published.outcomes
     );
 
-    let after = hfs_ceiling(&http, &stack.fhir_base, &set_c, concurrency).await?;
+    let after = hfs_ceiling(&http, &stack.fhir_base, mode, &set_c, concurrency).await?;
     println!(
         "hfs ceiling after: {} resources in {:.1} s = {:.0} resources/s (503/429 retried: {})",
         after.resources,
