@@ -535,8 +535,11 @@ impl Provider for Withings {
                     .await
                 {
                     Ok(()) => revoked += 1,
-                    // 2554: no such subscription (already gone).
-                    Err(WithingsError::Api { status: 2554, .. }) => {}
+                    // Already gone: 343 "No notification matching the criteria was found"
+                    // (a category never subscribed, or a second disconnect), and 2554.
+                    Err(WithingsError::Api {
+                        status: 343 | 2554, ..
+                    }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
