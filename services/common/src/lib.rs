@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod oauth_http;
 pub mod ratelimit;
 pub mod records;
+pub mod rotate;
 pub mod service;
 pub mod telemetry;
 pub mod topics;
