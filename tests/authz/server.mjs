@@ -5,7 +5,8 @@
 // logs on stderr; SIGTERM/SIGINT exit 0. Access token: RS384 JWT (typ at+jwt), iss, aud=AUTHZ_RESOURCE, exp, iat, jti, scope, client_id, sub=client_id.
 // AUTHZ_CLIENTS: JSON array of {client_id, token_endpoint_auth_method: client_secret_basic|client_secret_post|private_key_jwt,
 //   client_secret (secret methods), jwks_uri or jwks (private_key_jwt), token_endpoint_auth_signing_alg: RS384|ES384 (optional),
-//   scope: space-separated subset of AUTHZ_SCOPES}; other fields go to oidc-provider as client metadata.
+//   scope: space-separated subset of AUTHZ_SCOPES, extra_claims: optional object whose members are added to the client's
+//   access tokens (e.g. the roles and organization the ohx REST API reads)}; other fields go to oidc-provider as client metadata.
 // Scopes: in AUTHZ_SCOPES but not the client's -> 400 invalid_scope; unknown -> dropped; none requested -> token without scope.
 // Strict (default; AUTHZ_SMART_STRICT=0 = stock oidc-provider): assertion aud must be the token endpoint (not the issuer), typ JWT,
 //   kid present, exp <= now+5 min, and a secret client must use its registered basic/post method. A client JWKS is re-fetched
@@ -100,6 +101,18 @@ const provider = new Provider(issuer, {
     },
   },
   ttl: { ClientCredentials: TTL },
+  extraClientMetadata: {
+    properties: ['extra_claims'],
+    validator(ctx, key, value) {
+      if (key === 'extra_claims' && value !== undefined && (typeof value !== 'object' || value === null || Array.isArray(value))) {
+        throw new errors.InvalidClientMetadata('extra_claims must be an object');
+      }
+    },
+  },
+  async extraTokenClaims(ctx, token) {
+    const client = ctx.oidc.client ?? (await provider.Client.find(token.clientId));
+    return client?.extra_claims ?? undefined;
+  },
   // SMART Backend Services rules on top of oidc-provider's own (exp, jti, iss=client_id, aud in
   // {issuer, token endpoint}, one-time jti). Called after the signature check, before the jti is burnt.
   async assertJwtClientAuthClaimsAndHeader(ctx, claims, header, client) {

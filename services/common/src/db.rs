@@ -63,6 +63,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0015_target_fhir_version",
         include_str!("../migrations/0015_target_fhir_version.sql"),
     ),
+    (
+        "0016_rest_api",
+        include_str!("../migrations/0016_rest_api.sql"),
+    ),
 ];
 
 /// Where a patient's data goes, as the records' [`crate::records::Context`] carries it.

@@ -228,6 +228,11 @@ enum Command {
         #[arg(long, env = "OHX_TARGET_TOKEN")]
         token: String,
     },
+    /// Re-seals every stored secret (EHR target secrets and keys, provider app secrets and
+    /// webhook tokens, link tokens, connect-flow verifiers) under the active key
+    /// (OHX_SECRET_ACTIVE_KEY), row by row, while the services keep running; prints
+    /// {"resealed": {column: n}, "left": {column: n}} (left: rows still under another key).
+    RotateKey,
     /// Key pairs of a SMART Backend Services target: ohx signs with the newest active key and
     /// publishes all keys not retired at the gateway's /ehr-targets/{id}/jwks.json.
     TargetKey {
@@ -415,75 +420,6 @@ fn producer() -> anyhow::Result<Producer> {
         std::time::Duration::from_secs(30),
         ohx_common::admin::Health::new(),
     )?)
-}
-
-/// Revokes a link's subscriptions (refreshing its token once if the provider rejects it) and
-/// disables the link.
-async fn disconnect(link: Uuid) -> anyhow::Result<usize> {
-    let pool = ohx_common::db::pool_from_env()?;
-    let secrets = SecretBox::from_env()?;
-    let store = fetcher::store::Store::new(pool.clone(), secrets.clone());
-    let l = store.load_link(link).await?;
-    let providers = ohx_providers::Registry::standard(Default::default())?;
-    let adapter = providers
-        .get(&l.provider)
-        .with_context(|| format!("unknown provider {}", l.provider))?;
-    let client = pool.get().await?;
-    let row = client
-        .query_one(
-            "SELECT webhook_token_sealed FROM provider_apps WHERE id = $1",
-            &[&l.app_id],
-        )
-        .await?;
-    let sealed: Option<String> = row.get(0);
-    let token = secrets.open_string(
-        &sealed
-            .context("the app has no stored webhook token (created before 0007): recreate it")?,
-        &format!("provider_app:{}:webhook_token", l.app_id),
-    )?;
-    let public = std::env::var("OHX_PUBLIC_URL").context("OHX_PUBLIC_URL")?;
-    let callback = format!(
-        "{}/webhooks/{}?token={token}",
-        public.trim_end_matches('/'),
-        l.provider
-    );
-    let base = l
-        .api_base_url
-        .clone()
-        .unwrap_or_else(|| adapter.default_base_url().to_owned());
-    let api = ohx_providers::Api::new(
-        reqwest::Client::new(),
-        &base,
-        std::sync::Arc::new(ohx_providers::NoRateGate),
-    );
-    let revoked = match adapter.unsubscribe(&api, &l.access_token, &callback).await {
-        Err(ohx_providers::ProviderError::TokenRejected { .. }) if l.status == "active" => {
-            let app = ohx_providers::AppCredentials {
-                client_id: l.client_id.clone(),
-                client_secret: l.client_secret.clone(),
-            };
-            let refreshed = store
-                .refresh(&l, Some(&l.access_token), |rt| {
-                    let (adapter, api, app) = (adapter.clone(), api.clone(), app.clone());
-                    async move { adapter.refresh(&api, &app, rt).await }
-                })
-                .await?;
-            match refreshed {
-                Ok(fetcher::store::Refreshed::Token(t)) => {
-                    adapter.unsubscribe(&api, &t, &callback).await?
-                }
-                _ => 0,
-            }
-        }
-        other => other?,
-    };
-    client
-        .execute(
-            "UPDATE provider_links SET status = 'disabled', status_reason = 'disconnected', updated_at = now() WHERE id = $1",
-            &[&link],
-        )
-        .await?;
-    Ok(revoked)
 }
 
 fn print(v: serde_json::Value) {
@@ -747,59 +683,44 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let public = std::env::var("OHX_PUBLIC_URL")
                 .context("OHX_PUBLIC_URL: the gateway's public base URL (for the callback)")?;
-            let client = db().await?;
-            let row = client
-                .query_one(
-                    "SELECT a.organization_id, a.provider, a.client_id, a.authorize_base_url FROM provider_apps a \
-                     JOIN patients p ON p.organization_id = a.organization_id WHERE a.id = $1 AND p.id = $2",
-                    &[&app, &patient],
-                )
-                .await
-                .context("unknown app, or a patient of another organization")?;
-            let (org, provider, client_id, authorize_base): (Uuid, String, String, Option<String>) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            let providers = ohx_providers::Registry::standard(Default::default())?;
-            let adapter = providers
-                .get(&provider)
-                .with_context(|| format!("unknown provider {provider}"))?;
-            // 244 random bits, hex: single use, expiring, only its hash is stored.
-            let state = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
-            let redirect_uri =
-                format!("{}/oauth/{provider}/callback", public.trim_end_matches('/'));
-            let state_hash = hex::encode(Sha256::digest(state.as_bytes()));
-            // PKCE: the verifier stays sealed with the state until the callback's exchange.
-            let (verifier, challenge) = if adapter.pkce() {
-                let (v, c) = ohx_providers::oauth::pkce_pair();
-                let sealed = SecretBox::from_env()?.seal(
-                    v.as_bytes(),
-                    &format!("oauth_state:{state_hash}:code_verifier"),
-                )?;
-                (Some(sealed), Some(c))
-            } else {
-                (None, None)
-            };
-            client
-                .execute(
-                    "INSERT INTO oauth_states (state_sha256, organization_id, patient_id, provider_app_id, redirect_uri, expires_at, code_verifier) \
-                     VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)",
-                    &[&state_hash, &org, &patient, &app, &redirect_uri, &(expires_in.max(1) as f64), &verifier],
-                )
-                .await?;
-            let credentials = ohx_providers::AppCredentials {
-                client_id,
-                client_secret: String::new(),
-            };
-            let url = adapter.authorize_url(
-                authorize_base.as_deref(),
-                &credentials,
-                &redirect_uri,
-                &state,
-                challenge.as_deref(),
-            );
+            let url = fetcher::links::start_connect(
+                &ohx_common::db::pool_from_env()?,
+                &SecretBox::from_env()?,
+                &ohx_providers::Registry::standard(Default::default())?,
+                &public,
+                fetcher::links::ConnectRequest {
+                    org: None,
+                    patient,
+                    app,
+                    expires_in_s: u32::try_from(expires_in).unwrap_or(u32::MAX),
+                },
+            )
+            .await?
+            .context("unknown app, or a patient of another organization")?;
             print(json!({"authorize_url": url, "expires_in": expires_in}));
         }
+        Command::RotateKey => {
+            let report = ohx_common::rotate::rotate(
+                &ohx_common::db::pool_from_env()?,
+                &SecretBox::from_env()?,
+            )
+            .await?;
+            print(serde_json::to_value(report)?);
+        }
         Command::Disconnect { link } => {
-            let revoked = disconnect(link).await?;
+            let pool = ohx_common::db::pool_from_env()?;
+            let secrets = SecretBox::from_env()?;
+            let store = fetcher::store::Store::new(pool, secrets.clone());
+            let public = std::env::var("OHX_PUBLIC_URL").context("OHX_PUBLIC_URL")?;
+            let revoked = fetcher::links::disconnect(
+                &store,
+                &secrets,
+                &ohx_providers::Registry::standard(Default::default())?,
+                &reqwest::Client::new(),
+                &public,
+                link,
+            )
+            .await?;
             print(json!({"link": link, "status": "disabled", "subscriptions_revoked": revoked}));
         }
         Command::CreateLink {

@@ -7,6 +7,7 @@
 //! acknowledged by the broker (acks=all), 503 otherwise so that the provider retries (Withings
 //! expects an answer within 2 s).
 
+pub mod api;
 pub mod connect;
 pub mod import;
 pub mod jwks;

@@ -75,7 +75,15 @@ async fn main() -> anyhow::Result<()> {
                 * 86_400,
         ),
     };
-    let http = rt.serve_http(webhook_gateway::router(state));
+    let api = webhook_gateway::api::ApiState::new(
+        state.clone(),
+        &webhook_gateway::api::ApiSettings::from_env()?,
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?,
+    );
+    let http =
+        rt.serve_http(webhook_gateway::router(state).merge(webhook_gateway::api::router(api)));
     rt.health.set_ready(true);
     rt.shutdown.cancelled().await;
     rt.health.set_ready(false);
