@@ -67,6 +67,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0016_rest_api",
         include_str!("../migrations/0016_rest_api.sql"),
     ),
+    (
+        "0017_delivery_results",
+        include_str!("../migrations/0017_delivery_results.sql"),
+    ),
 ];
 
 /// Where a patient's data goes, as the records' [`crate::records::Context`] carries it.

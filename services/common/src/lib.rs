@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod records;
 pub mod rotate;
 pub mod service;
+pub mod target_status;
 pub mod telemetry;
 pub mod topics;
 pub mod trace;

@@ -3,7 +3,7 @@
 //! manual sync requests and the nightly reconciliation; rewinds a stage's consumer group to
 //! replay its input; lists and re-drives dead letters; shows consumer lag.
 
-mod dlq;
+use ohx_common::kafka::dlq;
 mod targets;
 
 use anyhow::{Context as _, bail};
@@ -825,7 +825,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dlq { action } => {
             let kafka = KafkaSettings::from_env();
             let codec = Codec::from_env()?;
-            let letters = dlq::read(&kafka, &codec).await?;
+            let letters = dlq::read(&kafka, &codec, std::time::Duration::from_secs(60)).await?;
             match action {
                 DlqAction::List { filter } => {
                     let selection = filter.selection()?;

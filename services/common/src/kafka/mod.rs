@@ -4,6 +4,7 @@
 //! [`stage`]) and the [`Producer`] produces and waits for acknowledgements (see [`producer`]).
 //! The bookkeeping that keeps rebalances and retries safe is in [`track`], free of I/O.
 
+pub mod dlq;
 pub mod inspect;
 pub mod leases;
 mod processor;

@@ -1,16 +1,19 @@
-//! `ohx dlq`: the dead letters of every stage, listed without health values and re-driven to
-//! the topic they came from once what made them fail is fixed.
+//! Dead letters of every stage (`ohx.dead-letter.v1`), listed without health values and
+//! re-driven to the topic they came from once what made them fail is fixed: used by `ohx dlq`
+//! and the gateway's REST API.
 //!
 //! A dead letter's id is `<partition>:<offset>` in `ohx.dead-letter.v1`. Output never carries a
 //! payload, and a reason is shown only up to its first `": "`: the stages put what failed
 //! (kind, resource type and id) first and the detail after, and a detail (a schema validator's
 //! message, an EHR's OperationOutcome) can quote the values it refused.
 
+use crate::codec::Codec;
+use crate::kafka::inspect::{Stored, read_topic};
+use crate::kafka::{KafkaSettings, OutRecord, Producer};
+use crate::records::{
+    DeadLetter, FhirResource, HourlyAggregate, Measurement, PublishResult, SyncRequest, topic,
+};
 use anyhow::{Context as _, bail};
-use ohx_common::codec::Codec;
-use ohx_common::kafka::inspect::{Stored, read_topic};
-use ohx_common::kafka::{KafkaSettings, OutRecord, Producer};
-use ohx_common::records::{DeadLetter, topic};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -94,16 +97,37 @@ pub fn redrive_record(id: (i32, i64), dl: &DeadLetter) -> Option<OutRecord> {
     })
 }
 
-/// Every dead letter with its id, oldest first per partition.
+/// The organization and patient of the record a dead letter holds, when its payload decodes
+/// as the record of its topic (a record that never decoded belongs to nobody it can name).
+pub async fn owner(codec: &Codec, dl: &DeadLetter) -> Option<(String, String)> {
+    let payload = dl.payload.as_deref()?;
+    let context = match dl.topic.as_str() {
+        topic::SYNC_REQUESTS => codec.decode::<SyncRequest>(payload).await.ok()?.context,
+        topic::MEASUREMENTS => codec.decode::<Measurement>(payload).await.ok()?.context,
+        topic::HOURLY_AGGREGATES => codec.decode::<HourlyAggregate>(payload).await.ok()?.context,
+        topic::FHIR_RESOURCES | topic::FHIR_OUTBOX => {
+            codec.decode::<FhirResource>(payload).await.ok()?.context
+        }
+        topic::PUBLISH_RESULTS => {
+            let r = codec.decode::<PublishResult>(payload).await.ok()?;
+            return Some((r.organization_id, r.patient_id));
+        }
+        _ => return None,
+    };
+    Some((context.organization_id, context.patient_id))
+}
+
+/// Every dead letter with its id, oldest first per partition (the broker must answer within
+/// `timeout`).
 pub async fn read(
     kafka: &KafkaSettings,
     codec: &Codec,
+    timeout: Duration,
 ) -> anyhow::Result<Vec<((i32, i64), DeadLetter)>> {
     let kafka = kafka.clone();
-    let stored: Vec<Stored> = tokio::task::spawn_blocking(move || {
-        read_topic(&kafka, topic::DEAD_LETTER, Duration::from_secs(60))
-    })
-    .await??;
+    let stored: Vec<Stored> =
+        tokio::task::spawn_blocking(move || read_topic(&kafka, topic::DEAD_LETTER, timeout))
+            .await??;
     let mut out = Vec::with_capacity(stored.len());
     for r in stored {
         let dl: DeadLetter = codec
@@ -152,7 +176,7 @@ pub async fn redrive(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use ohx_common::records::Header;
+    use crate::records::Header;
 
     fn dl(stage: &str, kind: &str, failed_at: i64) -> DeadLetter {
         DeadLetter {
