@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod connect;
+pub mod delivery;
 pub mod import;
 pub mod jwks;
 pub mod lookup;

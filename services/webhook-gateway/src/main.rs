@@ -5,10 +5,23 @@ use ohx_common::service::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `webhook-gateway openapi`: the REST API's OpenAPI document, without starting.
+    if std::env::args().nth(1).as_deref() == Some("openapi") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&webhook_gateway::api::openapi())?
+        );
+        return Ok(());
+    }
     let rt = Runtime::start(
         "webhook-gateway",
         8080,
-        &[topic::SYNC_REQUESTS, topic::MEASUREMENTS],
+        &[
+            topic::SYNC_REQUESTS,
+            topic::MEASUREMENTS,
+            topic::PUBLISH_RESULTS,
+            topic::DEAD_LETTER,
+        ],
     )
     .await?;
     let pool = ohx_common::db::pool_from_env()?;
@@ -75,19 +88,41 @@ async fn main() -> anyhow::Result<()> {
                 * 86_400,
         ),
     };
+    let api_settings = webhook_gateway::api::ApiSettings::from_env()?;
+    let ui = webhook_gateway::api::ui::UiSettings::from_env(&api_settings);
     let api = webhook_gateway::api::ApiState::new(
         state.clone(),
-        &webhook_gateway::api::ApiSettings::from_env()?,
+        &api_settings,
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()?,
+    )
+    .with_broker(rt.kafka.clone(), rt.codec.clone());
+    // Delivery status: publish results into `delivery_results`, offsets committed after.
+    let delivery = ohx_common::kafka::run_stage(
+        ohx_common::kafka::StageSettings::from_env(
+            "webhook-gateway",
+            vec![topic::PUBLISH_RESULTS],
+        )?,
+        &rt.kafka,
+        rt.producer.clone(),
+        webhook_gateway::delivery::DeliveryStatus::new(state.pool.clone()),
+        rt.health.clone(),
+        rt.shutdown.clone(),
     );
-    let http =
-        rt.serve_http(webhook_gateway::router(state).merge(webhook_gateway::api::router(api)));
+    let mut routes = webhook_gateway::router(state).merge(webhook_gateway::api::router(api));
+    if let Some(ui) = ui {
+        tracing::info!(dir = %ui.dir.display(), oidc = ui.config.oidc.is_some(), "serving the UI at /ui/");
+        routes = routes.merge(webhook_gateway::api::ui::router(ui));
+    }
+    let http = rt.serve_http(routes);
     rt.health.set_ready(true);
-    rt.shutdown.cancelled().await;
+    let delivered = delivery.await;
+    // The stage returns on SIGTERM, or on a fatal error: either way the gateway stops.
+    rt.shutdown.cancel();
     rt.health.set_ready(false);
     http.await??;
+    delivered?;
     listener.abort();
     rt.producer.flush(std::time::Duration::from_secs(5));
     tracing::info!("stopped");

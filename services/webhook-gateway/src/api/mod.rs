@@ -14,9 +14,11 @@ pub mod links;
 pub mod orgs;
 pub mod patients;
 pub mod problem;
+pub mod status;
 pub mod support;
 pub mod targets;
 pub mod throttle;
+pub mod ui;
 
 use crate::AppState;
 use crate::sources::PeerAddr;
@@ -50,6 +52,8 @@ pub struct ApiSettings {
     pub burst: u32,
     /// The local profile (`OHX_LOCAL_PROFILE=true`): EHR targets may use plain HTTP.
     pub local: bool,
+    /// How long a topic read may take (`OHX_API_KAFKA_TIMEOUT_MS`, default 10 s).
+    pub kafka_timeout: std::time::Duration,
 }
 
 impl ApiSettings {
@@ -61,6 +65,7 @@ impl ApiSettings {
             source_rate_per_minute: parse("OHX_API_SOURCE_RATE_PER_MINUTE", 1200)?,
             burst: parse("OHX_API_BURST", 60)?,
             local: parse("OHX_LOCAL_PROFILE", false)?,
+            kafka_timeout: ohx_common::config::millis("OHX_API_KAFKA_TIMEOUT_MS", 10_000)?,
         })
     }
 }
@@ -73,6 +78,20 @@ pub struct ApiState {
     per_caller: Arc<Throttle>,
     per_source: Arc<Throttle>,
     pub local: bool,
+    /// Outbound calls: the OIDC issuer, EHR connection tests.
+    pub http: reqwest::Client,
+    kafka_timeout: std::time::Duration,
+    /// Where dead letters are read (`None`: the dead-letter endpoints answer 503).
+    pub broker: Option<Broker>,
+}
+
+/// The broker and codec the API reads topics with.
+#[derive(Clone)]
+pub struct Broker {
+    pub kafka: ohx_common::kafka::KafkaSettings,
+    pub codec: Arc<ohx_common::codec::Codec>,
+    /// How long a topic read may take (`OHX_API_KAFKA_TIMEOUT_MS`, default 10 s).
+    pub timeout: std::time::Duration,
 }
 
 impl ApiState {
@@ -82,7 +101,7 @@ impl ApiState {
             oidc: settings
                 .oidc
                 .clone()
-                .map(|s| Arc::new(OidcVerifier::new(s, http))),
+                .map(|s| Arc::new(OidcVerifier::new(s, http.clone()))),
             per_caller: Arc::new(Throttle::per_minute(
                 settings.rate_per_minute,
                 settings.burst,
@@ -92,7 +111,25 @@ impl ApiState {
                 settings.burst,
             )),
             local: settings.local,
+            http,
+            broker: None,
+            kafka_timeout: settings.kafka_timeout,
         }
+    }
+
+    /// Lets the API read topics (dead letters) from this broker.
+    #[must_use]
+    pub fn with_broker(
+        mut self,
+        kafka: ohx_common::kafka::KafkaSettings,
+        codec: Arc<ohx_common::codec::Codec>,
+    ) -> Self {
+        self.broker = Some(Broker {
+            kafka,
+            codec,
+            timeout: self.kafka_timeout,
+        });
+        self
     }
 }
 
@@ -250,6 +287,12 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::audit_log))
+        .routes(routes!(status::me))
+        .routes(routes!(status::target_status))
+        .routes(routes!(status::target_test))
+        .routes(routes!(status::deliveries))
+        .routes(routes!(status::dead_letters))
+        .routes(routes!(status::redrive))
 }
 
 /// The OpenAPI document of the API.
