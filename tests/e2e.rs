@@ -32,6 +32,9 @@ mod ehr_auth;
 #[path = "e2e_targets.rs"]
 mod targets;
 
+#[path = "e2e_api.rs"]
+mod api;
+
 const HOUR: i64 = 3_600_000;
 const CLIENT_ID: &str = "e2e-client";
 const CLIENT_SECRET: &str = "e2e-secret";
@@ -2614,6 +2617,12 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("rate_limit_pauses", |e| Box::pin(rate_limit_pauses(e))),
         ("retention_guard", |e| Box::pin(retention_guard(e))),
+        ("api_on_the_running_stack", |e| {
+            Box::pin(api::api_on_the_running_stack(e))
+        }),
+        ("key_rotation_while_running", |e| {
+            Box::pin(api::key_rotation_while_running(e))
+        }),
         ("gateway_503_without_broker", |e| {
             Box::pin(gateway_503_without_broker(e))
         }),

@@ -1662,10 +1662,85 @@ fn token_reply(userid: i64, access: String, refresh: String) -> Reply {
 
 /// Browser authorize step (normally on `account.withings.com`): consents at
 /// once and redirects to `redirect_uri?code=..&state=..`.
-async fn authorize(State(st): State<Arc<SimState>>, uri: Uri) -> Response {
+/// Escapes text for HTML.
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The consent page: the application asks for access; "Allow" comes back here with the
+/// chosen account (`userid`), "Deny" returns `error=access_denied` to the application.
+async fn consent_page(st: &SimState, params: &Params) -> Response {
+    let client_id = param(params, "client_id").unwrap_or_default();
+    let users: Vec<i64> = st
+        .inner
+        .lock()
+        .await
+        .users
+        .iter()
+        .filter(|(_, u)| u.client_id == client_id)
+        .map(|(id, _)| *id)
+        .collect();
+    let hidden: String = params
+        .iter()
+        .filter(|(k, _)| k.as_str() != "userid")
+        .map(|(k, v)| {
+            format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                html_escape(k),
+                html_escape(v)
+            )
+        })
+        .collect();
+    let options: String = users
+        .iter()
+        .map(|u| format!("<option value=\"{u}\">Withings account {u}</option>"))
+        .collect();
+    let deny = param(params, "redirect_uri").map(|r| {
+        let mut url = reqwest::Url::parse(r).ok()?;
+        url.query_pairs_mut().append_pair("error", "access_denied");
+        if let Some(state) = param(params, "state") {
+            url.query_pairs_mut().append_pair("state", state);
+        }
+        Some(url.to_string())
+    });
+    let deny = deny.flatten().map_or_else(String::new, |u| {
+        format!("<p><a href=\"{}\">Deny</a></p>", html_escape(&u))
+    });
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>Withings – Authorize access</title></head><body><main>\
+         <h1>Authorize access to your Withings data</h1>\
+         <p>An application asks to read your measurements.</p>\
+         <form method=\"get\" action=\"/oauth2_user/authorize2\">{hidden}\
+         <label for=\"userid\">Account</label> <select id=\"userid\" name=\"userid\">{options}</select>\
+         <button type=\"submit\">Allow</button></form>{deny}</main></body></html>"
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
+}
+
+async fn authorize(State(st): State<Arc<SimState>>, uri: Uri, headers: HeaderMap) -> Response {
     let mut params = Params::new();
     if let Some(q) = uri.query() {
         parse_form_into(q, &mut params);
+    }
+    // A person's browser gets the consent page first (Withings shows its login and consent
+    // pages); a client that names the user (`userid`, the tests' shortcut) is redirected
+    // straight away.
+    let browser = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if browser && param(&params, "userid").is_none() {
+        return consent_page(&st, &params).await;
     }
     let error = |message: &str| {
         (

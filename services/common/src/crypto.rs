@@ -174,6 +174,29 @@ impl SecretBox {
     }
 }
 
+/// API keys of the REST API (machines' credentials, org-scoped): `ohxk_` and 43 random
+/// characters; only their SHA-256 is stored.
+/// The prefix of every API key: tells keys and JWTs apart, and makes a leaked key easy to
+/// find with secret scanners.
+pub const API_KEY_PREFIX: &str = "ohxk_";
+
+/// A new API key: the key (shown once), its SHA-256 (stored) and its display prefix.
+pub fn new_api_key() -> (String, String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let key = format!(
+        "{API_KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let prefix = key[..API_KEY_PREFIX.len() + 8].to_owned();
+    (key.clone(), key_hash(&key), prefix)
+}
+
+/// The stored form of an API key.
+pub fn key_hash(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,19 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Creates an API key of an organization for the REST API (the first one of an
+    /// organization, a local demo); prints {"id", "key"}: the key is shown this once.
+    CreateApiKey {
+        #[arg(long)]
+        org: Uuid,
+        /// org_admin | operator | viewer
+        #[arg(long, default_value = "org_admin")]
+        role: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[arg(long, default_value_t = 90)]
+        expires_in_days: i32,
+    },
     /// Creates an EHR target; prints {"id"}.
     CreateTarget {
         #[arg(long)]
@@ -496,6 +509,33 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             print(json!({"id": id}));
+        }
+        Command::CreateApiKey {
+            org,
+            role,
+            name,
+            expires_in_days,
+        } => {
+            if !["org_admin", "operator", "viewer"].contains(&role.as_str()) {
+                bail!("--role {role} is not one of org_admin, operator, viewer");
+            }
+            let (key, hash, prefix) = ohx_common::crypto::new_api_key();
+            let id = Uuid::new_v4();
+            let client = db().await?;
+            client
+                .execute(
+                    "INSERT INTO api_keys (id, organization_id, name, role, key_sha256, prefix, created_by, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 'cli', now() + make_interval(days => $7))",
+                    &[&id, &org, &name, &role, &hash, &prefix, &expires_in_days.clamp(1, 365)],
+                )
+                .await?;
+            client
+                .execute(
+                    "INSERT INTO audit_log (organization_id, actor, action, subject) VALUES ($1, 'cli', 'api_key.create', $2)",
+                    &[&org, &id.to_string()],
+                )
+                .await?;
+            print(json!({"id": id, "key": key, "prefix": prefix}));
         }
         Command::CreateTarget {
             org,

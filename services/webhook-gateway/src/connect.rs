@@ -96,8 +96,69 @@ fn provider_failure(step: &str, e: &ProviderError) -> Response {
     )
 }
 
-/// `GET /oauth/{provider}/callback`.
+/// `GET /oauth/{provider}/callback`. The patient's browser (`Accept: text/html`) gets a
+/// page saying how it went, with a link back to the configuration UI; other clients get
+/// JSON (problem+json on failure).
 pub async fn callback(
+    state: State<AppState>,
+    provider: Path<String>,
+    q: Query<Callback>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let answer = finish(state, provider, q).await;
+    let browser = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if browser {
+        as_page(answer).await
+    } else {
+        answer
+    }
+}
+
+/// Escapes text for HTML.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The callback's JSON answer as a page for the patient's browser, same status.
+async fn as_page(answer: Response) -> Response {
+    let status = answer.status();
+    let body = axum::body::to_bytes(answer.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let text = |k: &str| doc[k].as_str().map(escape).unwrap_or_default();
+    let (title, message) = if status.is_success() {
+        (
+            format!("Connected to {}", text("provider")),
+            "Your account is connected: your measurements will reach your care team. You can close this window.".to_owned(),
+        )
+    } else {
+        (text("title"), text("detail"))
+    };
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"></head>\
+         <body><main><h1>{title}</h1><p>{message}</p>\
+         <p><a href=\"/ui/\">Back to ohx</a></p></main></body></html>"
+    );
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
+}
+
+/// The callback's work: consume the state, exchange the code, subscribe, store the link,
+/// emit the INITIAL sync request.
+async fn finish(
     State(state): State<AppState>,
     Path(provider): Path<String>,
     Query(q): Query<Callback>,

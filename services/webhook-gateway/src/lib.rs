@@ -1180,6 +1180,7 @@ mod tests {
                     serde_json::from_value(serde_json::json!({"code": "c", "state": state_value}))
                         .unwrap(),
                 ),
+                HeaderMap::new(),
             )
             .await;
             assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{state_value}");
@@ -1193,12 +1194,41 @@ mod tests {
             );
         }
         // The patient declined at the provider: 400, with the provider's code only.
+        let declined = || {
+            Query(
+                serde_json::from_value(serde_json::json!({"error": "access_denied <b>"})).unwrap(),
+            )
+        };
+        // The patient's browser gets a page saying so, same status.
+        let mut html = HeaderMap::new();
+        html.insert(
+            axum::http::header::ACCEPT,
+            "text/html,application/xhtml+xml".parse().unwrap(),
+        );
+        let page =
+            connect::callback(State(st.clone()), Path("withings".into()), declined(), html).await;
+        assert_eq!(page.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            page.headers()[axum::http::header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        let text = String::from_utf8(
+            axum::body::to_bytes(page.into_body(), 1 << 16)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(
+            text.contains("<h1>The authorization was not granted</h1>"),
+            "{text}"
+        );
+        assert!(text.contains("href=\"/ui/\""), "{text}");
         let response = connect::callback(
             State(st),
             Path("withings".into()),
-            Query(
-                serde_json::from_value(serde_json::json!({"error": "access_denied <b>"})).unwrap(),
-            ),
+            declined(),
+            HeaderMap::new(),
         )
         .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);

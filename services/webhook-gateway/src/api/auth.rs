@@ -12,12 +12,10 @@
 //! organization), operator (links, syncs, re-drive), viewer (read).
 
 use super::problem::ApiError;
-use base64::Engine;
 use deadpool_postgres::Pool;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use tokio::sync::RwLock;
 use uuid::Uuid;
@@ -97,25 +95,7 @@ impl Caller {
     }
 }
 
-/// The prefix of every API key: tells keys and JWTs apart, and makes a leaked key easy to
-/// find with secret scanners.
-pub const API_KEY_PREFIX: &str = "ohxk_";
-
-/// A new API key: the key (shown once), its SHA-256 (stored) and its display prefix.
-pub fn new_api_key() -> (String, String, String) {
-    let bytes: [u8; 32] = rand::random();
-    let key = format!(
-        "{API_KEY_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
-    let prefix = key[..API_KEY_PREFIX.len() + 8].to_owned();
-    (key.clone(), key_hash(&key), prefix)
-}
-
-/// The stored form of an API key.
-pub fn key_hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
+pub use ohx_common::crypto::{API_KEY_PREFIX, key_hash, new_api_key};
 
 /// OIDC settings (`OHX_API_OIDC_*`).
 #[derive(Debug, Clone)]
