@@ -35,6 +35,9 @@ mod targets;
 #[path = "e2e_api.rs"]
 mod api;
 
+#[path = "e2e_ui.rs"]
+mod ui;
+
 const HOUR: i64 = 3_600_000;
 const CLIENT_ID: &str = "e2e-client";
 const CLIENT_SECRET: &str = "e2e-secret";
@@ -2617,6 +2620,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("rate_limit_pauses", |e| Box::pin(rate_limit_pauses(e))),
         ("retention_guard", |e| Box::pin(retention_guard(e))),
+        ("ui_in_a_real_browser", |e| {
+            Box::pin(ui::ui_in_a_real_browser(e))
+        }),
         ("api_on_the_running_stack", |e| {
             Box::pin(api::api_on_the_running_stack(e))
         }),

@@ -362,6 +362,23 @@ impl Stack {
         scopes: &str,
         token_ttl_s: u64,
     ) -> anyhow::Result<Authz> {
+        self.start_authz_with(name, port, clients, resource, scopes, token_ttl_s, &[])
+            .await
+    }
+
+    /// [`Stack::start_authz`] with more environment (e.g. `AUTHZ_USERS` and
+    /// `AUTHZ_UI_CLIENT`: the interactive sign-in of the configuration UI).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_authz_with(
+        &mut self,
+        name: &str,
+        port: u16,
+        clients: &serde_json::Value,
+        resource: &str,
+        scopes: &str,
+        token_ttl_s: u64,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Authz> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("authz");
         if !dir.join("node_modules").is_dir() {
             bail!(
@@ -377,7 +394,8 @@ impl Stack {
             .env("AUTHZ_CLIENTS", &clients_file)
             .env("AUTHZ_RESOURCE", resource)
             .env("AUTHZ_SCOPES", scopes)
-            .env("AUTHZ_TOKEN_TTL", token_ttl_s.to_string());
+            .env("AUTHZ_TOKEN_TTL", token_ttl_s.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         self.spawn(name, cmd, format!("127.0.0.1:{port}"))?;
         let issuer = format!("http://127.0.0.1:{port}");
         self.wait_http(&format!("{issuer}/jwks"), name, Duration::from_secs(60))
