@@ -244,6 +244,21 @@ pub async fn api_on_the_running_stack(env: Arc<Env>) -> anyhow::Result<()> {
         delivered["ehr_target_id"] == env.target.as_str(),
         "{delivered}"
     );
+    // The keys went through the gateway's every request: none is in its log.
+    let log = {
+        let s = env.stack.lock().await;
+        std::fs::read_to_string(s.dir.join("logs").join("webhook-gateway.log"))?
+    };
+    ensure!(
+        log.contains("API request"),
+        "the gateway logs its API requests"
+    );
+    for key in [&admin, &viewer, &other] {
+        ensure!(
+            !log.contains(key.as_str()),
+            "the gateway log holds an API key"
+        );
+    }
     Ok(())
 }
 
