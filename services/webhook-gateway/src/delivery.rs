@@ -70,7 +70,8 @@ const UPSERT: &str = "INSERT INTO delivery_results (ehr_target_id, identity, org
      $7::int[], $8::timestamptz[]) \
      ON CONFLICT (ehr_target_id, identity) DO UPDATE SET outcome = EXCLUDED.outcome, \
      http_status = EXCLUDED.http_status, confirmed_at = EXCLUDED.confirmed_at, \
-     resource_type = EXCLUDED.resource_type \
+     resource_type = EXCLUDED.resource_type, patient_id = EXCLUDED.patient_id, \
+     organization_id = EXCLUDED.organization_id \
      WHERE delivery_results.confirmed_at <= EXCLUDED.confirmed_at";
 
 /// The consumer of publish results.
