@@ -4,7 +4,7 @@
 use super::ApiState;
 use super::auth::{Caller, Role, new_api_key};
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
-use super::support::{Cursor, Page, PageParams, audit, check_name, valid};
+use super::support::{Cursor, Page, PageParams, audit, check_name, keyset_page, valid};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -88,28 +88,11 @@ pub async fn list(
 ) -> Result<axum::Json<Page<ApiKey>>, ApiError> {
     let org = caller.org()?;
     caller.require(Role::OrgAdmin)?;
-    let (limit, cursor) = page.checked()?;
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM api_keys WHERE organization_id = $1 \
-                 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[
-                &org,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    let items = rows.iter().map(api_key).collect::<Result<_, _>>()?;
-    Ok(axum::Json(Page::of(items, limit)))
+    let select = format!("SELECT {COLUMNS} FROM api_keys WHERE organization_id = $1");
+    let client = state.app.pool.get().await?;
+    keyset_page(&client, &select, Some(org), &page, &[], api_key)
+        .await
+        .map(axum::Json)
 }
 
 /// Creates an API key (org admins for their organization; platform admins for any). The

@@ -7,8 +7,8 @@ use super::auth::{Caller, Role};
 use super::patients::owned;
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
 use super::support::{
-    Cursor, Page, PageParams, audit, check_base_url, check_name, idempotency_key, remember, replay,
-    valid,
+    Cursor, Page, PageParams, audit, check_base_url, check_name, idempotency_key, keyset_page,
+    remember, replay, valid,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -92,27 +92,11 @@ pub async fn apps(
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<axum::Json<Page<App>>, ApiError> {
     let org = caller.org()?;
-    let (limit, cursor) = page.checked()?;
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {APP_COLUMNS} FROM provider_apps WHERE organization_id = $1 \
-                 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[
-                &org,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    Ok(axum::Json(Page::of(rows.iter().map(app).collect(), limit)))
+    let select = format!("SELECT {APP_COLUMNS} FROM provider_apps WHERE organization_id = $1");
+    let client = state.app.pool.get().await?;
+    keyset_page(&client, &select, Some(org), &page, &[], |r| Ok(app(r)))
+        .await
+        .map(axum::Json)
 }
 
 /// Reads a provider app.
@@ -329,34 +313,26 @@ pub async fn list(
     ApiQuery(filter): ApiQuery<LinkFilter>,
 ) -> Result<axum::Json<Page<Link>>, ApiError> {
     let org = caller.org()?;
-    let (limit, cursor) = PageParams {
+    let page = PageParams {
         cursor: filter.cursor,
         limit: filter.limit,
-    }
-    .checked()?;
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {LINK_COLUMNS} FROM provider_links WHERE organization_id = $1 \
-                 AND ($2::text IS NULL OR status = $2) AND ($3::uuid IS NULL OR patient_id = $3) \
-                 AND ($4::timestamptz IS NULL OR (created_at, id) > ($4, $5)) \
-                 ORDER BY created_at, id LIMIT $6"
-            ),
-            &[
-                &org,
-                &filter.status.map(LinkStatus::as_str),
-                &filter.patient_id,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    Ok(axum::Json(Page::of(rows.iter().map(link).collect(), limit)))
+    };
+    let select = format!(
+        "SELECT {LINK_COLUMNS} FROM provider_links WHERE organization_id = $1 \
+         AND ($5::text IS NULL OR status = $5) AND ($6::uuid IS NULL OR patient_id = $6)"
+    );
+    let status = filter.status.map(LinkStatus::as_str);
+    let client = state.app.pool.get().await?;
+    keyset_page(
+        &client,
+        &select,
+        Some(org),
+        &page,
+        &[&status, &filter.patient_id],
+        |r| Ok(link(r)),
+    )
+    .await
+    .map(axum::Json)
 }
 
 async fn owned_link(state: &ApiState, org: Uuid, id: Uuid) -> Result<Row, ApiError> {

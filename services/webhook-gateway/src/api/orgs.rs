@@ -5,7 +5,9 @@
 use super::ApiState;
 use super::auth::{Caller, Role};
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
-use super::support::{Cursor, Page, PageParams, audit, check_name, if_match, valid, with_etag};
+use super::support::{
+    Cursor, Page, PageParams, audit, check_name, if_match, keyset_page, valid, with_etag,
+};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -91,34 +93,14 @@ pub async fn list(
     caller: Caller,
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<axum::Json<Page<Organization>>, ApiError> {
-    let (limit, cursor) = page.checked()?;
     let only = (caller.role != Role::PlatformAdmin)
         .then_some(caller.org)
         .flatten();
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM organizations \
-                 WHERE ($1::uuid IS NULL OR id = $1) \
-                 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[
-                &only,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    Ok(axum::Json(Page::of(
-        rows.iter().map(organization).collect(),
-        limit,
-    )))
+    let select = format!("SELECT {COLUMNS} FROM organizations WHERE ($1::uuid IS NULL OR id = $1)");
+    let client = state.app.pool.get().await?;
+    keyset_page(&client, &select, only, &page, &[], |r| Ok(organization(r)))
+        .await
+        .map(axum::Json)
 }
 
 /// Creates an organization (platform admins).

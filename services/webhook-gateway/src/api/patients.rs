@@ -4,7 +4,7 @@
 use super::ApiState;
 use super::auth::{Caller, Role};
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
-use super::support::{Cursor, Page, PageParams, audit, if_match, valid, with_etag};
+use super::support::{Cursor, Page, PageParams, audit, if_match, keyset_page, valid, with_etag};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -122,30 +122,11 @@ pub async fn list(
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<axum::Json<Page<Patient>>, ApiError> {
     let org = caller.org()?;
-    let (limit, cursor) = page.checked()?;
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM patients WHERE organization_id = $1 \
-                 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[
-                &org,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    Ok(axum::Json(Page::of(
-        rows.iter().map(patient).collect(),
-        limit,
-    )))
+    let select = format!("SELECT {COLUMNS} FROM patients WHERE organization_id = $1");
+    let client = state.app.pool.get().await?;
+    keyset_page(&client, &select, Some(org), &page, &[], |r| Ok(patient(r)))
+        .await
+        .map(axum::Json)
 }
 
 /// Adds a patient (org admins).

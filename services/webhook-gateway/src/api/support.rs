@@ -97,6 +97,39 @@ impl<T> Page<T> {
     }
 }
 
+/// One page of rows ordered by `(created_at, id)`. `select` is the query up to and including
+/// its `WHERE` conditions, which use `$1` (the organization, or `NULL` for all) and `$5`… for
+/// `extra`; the page's start (`$2`, `$3`) and size (`$4`) are added here.
+pub async fn keyset_page<T>(
+    client: &impl GenericClient,
+    select: &str,
+    org: Option<Uuid>,
+    page: &PageParams,
+    extra: &[&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync)],
+    row: impl Fn(&deadpool_postgres::tokio_postgres::Row) -> Result<(Cursor, T), ApiError>,
+) -> Result<Page<T>, ApiError> {
+    let (limit, cursor) = page.checked()?;
+    let (after, after_id) = (
+        cursor.map(|c| c.created_at),
+        cursor.map_or(Uuid::nil(), |c| c.id),
+    );
+    let size = limit + 1;
+    let mut params: Vec<&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync)> =
+        vec![&org, &after, &after_id, &size];
+    params.extend_from_slice(extra);
+    let rows = client
+        .query(
+            &format!(
+                "{select} AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
+                 ORDER BY created_at, id LIMIT $4"
+            ),
+            &params,
+        )
+        .await?;
+    let items = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::of(items, limit))
+}
+
 /// The ETag of a row revision.
 pub fn etag(revision: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).unwrap_or(HeaderValue::from_static("\"0\""))

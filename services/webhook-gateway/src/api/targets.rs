@@ -6,7 +6,8 @@ use super::ApiState;
 use super::auth::{Caller, Role};
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
 use super::support::{
-    Cursor, Page, PageParams, audit, check_base_url, check_name, if_match, valid, with_etag,
+    Cursor, Page, PageParams, audit, check_base_url, check_name, if_match, keyset_page, valid,
+    with_etag,
 };
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -323,30 +324,11 @@ pub async fn list(
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<axum::Json<Page<Target>>, ApiError> {
     let org = caller.org()?;
-    let (limit, cursor) = page.checked()?;
-    let rows = state
-        .app
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM ehr_targets WHERE organization_id = $1 \
-                 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ),
-            &[
-                &org,
-                &cursor.map(|c| c.created_at),
-                &cursor.map_or(Uuid::nil(), |c| c.id),
-                &(limit + 1),
-            ],
-        )
-        .await?;
-    Ok(axum::Json(Page::of(
-        rows.iter().map(target).collect(),
-        limit,
-    )))
+    let select = format!("SELECT {COLUMNS} FROM ehr_targets WHERE organization_id = $1");
+    let client = state.app.pool.get().await?;
+    keyset_page(&client, &select, Some(org), &page, &[], |r| Ok(target(r)))
+        .await
+        .map(axum::Json)
 }
 
 /// Adds an EHR target (org admins).
