@@ -261,7 +261,7 @@ pub async fn audit_log(
             &[&org, &before, &params.action, &(limit + 1)],
         )
         .await?;
-    let mut items: Vec<AuditEntry> = rows
+    let items: Vec<AuditEntry> = rows
         .iter()
         .map(|r| AuditEntry {
             id: r.get(0),
@@ -273,12 +273,7 @@ pub async fn audit_log(
             at: r.get(6),
         })
         .collect();
-    let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    Ok(axum::Json(Page {
-        next_cursor: more
-            .then(|| items.last().map(|e| e.id.to_string()))
-            .flatten(),
-        items,
-    }))
+    Ok(axum::Json(Page::trimmed(items, limit, |e| {
+        e.id.to_string()
+    })))
 }

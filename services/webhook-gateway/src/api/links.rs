@@ -7,8 +7,7 @@ use super::auth::{Caller, Role};
 use super::patients::owned;
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
 use super::support::{
-    Cursor, Page, PageParams, audit, check_base_url, check_name, idempotency_key, keyset_page,
-    remember, replay, valid,
+    Cursor, Page, PageParams, audit, check_base_url, check_name, idempotent, keyset_page, valid,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -381,39 +380,6 @@ pub struct ConnectStarted {
     pub expires_in: u32,
 }
 
-/// Idempotent answers: replays a stored one, or runs `work` and stores its answer.
-async fn idempotent<F, Fut>(
-    state: &ApiState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    request: &[u8],
-    work: F,
-) -> Result<Response, ApiError>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
-{
-    let key = idempotency_key(headers)?;
-    if let Some(k) = &key
-        && let Some(stored) = replay(&state.app.pool.get().await?, caller, k, request).await?
-    {
-        return Ok(stored);
-    }
-    let (status, body) = work().await?;
-    if let Some(k) = &key {
-        remember(
-            &state.app.pool.get().await?,
-            caller,
-            k,
-            request,
-            status,
-            &body,
-        )
-        .await?;
-    }
-    Ok((status, axum::Json(body)).into_response())
-}
-
 /// Starts connecting a patient to a provider account (operators): returns the provider's
 /// authorize URL for the patient's browser. Honours `Idempotency-Key`.
 #[utoipa::path(post, path = "/api/v1/patients/{id}/connect", tag = "links",
@@ -446,7 +412,7 @@ pub async fn connect(
         ApiError::Unavailable("the connect flow needs OHX_PUBLIC_URL on the gateway".into())
     })?;
     let request = [patient.as_bytes().as_slice(), &body].concat();
-    idempotent(&state, &caller, &headers, &request, || async {
+    idempotent(&state.app.pool, &caller, &headers, &request, || async {
         let url = fetcher::links::start_connect(
             &state.app.pool,
             &connect.secrets,
@@ -588,7 +554,7 @@ pub async fn sync(
         )));
     }
     let request = [id.as_bytes().as_slice(), &body].concat();
-    idempotent(&state, &caller, &headers, &request, || async {
+    idempotent(&state.app.pool, &caller, &headers, &request, || async {
         let now = chrono::Utc::now().timestamp_millis();
         let sync_request_id = Uuid::new_v4().to_string();
         let request = SyncRequest {

@@ -4,9 +4,10 @@
 
 use super::ApiState;
 use super::auth::{Caller, Role};
-use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
+use super::problem::{ApiError, ApiPath, ApiQuery, JsonBody};
 use super::support::{
-    Cursor, Page, PageParams, audit, check_name, if_match, keyset_page, valid, with_etag,
+    Cursor, Page, PageParams, audit, check_name, check_policy, if_match, keyset_page, valid,
+    with_etag,
 };
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -64,14 +65,6 @@ pub struct OrganizationChanges {
     pub name: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub policy: Option<serde_json::Value>,
-}
-
-fn check_policy(policy: Option<&serde_json::Value>, errors: &mut Vec<FieldError>) {
-    if let Some(p) = policy
-        && let Err(e) = ohx_providers::policy::PolicyDoc::from_json(p)
-    {
-        errors.push(FieldError::new("$.policy", e.to_string()));
-    }
 }
 
 /// Whether the caller may see this organization: platform admins see all, others their own.

@@ -4,7 +4,9 @@
 use super::ApiState;
 use super::auth::{Caller, Role};
 use super::problem::{ApiError, ApiPath, ApiQuery, FieldError, JsonBody};
-use super::support::{Cursor, Page, PageParams, audit, if_match, keyset_page, valid, with_etag};
+use super::support::{
+    Cursor, Page, PageParams, audit, check_policy, if_match, keyset_page, valid, with_etag,
+};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -81,14 +83,6 @@ pub fn check_reference(field: &str, value: &str, errors: &mut Vec<FieldError>) {
             field,
             "a FHIR reference Patient/{id} (id: 1 to 64 of A-Z a-z 0-9 - .)",
         ));
-    }
-}
-
-fn check_policy(policy: Option<&serde_json::Value>, errors: &mut Vec<FieldError>) {
-    if let Some(p) = policy
-        && let Err(e) = ohx_providers::policy::PolicyDoc::from_json(p)
-    {
-        errors.push(FieldError::new("$.policy", e.to_string()));
     }
 }
 

@@ -6,11 +6,11 @@
 use super::ApiState;
 use super::auth::{Caller, Role};
 use super::problem::{ApiError, ApiPath, ApiQuery};
-use super::support::{audit, idempotency_key, remember, replay};
+use super::support::{audit, idempotent};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine;
 use ohx_common::kafka::dlq;
 use serde::{Deserialize, Serialize};
@@ -257,7 +257,7 @@ pub async fn deliveries(
             ],
         )
         .await?;
-    let mut items: Vec<Delivery> = rows
+    let items: Vec<Delivery> = rows
         .iter()
         .map(|r| Delivery {
             patient_id: r.get(0),
@@ -269,17 +269,10 @@ pub async fn deliveries(
             last_failure_status: r.get(6),
         })
         .collect();
-    let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = more
-        .then(|| {
-            items.last().map(|d| {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .encode(format!("{}.{}", d.patient_id, d.ehr_target_id))
-            })
-        })
-        .flatten();
-    Ok(Json(super::support::Page { items, next_cursor }))
+    Ok(Json(super::support::Page::trimmed(items, limit, |d| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}.{}", d.patient_id, d.ehr_target_id))
+    })))
 }
 
 /// A dead letter, without its payload.
@@ -370,7 +363,7 @@ pub async fn dead_letters(
                 .ok_or_else(|| ApiError::field("cursor", "not a cursor of this list"))
         })
         .transpose()?;
-    let mut items: Vec<DeadLetterView> = organization_letters(&state, org)
+    let items: Vec<DeadLetterView> = organization_letters(&state, org)
         .await?
         .into_iter()
         .filter(|(id, dl, _)| {
@@ -381,10 +374,11 @@ pub async fn dead_letters(
         .map(|(id, dl, patient)| view(id, &dl, patient))
         .take(limit + 1)
         .collect();
-    let more = items.len() > limit;
-    items.truncate(limit);
-    let next_cursor = more.then(|| items.last().map(|d| d.id.clone())).flatten();
-    Ok(Json(super::support::Page { items, next_cursor }))
+    Ok(Json(super::support::Page::trimmed(
+        items,
+        i64::try_from(limit).unwrap_or(i64::MAX),
+        |d| d.id.clone(),
+    )))
 }
 
 /// The outcome of a re-drive.
@@ -415,14 +409,6 @@ pub async fn redrive(
         .ok()
         .and_then(|ids| (ids.len() == 1).then(|| ids[0]))
         .ok_or(ApiError::NotFound)?;
-    let key = idempotency_key(&headers)?;
-    let request = format!("redrive {id}");
-    if let Some(k) = &key
-        && let Some(stored) =
-            replay(&state.app.pool.get().await?, &caller, k, request.as_bytes()).await?
-    {
-        return Ok(stored);
-    }
     let (dl_id, dl) = organization_letters(&state, org)
         .await?
         .into_iter()
@@ -430,35 +416,39 @@ pub async fn redrive(
         .map(|(i, dl, _)| (i, dl))
         .ok_or(ApiError::NotFound)?;
     caller.require(Role::Operator)?;
-    let record = dlq::redrive_record(dl_id, &dl)
-        .ok_or_else(|| ApiError::Conflict("the dead letter kept no record to send".into()))?;
-    state
-        .app
-        .producer
-        .send_all(std::slice::from_ref(&record))
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("the broker did not take the record: {e}")))?;
-    audit(
-        &state.app.pool.get().await?,
+    let request = format!("redrive {id}");
+    idempotent(
+        &state.app.pool,
         &caller,
-        Some(org),
-        "dead_letter.redrive",
-        &id,
+        &headers,
+        request.as_bytes(),
+        || async {
+            let record = dlq::redrive_record(dl_id, &dl).ok_or_else(|| {
+                ApiError::Conflict("the dead letter kept no record to send".into())
+            })?;
+            state
+                .app
+                .producer
+                .send_all(std::slice::from_ref(&record))
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("the broker did not take the record: {e}"))
+                })?;
+            audit(
+                &state.app.pool.get().await?,
+                &caller,
+                Some(org),
+                "dead_letter.redrive",
+                &id,
+            )
+            .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                serde_json::json!({"id": id, "topic": record.topic}),
+            ))
+        },
     )
-    .await?;
-    let body = serde_json::json!({"id": id, "topic": record.topic});
-    if let Some(k) = &key {
-        remember(
-            &state.app.pool.get().await?,
-            &caller,
-            k,
-            request.as_bytes(),
-            StatusCode::ACCEPTED,
-            &body,
-        )
-        .await?;
-    }
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    .await
 }
 
 #[cfg(test)]

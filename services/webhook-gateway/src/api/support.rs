@@ -82,18 +82,22 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     /// A page from up to `limit + 1` rows (the extra row says there is a next page).
-    pub fn of(mut rows: Vec<(Cursor, T)>, limit: i64) -> Self {
-        let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let next_cursor = if more {
-            rows.last().map(|(c, _)| c.encode())
-        } else {
-            None
-        };
-        Self {
-            items: rows.into_iter().map(|(_, t)| t).collect(),
-            next_cursor,
+    pub fn of(rows: Vec<(Cursor, T)>, limit: i64) -> Self {
+        let page = Page::trimmed(rows, limit, |(c, _)| c.encode());
+        Page {
+            items: page.items.into_iter().map(|(_, t)| t).collect(),
+            next_cursor: page.next_cursor,
         }
+    }
+
+    /// A page from up to `limit + 1` items: the extra one is dropped and says there is a next
+    /// page, which starts after `cursor` of the last item kept.
+    pub fn trimmed(mut items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if more { items.last().map(cursor) } else { None };
+        Self { items, next_cursor }
     }
 }
 
@@ -307,6 +311,41 @@ pub fn check_base_url(field: &str, value: &str, local: bool, errors: &mut Vec<Fi
     if let Some(m) = message {
         errors.push(FieldError::new(field, m));
     }
+}
+
+/// Checks a policy document (`ohx_providers::policy::PolicyDoc`), if one is given.
+pub fn check_policy(policy: Option<&serde_json::Value>, errors: &mut Vec<FieldError>) {
+    if let Some(p) = policy
+        && let Err(e) = ohx_providers::policy::PolicyDoc::from_json(p)
+    {
+        errors.push(FieldError::new("$.policy", e.to_string()));
+    }
+}
+
+/// Runs a POST that starts work under its `Idempotency-Key` (if any): a retry with the same
+/// key and request gets the stored answer, else `work` runs and its answer is stored.
+pub async fn idempotent<F, Fut>(
+    pool: &deadpool_postgres::Pool,
+    caller: &Caller,
+    headers: &HeaderMap,
+    request: &[u8],
+    work: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+{
+    let key = idempotency_key(headers)?;
+    if let Some(k) = &key
+        && let Some(stored) = replay(&pool.get().await?, caller, k, request).await?
+    {
+        return Ok(stored);
+    }
+    let (status, body) = work().await?;
+    if let Some(k) = &key {
+        remember(&pool.get().await?, caller, k, request, status, &body).await?;
+    }
+    Ok((status, axum::Json(body)).into_response())
 }
 
 /// Fails with every field error gathered, if any.
