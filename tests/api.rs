@@ -70,6 +70,17 @@ async fn start_authz(
     audience: &str,
     port: u16,
 ) -> (tokio::process::Child, String, Duration) {
+    try_start_authz(clients, audience, port)
+        .await
+        .expect("the OIDC provider prints its issuer")
+}
+
+/// [`start_authz`], or `None` when the provider exits before listening (its port is taken).
+async fn try_start_authz(
+    clients: &Value,
+    audience: &str,
+    port: u16,
+) -> Option<(tokio::process::Child, String, Duration)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("authz");
     assert!(
         dir.join("node_modules").is_dir(),
@@ -93,13 +104,12 @@ async fn start_authz(
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .expect("the OIDC provider starts")
-        .unwrap()
-        .expect("the OIDC provider prints its issuer");
+        .unwrap()?;
     let issuer = serde_json::from_str::<Value>(&line).unwrap()["issuer"]
         .as_str()
         .unwrap()
         .to_owned();
-    (child, issuer, started.elapsed())
+    Some((child, issuer, started.elapsed()))
 }
 
 const CLIENT_SECRET: &str = "test-client-secret-0123456789abcdef";
@@ -1394,7 +1404,16 @@ async fn test_oidc_tokens_are_verified_and_key_rotation_is_followed() {
         "viewer",
         json!({"ohx_roles": ["viewer"], "ohx_org": h.a.id})
     )]);
-    let (authz, issuer, _) = start_authz(&clients, &format!("{}/api", h.base), port).await;
+    // The freed port can be taken for a moment by another test's outgoing connection: retry.
+    let mut restarted = None;
+    for _ in 0..50 {
+        restarted = try_start_authz(&clients, &format!("{}/api", h.base), port).await;
+        if restarted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (authz, issuer, _) = restarted.expect("the OIDC provider restarts on its port");
     h.authz = authz;
     assert_eq!(issuer, h.authz_issuer);
     let fresh = token(&h.http, &issuer, "viewer").await;
