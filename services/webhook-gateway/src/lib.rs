@@ -886,8 +886,15 @@ mod tests {
     }
 
     /// Seeds a database on the local PostgreSQL with one active link for a fresh user id.
+    const TEST_DB: &str = "postgres://postgres@127.0.0.1:5432/ohx_gateway_test";
+
     async fn seeded_pool() -> (Pool, String, String) {
-        let url = "postgres://postgres@127.0.0.1:5432/ohx_gateway_test";
+        seeded_pool_in(TEST_DB).await
+    }
+
+    /// A test that listens for notifications gets a database of its own: NOTIFY is per
+    /// database, and the other tests' inserts notify.
+    async fn seeded_pool_in(url: &str) -> (Pool, String, String) {
         // Tests run in parallel: the loser of a race to create the database finds it there.
         if ohx_common::db::create_database(url).await.is_err() {
             ohx_common::db::create_database(url).await.unwrap();
@@ -980,12 +987,12 @@ mod tests {
     /// down nothing is served from the cache.
     #[tokio::test]
     async fn test_cached_lookups_follow_changes_in_the_database() {
-        let (pool, token, userid) = seeded_pool().await;
+        let url = "postgres://postgres@127.0.0.1:5432/ohx_gateway_lookup_test";
+        let (pool, token, userid) = seeded_pool_in(url).await;
         let st = state(pool.clone(), Codec::embedded().unwrap());
-        let listener = st.lookups.spawn_listener(
-            "postgres://postgres@127.0.0.1:5432/ohx_gateway_test".into(),
-            ohx_common::db::CONFIG_CHANGED_CHANNEL,
-        );
+        let listener = st
+            .lookups
+            .spawn_listener(url.into(), ohx_common::db::CONFIG_CHANGED_CHANNEL);
         wait_until("the listener is up", || st.lookups.is_live()).await;
         let app = lookup_app(&st, "withings", &token_hash(&token))
             .await
@@ -1029,7 +1036,7 @@ mod tests {
         lookup_links(&st, "withings", app, &userid).await.unwrap();
         c.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = 'ohx_gateway_test' AND query LIKE 'LISTEN%'",
+             WHERE datname = 'ohx_gateway_lookup_test' AND query LIKE 'LISTEN%'",
             &[],
         )
         .await
