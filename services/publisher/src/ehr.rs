@@ -21,12 +21,48 @@ static PUBLISH_LATENCY: LazyLock<Histogram<f64>> = LazyLock::new(|| {
     )
 });
 
+static BUSY_RETRIED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_publisher_busy_retries",
+        "Chunks tried again within the batch after the EHR answered 429 or 503",
+    )
+});
+
 static UNRESOLVED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_counter(
         "ohx_publisher_unresolved_references",
         "Resources held because a resource they reference is not on the EHR yet, by type",
     )
 });
+
+/// Retries of a chunk the server answered "busy" (429 or 503) within the batch, before the
+/// target is held for its breaker: a server under load (hfs on SQLite answers 503 "database
+/// table is locked" now and then) otherwise stalls the target for the breaker's retry delay.
+pub const BUSY_RETRIES: u32 = 3;
+/// The wait before the first such retry, doubled each time.
+pub const BUSY_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest Retry-After waited for within the batch; a longer one holds the target.
+pub const BUSY_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// How long to wait before retrying a chunk that failed with `failure` after `attempt` busy
+/// retries; `None` when it is not retried within the batch (not a busy answer, retries used
+/// up, or a Retry-After beyond [`BUSY_MAX_WAIT`]). A chunk is retried whole (read, decide,
+/// write), so a retry is as idempotent as the first try.
+pub fn busy_retry_wait(failure: Option<&CallFailure>, attempt: u32) -> Option<Duration> {
+    let failure = failure?;
+    let Class::Transient { retry_after } = failure.class else {
+        return None;
+    };
+    if attempt >= BUSY_RETRIES || !matches!(failure.status, Some(429 | 503)) {
+        return None;
+    }
+    let backoff = BUSY_BACKOFF.saturating_mul(1 << attempt);
+    match retry_after {
+        Some(wait) if wait > BUSY_MAX_WAIT => None,
+        Some(wait) => Some(wait.max(backoff)),
+        None => Some(backoff),
+    }
+}
 
 /// A failed call: its class and a reason safe for logs (status and issue codes, no
 /// diagnostics), plus the body for a dead letter.
@@ -301,15 +337,42 @@ impl Ehr {
         timeout: Option<Duration>,
     ) -> TargetRun {
         if items.len() <= self.transaction_size {
-            return self.publish_chunk(target, items, timeout).await;
+            return self.publish_chunk_retried(target, items, timeout).await;
         }
         let runs = futures_util::future::join_all(
             items
                 .chunks(self.transaction_size)
-                .map(|chunk| self.publish_chunk(target, chunk, timeout)),
+                .map(|chunk| self.publish_chunk_retried(target, chunk, timeout)),
         )
         .await;
         merge_runs(runs)
+    }
+
+    /// [`Ehr::publish_chunk`], its items not yet done tried again while the server answers
+    /// busy ([`busy_retry_wait`]).
+    async fn publish_chunk_retried(
+        &self,
+        target: &Target,
+        items: &[Item],
+        timeout: Option<Duration>,
+    ) -> TargetRun {
+        let mut run = self.publish_chunk(target, items, timeout).await;
+        let mut attempt = 0;
+        while let Some(wait) = busy_retry_wait(run.failure.as_ref(), attempt) {
+            attempt += 1;
+            BUSY_RETRIED.add(1, &[]);
+            tokio::time::sleep(wait).await;
+            let pending: Vec<usize> = (0..items.len())
+                .filter(|i| run.results[*i].is_none())
+                .collect();
+            let retried: Vec<Item> = pending.iter().map(|i| items[*i].clone()).collect();
+            let again = self.publish_chunk(target, &retried, timeout).await;
+            for (i, result) in pending.into_iter().zip(again.results) {
+                run.results[i] = result;
+            }
+            run.failure = again.failure;
+        }
+        run
     }
 
     /// Publishes items in one `batch` read and one `transaction`.
@@ -534,5 +597,72 @@ fn graver(a: CallFailure, b: CallFailure) -> CallFailure {
             ) if y > x => b,
             _ => a,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(status: Option<u16>, retry_after: Option<Duration>) -> CallFailure {
+        CallFailure {
+            class: Class::Transient { retry_after },
+            status,
+            reason: String::new(),
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn test_busy_answers_are_retried_with_a_doubling_backoff_then_left_to_the_breaker() {
+        for status in [429, 503] {
+            let f = failure(Some(status), None);
+            let waits: Vec<_> = (0..=BUSY_RETRIES)
+                .map(|a| busy_retry_wait(Some(&f), a))
+                .collect();
+            assert_eq!(
+                waits,
+                [
+                    Some(Duration::from_millis(50)),
+                    Some(Duration::from_millis(100)),
+                    Some(Duration::from_millis(200)),
+                    None
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn test_a_short_retry_after_is_honoured_and_a_long_one_holds_the_target() {
+        let short = failure(Some(503), Some(Duration::from_millis(700)));
+        assert_eq!(
+            busy_retry_wait(Some(&short), 0),
+            Some(Duration::from_millis(700))
+        );
+        let tiny = failure(Some(429), Some(Duration::ZERO));
+        assert_eq!(
+            busy_retry_wait(Some(&tiny), 1),
+            Some(Duration::from_millis(100))
+        );
+        let long = failure(Some(429), Some(Duration::from_secs(2)));
+        assert_eq!(busy_retry_wait(Some(&long), 0), None);
+    }
+
+    #[test]
+    fn test_other_failures_are_not_retried_in_the_batch() {
+        assert_eq!(busy_retry_wait(None, 0), None);
+        for status in [None, Some(500), Some(502), Some(504), Some(408)] {
+            assert_eq!(busy_retry_wait(Some(&failure(status, None)), 0), None);
+        }
+        let refused = CallFailure {
+            class: Class::Target(TargetFault::Unauthorized),
+            ..failure(Some(503), None)
+        };
+        assert_eq!(busy_retry_wait(Some(&refused), 0), None);
+        let content = CallFailure {
+            class: Class::Resource,
+            ..failure(Some(503), None)
+        };
+        assert_eq!(busy_retry_wait(Some(&content), 0), None);
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! Failures are classified ([`classify`]): a resource rejected for its content goes to the
 //! dead-letter topic with the server's OperationOutcome; a target-level failure (credentials,
-//! URL, TLS, FHIR version) or a transient one (429, 5xx, timeouts) affects **that target only**:
+//! URL, TLS, FHIR version) or a transient one (429, 5xx, timeouts) affects **that target only**
+//! (a 429 or 503 is first tried again within the batch, see [`ehr::busy_retry_wait`]):
 //! its records are held in memory while other targets keep flowing ([`ledger`]), its circuit
 //! breaker ([`breaker`]) decides when the stage's tick probes it again, and commits never pass a
 //! held record. Held records live in memory only: after a restart they are re-read from the

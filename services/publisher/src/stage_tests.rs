@@ -44,6 +44,8 @@ struct FakeState {
     token_endpoint_refuses: bool,
     /// Calls answered 401.
     unauthorized: usize,
+    /// Transactions still to answer 503 (busy) before the server answers as `mode` says.
+    busy: usize,
 }
 
 type Fake = Arc<Mutex<FakeState>>;
@@ -119,6 +121,10 @@ async fn handle(
         );
     }
     f.transactions += 1;
+    if f.busy > 0 {
+        f.busy -= 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, outcome("transient"));
+    }
     if let Some(Mode::Status(s)) = f.mode {
         return (status(s), outcome("exception"));
     }
@@ -781,6 +787,46 @@ async fn test_an_unusable_target_configuration_holds_and_flags_without_dead_lett
         Some(classify::TargetFault::Unusable)
     );
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 2, 4).0, 3);
+}
+
+/// A server that answers a transaction 503 (busy) now and then: the chunk is tried again
+/// within the batch, so every resource is written once, nothing is held and the breaker stays
+/// closed. Answered busy more often than the retries, the target is held as before (see
+/// `test_a_failing_target_is_held_while_another_flows_then_delivered_by_the_tick`).
+#[tokio::test]
+async fn test_a_busy_answer_is_retried_within_the_batch_without_holding_the_target() {
+    let (a, url) = fake_ehr().await;
+    lock(&a).busy = 2;
+    let mut p = publisher(&[("a", &url)]);
+    let batch = vec![
+        record(0, 0, "a", "r0", 1, "final"),
+        record(0, 1, "a", "r1", 1, "final"),
+    ];
+    let (mut out, codec) = emitter();
+    let change = p.process(&batch, &mut out).await.unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(dead.is_empty());
+    assert_eq!(
+        results,
+        vec![
+            ("r0".into(), "created".into()),
+            ("r1".into(), "created".into())
+        ]
+    );
+    {
+        let f = lock(&a);
+        assert_eq!(f.transactions, 3, "two busy answers, then the write");
+        assert!(f.store.values().all(|(_, version)| *version == 1));
+    }
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.ledger.held_count("a"), 0);
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 2).0, 2);
+    assert!(
+        p.breakers
+            .get("a")
+            .is_none_or(|t| t.breaker == Breaker::default()),
+        "the breaker saw no failure"
+    );
 }
 
 #[tokio::test]
