@@ -7,7 +7,12 @@
 //! content it had acknowledged and skips repeats. It learns only through the processor's
 //! `apply` (after the broker acknowledged the batch), so a retried batch emits them again; and
 //! it starts empty after a restart or rebalance, which costs one repeat per device.
+//!
+//! Building the repeats only to drop them costs two thirds of mapping a measurement, so the
+//! mapper also remembers what each record's device inputs built to ([`Built`]): a record whose
+//! device resources would all be dropped is mapped without them.
 
+use ohx_common::records::{Context, Device};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -47,6 +52,97 @@ fn hash_json(value: &Value, h: &mut DefaultHasher) {
                 hash_json(v, h);
             }
         }
+    }
+}
+
+/// Everything of a record its Device and DeviceAssociation are made of, besides the mapper's
+/// table and settings (constant for a mapper): the target and its FHIR version, the provider,
+/// the provider's user, the patient and the device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceInputs<'a>([Option<&'a str>; 9]);
+
+impl<'a> DeviceInputs<'a> {
+    /// The inputs of a record's device resources; `None` without a device.
+    pub fn of(ctx: &'a Context, device: Option<&'a Device>) -> Option<Self> {
+        let d = device?;
+        Some(Self([
+            Some(&ctx.ehr_target_id),
+            Some(&ctx.fhir_version),
+            Some(&ctx.provider),
+            Some(&ctx.provider_user_id),
+            Some(&ctx.patient_reference),
+            Some(&d.device_id),
+            d.model.as_deref(),
+            d.model_id.as_deref(),
+            d.manufacturer.as_deref(),
+        ]))
+    }
+
+    fn key(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Device resources as (identity, content hash).
+type Entries = Vec<(String, u64)>;
+
+/// The device resources (identity, content hash) that records' device inputs built to: the
+/// memo of a pure function, since the table and settings are the mapper's own. Keyed by a
+/// hash of the inputs, which are kept to tell a collision.
+#[derive(Debug, Clone)]
+pub struct Built {
+    by_key: HashMap<u64, (Vec<Option<String>>, Entries)>,
+    capacity: usize,
+}
+
+impl Default for Built {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+}
+
+impl Built {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// What these inputs built to, if remembered.
+    pub fn get(&self, inputs: &DeviceInputs<'_>) -> Option<&[(String, u64)]> {
+        let (stored, built) = self.by_key.get(&inputs.key())?;
+        let same = stored.len() == inputs.0.len()
+            && stored
+                .iter()
+                .zip(&inputs.0)
+                .all(|(a, b)| a.as_deref() == *b);
+        same.then_some(built.as_slice())
+    }
+
+    /// Remembers what the inputs built to.
+    pub fn remember(&mut self, inputs: &DeviceInputs<'_>, built: Entries) {
+        let key = inputs.key();
+        if self.by_key.len() >= self.capacity && !self.by_key.contains_key(&key) {
+            self.by_key.clear();
+        }
+        let stored = inputs.0.iter().map(|i| i.map(str::to_owned)).collect();
+        self.by_key.insert(key, (stored, built));
+    }
+
+    /// Whether a record with these inputs can be mapped without its device resources: they are
+    /// remembered and none of them would be emitted.
+    pub fn all_dropped(
+        &self,
+        inputs: Option<&DeviceInputs<'_>>,
+        known: &Devices,
+        batch: &BatchDevices,
+    ) -> bool {
+        inputs
+            .and_then(|i| self.get(i))
+            .is_some_and(|built| built.iter().all(|(id, h)| !batch.wanted(known, id, *h)))
     }
 }
 
@@ -174,6 +270,120 @@ mod tests {
         assert_eq!(
             batch.into_change(),
             vec![("t/Device/d".to_string(), 1), ("t/Device/d".to_string(), 2)]
+        );
+    }
+
+    fn context(patient: &str) -> Context {
+        Context {
+            organization_id: "o".into(),
+            ehr_target_id: "t".into(),
+            patient_id: "p".into(),
+            patient_reference: patient.into(),
+            provider: "withings".into(),
+            link_id: "l".into(),
+            provider_user_id: "42".into(),
+            sync_request_id: "s".into(),
+            trigger: "WEBHOOK".into(),
+            received_at: 0,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
+            deliveries: Vec::new(),
+        }
+    }
+
+    fn device(model: Option<&str>) -> Device {
+        Device {
+            device_id: "d".into(),
+            model: model.map(str::to_owned),
+            model_id: None,
+            manufacturer: None,
+        }
+    }
+
+    #[test]
+    fn test_what_inputs_built_to_is_found_for_exactly_those_inputs() {
+        let (ctx, dev) = (context("Patient/1"), device(Some("BPM")));
+        let mut built = Built::default();
+        let inputs = DeviceInputs::of(&ctx, Some(&dev)).unwrap();
+        assert_eq!(built.get(&inputs), None);
+        built.remember(&inputs, vec![("t/Device/d".into(), 7)]);
+        assert_eq!(
+            built.get(&inputs),
+            Some(&[("t/Device/d".to_string(), 7)][..])
+        );
+        // Any input that goes into the resources makes other inputs.
+        let moved = context("Patient/2");
+        assert_eq!(
+            built.get(&DeviceInputs::of(&moved, Some(&dev)).unwrap()),
+            None
+        );
+        let mut r4 = context("Patient/1");
+        r4.fhir_version = ohx_common::records::FHIR_R4.into();
+        assert_eq!(built.get(&DeviceInputs::of(&r4, Some(&dev)).unwrap()), None);
+        for other in [device(None), device(Some("BPM Core"))] {
+            assert_eq!(
+                built.get(&DeviceInputs::of(&ctx, Some(&other)).unwrap()),
+                None
+            );
+        }
+        // A model of "" is not an unknown model.
+        let empty = device(Some(""));
+        let mut only_empty = Built::default();
+        only_empty.remember(&DeviceInputs::of(&ctx, Some(&empty)).unwrap(), vec![]);
+        assert_eq!(
+            only_empty.get(&DeviceInputs::of(&ctx, Some(&device(None))).unwrap()),
+            None
+        );
+        assert!(DeviceInputs::of(&ctx, None).is_none());
+    }
+
+    #[test]
+    fn test_device_resources_are_left_out_only_when_every_one_would_be_dropped() {
+        let (ctx, dev) = (context("Patient/1"), device(Some("BPM")));
+        let inputs = DeviceInputs::of(&ctx, Some(&dev)).unwrap();
+        let mut built = Built::default();
+        let mut known = Devices::default();
+        let batch = BatchDevices::default();
+        assert!(
+            !built.all_dropped(Some(&inputs), &known, &batch),
+            "not built yet"
+        );
+        built.remember(
+            &inputs,
+            vec![
+                ("t/Device/d".into(), 1),
+                ("t/DeviceAssociation/a".into(), 2),
+            ],
+        );
+        assert!(!built.all_dropped(Some(&inputs), &known, &batch));
+        known.remember(&[("t/Device/d".into(), 1)]);
+        assert!(
+            !built.all_dropped(Some(&inputs), &known, &batch),
+            "the association is not acknowledged"
+        );
+        let mut in_batch = BatchDevices::default();
+        in_batch.emitted(vec![("t/DeviceAssociation/a".into(), 2)]);
+        assert!(built.all_dropped(Some(&inputs), &known, &in_batch));
+        known.remember(&[("t/DeviceAssociation/a".into(), 2)]);
+        assert!(built.all_dropped(Some(&inputs), &known, &batch));
+        assert!(!built.all_dropped(None, &known, &batch), "no device");
+    }
+
+    #[test]
+    fn test_the_memo_is_bounded() {
+        let ctx = context("Patient/1");
+        let (a, b) = (device(Some("a")), device(Some("b")));
+        let mut built = Built::with_capacity(1);
+        built.remember(&DeviceInputs::of(&ctx, Some(&a)).unwrap(), vec![]);
+        built.remember(&DeviceInputs::of(&ctx, Some(&b)).unwrap(), vec![]);
+        assert!(
+            built
+                .get(&DeviceInputs::of(&ctx, Some(&a)).unwrap())
+                .is_none()
+        );
+        assert!(
+            built
+                .get(&DeviceInputs::of(&ctx, Some(&b)).unwrap())
+                .is_some()
         );
     }
 

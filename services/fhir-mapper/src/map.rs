@@ -316,6 +316,14 @@ pub fn aggregate_identifier_value(a: &HourlyAggregate) -> Result<String, Mapping
     ))
 }
 
+/// Whether a record's Device and DeviceAssociation are built. `Omit` leaves them out (the
+/// Observation still references the Device), for a mapper that knows it would drop them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceResources {
+    Build,
+    Omit,
+}
+
 /// Maps a Measurement to its resources: `[Device, DeviceAssociation, Observation]` when it has a
 /// device, else `[Observation]`.
 ///
@@ -325,6 +333,17 @@ pub fn map_measurement(
     m: &Measurement,
     table: &Mapping,
     settings: &MapperSettings,
+) -> Result<Vec<MappedResource>, MappingError> {
+    map_measurement_with(m, table, settings, DeviceResources::Build)
+}
+
+/// [`map_measurement`], the device resources built or left out as `devices` says (a record of
+/// data type `device` has nothing else, so they are always built).
+pub fn map_measurement_with(
+    m: &Measurement,
+    table: &Mapping,
+    settings: &MapperSettings,
+    devices: DeviceResources,
 ) -> Result<Vec<MappedResource>, MappingError> {
     match m.aggregation.as_str() {
         AGGREGATION_INDIVIDUAL => {}
@@ -342,7 +361,14 @@ pub fn map_measurement(
         if m.device.is_none() {
             return Err(MappingError::InvalidField("device"));
         }
-        return Ok(map_device(ctx, m.device.as_ref(), table, settings)?.0);
+        return Ok(map_device(
+            ctx,
+            m.device.as_ref(),
+            table,
+            settings,
+            DeviceResources::Build,
+        )?
+        .0);
     }
     let entry = table
         .measurement(&m.data_type)
@@ -350,7 +376,8 @@ pub fn map_measurement(
             kind: "measurement",
             data_type: m.data_type.clone(),
         })?;
-    let (mut resources, device_reference) = map_device(ctx, m.device.as_ref(), table, settings)?;
+    let (mut resources, device_reference) =
+        map_device(ctx, m.device.as_ref(), table, settings, devices)?;
 
     let system = settings.observation_system()?;
     let value = measurement_identifier_value(m)?;
@@ -395,6 +422,16 @@ pub fn map_aggregate(
     table: &Mapping,
     settings: &MapperSettings,
 ) -> Result<Vec<MappedResource>, MappingError> {
+    map_aggregate_with(a, table, settings, DeviceResources::Build)
+}
+
+/// [`map_aggregate`], the device resources built or left out as `devices` says.
+pub fn map_aggregate_with(
+    a: &HourlyAggregate,
+    table: &Mapping,
+    settings: &MapperSettings,
+    devices: DeviceResources,
+) -> Result<Vec<MappedResource>, MappingError> {
     let entry = table
         .aggregate(&a.data_type)
         .ok_or_else(|| MappingError::UnknownDataType {
@@ -407,7 +444,8 @@ pub fn map_aggregate(
         ));
     }
     let ctx = &a.context;
-    let (mut resources, device_reference) = map_device(ctx, a.device.as_ref(), table, settings)?;
+    let (mut resources, device_reference) =
+        map_device(ctx, a.device.as_ref(), table, settings, devices)?;
 
     let system = settings.observation_system()?;
     let value = aggregate_identifier_value(a)?;
@@ -514,13 +552,15 @@ fn observation_skeleton(head: ObservationHead<'_>) -> Result<Map<String, Value>,
     Ok(obs)
 }
 
-/// Builds the Device and DeviceAssociation of a record's device; returns them with the
-/// Reference the Observation points to (`Device/{id}` and the Device's identifier).
+/// Builds the Device and DeviceAssociation of a record's device (unless `build` is `Omit`);
+/// returns them with the Reference the Observation points to (`Device/{id}` and the Device's
+/// identifier). The record's fields are checked either way.
 fn map_device(
     ctx: &Context,
     device: Option<&Device>,
     table: &Mapping,
     settings: &MapperSettings,
+    build: DeviceResources,
 ) -> Result<(Vec<MappedResource>, Option<Value>), MappingError> {
     let provider = table
         .provider(&ctx.provider)
@@ -542,6 +582,9 @@ fn map_device(
         "reference": format!("Device/{device_id}"),
         "identifier": { "system": device_system, "value": device_value },
     });
+    if build == DeviceResources::Omit {
+        return Ok((Vec::new(), Some(device_reference)));
+    }
     let manufacturer = non_empty(device.manufacturer.as_deref())
         .or_else(|| non_empty(provider.manufacturer.as_deref()));
     let model = non_empty(device.model.as_deref());

@@ -10,9 +10,12 @@
 //! one target's mapping fail, the record is dead-lettered with the target named, and a
 //! re-drive repeats the targets already emitted, which the deduplicator finds unchanged.
 
-use crate::devices::{BatchDevices, Devices, content_hash, repeats_per_measurement};
+use crate::devices::{
+    BatchDevices, Built, DeviceInputs, Devices, content_hash, repeats_per_measurement,
+};
 use crate::map::{
-    MappedResource, MapperSettings, MappingError, canonical_json, map_aggregate, map_measurement,
+    DeviceResources, MappedResource, MapperSettings, MappingError, canonical_json,
+    map_aggregate_with, map_measurement_with,
 };
 use crate::mapping::Mapping;
 use crate::r4::R4Rules;
@@ -100,14 +103,14 @@ impl MapperCore {
 
     /// Validates and emits mapped resources, leaving out devices already acknowledged with the
     /// same content; a mapping error or an invalid resource dead-letters the input, naming the
-    /// target (returns `false`).
+    /// target (`ok` false). Returns every device resource built, emitted or not.
     async fn emit<T>(
         &self,
         mapped: Mapped<'_, T>,
         known: &Devices,
         batch: &mut BatchDevices,
         out: &mut Emitter,
-    ) -> Result<bool, StageError> {
+    ) -> Result<Emitted, StageError> {
         let Mapped {
             input,
             context,
@@ -124,10 +127,11 @@ impl MapperCore {
             Err(e) => {
                 let reason = format!("{e}{}", for_target(context));
                 out.dead_letter(input, "mapping", reason).await?;
-                return Ok(false);
+                return Ok(Emitted::default());
             }
         };
         let mut devices = Vec::new();
+        let mut built = Vec::new();
         resources.retain(|r| {
             if !repeats_per_measurement(&r.resource_type) {
                 return true;
@@ -135,6 +139,7 @@ impl MapperCore {
             let identity = resource_identity(&context.ehr_target_id, &r.resource_type, &r.id);
             let hash = content_hash(&r.json);
             let wanted = batch.wanted(known, &identity, hash);
+            built.push((identity.clone(), hash));
             if wanted {
                 devices.push((identity, hash));
             }
@@ -162,7 +167,7 @@ impl MapperCore {
                     ),
                 )
                 .await?;
-                return Ok(false);
+                return Ok(Emitted { ok: false, built });
             }
         }
         out.follow(input);
@@ -187,8 +192,43 @@ impl MapperCore {
             out.emit(topic::FHIR_RESOURCES, &identity, &record).await?;
         }
         batch.emitted(devices);
-        Ok(true)
+        Ok(Emitted { ok: true, built })
     }
+
+    /// Maps a record of `inputs` once for a target and emits it ([`MapperCore::emit`]): without
+    /// its device resources when `memo` knows they would all be dropped, else with them, and
+    /// `memo` learns what they were. Returns whether the record was emitted.
+    async fn map_and_emit<'a, T: 'a>(
+        &self,
+        map: impl FnOnce(DeviceResources) -> Mapped<'a, T>,
+        inputs: Option<DeviceInputs<'_>>,
+        state: (&Devices, &mut Built),
+        batch: &mut BatchDevices,
+        out: &mut Emitter,
+    ) -> Result<bool, StageError> {
+        let (known, memo) = state;
+        let devices = if memo.all_dropped(inputs.as_ref(), known, batch) {
+            DeviceResources::Omit
+        } else {
+            DeviceResources::Build
+        };
+        let emitted = self.emit(map(devices), known, batch, out).await?;
+        if let Some(inputs) = inputs
+            && devices == DeviceResources::Build
+            && !emitted.built.is_empty()
+        {
+            memo.remember(&inputs, emitted.built);
+        }
+        Ok(emitted.ok)
+    }
+}
+
+/// What [`MapperCore::emit`] did: whether the record was emitted, and the device resources
+/// (identity, content hash) its mapping built.
+#[derive(Debug, Default)]
+struct Emitted {
+    ok: bool,
+    built: Vec<(String, u64)>,
 }
 
 /// A record once per delivery of its patient ([`Context::per_delivery`]): itself when it goes
@@ -222,6 +262,7 @@ fn for_target(context: &Context) -> String {
 pub struct MeasurementMapper {
     core: Arc<MapperCore>,
     devices: Devices,
+    built: Built,
 }
 
 impl MeasurementMapper {
@@ -229,6 +270,7 @@ impl MeasurementMapper {
         Self {
             core,
             devices: Devices::default(),
+            built: Built::default(),
         }
     }
 }
@@ -250,16 +292,18 @@ impl Processor for MeasurementMapper {
                 continue; // the hourly-aggregator's output is mapped instead
             }
             for m in per_delivery(m, &m.context, |m, c| m.context = c) {
-                let mapped = Mapped {
+                let core = &self.core;
+                let map = |d| Mapped {
                     input,
                     context: &m.context,
                     source_id: &m.measurement_id,
                     source_revision: m.provider_modified_at.unwrap_or(0),
-                    resources: map_measurement(&m, &self.core.table, &self.core.settings),
+                    resources: map_measurement_with(&m, &core.table, &core.settings, d),
                 };
-                if !self
-                    .core
-                    .emit(mapped, &self.devices, &mut devices, out)
+                let inputs = DeviceInputs::of(&m.context, m.device.as_ref());
+                let state = (&self.devices, &mut self.built);
+                if !core
+                    .map_and_emit(map, inputs, state, &mut devices, out)
                     .await?
                 {
                     break;
@@ -280,6 +324,7 @@ impl Processor for MeasurementMapper {
 pub struct AggregateMapper {
     core: Arc<MapperCore>,
     devices: Devices,
+    built: Built,
 }
 
 impl AggregateMapper {
@@ -287,6 +332,7 @@ impl AggregateMapper {
         Self {
             core,
             devices: Devices::default(),
+            built: Built::default(),
         }
     }
 }
@@ -305,16 +351,18 @@ impl Processor for AggregateMapper {
         for input in batch {
             let a = &input.value;
             for a in per_delivery(a, &a.context, |a, c| a.context = c) {
-                let mapped = Mapped {
+                let core = &self.core;
+                let map = |d| Mapped {
                     input,
                     context: &a.context,
                     source_id: &a.aggregate_id,
                     source_revision: a.revision,
-                    resources: map_aggregate(&a, &self.core.table, &self.core.settings),
+                    resources: map_aggregate_with(&a, &core.table, &core.settings, d),
                 };
-                if !self
-                    .core
-                    .emit(mapped, &self.devices, &mut devices, out)
+                let inputs = DeviceInputs::of(&a.context, a.device.as_ref());
+                let state = (&self.devices, &mut self.built);
+                if !core
+                    .map_and_emit(map, inputs, state, &mut devices, out)
                     .await?
                 {
                     break;
@@ -447,6 +495,27 @@ mod tests {
         // Another scale is another device.
         let (other, _) = types(&mut mapper, &[weight(4, "scale-2", "Body+")]).await;
         assert_eq!(other, ["Device", "DeviceAssociation", "Observation"]);
+    }
+
+    /// Once its device resources are acknowledged, a weigh-in is mapped without building them,
+    /// and its Observation is byte for byte the one mapped with them (device reference
+    /// included).
+    #[tokio::test]
+    async fn test_an_observation_mapped_without_its_device_resources_is_the_same() {
+        let mut mapper = MeasurementMapper::new(core());
+        let (_, change) = types(&mut mapper, &[weight(0, "scale", "Body+")]).await;
+        mapper.apply(&change).await.unwrap();
+        let later = weight(1, "scale", "Body+");
+        let out = emitted(&mut mapper, std::slice::from_ref(&later)).await;
+        let codec = Codec::embedded().unwrap();
+        let records: Vec<&ohx_common::kafka::OutRecord> = out.records().collect();
+        assert_eq!(records.len(), 1);
+        let observation: FhirResource = codec.decode(&records[0].payload).await.unwrap();
+        let core = core();
+        let full = crate::map::map_measurement(&later.value, &core.table, &core.settings).unwrap();
+        assert_eq!(full.len(), 3, "built with its Device and DeviceAssociation");
+        assert_eq!(observation.resource, full[2].canonical_json());
+        assert!(observation.resource.contains("\"device\""));
     }
 
     /// `input` addressed to its own target and to `t2` as `reference`.
