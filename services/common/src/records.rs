@@ -324,9 +324,129 @@ pub mod topic {
 
 /// Returns the content hash of a FHIR resource: hex SHA-256 over its canonical JSON (object
 /// keys sorted) without `meta`. The deduplicator and the publisher must agree on it.
+///
+/// Text already canonical below its top level (what the mapper writes: no whitespace, no
+/// escapes, every nested object's keys ascending) is hashed as written, its top-level members
+/// sorted, without building the resource; any other text is parsed and re-serialized. Both
+/// give the same hash ([`content_hash_of`]); invalid JSON is an error either way.
 pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
-    let value: serde_json::Value = serde_json::from_str(resource_json)?;
-    content_hash_of(&value)
+    use sha2::{Digest, Sha256};
+    serde_json::from_str::<serde::de::IgnoredAny>(resource_json)?;
+    let Some(members) = canonical_members(resource_json) else {
+        let value: serde_json::Value = serde_json::from_str(resource_json)?;
+        return content_hash_of(&value);
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(b"{");
+    for (i, (key, value)) in members.iter().filter(|(k, _)| *k != "meta").enumerate() {
+        if i > 0 {
+            hasher.update(b",");
+        }
+        hasher.update(b"\"");
+        hasher.update(key.as_bytes());
+        hasher.update(b"\":");
+        hasher.update(value.as_bytes());
+    }
+    hasher.update(b"}");
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The top-level members (key, value text) of a JSON object, sorted by key, when everything
+/// below the top level is already canonical (see [`content_hash`]); `None` otherwise. `text`
+/// must be valid JSON.
+fn canonical_members(text: &str) -> Option<Vec<(&str, &str)>> {
+    let b = text.as_bytes();
+    if b.first() != Some(&b'{') || b.last() != Some(&b'}') || b.contains(&b'\\') {
+        return None;
+    }
+    let mut members = Vec::with_capacity(16);
+    if b.len() == 2 {
+        return Some(members);
+    }
+    let mut i = 1;
+    loop {
+        let key_end = string_end(b, i)?;
+        if b.get(key_end) != Some(&b':') {
+            return None;
+        }
+        let value_start = key_end + 1;
+        let end = value_end(b, value_start)?;
+        members.push((text.get(i + 1..key_end - 1)?, text.get(value_start..end)?));
+        match b.get(end) {
+            Some(b',') => i = end + 1,
+            Some(b'}') if end + 1 == b.len() => break,
+            _ => return None,
+        }
+    }
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if members.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    Some(members)
+}
+
+/// The index after the string starting at `b[i]` (text without backslashes).
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let close = b.get(i + 1..)?.iter().position(|c| *c == b'"')?;
+    Some(i + 1 + close + 1)
+}
+
+/// The index after the value starting at `b[i]`, if it is canonical: no whitespace outside
+/// strings and the keys of every object strictly ascending.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i),
+        b'{' => {
+            let mut j = i + 1;
+            if b.get(j) == Some(&b'}') {
+                return Some(j + 1);
+            }
+            let mut last: Option<&[u8]> = None;
+            loop {
+                let key_end = string_end(b, j)?;
+                let key = b.get(j + 1..key_end - 1)?;
+                if last.is_some_and(|l| l >= key) {
+                    return None;
+                }
+                last = Some(key);
+                if b.get(key_end) != Some(&b':') {
+                    return None;
+                }
+                j = value_end(b, key_end + 1)?;
+                match *b.get(j)? {
+                    b',' => j += 1,
+                    b'}' => return Some(j + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b'[' => {
+            let mut j = i + 1;
+            if b.get(j) == Some(&b']') {
+                return Some(j + 1);
+            }
+            loop {
+                j = value_end(b, j)?;
+                match *b.get(j)? {
+                    b',' => j += 1,
+                    b']' => return Some(j + 1),
+                    _ => return None,
+                }
+            }
+        }
+        // A number, `true`, `false` or `null`: up to the next delimiter.
+        _ => {
+            let len = b
+                .get(i..)?
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']'))?;
+            let token = b.get(i..i + len)?;
+            (len > 0 && !token.iter().any(u8::is_ascii_whitespace)).then_some(i + len)
+        }
+    }
 }
 
 /// [`content_hash`] of an already parsed resource.
@@ -350,6 +470,96 @@ pub fn content_hash_of(resource: &serde_json::Value) -> Result<String, serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A random JSON value: objects and arrays up to `depth`, FHIR-like keys, strings with
+    /// and without characters that need escapes, numbers as integers, decimals and exponents.
+    fn random_value(rng: &mut impl rand::Rng, depth: u32) -> serde_json::Value {
+        use serde_json::Value;
+        const KEYS: [&str; 8] = ["id", "meta", "code", "value", "a", "status", "b", "é"];
+        const STRINGS: [&str; 6] = [
+            "final",
+            "",
+            "x y",
+            "quote \" inside",
+            "new\nline",
+            "ünï/códe",
+        ];
+        const NUMBERS: [&str; 6] = ["0", "-1", "121", "80.50", "1e5", "0.000001"];
+        match rng.random_range(0..if depth == 0 { 4 } else { 6 }) {
+            0 => Value::String(STRINGS[rng.random_range(0..STRINGS.len())].to_owned()),
+            1 => serde_json::from_str(NUMBERS[rng.random_range(0..NUMBERS.len())])
+                .unwrap_or_default(),
+            2 => Value::Bool(rng.random()),
+            3 => Value::Null,
+            4 => Value::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| random_value(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.random_range(0..5))
+                    .map(|_| {
+                        let key = KEYS[rng.random_range(0..KEYS.len())].to_owned();
+                        (key, random_value(rng, depth - 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The hash of a resource's text is the hash of the parsed resource, whether the text is
+    /// canonical (hashed as written), its top-level members shuffled, or pretty-printed
+    /// (parsed again): 2,000 random resources.
+    #[test]
+    fn test_content_hash_of_text_is_the_hash_of_the_parsed_resource() {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut canonical_fast = 0;
+        for _ in 0..2_000 {
+            let serde_json::Value::Object(members) = random_value(&mut rng, 4) else {
+                continue;
+            };
+            let value = serde_json::Value::Object(members.clone());
+            let expected = content_hash_of(&value).unwrap();
+            let canonical = serde_json::to_string(&value).unwrap();
+            if canonical_members(&canonical).is_some() {
+                canonical_fast += 1;
+            }
+            assert_eq!(content_hash(&canonical).unwrap(), expected, "{canonical}");
+            let mut shuffled: Vec<String> = members
+                .iter()
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+                .collect();
+            shuffled.shuffle(&mut rng);
+            let shuffled = format!("{{{}}}", shuffled.join(","));
+            assert_eq!(content_hash(&shuffled).unwrap(), expected, "{shuffled}");
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            assert_eq!(content_hash(&pretty).unwrap(), expected, "{pretty}");
+        }
+        assert!(
+            canonical_fast > 200,
+            "{canonical_fast} texts took the fast path"
+        );
+    }
+
+    #[test]
+    fn test_the_fast_path_takes_only_canonical_text() {
+        assert!(canonical_members(r#"{"b":1,"a":{"x":[1,"s"],"y":null}}"#).is_some());
+        for text in [
+            r#"{"a":{"y":1,"x":2}}"#, // nested keys not ascending
+            r#"{"a":{"x":1,"x":2}}"#, // a nested key twice
+            r#"{"a":1,"a":2}"#,       // a top-level key twice
+            r#"{"a": 1}"#,            // whitespace
+            r#"{"a":[1, 2]}"#,        // whitespace in an array
+            r#"{"a":"\u00e9"}"#,      // an escape serde_json would not write
+            r#"[1]"#,                 // not an object
+        ] {
+            assert!(canonical_members(text).is_none(), "{text}");
+        }
+        assert!(content_hash(r#"{"a":tru}"#).is_err());
+        assert!(content_hash(r#"{"a":1} x"#).is_err());
+    }
 
     fn ctx(deliveries: &[(&str, &str)]) -> Context {
         Context {
