@@ -11,7 +11,7 @@ use ohx_common::codec::Codec;
 use ohx_common::kafka::{Emitter, Input, Processor};
 use ohx_common::records::{
     Component, Context, Device, FhirResource, HourlyAggregate, Measurement, SyncRequest,
-    content_hash, content_hash_of, series_key, topic,
+    content_hash, series_key, topic,
 };
 use ohx_common::trace::Trace;
 use ohx_providers::Provider;
@@ -225,6 +225,90 @@ fn mapper_breakdown(
     println!(
         "{:<18} {:<58} decode {decode:.2}, map {map:.2}, validate {validate:.2}, canonical JSON {canonical:.2}, encode {encode:.2}",
         "fhir-mapper", "BP Measurement: µs per part, all 3 resources of each"
+    );
+    Ok(())
+}
+
+/// The fhir-mapper as the stage runs it (decode a batch of 500, process it, apply the change),
+/// timed with a fresh mapper once a first batch let the validator learn the resources' shapes;
+/// returns the outputs. `version` names the FHIR version in the report (empty: R5).
+fn mapper_step(
+    rt: &tokio::runtime::Runtime,
+    codec: &Codec,
+    core: &std::sync::Arc<MapperCore>,
+    inputs: &[Vec<u8>],
+    version: &str,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let shared_codec = std::sync::Arc::new(Codec::embedded()?);
+    rt.block_on(async {
+        let batch = traced_batch(codec, 0, &inputs[..inputs.len().min(500)]).await?;
+        let mut out = Emitter::new("fhir-mapper", shared_codec.clone());
+        MeasurementMapper::new(core.clone())
+            .process(&batch, &mut out)
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let mut mapper = MeasurementMapper::new(core.clone());
+    let mut outputs = Vec::new();
+    let started = Clock::start();
+    rt.block_on(async {
+        for (batch_index, chunk) in inputs.chunks(500).enumerate() {
+            let batch = traced_batch(codec, batch_index, chunk).await?;
+            let mut out = Emitter::new("fhir-mapper", shared_codec.clone());
+            let change = mapper.process(&batch, &mut out).await?;
+            mapper.apply(&change).await?;
+            outputs.extend(out.records().map(|r| r.payload.clone()));
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "fhir-mapper",
+        &format!(
+            "BP Measurement -> validated{version} resources ({} out)",
+            outputs.len()
+        ),
+        inputs.len(),
+        started,
+    );
+    Ok(outputs)
+}
+
+/// The publisher's step: decode, parse and hash (the publisher's own `item_of`), build the
+/// transaction Bundle (100 per Bundle) and serialize it, HTTP excluded. `version` names the FHIR version in the report.
+fn publisher_step(
+    rt: &tokio::runtime::Runtime,
+    codec: &Codec,
+    resources: &[Vec<u8>],
+    version: &str,
+) -> anyhow::Result<()> {
+    let started = Clock::start();
+    rt.block_on(async {
+        let mut items = Vec::new();
+        for bytes in resources {
+            let r: FhirResource = codec.decode(bytes).await?;
+            items.push(
+                publisher::item_of(&r, publisher::bundle::UpsertMode::Put)
+                    .map_err(anyhow::Error::msg)?,
+            );
+            if items.len() == 100 {
+                let refs: Vec<&publisher::bundle::Item> = items.iter().collect();
+                let b = publisher::bundle::transaction_bundle(
+                    &refs,
+                    publisher::bundle::UpsertMode::Put,
+                    &Default::default(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                black_box(serde_json::to_vec(&b)?);
+                items.clear();
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    report(
+        "publisher",
+        &format!("resource{version} -> transaction Bundle entry (HTTP excluded)"),
+        resources.len(),
+        started,
     );
     Ok(())
 }
@@ -508,7 +592,6 @@ fn main() -> anyhow::Result<()> {
 
     // fhir-mapper: decode, map, validate (R5 schema + profile rules), encode.
     let table = Mapping::default_table()?;
-    let shared_codec = std::sync::Arc::new(Codec::embedded()?);
     let settings = MapperSettings::new("https://ohx.example/fhir")?;
     let bps: Vec<Vec<u8>> = rt.block_on(async {
         let mut v = Vec::new();
@@ -523,41 +606,20 @@ fn main() -> anyhow::Result<()> {
         settings.clone(),
         R4Rules::default_rules()?,
     )?);
-    // A first pass keeps the outputs (the inputs of the next stages) and lets the validator
-    // learn the resources' shapes; the timed pass, with a fresh mapper, drops its outputs once
-    // counted, as the stage does once they are produced.
-    let mut resources = Vec::new();
-    let mut mapper = MeasurementMapper::new(core.clone());
-    rt.block_on(async {
-        for (batch_index, chunk) in bps.chunks(500).enumerate() {
-            let batch = traced_batch(&codec, batch_index, chunk).await?;
-            let mut out = Emitter::new("fhir-mapper", shared_codec.clone());
-            let change = mapper.process(&batch, &mut out).await?;
-            mapper.apply(&change).await?;
-            resources.extend(out.records().map(|r| r.payload.clone()));
-        }
-        anyhow::Ok(())
-    })?;
-    let mut mapper = MeasurementMapper::new(core.clone());
-    let mut produced = 0;
-    let started = Clock::start();
-    rt.block_on(async {
-        for (batch_index, chunk) in bps.chunks(500).enumerate() {
-            let batch = traced_batch(&codec, batch_index, chunk).await?;
-            let mut out = Emitter::new("fhir-mapper", shared_codec.clone());
-            let change = mapper.process(&batch, &mut out).await?;
-            mapper.apply(&change).await?;
-            produced += out.records().count();
-        }
-        anyhow::Ok(())
-    })?;
-    report(
-        "fhir-mapper",
-        &format!("BP Measurement -> validated resources ({produced} out)"),
-        bps.len(),
-        started,
-    );
+    // Its outputs are the inputs of the next stages.
+    let resources = mapper_step(&rt, &codec, &core, &bps, "")?;
     mapper_breakdown(&rt, &codec, &core, &bps)?;
+    // The same measurements for a target that speaks R4: rewritten, validated against R4.
+    let bps_r4: Vec<Vec<u8>> = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..50_000 {
+            let mut m = bp(i);
+            m.context.fhir_version = ohx_common::records::FHIR_R4.into();
+            v.push(codec.encode(topic::MEASUREMENTS, &m).await?);
+        }
+        anyhow::Ok(v)
+    })?;
+    let resources_r4 = mapper_step(&rt, &codec, &core, &bps_r4, " R4")?;
     let agg = HourlyAggregate {
         context: ctx(),
         aggregate_id: "a".into(),
@@ -636,40 +698,8 @@ fn main() -> anyhow::Result<()> {
         started,
     );
 
-    // publisher: decode, hash, build the transaction Bundle (100 per Bundle) and serialize it.
-    let started = Clock::start();
-    rt.block_on(async {
-        let mut items = Vec::new();
-        for bytes in &resources {
-            let r: FhirResource = codec.decode(bytes).await?;
-            let resource: serde_json::Value = serde_json::from_str(&r.resource)?;
-            items.push(publisher::bundle::Item {
-                resource_type: r.resource_type.clone(),
-                resource_id: r.resource_id.clone(),
-                hash: content_hash_of(&resource)?,
-                resource,
-                revision: r.source_revision,
-            });
-            if items.len() == 100 {
-                let refs: Vec<&publisher::bundle::Item> = items.iter().collect();
-                let b = publisher::bundle::transaction_bundle(
-                    &refs,
-                    publisher::bundle::UpsertMode::Put,
-                    &Default::default(),
-                )
-                .map_err(anyhow::Error::msg)?;
-                black_box(serde_json::to_vec(&b)?);
-                items.clear();
-            }
-        }
-        anyhow::Ok(())
-    })?;
-    report(
-        "publisher",
-        "resource -> transaction Bundle entry (HTTP excluded)",
-        resources.len(),
-        started,
-    );
+    publisher_step(&rt, &codec, &resources, "")?;
+    publisher_step(&rt, &codec, &resources_r4, " (R4)")?;
     let _ = BTreeMap::<i32, i32>::new();
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! Bundles, and parsing the server's answers.
 
 use crate::auth::WRITTEN_TYPES;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
 /// The `meta.tag` system carrying a resource's content hash on the server. The publisher reads
@@ -146,7 +146,7 @@ pub fn read_bundle(items: &[&Item], refs: &[OwnRef], mode: UpsertMode) -> Result
         refs.iter()
             .map(|r| json!({"request": {"method": "GET", "url": r.read_url(mode)}})),
     );
-    Ok(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}))
+    Ok(bundle_of("batch", entries))
 }
 
 /// Returns a `transaction` Bundle of upserts. In conditional mode the server assigns the ids:
@@ -184,14 +184,27 @@ pub fn transaction_bundle(
                         .unwrap_or_else(|| r.conditional())
                 });
             }
-            Ok(json!({
-                "fullUrl": full_url(&i.resource_id),
-                "resource": resource,
-                "request": {"method": "PUT", "url": upsert_url(i, mode)?}
-            }))
+            // Built member by member: `json!` would copy the resource through its serializer.
+            let mut entry = Map::new();
+            entry.insert("fullUrl".into(), Value::String(full_url(&i.resource_id)));
+            entry.insert("resource".into(), resource);
+            entry.insert(
+                "request".into(),
+                json!({"method": "PUT", "url": upsert_url(i, mode)?}),
+            );
+            Ok(Value::Object(entry))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+    Ok(bundle_of("transaction", entries))
+}
+
+/// A Bundle of `kind` with these entries, moved in (`json!` would copy them).
+fn bundle_of(kind: &str, entries: Vec<Value>) -> Value {
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), Value::from("Bundle"));
+    bundle.insert("type".into(), Value::from(kind));
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }
 
 /// `(resource type, ohx id)` of a resource ohx writes.

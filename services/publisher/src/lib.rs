@@ -44,6 +44,7 @@ mod stage_tests;
 
 use breaker::{Breaker, BreakerSettings};
 use deadpool_postgres::Pool;
+pub use deliver::item_of;
 use deliver::last_per_identity;
 use ehr::Ehr;
 use ledger::{Held, Ledger, LedgerChange, Tp};
