@@ -18,7 +18,12 @@
 //! Settings: `OHX_BENCH_RESOURCES` (default 10000), `OHX_PUBLISH_CONCURRENCY` (default 4: the
 //! transactions in flight of the ceiling; the publisher is started with its own default),
 //! `OHX_BENCH_MODE` (`put`, the default, or `conditional`: the target's upsert mode, and the
-//! ceiling's bundles written the same way).
+//! ceiling's bundles written the same way), `OHX_BENCH_AUTH` (`none`, the default, `bearer`,
+//! `client_credentials` or `smart_backend`: the target's authentication. Other than `none`, hfs
+//! enforces JWT access tokens from the test authorization server (`tests/authz`), the ceiling
+//! posts with a token of its own, and for `smart_backend` the gateway serves the target's JWKS;
+//! tokens live an hour, so the publisher's cost is one token request and hfs's check of every
+//! request).
 
 use anyhow::{Context as _, bail, ensure};
 use ohx_common::codec::Codec;
@@ -27,7 +32,7 @@ use ohx_common::records::{
 };
 use ohx_common::trace::Trace;
 use ohx_tests::kafka_util::{high_watermark_sum, read_all};
-use ohx_tests::stack::{Stack, minimal_stack, setting};
+use ohx_tests::stack::{Stack, free_port, minimal_stack, setting};
 use publisher::bundle::{
     Item, UpsertMode, outcome_codes, transaction_bundle, transaction_outcomes,
 };
@@ -47,6 +52,135 @@ const TRANSACTION_SIZE: usize = 100;
 const PATIENT: &str = "Patient/bench";
 /// The identifier base the stack's mapper uses (`OHX_IDENTIFIER_BASE` of the tests).
 const IDENTIFIER_BASE: &str = "https://ohx.test/fhir";
+/// Scopes of the authorization server's clients (SMART v2, as hfs advertises).
+const SCOPES: &str = "system/Observation.crus system/Device.crus system/DeviceAssociation.crus \
+                      system/Patient.crus";
+/// Access token lifetime with `OHX_BENCH_AUTH` (longer than a run: tokens are cached).
+const TOKEN_TTL_S: u64 = 3_600;
+/// The secret of the client-secret clients of the authorization server.
+const CLIENT_SECRET: &str = "bench-secret";
+
+/// How the target authenticates (`OHX_BENCH_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Auth {
+    None,
+    Bearer,
+    ClientCredentials,
+    SmartBackend,
+}
+
+impl Auth {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "none" => Self::None,
+            "bearer" => Self::Bearer,
+            "client_credentials" => Self::ClientCredentials,
+            "smart_backend" => Self::SmartBackend,
+            other => bail!(
+                "OHX_BENCH_AUTH {other} is not none, bearer, client_credentials or smart_backend"
+            ),
+        })
+    }
+}
+
+/// The target's `ohx create-target` arguments for `auth` (`token_url`: the authorization
+/// server's, which starts once the target exists).
+fn target_auth_args(auth: Auth, token_url: &str) -> Vec<String> {
+    let args: &[&str] = match auth {
+        Auth::None => &[],
+        // The token comes from the authorization server, which starts once the target exists.
+        Auth::Bearer => &[
+            "--auth",
+            "bearer",
+            "--token",
+            "replaced-once-the-server-runs",
+        ],
+        Auth::ClientCredentials => &[
+            "--auth",
+            "client_credentials",
+            "--client-id",
+            "ohx-secret",
+            "--token-url",
+            token_url,
+            "--token",
+            CLIENT_SECRET,
+        ],
+        Auth::SmartBackend => &["--auth", "smart_backend", "--client-id", "ohx-smart"],
+    };
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+/// Starts hfs on `hport`. Other than [`Auth::None`]: first the authorization server on `aport`
+/// (for SMART, with the gateway serving `target`'s new ES384 key), hfs enforcing its tokens,
+/// and for `bearer` the target given a token; returns the bench's own token.
+async fn start_server(
+    stack: &mut Stack,
+    auth: Auth,
+    (hport, aport): (u16, u16),
+    target: &str,
+) -> anyhow::Result<Option<String>> {
+    if auth == Auth::None {
+        stack.start_hfs_on("hfs", hport, &[]).await?;
+        return Ok(None);
+    }
+    let base = format!("http://127.0.0.1:{hport}");
+    let mut clients = vec![
+        json!({"client_id": "bench", "token_endpoint_auth_method": "client_secret_basic",
+               "client_secret": CLIENT_SECRET, "scope": SCOPES}),
+        json!({"client_id": "ohx-secret", "token_endpoint_auth_method": "client_secret_basic",
+               "client_secret": CLIENT_SECRET, "scope": SCOPES}),
+    ];
+    if auth == Auth::SmartBackend {
+        stack.start_stage("webhook-gateway").await?;
+        stack
+            .ohx(&["target-key", "add", "--target", target, "--alg", "ES384"])
+            .await?;
+        let jwks_uri = format!(
+            "{}/ehr-targets/{target}/jwks.json",
+            stack.http_of("webhook-gateway")?
+        );
+        clients.push(
+            json!({"client_id": "ohx-smart", "token_endpoint_auth_method": "private_key_jwt",
+                            "jwks_uri": jwks_uri, "scope": SCOPES}),
+        );
+    }
+    let authz = stack
+        .start_authz("authz", aport, &json!(clients), &base, SCOPES, TOKEN_TTL_S)
+        .await?;
+    stack
+        .start_hfs_on(
+            "hfs",
+            hport,
+            &[
+                ("HFS_AUTH_ENABLED", "true".into()),
+                ("HFS_AUTH_JWKS_URL", authz.jwks_uri.clone()),
+                ("HFS_AUTH_ISSUER", authz.issuer.clone()),
+                ("HFS_AUTH_AUDIENCE", base.clone()),
+                ("HFS_SMART_TOKEN_ENDPOINT", authz.token_endpoint.clone()),
+            ],
+        )
+        .await?;
+    let answer: Value = stack
+        .http
+        .post(&authz.token_endpoint)
+        .basic_auth("bench", Some(CLIENT_SECRET))
+        .form(&[("grant_type", "client_credentials"), ("scope", SCOPES)])
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = answer["access_token"]
+        .as_str()
+        .context("no access_token")?
+        .to_owned();
+    if auth == Auth::Bearer {
+        stack
+            .ohx(&["set-target-secret", "--target", target, "--token", &token])
+            .await?;
+    }
+    Ok(Some(token))
+}
 
 /// The logical id of resource `i` of set `prefix` (the mapper's shape: `ohx-` + 32 hex digits).
 fn resource_id(prefix: char, i: usize) -> String {
@@ -128,6 +262,7 @@ async fn hfs_ceiling(
     mode: UpsertMode,
     items: &[Item],
     concurrency: usize,
+    token: Option<&str>,
 ) -> anyhow::Result<Ceiling> {
     // Built before the clock starts: this measures the server.
     let bundles = items
@@ -144,13 +279,15 @@ async fn hfs_ceiling(
     let retries = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
+    let auth = token.map(|t| format!("Bearer {t}"));
     for _ in 0..concurrency {
-        let (http, base, bundles, next, retries) = (
+        let (http, base, bundles, next, retries, auth) = (
             http.clone(),
             base.to_owned(),
             bundles.clone(),
             next.clone(),
             retries.clone(),
+            auth.clone(),
         );
         tasks.push(tokio::spawn(async move {
             loop {
@@ -159,13 +296,14 @@ async fn hfs_ceiling(
                     return anyhow::Ok(());
                 };
                 loop {
-                    let r = http
+                    let mut request = http
                         .post(&base)
                         .header("Content-Type", "application/fhir+json")
-                        .header("Accept", "application/fhir+json")
-                        .body(body.clone())
-                        .send()
-                        .await?;
+                        .header("Accept", "application/fhir+json");
+                    if let Some(auth) = &auth {
+                        request = request.header("Authorization", auth);
+                    }
+                    let r = request.body(body.clone()).send().await?;
                     let status = r.status();
                     let text = r.text().await?;
                     if status.as_u16() == 503 || status.as_u16() == 429 {
@@ -299,6 +437,11 @@ impl Published {
 }
 
 async fn publisher_run(stack: &mut Stack, prefix: &str, n: usize) -> anyhow::Result<Published> {
+    // The publisher's own settings (`OHX_PUBLISH_*`) pass through from the bench's environment.
+    let publish_env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("OHX_PUBLISH_"))
+        .collect();
+    stack.stage_env.insert("publisher".into(), publish_env);
     let before = high_watermark_sum(&stack.kafka, topic::PUBLISH_RESULTS)?;
     let started_ms = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
@@ -348,6 +491,8 @@ fn main() -> anyhow::Result<()> {
     let n: usize = setting("OHX_BENCH_RESOURCES", 10_000usize).max(1);
     let concurrency: usize = setting("OHX_PUBLISH_CONCURRENCY", 4usize).max(1);
     let mode_name = setting("OHX_BENCH_MODE", "put".to_owned());
+    let auth_name = setting("OHX_BENCH_AUTH", "none".to_owned());
+    let auth = Auth::parse(&auth_name)?;
     let mode = match mode_name.as_str() {
         "put" => UpsertMode::Put,
         "conditional" => UpsertMode::Conditional,
@@ -355,11 +500,23 @@ fn main() -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let mut stack = minimal_stack("publisher", &["publisher"], Duration::from_secs(60)).await?;
-        let result = run(&mut stack, n, concurrency, (&mode_name, mode)).await;
+        let binaries: &[&str] = match auth {
+            Auth::SmartBackend => &["publisher", "webhook-gateway"],
+            _ => &["publisher"],
+        };
+        let mut stack = minimal_stack("publisher", binaries, Duration::from_secs(60)).await?;
+        let result = run(
+            &mut stack,
+            n,
+            concurrency,
+            (&mode_name, mode),
+            (&auth_name, auth),
+        )
+        .await;
         let stopped = stack.stop("publisher").await;
-        stack.kill("hfs").await?;
-        stack.kill("tansu").await?;
+        for name in ["webhook-gateway", "authz", "hfs", "tansu"] {
+            stack.kill(name).await?;
+        }
         stack.drop_database().await?;
         result?;
         stopped?;
@@ -374,31 +531,38 @@ async fn run(
     n: usize,
     concurrency: usize,
     (mode_name, mode): (&str, UpsertMode),
+    (auth_name, auth): (&str, Auth),
 ) -> anyhow::Result<()> {
     let setup = Instant::now();
-    stack.fhir_base = stack.start_hfs("hfs").await?;
-    let r = stack
+    let ports = (free_port()?, free_port()?);
+    stack.fhir_base = format!("http://127.0.0.1:{}", ports.0);
+    let org = stack.ohx_id(&["create-org", "--name", "Bench"]).await?;
+    let token_url = format!("http://127.0.0.1:{}/token", ports.1);
+    let mut args = vec![
+        "create-target",
+        "--org",
+        &org,
+        "--name",
+        "hfs",
+        "--base-url",
+        &stack.fhir_base,
+        "--mode",
+        mode_name,
+    ];
+    let auth_args = target_auth_args(auth, &token_url);
+    args.extend(auth_args.iter().map(String::as_str));
+    let target = stack.ohx_id(&args).await?;
+    let token = start_server(stack, auth, ports, &target).await?;
+    let mut put = stack
         .http
         .put(format!("{}/{PATIENT}", stack.fhir_base))
         .header("Content-Type", "application/fhir+json")
-        .json(&json!({"resourceType": "Patient", "id": "bench", "active": true}))
-        .send()
-        .await?;
+        .json(&json!({"resourceType": "Patient", "id": "bench", "active": true}));
+    if let Some(token) = &token {
+        put = put.bearer_auth(token);
+    }
+    let r = put.send().await?;
     ensure!(r.status().is_success(), "PUT {PATIENT}: {}", r.status());
-    let org = stack.ohx_id(&["create-org", "--name", "Bench"]).await?;
-    let target = stack
-        .ohx_id(&[
-            "create-target",
-            "--org",
-            &org,
-            "--name",
-            "hfs",
-            "--base-url",
-            &stack.fhir_base,
-            "--mode",
-            mode_name,
-        ])
-        .await?;
     let patient = stack
         .ohx_id(&[
             "create-patient",
@@ -431,7 +595,7 @@ async fn run(
         deliveries: Vec::new(),
     };
     println!(
-        "setup: hfs, broker and {n} x 3 resources in {:.1} s (mode {mode_name}; binaries: {})",
+        "setup: hfs, broker and {n} x 3 resources in {:.1} s (mode {mode_name}, auth {auth_name}; binaries: {})",
         setup.elapsed().as_secs_f64(),
         stack.bin_dir.display()
     );
@@ -439,7 +603,15 @@ async fn run(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
-    let before = hfs_ceiling(&http, &stack.fhir_base, mode, &set_a, concurrency).await?;
+    let before = hfs_ceiling(
+        &http,
+        &stack.fhir_base,
+        mode,
+        &set_a,
+        concurrency,
+        token.as_deref(),
+    )
+    .await?;
     println!(
         "hfs ceiling before: {} resources in {:.1} s = {:.0} resources/s ({concurrency} transactions of {TRANSACTION_SIZE} in flight; 503/429 retried: {})",
         before.resources,
@@ -456,6 +628,28 @@ async fn run(
         produced.elapsed().as_secs_f64()
     );
     let published = publisher_run(stack, "ohx-b", n).await?;
+    // Where the publisher's time went: its calls, busy retries, target failures, batches.
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.http_of("publisher")?))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for line in metrics.lines().filter(|l| {
+        [
+            "ohx_publish_latency_seconds_sum",
+            "ohx_publish_latency_seconds_count",
+            "ohx_publisher_busy_retries",
+            "ohx_publisher_target_failures",
+            "ohx_batch_duration_seconds_sum",
+            "ohx_batch_duration_seconds_count",
+        ]
+        .iter()
+        .any(|m| l.starts_with(m))
+    }) {
+        println!("publisher metric: {line}");
+    }
     stack.stop("publisher").await?;
     println!(
         "publisher: {} resources in {:.1} s from its start = {:.0} resources/s (first confirmation after {:.1} s; first to last: {:.0} resources/s); outcomes {:?}",
@@ -467,7 +661,15 @@ async fn run(
         published.outcomes
     );
 
-    let after = hfs_ceiling(&http, &stack.fhir_base, mode, &set_c, concurrency).await?;
+    let after = hfs_ceiling(
+        &http,
+        &stack.fhir_base,
+        mode,
+        &set_c,
+        concurrency,
+        token.as_deref(),
+    )
+    .await?;
     println!(
         "hfs ceiling after: {} resources in {:.1} s = {:.0} resources/s (503/429 retried: {})",
         after.resources,
@@ -480,7 +682,7 @@ async fn run(
     println!();
     println!("== publisher summary ==");
     println!(
-        "resources per set: {n}; transactions of {TRANSACTION_SIZE}; {concurrency} in flight (ceiling), publisher defaults"
+        "resources per set: {n}; transactions of {TRANSACTION_SIZE}; {concurrency} in flight (ceiling), publisher defaults; mode {mode_name}; auth {auth_name}"
     );
     println!("hfs ceiling before:  {:.0} resources/s", before.rate());
     println!(
