@@ -12,7 +12,7 @@ use ohx_common::codec::Codec;
 use ohx_common::records::{Context, DeadLetter, topic};
 use ohx_tests::fixtures::heart_rate_sample;
 use ohx_tests::kafka_util::read_all;
-use ohx_tests::stack::free_port;
+use ohx_tests::stack::{client_token, free_port};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,20 +73,13 @@ async fn feed(env: &Env, p: &Fed, hour: i64) -> anyhow::Result<()> {
 
 /// A token for the test's own reads and writes (client `e2e-admin`).
 async fn admin_token(env: &Env, token_endpoint: &str) -> anyhow::Result<String> {
-    let r: Value = env
-        .http
-        .post(token_endpoint)
-        .basic_auth("e2e-admin", Some("admin-secret"))
-        .form(&[("grant_type", "client_credentials"), ("scope", SCOPES)])
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    r["access_token"]
-        .as_str()
-        .map(str::to_owned)
-        .context("no access_token")
+    client_token(
+        &env.http,
+        token_endpoint,
+        ("e2e-admin", "admin-secret"),
+        SCOPES,
+    )
+    .await
 }
 
 /// Observations of a patient in the secured server, read with a fresh admin token.
@@ -252,19 +245,7 @@ async fn deliver_with_oauth(env: Arc<Env>, refused_out: &mut Option<String>) -> 
     let authz = stack
         .start_authz("authz", aport, &clients, &base, SCOPES, TOKEN_TTL_S)
         .await?;
-    stack
-        .start_hfs_on(
-            "hfs-auth",
-            hport,
-            &[
-                ("HFS_AUTH_ENABLED", "true".into()),
-                ("HFS_AUTH_JWKS_URL", authz.jwks_uri.clone()),
-                ("HFS_AUTH_ISSUER", authz.issuer.clone()),
-                ("HFS_AUTH_AUDIENCE", base.clone()),
-                ("HFS_SMART_TOKEN_ENDPOINT", authz.token_endpoint.clone()),
-            ],
-        )
-        .await?;
+    stack.start_hfs_enforcing("hfs-auth", hport, &authz).await?;
 
     // The server enforces tokens: an anonymous read is refused.
     let anonymous = env.http.get(format!("{base}/Observation")).send().await?;

@@ -32,7 +32,7 @@ use ohx_common::records::{
 };
 use ohx_common::trace::Trace;
 use ohx_tests::kafka_util::{high_watermark_sum, read_all};
-use ohx_tests::stack::{Stack, free_port, minimal_stack, setting};
+use ohx_tests::stack::{Stack, client_token, free_port, minimal_stack, setting};
 use publisher::bundle::{
     Item, UpsertMode, outcome_codes, transaction_bundle, transaction_outcomes,
 };
@@ -147,33 +147,14 @@ async fn start_server(
     let authz = stack
         .start_authz("authz", aport, &json!(clients), &base, SCOPES, TOKEN_TTL_S)
         .await?;
-    stack
-        .start_hfs_on(
-            "hfs",
-            hport,
-            &[
-                ("HFS_AUTH_ENABLED", "true".into()),
-                ("HFS_AUTH_JWKS_URL", authz.jwks_uri.clone()),
-                ("HFS_AUTH_ISSUER", authz.issuer.clone()),
-                ("HFS_AUTH_AUDIENCE", base.clone()),
-                ("HFS_SMART_TOKEN_ENDPOINT", authz.token_endpoint.clone()),
-            ],
-        )
-        .await?;
-    let answer: Value = stack
-        .http
-        .post(&authz.token_endpoint)
-        .basic_auth("bench", Some(CLIENT_SECRET))
-        .form(&[("grant_type", "client_credentials"), ("scope", SCOPES)])
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let token = answer["access_token"]
-        .as_str()
-        .context("no access_token")?
-        .to_owned();
+    stack.start_hfs_enforcing("hfs", hport, &authz).await?;
+    let token = client_token(
+        &stack.http,
+        &authz.token_endpoint,
+        ("bench", CLIENT_SECRET),
+        SCOPES,
+    )
+    .await?;
     if auth == Auth::Bearer {
         stack
             .ohx(&["set-target-secret", "--target", target, "--token", &token])

@@ -349,6 +349,30 @@ impl Stack {
         Ok(base)
     }
 
+    /// Starts an hfs like [`Stack::start_hfs_on`] that takes only the JWT access tokens
+    /// `authz` issues for it (scopes enforced, its SMART configuration naming `authz`'s token
+    /// endpoint); returns its base URL.
+    pub async fn start_hfs_enforcing(
+        &mut self,
+        name: &str,
+        hport: u16,
+        authz: &Authz,
+    ) -> anyhow::Result<String> {
+        let base = format!("http://127.0.0.1:{hport}");
+        self.start_hfs_on(
+            name,
+            hport,
+            &[
+                ("HFS_AUTH_ENABLED", "true".into()),
+                ("HFS_AUTH_JWKS_URL", authz.jwks_uri.clone()),
+                ("HFS_AUTH_ISSUER", authz.issuer.clone()),
+                ("HFS_AUTH_AUDIENCE", base),
+                ("HFS_SMART_TOKEN_ENDPOINT", authz.token_endpoint.clone()),
+            ],
+        )
+        .await
+    }
+
     /// Starts the test authorization server (`tests/authz/server.mjs`: oidc-provider, the
     /// client credentials grant, JWT access tokens for `resource`) on `port` with `clients`
     /// (its clients file format) and waits for it; returns its issuer, token endpoint and
@@ -784,6 +808,29 @@ pub struct Authz {
     pub issuer: String,
     pub token_endpoint: String,
     pub jwks_uri: String,
+}
+
+/// An access token for `scopes` from `token_endpoint` by the client credentials grant, the
+/// client authenticating with its secret (HTTP basic).
+pub async fn client_token(
+    http: &reqwest::Client,
+    token_endpoint: &str,
+    (client_id, secret): (&str, &str),
+    scopes: &str,
+) -> anyhow::Result<String> {
+    let answer: serde_json::Value = http
+        .post(token_endpoint)
+        .basic_auth(client_id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("scope", scopes)])
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    answer["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no access_token")
 }
 
 /// For benchmarks: tansu, a fresh database with the topics, and nothing else (hfs and the
