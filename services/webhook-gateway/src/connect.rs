@@ -75,7 +75,9 @@ const UPSERT_LINK: &str = "INSERT INTO provider_links (id, organization_id, pati
      ON CONFLICT (provider_app_id, provider_user_id) DO UPDATE SET organization_id = EXCLUDED.organization_id, \
      patient_id = EXCLUDED.patient_id, access_token = EXCLUDED.access_token, \
      refresh_token = EXCLUDED.refresh_token, token_expires_at = EXCLUDED.token_expires_at, \
-     scopes = EXCLUDED.scopes, status = 'active', status_reason = NULL, updated_at = now()";
+     scopes = EXCLUDED.scopes, status = 'active', status_reason = NULL, updated_at = now() \
+     WHERE provider_links.patient_id = EXCLUDED.patient_id \
+     OR provider_links.status IN ('disabled', 'unlinked')";
 
 const LINK_CONTEXT: &str =
     "SELECT p.ehr_target_id, p.ehr_patient_reference FROM patients p WHERE p.id = $1";
@@ -385,8 +387,20 @@ async fn finish(
         .await
     })
     .await;
-    if let Err(r) = stored {
-        return r;
+    match stored {
+        Err(r) => return r,
+        // The account is linked to another patient and that link is live: moving it would
+        // send this account's data to a different chart. The other link must be
+        // disconnected first (the upsert's WHERE refuses it atomically).
+        Ok(0) => {
+            tracing::warn!(link_id = %link_id, "the provider account is linked to another patient");
+            return problem(
+                StatusCode::CONFLICT,
+                "This account is already connected to another patient",
+                "disconnect the other patient's link first, then connect again",
+            );
+        }
+        Ok(_) => {}
     }
     let callback_url = format!(
         "{}/webhooks/{provider}?token={webhook_token}",
