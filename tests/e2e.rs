@@ -1121,6 +1121,174 @@ async fn withings_daily_steps_revised(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A blood pressure deleted at Withings (its group no longer listed for its window) becomes
+/// `entered-in-error` in the EHR: its panel and cuff pulse get one new version with that
+/// status and no values; the other readings of the hour keep their first version; a later
+/// fetch of the whole hour changes nothing (the retraction is not sent twice); and the
+/// reading replayed with its original content does not revert the retraction.
+async fn withings_deleted_group_entered_in_error(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5029).await?;
+    let h = hour_floor(Utc::now().timestamp_millis()) - 3 * HOUR;
+    let kept_bp = h + 10 * 60_000;
+    let deleted_bp = h + 20 * 60_000;
+    env.add_groups(
+        p.userid,
+        json!([
+            bp_group(
+                960_001,
+                kept_bp,
+                "bpm-5029",
+                (12100, -2),
+                (7900, -2),
+                (6100, -2)
+            ),
+            bp_group(
+                960_002,
+                deleted_bp,
+                "bpm-5029",
+                (16400, -2),
+                (9800, -2),
+                (9900, -2)
+            ),
+            weight_group(960_003, h + 30 * 60_000, "scale-5029", 80_200, -3),
+        ]),
+    )
+    .await?;
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 1, h, h + HOUR).await?;
+    let query = format!("Observation?subject={}&_count=200", p.reference);
+    env.wait_for(&query, 5, Duration::from_secs(90)).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    let of_group = |obs: &[Value], grpid: &str| -> Vec<Value> {
+        obs.iter()
+            .filter(|o| {
+                o["identifier"][0]["value"]
+                    .as_str()
+                    .is_some_and(|v| v.contains(grpid))
+            })
+            .cloned()
+            .collect()
+    };
+    let before = env.search(&query).await?;
+    ensure!(before.len() == 5, "{} Observations", before.len());
+    let doomed = of_group(&before, "960002");
+    ensure!(doomed.len() == 2, "the panel and its pulse: {doomed:?}");
+
+    // The user deletes the reading in the app; Withings notifies its window.
+    let r = env
+        .http
+        .delete(format!(
+            "{}/_sim/users/{}/measuregrps/960002",
+            env.sim_url, p.userid
+        ))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "delete group: {}", r.status());
+    env.notify(p.userid, 4, deleted_bp, deleted_bp + 1000)
+        .await?;
+    let absent = json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error"}]});
+    for o in &doomed {
+        let id = o["id"].as_str().context("id")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let now = loop {
+            let now = env.fhir(&format!("Observation/{id}")).await?;
+            if now["status"] == "entered-in-error" {
+                break now;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "Observation {id} is still {}",
+                now["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        ensure!(now["meta"]["versionId"] == "2", "{id}: {}", now["meta"]);
+        ensure!(
+            now["code"] == o["code"] && now["identifier"] == o["identifier"],
+            "{id}: another reading: {now}"
+        );
+        ensure!(
+            now.get("valueQuantity").is_none()
+                && now["component"]
+                    .as_array()
+                    .is_none_or(|cs| cs.iter().all(|c| c["dataAbsentReason"] == absent)),
+            "{id} still carries values: {now}"
+        );
+    }
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+
+    // The whole hour fetched again, both categories: nothing changes.
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 1, h, h + HOUR).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    // The deleted reading replayed with its original content (an operator's replay of the
+    // measurements topic): older than the retraction, so it does not revert it.
+    let mut replayed = Measurement {
+        context: env.context(&p),
+        measurement_id: String::new(),
+        series_key: series_key(&p.patient_id, "withings", "blood_pressure"),
+        data_type: "blood_pressure".into(),
+        aggregation: AGGREGATION_INDIVIDUAL.into(),
+        effective_start: deleted_bp,
+        effective_end: None,
+        utc_offset_seconds: None,
+        components: vec![
+            Component {
+                code: "systolic".into(),
+                value: 164.0,
+                unit: "mm[Hg]".into(),
+                decimals: Some(0),
+            },
+            Component {
+                code: "diastolic".into(),
+                value: 98.0,
+                unit: "mm[Hg]".into(),
+                decimals: Some(0),
+            },
+        ],
+        device: None,
+        entry_method: Some("device".into()),
+        provider_group_id: Some("960002".into()),
+        provider_modified_at: Some(deleted_bp + 60_000),
+        fetched_through: None,
+        status: None,
+    };
+    let panel = doomed
+        .iter()
+        .find(|o| o["code"]["coding"][0]["code"] == "85354-9")
+        .context("the deleted panel")?;
+    let value = panel["identifier"][0]["value"].as_str().context("value")?;
+    let native = value
+        .strip_prefix(&format!("withings-{}-", p.userid))
+        .context("identifier value format")?;
+    replayed.measurement_id = format!("withings:{}:{native}", p.userid);
+    env.producer
+        .send_record(topic::MEASUREMENTS, &replayed.series_key, &replayed)
+        .await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    let after = env.search(&query).await?;
+    ensure!(after.len() == 5, "{} Observations", after.len());
+    for o in &after {
+        let grpid_deleted = o["identifier"][0]["value"]
+            .as_str()
+            .is_some_and(|v| v.contains("960002"));
+        let (status, version) = if grpid_deleted {
+            ("entered-in-error", "2")
+        } else {
+            ("final", "1")
+        };
+        ensure!(
+            o["status"] == status && o["meta"]["versionId"] == version,
+            "{}: status {} version {}, expected {status} {version}",
+            o["identifier"][0]["value"],
+            o["status"],
+            o["meta"]["versionId"]
+        );
+    }
+    Ok(())
+}
+
 /// A sleep notification brings the night's summary: sleep duration with its stages in
 /// minutes (93832-4 over the night), and the night's average heart and breathing rates.
 async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
@@ -1202,11 +1370,49 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ohx connect` for `patient_id`, then the provider's authorize page signed in as Withings
+/// user `userid` in `browser` (redirects not followed); returns the gateway callback URL the
+/// provider redirected to.
+async fn authorize_as(
+    env: &Env,
+    browser: &reqwest::Client,
+    patient_id: &str,
+    userid: i64,
+) -> anyhow::Result<String> {
+    let started = env
+        .stack
+        .lock()
+        .await
+        .ohx(&["connect", "--patient", patient_id, "--app", &env.app])
+        .await?;
+    let authorize = started
+        .first()
+        .and_then(|v| v["authorize_url"].as_str())
+        .context("connect prints the authorize URL")?
+        .to_owned();
+    let at_provider = browser
+        .get(format!("{authorize}&userid={userid}"))
+        .send()
+        .await?;
+    ensure!(
+        at_provider.status().is_redirection(),
+        "authorize: {}",
+        at_provider.status()
+    );
+    Ok(at_provider
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("redirect to the callback")?
+        .to_owned())
+}
+
 /// The connect flow: `ohx connect` gives the authorize URL; the patient authorizes at the
 /// provider, whose redirect reaches the gateway's callback; the link is stored with its
 /// tokens, subscribed to every category it needs, and its INITIAL backfill brings the last
-/// weeks' data into the EHR. The state cannot be used twice; a disconnect revokes the
-/// subscriptions and stops the link.
+/// weeks' data into the EHR. The state cannot be used twice; the same account connected for
+/// another patient while the link is live is refused (409) and the link stays; a disconnect
+/// revokes the subscriptions and stops the link.
 async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()> {
     let userid = 5025i64;
     let (reference, patient_id) = {
@@ -1254,36 +1460,10 @@ async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()>
         json!([weight_group(940_001, when, "scale-5025", 68_350, -3)]),
     )
     .await?;
-    let started = env
-        .stack
-        .lock()
-        .await
-        .ohx(&["connect", "--patient", &patient_id, "--app", &env.app])
-        .await?;
-    let authorize = started
-        .first()
-        .and_then(|v| v["authorize_url"].as_str())
-        .context("connect prints the authorize URL")?
-        .to_owned();
-    // The patient's browser: the provider's page redirects to the gateway's callback.
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let at_provider = browser
-        .get(format!("{authorize}&userid={userid}"))
-        .send()
-        .await?;
-    ensure!(
-        at_provider.status().is_redirection(),
-        "authorize: {}",
-        at_provider.status()
-    );
-    let callback = at_provider
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .context("redirect to the callback")?
-        .to_owned();
+    let callback = authorize_as(&env, &browser, &patient_id, userid).await?;
     let done = browser.get(&callback).send().await?;
     let status = done.status();
     let body: Value = done.json().await?;
@@ -1328,6 +1508,51 @@ async fn connect_flow_to_first_observations(env: Arc<Env>) -> anyhow::Result<()>
     // The same state again (a reload, a replay): refused.
     let again = browser.get(&callback).send().await?;
     ensure!(again.status() == 400, "a used state: {}", again.status());
+    // The same Withings account connected for another patient while this link is live:
+    // refused with 409, and the link still belongs to the first patient.
+    let other_id = env
+        .stack
+        .lock()
+        .await
+        .ohx_id(&[
+            "create-patient",
+            "--org",
+            &env.org,
+            "--target",
+            &env.target,
+            "--reference",
+            "Patient/p5025-other",
+        ])
+        .await?;
+    let other_callback = authorize_as(&env, &browser, &other_id, userid).await?;
+    let refused = browser.get(&other_callback).send().await?;
+    let status = refused.status();
+    let content_type = refused
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        status == 409 && content_type.starts_with("application/problem+json"),
+        "the account connected for a second patient: {status} {content_type}"
+    );
+    let owner: String = env
+        .stack
+        .lock()
+        .await
+        .db()
+        .await?
+        .query_one(
+            "SELECT patient_id::text FROM provider_links WHERE id = $1::text::uuid",
+            &[&link_id],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        owner == patient_id,
+        "the link moved to patient {owner} (was {patient_id})"
+    );
     // Disconnect: subscriptions revoked, link disabled.
     env.stack
         .lock()
@@ -1809,6 +2034,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         provider_group_id: Some("777".into()),
         provider_modified_at: None,
         fetched_through: None,
+        status: None,
     };
     env.producer
         .send_record(topic::MEASUREMENTS, &m.series_key, &m)
@@ -2564,6 +2790,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("withings_sleep_summary", |e| {
             Box::pin(withings_sleep_summary(e))
         }),
+        ("withings_deleted_group_entered_in_error", |e| {
+            Box::pin(withings_deleted_group_entered_in_error(e))
+        }),
         ("connect_flow_to_first_observations", |e| {
             Box::pin(connect_flow_to_first_observations(e))
         }),
@@ -2601,6 +2830,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("conditional_target_keeps_references", |e| {
             Box::pin(targets::conditional_target_keeps_references(e))
+        }),
+        ("r4_target_on_an_r4_server", |e| {
+            Box::pin(targets::r4_target_on_an_r4_server(e))
         }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))

@@ -3,14 +3,15 @@
 //! cannot: a rate-limited batch retried calls the provider only for the links left; a
 //! processed request is skipped when it comes again; permanent provider errors are
 //! dead-lettered; a rejected client secret marks no link while a revoked grant does; fetch
-//! progress rides on the last measurement of each series.
+//! progress rides on the last measurement of each series; a group deleted at the provider is
+//! retracted once, after its readings were acknowledged.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust), like the other database tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fetcher::stage::{Fetcher, FetcherSettings, Strategy};
-use fetcher::store::{Store, SyncRun};
+use fetcher::store::Store;
 use ohx_common::codec::Codec;
 use ohx_common::crypto::SecretBox;
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
@@ -304,7 +305,8 @@ async fn test_rate_limited_batch_resumes_and_duplicates_are_skipped() {
     env.sim_post("/_sim/clock/advance", json!({"seconds": 61}))
         .await;
     let mut out = env.emitter();
-    let runs: Vec<SyncRun> = fetcher.process(&batch, &mut out).await.unwrap();
+    let recorded = fetcher.process(&batch, &mut out).await.unwrap();
+    let runs = &recorded.runs;
     // Only the link left was fetched (2 calls); the first link's results were kept. Without
     // them, the retry would need 4 calls and hit the limit again, forever.
     assert_eq!(env.calls().await, 6);
@@ -336,18 +338,20 @@ async fn test_rate_limited_batch_resumes_and_duplicates_are_skipped() {
 
     // Acknowledged: runs recorded. The same requests again (a provider retry of the webhook)
     // cost one lookup and no provider call.
-    fetcher.apply(&runs).await.unwrap();
+    fetcher.apply(&recorded).await.unwrap();
     env.sim_post("/_sim/clock/advance", json!({"seconds": 61}))
         .await;
     let mut out = env.emitter();
-    let runs = fetcher
+    let recorded = fetcher
         .process(&[env.request(&a, 12)], &mut out)
         .await
         .unwrap();
+    let runs = &recorded.runs;
     assert_eq!(runs.len(), 1, "a new request is fetched");
     let calls = env.calls().await;
     let mut out = env.emitter();
-    let runs = fetcher.process(&batch, &mut out).await.unwrap();
+    let recorded = fetcher.process(&batch, &mut out).await.unwrap();
+    let runs = &recorded.runs;
     assert!(runs.is_empty(), "{runs:?}");
     assert!(out.is_empty());
     assert_eq!(env.calls().await, calls);
@@ -371,8 +375,8 @@ async fn test_intraday_fetched_alone_keeps_the_users_offsets() {
 
     let mut out = env.emitter();
     let both = env.request_for(&link, 1, &["blood_pressure", "heart_rate"]);
-    let runs = fetcher.process(&[both], &mut out).await.unwrap();
-    fetcher.apply(&runs).await.unwrap();
+    let recorded = fetcher.process(&[both], &mut out).await.unwrap();
+    fetcher.apply(&recorded).await.unwrap();
     let together = hourly_offsets(&env.measurements(&out).await);
     assert!(together.len() >= 60, "{}", together.len());
     // Europe/Berlin, the simulator's timezone: +01:00 or +02:00.
@@ -393,7 +397,8 @@ async fn test_intraday_fetched_alone_keeps_the_users_offsets() {
 
     let mut out = env.emitter();
     let alone = env.request_for(&link, 2, &["heart_rate"]);
-    let runs = fetcher.process(&[alone], &mut out).await.unwrap();
+    let recorded = fetcher.process(&[alone], &mut out).await.unwrap();
+    let runs = &recorded.runs;
     assert_eq!(runs.len(), 1);
     let ms = env.measurements(&out).await;
     assert!(
@@ -494,7 +499,8 @@ async fn test_permanent_provider_error_is_dead_lettered() {
     let batch = vec![env.request(&a, 0)];
     let mut fetcher = env.fetcher();
     let mut out = env.emitter();
-    let runs = fetcher.process(&batch, &mut out).await.unwrap();
+    let recorded = fetcher.process(&batch, &mut out).await.unwrap();
+    let runs = &recorded.runs;
     let dead: Vec<_> = out
         .records()
         .filter(|r| r.topic == topic::DEAD_LETTER)
@@ -510,7 +516,7 @@ async fn test_permanent_provider_error_is_dead_lettered() {
     assert!(!dl.reason.contains("123.4"), "{}", dl.reason);
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].status, "failed");
-    fetcher.apply(&runs).await.unwrap();
+    fetcher.apply(&recorded).await.unwrap();
     let c = env.pool.get().await.unwrap();
     let status: String = c
         .query_one(
@@ -529,10 +535,11 @@ async fn test_permanent_provider_error_is_dead_lettered() {
     env.sim_post("/_sim/fail-next", json!({"count": 1, "status": 2554}))
         .await;
     let mut out = env.emitter();
-    let runs = fetcher
+    let recorded = fetcher
         .process(&[env.request(&b, 1)], &mut out)
         .await
         .unwrap();
+    let runs = &recorded.runs;
     assert_eq!(runs[0].status, "failed");
     assert_eq!(
         out.records()
@@ -573,11 +580,138 @@ async fn test_invalid_client_marks_no_link_but_revoked_grant_does() {
         .await;
     let mut fetcher = env.fetcher();
     let mut out = env.emitter();
-    let runs = fetcher
+    let recorded = fetcher
         .process(&[env.request(&b, 0)], &mut out)
         .await
         .unwrap();
+    let runs = &recorded.runs;
     assert_eq!(runs[0].status, "reauth_required");
     assert!(out.is_empty());
     assert_eq!(env.link_status(&b).await, "reauth_required");
+}
+
+/// A Withings blood-pressure group at `at_s` (epoch seconds), with its cuff pulse.
+fn bp_group(grpid: i64, at_s: i64) -> Value {
+    json!({"grpid": grpid, "attrib": 0, "date": at_s, "created": at_s + 60, "modified": at_s + 60,
+           "category": 1, "deviceid": "bpm-1", "hash_deviceid": "bpm-1", "modelid": 45,
+           "model": "BPM Connect", "comment": null,
+           "measures": [{"value": 80, "type": 9, "unit": 0}, {"value": 121, "type": 10, "unit": 0},
+                        {"value": 64, "type": 11, "unit": 0}]})
+}
+
+/// A group deleted at the provider is retracted, once its readings' emission was recorded
+/// (after the broker ack): each of its readings gets a retraction (same id and series, no
+/// values, `entered-in-error`, a newer revision) after the readings of the fetch; a retried
+/// batch retracts the same; once applied, the next fetch retracts nothing, and the other
+/// group's reading is never retracted.
+#[tokio::test]
+async fn test_a_group_deleted_at_the_provider_is_retracted_once() {
+    let env = Env::new(600, withings_sim::DEMO_CLIENT_SECRET).await;
+    let link = env.link(unique_userid(), false).await;
+    let now_s = chrono::Utc::now().timestamp();
+    env.sim_post(
+        &format!("/_sim/users/{}/measuregrps", link.userid),
+        json!({"measuregrps": [bp_group(7_001, now_s - 1_800), bp_group(7_002, now_s - 1_200)]}),
+    )
+    .await;
+    let mut fetcher = env.fetcher();
+    let readings_of = |ms: &[Measurement], group: &str| -> Vec<Measurement> {
+        ms.iter()
+            .filter(|m| m.provider_group_id.as_deref() == Some(group) && m.status.is_none())
+            .cloned()
+            .collect()
+    };
+    let retractions = |ms: &[Measurement]| -> Vec<Measurement> {
+        ms.iter().filter(|m| m.status.is_some()).cloned().collect()
+    };
+
+    let mut out = env.emitter();
+    let first = fetcher
+        .process(&[env.request_for(&link, 1, &["blood_pressure"])], &mut out)
+        .await
+        .unwrap();
+    let emitted = env.measurements(&out).await;
+    let doomed = readings_of(&emitted, "7002");
+    assert_eq!(doomed.len(), 2, "the panel and the pulse: {doomed:?}");
+    assert_eq!(readings_of(&emitted, "7001").len(), 2);
+    env.http
+        .delete(format!(
+            "{}/_sim/users/{}/measuregrps/7002",
+            env.sim, link.userid
+        ))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+
+    // Before the first fetch's outputs were acknowledged, nothing is known to retract.
+    let mut out = env.emitter();
+    fetcher
+        .process(&[env.request_for(&link, 2, &["blood_pressure"])], &mut out)
+        .await
+        .unwrap();
+    assert!(retractions(&env.measurements(&out).await).is_empty());
+
+    fetcher.apply(&first).await.unwrap();
+    let batch = [env.request_for(&link, 3, &["blood_pressure"])];
+    let mut out = env.emitter();
+    let second = fetcher.process(&batch, &mut out).await.unwrap();
+    let emitted = env.measurements(&out).await;
+    let retracted = retractions(&emitted);
+    let mut ids: Vec<&str> = retracted
+        .iter()
+        .map(|m| m.measurement_id.as_str())
+        .collect();
+    let mut expected: Vec<&str> = doomed.iter().map(|m| m.measurement_id.as_str()).collect();
+    ids.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    for r in &retracted {
+        let reading = doomed
+            .iter()
+            .find(|m| m.measurement_id == r.measurement_id)
+            .unwrap();
+        assert_eq!(r.status.as_deref(), Some("entered-in-error"));
+        assert_eq!(r.series_key, reading.series_key);
+        assert_eq!(r.effective_start, reading.effective_start);
+        assert!(r.components.is_empty() && r.device.is_none());
+        assert!(r.provider_modified_at > reading.provider_modified_at);
+    }
+    // After every reading of the fetch.
+    let first_retraction = emitted.iter().position(|m| m.status.is_some()).unwrap();
+    assert!(
+        emitted[first_retraction..]
+            .iter()
+            .all(|m| m.status.is_some())
+    );
+    assert_eq!(readings_of(&emitted, "7001").len(), 2);
+
+    // The same batch retried before its outputs were acknowledged: the same retractions.
+    let mut out = env.emitter();
+    let again = fetcher.process(&batch, &mut out).await.unwrap();
+    assert_eq!(retractions(&env.measurements(&out).await).len(), 2);
+    assert_eq!(again.ledgers, second.ledgers);
+
+    // Acknowledged: never retracted again, and the kept group stays.
+    fetcher.apply(&second).await.unwrap();
+    let mut out = env.emitter();
+    let third = fetcher
+        .process(&[env.request_for(&link, 4, &["blood_pressure"])], &mut out)
+        .await
+        .unwrap();
+    assert!(retractions(&env.measurements(&out).await).is_empty());
+    fetcher.apply(&third).await.unwrap();
+    let c = env.pool.get().await.unwrap();
+    let rows: Vec<String> = c
+        .query(
+            "SELECT source_id FROM measurement_ledger WHERE link_id = $1",
+            &[&link.id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["7001", "7001"]);
 }

@@ -83,6 +83,7 @@ fn bp(i: i64) -> Measurement {
         provider_group_id: Some((1_000_000 + i).to_string()),
         provider_modified_at: None,
         fetched_through: None,
+        status: None,
     }
 }
 

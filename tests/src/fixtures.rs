@@ -39,5 +39,6 @@ pub fn heart_rate_sample(
         provider_group_id: None,
         provider_modified_at: None,
         fetched_through,
+        status: None,
     }
 }

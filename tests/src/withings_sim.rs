@@ -59,7 +59,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use chrono::{DateTime, TimeDelta, Utc};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -866,6 +866,8 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// Control routes (JSON, not Withings):
 /// * `POST /_sim/users` ([`UserSeed`]) → [`UserTokens`];
 /// * `POST /_sim/users/{userid}/measuregrps` `{"measuregrps":[...]}`;
+/// * `DELETE /_sim/users/{userid}/measuregrps/{grpid}`: the user deleted the group in the
+///   app (Withings keeps no tombstone: the group is simply no longer listed);
 /// * `POST /_sim/users/{userid}/intraday` `{"series":{"<epoch>":{...}}}` (an entry with
 ///   `"_stamped_at": <epoch>` is found at its key but served stamped with that time);
 /// * `POST /_sim/users/{userid}/activities` `{"activities":[{"date":"YYYY-MM-DD",...}]}` (a row
@@ -894,6 +896,10 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/oauth2_user/authorize2", get(authorize))
         .route("/_sim/users", post(sim_create_user))
         .route("/_sim/users/{userid}/measuregrps", post(sim_measuregrps))
+        .route(
+            "/_sim/users/{userid}/measuregrps/{grpid}",
+            delete(sim_delete_measuregrp),
+        )
         .route("/_sim/users/{userid}/intraday", post(sim_intraday))
         .route("/_sim/users/{userid}/activities", post(sim_activities))
         .route(
@@ -1828,6 +1834,24 @@ async fn sim_measuregrps(
     match st.upsert_measure_groups(userid, b.measuregrps).await {
         Some(n) => axum::Json(json!({ "upserted": n })).into_response(),
         None => unknown_user(userid),
+    }
+}
+
+async fn sim_delete_measuregrp(
+    State(st): State<Arc<SimState>>,
+    Path((userid, grpid)): Path<(i64, i64)>,
+) -> Response {
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    match user.groups.remove(&grpid) {
+        Some(_) => axum::Json(json!({ "deleted": grpid })).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": format!("no group {grpid}") })),
+        )
+            .into_response(),
     }
 }
 

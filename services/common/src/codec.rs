@@ -79,6 +79,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../../schemas/fhir_resource_v3.avsc"),
     ),
     (
+        "measurement_v5.avsc",
+        include_str!("../../../schemas/measurement_v5.avsc"),
+    ),
+    (
         "dedup_state.avsc",
         include_str!("../../../schemas/dedup_state.avsc"),
     ),
@@ -431,11 +435,12 @@ mod tests {
             provider_group_id: Some("1".into()),
             provider_modified_at: None,
             fetched_through: None,
+            status: None,
         };
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            14
+            17
         );
         round_trip(&codec, topic::MEASUREMENTS, &m).await;
         let mut to_two_targets = m.clone();
@@ -458,11 +463,17 @@ mod tests {
             provider_group_id: None,
             utc_offset_seconds: None,
             fetched_through: Some(5),
+            status: None,
             provider_modified_at: Some(6),
             components: vec![],
             ..m
         };
         round_trip(&codec, topic::MEASUREMENTS, &without_options).await;
+        let retraction = Measurement {
+            status: Some(crate::records::STATUS_ENTERED_IN_ERROR.into()),
+            ..without_options
+        };
+        round_trip(&codec, topic::MEASUREMENTS, &retraction).await;
 
         let sr = SyncRequest {
             context: ctx(),
@@ -616,6 +627,7 @@ mod tests {
             provider_group_id: None,
             provider_modified_at: None,
             fetched_through: None,
+            status: None,
         };
         written_with(&codec, "measurement_v2.avsc", 8, &m).await;
         let r = FhirResource {
@@ -656,6 +668,8 @@ mod tests {
             ..m
         };
         written_with(&codec, "measurement_v3.avsc", 10, &m).await;
+        // Before retractions (id 14): a reading.
+        written_with(&codec, "measurement_v4.avsc", 14, &m).await;
         let r = FhirResource {
             context: two_targets.clone(),
             ..r

@@ -71,6 +71,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0017_delivery_results",
         include_str!("../migrations/0017_delivery_results.sql"),
     ),
+    (
+        "0018_measurement_ledger",
+        include_str!("../migrations/0018_measurement_ledger.sql"),
+    ),
 ];
 
 /// Where a patient's data goes, as the records' [`crate::records::Context`] carries it.

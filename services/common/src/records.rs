@@ -170,10 +170,18 @@ pub struct Measurement {
     /// before this time has been fetched (the series' event-time progress, epoch ms).
     #[serde(default)]
     pub fetched_through: Option<i64>,
+    /// `None`: a reading. [`STATUS_ENTERED_IN_ERROR`]: the provider no longer has it (deleted
+    /// at the source); its resources are retracted. Such a record has no components and no
+    /// device, and its `provider_modified_at` is when the deletion was seen.
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
+/// [`Measurement::status`] of a reading the provider deleted.
+pub const STATUS_ENTERED_IN_ERROR: &str = "entered-in-error";
+
 impl Record for Measurement {
-    const SCHEMA_FILE: &'static str = "measurement_v4.avsc";
+    const SCHEMA_FILE: &'static str = "measurement_v5.avsc";
 }
 
 /// Builds the series key of a patient's data type from one provider (the key of

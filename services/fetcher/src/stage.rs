@@ -9,15 +9,16 @@
 //! recorded. The stage never names a provider: what differs between providers is behind
 //! [`ohx_providers::Provider`].
 
+use crate::ledger::{self, LedgerChange};
 use crate::store::{Link, Refreshed, Store, StoreError, SyncRun};
 use ohx_common::kafka::{Emitter, Input, Processor, StageError};
 use ohx_common::ratelimit::PgRateGate;
-use ohx_common::records::{SyncRequest, topic};
+use ohx_common::records::{Context, Measurement, SyncRequest, topic};
 use ohx_common::trace;
 use ohx_providers::{Api, AppCredentials, Fetched, Plan, Provider, ProviderError, Registry};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use uuid::Uuid;
@@ -56,6 +57,12 @@ static SKIPPED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     ohx_common::telemetry::new_counter(
         "ohx_measurements_skipped",
         "Provider data not turned into measurements, by provider, reason and provider type",
+    )
+});
+static RETRACTED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_measurements_retracted",
+        "Readings the provider deleted, retracted (entered-in-error), by provider and data type",
     )
 });
 static SYNCS: LazyLock<Counter<u64>> = LazyLock::new(|| {
@@ -263,7 +270,9 @@ type MemoKey = (String, Vec<String>);
 /// Why a link's fetch stopped.
 #[derive(Debug, Clone)]
 enum LinkOutcome {
-    Done(Fetched),
+    /// What the fetch produced, and the context its records carry (where the patient's data
+    /// goes as of this fetch).
+    Done(Fetched, Box<Context>),
     Reauth(String),
     /// The link is deleted, disabled or awaits re-authorization. Not an error of the request:
     /// a patient who disconnects (or a revoked grant) makes every later notification land
@@ -564,7 +573,7 @@ impl Fetcher {
         let mut refreshed = false;
         loop {
             match provider.fetch(&api, &token, plan, &context, now_ms).await {
-                Ok(fetched) => return Ok(LinkOutcome::Done(fetched)),
+                Ok(fetched) => return Ok(LinkOutcome::Done(fetched, Box::new(context))),
                 Err(ProviderError::TokenRejected { .. }) if !refreshed => {
                     refreshed = true;
                     link.access_token = token.clone();
@@ -595,16 +604,66 @@ impl Fetcher {
     }
 }
 
+/// What a batch records once its outputs are acknowledged: its sync runs, and the ledgers of
+/// the links it fetched.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    pub runs: Vec<SyncRun>,
+    pub ledgers: Vec<(Uuid, LedgerChange)>,
+}
+
+impl Fetcher {
+    /// The retractions of the readings `fetched` shows deleted at the source (ledger rows of a
+    /// covered data type and window whose provider record is no longer listed), and what the
+    /// link's ledger gets once they and the fetch's readings are acknowledged.
+    async fn deletions(
+        &self,
+        link_id: Uuid,
+        fetched: &Fetched,
+        context: &Context,
+        now: i64,
+    ) -> Result<(Vec<Measurement>, LedgerChange), StageError> {
+        if fetched.coverage.is_empty() {
+            return Ok((Vec::new(), LedgerChange::default()));
+        }
+        let data_types: BTreeSet<&str> = fetched
+            .coverage
+            .iter()
+            .flat_map(|c| c.data_types.iter().map(String::as_str))
+            .collect();
+        let window = fetched.coverage.iter().fold((i64::MAX, i64::MIN), |a, c| {
+            (a.0.min(c.window.0), a.1.max(c.window.1))
+        });
+        let data_types: Vec<&str> = data_types.into_iter().collect();
+        let recorded = self
+            .store
+            .ledger_rows(link_id, &data_types, window)
+            .await
+            .map_err(store_err)?;
+        let gone = ledger::deleted(&recorded, &fetched.coverage, &fetched.measurements);
+        let retractions = gone
+            .iter()
+            .map(|row| ledger::retraction(row, context, now))
+            .collect();
+        let change = LedgerChange {
+            record: ledger::recordable(&fetched.measurements, &fetched.coverage),
+            forget: gone.iter().map(|row| row.measurement_id.clone()).collect(),
+        };
+        Ok((retractions, change))
+    }
+}
+
 impl Processor for Fetcher {
     type In = SyncRequest;
-    type Change = Vec<SyncRun>;
+    type Change = Recorded;
 
     async fn process(
         &mut self,
         batch: &[Input<SyncRequest>],
         out: &mut Emitter,
-    ) -> Result<Vec<SyncRun>, StageError> {
+    ) -> Result<Recorded, StageError> {
         let mut runs = Vec::new();
+        let mut ledgers = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
         let resumed = self.memo.begin(
             batch
@@ -683,7 +742,7 @@ impl Processor for Fetcher {
             let mut skipped = serde_json::Map::new();
             let mut timezone = None;
             let (status, error, count, calls) = match outcome {
-                LinkOutcome::Done(fetched) => {
+                LinkOutcome::Done(fetched, context) => {
                     timezone.clone_from(&fetched.timezone);
                     let count = fetched.measurements.len() as i32;
                     for m in &fetched.measurements {
@@ -695,6 +754,26 @@ impl Processor for Fetcher {
                             ],
                         );
                         out.emit(topic::MEASUREMENTS, &m.series_key, m).await?;
+                    }
+                    // Readings deleted at the source: retracted after the fetch's readings,
+                    // each on its own series.
+                    let (retractions, ledger) =
+                        self.deletions(link_id, &fetched, &context, now).await?;
+                    for r in &retractions {
+                        RETRACTED.add(
+                            1,
+                            &[
+                                KeyValue::new("provider", r.context.provider.clone()),
+                                KeyValue::new("type", r.data_type.clone()),
+                            ],
+                        );
+                        out.emit(topic::MEASUREMENTS, &r.series_key, r).await?;
+                    }
+                    if !retractions.is_empty() {
+                        tracing::info!(link_id = %link_id, trace_id, retracted = retractions.len(), "readings deleted at the source retracted");
+                    }
+                    if !ledger.is_empty() {
+                        ledgers.push((link_id, ledger));
                     }
                     for ((reason, detail), n) in &fetched.skipped {
                         SKIPPED.add(
@@ -768,14 +847,16 @@ impl Processor for Fetcher {
                 });
             }
         }
-        Ok(runs)
+        Ok(Recorded { runs, ledgers })
     }
 
-    async fn apply(&mut self, runs: &Vec<SyncRun>) -> Result<(), StageError> {
+    async fn apply(&mut self, recorded: &Recorded) -> Result<(), StageError> {
         // The batch's outputs are acknowledged: its memo is no longer needed.
         self.memo.clear();
+        let horizon = chrono::Utc::now().timestamp_millis()
+            - self.settings.strategy.max_days.saturating_mul(DAY_MS);
         self.store
-            .record_runs(runs)
+            .record_runs(&recorded.runs, &recorded.ledgers, horizon)
             .await
             .map_err(|e| StageError::transient("database", e))
     }
@@ -784,7 +865,6 @@ impl Processor for Fetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ohx_common::records::Context;
 
     fn req(cats: &[&str], s: Option<i64>, e: Option<i64>) -> SyncRequest {
         SyncRequest {

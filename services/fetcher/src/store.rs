@@ -2,6 +2,7 @@
 //! link by a row lock, and sync-run
 //! bookkeeping (ids, times, counts, statuses; never values).
 
+use crate::ledger::{LedgerChange, LedgerRow};
 use deadpool_postgres::Pool;
 use ohx_common::crypto::SecretBox;
 use ohx_providers::policy::{POLICY_COLUMNS, Policy, PolicyError};
@@ -262,14 +263,66 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Records the outcome of sync requests and advances the links' cursors (after the
-    /// measurements are acknowledged by the broker).
-    pub async fn record_runs(&self, runs: &[SyncRun]) -> Result<(), StoreError> {
-        if runs.is_empty() {
+    /// The ledger rows of `link` of the given data types whose time is in `[start, end)`.
+    pub async fn ledger_rows(
+        &self,
+        link: Uuid,
+        data_types: &[&str],
+        (start, end): (i64, i64),
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, utc_offset_seconds                  FROM measurement_ledger WHERE link_id = $1 AND data_type = ANY($2)                  AND effective_start_ms >= $3 AND effective_start_ms < $4",
+                &[&link, &data_types, &start, &end],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LedgerRow {
+                measurement_id: r.get(0),
+                data_type: r.get(1),
+                source_id: r.get(2),
+                effective_start: r.get(3),
+                effective_end: r.get(4),
+                utc_offset_seconds: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Records the outcome of sync requests, advances the links' cursors and updates their
+    /// ledgers, in one transaction (after the measurements are acknowledged by the broker).
+    /// Ledger rows dated before `horizon_ms` are pruned from the links whose ledger changed.
+    pub async fn record_runs(
+        &self,
+        runs: &[SyncRun],
+        ledgers: &[(Uuid, LedgerChange)],
+        horizon_ms: i64,
+    ) -> Result<(), StoreError> {
+        if runs.is_empty() && ledgers.is_empty() {
             return Ok(());
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        for (link, change) in ledgers {
+            for row in &change.record {
+                // A deleted link's rows cannot reference it.
+                tx.execute(
+                    "INSERT INTO measurement_ledger (link_id, measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, utc_offset_seconds) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $1) \
+                     ON CONFLICT (link_id, measurement_id) DO UPDATE SET data_type = EXCLUDED.data_type, source_id = EXCLUDED.source_id, \
+                       effective_start_ms = EXCLUDED.effective_start_ms, effective_end_ms = EXCLUDED.effective_end_ms, \
+                       utc_offset_seconds = EXCLUDED.utc_offset_seconds",
+                    &[link, &row.measurement_id, &row.data_type, &row.source_id, &row.effective_start, &row.effective_end, &row.utc_offset_seconds],
+                )
+                .await?;
+            }
+            tx.execute(
+                "DELETE FROM measurement_ledger WHERE link_id = $1 AND (measurement_id = ANY($2) OR effective_start_ms < $3)",
+                &[link, &change.forget, &horizon_ms],
+            )
+            .await?;
+        }
         for r in runs {
             tx.execute(
                 // A deleted link's run cannot reference it: it is only logged, not recorded.

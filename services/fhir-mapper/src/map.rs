@@ -18,7 +18,7 @@
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use ohx_common::records::{
     AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DATA_TYPE_DEVICE, Device,
-    HourlyAggregate, Measurement,
+    HourlyAggregate, Measurement, STATUS_ENTERED_IN_ERROR,
 };
 use serde_json::{Map, Number, Value, json};
 use sha2::{Digest, Sha256};
@@ -30,6 +30,10 @@ pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
 
 /// `Measurement.entry_method` of a value the user typed in.
 pub const ENTRY_MANUAL: &str = "manual";
+
+/// `dataAbsentReason` of a retracted Observation's value and components: the value was an
+/// error (`http://terminology.hl7.org/CodeSystem/data-absent-reason`, code `error`).
+const ABSENT_ERROR_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
 
 /// Prefix of every logical id made by [`resource_id`].
 pub const ID_PREFIX: &str = "ohx-";
@@ -376,6 +380,11 @@ pub fn map_measurement_with(
             kind: "measurement",
             data_type: m.data_type.clone(),
         })?;
+    match m.status.as_deref() {
+        None => {}
+        Some(STATUS_ENTERED_IN_ERROR) => return map_retraction(m, entry, settings),
+        Some(_) => return Err(MappingError::InvalidField("status")),
+    }
     let (mut resources, device_reference) =
         map_device(ctx, m.device.as_ref(), table, settings, devices)?;
 
@@ -410,6 +419,70 @@ pub fn map_measurement_with(
         json: Value::Object(obs),
     });
     Ok(resources)
+}
+
+/// The Observation of a reading the provider deleted: the same id and identifier as the
+/// reading's, `status` `entered-in-error`, its code, category, profile and time, and no value:
+/// `dataAbsentReason` `error` where the value was, and on each required component (so a panel
+/// still has the components its profile requires). No device, no performer: the record
+/// carries none. The EHR keeps the reading's values in the resource's history.
+fn map_retraction(
+    m: &Measurement,
+    entry: &MeasurementEntry,
+    settings: &MapperSettings,
+) -> Result<Vec<MappedResource>, MappingError> {
+    if let Some(c) = m.components.first() {
+        return Err(MappingError::UnexpectedComponent {
+            data_type: m.data_type.clone(),
+            component: c.code.clone(),
+        });
+    }
+    if m.device.is_some() {
+        return Err(MappingError::InvalidField("device"));
+    }
+    let system = settings.observation_system()?;
+    let value = measurement_identifier_value(m)?;
+    let id = resource_id("Observation", &system, &value);
+    let mut obs = observation_skeleton(ObservationHead {
+        id: &id,
+        ctx: &m.context,
+        settings,
+        profile: entry.profile.as_deref(),
+        identifier: (&system, &value),
+        category: &entry.category,
+        code: &entry.code,
+        text: entry.text.as_deref(),
+    })?;
+    obs.insert("status".to_owned(), json!(STATUS_ENTERED_IN_ERROR));
+    insert_effective(&mut obs, m)?;
+    let absent = json!({ "coding": [{ "system": ABSENT_ERROR_SYSTEM, "code": "error" }] });
+    let components: Vec<Value> = entry
+        .components
+        .iter()
+        .filter(|spec| !spec.optional)
+        .map(|spec| {
+            let mut code = Map::new();
+            code.insert("coding".to_owned(), codings_json(&spec.code));
+            if let Some(text) = &spec.text {
+                code.insert("text".to_owned(), json!(text));
+            }
+            object([
+                ("code", Value::Object(code)),
+                ("dataAbsentReason", absent.clone()),
+            ])
+        })
+        .collect();
+    if entry.value.is_some() || components.is_empty() {
+        obs.insert("dataAbsentReason".to_owned(), absent);
+    }
+    if !components.is_empty() {
+        obs.insert("component".to_owned(), Value::Array(components));
+    }
+    Ok(vec![MappedResource {
+        resource_type: "Observation".to_owned(),
+        id,
+        json: Value::Object(obs),
+    }])
 }
 
 /// Maps an HourlyAggregate to its resources: `[Device, DeviceAssociation, Observation]` when it
@@ -1046,6 +1119,7 @@ mod tests {
             provider_group_id: Some("987654322".to_owned()),
             provider_modified_at: Some(ms("2026-11-20T07:16:00Z")),
             fetched_through: None,
+            status: None,
         }
     }
 
@@ -1457,6 +1531,97 @@ mod tests {
         assert!(r4.iter().any(|r| r.resource_type == "Device"));
         let validator = FhirValidator::new(crate::validate::FhirVersion::R4).unwrap();
         assert_all_valid(&r4, &validator);
+    }
+
+    /// A reading's retraction: the record the fetcher emits when the provider deleted it.
+    fn retraction_of(m: &Measurement) -> Measurement {
+        let mut r = m.clone();
+        r.components.clear();
+        r.device = None;
+        r.entry_method = None;
+        r.status = Some(STATUS_ENTERED_IN_ERROR.to_owned());
+        r.provider_modified_at = Some(ms("2026-11-21T09:00:00Z"));
+        r
+    }
+
+    #[test]
+    fn test_a_retracted_reading_keeps_its_identity_and_has_no_value() {
+        let reading = observation(&bp());
+        let retracted = map(&retraction_of(&bp()));
+        assert_eq!(retracted.len(), 1, "no device resources: {retracted:?}");
+        let obs = &retracted[0].json;
+        for same in ["id", "identifier", "code", "category", "subject", "meta"] {
+            assert_eq!(obs[same], reading[same], "{same}");
+        }
+        assert_eq!(obs["effectiveDateTime"], reading["effectiveDateTime"]);
+        assert_eq!(obs["status"], "entered-in-error");
+        let absent = json!({ "coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+            "code": "error" }] });
+        // The panel keeps the components its profile requires, each without a value.
+        let components = obs["component"].as_array().unwrap();
+        assert_eq!(components.len(), 2, "{obs:#}");
+        for (c, was) in components
+            .iter()
+            .zip(reading["component"].as_array().unwrap())
+        {
+            assert_eq!(c["code"], was["code"]);
+            assert_eq!(c["dataAbsentReason"], absent);
+            assert!(c.get("valueQuantity").is_none(), "{c}");
+        }
+        assert!(obs.get("device").is_none() && obs.get("valueQuantity").is_none());
+        // A single-value reading: the value's place says why it is absent.
+        let retracted = map(&retraction_of(&weight()));
+        assert_eq!(retracted[0].json["dataAbsentReason"], absent);
+        assert_eq!(retracted[0].id, observation(&weight())["id"]);
+    }
+
+    #[test]
+    fn test_retractions_of_every_data_type_validate_in_r5_and_r4() {
+        let table = table();
+        let mut all = Vec::new();
+        for data_type in table.measurements.keys() {
+            let mut m = retraction_of(&measurement(
+                data_type,
+                &format!("withings-7-{data_type}"),
+                vec![],
+            ));
+            if data_type == "sleep_duration" {
+                m.effective_end = Some(m.effective_start + 8 * HOUR_MS);
+            }
+            all.extend(map_measurement(&m, &table, &settings()).unwrap());
+        }
+        assert_eq!(all.len(), table.measurements.len());
+        assert!(all.iter().all(|r| r.json["status"] == "entered-in-error"));
+        assert_all_valid(&all, shared_test_validator());
+        let r4 = crate::r4::R4Rules::default_rules()
+            .unwrap()
+            .convert(all)
+            .unwrap();
+        let validator = FhirValidator::new(crate::validate::FhirVersion::R4).unwrap();
+        assert_all_valid(&r4, &validator);
+    }
+
+    #[test]
+    fn test_a_retraction_with_values_or_an_unknown_status_is_refused() {
+        let mut with_value = retraction_of(&bp());
+        with_value.components = bp().components;
+        assert!(matches!(
+            map_measurement(&with_value, &table(), &settings()),
+            Err(MappingError::UnexpectedComponent { .. })
+        ));
+        let mut with_device = retraction_of(&bp());
+        with_device.device = Some(bpm_connect());
+        assert!(matches!(
+            map_measurement(&with_device, &table(), &settings()),
+            Err(MappingError::InvalidField("device"))
+        ));
+        let mut unknown = bp();
+        unknown.status = Some("deleted".to_owned());
+        assert!(matches!(
+            map_measurement(&unknown, &table(), &settings()),
+            Err(MappingError::InvalidField("status"))
+        ));
     }
 
     #[test]

@@ -441,6 +441,7 @@ mod tests {
             provider_group_id: Some(n.to_string()),
             provider_modified_at: Some(1_790_000_000_000),
             fetched_through: None,
+            status: None,
         };
         Input {
             topic: topic::MEASUREMENTS.into(),

@@ -346,6 +346,7 @@ mod tests {
             provider_group_id: None,
             provider_modified_at: None,
             fetched_through,
+            status: None,
         };
         Input {
             topic: topic::MEASUREMENTS.to_owned(),

@@ -842,6 +842,7 @@ mod tests {
             provider_group_id: None,
             provider_modified_at: None,
             fetched_through: None,
+            status: None,
         }
     }
 

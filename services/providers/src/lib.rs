@@ -23,7 +23,7 @@ pub mod progress;
 pub mod withings;
 
 use ohx_common::records::{Context, Measurement};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -230,6 +230,23 @@ pub struct Fetched {
     /// The user's timezone (IANA) as this fetch's answers reported it, if they did: the
     /// fetcher remembers it on the link and hands it back in [`Plan::timezone`].
     pub timezone: Option<String>,
+    /// Answers that listed every record of some data types over a window: what the fetcher
+    /// emitted earlier from those records and the provider no longer lists was deleted at
+    /// the source, and is retracted.
+    pub coverage: Vec<Coverage>,
+}
+
+/// A provider answer that listed every record of `data_types` whose time is in `window`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Coverage {
+    /// Epoch ms, end exclusive.
+    pub window: (i64, i64),
+    /// ohx data types (INDIVIDUAL readings) the answer covers completely.
+    pub data_types: BTreeSet<String>,
+    /// The provider's record ids ([`Measurement::provider_group_id`]) the answer listed,
+    /// whether ohx made readings of them or not (held back, skipped): only a record the
+    /// provider no longer lists is deleted.
+    pub present: BTreeSet<String>,
 }
 
 impl Fetched {

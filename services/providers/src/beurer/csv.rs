@@ -661,6 +661,7 @@ fn parse_row(
             provider_group_id: Some(row_id.clone()),
             provider_modified_at: None,
             fetched_through: None,
+            status: None,
         });
     }
     if measurements.is_empty() {

@@ -1136,6 +1136,7 @@ pub fn normalize_in(
                 provider_group_id: named.clone(),
                 provider_modified_at: modified,
                 fetched_through: None,
+                status: None,
             };
             match by_id.get(&measurement.measurement_id) {
                 Some(seen) => {

@@ -406,6 +406,7 @@ pub fn normalize(
                 provider_group_id: Some(id.clone()),
                 provider_modified_at: None,
                 fetched_through: None,
+                status: None,
             });
         }
         match by_key.get(&key) {

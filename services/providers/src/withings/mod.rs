@@ -237,6 +237,30 @@ fn utc_date(ms: i64) -> Result<String, WithingsError> {
         .map_err(|_| WithingsError::Decode("window outside the calendar".into()))
 }
 
+/// What a `getmeas` answer over `window` (every page of it) lists completely: every group of
+/// the asked `types`' data types dated in the window. Withings deletes a group as a whole, so
+/// a group id missing from a later answer over the same window is a deleted group.
+fn getmeas_coverage(
+    resp: &client::MeasureResponse,
+    table: &MeasureTable,
+    types: &[i32],
+    window: (i64, i64),
+) -> crate::Coverage {
+    crate::Coverage {
+        window,
+        data_types: types
+            .iter()
+            .filter_map(|t| table.rule(*t))
+            .map(|r| r.data_type.clone())
+            .collect(),
+        present: resp
+            .measuregrps
+            .iter()
+            .map(|g| g.grpid.to_string())
+            .collect(),
+    }
+}
+
 /// Adds a normalization's skip counts to a fetch's.
 fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     for (t, n) in &stats.skipped_types {
@@ -311,6 +335,9 @@ impl Withings {
             let n = normalize::normalize_measures(&resp, context, table, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
+            fetched
+                .coverage
+                .push(getmeas_coverage(&resp, table, &types, (start, end)));
         }
         // Intraday series (heart rate, steps, SpO2): one call for all their fields over the
         // union of their windows, widened to whole UTC hours so that any re-fetch of an hour
@@ -600,6 +627,39 @@ mod tests {
 
     fn interpret_(n: &WithingsNotification) -> Result<Notice, BadNotice> {
         interpret(n, &MeasureTable::builtin().unwrap())
+    }
+
+    #[test]
+    fn test_a_getmeas_answer_covers_the_asked_types_and_lists_every_group() {
+        let table = MeasureTable::builtin().unwrap();
+        let page: client::MeasurePage = serde_json::from_str(
+            r#"{"measuregrps":[
+                {"grpid":11,"attrib":0,"date":1000,"category":1,"measures":[{"value":120,"type":10,"unit":0}]},
+                {"grpid":12,"attrib":1,"date":1100,"category":1,"measures":[{"value":70,"type":11,"unit":0}]},
+                {"grpid":13,"attrib":0,"date":1200,"category":2,"measures":[{"value":70000,"type":1,"unit":-3}]}
+            ]}"#,
+        )
+        .unwrap();
+        let resp = client::MeasureResponse {
+            measuregrps: page.measuregrps,
+            ..Default::default()
+        };
+        let types = table.meastypes(["blood_pressure"], |_| true);
+        let c = getmeas_coverage(&resp, &table, &types, (1_000_000, 2_000_000));
+        assert_eq!(c.window, (1_000_000, 2_000_000));
+        let expected: BTreeSet<String> = types
+            .iter()
+            .map(|t| table.rule(*t).unwrap().data_type.clone())
+            .collect();
+        assert_eq!(c.data_types, expected);
+        assert!(
+            c.data_types.contains("blood_pressure"),
+            "{:?}",
+            c.data_types
+        );
+        assert!(!c.data_types.contains("body_weight"), "{:?}", c.data_types);
+        // Every group listed, held back (attrib 1) and objective ones included.
+        assert_eq!(c.present, ["11", "12", "13"].map(String::from).into());
     }
 
     #[test]

@@ -412,6 +412,7 @@ pub fn normalize_intraday(
                 provider_group_id: None,
                 provider_modified_at: None,
                 fetched_through: None,
+                status: None,
             });
         }
         if !found {
@@ -457,6 +458,7 @@ pub fn normalize_devices(devices: &[UserDevice], ctx: &Context) -> Normalized {
             provider_group_id: None,
             provider_modified_at: None,
             fetched_through: None,
+            status: None,
         });
     }
     sort(&mut out);
@@ -552,6 +554,7 @@ pub fn normalize_activity(
                 provider_group_id: None,
                 provider_modified_at: day.modified.map(|m| m.saturating_mul(1000)),
                 fetched_through: None,
+                status: None,
             });
         }
         if !found {
@@ -643,6 +646,7 @@ pub fn normalize_sleep(
                 provider_group_id: Some(night.id.clone()),
                 provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
                 fetched_through: None,
+                status: None,
             });
         }
     }
@@ -692,6 +696,7 @@ fn group_measurement(
         provider_group_id: Some(g.grpid.to_string()),
         provider_modified_at: g.modified.map(|m| m.saturating_mul(1000)),
         fetched_through: None,
+        status: None,
     }
 }
 
