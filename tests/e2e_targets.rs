@@ -435,3 +435,159 @@ pub async fn conditional_target_keeps_references(env: Arc<Env>) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A target that speaks R4 on a real R4 server (hfs serving FHIR 4.0.1, validation enforced)
+/// gets a blood pressure with its pulse and an hourly heart rate from two devices, written as
+/// R4: the server accepts every resource; the Observations carry the same ids, codes, values
+/// and times as on the patient's own (R5) target; each Device names the patient (R4 has no
+/// DeviceAssociation) under its R4 `deviceName`; every device reference resolves on the R4
+/// server; and a re-fetch of the same data makes no new version.
+pub async fn r4_target_on_an_r4_server(env: Arc<Env>) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let base = env
+        .stack
+        .lock()
+        .await
+        .start_hfs_on("hfs-r4", port, &[("HFS_DEFAULT_FHIR_VERSION", "R4".into())])
+        .await?;
+    let metadata = get_json(&env, &base, "metadata").await?;
+    ensure!(
+        metadata["fhirVersion"] == "4.0.1",
+        "the R4 server says fhirVersion {}",
+        metadata["fhirVersion"]
+    );
+    let target = env
+        .stack
+        .lock()
+        .await
+        .ohx_id(&[
+            "create-target",
+            "--org",
+            &env.org,
+            "--name",
+            "r4 ehr",
+            "--base-url",
+            &base,
+            "--fhir-version",
+            "R4",
+        ])
+        .await?;
+    let p = env.new_patient(5303).await?;
+    let reference = "Patient/r4-5303";
+    add_delivery(&env, &p.patient_id, &target, reference).await?;
+    let r = env
+        .http
+        .put(format!("{base}/{reference}"))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "Patient", "id": "r4-5303", "active": true}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+
+    let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
+    env.add_groups(
+        p.userid,
+        json!([bp_group(
+            930_301,
+            h + 600_000,
+            "bpm-5303",
+            (12700, -2),
+            (8200, -2),
+            (6800, -2)
+        )]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(
+            ((h + m * 60_000) / 1000).to_string(),
+            json!({"deviceid": "watch-5303", "model": "ScanWatch", "model_id": 93,
+                   "heart_rate": bpm(6, m)}),
+        );
+    }
+    env.add_intraday(p.userid, Value::Object(series)).await?;
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    let r4 = wait_observations(&env, &base, reference, 3).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+
+    // The same Observations as the own R5 target's, addressed to the R4 EHR's patient.
+    let own_base = env.stack.lock().await.fhir_base.clone();
+    let r5 = observations(&env, &own_base, &p.reference).await?;
+    ensure!(
+        r4.keys().eq(r5.keys()),
+        "ids differ: R4 {:?} / R5 {:?}",
+        r4.keys(),
+        r5.keys()
+    );
+    for (id, a) in &r4 {
+        let b = &r5[id];
+        ensure!(a["subject"]["reference"] == reference, "{id}: {a}");
+        for field in [
+            "status",
+            "code",
+            "valueQuantity",
+            "component",
+            "effectiveDateTime",
+            "effectivePeriod",
+        ] {
+            ensure!(
+                a[field] == b[field],
+                "{id}: {field} differs: R4 {} / R5 {}",
+                a[field],
+                b[field]
+            );
+        }
+    }
+
+    // Devices in their R4 shape, each naming the patient; every reference resolves.
+    let devices = all_of(&env, &base, "Device").await?;
+    ensure!(
+        devices.len() == 2,
+        "{} Devices on the R4 server",
+        devices.len()
+    );
+    for d in &devices {
+        let id = d["id"].as_str().unwrap_or_default();
+        ensure!(
+            d["patient"]["reference"] == reference,
+            "Device {id} names patient {}",
+            d["patient"]
+        );
+        ensure!(
+            d["deviceName"][0]["name"].is_string() && d.get("displayName").is_none(),
+            "Device {id} is not in its R4 shape: {d}"
+        );
+    }
+    for (id, o) in &r4 {
+        let device_ref = o["device"]["reference"].as_str().context("device")?;
+        let device = get_json(&env, &base, device_ref).await?;
+        ensure!(
+            device["resourceType"] == "Device",
+            "{id}: {device_ref} is {device}"
+        );
+    }
+
+    // The same data fetched again: no new version on the R4 server.
+    env.notify(p.userid, 4, h, h + HOUR).await?;
+    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    let again = observations(&env, &base, reference).await?;
+    ensure!(
+        again.keys().eq(r4.keys()),
+        "Observations changed: {again:?}"
+    );
+    for r in again
+        .values()
+        .chain(all_of(&env, &base, "Device").await?.iter())
+    {
+        ensure!(
+            r["meta"]["versionId"] == "1",
+            "{} {} has version {} on the R4 server",
+            r["resourceType"],
+            r["id"],
+            r["meta"]["versionId"]
+        );
+    }
+    Ok(())
+}

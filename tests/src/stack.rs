@@ -305,7 +305,8 @@ impl Stack {
     }
 
     /// Starts an hfs like [`Stack::start_hfs`] on `hport` with extra environment (its
-    /// `HFS_AUTH_*` settings, for example); returns its base URL once it answers.
+    /// `HFS_AUTH_*` settings, or `HFS_DEFAULT_FHIR_VERSION=R4` for an R4 server, for
+    /// example); returns its base URL once it answers.
     pub async fn start_hfs_on(
         &mut self,
         name: &str,
@@ -318,7 +319,15 @@ impl Stack {
             .unwrap_or_else(|_| {
                 PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ohx/hfs-data")
             });
-        if !data_dir.join("search-parameters-r5.json").is_file() {
+        // The version it serves: R5 unless `env` says otherwise (its data files are per version).
+        let version = env
+            .iter()
+            .find(|(k, _)| *k == "HFS_DEFAULT_FHIR_VERSION")
+            .map_or("r5".to_owned(), |(_, v)| v.to_lowercase());
+        if !data_dir
+            .join(format!("search-parameters-{version}.json"))
+            .is_file()
+        {
             bail!(
                 "HFS data directory {} is missing: run scripts/install-tools",
                 data_dir.display()
