@@ -847,8 +847,9 @@ fn gh_heart_rate(ms: i64, bpm: i64) -> Value {
 /// against the gateway; the connect flow (PKCE, the user from `users/me/identity`) backfills
 /// weight and intraday heart rate (hourly statistics); a signed notification brings a new
 /// weight; forged notifications (no or wrong secret, tampered body, bad signature, a key id
-/// Google does not publish) are 401 and fetch nothing. The patient is linked to Withings too:
-/// both weights arrive, with separate identities and Devices.
+/// Google does not publish) are 401 and fetch nothing; the notified weight deleted at Google
+/// becomes entered-in-error. The patient is linked to Withings too: both weights arrive, with
+/// separate identities and Devices.
 pub async fn google_health_connect_backfill_and_signed_webhook(
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
@@ -1043,6 +1044,57 @@ pub async fn google_health_connect_backfill_and_signed_webhook(
     ensure!(
         env.google_stat(user, "requests").await? == requests_before,
         "a forged notification made the fetcher call Google"
+    );
+
+    // The user deletes the notified weight: Google's DELETE notification re-fetches its
+    // interval, and the point no longer listed becomes entered-in-error (one new version).
+    let notified = env
+        .search(&query)
+        .await?
+        .into_iter()
+        .find(|o| from(&o) && code_of(o) == "29463-7" && instant(o) == later)
+        .context("the notified weight")?;
+    let id = notified["id"].as_str().context("id")?.to_owned();
+    let r = env
+        .http
+        .delete(format!(
+            "{}/_sim/users/{user}/dataPoints",
+            env.google().await
+        ))
+        .json(&json!({"dataType": "weight",
+                      "names": [format!("users/{user_num}/dataTypes/weight/dataPoints/7002")]}))
+        .send()
+        .await?;
+    let deleted: Value = r.json().await?;
+    ensure!(deleted["deleted"] == 1, "sim delete: {deleted}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let o = env.fhir(&format!("Observation/{id}")).await?;
+        if o["status"] == "entered-in-error" {
+            ensure!(
+                o["meta"]["versionId"] == "2" && o.get("valueQuantity").is_none(),
+                "the retracted weight: {o}"
+            );
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted weight is still {}",
+            o["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The backfilled weight, not deleted, stays as it was.
+    let kept = env
+        .fhir(&format!(
+            "Observation/{}",
+            weight["id"].as_str().context("id")?
+        ))
+        .await?;
+    ensure!(
+        kept["status"] == "final" && kept["meta"]["versionId"] == "1",
+        "the backfilled weight changed: {}",
+        kept["meta"]
     );
     Ok(())
 }

@@ -176,6 +176,9 @@ impl GoogleHealth {
                 Err(e) => return Err(e),
             };
             fetched.api_calls += calls;
+            if let Some(c) = list_coverage(rule, hourly, (start, end), &points, policy) {
+                fetched.coverage.push(c);
+            }
             let zone = offset
                 .and_then(|s| jiff::tz::Offset::from_seconds(s).ok())
                 .map(jiff::tz::TimeZone::fixed);
@@ -221,6 +224,32 @@ impl GoogleHealth {
         fetched.measurements = out;
         Ok(fetched)
     }
+}
+
+/// What a `list` answer over `window` lists completely: every identifiable point of the
+/// rule's (allowed, INDIVIDUAL) data types whose time the filter put in the window. Google
+/// keeps no tombstones either: a DELETE notification re-fetches its intervals, and a point no
+/// longer listed was deleted. Hourly, daily, session and `reconcile` answers report nothing.
+fn list_coverage(
+    rule: &normalize::TypeRule,
+    hourly: bool,
+    window: (i64, i64),
+    points: &[serde_json::Value],
+    policy: &crate::policy::Policy,
+) -> Option<crate::Coverage> {
+    let spot = matches!(rule.shape, Shape::Sample | Shape::Interval);
+    if hourly || !spot || rule.method != normalize::Method::List || !rule.identifiable {
+        return None;
+    }
+    Some(crate::Coverage {
+        window,
+        data_types: rule
+            .data_types()
+            .filter(|d| policy.allows(d))
+            .map(str::to_owned)
+            .collect(),
+        present: normalize::point_ids(points),
+    })
 }
 
 impl Provider for GoogleHealth {
@@ -365,6 +394,37 @@ mod tests {
 
     fn gh() -> GoogleHealth {
         GoogleHealth::new(GoogleHealthSettings::default()).unwrap()
+    }
+
+    #[test]
+    fn test_only_identifiable_spot_lists_report_their_coverage() {
+        let table = DataTypeTable::builtin().unwrap();
+        let policy = crate::policy::Policy::default();
+        let points: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"name": "users/me/dataTypes/weight/dataPoints/4411927352398848000"},
+                {"dataPointName": "w-2"}, {"name": "bad name!"}, {}]"#,
+        )
+        .unwrap();
+        let weight = &table.types["weight"];
+        let c = list_coverage(weight, false, (10, 20), &points, &policy).unwrap();
+        assert_eq!(c.window, (10, 20));
+        assert_eq!(
+            c.data_types,
+            weight.data_types().map(str::to_owned).collect()
+        );
+        assert!(c.data_types.contains("body_weight"), "{:?}", c.data_types);
+        assert_eq!(
+            c.present,
+            ["4411927352398848000", "w-2"].map(String::from).into()
+        );
+        // Aggregated hourly, merged streams and sessions list nothing to compare with.
+        assert!(list_coverage(weight, true, (10, 20), &points, &policy).is_none());
+        for name in ["heart-rate", "sleep"] {
+            assert!(
+                list_coverage(&table.types[name], false, (10, 20), &points, &policy).is_none(),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -793,6 +793,17 @@ fn when(shape: Shape, point: &Value, record: &Value, zone: Option<&TimeZone>) ->
 
 /// The id of an identifiable point: the last segment of its `name` / `dataPointName`.
 /// `Ok(None)` when it has none; `Err` when the id has characters ohx does not put in ids.
+/// The ids of the identifiable points of an answer (what [`crate::Coverage::present`]
+/// lists), whether they became measurements or not; a point whose name is unusable is left
+/// out (it made no measurement either).
+#[must_use]
+pub fn point_ids(points: &[Value]) -> std::collections::BTreeSet<String> {
+    points
+        .iter()
+        .filter_map(|p| point_id(p).ok().flatten())
+        .collect()
+}
+
 fn point_id(point: &Value) -> Result<Option<String>, ()> {
     let name = ["name", "dataPointName"]
         .iter()
