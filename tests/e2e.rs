@@ -65,6 +65,21 @@ struct Patient {
 }
 
 impl Env {
+    /// `ohx connect` of `patient_id` to provider app `app`: the authorize URL it prints.
+    async fn authorize_url(&self, patient_id: &str, app: &str) -> anyhow::Result<String> {
+        let started = self
+            .stack
+            .lock()
+            .await
+            .ohx(&["connect", "--patient", patient_id, "--app", app])
+            .await?;
+        Ok(started
+            .first()
+            .and_then(|v| v["authorize_url"].as_str())
+            .context("connect prints the authorize URL")?
+            .to_owned())
+    }
+
     async fn new_patient(&self, userid: i64) -> anyhow::Result<Patient> {
         let s = self.stack.lock().await;
         // The simulator user, with tokens the fetcher will use.
@@ -1379,17 +1394,7 @@ async fn authorize_as(
     patient_id: &str,
     userid: i64,
 ) -> anyhow::Result<String> {
-    let started = env
-        .stack
-        .lock()
-        .await
-        .ohx(&["connect", "--patient", patient_id, "--app", &env.app])
-        .await?;
-    let authorize = started
-        .first()
-        .and_then(|v| v["authorize_url"].as_str())
-        .context("connect prints the authorize URL")?
-        .to_owned();
+    let authorize = env.authorize_url(patient_id, &env.app).await?;
     let at_provider = browser
         .get(format!("{authorize}&userid={userid}"))
         .send()

@@ -115,17 +115,7 @@ impl Env {
     /// gateway callback); returns the link id.
     async fn omron_connect(&self, patient_id: &str, user: &str) -> anyhow::Result<String> {
         let app = self.omron_app().await?;
-        let started = self
-            .stack
-            .lock()
-            .await
-            .ohx(&["connect", "--patient", patient_id, "--app", &app])
-            .await?;
-        let authorize = started
-            .first()
-            .and_then(|v| v["authorize_url"].as_str())
-            .context("connect prints the authorize URL")?
-            .to_owned();
+        let authorize = self.authorize_url(patient_id, &app).await?;
         ensure!(
             authorize.contains("/connect/authorize?") && authorize.contains("offline_access"),
             "{authorize}"
@@ -780,17 +770,7 @@ impl Env {
         user: &str,
         grant: Option<&str>,
     ) -> anyhow::Result<String> {
-        let started = self
-            .stack
-            .lock()
-            .await
-            .ohx(&["connect", "--patient", patient_id, "--app", app])
-            .await?;
-        let authorize = started
-            .first()
-            .and_then(|v| v["authorize_url"].as_str())
-            .context("connect prints the authorize URL")?
-            .to_owned();
+        let authorize = self.authorize_url(patient_id, app).await?;
         ensure!(
             authorize.contains("code_challenge_method=S256"),
             "PKCE: {authorize}"

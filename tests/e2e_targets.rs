@@ -66,6 +66,115 @@ async fn wait_observations(
     }
 }
 
+/// Two EHRs hold the same Observations (ids, status, codes, values, times), each addressed
+/// to the patient as that EHR knows them: `(observations by id, patient reference)` per side.
+fn same_observations(
+    a: (&BTreeMap<String, Value>, &str),
+    b: (&BTreeMap<String, Value>, &str),
+) -> anyhow::Result<()> {
+    ensure!(
+        a.0.keys().eq(b.0.keys()),
+        "ids differ: {:?} / {:?}",
+        a.0.keys(),
+        b.0.keys()
+    );
+    for (id, x) in a.0 {
+        let y = &b.0[id];
+        ensure!(x["subject"]["reference"] == a.1, "{id}: {x}");
+        ensure!(y["subject"]["reference"] == b.1, "{id}: {y}");
+        for field in [
+            "status",
+            "code",
+            "valueQuantity",
+            "component",
+            "effectiveDateTime",
+            "effectivePeriod",
+        ] {
+            ensure!(
+                x[field] == y[field],
+                "{id}: {field} differs: {} / {}",
+                x[field],
+                y[field]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ohx create-target` in the scenarios' organization: `name` at `base`, with `extra`
+/// options; returns its id.
+async fn create_target(
+    env: &Env,
+    name: &str,
+    base: &str,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let mut args = vec![
+        "create-target",
+        "--org",
+        &env.org,
+        "--name",
+        name,
+        "--base-url",
+        base,
+    ];
+    args.extend_from_slice(extra);
+    env.stack.lock().await.ohx_id(&args).await
+}
+
+/// Creates `reference` (`Patient/{id}`) on the FHIR server at `base`.
+async fn create_patient(env: &Env, base: &str, reference: &str) -> anyhow::Result<()> {
+    let id = reference
+        .strip_prefix("Patient/")
+        .context("a Patient reference")?;
+    let r = env
+        .http
+        .put(format!("{base}/{reference}"))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "Patient", "id": id, "active": true}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+    Ok(())
+}
+
+/// Withings user `userid` measures a blood pressure with its pulse (group `grpid`, cuff
+/// `bpm-{userid}`) 10 minutes into hour `h`, and a watch (`watch-{userid}`) records the heart
+/// rate of every minute of that hour (pattern `hr_seed`); both are notified. Three
+/// Observations result: the panel, the pulse and the hourly heart rate.
+async fn measure_bp_and_hour(
+    env: &Env,
+    userid: i64,
+    grpid: i64,
+    h: i64,
+    hr_seed: i64,
+    bp: (i64, i64, i64),
+) -> anyhow::Result<()> {
+    env.add_groups(
+        userid,
+        json!([bp_group(
+            grpid,
+            h + 600_000,
+            &format!("bpm-{userid}"),
+            (bp.0, -2),
+            (bp.1, -2),
+            (bp.2, -2)
+        )]),
+    )
+    .await?;
+    let mut series = serde_json::Map::new();
+    for m in 0..60 {
+        series.insert(
+            ((h + m * 60_000) / 1000).to_string(),
+            json!({"deviceid": format!("watch-{userid}"), "model": "ScanWatch", "model_id": 93,
+                   "heart_rate": bpm(hr_seed, m)}),
+        );
+    }
+    env.add_intraday(userid, Value::Object(series)).await?;
+    env.notify(userid, 4, h, h + HOUR).await?;
+    env.notify(userid, 16, h, h + HOUR - 1000).await
+}
+
 /// `ohx add-delivery`: the patient's data to `target` as well, as `reference`.
 async fn add_delivery(
     env: &Env,
@@ -113,20 +222,7 @@ pub async fn patient_delivered_to_two_targets(env: Arc<Env>) -> anyhow::Result<(
 /// server was started.
 async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::Result<()> {
     let second_base = format!("http://127.0.0.1:{port}");
-    let second = env
-        .stack
-        .lock()
-        .await
-        .ohx_id(&[
-            "create-target",
-            "--org",
-            &env.org,
-            "--name",
-            "second ehr",
-            "--base-url",
-            &second_base,
-        ])
-        .await?;
+    let second = create_target(env, "second ehr", &second_base, &[]).await?;
     let p = env.new_patient(5301).await?;
     let second_ref = "Patient/second-5301";
     let added = add_delivery(env, &p.patient_id, &second, second_ref).await?;
@@ -154,33 +250,11 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
     ensure!(again.is_err(), "the own target was added again: {again:?}");
 
     let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
-    env.add_groups(
-        p.userid,
-        json!([bp_group(
-            930_101,
-            h + 600_000,
-            "bpm-5301",
-            (12500, -2),
-            (8000, -2),
-            (6600, -2)
-        )]),
-    )
-    .await?;
-    let mut series = serde_json::Map::new();
-    for m in 0..60 {
-        series.insert(
-            ((h + m * 60_000) / 1000).to_string(),
-            json!({"deviceid": "watch-5301", "model": "ScanWatch", "model_id": 93,
-                   "heart_rate": bpm(4, m)}),
-        );
-    }
-    env.add_intraday(p.userid, Value::Object(series)).await?;
-    env.notify(p.userid, 4, h, h + HOUR).await?;
-    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    measure_bp_and_hour(env, p.userid, 930_101, h, 4, (12500, 8000, 6600)).await?;
 
     // The own target gets everything while the second is down and holds its records.
     let first_base = env.stack.lock().await.fhir_base.clone();
-    let first = wait_observations(env, &first_base, &p.reference, 3).await?;
+    wait_observations(env, &first_base, &p.reference, 3).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let targets = env.stack.lock().await.ohx(&["targets"]).await?;
@@ -206,46 +280,15 @@ async fn two_targets(env: &Arc<Env>, port: u16, started: &mut bool) -> anyhow::R
         .start_hfs_on("hfs-second", port, &[])
         .await?;
     *started = true;
-    let r = env
-        .http
-        .put(format!("{second_base}/{second_ref}"))
-        .header("Content-Type", "application/fhir+json")
-        .json(&json!({"resourceType": "Patient", "id": "second-5301", "active": true}))
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+    create_patient(env, &second_base, second_ref).await?;
     let second_obs = wait_observations(env, &second_base, second_ref, 3).await?;
     wait_settled(&env.kafka, Duration::from_secs(120)).await?;
 
     // The same Observations on both sides, each addressed to its EHR's patient, version 1.
-    ensure!(
-        first.keys().eq(second_obs.keys()),
-        "ids differ: {:?} / {:?}",
-        first.keys(),
-        second_obs.keys()
-    );
-    for (id, a) in observations(env, &first_base, &p.reference).await? {
-        let b = &second_obs[&id];
-        ensure!(
-            a["subject"]["reference"] == p.reference.as_str(),
-            "{id}: {a}"
-        );
-        ensure!(b["subject"]["reference"] == second_ref, "{id}: {b}");
-        for field in [
-            "code",
-            "valueQuantity",
-            "component",
-            "effectiveDateTime",
-            "effectivePeriod",
-        ] {
-            ensure!(
-                a[field] == b[field],
-                "{id}: {field} differs: {} / {}",
-                a[field],
-                b[field]
-            );
-        }
-        for (side, r) in [("first", &a), ("second", b)] {
+    let first = observations(env, &first_base, &p.reference).await?;
+    same_observations((&first, &p.reference), (&second_obs, second_ref))?;
+    for (side, obs) in [("first", &first), ("second", &second_obs)] {
+        for (id, r) in obs {
             ensure!(
                 r["meta"]["versionId"] == "1",
                 "{id} on the {side} EHR has version {}",
@@ -310,58 +353,14 @@ pub async fn conditional_target_keeps_references(env: Arc<Env>) -> anyhow::Resul
         .await
         .start_hfs_on("hfs-conditional", port, &[])
         .await?;
-    let target = env
-        .stack
-        .lock()
-        .await
-        .ohx_id(&[
-            "create-target",
-            "--org",
-            &env.org,
-            "--name",
-            "server ids",
-            "--base-url",
-            &base,
-            "--mode",
-            "conditional",
-        ])
-        .await?;
+    let target = create_target(&env, "server ids", &base, &["--mode", "conditional"]).await?;
     let p = env.new_patient(5302).await?;
     let reference = "Patient/cond-5302";
     add_delivery(&env, &p.patient_id, &target, reference).await?;
-    let r = env
-        .http
-        .put(format!("{base}/{reference}"))
-        .header("Content-Type", "application/fhir+json")
-        .json(&json!({"resourceType": "Patient", "id": "cond-5302", "active": true}))
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+    create_patient(&env, &base, reference).await?;
 
     let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
-    env.add_groups(
-        p.userid,
-        json!([bp_group(
-            930_201,
-            h + 600_000,
-            "bpm-5302",
-            (12600, -2),
-            (8100, -2),
-            (6700, -2)
-        )]),
-    )
-    .await?;
-    let mut series = serde_json::Map::new();
-    for m in 0..60 {
-        series.insert(
-            ((h + m * 60_000) / 1000).to_string(),
-            json!({"deviceid": "watch-5302", "model": "ScanWatch", "model_id": 93,
-                   "heart_rate": bpm(5, m)}),
-        );
-    }
-    env.add_intraday(p.userid, Value::Object(series)).await?;
-    env.notify(p.userid, 4, h, h + HOUR).await?;
-    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    measure_bp_and_hour(&env, p.userid, 930_201, h, 5, (12600, 8100, 6700)).await?;
     let obs = wait_observations(&env, &base, reference, 3).await?;
     wait_settled(&env.kafka, Duration::from_secs(120)).await?;
 
@@ -456,89 +455,21 @@ pub async fn r4_target_on_an_r4_server(env: Arc<Env>) -> anyhow::Result<()> {
         "the R4 server says fhirVersion {}",
         metadata["fhirVersion"]
     );
-    let target = env
-        .stack
-        .lock()
-        .await
-        .ohx_id(&[
-            "create-target",
-            "--org",
-            &env.org,
-            "--name",
-            "r4 ehr",
-            "--base-url",
-            &base,
-            "--fhir-version",
-            "R4",
-        ])
-        .await?;
+    let target = create_target(&env, "r4 ehr", &base, &["--fhir-version", "R4"]).await?;
     let p = env.new_patient(5303).await?;
     let reference = "Patient/r4-5303";
     add_delivery(&env, &p.patient_id, &target, reference).await?;
-    let r = env
-        .http
-        .put(format!("{base}/{reference}"))
-        .header("Content-Type", "application/fhir+json")
-        .json(&json!({"resourceType": "Patient", "id": "r4-5303", "active": true}))
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "create Patient: {}", r.status());
+    create_patient(&env, &base, reference).await?;
 
     let h = hour_floor(Utc::now().timestamp_millis()) - 5 * HOUR;
-    env.add_groups(
-        p.userid,
-        json!([bp_group(
-            930_301,
-            h + 600_000,
-            "bpm-5303",
-            (12700, -2),
-            (8200, -2),
-            (6800, -2)
-        )]),
-    )
-    .await?;
-    let mut series = serde_json::Map::new();
-    for m in 0..60 {
-        series.insert(
-            ((h + m * 60_000) / 1000).to_string(),
-            json!({"deviceid": "watch-5303", "model": "ScanWatch", "model_id": 93,
-                   "heart_rate": bpm(6, m)}),
-        );
-    }
-    env.add_intraday(p.userid, Value::Object(series)).await?;
-    env.notify(p.userid, 4, h, h + HOUR).await?;
-    env.notify(p.userid, 16, h, h + HOUR - 1000).await?;
+    measure_bp_and_hour(&env, p.userid, 930_301, h, 6, (12700, 8200, 6800)).await?;
     let r4 = wait_observations(&env, &base, reference, 3).await?;
     wait_settled(&env.kafka, Duration::from_secs(120)).await?;
 
     // The same Observations as the own R5 target's, addressed to the R4 EHR's patient.
     let own_base = env.stack.lock().await.fhir_base.clone();
     let r5 = observations(&env, &own_base, &p.reference).await?;
-    ensure!(
-        r4.keys().eq(r5.keys()),
-        "ids differ: R4 {:?} / R5 {:?}",
-        r4.keys(),
-        r5.keys()
-    );
-    for (id, a) in &r4 {
-        let b = &r5[id];
-        ensure!(a["subject"]["reference"] == reference, "{id}: {a}");
-        for field in [
-            "status",
-            "code",
-            "valueQuantity",
-            "component",
-            "effectiveDateTime",
-            "effectivePeriod",
-        ] {
-            ensure!(
-                a[field] == b[field],
-                "{id}: {field} differs: R4 {} / R5 {}",
-                a[field],
-                b[field]
-            );
-        }
-    }
+    same_observations((&r4, reference), (&r5, &p.reference))?;
 
     // Devices in their R4 shape, each naming the patient; every reference resolves.
     let devices = all_of(&env, &base, "Device").await?;

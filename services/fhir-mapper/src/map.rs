@@ -365,6 +365,10 @@ pub fn map_measurement_with(
         if m.device.is_none() {
             return Err(MappingError::InvalidField("device"));
         }
+        if m.status.is_some() {
+            // A device registration is never retracted.
+            return Err(MappingError::InvalidField("status"));
+        }
         return Ok(map_device(
             ctx,
             m.device.as_ref(),
@@ -388,20 +392,7 @@ pub fn map_measurement_with(
     let (mut resources, device_reference) =
         map_device(ctx, m.device.as_ref(), table, settings, devices)?;
 
-    let system = settings.observation_system()?;
-    let value = measurement_identifier_value(m)?;
-    let id = resource_id("Observation", &system, &value);
-    let mut obs = observation_skeleton(ObservationHead {
-        id: &id,
-        ctx,
-        settings,
-        profile: entry.profile.as_deref(),
-        identifier: (&system, &value),
-        category: &entry.category,
-        code: &entry.code,
-        text: entry.text.as_deref(),
-    })?;
-    insert_effective(&mut obs, m)?;
+    let (id, mut obs) = measurement_observation(m, entry, settings)?;
     if let Some(reference) = device_reference {
         obs.insert("device".to_owned(), reference);
     }
@@ -419,6 +410,30 @@ pub fn map_measurement_with(
         json: Value::Object(obs),
     });
     Ok(resources)
+}
+
+/// The id and the Observation of a Measurement before its values: identity, head (profile,
+/// status `final`, category, code, subject) and effective time.
+fn measurement_observation(
+    m: &Measurement,
+    entry: &MeasurementEntry,
+    settings: &MapperSettings,
+) -> Result<(String, Map<String, Value>), MappingError> {
+    let system = settings.observation_system()?;
+    let value = measurement_identifier_value(m)?;
+    let id = resource_id("Observation", &system, &value);
+    let mut obs = observation_skeleton(ObservationHead {
+        id: &id,
+        ctx: &m.context,
+        settings,
+        profile: entry.profile.as_deref(),
+        identifier: (&system, &value),
+        category: &entry.category,
+        code: &entry.code,
+        text: entry.text.as_deref(),
+    })?;
+    insert_effective(&mut obs, m)?;
+    Ok((id, obs))
 }
 
 /// The Observation of a reading the provider deleted: the same id and identifier as the
@@ -440,21 +455,8 @@ fn map_retraction(
     if m.device.is_some() {
         return Err(MappingError::InvalidField("device"));
     }
-    let system = settings.observation_system()?;
-    let value = measurement_identifier_value(m)?;
-    let id = resource_id("Observation", &system, &value);
-    let mut obs = observation_skeleton(ObservationHead {
-        id: &id,
-        ctx: &m.context,
-        settings,
-        profile: entry.profile.as_deref(),
-        identifier: (&system, &value),
-        category: &entry.category,
-        code: &entry.code,
-        text: entry.text.as_deref(),
-    })?;
+    let (id, mut obs) = measurement_observation(m, entry, settings)?;
     obs.insert("status".to_owned(), json!(STATUS_ENTERED_IN_ERROR));
-    insert_effective(&mut obs, m)?;
     let absent = json!({ "coding": [{ "system": ABSENT_ERROR_SYSTEM, "code": "error" }] });
     let components: Vec<Value> = entry
         .components
