@@ -13,6 +13,8 @@ CREATE TABLE measurement_ledger (
     effective_start_ms bigint NOT NULL,
     effective_end_ms bigint,
     utc_offset_seconds integer,
+    -- Measurement.provider_modified_at: a retraction's revision is above it
+    revision bigint,
     PRIMARY KEY (link_id, measurement_id)
 );
 CREATE INDEX measurement_ledger_window ON measurement_ledger (link_id, data_type, effective_start_ms);

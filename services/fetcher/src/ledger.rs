@@ -25,6 +25,8 @@ pub struct LedgerRow {
     pub effective_start: i64,
     pub effective_end: Option<i64>,
     pub utc_offset_seconds: Option<i32>,
+    /// The reading's source revision ([`Measurement::provider_modified_at`]).
+    pub revision: Option<i64>,
 }
 
 /// What the ledger of one link gets once a fetch's outputs are acknowledged.
@@ -69,6 +71,7 @@ pub fn recordable(emitted: &[Measurement], coverage: &[Coverage]) -> Vec<LedgerR
                 effective_start: m.effective_start,
                 effective_end: m.effective_end,
                 utc_offset_seconds: m.utc_offset_seconds,
+                revision: m.provider_modified_at,
             })
         })
         .collect()
@@ -102,7 +105,9 @@ pub fn deleted<'a>(
 
 /// The retraction of a deleted reading: the reading's id, series, data type and time, no
 /// components and no device, status `entered-in-error`, and `seen_at` (when the deletion was
-/// seen) as its source revision. `context` is the fetch's: where the patient's data goes now.
+/// seen) as its source revision, or just above the reading's should the provider's clock be
+/// ahead of ours: a retraction is always newer than what it retracts. `context` is the
+/// fetch's: where the patient's data goes now.
 #[must_use]
 pub fn retraction(row: &LedgerRow, context: &Context, seen_at: i64) -> Measurement {
     Measurement {
@@ -118,7 +123,7 @@ pub fn retraction(row: &LedgerRow, context: &Context, seen_at: i64) -> Measureme
         device: None,
         entry_method: None,
         provider_group_id: Some(row.source_id.clone()),
-        provider_modified_at: Some(seen_at),
+        provider_modified_at: Some(row.revision.map_or(seen_at, |r| seen_at.max(r + 1))),
         fetched_through: None,
         status: Some(STATUS_ENTERED_IN_ERROR.to_owned()),
     }
@@ -294,5 +299,12 @@ mod tests {
         assert_eq!(r.status.as_deref(), Some(STATUS_ENTERED_IN_ERROR));
         assert_eq!(r.provider_modified_at, Some(seen));
         assert!(r.provider_modified_at > w.provider_modified_at);
+        // The provider's clock ahead of ours: still newer than the reading.
+        let mut ahead = row.clone();
+        ahead.revision = Some(seen + 60_000);
+        assert_eq!(
+            retraction(&ahead, &ctx(), seen).provider_modified_at,
+            Some(seen + 60_001)
+        );
     }
 }

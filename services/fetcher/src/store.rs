@@ -273,7 +273,9 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, utc_offset_seconds                  FROM measurement_ledger WHERE link_id = $1 AND data_type = ANY($2)                  AND effective_start_ms >= $3 AND effective_start_ms < $4",
+                "SELECT measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, \
+                 utc_offset_seconds, revision FROM measurement_ledger WHERE link_id = $1 \
+                 AND data_type = ANY($2) AND effective_start_ms >= $3 AND effective_start_ms < $4",
                 &[&link, &data_types, &start, &end],
             )
             .await?;
@@ -286,6 +288,7 @@ impl Store {
                 effective_start: r.get(3),
                 effective_end: r.get(4),
                 utc_offset_seconds: r.get(5),
+                revision: r.get(6),
             })
             .collect())
     }
@@ -308,12 +311,12 @@ impl Store {
             for row in &change.record {
                 // A deleted link's rows cannot reference it.
                 tx.execute(
-                    "INSERT INTO measurement_ledger (link_id, measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, utc_offset_seconds) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $1) \
+                    "INSERT INTO measurement_ledger (link_id, measurement_id, data_type, source_id, effective_start_ms, effective_end_ms, utc_offset_seconds, revision) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM provider_links WHERE id = $1) \
                      ON CONFLICT (link_id, measurement_id) DO UPDATE SET data_type = EXCLUDED.data_type, source_id = EXCLUDED.source_id, \
                        effective_start_ms = EXCLUDED.effective_start_ms, effective_end_ms = EXCLUDED.effective_end_ms, \
-                       utc_offset_seconds = EXCLUDED.utc_offset_seconds",
-                    &[link, &row.measurement_id, &row.data_type, &row.source_id, &row.effective_start, &row.effective_end, &row.utc_offset_seconds],
+                       utc_offset_seconds = EXCLUDED.utc_offset_seconds, revision = EXCLUDED.revision",
+                    &[link, &row.measurement_id, &row.data_type, &row.source_id, &row.effective_start, &row.effective_end, &row.utc_offset_seconds, &row.revision],
                 )
                 .await?;
             }
