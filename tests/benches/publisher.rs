@@ -23,12 +23,14 @@
 //! enforces JWT access tokens from the test authorization server (`tests/authz`), the ceiling
 //! posts with a token of its own, and for `smart_backend` the gateway serves the target's JWKS;
 //! tokens live an hour, so the publisher's cost is one token request and hfs's check of every
-//! request).
+//! request), `OHX_BENCH_FHIR` (`R5`, the default, or `R4`: hfs serves FHIR 4.0.1 and the
+//! target speaks R4; with `OHX_BENCH_AUTH=none`).
 
 use anyhow::{Context as _, bail, ensure};
 use ohx_common::codec::Codec;
 use ohx_common::records::{
-    Context, FhirResource, PublishResult, content_hash_of, resource_identity, topic,
+    Context, FHIR_R5, FHIR_VERSIONS, FhirResource, PublishResult, content_hash_of,
+    resource_identity, topic,
 };
 use ohx_common::trace::Trace;
 use ohx_tests::kafka_util::{high_watermark_sum, read_all};
@@ -115,14 +117,24 @@ fn target_auth_args(auth: Auth, token_url: &str) -> Vec<String> {
 /// and for `bearer` the target given a token; returns the bench's own token.
 async fn start_server(
     stack: &mut Stack,
-    auth: Auth,
+    (auth, fhir): (Auth, &str),
     (hport, aport): (u16, u16),
     target: &str,
 ) -> anyhow::Result<Option<String>> {
     if auth == Auth::None {
-        stack.start_hfs_on("hfs", hport, &[]).await?;
+        stack
+            .start_hfs_on(
+                "hfs",
+                hport,
+                &[("HFS_DEFAULT_FHIR_VERSION", fhir.to_owned())],
+            )
+            .await?;
         return Ok(None);
     }
+    ensure!(
+        fhir == FHIR_R5,
+        "OHX_BENCH_FHIR={fhir} is measured with OHX_BENCH_AUTH=none"
+    );
     let base = format!("http://127.0.0.1:{hport}");
     let mut clients = vec![
         json!({"client_id": "bench", "token_endpoint_auth_method": "client_secret_basic",
@@ -474,6 +486,11 @@ fn main() -> anyhow::Result<()> {
     let mode_name = setting("OHX_BENCH_MODE", "put".to_owned());
     let auth_name = setting("OHX_BENCH_AUTH", "none".to_owned());
     let auth = Auth::parse(&auth_name)?;
+    let fhir = setting("OHX_BENCH_FHIR", FHIR_R5.to_owned());
+    ensure!(
+        FHIR_VERSIONS.contains(&fhir.as_str()),
+        "OHX_BENCH_FHIR {fhir} is not one of {FHIR_VERSIONS:?}"
+    );
     let mode = match mode_name.as_str() {
         "put" => UpsertMode::Put,
         "conditional" => UpsertMode::Conditional,
@@ -488,10 +505,10 @@ fn main() -> anyhow::Result<()> {
         let mut stack = minimal_stack("publisher", binaries, Duration::from_secs(60)).await?;
         let result = run(
             &mut stack,
-            n,
-            concurrency,
+            (n, concurrency),
             (&mode_name, mode),
             (&auth_name, auth),
+            &fhir,
         )
         .await;
         let stopped = stack.stop("publisher").await;
@@ -509,10 +526,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(
     stack: &mut Stack,
-    n: usize,
-    concurrency: usize,
+    (n, concurrency): (usize, usize),
     (mode_name, mode): (&str, UpsertMode),
     (auth_name, auth): (&str, Auth),
+    fhir: &str,
 ) -> anyhow::Result<()> {
     let setup = Instant::now();
     let ports = (free_port()?, free_port()?);
@@ -529,11 +546,13 @@ async fn run(
         &stack.fhir_base,
         "--mode",
         mode_name,
+        "--fhir-version",
+        fhir,
     ];
     let auth_args = target_auth_args(auth, &token_url);
     args.extend(auth_args.iter().map(String::as_str));
     let target = stack.ohx_id(&args).await?;
-    let token = start_server(stack, auth, ports, &target).await?;
+    let token = start_server(stack, (auth, fhir), ports, &target).await?;
     let mut put = stack
         .http
         .put(format!("{}/{PATIENT}", stack.fhir_base))
@@ -572,11 +591,11 @@ async fn run(
         sync_request_id: String::new(),
         trigger: "WEBHOOK".into(),
         received_at: 0,
-        fhir_version: ohx_common::records::FHIR_R5.into(),
+        fhir_version: fhir.into(),
         deliveries: Vec::new(),
     };
     println!(
-        "setup: hfs, broker and {n} x 3 resources in {:.1} s (mode {mode_name}, auth {auth_name}; binaries: {})",
+        "setup: hfs, broker and {n} x 3 resources in {:.1} s (mode {mode_name}, auth {auth_name}, FHIR {fhir}; binaries: {})",
         setup.elapsed().as_secs_f64(),
         stack.bin_dir.display()
     );
