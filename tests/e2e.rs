@@ -2836,9 +2836,6 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("conditional_target_keeps_references", |e| {
             Box::pin(targets::conditional_target_keeps_references(e))
         }),
-        ("r4_target_on_an_r4_server", |e| {
-            Box::pin(targets::r4_target_on_an_r4_server(e))
-        }),
         ("idempotent_redelivery_and_replay", |e| {
             Box::pin(idempotent_redelivery_and_replay(e))
         }),
@@ -2938,7 +2935,21 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let selected: Vec<_> = scenarios()
+    let mut all = scenarios();
+    // Needs an hfs built with R4 (HFS_FEATURES=R4,R5,sqlite scripts/install-tools), which CI
+    // does not build: it would take CI past its time budget (README, "R4 targets").
+    let r4: (&str, Scenario) = ("r4_target_on_an_r4_server", |e| {
+        Box::pin(targets::r4_target_on_an_r4_server(e))
+    });
+    if std::env::var("OHX_E2E_R4").is_ok_and(|v| v == "1") {
+        all.push(r4);
+    } else {
+        println!(
+            "not run: {} (OHX_E2E_R4=1 runs it, with an hfs built with R4)",
+            r4.0
+        );
+    }
+    let selected: Vec<_> = all
         .into_iter()
         .filter(|(n, _)| filter.as_deref().is_none_or(|f| n.contains(f)))
         .collect();

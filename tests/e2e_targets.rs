@@ -455,6 +455,20 @@ pub async fn r4_target_on_an_r4_server(env: Arc<Env>) -> anyhow::Result<()> {
         "the R4 server says fhirVersion {}",
         metadata["fhirVersion"]
     );
+    // It refuses what R4 does not have: R5 sent as-is would not pass.
+    let r5_only = env
+        .http
+        .put(format!("{base}/DeviceAssociation/r5-only"))
+        .header("Content-Type", "application/fhir+json")
+        .json(&json!({"resourceType": "DeviceAssociation", "id": "r5-only",
+                      "device": {"reference": "Device/x"}, "status": {"coding": [{"code": "implanted"}]}}))
+        .send()
+        .await?;
+    ensure!(
+        r5_only.status().is_client_error(),
+        "the R4 server took an R5-only DeviceAssociation: {}",
+        r5_only.status()
+    );
     let target = create_target(&env, "r4 ehr", &base, &["--fhir-version", "R4"]).await?;
     let p = env.new_patient(5303).await?;
     let reference = "Patient/r4-5303";
