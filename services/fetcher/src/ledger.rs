@@ -14,6 +14,7 @@ use ohx_common::records::{
     AGGREGATION_INDIVIDUAL, Context, Measurement, STATUS_ENTERED_IN_ERROR, series_key,
 };
 use ohx_providers::Coverage;
+use std::collections::HashSet;
 
 /// One reading the fetcher emitted, as the ledger records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,12 @@ pub fn deleted<'a>(
     coverage: &[Coverage],
     emitted: &[Measurement],
 ) -> Vec<&'a LedgerRow> {
+    // A backfill emits thousands of intraday samples: the readings are looked up, not scanned.
+    let again: HashSet<&str> = emitted
+        .iter()
+        .filter(|m| m.aggregation == AGGREGATION_INDIVIDUAL)
+        .map(|m| m.measurement_id.as_str())
+        .collect();
     recorded
         .iter()
         .filter(|row| {
@@ -95,11 +102,7 @@ pub fn deleted<'a>(
                 .peekable();
             covering.peek().is_some() && covering.all(|c| !c.present.contains(&row.source_id))
         })
-        .filter(|row| {
-            !emitted
-                .iter()
-                .any(|m| m.measurement_id == row.measurement_id)
-        })
+        .filter(|row| !again.contains(row.measurement_id.as_str()))
         .collect()
 }
 
