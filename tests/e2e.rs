@@ -1268,6 +1268,7 @@ async fn withings_deleted_group_entered_in_error(env: Arc<Env>) -> anyhow::Resul
         provider_modified_at: Some(deleted_bp + 60_000),
         fetched_through: None,
         status: None,
+        waveform: None,
     };
     let panel = doomed
         .iter()
@@ -2040,6 +2041,7 @@ async fn bad_input(env: Arc<Env>) -> anyhow::Result<()> {
         provider_modified_at: None,
         fetched_through: None,
         status: None,
+        waveform: None,
     };
     env.producer
         .send_record(topic::MEASUREMENTS, &m.series_key, &m)

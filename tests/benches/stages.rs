@@ -84,6 +84,7 @@ fn bp(i: i64) -> Measurement {
         provider_modified_at: None,
         fetched_through: None,
         status: None,
+        waveform: None,
     }
 }
 

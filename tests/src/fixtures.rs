@@ -40,5 +40,6 @@ pub fn heart_rate_sample(
         provider_modified_at: None,
         fetched_through,
         status: None,
+        waveform: None,
     }
 }

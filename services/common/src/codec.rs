@@ -83,6 +83,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../../schemas/measurement_v5.avsc"),
     ),
     (
+        "measurement_v6.avsc",
+        include_str!("../../../schemas/measurement_v6.avsc"),
+    ),
+    (
         "dedup_state.avsc",
         include_str!("../../../schemas/dedup_state.avsc"),
     ),
@@ -436,11 +440,12 @@ mod tests {
             provider_modified_at: None,
             fetched_through: None,
             status: None,
+            waveform: None,
         };
         let bytes = codec.encode(topic::MEASUREMENTS, &m).await.unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
-            17
+            18
         );
         round_trip(&codec, topic::MEASUREMENTS, &m).await;
         let mut to_two_targets = m.clone();
@@ -474,6 +479,29 @@ mod tests {
             ..without_options
         };
         round_trip(&codec, topic::MEASUREMENTS, &retraction).await;
+        let ecg = Measurement {
+            status: None,
+            waveform: Some(crate::records::Waveform {
+                unit: "uV".into(),
+                origin: 0.0,
+                factor: None,
+                interval: 1000.0 / 300.0,
+                interval_unit: "ms".into(),
+                samples: vec![-20, 0, 20, i32::MAX, i32::MIN],
+                code_map: None,
+            }),
+            ..retraction.clone()
+        };
+        round_trip(&codec, topic::MEASUREMENTS, &ecg).await;
+        let hypnogram = Measurement {
+            waveform: ecg.waveform.clone().map(|w| crate::records::Waveform {
+                factor: Some(0.5),
+                code_map: Some("https://ohx.example/fhir/ConceptMap/x".into()),
+                ..w
+            }),
+            ..ecg.clone()
+        };
+        round_trip(&codec, topic::MEASUREMENTS, &hypnogram).await;
 
         let sr = SyncRequest {
             context: ctx(),
@@ -628,6 +656,7 @@ mod tests {
             provider_modified_at: None,
             fetched_through: None,
             status: None,
+            waveform: None,
         };
         written_with(&codec, "measurement_v2.avsc", 8, &m).await;
         let r = FhirResource {
@@ -670,6 +699,8 @@ mod tests {
         written_with(&codec, "measurement_v3.avsc", 10, &m).await;
         // Before retractions (id 14): a reading.
         written_with(&codec, "measurement_v4.avsc", 14, &m).await;
+        // Before waveforms (id 17): a reading or a retraction, no samples.
+        written_with(&codec, "measurement_v5.avsc", 17, &m).await;
         let r = FhirResource {
             context: two_targets.clone(),
             ..r

@@ -175,13 +175,35 @@ pub struct Measurement {
     /// device, and its `provider_modified_at` is when the deletion was seen.
     #[serde(default)]
     pub status: Option<String>,
+    /// The reading's sample series, if it is one (an ECG lead); `None` otherwise.
+    #[serde(default)]
+    pub waveform: Option<Waveform>,
+}
+
+/// Samples at a fixed interval (FHIR R5 SampledData): sample `i` is
+/// `origin + factor × samples[i]` (in `unit`), taken at `effective_start + i × interval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Waveform {
+    /// UCUM unit of `origin` and of the scaled samples, e.g. `uV`.
+    pub unit: String,
+    /// The zero value, in `unit`.
+    pub origin: f64,
+    /// Multiplier of each sample; `None`: 1.
+    pub factor: Option<f64>,
+    /// Time between two samples, in `interval_unit`.
+    pub interval: f64,
+    /// UCUM time unit of `interval`: `ms` or `s`.
+    pub interval_unit: String,
+    pub samples: Vec<i32>,
+    /// Canonical URL of the ConceptMap that defines coded samples; `None`: quantities.
+    pub code_map: Option<String>,
 }
 
 /// [`Measurement::status`] of a reading the provider deleted.
 pub const STATUS_ENTERED_IN_ERROR: &str = "entered-in-error";
 
 impl Record for Measurement {
-    const SCHEMA_FILE: &'static str = "measurement_v5.avsc";
+    const SCHEMA_FILE: &'static str = "measurement_v6.avsc";
 }
 
 /// Builds the series key of a patient's data type from one provider (the key of

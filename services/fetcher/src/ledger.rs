@@ -129,6 +129,7 @@ pub fn retraction(row: &LedgerRow, context: &Context, seen_at: i64) -> Measureme
         provider_modified_at: Some(row.revision.map_or(seen_at, |r| seen_at.max(r + 1))),
         fetched_through: None,
         status: Some(STATUS_ENTERED_IN_ERROR.to_owned()),
+        waveform: None,
     }
 }
 
@@ -180,6 +181,7 @@ mod tests {
             provider_modified_at: Some(at),
             fetched_through: None,
             status: None,
+            waveform: None,
         }
     }
 

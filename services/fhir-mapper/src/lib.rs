@@ -5,6 +5,7 @@ pub mod devices;
 pub mod map;
 pub mod mapping;
 pub mod r4;
+pub mod report;
 pub mod shapes;
 pub mod stage;
 pub mod validate;

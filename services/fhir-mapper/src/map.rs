@@ -24,6 +24,7 @@ use serde_json::{Map, Number, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::mapping::{Coding, Mapping, MeasurementEntry, Statistic, StatisticEntry, Unit};
+use crate::report::{Recording, insert_waveform, linked_and_report};
 
 /// UCUM, the system of every `Quantity.code` written here.
 pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
@@ -99,6 +100,11 @@ impl MapperSettings {
     /// `identifier.system` of DeviceAssociations: `{base}/sid/device-association`.
     pub fn device_association_system(&self) -> Result<String, MappingError> {
         Ok(format!("{}/sid/device-association", self.base()?))
+    }
+
+    /// `identifier.system` of DiagnosticReports: `{base}/sid/diagnostic-report`.
+    pub fn diagnostic_report_system(&self) -> Result<String, MappingError> {
+        Ok(format!("{}/sid/diagnostic-report", self.base()?))
     }
 
     /// `meta.source` of resources from a provider: `{base}/source/{provider}`.
@@ -179,6 +185,12 @@ pub enum MappingError {
     /// A required text field of the record is empty or malformed.
     #[error("field `{0}` is empty or contains whitespace")]
     InvalidField(&'static str),
+    /// A coded component has a value the table gives no code for.
+    #[error("{data_type}: component `{component}` has a value the table has no code for")]
+    UnmappedCode {
+        data_type: String,
+        component: String,
+    },
     /// The mapper settings are unusable.
     #[error("invalid mapper settings: {0}")]
     InvalidSettings(String),
@@ -384,32 +396,82 @@ pub fn map_measurement_with(
             kind: "measurement",
             data_type: m.data_type.clone(),
         })?;
+    let retraction = m.status.is_some();
+    let (mut resources, device_reference) = if retraction {
+        (Vec::new(), None)
+    } else {
+        map_device(ctx, m.device.as_ref(), table, settings, devices)?
+    };
+    let recording = map_reading(m, entry, settings, device_reference.as_ref())?;
+    let extra = if entry.linked.is_empty() && entry.report.is_none() {
+        Vec::new()
+    } else {
+        let effective = ["effectivePeriod", "effectiveDateTime"]
+            .into_iter()
+            .find_map(|key| Some((key, recording.json.get(key)?)))
+            .ok_or(MappingError::InvalidField("effective_start"))?;
+        let value = recording.json["identifier"][0]["value"]
+            .as_str()
+            .unwrap_or_default();
+        let recorded = Recording {
+            id: &recording.id,
+            value,
+            effective,
+        };
+        linked_and_report(
+            m,
+            entry,
+            table,
+            settings,
+            &recorded,
+            device_reference.as_ref(),
+        )?
+    };
+    resources.push(recording);
+    resources.extend(extra);
+    Ok(resources)
+}
+
+/// The Observation of one reading (or its retraction, see [`map_retraction`]), pointing at
+/// `device`.
+pub(crate) fn map_reading(
+    m: &Measurement,
+    entry: &MeasurementEntry,
+    settings: &MapperSettings,
+    device: Option<&Value>,
+) -> Result<MappedResource, MappingError> {
     match m.status.as_deref() {
         None => {}
         Some(STATUS_ENTERED_IN_ERROR) => return map_retraction(m, entry, settings),
         Some(_) => return Err(MappingError::InvalidField("status")),
     }
-    let (mut resources, device_reference) =
-        map_device(ctx, m.device.as_ref(), table, settings, devices)?;
-
     let (id, mut obs) = measurement_observation(m, entry, settings)?;
-    if let Some(reference) = device_reference {
-        obs.insert("device".to_owned(), reference);
+    if let Some(reference) = device {
+        obs.insert("device".to_owned(), reference.clone());
     }
     if m.entry_method.as_deref() == Some(ENTRY_MANUAL) {
         // Typed in by the patient: patient-reported, the patient is the performer.
         obs.insert(
             "performer".to_owned(),
-            json!([{ "reference": ctx.patient_reference }]),
+            json!([{ "reference": m.context.patient_reference }]),
         );
     }
     insert_measurement_values(&mut obs, m, entry)?;
-    resources.push(MappedResource {
+    insert_waveform(&mut obs, m, entry)?;
+    Ok(MappedResource {
         resource_type: "Observation".to_owned(),
         id,
         json: Value::Object(obs),
-    });
-    Ok(resources)
+    })
+}
+
+/// A reference to a resource ohx writes: `Type/id` with the resource's identifier, so a
+/// publisher writing to a server that assigns its own ids can resolve it.
+pub(crate) fn reference_to(resource_type: &str, id: &str, system: &str, value: &str) -> Value {
+    json!({
+        "reference": format!("{resource_type}/{id}"),
+        "identifier": { "system": system, "value": value },
+    })
 }
 
 /// The id and the Observation of a Measurement before its values: identity, head (profile,
@@ -445,7 +507,7 @@ fn map_retraction(
     m: &Measurement,
     entry: &MeasurementEntry,
     settings: &MapperSettings,
-) -> Result<Vec<MappedResource>, MappingError> {
+) -> Result<MappedResource, MappingError> {
     if let Some(c) = m.components.first() {
         return Err(MappingError::UnexpectedComponent {
             data_type: m.data_type.clone(),
@@ -480,11 +542,11 @@ fn map_retraction(
     if !components.is_empty() {
         obs.insert("component".to_owned(), Value::Array(components));
     }
-    Ok(vec![MappedResource {
+    Ok(MappedResource {
         resource_type: "Observation".to_owned(),
         id,
         json: Value::Object(obs),
-    }])
+    })
 }
 
 /// Maps an HourlyAggregate to its resources: `[Device, DeviceAssociation, Observation]` when it
@@ -759,14 +821,8 @@ fn insert_measurement_values(
     m: &Measurement,
     entry: &MeasurementEntry,
 ) -> Result<(), MappingError> {
-    let expected: Vec<&str> = entry
-        .value
-        .iter()
-        .map(|v| v.source.as_str())
-        .chain(entry.components.iter().map(|c| c.source.as_str()))
-        .collect();
     for (i, component) in m.components.iter().enumerate() {
-        if !expected.contains(&component.code.as_str()) {
+        if !entry.reads(&component.code) {
             return Err(MappingError::UnexpectedComponent {
                 data_type: m.data_type.clone(),
                 component: component.code.clone(),
@@ -919,7 +975,7 @@ fn statistic_of(a: &HourlyAggregate, statistic: Statistic) -> f64 {
     }
 }
 
-fn quantity(value: Number, unit: &Unit) -> Value {
+pub(crate) fn quantity(value: Number, unit: &Unit) -> Value {
     object([
         ("value", Value::Number(value)),
         ("unit", Value::String(unit.display.clone())),
@@ -930,7 +986,7 @@ fn quantity(value: Number, unit: &Unit) -> Value {
 
 /// A JSON object of these members, moved in (`json!` would copy a `Value` member through its
 /// serializer).
-fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+pub(crate) fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
     Value::Object(
         members
             .into_iter()
@@ -939,13 +995,13 @@ fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
     )
 }
 
-fn find_unit<'a>(units: &'a [Unit], code: &str) -> Option<&'a Unit> {
+pub(crate) fn find_unit<'a>(units: &'a [Unit], code: &str) -> Option<&'a Unit> {
     units.iter().find(|u| u.code == code)
 }
 
 /// A FHIR decimal: rounded to `decimals` if given; integral values are written without a
 /// fraction (`121`, not `121.0`); `None` for NaN and infinities.
-fn decimal(value: f64, decimals: Option<u32>) -> Option<Number> {
+pub(crate) fn decimal(value: f64, decimals: Option<u32>) -> Option<Number> {
     // 2^53: every integer below it is exact in f64.
     const EXACT: f64 = 9_007_199_254_740_992.0;
     if !value.is_finite() {
@@ -976,7 +1032,7 @@ fn reported_decimal(value: f64, places: i32) -> Option<Number> {
     format!("{value:.places$}").parse().ok()
 }
 
-fn codings_json(codings: &[Coding]) -> Value {
+pub(crate) fn codings_json(codings: &[Coding]) -> Value {
     Value::Array(
         codings
             .iter()
@@ -1122,6 +1178,7 @@ mod tests {
             provider_modified_at: Some(ms("2026-11-20T07:16:00Z")),
             fetched_through: None,
             status: None,
+            waveform: None,
         }
     }
 
@@ -1593,7 +1650,13 @@ mod tests {
             }
             all.extend(map_measurement(&m, &table, &settings()).unwrap());
         }
-        assert_eq!(all.len(), table.measurements.len());
+        // Each with its linked Observations and report (an ECG's heart rate and study).
+        let parts: usize = table
+            .measurements
+            .values()
+            .map(|e| 1 + e.linked.len() + usize::from(e.report.is_some()))
+            .sum();
+        assert_eq!(all.len(), parts);
         assert!(all.iter().all(|r| r.json["status"] == "entered-in-error"));
         assert_all_valid(&all, shared_test_validator());
         let r4 = crate::r4::R4Rules::default_rules()

@@ -160,6 +160,82 @@ pub struct MeasurementEntry {
     /// a value (a night's sleep and its stages).
     #[serde(default)]
     pub components: Vec<ComponentEntry>,
+    /// The record's sample series (`Measurement::waveform`), written as one more component
+    /// with `valueSampledData` (an ECG lead). A record of this type must have one.
+    #[serde(default)]
+    pub waveform: Option<WaveformEntry>,
+    /// Components that become Observations of their own, `derivedFrom` this one (an ECG's
+    /// heart rate).
+    #[serde(default)]
+    pub linked: Vec<LinkedEntry>,
+    /// A DiagnosticReport of each record, whose `result` is this Observation and the linked
+    /// ones (an ECG study).
+    #[serde(default)]
+    pub report: Option<ReportEntry>,
+}
+
+impl MeasurementEntry {
+    /// Whether `source` is a component of the record this entry reads: the value, a component,
+    /// a linked Observation's value or the report's conclusion.
+    pub fn reads(&self, source: &str) -> bool {
+        self.value.as_ref().is_some_and(|v| v.source == source)
+            || self.components.iter().any(|c| c.source == source)
+            || self.linked.iter().any(|l| l.source == source)
+            || self
+                .report
+                .as_ref()
+                .and_then(|r| r.conclusion.as_ref())
+                .is_some_and(|c| c.source == source)
+    }
+}
+
+/// The component of a record's sample series.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveformEntry {
+    /// Codings of `Observation.component.code` (the lead).
+    pub code: Vec<Coding>,
+    /// `Observation.component.code.text`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Allowed UCUM units of the samples (`SampledData.origin`).
+    pub units: Vec<Unit>,
+    /// Decimal places of `SampledData.interval` (1000/300 ms is written `3.333333` with 6).
+    pub interval_decimals: u32,
+}
+
+/// A component of a record that becomes an Observation of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkedEntry {
+    /// The Measurement component (`heart_rate`).
+    pub source: String,
+    /// The measurement entry the Observation is mapped with; its `value` reads the component.
+    pub data_type: String,
+}
+
+/// The DiagnosticReport of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportEntry {
+    /// Codings of the single `DiagnosticReport.category`.
+    pub category: Vec<Coding>,
+    /// Codings of `DiagnosticReport.code`.
+    pub code: Vec<Coding>,
+    /// `DiagnosticReport.conclusionCode` from a coded component.
+    #[serde(default)]
+    pub conclusion: Option<ConclusionEntry>,
+}
+
+/// A coded component (an integer with unit `1`) written as `DiagnosticReport.conclusionCode`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConclusionEntry {
+    /// The Measurement component (`rhythm`).
+    pub source: String,
+    /// Codings of each value the component may have (an integer, as text); a value not listed
+    /// is a mapping error.
+    pub codes: BTreeMap<String, Vec<Coding>>,
 }
 
 /// A field of an `HourlyAggregate` that becomes a statistic component.
@@ -300,6 +376,7 @@ impl Mapping {
         for (data_type, entry) in &self.measurements {
             check_measurement(data_type, entry)?;
         }
+        check_links(&self.measurements)?;
         for (data_type, entry) in &self.aggregates {
             check_aggregate(data_type, entry)?;
         }
@@ -342,8 +419,8 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
     let at = format!("measurements.{data_type}");
     check_token("data type", data_type)?;
     check_common(&at, entry.profile.as_deref(), &entry.category, &entry.code)?;
-    if entry.value.is_none() && entry.components.is_empty() {
-        return invalid(format!("{at}: needs `value` or `components`"));
+    if entry.value.is_none() && entry.components.is_empty() && entry.waveform.is_none() {
+        return invalid(format!("{at}: needs `value`, `components` or `waveform`"));
     }
     if let Some(value) = &entry.value
         && entry.components.iter().any(|c| c.source == value.source)
@@ -358,7 +435,7 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
         check_units(&format!("{at}.value"), &value.units)?;
         check_decimals(&format!("{at}.value"), value.decimals)?;
     }
-    let mut sources = BTreeSet::new();
+    let mut sources: BTreeSet<&str> = entry.value.iter().map(|v| v.source.as_str()).collect();
     for component in &entry.components {
         let at = format!("{at}.components.{}", component.source);
         check_token(&at, &component.source)?;
@@ -368,6 +445,62 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
         check_codings(&format!("{at}.code"), &component.code)?;
         check_units(&at, &component.units)?;
         check_decimals(&at, component.decimals)?;
+    }
+    if let Some(waveform) = &entry.waveform {
+        check_codings(&format!("{at}.waveform.code"), &waveform.code)?;
+        check_units(&format!("{at}.waveform"), &waveform.units)?;
+        check_decimals(&format!("{at}.waveform"), Some(waveform.interval_decimals))?;
+    }
+    for linked in &entry.linked {
+        check_token(&format!("{at}.linked.source"), &linked.source)?;
+        check_token(&format!("{at}.linked.data_type"), &linked.data_type)?;
+        if !sources.insert(linked.source.as_str()) {
+            return invalid(format!("{at}.linked.{}: source read twice", linked.source));
+        }
+    }
+    if let Some(report) = &entry.report {
+        check_codings(&format!("{at}.report.category"), &report.category)?;
+        check_codings(&format!("{at}.report.code"), &report.code)?;
+        if let Some(conclusion) = &report.conclusion {
+            let at = format!("{at}.report.conclusion");
+            check_token(&at, &conclusion.source)?;
+            if !sources.insert(conclusion.source.as_str()) {
+                return invalid(format!("{at}: source `{}` read twice", conclusion.source));
+            }
+            if conclusion.codes.is_empty() {
+                return invalid(format!("{at}: needs codes"));
+            }
+            for (value, codings) in &conclusion.codes {
+                if value.parse::<i64>().is_err() {
+                    return invalid(format!("{at}.codes: `{value}` is not an integer"));
+                }
+                check_codings(&format!("{at}.codes.{value}"), codings)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each linked data type is a measurement entry with a value and nothing linked itself.
+fn check_links(measurements: &BTreeMap<String, MeasurementEntry>) -> Result<(), MappingTableError> {
+    for (data_type, entry) in measurements {
+        for linked in &entry.linked {
+            match measurements.get(&linked.data_type) {
+                Some(target)
+                    if target.value.is_some()
+                        && target.components.is_empty()
+                        && target.linked.is_empty()
+                        && target.waveform.is_none()
+                        && target.report.is_none() => {}
+                _ => {
+                    return invalid(format!(
+                        "measurements.{data_type}.linked: `{}` must be a measurement with a \
+                         value only",
+                        linked.data_type
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }

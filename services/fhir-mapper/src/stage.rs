@@ -442,6 +442,7 @@ mod tests {
             provider_modified_at: Some(1_790_000_000_000),
             fetched_through: None,
             status: None,
+            waveform: None,
         };
         Input {
             topic: topic::MEASUREMENTS.into(),

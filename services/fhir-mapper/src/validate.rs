@@ -33,11 +33,17 @@ pub const FHIR_SCHEMA_JSON: &str = include_str!("../../../schemas/fhir/fhir.sche
 pub const FHIR_R4_SCHEMA_JSON: &str = include_str!("../../../schemas/fhir/fhir-r4.schema.json");
 
 /// Resource types [`FhirValidator`] compiles a schema for (R5).
-pub const VALIDATED_RESOURCE_TYPES: [&str; 4] =
-    ["Observation", "Device", "DeviceAssociation", "Bundle"];
+pub const VALIDATED_RESOURCE_TYPES: [&str; 5] = [
+    "Observation",
+    "Device",
+    "DeviceAssociation",
+    "DiagnosticReport",
+    "Bundle",
+];
 
 /// Resource types [`FhirValidator`] compiles a schema for (R4, which has no DeviceAssociation).
-pub const VALIDATED_R4_RESOURCE_TYPES: [&str; 3] = ["Observation", "Device", "Bundle"];
+pub const VALIDATED_R4_RESOURCE_TYPES: [&str; 4] =
+    ["Observation", "Device", "DiagnosticReport", "Bundle"];
 
 /// The FHIR version a target speaks, and so what the mapper writes and validates for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +116,21 @@ pub const OBSERVATION_STATUSES: [&str; 8] = [
     "final",
     "amended",
     "corrected",
+    "cancelled",
+    "entered-in-error",
+    "unknown",
+];
+
+/// Codes of `DiagnosticReport.status` (required binding `DiagnosticReportStatus`; R4 lacks
+/// `modified`, which ohx never writes).
+pub const DIAGNOSTIC_REPORT_STATUSES: [&str; 10] = [
+    "registered",
+    "partial",
+    "preliminary",
+    "final",
+    "amended",
+    "corrected",
+    "appended",
     "cancelled",
     "entered-in-error",
     "unknown",
@@ -531,6 +552,7 @@ pub fn check_profile_rules(resource: &Value, version: FhirVersion) -> Result<(),
             ("DeviceAssociation", FhirVersion::R5) => {
                 check_device_association(object, &mut issues);
             }
+            ("DiagnosticReport", _) => check_diagnostic_report(object, &mut issues),
             _ => {}
         }
     } else {
@@ -870,6 +892,30 @@ fn check_device_association(association: &Map<String, Value>, issues: &mut Vec<I
         .is_some_and(Value::is_string)
     {
         issue(issues, "/device", "device.reference is required");
+    }
+}
+
+/// DiagnosticReport: a status of its required binding, a code and a subject (what the EHR
+/// files the report under).
+fn check_diagnostic_report(report: &Map<String, Value>, issues: &mut Vec<Issue>) {
+    match report.get("status").and_then(Value::as_str) {
+        None => issue(issues, "/status", "status is required"),
+        Some(status) if !DIAGNOSTIC_REPORT_STATUSES.contains(&status) => issue(
+            issues,
+            "/status",
+            "not a code of http://hl7.org/fhir/ValueSet/diagnostic-report-status",
+        ),
+        Some(_) => {}
+    }
+    if !report.contains_key("code") {
+        issue(issues, "/code", "code is required");
+    }
+    if !report
+        .get("subject")
+        .and_then(|s| s.get("reference"))
+        .is_some_and(Value::is_string)
+    {
+        issue(issues, "/subject", "subject.reference is required");
     }
 }
 
@@ -1319,7 +1365,7 @@ mod tests {
         assert_eq!(r4.version(), FhirVersion::R4);
         eprintln!("FhirValidator::new(R4) took {:?}", r4.compile_time());
         let keys: Vec<&str> = r4.validators.keys().copied().collect();
-        assert_eq!(keys, ["Bundle", "Device", "Observation"]);
+        assert_eq!(keys, ["Bundle", "Device", "DiagnosticReport", "Observation"]);
     }
 
     #[test]

@@ -347,6 +347,7 @@ mod tests {
             provider_modified_at: None,
             fetched_through,
             status: None,
+            waveform: None,
         };
         Input {
             topic: topic::MEASUREMENTS.to_owned(),

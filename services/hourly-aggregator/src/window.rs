@@ -843,6 +843,7 @@ mod tests {
             provider_modified_at: None,
             fetched_through: None,
             status: None,
+            waveform: None,
         }
     }
 

@@ -662,6 +662,7 @@ fn parse_row(
             provider_modified_at: None,
             fetched_through: None,
             status: None,
+            waveform: None,
         });
     }
     if measurements.is_empty() {

@@ -1148,6 +1148,7 @@ pub fn normalize_in(
                 provider_modified_at: modified,
                 fetched_through: None,
                 status: None,
+                waveform: None,
             };
             match by_id.get(&measurement.measurement_id) {
                 Some(seen) => {

@@ -407,6 +407,7 @@ pub fn normalize(
                 provider_modified_at: None,
                 fetched_through: None,
                 status: None,
+                waveform: None,
             });
         }
         match by_key.get(&key) {

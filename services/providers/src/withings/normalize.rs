@@ -413,6 +413,7 @@ pub fn normalize_intraday(
                 provider_modified_at: None,
                 fetched_through: None,
                 status: None,
+                waveform: None,
             });
         }
         if !found {
@@ -459,6 +460,7 @@ pub fn normalize_devices(devices: &[UserDevice], ctx: &Context) -> Normalized {
             provider_modified_at: None,
             fetched_through: None,
             status: None,
+            waveform: None,
         });
     }
     sort(&mut out);
@@ -555,6 +557,7 @@ pub fn normalize_activity(
                 provider_modified_at: day.modified.map(|m| m.saturating_mul(1000)),
                 fetched_through: None,
                 status: None,
+                waveform: None,
             });
         }
         if !found {
@@ -647,6 +650,7 @@ pub fn normalize_sleep(
                 provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
                 fetched_through: None,
                 status: None,
+                waveform: None,
             });
         }
     }
@@ -697,6 +701,7 @@ fn group_measurement(
         provider_modified_at: g.modified.map(|m| m.saturating_mul(1000)),
         fetched_through: None,
         status: None,
+        waveform: None,
     }
 }
 
