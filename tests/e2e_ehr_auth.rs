@@ -19,9 +19,10 @@ use std::time::Duration;
 
 /// Every scope the authorization server knows.
 const SCOPES: &str = "system/Observation.crus system/Device.crus system/DeviceAssociation.crus \
-                      system/Patient.crus";
+                      system/DiagnosticReport.crus system/Patient.crus";
 /// The scopes ohx asks for by default (SMART v2: hfs advertises `permission-v2`).
-const OHX_SCOPES: &str = "system/Observation.crus system/Device.crus system/DeviceAssociation.crus";
+const OHX_SCOPES: &str = "system/Observation.crus system/Device.crus system/DeviceAssociation.crus \
+                          system/DiagnosticReport.crus";
 /// Access token lifetime: short, so tokens expire while data flows.
 const TOKEN_TTL_S: u64 = 4;
 

@@ -284,3 +284,279 @@ fn diagnostic_report(
         json: Value::Object(dr),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::{MappedResource, map_measurement};
+    use crate::r4::R4Rules;
+    use crate::validate::{FhirValidator, FhirVersion, shared_test_validator};
+    use ohx_common::records::{AGGREGATION_INDIVIDUAL, Context, Device};
+
+    const START_MS: i64 = 1_752_509_738_000;
+
+    fn ctx() -> Context {
+        Context {
+            organization_id: "org-1".to_owned(),
+            ehr_target_id: "ehr-1".to_owned(),
+            patient_id: "p-1".to_owned(),
+            patient_reference: "Patient/123".to_owned(),
+            provider: "withings".to_owned(),
+            link_id: "link-1".to_owned(),
+            provider_user_id: "u12345".to_owned(),
+            sync_request_id: "sync-1".to_owned(),
+            trigger: "WEBHOOK".to_owned(),
+            received_at: START_MS,
+            fhir_version: ohx_common::records::FHIR_R5.into(),
+            deliveries: Vec::new(),
+        }
+    }
+
+    fn part(code: &str, value: f64, unit: &str) -> Component {
+        Component {
+            code: code.to_owned(),
+            value,
+            unit: unit.to_owned(),
+            decimals: None,
+        }
+    }
+
+    /// A 30 s ScanWatch recording at 300 Hz, in µV, with its rhythm code and heart rate.
+    fn ecg(rhythm: f64) -> Measurement {
+        let samples: Vec<i32> = (0..9000).map(|i| (i % 97) * 13 - 600).collect();
+        Measurement {
+            context: ctx(),
+            measurement_id: "withings:u12345:ecg:557124430".to_owned(),
+            series_key: "p-1/withings/ecg".to_owned(),
+            data_type: "ecg".to_owned(),
+            aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+            effective_start: START_MS,
+            effective_end: Some(START_MS + 30_000),
+            utc_offset_seconds: Some(7200),
+            components: vec![part("rhythm", rhythm, "1"), part("heart_rate", 71.0, "/min")],
+            device: Some(Device {
+                device_id: "dev-sw".to_owned(),
+                model: Some("ScanWatch".to_owned()),
+                model_id: Some("94".to_owned()),
+                manufacturer: Some("Withings".to_owned()),
+            }),
+            entry_method: Some("device".to_owned()),
+            provider_group_id: Some("557124430".to_owned()),
+            provider_modified_at: Some(START_MS + 40_000),
+            fetched_through: None,
+            status: None,
+            waveform: Some(Waveform {
+                unit: "uV".to_owned(),
+                origin: 0.0,
+                factor: None,
+                interval: 1000.0 / 300.0,
+                interval_unit: "ms".to_owned(),
+                samples,
+                code_map: None,
+            }),
+        }
+    }
+
+    fn map(m: &Measurement) -> Result<Vec<MappedResource>, MappingError> {
+        let table = Mapping::default_table().unwrap();
+        map_measurement(m, &table, &MapperSettings::new("https://ohx.example/fhir").unwrap())
+    }
+
+    fn kinds(resources: &[MappedResource]) -> Vec<&str> {
+        resources.iter().map(|r| r.resource_type.as_str()).collect()
+    }
+
+    #[test]
+    fn test_an_ecg_maps_to_its_study_heart_rate_and_report_valid_in_r5_and_r4() {
+        let m = ecg(2.0);
+        let all = map(&m).unwrap();
+        assert_eq!(
+            kinds(&all),
+            ["Device", "DeviceAssociation", "Observation", "Observation", "DiagnosticReport"]
+        );
+        let (study, rate, report) = (&all[2].json, &all[3].json, &all[4].json);
+
+        assert_eq!(study["code"]["coding"][0]["code"], "11524-6");
+        assert_eq!(study["category"][0]["coding"][0]["code"], "procedure");
+        let period = json!({"start": "2025-07-14T18:15:38+02:00", "end": "2025-07-14T18:16:08+02:00"});
+        assert_eq!(study["effectivePeriod"], period);
+        assert_eq!(study["device"]["reference"], format!("Device/{}", all[0].id));
+        let lead = &study["component"][0];
+        assert_eq!(lead["code"]["coding"][0]["code"], "131329");
+        let sampled = &lead["valueSampledData"];
+        assert_eq!(
+            sampled["origin"],
+            json!({"value": 0, "unit": "µV", "system": "http://unitsofmeasure.org", "code": "uV"})
+        );
+        assert_eq!(sampled["interval"].to_string(), "3.333333");
+        assert_eq!(sampled["intervalUnit"], "ms");
+        assert_eq!(sampled["dimensions"], 1);
+        assert!(sampled.get("factor").is_none(), "factor 1 is left out");
+        let data: Vec<i32> = sampled["data"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(data, m.waveform.as_ref().unwrap().samples, "every sample, in order");
+        assert!(study.get("valueQuantity").is_none());
+
+        assert_eq!(rate["code"]["coding"][0]["code"], "8867-4");
+        assert_eq!(rate["code"]["coding"][1]["code"], "147842");
+        assert_eq!(rate["valueQuantity"]["value"], 71);
+        assert_eq!(rate["valueQuantity"]["code"], "/min");
+        assert_eq!(rate["effectivePeriod"], period);
+        assert_eq!(rate["device"], study["device"]);
+        assert_eq!(rate["derivedFrom"][0]["reference"], format!("Observation/{}", all[2].id));
+        assert_eq!(
+            rate["identifier"][0]["value"],
+            format!("{}:ecg_heart_rate", study["identifier"][0]["value"].as_str().unwrap())
+        );
+        assert_ne!(all[3].id, all[2].id);
+
+        assert_eq!(report["status"], "final");
+        assert_eq!(report["code"]["coding"][0]["code"], "11524-6");
+        assert_eq!(report["category"][0]["coding"][0]["code"], "EC");
+        assert_eq!(report["subject"]["reference"], "Patient/123");
+        assert_eq!(report["effectivePeriod"], period);
+        let results: Vec<&str> = report["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reference"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            results,
+            [format!("Observation/{}", all[2].id), format!("Observation/{}", all[3].id)]
+        );
+        assert_eq!(
+            report["result"][1]["identifier"]["value"],
+            rate["identifier"][0]["value"]
+        );
+        assert_eq!(
+            report["conclusionCode"][0]["coding"][0],
+            json!({"system": "http://snomed.info/sct", "code": "164889003",
+                   "display": "Electrocardiographic atrial fibrillation"})
+        );
+
+        for resource in &all {
+            if let Err(e) = shared_test_validator().validate_all(&resource.json) {
+                panic!("{} invalid in R5: {e}", resource.resource_type);
+            }
+        }
+        let r4 = R4Rules::default_rules().unwrap().convert(all).unwrap();
+        assert_eq!(kinds(&r4), ["Device", "Observation", "Observation", "DiagnosticReport"]);
+        let sampled = &r4[1].json["component"][0]["valueSampledData"];
+        assert_eq!(sampled["period"].to_string(), "3.333333");
+        assert!(sampled.get("interval").is_none() && sampled.get("intervalUnit").is_none());
+        let validator = FhirValidator::new(FhirVersion::R4).unwrap();
+        for resource in &r4 {
+            if let Err(e) = validator.validate_all(&resource.json) {
+                panic!("{} invalid in R4: {e}\n{:#}", resource.resource_type, resource.json);
+            }
+        }
+    }
+
+    #[test]
+    fn test_every_rhythm_code_has_a_conclusion_and_any_other_is_refused() {
+        let mut seen = Vec::new();
+        for rhythm in 1..=7 {
+            let all = map(&ecg(f64::from(rhythm))).unwrap();
+            let coding = all[4].json["conclusionCode"][0]["coding"][0].clone();
+            assert!(coding["code"].is_string(), "{rhythm}");
+            assert!(!seen.contains(&coding), "{rhythm} shares a code");
+            seen.push(coding);
+        }
+        assert_eq!(seen[0]["code"], "64730000");
+        for bad in [0.0, 8.0, 2.5, f64::NAN] {
+            assert!(
+                matches!(map(&ecg(bad)), Err(MappingError::UnmappedCode { .. })),
+                "{bad}"
+            );
+        }
+        let mut percent = ecg(1.0);
+        percent.components[0].unit = "%".to_owned();
+        assert!(matches!(map(&percent), Err(MappingError::UnmappedCode { .. })));
+        let mut without = ecg(1.0);
+        without.components.remove(0);
+        assert!(matches!(map(&without), Err(MappingError::MissingComponent { .. })));
+    }
+
+    #[test]
+    fn test_an_ecg_without_heart_rate_has_no_heart_rate_observation() {
+        let mut m = ecg(1.0);
+        m.components.pop();
+        let all = map(&m).unwrap();
+        assert_eq!(
+            kinds(&all),
+            ["Device", "DeviceAssociation", "Observation", "DiagnosticReport"]
+        );
+        assert_eq!(all[3].json["result"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn test_a_waveform_must_match_the_table_and_be_usable() {
+        let mut none = ecg(1.0);
+        none.waveform = None;
+        assert!(matches!(map(&none), Err(MappingError::InvalidField("waveform"))));
+
+        let mut weight = ecg(1.0);
+        weight.data_type = "body_weight".to_owned();
+        weight.components = vec![part("value", 70.0, "kg")];
+        assert!(matches!(map(&weight), Err(MappingError::InvalidField("waveform"))));
+
+        let broken: [(fn(&mut Waveform), &str); 5] = [
+            (|w| w.unit = "mm[Hg]".to_owned(), "unit"),
+            (|w| w.interval = 0.0, "interval"),
+            (|w| w.interval_unit = "min".to_owned(), "interval unit"),
+            (|w| w.samples.clear(), "samples"),
+            (|w| w.factor = Some(0.0), "factor"),
+        ];
+        for (breaking, what) in broken {
+            let mut m = ecg(1.0);
+            breaking(m.waveform.as_mut().unwrap());
+            assert!(map(&m).is_err(), "{what}");
+        }
+        let mut scaled = ecg(1.0);
+        if let Some(w) = scaled.waveform.as_mut() {
+            w.unit = "mV".to_owned();
+            w.factor = Some(0.001);
+            w.interval = 2.0;
+        }
+        let all = map(&scaled).unwrap();
+        let sampled = &all[2].json["component"][0]["valueSampledData"];
+        assert_eq!(sampled["factor"].to_string(), "0.001");
+        assert_eq!(sampled["interval"], 2);
+        assert_eq!(sampled["origin"]["code"], "mV");
+    }
+
+    #[test]
+    fn test_an_ecg_retraction_retracts_its_heart_rate_and_report_under_their_ids() {
+        let reading = map(&ecg(2.0)).unwrap();
+        let mut gone = ecg(2.0);
+        gone.status = Some(STATUS_ENTERED_IN_ERROR.to_owned());
+        gone.components.clear();
+        gone.device = None;
+        gone.waveform = None;
+        let retracted = map(&gone).unwrap();
+        assert_eq!(
+            kinds(&retracted),
+            ["Observation", "Observation", "DiagnosticReport"]
+        );
+        for (r, was) in retracted.iter().zip(&reading[2..]) {
+            assert_eq!(r.id, was.id);
+            assert_eq!(r.json["status"], "entered-in-error");
+        }
+        assert!(retracted[2].json.get("conclusionCode").is_none());
+        assert_eq!(retracted[2].json["result"], reading[4].json["result"]);
+        for resource in &retracted {
+            shared_test_validator().validate_all(&resource.json).unwrap();
+        }
+    }
+
+    #[test]
+    fn test_data_text_is_the_samples_space_separated() {
+        assert_eq!(data_text(&[-20, 0, 20, i32::MIN]), "-20 0 20 -2147483648");
+        assert_eq!(data_text(&[7]), "7");
+    }
+}

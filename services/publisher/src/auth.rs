@@ -28,10 +28,15 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// The resource types the publisher writes, in the order scopes list them.
-pub const WRITTEN_TYPES: &[&str] = &["Observation", "Device", "DeviceAssociation"];
+pub const WRITTEN_TYPES: &[&str] = &[
+    "Observation",
+    "Device",
+    "DeviceAssociation",
+    "DiagnosticReport",
+];
 
 /// The resource types written to an R4 target (R4 has no DeviceAssociation).
-pub const WRITTEN_TYPES_R4: &[&str] = &["Observation", "Device"];
+pub const WRITTEN_TYPES_R4: &[&str] = &["Observation", "Device", "DiagnosticReport"];
 
 fn all_written_types() -> &'static [&'static str] {
     WRITTEN_TYPES
@@ -631,14 +636,15 @@ mod tests {
     fn test_default_scopes_are_v2_unless_the_server_knows_only_v1() {
         assert_eq!(
             default_scopes(WRITTEN_TYPES, false),
-            "system/Observation.crus system/Device.crus system/DeviceAssociation.crus"
+            "system/Observation.crus system/Device.crus system/DeviceAssociation.crus \
+             system/DiagnosticReport.crus"
         );
         let v1 = default_scopes(WRITTEN_TYPES, true);
         assert!(v1.contains("system/Observation.read system/Observation.write"));
         assert!(!v1.contains(".crus"));
         assert_eq!(
             default_scopes(WRITTEN_TYPES_R4, false),
-            "system/Observation.crus system/Device.crus"
+            "system/Observation.crus system/Device.crus system/DiagnosticReport.crus"
         );
     }
 
