@@ -53,7 +53,10 @@ pub fn insert_waveform(
     }
     let component = object([
         ("code", Value::Object(code)),
-        ("valueSampledData", sampled_data(&m.data_type, waveform, spec)?),
+        (
+            "valueSampledData",
+            sampled_data(&m.data_type, waveform, spec)?,
+        ),
     ]);
     match obs
         .entry("component")
@@ -91,10 +94,7 @@ pub fn sampled_data(
     let origin = decimal(w.origin, None).ok_or_else(non_finite)?;
     let interval = decimal(w.interval, Some(spec.interval_decimals)).ok_or_else(non_finite)?;
     let mut out = Map::new();
-    out.insert(
-        "origin".to_owned(),
-        crate::map::quantity(origin, unit),
-    );
+    out.insert("origin".to_owned(), crate::map::quantity(origin, unit));
     out.insert("interval".to_owned(), Value::Number(interval));
     out.insert("intervalUnit".to_owned(), json!(w.interval_unit));
     if let Some(factor) = w.factor.filter(|f| *f != 1.0) {
@@ -138,19 +138,34 @@ pub fn linked_and_report(
 ) -> Result<Vec<MappedResource>, MappingError> {
     let retracted = m.status.as_deref() == Some(STATUS_ENTERED_IN_ERROR);
     let observation_system = settings.observation_system()?;
-    let recording_ref = reference_to("Observation", recording.id, &observation_system, recording.value);
+    let recording_ref = reference_to(
+        "Observation",
+        recording.id,
+        &observation_system,
+        recording.value,
+    );
     let mut out = Vec::with_capacity(entry.linked.len() + 1);
     for linked in &entry.linked {
         let component = m.components.iter().find(|c| c.code == linked.source);
         if component.is_none() && !retracted {
             continue;
         }
-        out.push(linked_observation(m, linked, component, table, settings, &recording_ref, device)?);
+        out.push(linked_observation(
+            m,
+            linked,
+            component,
+            table,
+            settings,
+            &recording_ref,
+            device,
+        )?);
     }
     if let Some(report) = &entry.report {
         let results: Vec<Value> = std::iter::once(recording_ref.clone())
             .chain(out.iter().map(|r| {
-                let value = r.json["identifier"][0]["value"].as_str().unwrap_or_default();
+                let value = r.json["identifier"][0]["value"]
+                    .as_str()
+                    .unwrap_or_default();
                 reference_to("Observation", &r.id, &observation_system, value)
             }))
             .collect();
@@ -170,13 +185,18 @@ fn linked_observation(
     recording_ref: &Value,
     device: Option<&Value>,
 ) -> Result<MappedResource, MappingError> {
-    let entry = table
-        .measurement(&linked.data_type)
-        .ok_or_else(|| MappingError::UnknownDataType {
-            kind: "measurement",
-            data_type: linked.data_type.clone(),
-        })?;
-    let source = entry.value.as_ref().map(|v| v.source.clone()).unwrap_or_default();
+    let entry =
+        table
+            .measurement(&linked.data_type)
+            .ok_or_else(|| MappingError::UnknownDataType {
+                kind: "measurement",
+                data_type: linked.data_type.clone(),
+            })?;
+    let source = entry
+        .value
+        .as_ref()
+        .map(|v| v.source.clone())
+        .unwrap_or_default();
     let part = Measurement {
         context: m.context.clone(),
         measurement_id: format!("{}:{}", m.measurement_id, linked.data_type),
@@ -236,7 +256,11 @@ fn diagnostic_report(
     );
     dr.insert(
         "status".to_owned(),
-        json!(if retracted { STATUS_ENTERED_IN_ERROR } else { "final" }),
+        json!(if retracted {
+            STATUS_ENTERED_IN_ERROR
+        } else {
+            "final"
+        }),
     );
     dr.insert(
         "category".to_owned(),
@@ -250,7 +274,10 @@ fn diagnostic_report(
         "subject".to_owned(),
         json!({ "reference": ctx.patient_reference }),
     );
-    dr.insert(recording.effective.0.to_owned(), recording.effective.1.clone());
+    dr.insert(
+        recording.effective.0.to_owned(),
+        recording.effective.1.clone(),
+    );
     dr.insert("result".to_owned(), Value::Array(results));
     if let Some(conclusion) = report.conclusion.as_ref().filter(|_| !retracted) {
         let component = m
@@ -333,7 +360,10 @@ mod tests {
             effective_start: START_MS,
             effective_end: Some(START_MS + 30_000),
             utc_offset_seconds: Some(7200),
-            components: vec![part("rhythm", rhythm, "1"), part("heart_rate", 71.0, "/min")],
+            components: vec![
+                part("rhythm", rhythm, "1"),
+                part("heart_rate", 71.0, "/min"),
+            ],
             device: Some(Device {
                 device_id: "dev-sw".to_owned(),
                 model: Some("ScanWatch".to_owned()),
@@ -359,7 +389,11 @@ mod tests {
 
     fn map(m: &Measurement) -> Result<Vec<MappedResource>, MappingError> {
         let table = Mapping::default_table().unwrap();
-        map_measurement(m, &table, &MapperSettings::new("https://ohx.example/fhir").unwrap())
+        map_measurement(
+            m,
+            &table,
+            &MapperSettings::new("https://ohx.example/fhir").unwrap(),
+        )
     }
 
     fn kinds(resources: &[MappedResource]) -> Vec<&str> {
@@ -372,15 +406,25 @@ mod tests {
         let all = map(&m).unwrap();
         assert_eq!(
             kinds(&all),
-            ["Device", "DeviceAssociation", "Observation", "Observation", "DiagnosticReport"]
+            [
+                "Device",
+                "DeviceAssociation",
+                "Observation",
+                "Observation",
+                "DiagnosticReport"
+            ]
         );
         let (study, rate, report) = (&all[2].json, &all[3].json, &all[4].json);
 
         assert_eq!(study["code"]["coding"][0]["code"], "11524-6");
         assert_eq!(study["category"][0]["coding"][0]["code"], "procedure");
-        let period = json!({"start": "2025-07-14T18:15:38+02:00", "end": "2025-07-14T18:16:08+02:00"});
+        let period =
+            json!({"start": "2025-07-14T18:15:38+02:00", "end": "2025-07-14T18:16:08+02:00"});
         assert_eq!(study["effectivePeriod"], period);
-        assert_eq!(study["device"]["reference"], format!("Device/{}", all[0].id));
+        assert_eq!(
+            study["device"]["reference"],
+            format!("Device/{}", all[0].id)
+        );
         let lead = &study["component"][0];
         assert_eq!(lead["code"]["coding"][0]["code"], "131329");
         let sampled = &lead["valueSampledData"];
@@ -398,7 +442,11 @@ mod tests {
             .split(' ')
             .map(|s| s.parse().unwrap())
             .collect();
-        assert_eq!(data, m.waveform.as_ref().unwrap().samples, "every sample, in order");
+        assert_eq!(
+            data,
+            m.waveform.as_ref().unwrap().samples,
+            "every sample, in order"
+        );
         assert!(study.get("valueQuantity").is_none());
 
         assert_eq!(rate["code"]["coding"][0]["code"], "8867-4");
@@ -407,10 +455,16 @@ mod tests {
         assert_eq!(rate["valueQuantity"]["code"], "/min");
         assert_eq!(rate["effectivePeriod"], period);
         assert_eq!(rate["device"], study["device"]);
-        assert_eq!(rate["derivedFrom"][0]["reference"], format!("Observation/{}", all[2].id));
+        assert_eq!(
+            rate["derivedFrom"][0]["reference"],
+            format!("Observation/{}", all[2].id)
+        );
         assert_eq!(
             rate["identifier"][0]["value"],
-            format!("{}:ecg_heart_rate", study["identifier"][0]["value"].as_str().unwrap())
+            format!(
+                "{}:ecg_heart_rate",
+                study["identifier"][0]["value"].as_str().unwrap()
+            )
         );
         assert_ne!(all[3].id, all[2].id);
 
@@ -427,7 +481,10 @@ mod tests {
             .collect();
         assert_eq!(
             results,
-            [format!("Observation/{}", all[2].id), format!("Observation/{}", all[3].id)]
+            [
+                format!("Observation/{}", all[2].id),
+                format!("Observation/{}", all[3].id)
+            ]
         );
         assert_eq!(
             report["result"][1]["identifier"]["value"],
@@ -445,14 +502,20 @@ mod tests {
             }
         }
         let r4 = R4Rules::default_rules().unwrap().convert(all).unwrap();
-        assert_eq!(kinds(&r4), ["Device", "Observation", "Observation", "DiagnosticReport"]);
+        assert_eq!(
+            kinds(&r4),
+            ["Device", "Observation", "Observation", "DiagnosticReport"]
+        );
         let sampled = &r4[1].json["component"][0]["valueSampledData"];
         assert_eq!(sampled["period"].to_string(), "3.333333");
         assert!(sampled.get("interval").is_none() && sampled.get("intervalUnit").is_none());
         let validator = FhirValidator::new(FhirVersion::R4).unwrap();
         for resource in &r4 {
             if let Err(e) = validator.validate_all(&resource.json) {
-                panic!("{} invalid in R4: {e}\n{:#}", resource.resource_type, resource.json);
+                panic!(
+                    "{} invalid in R4: {e}\n{:#}",
+                    resource.resource_type, resource.json
+                );
             }
         }
     }
@@ -476,10 +539,16 @@ mod tests {
         }
         let mut percent = ecg(1.0);
         percent.components[0].unit = "%".to_owned();
-        assert!(matches!(map(&percent), Err(MappingError::UnmappedCode { .. })));
+        assert!(matches!(
+            map(&percent),
+            Err(MappingError::UnmappedCode { .. })
+        ));
         let mut without = ecg(1.0);
         without.components.remove(0);
-        assert!(matches!(map(&without), Err(MappingError::MissingComponent { .. })));
+        assert!(matches!(
+            map(&without),
+            Err(MappingError::MissingComponent { .. })
+        ));
     }
 
     #[test]
@@ -489,7 +558,12 @@ mod tests {
         let all = map(&m).unwrap();
         assert_eq!(
             kinds(&all),
-            ["Device", "DeviceAssociation", "Observation", "DiagnosticReport"]
+            [
+                "Device",
+                "DeviceAssociation",
+                "Observation",
+                "DiagnosticReport"
+            ]
         );
         assert_eq!(all[3].json["result"].as_array().unwrap().len(), 1);
     }
@@ -498,12 +572,18 @@ mod tests {
     fn test_a_waveform_must_match_the_table_and_be_usable() {
         let mut none = ecg(1.0);
         none.waveform = None;
-        assert!(matches!(map(&none), Err(MappingError::InvalidField("waveform"))));
+        assert!(matches!(
+            map(&none),
+            Err(MappingError::InvalidField("waveform"))
+        ));
 
         let mut weight = ecg(1.0);
         weight.data_type = "body_weight".to_owned();
         weight.components = vec![part("value", 70.0, "kg")];
-        assert!(matches!(map(&weight), Err(MappingError::InvalidField("waveform"))));
+        assert!(matches!(
+            map(&weight),
+            Err(MappingError::InvalidField("waveform"))
+        ));
 
         let broken: [(fn(&mut Waveform), &str); 5] = [
             (|w| w.unit = "mm[Hg]".to_owned(), "unit"),
@@ -550,7 +630,9 @@ mod tests {
         assert!(retracted[2].json.get("conclusionCode").is_none());
         assert_eq!(retracted[2].json["result"], reading[4].json["result"]);
         for resource in &retracted {
-            shared_test_validator().validate_all(&resource.json).unwrap();
+            shared_test_validator()
+                .validate_all(&resource.json)
+                .unwrap();
         }
     }
 

@@ -1365,7 +1365,10 @@ mod tests {
         assert_eq!(r4.version(), FhirVersion::R4);
         eprintln!("FhirValidator::new(R4) took {:?}", r4.compile_time());
         let keys: Vec<&str> = r4.validators.keys().copied().collect();
-        assert_eq!(keys, ["Bundle", "Device", "DiagnosticReport", "Observation"]);
+        assert_eq!(
+            keys,
+            ["Bundle", "Device", "DiagnosticReport", "Observation"]
+        );
     }
 
     #[test]

@@ -395,10 +395,18 @@ mod tests {
             Ok(Auth::ClientSecret(c)) => c.settings.written_types,
             other => panic!("{other:?}"),
         };
-        assert_eq!(types(FHIR_R4), ["Observation", "Device", "DiagnosticReport"]);
+        assert_eq!(
+            types(FHIR_R4),
+            ["Observation", "Device", "DiagnosticReport"]
+        );
         assert_eq!(
             types(R5),
-            ["Observation", "Device", "DeviceAssociation", "DiagnosticReport"]
+            [
+                "Observation",
+                "Device",
+                "DeviceAssociation",
+                "DiagnosticReport"
+            ]
         );
     }
 

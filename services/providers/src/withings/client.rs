@@ -46,6 +46,8 @@ pub const DEFAULT_AUTHORIZE_BASE_URL: &str = "https://account.withings.com";
 pub const PATH_USER_V2: &str = "/v2/user";
 /// Path of `getsummary` / `get` (sleep).
 pub const PATH_SLEEP_V2: &str = "/v2/sleep";
+/// Path of the ECG recordings (`list`, `get`).
+pub const PATH_HEART_V2: &str = "/v2/heart";
 
 /// Longest range Withings answers in one `getintradayactivity` call (longer ranges are cut to
 /// the first 24 h).
@@ -629,6 +631,60 @@ impl DatedPage for SleepPage {
     }
 }
 
+/// The ECG of a `v2/heart list` item: the signal's id and the device's AFib result.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HeartEcg {
+    #[serde(deserialize_with = "de_string")]
+    pub signalid: String,
+    /// 0 negative, 1 positive, 2 inconclusive.
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub afib: Option<i64>,
+}
+
+/// One recording of `v2/heart list`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HeartRecording {
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub deviceid: Option<String>,
+    /// The device's model number (44 BPM Core, 91 Move ECG, 93/94 ScanWatch).
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub model: Option<i64>,
+    /// `null` or missing on a recording without an ECG (a stethoscope-only one).
+    #[serde(default)]
+    pub ecg: Option<HeartEcg>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub heart_rate: Option<i64>,
+    /// Start of the recording (epoch seconds).
+    #[serde(deserialize_with = "de_i64")]
+    pub timestamp: i64,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub modified: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub timezone: Option<String>,
+}
+
+/// One page of `v2/heart list`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct HeartPage {
+    #[serde(default, deserialize_with = "de_vec_or_empty")]
+    pub series: Vec<HeartRecording>,
+    #[serde(default, deserialize_with = "de_bool")]
+    pub more: bool,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub offset: Option<i64>,
+}
+
+/// The body of `v2/heart get`: the signal in µV at `sampling_frequency` Hz.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct HeartSignal {
+    #[serde(default, deserialize_with = "de_vec_or_empty")]
+    pub signal: Vec<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub sampling_frequency: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub wearposition: Option<i64>,
+}
+
 /// One page of `getactivity`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct ActivityPage {
@@ -910,6 +966,62 @@ impl WithingsClient {
             }
         }
         Err(WithingsError::Decode(format!("{action}: too many pages")))
+    }
+
+    /// `v2/heart list`: the ECG recordings made in `window` (epoch seconds), all pages (one
+    /// [`RateGate`] permit per page).
+    ///
+    /// # Errors
+    ///
+    /// The first failing page's error; [`WithingsError::Decode`] when paging does not advance.
+    pub async fn get_heart_list(
+        &self,
+        token: &str,
+        window: Window,
+    ) -> Result<Vec<HeartRecording>, WithingsError> {
+        let mut out = Vec::new();
+        let mut offset: Option<i64> = None;
+        for _ in 0..MAX_MEASURE_PAGES {
+            let mut form = vec![
+                ("action", "list".to_owned()),
+                ("startdate", window.start_s.to_string()),
+                ("enddate", window.end_s.to_string()),
+            ];
+            if let Some(o) = offset {
+                form.push(("offset", o.to_string()));
+            }
+            let page: HeartPage = self
+                .post(PATH_HEART_V2, Some(token), &form, Endpoint::Data)
+                .await?;
+            out.extend(page.series);
+            if !page.more {
+                return Ok(out);
+            }
+            match page.offset {
+                Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
+                _ => {
+                    return Err(WithingsError::Decode(
+                        "heart list paging does not advance".into(),
+                    ));
+                }
+            }
+        }
+        Err(WithingsError::Decode("heart list: too many pages".into()))
+    }
+
+    /// `v2/heart get`: the signal of one recording.
+    ///
+    /// # Errors
+    ///
+    /// See [`WithingsError`].
+    pub async fn get_heart_signal(
+        &self,
+        token: &str,
+        signalid: &str,
+    ) -> Result<HeartSignal, WithingsError> {
+        let form = [("action", "get"), ("signalid", signalid)];
+        self.post(PATH_HEART_V2, Some(token), &form, Endpoint::Data)
+            .await
     }
 
     /// `v2/user getdevice`: the devices of the token's user.

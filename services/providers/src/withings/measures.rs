@@ -106,6 +106,38 @@ pub struct Devices {
     pub category: String,
 }
 
+/// The category whose fetch lists the ECG recordings (`v2/heart list`) and reads each
+/// signal (`v2/heart get`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartRule {
+    pub category: String,
+    pub data_type: String,
+    /// Tag in the measurement id.
+    pub id: String,
+    /// UCUM unit of the signal's samples.
+    pub unit: String,
+    /// The device's `afib` result → the mapping table's rhythm code.
+    pub rhythm: BTreeMap<String, i64>,
+    /// Model number → model name.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+}
+
+impl HeartRule {
+    /// The rhythm code of an `afib` result, if the table knows it.
+    #[must_use]
+    pub fn rhythm_of(&self, afib: i64) -> Option<i64> {
+        self.rhythm.get(&afib.to_string()).copied()
+    }
+
+    /// The model name of a model number, if the table knows it.
+    #[must_use]
+    pub fn model_name(&self, model: i64) -> Option<&str> {
+        self.models.get(&model.to_string()).map(String::as_str)
+    }
+}
+
 /// A data type made of several measure types of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +162,8 @@ struct Raw {
     #[serde(default)]
     devices: Option<Devices>,
     #[serde(default)]
+    heart: Option<HeartRule>,
+    #[serde(default)]
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<String, TypeRule>,
 }
@@ -143,6 +177,7 @@ pub struct MeasureTable {
     daily: BTreeMap<String, DailyRule>,
     sleep: Sleep,
     devices: Option<Devices>,
+    heart: Option<HeartRule>,
     panels: BTreeMap<String, Panel>,
     types: BTreeMap<i32, TypeRule>,
 }
@@ -261,7 +296,22 @@ impl MeasureTable {
                 + usize::from(raw.daily.contains_key(c))
                 + usize::from(!sleep.types.is_empty() && sleep.category == c)
                 + usize::from(raw.devices.as_ref().is_some_and(|d| d.category == c))
+                + usize::from(raw.heart.as_ref().is_some_and(|h| h.category == c))
         };
+        if let Some(heart) = &raw.heart {
+            let keys_ok = heart.rhythm.keys().all(|k| k.parse::<i64>().is_ok())
+                && heart.models.keys().all(|k| k.parse::<i64>().is_ok());
+            if [&heart.category, &heart.data_type, &heart.id, &heart.unit]
+                .iter()
+                .any(|t| t.trim().is_empty())
+                || heart.rhythm.is_empty()
+                || !keys_ok
+            {
+                return Err(TableError(
+                    "heart: every field set, rhythm and models keyed by integers".into(),
+                ));
+            }
+        }
         let mut notify = BTreeMap::new();
         for (k, categories) in raw.notify {
             let appli = int_key("notify", &k)?;
@@ -281,6 +331,7 @@ impl MeasureTable {
             daily: raw.daily,
             sleep,
             devices: raw.devices,
+            heart: raw.heart,
             panels: raw.panels,
             types,
         })
@@ -314,6 +365,7 @@ impl MeasureTable {
             .map(String::as_str)
             .chain((!self.sleep.types.is_empty()).then_some(self.sleep.category.as_str()))
             .chain(self.devices.as_ref().map(|d| d.category.as_str()))
+            .chain(self.heart.as_ref().map(|h| h.category.as_str()))
             .collect()
     }
 
@@ -372,6 +424,12 @@ impl MeasureTable {
         self.devices
             .as_ref()
             .is_some_and(|d| d.category == category)
+    }
+
+    /// The ECG rule, if `category` is the one that reads the recordings.
+    #[must_use]
+    pub fn heart(&self, category: &str) -> Option<&HeartRule> {
+        self.heart.as_ref().filter(|h| h.category == category)
     }
 
     /// What measure type `t` becomes.

@@ -276,6 +276,7 @@ fn count_skips(out: &mut Fetched, stats: &NormalizeStats) {
     out.skip("disabled_data_type", "", stats.disabled);
     out.skip("invalid_value", "", stats.invalid_values);
     out.skip("entry_without_value", "", stats.entries_without_value);
+    out.skip("unusable_recording", "", stats.unusable_recordings);
 }
 
 impl Withings {
@@ -428,6 +429,36 @@ impl Withings {
                 .await?;
             fetched.api_calls += 1;
             let n = normalize::normalize_sleep(&nights, context, rules, policy, None);
+            count_skips(&mut fetched, &n.stats);
+            out.extend(n.measurements);
+        }
+        // ECG recordings (v2/heart list, then get for each recording's signal).
+        let heart = plan
+            .windows
+            .iter()
+            .find_map(|(c, w)| Some((table.heart(c)?, *w)));
+        if let Some((rule, (start, end))) = heart
+            && policy.allows(&rule.data_type)
+        {
+            let window = Window {
+                start_s: start.div_euclid(1000),
+                end_s: (end + 999).div_euclid(1000),
+            };
+            let recordings = client.get_heart_list(token, window).await?;
+            fetched.api_calls += 1;
+            let mut signals = Vec::with_capacity(recordings.len());
+            for mut recording in recordings {
+                let Some(signalid) = recording.ecg.as_ref().map(|e| e.signalid.clone()) else {
+                    continue;
+                };
+                let signal = client.get_heart_signal(token, &signalid).await?;
+                fetched.api_calls += 1;
+                if recording.timezone.is_none() {
+                    recording.timezone.clone_from(&timezone);
+                }
+                signals.push((recording, signal));
+            }
+            let n = normalize::normalize_ecg(&signals, context, rule, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
         }

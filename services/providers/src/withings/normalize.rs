@@ -28,14 +28,14 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use ohx_common::records::{
     AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, DATA_TYPE_DEVICE, Device,
-    Measurement, series_key,
+    Measurement, Waveform, series_key,
 };
 
 use super::client::{
-    ActivityDay, CATEGORY_OBJECTIVE, IntradayResponse, Measure, MeasureGroup, MeasureResponse,
-    SleepNight, UserDevice,
+    ActivityDay, CATEGORY_OBJECTIVE, HeartRecording, HeartSignal, IntradayResponse, Measure,
+    MeasureGroup, MeasureResponse, SleepNight, UserDevice,
 };
-use super::measures::{DailyRule, IntradayRule, MeasureTable, SleepRule};
+use super::measures::{DailyRule, HeartRule, IntradayRule, MeasureTable, SleepRule};
 use crate::policy::Policy;
 
 /// `measurement_id` prefix and manufacturer name.
@@ -84,6 +84,9 @@ pub struct NormalizeStats {
     pub invalid_values: u64,
     /// Intraday entries with none of the fields asked for (skipped).
     pub entries_without_value: u64,
+    /// ECG recordings whose signal is missing or unusable (no samples, no sampling
+    /// frequency, a sample out of range) or whose AFib result the table does not know.
+    pub unusable_recordings: u64,
     /// A time zone name that is not in the tz database (the fallback offset was used).
     pub unknown_timezone: Option<String>,
 }
@@ -653,6 +656,112 @@ pub fn normalize_sleep(
                 waveform: None,
             });
         }
+    }
+    sort(&mut out);
+    Normalized {
+        measurements: out,
+        stats,
+    }
+}
+
+/// Component code of an ECG's rhythm classification (the mapping table's rhythm code).
+pub const COMPONENT_RHYTHM: &str = "rhythm";
+/// Component code of an ECG's average heart rate.
+pub const COMPONENT_HEART_RATE: &str = "heart_rate";
+/// UCUM unit of a code.
+const UNIT_CODE: &str = "1";
+
+/// ECG recordings of `v2/heart list`, each with its `v2/heart get` signal, as `ecg`
+/// Measurements: the signal as a waveform in µV at 1000 / `sampling_frequency` ms, from the
+/// recording's `timestamp` to the end of its last sample; the AFib result as the table's
+/// rhythm code; the average heart rate where given; the recording's device. A recording
+/// without ECG (stethoscope only) gives nothing; one whose signal or AFib result is unusable
+/// is counted in [`NormalizeStats::unusable_recordings`].
+#[must_use]
+pub fn normalize_ecg(
+    recordings: &[(HeartRecording, HeartSignal)],
+    ctx: &Context,
+    rule: &HeartRule,
+    policy: &Policy,
+    fallback_utc_offset_seconds: Option<i32>,
+) -> Normalized {
+    let mut stats = NormalizeStats::default();
+    let mut out = Vec::new();
+    let user = &ctx.provider_user_id;
+    for (recording, signal) in recordings {
+        let Some(ecg) = &recording.ecg else {
+            continue;
+        };
+        if !policy.allows(&rule.data_type) {
+            stats.disabled += 1;
+            continue;
+        }
+        let rhythm = ecg.afib.and_then(|a| rule.rhythm_of(a));
+        let frequency = signal.sampling_frequency.filter(|f| *f > 0);
+        let samples: Option<Vec<i32>> = signal
+            .signal
+            .iter()
+            .map(|s| i32::try_from(*s).ok())
+            .collect();
+        let (Some(rhythm), Some(frequency), Some(samples)) = (rhythm, frequency, samples) else {
+            stats.unusable_recordings += 1;
+            continue;
+        };
+        if samples.is_empty() {
+            stats.unusable_recordings += 1;
+            continue;
+        }
+        let start = recording.timestamp.saturating_mul(1000);
+        // Sample count × 1000 / Hz, in whole milliseconds (rounded up: the end covers the
+        // last sample).
+        let length = (i64::try_from(samples.len())
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+            .saturating_add(frequency - 1))
+            / frequency;
+        let mut components = vec![component(COMPONENT_RHYTHM, rhythm as f64, UNIT_CODE)];
+        if let Some(rate) = recording.heart_rate.filter(|r| *r > 0) {
+            components.push(component(
+                COMPONENT_HEART_RATE,
+                rate as f64,
+                UNIT_PER_MINUTE,
+            ));
+        }
+        let offsets = OffsetResolver::new(
+            recording.timezone.as_deref(),
+            fallback_utc_offset_seconds,
+            &mut stats,
+        );
+        out.push(Measurement {
+            context: ctx.clone(),
+            measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", rule.id, ecg.signalid),
+            series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
+            data_type: rule.data_type.clone(),
+            aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+            effective_start: start,
+            effective_end: Some(start.saturating_add(length)),
+            utc_offset_seconds: offsets.offset_at(recording.timestamp),
+            components,
+            device: device(
+                recording.deviceid.as_deref(),
+                recording.model.and_then(|m| rule.model_name(m)),
+                recording.model,
+            ),
+            entry_method: Some("device".to_owned()),
+            provider_group_id: Some(ecg.signalid.clone()),
+            provider_modified_at: recording.modified.map(|m| m.saturating_mul(1000)),
+            fetched_through: None,
+            status: None,
+            waveform: Some(Waveform {
+                unit: rule.unit.clone(),
+                origin: 0.0,
+                factor: None,
+                interval: 1000.0 / frequency as f64,
+                interval_unit: "ms".to_owned(),
+                samples,
+                code_map: None,
+            }),
+        });
     }
     sort(&mut out);
     Normalized {
@@ -1625,5 +1734,127 @@ mod tests {
         assert_eq!(d.manufacturer.as_deref(), Some("Withings"));
         let watch = find(&n, "withings:363:device:w93");
         assert_eq!(watch.device.as_ref().unwrap().device_id, "w93");
+    }
+
+    /// `v2/heart list` as research/providers.md §1.4.5 quotes a real answer, with a second
+    /// recording from a BPM Core and a stethoscope-only one.
+    const HEART_LIST: &str = r#"{"series":[
+        {"deviceid":"sw-1","model":94,"ecg":{"signalid":557124430,"afib":0},
+         "heart_rate":71,"timestamp":1752509738,"modified":1752509778},
+        {"deviceid":"core-1","model":44,"ecg":{"signalid":"557124431","afib":1},
+         "bloodpressure":{"diastole":80,"systole":120},
+         "heart_rate":96,"timestamp":1752513338,"modified":1752513400},
+        {"deviceid":"core-1","model":44,"stetho":{"signalid":99,"vhd":0},
+         "timestamp":1752516938,"modified":1752516999}],
+      "more":false,"offset":0}"#;
+
+    fn heart_recordings() -> Vec<(HeartRecording, HeartSignal)> {
+        let page: crate::withings::client::HeartPage = serde_json::from_str(HEART_LIST).unwrap();
+        let watch: Vec<i64> = (0..9000).map(|i| (i % 50) * 8 - 200).collect();
+        let core: Vec<i64> = (0..10_000).map(|i| 300 - (i % 30) * 20).collect();
+        let signals = [
+            serde_json::json!({"signal": watch, "sampling_frequency": 300, "wearposition": 3}),
+            serde_json::json!({"signal": core, "sampling_frequency": "500", "wearposition": 0}),
+            serde_json::json!({}),
+        ];
+        page.series
+            .into_iter()
+            .zip(signals)
+            .map(|(r, s)| (r, serde_json::from_value(s).unwrap()))
+            .collect()
+    }
+
+    fn heart_rule() -> HeartRule {
+        toml::from_str::<toml::Table>(include_str!("measures.toml")).unwrap()["heart"]
+            .clone()
+            .try_into()
+            .unwrap()
+    }
+
+    #[test]
+    fn test_ecg_recordings_become_waveform_measurements_with_rhythm_and_heart_rate() {
+        let recordings = heart_recordings();
+        let mut zoned = recordings.clone();
+        zoned[0].0.timezone = Some("Europe/Paris".into());
+        let n = normalize_ecg(&zoned, &ctx(), &heart_rule(), &Policy::default(), None);
+        assert_eq!(
+            n.measurements.len(),
+            2,
+            "the stethoscope-only recording gives nothing"
+        );
+        assert_eq!(n.stats.unusable_recordings, 0);
+
+        let watch = find(&n, "withings:363:ecg:557124430");
+        assert_eq!(watch.data_type, "ecg");
+        assert_eq!(watch.series_key, "p1/withings/ecg");
+        assert_eq!(watch.effective_start, 1_752_509_738_000);
+        // 9000 samples at 300 Hz: 30 s.
+        assert_eq!(watch.effective_end, Some(1_752_509_768_000));
+        assert_eq!(watch.utc_offset_seconds, Some(7200));
+        assert_eq!(watch.provider_modified_at, Some(1_752_509_778_000));
+        assert_eq!(watch.provider_group_id.as_deref(), Some("557124430"));
+        assert_eq!(
+            watch.components,
+            [
+                component(COMPONENT_RHYTHM, 1.0, "1"),
+                component(COMPONENT_HEART_RATE, 71.0, "/min")
+            ]
+        );
+        let device = watch.device.as_ref().unwrap();
+        assert_eq!(device.device_id, "sw-1");
+        assert_eq!(device.model.as_deref(), Some("ScanWatch"));
+        assert_eq!(device.model_id.as_deref(), Some("94"));
+        let w = watch.waveform.as_ref().unwrap();
+        assert_eq!((w.unit.as_str(), w.interval_unit.as_str()), ("uV", "ms"));
+        assert!((w.interval - 1000.0 / 300.0).abs() < 1e-12);
+        let sent: Vec<i32> = recordings[0].1.signal.iter().map(|s| *s as i32).collect();
+        assert_eq!(w.samples, sent);
+
+        let core = find(&n, "withings:363:ecg:557124431");
+        assert_eq!(core.components[0], component(COMPONENT_RHYTHM, 2.0, "1"));
+        // 10000 samples at 500 Hz: 20 s.
+        assert_eq!(core.effective_end, Some(1_752_513_358_000));
+        assert_eq!(core.waveform.as_ref().unwrap().interval, 2.0);
+        assert_eq!(core.utc_offset_seconds, None, "no zone, no fallback");
+        assert_eq!(
+            core.device.as_ref().unwrap().model.as_deref(),
+            Some("BPM Core")
+        );
+    }
+
+    #[test]
+    fn test_unusable_ecg_recordings_are_counted_not_emitted() {
+        let rule = heart_rule();
+        let breaks: [(fn(&mut (HeartRecording, HeartSignal)), &str); 5] = [
+            (|r| r.1.signal.clear(), "no samples"),
+            (|r| r.1.sampling_frequency = None, "no frequency"),
+            (|r| r.1.sampling_frequency = Some(0), "zero frequency"),
+            (
+                |r| r.1.signal[3] = i64::from(i32::MAX) + 1,
+                "sample out of range",
+            ),
+            (
+                |r| r.0.ecg.as_mut().unwrap().afib = Some(7),
+                "unknown AFib result",
+            ),
+        ];
+        for (breaking, what) in breaks {
+            let mut recordings = heart_recordings();
+            breaking(&mut recordings[0]);
+            let n = normalize_ecg(&recordings, &ctx(), &rule, &Policy::default(), None);
+            assert_eq!(n.stats.unusable_recordings, 1, "{what}");
+            assert_eq!(
+                n.measurements.len(),
+                1,
+                "{what}: the other recording still goes"
+            );
+        }
+        use crate::policy::PolicyDoc;
+        let doc: PolicyDoc =
+            serde_json::from_value(serde_json::json!({"disabled_data_types": ["ecg"]})).unwrap();
+        let policy = Policy::resolve(&doc, &PolicyDoc::default(), BTreeMap::new());
+        let n = normalize_ecg(&heart_recordings(), &ctx(), &rule, &policy, None);
+        assert!(n.measurements.is_empty());
+        assert_eq!(n.stats.disabled, 2);
     }
 }
