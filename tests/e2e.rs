@@ -1386,6 +1386,113 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An ECG notification (54) brings the recording from `v2/heart list` → `get`: a
+/// DiagnosticReport (11524-6) concluding atrial fibrillation (SNOMED), resulting in the
+/// EKG-study Observation (the µV samples as SampledData at 300 Hz, every sample in order) and
+/// the recording's heart rate `derivedFrom` it, both pointing at the watch's Device; the same
+/// notification again changes nothing.
+async fn withings_ecg_diagnostic_report(env: Arc<Env>) -> anyhow::Result<()> {
+    let p = env.new_patient(5030).await?;
+    let at = hour_floor(Utc::now().timestamp_millis()) - 2 * HOUR + 15 * 60_000;
+    let samples: Vec<i64> = (0..9000).map(|i| ((i * 37) % 1201) - 600).collect();
+    let recording = json!({"deviceid": "sw-5030", "model": 94, "timezone": "Europe/Paris",
+        "ecg": {"signalid": 557_125_030_i64, "afib": 1}, "heart_rate": 88,
+        "timestamp": at / 1000, "modified": at / 1000 + 40,
+        "signal": samples, "sampling_frequency": 300, "wearposition": 3});
+    let r = env
+        .http
+        .post(format!("{}/_sim/users/{}/heart", env.sim_url, p.userid))
+        .json(&json!({"series": [recording]}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "sim heart: {}", r.text().await?);
+    env.notify(p.userid, 54, at - 60_000, at + 60_000).await?;
+    let reports = env
+        .wait_for(
+            &format!("DiagnosticReport?subject={}", p.reference),
+            1,
+            Duration::from_secs(90),
+        )
+        .await?;
+    ensure!(reports.len() == 1, "one report: {}", reports.len());
+    let report = &reports[0];
+    ensure!(report["status"] == "final" && code_of(report) == "11524-6", "{report}");
+    let conclusion = &report["conclusionCode"][0]["coding"][0];
+    ensure!(
+        conclusion["system"] == "http://snomed.info/sct" && conclusion["code"] == "164889003",
+        "conclusion {conclusion}"
+    );
+    let results: Vec<&str> = report["result"]
+        .as_array()
+        .context("result")?
+        .iter()
+        .filter_map(|r| r["reference"].as_str())
+        .collect();
+    ensure!(results.len() == 2, "study and heart rate: {results:?}");
+    let study = env.fhir(results[0]).await?;
+    let rate = env.fhir(results[1]).await?;
+
+    ensure!(code_of(&study) == "11524-6", "{study}");
+    ensure!(
+        instant(study["effectivePeriod"]["start"].as_str().unwrap_or(""))? == at
+            && instant(study["effectivePeriod"]["end"].as_str().unwrap_or(""))? == at + 30_000,
+        "30 s from the recording's start: {}",
+        study["effectivePeriod"]
+    );
+    let lead = component(&study, "urn:iso:std:iso:11073:10101", "131329").context("lead I")?;
+    let sampled = &lead["valueSampledData"];
+    ensure!(
+        sampled["origin"]["code"] == "uV"
+            && sampled["intervalUnit"] == "ms"
+            && sampled["interval"].as_f64() == Some(3.333333)
+            && sampled["dimensions"] == 1,
+        "{sampled}"
+    );
+    let data: Vec<i64> = sampled["data"]
+        .as_str()
+        .context("data")?
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(data == samples, "{} samples, not the 9000 sent in order", data.len());
+
+    ensure!(code_of(&rate) == "8867-4", "{rate}");
+    ensure!(
+        quantity(&rate["valueQuantity"]) == (88.0, "/min".into()),
+        "{}",
+        rate["valueQuantity"]
+    );
+    ensure!(
+        rate["derivedFrom"][0]["reference"].as_str() == Some(results[0]),
+        "heart rate derived from the study: {}",
+        rate["derivedFrom"]
+    );
+    ensure!(rate["device"]["reference"] == study["device"]["reference"], "one device");
+    let device = env
+        .fhir(study["device"]["reference"].as_str().context("device")?)
+        .await?;
+    ensure!(
+        device["identifier"].to_string().contains("sw-5030")
+            && device["modelNumber"] == "94"
+            && device["displayName"] == "Withings ScanWatch",
+        "{device}"
+    );
+
+    // The same notification again: nothing new.
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    env.notify(p.userid, 54, at - 60_000, at + 60_000).await?;
+    wait_settled(&env.kafka, Duration::from_secs(120)).await?;
+    for reference in [
+        format!("DiagnosticReport/{}", report["id"].as_str().unwrap_or("")),
+        results[0].to_owned(),
+        results[1].to_owned(),
+    ] {
+        let now = env.fhir(&reference).await?;
+        ensure!(now["meta"]["versionId"] == "1", "{reference}: {}", now["meta"]);
+    }
+    Ok(())
+}
+
 /// `ohx connect` for `patient_id`, then the provider's authorize page signed in as Withings
 /// user `userid` in `browser` (redirects not followed); returns the gateway callback URL the
 /// provider redirected to.
@@ -2796,6 +2903,9 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("withings_sleep_summary", |e| {
             Box::pin(withings_sleep_summary(e))
+        }),
+        ("withings_ecg_diagnostic_report", |e| {
+            Box::pin(withings_ecg_diagnostic_report(e))
         }),
         ("withings_deleted_group_entered_in_error", |e| {
             Box::pin(withings_deleted_group_entered_in_error(e))

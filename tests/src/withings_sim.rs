@@ -469,6 +469,8 @@ struct User {
     activities: BTreeMap<String, Map<String, Value>>,
     /// Sleep summaries keyed by their night `id`, as `v2/sleep getsummary` answers them.
     sleep_summaries: BTreeMap<i64, Map<String, Value>>,
+    /// ECG recordings keyed by `ecg.signalid`: the `v2/heart list` item and the `get` body.
+    heart: BTreeMap<i64, (Map<String, Value>, Map<String, Value>)>,
     /// Devices as `v2/user getdevice` lists them.
     devices: Vec<Value>,
     subscriptions: Vec<Subscription>,
@@ -605,6 +607,7 @@ impl Inner {
             intraday: BTreeMap::new(),
             activities: BTreeMap::new(),
             sleep_summaries: BTreeMap::new(),
+            heart: BTreeMap::new(),
             devices: Vec::new(),
             subscriptions: Vec::new(),
             current_access: None,
@@ -857,6 +860,8 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `/measure`: `getmeas`;
 /// * `/v2/measure`: `getintradayactivity`, `getactivity` (daily rows, boolean `more`);
 /// * `/v2/sleep`: `getsummary` (nights, boolean `more`);
+/// * `/v2/heart`: `list` (recordings whose `timestamp` lies in `startdate..=enddate`, boolean
+///   `more`), `get` (`signalid` → `signal` in µV, `sampling_frequency`, `wearposition`);
 /// * `/v2/user`: `getdevice`;
 /// * `/notify`: `subscribe`, `list`, `get`, `revoke`, `update`;
 /// * `GET /oauth2_user/authorize2`: browser authorize step, redirects to
@@ -874,6 +879,9 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 ///   replaces the one of its date);
 /// * `POST /_sim/users/{userid}/sleep-summaries` `{"series":[{"id":N,...}]}` (a night replaces
 ///   the one with its id);
+/// * `POST /_sim/users/{userid}/heart` `{"series":[{list item..., "signal":[...],
+///   "sampling_frequency":N, "wearposition":N}]}` (a recording replaces the one with its
+///   `ecg.signalid`);
 /// * `POST /_sim/users/{userid}/devices` `{"devices":[...]}` (replaces the list);
 /// * `POST /_sim/users/{userid}/expire-access-token`;
 /// * `POST /_sim/users/{userid}/revoke`;
@@ -891,6 +899,7 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/measure", get(api).post(api))
         .route("/v2/measure", get(api).post(api))
         .route("/v2/sleep", get(api).post(api))
+        .route("/v2/heart", get(api).post(api))
         .route("/v2/user", get(api).post(api))
         .route("/notify", get(api).post(api))
         .route("/oauth2_user/authorize2", get(authorize))
@@ -906,6 +915,7 @@ pub fn router(state: Arc<SimState>) -> Router {
             "/_sim/users/{userid}/sleep-summaries",
             post(sim_sleep_summaries),
         )
+        .route("/_sim/users/{userid}/heart", post(sim_heart))
         .route("/_sim/users/{userid}/devices", post(sim_devices))
         .route(
             "/_sim/users/{userid}/expire-access-token",
@@ -1041,6 +1051,11 @@ async fn handle_api(
                 inner.record_requested(userid, params, &["data_fields"], "sleep");
                 return inner.sleep_summary(userid, params, st.config.page_size);
             }
+            ("v2/heart", "list") => {
+                inner.record_requested(userid, params, &[], "heart");
+                return inner.heart_list(userid, params, st.config.page_size);
+            }
+            ("v2/heart", "get") => return inner.heart_get(userid, params),
             ("v2/measure", "getactivity") => {
                 inner.record_requested(userid, params, &["data_fields"], "activity");
                 return inner.activity(userid, params, st.config.page_size);
@@ -1449,6 +1464,55 @@ impl Inner {
             .collect();
         let next = offset + page.len();
         Reply::ok(json!({"series": page, "more": next < nights.len(), "offset": next}))
+    }
+
+    /// `v2/heart list`: the recordings whose `timestamp` lies in `startdate..=enddate` (both
+    /// optional), oldest first, paged with boolean `more` and `offset`.
+    fn heart_list(&self, userid: i64, params: &Params, page_size: usize) -> Reply {
+        let Some(user) = self.users.get(&userid) else {
+            return Reply::unauthorized();
+        };
+        let (start, end, offset) = match (
+            int_param(params, "startdate"),
+            int_param(params, "enddate"),
+            int_param(params, "offset"),
+        ) {
+            (Ok(s), Ok(e), Ok(o)) => (s, e, o.unwrap_or(0)),
+            (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+        };
+        let mut items: Vec<&Map<String, Value>> = user
+            .heart
+            .values()
+            .map(|(item, _)| item)
+            .filter(|item| {
+                let t = item.get("timestamp").and_then(Value::as_i64).unwrap_or(0);
+                start.is_none_or(|s| t >= s) && end.is_none_or(|e| t <= e)
+            })
+            .collect();
+        items.sort_by_key(|item| item.get("timestamp").and_then(Value::as_i64));
+        let Ok(offset) = usize::try_from(offset) else {
+            return Reply::invalid("invalid offset");
+        };
+        let page: Vec<&Map<String, Value>> =
+            items.iter().skip(offset).take(page_size.max(1)).copied().collect();
+        let next = offset + page.len();
+        Reply::ok(json!({"series": page, "more": next < items.len(), "offset": next}))
+    }
+
+    /// `v2/heart get`: the signal of `signalid`.
+    fn heart_get(&self, userid: i64, params: &Params) -> Reply {
+        let Some(user) = self.users.get(&userid) else {
+            return Reply::unauthorized();
+        };
+        let signalid = match int_param(params, "signalid") {
+            Ok(Some(id)) => id,
+            Ok(None) => return Reply::invalid("signalid is required"),
+            Err(r) => return r,
+        };
+        match user.heart.get(&signalid) {
+            Some((_, signal)) => Reply::ok(Value::Object(signal.clone())),
+            None => Reply::invalid("unknown signalid"),
+        }
     }
 
     fn intraday(&self, userid: i64, params: &Params) -> Reply {
@@ -1904,6 +1968,43 @@ async fn sim_sleep_summaries(
             return sim_error(StatusCode::BAD_REQUEST, "every night needs an integer id");
         };
         user.sleep_summaries.insert(id, night);
+        stored += 1;
+    }
+    axum::Json(json!({ "stored": stored })).into_response()
+}
+
+/// `POST /_sim/users/{userid}/heart`: stores ECG recordings by `ecg.signalid`, each split
+/// into its `v2/heart list` item and its `get` body (`signal`, `sampling_frequency`,
+/// `wearposition`).
+async fn sim_heart(
+    State(st): State<Arc<SimState>>,
+    Path(userid): Path<i64>,
+    body: Bytes,
+) -> Response {
+    let b: SleepSummariesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    let mut stored = 0;
+    for mut item in b.series {
+        let Some(id) = item
+            .get("ecg")
+            .and_then(|e| e.get("signalid"))
+            .and_then(Value::as_i64)
+        else {
+            return sim_error(StatusCode::BAD_REQUEST, "every recording needs ecg.signalid");
+        };
+        let mut signal = Map::new();
+        for key in ["signal", "sampling_frequency", "wearposition"] {
+            if let Some(v) = item.remove(key) {
+                signal.insert(key.to_owned(), v);
+            }
+        }
+        user.heart.insert(id, (item, signal));
         stored += 1;
     }
     axum::Json(json!({ "stored": stored })).into_response()
