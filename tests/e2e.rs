@@ -1416,7 +1416,10 @@ async fn withings_ecg_diagnostic_report(env: Arc<Env>) -> anyhow::Result<()> {
         .await?;
     ensure!(reports.len() == 1, "one report: {}", reports.len());
     let report = &reports[0];
-    ensure!(report["status"] == "final" && code_of(report) == "11524-6", "{report}");
+    ensure!(
+        report["status"] == "final" && code_of(report) == "11524-6",
+        "{report}"
+    );
     let conclusion = &report["conclusionCode"][0]["coding"][0];
     ensure!(
         conclusion["system"] == "http://snomed.info/sct" && conclusion["code"] == "164889003",
@@ -1454,7 +1457,11 @@ async fn withings_ecg_diagnostic_report(env: Arc<Env>) -> anyhow::Result<()> {
         .split(' ')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    ensure!(data == samples, "{} samples, not the 9000 sent in order", data.len());
+    ensure!(
+        data == samples,
+        "{} samples, not the 9000 sent in order",
+        data.len()
+    );
 
     ensure!(code_of(&rate) == "8867-4", "{rate}");
     ensure!(
@@ -1467,7 +1474,10 @@ async fn withings_ecg_diagnostic_report(env: Arc<Env>) -> anyhow::Result<()> {
         "heart rate derived from the study: {}",
         rate["derivedFrom"]
     );
-    ensure!(rate["device"]["reference"] == study["device"]["reference"], "one device");
+    ensure!(
+        rate["device"]["reference"] == study["device"]["reference"],
+        "one device"
+    );
     let device = env
         .fhir(study["device"]["reference"].as_str().context("device")?)
         .await?;
@@ -1488,7 +1498,11 @@ async fn withings_ecg_diagnostic_report(env: Arc<Env>) -> anyhow::Result<()> {
         results[1].to_owned(),
     ] {
         let now = env.fhir(&reference).await?;
-        ensure!(now["meta"]["versionId"] == "1", "{reference}: {}", now["meta"]);
+        ensure!(
+            now["meta"]["versionId"] == "1",
+            "{reference}: {}",
+            now["meta"]
+        );
     }
     Ok(())
 }

@@ -49,6 +49,60 @@ fn hr(i: i64, series: &str) -> Measurement {
     m
 }
 
+/// 30 s of a single-lead ECG at 300 Hz (9000 µV samples), as `v2/heart get` answers it.
+fn ecg_signal(i: i64) -> Vec<i64> {
+    (0..9000).map(|s| ((s * 37 + i) % 1201) - 600).collect()
+}
+
+/// A Withings ECG recording as the fetcher emits it.
+fn ecg(i: i64) -> Measurement {
+    let start = 1_790_000_000_000 + i * 60_000;
+    Measurement {
+        context: ctx(),
+        measurement_id: format!("withings:4242:ecg:{}", 557_000_000 + i),
+        series_key: series_key("p", "withings", "ecg"),
+        data_type: "ecg".into(),
+        aggregation: "INDIVIDUAL".into(),
+        effective_start: start,
+        effective_end: Some(start + 30_000),
+        utc_offset_seconds: Some(3600),
+        components: vec![
+            Component {
+                code: "rhythm".into(),
+                value: 1.0 + (i % 3) as f64,
+                unit: "1".into(),
+                decimals: None,
+            },
+            Component {
+                code: "heart_rate".into(),
+                value: 60.0 + (i % 40) as f64,
+                unit: "/min".into(),
+                decimals: None,
+            },
+        ],
+        device: Some(Device {
+            device_id: "sw-1".into(),
+            model: Some("ScanWatch".into()),
+            model_id: Some("94".into()),
+            manufacturer: Some("Withings".into()),
+        }),
+        entry_method: Some("device".into()),
+        provider_group_id: Some(format!("{}", 557_000_000 + i)),
+        provider_modified_at: Some(start + 40_000),
+        fetched_through: None,
+        status: None,
+        waveform: Some(ohx_common::records::Waveform {
+            unit: "uV".into(),
+            origin: 0.0,
+            factor: None,
+            interval: 1000.0 / 300.0,
+            interval_unit: "ms".into(),
+            samples: ecg_signal(i).into_iter().map(|s| s as i32).collect(),
+            code_map: None,
+        }),
+    }
+}
+
 fn bp(i: i64) -> Measurement {
     Measurement {
         context: ctx(),
@@ -233,13 +287,14 @@ fn mapper_breakdown(
 
 /// The fhir-mapper as the stage runs it (decode a batch of 500, process it, apply the change),
 /// timed with a fresh mapper once a first batch let the validator learn the resources' shapes;
-/// returns the outputs. `version` names the FHIR version in the report (empty: R5).
+/// returns the outputs. `what` names the input and `version` the FHIR version in the report
+/// (empty: R5).
 fn mapper_step(
     rt: &tokio::runtime::Runtime,
     codec: &Codec,
     core: &std::sync::Arc<MapperCore>,
     inputs: &[Vec<u8>],
-    version: &str,
+    (what, version): (&str, &str),
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let shared_codec = std::sync::Arc::new(Codec::embedded()?);
     rt.block_on(async {
@@ -266,7 +321,7 @@ fn mapper_step(
     report(
         "fhir-mapper",
         &format!(
-            "BP Measurement -> validated{version} resources ({} out)",
+            "{what} -> validated{version} resources ({} out)",
             outputs.len()
         ),
         inputs.len(),
@@ -405,6 +460,52 @@ fn main() -> anyhow::Result<()> {
             anyhow::Ok(())
         })?;
         report("fetcher", label, produced, started);
+    }
+
+    // fetcher, Withings ECG: a `v2/heart get` answer (9000 samples) parsed, normalized with
+    // its `list` item, encoded.
+    {
+        let rule = withings
+            .table()
+            .heart("ecg_recording")
+            .ok_or_else(|| anyhow::anyhow!("no ECG rule"))?
+            .clone();
+        let item = json!({"deviceid": "sw-1", "model": 94, "ecg": {"signalid": 557_124_430, "afib": 0},
+            "heart_rate": 71, "timestamp": 1_790_000_000, "modified": 1_790_000_040});
+        let answers: Vec<String> = (0..200)
+            .map(|i| json!({"status": 0, "body": {"signal": ecg_signal(i), "sampling_frequency": 300, "wearposition": 3}}).to_string())
+            .collect();
+        let recording: ohx_providers::withings::client::HeartRecording =
+            serde_json::from_value(item)?;
+        let started = Clock::start();
+        let mut produced = 0usize;
+        rt.block_on(async {
+            for _ in 0..5 {
+                for text in &answers {
+                    let v: serde_json::Value = serde_json::from_str(text)?;
+                    let signal: ohx_providers::withings::client::HeartSignal =
+                        serde_json::from_value(v["body"].clone())?;
+                    let out = ohx_providers::withings::normalize::normalize_ecg(
+                        &[(recording.clone(), signal)],
+                        &ctx(),
+                        &rule,
+                        &Default::default(),
+                        None,
+                    );
+                    for m in &out.measurements {
+                        black_box(codec.encode(topic::MEASUREMENTS, m).await?);
+                        produced += 1;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })?;
+        report(
+            "fetcher",
+            "Withings heart get (9000 samples) -> ECG Measurement",
+            produced,
+            started,
+        );
     }
 
     // fetcher, Omron: a /api/measurement page of 100 blood-pressure items (panel + pulse each).
@@ -609,7 +710,7 @@ fn main() -> anyhow::Result<()> {
         R4Rules::default_rules()?,
     )?);
     // Its outputs are the inputs of the next stages.
-    let resources = mapper_step(&rt, &codec, &core, &bps, "")?;
+    let resources = mapper_step(&rt, &codec, &core, &bps, ("BP Measurement", ""))?;
     mapper_breakdown(&rt, &codec, &core, &bps)?;
     // The same measurements for a target that speaks R4: rewritten, validated against R4.
     let bps_r4: Vec<Vec<u8>> = rt.block_on(async {
@@ -621,7 +722,31 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(v)
     })?;
-    let resources_r4 = mapper_step(&rt, &codec, &core, &bps_r4, " R4")?;
+    let resources_r4 = mapper_step(&rt, &codec, &core, &bps_r4, ("BP Measurement", " R4"))?;
+    // ECG recordings: the waveform written as SampledData (9000 samples), the linked heart
+    // rate and the DiagnosticReport, each validated (R5, then R4). Samples per second = 9000 ×
+    // records per second.
+    for (version, fhir_version) in [
+        ("", ohx_common::records::FHIR_R5),
+        (" R4", ohx_common::records::FHIR_R4),
+    ] {
+        let ecgs: Vec<Vec<u8>> = rt.block_on(async {
+            let mut v = Vec::new();
+            for i in 0..2_000 {
+                let mut m = ecg(i);
+                m.context.fhir_version = fhir_version.into();
+                v.push(codec.encode(topic::MEASUREMENTS, &m).await?);
+            }
+            anyhow::Ok(v)
+        })?;
+        mapper_step(
+            &rt,
+            &codec,
+            &core,
+            &ecgs,
+            ("ECG Measurement (9000 samples)", version),
+        )?;
+    }
     let agg = HourlyAggregate {
         context: ctx(),
         aggregate_id: "a".into(),

@@ -1493,8 +1493,12 @@ impl Inner {
         let Ok(offset) = usize::try_from(offset) else {
             return Reply::invalid("invalid offset");
         };
-        let page: Vec<&Map<String, Value>> =
-            items.iter().skip(offset).take(page_size.max(1)).copied().collect();
+        let page: Vec<&Map<String, Value>> = items
+            .iter()
+            .skip(offset)
+            .take(page_size.max(1))
+            .copied()
+            .collect();
         let next = offset + page.len();
         Reply::ok(json!({"series": page, "more": next < items.len(), "offset": next}))
     }
@@ -1996,7 +2000,10 @@ async fn sim_heart(
             .and_then(|e| e.get("signalid"))
             .and_then(Value::as_i64)
         else {
-            return sim_error(StatusCode::BAD_REQUEST, "every recording needs ecg.signalid");
+            return sim_error(
+                StatusCode::BAD_REQUEST,
+                "every recording needs ecg.signalid",
+            );
         };
         let mut signal = Map::new();
         for key in ["signal", "sampling_frequency", "wearposition"] {
