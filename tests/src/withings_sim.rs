@@ -459,6 +459,9 @@ struct Subscription {
     comment: String,
 }
 
+/// An ECG recording: its `v2/heart list` item and its `v2/heart get` body.
+type Recording = (Map<String, Value>, Map<String, Value>);
+
 #[derive(Debug)]
 struct User {
     client_id: String,
@@ -470,7 +473,7 @@ struct User {
     /// Sleep summaries keyed by their night `id`, as `v2/sleep getsummary` answers them.
     sleep_summaries: BTreeMap<i64, Map<String, Value>>,
     /// ECG recordings keyed by `ecg.signalid`: the `v2/heart list` item and the `get` body.
-    heart: BTreeMap<i64, (Map<String, Value>, Map<String, Value>)>,
+    heart: BTreeMap<i64, Recording>,
     /// Devices as `v2/user getdevice` lists them.
     devices: Vec<Value>,
     subscriptions: Vec<Subscription>,

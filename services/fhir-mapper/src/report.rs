@@ -85,7 +85,10 @@ pub fn sampled_data(
         data_type: data_type.to_owned(),
         component: "waveform".to_owned(),
     };
-    if !(w.interval > 0.0) || !matches!(w.interval_unit.as_str(), "ms" | "s") {
+    if !w.interval.is_finite()
+        || w.interval <= 0.0
+        || !matches!(w.interval_unit.as_str(), "ms" | "s")
+    {
         return Err(MappingError::InvalidField("waveform.interval"));
     }
     if w.samples.is_empty() {
@@ -585,7 +588,8 @@ mod tests {
             Err(MappingError::InvalidField("waveform"))
         ));
 
-        let broken: [(fn(&mut Waveform), &str); 5] = [
+        type Breaking = fn(&mut Waveform);
+        let broken: [(Breaking, &str); 5] = [
             (|w| w.unit = "mm[Hg]".to_owned(), "unit"),
             (|w| w.interval = 0.0, "interval"),
             (|w| w.interval_unit = "min".to_owned(), "interval unit"),

@@ -1825,7 +1825,8 @@ mod tests {
     #[test]
     fn test_unusable_ecg_recordings_are_counted_not_emitted() {
         let rule = heart_rule();
-        let breaks: [(fn(&mut (HeartRecording, HeartSignal)), &str); 5] = [
+        type Breaking = fn(&mut (HeartRecording, HeartSignal));
+        let breaks: [(Breaking, &str); 5] = [
             (|r| r.1.signal.clear(), "no samples"),
             (|r| r.1.sampling_frequency = None, "no frequency"),
             (|r| r.1.sampling_frequency = Some(0), "zero frequency"),
