@@ -354,6 +354,10 @@ pub fn filter(rule: &TypeRule, start_ms: i64, end_ms: i64) -> String {
         )
     };
     let field = format!("{}.{member}", rule.filter_name);
+    if rule.lower_bound_only {
+        // The rest of the answer is after the window: read, not asked for.
+        return format!(r#"{field} >= "{from}""#);
+    }
     format!(r#"{field} >= "{from}" AND {field} < "{to}""#)
 }
 
@@ -547,6 +551,11 @@ mod tests {
         assert_eq!(
             filter(&t.types["sleep"], a, b),
             r#"sleep.interval.end_time >= "2023-11-24T00:00:00Z" AND sleep.interval.end_time < "2023-11-25T00:00:00Z""#
+        );
+        // ECG filters take `>=` only (§3.5).
+        assert_eq!(
+            filter(&t.types["electrocardiogram"], a, b),
+            r#"electrocardiogram.interval.start_time >= "2023-11-24T00:00:00Z""#
         );
         assert_eq!(
             filter(&t.types["heart-rate"], a + 1_500, b + 1),

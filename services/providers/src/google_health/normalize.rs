@@ -42,7 +42,8 @@ use jiff::Timestamp;
 use jiff::civil;
 use jiff::tz::TimeZone;
 use ohx_common::records::{
-    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, series_key,
+    AGGREGATION_HOURLY, AGGREGATION_INDIVIDUAL, Component, Context, Device, Measurement, Waveform,
+    series_key,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -140,6 +141,25 @@ pub struct ComponentRule {
     /// A missing part is left out; default: the measurement is skipped.
     #[serde(default)]
     pub optional: bool,
+    /// The field is an enum: each name's code is the value (unit `1`); another name is an
+    /// invalid value.
+    #[serde(default)]
+    pub codes: BTreeMap<String, i64>,
+}
+
+/// The sample series of a record (an ECG's waveform): `sample / scaling` in `unit`, one sample
+/// every `1000 / frequency` ms from the record's start.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveformRule {
+    /// Path of the int32 samples.
+    pub samples: String,
+    /// Path of the sampling frequency in Hz.
+    pub frequency: String,
+    /// Path of the samples per `unit` (`millivoltsScalingFactor`).
+    pub scaling: String,
+    /// UCUM unit of `sample / scaling`.
+    pub unit: String,
 }
 
 fn one() -> f64 {
@@ -158,8 +178,11 @@ pub struct MeasurementRule {
     /// The value may be absent without being counted.
     #[serde(default)]
     pub optional: bool,
-    /// `value` first.
+    /// `value` first (unless the measurement is a waveform).
     pub components: Vec<ComponentRule>,
+    /// The record's sample series; the measurement lasts as long as its samples.
+    #[serde(default)]
+    pub waveform: Option<WaveformRule>,
 }
 
 fn individual() -> String {
@@ -193,6 +216,9 @@ pub struct TypeRule {
     /// Points carry an identifying `name` / `dataPointName`.
     #[serde(default)]
     pub identifiable: bool,
+    /// The filter takes a lower bound only (`electrocardiogram`: `>=` only, §3.5).
+    #[serde(default)]
+    pub lower_bound_only: bool,
     pub measurements: Vec<MeasurementRule>,
 }
 
@@ -439,12 +465,21 @@ fn check_measurement(rule: &TypeRule, m: &MeasurementRule) -> Result<(), DataTyp
         )));
     }
     match m.components.first() {
-        Some(c) if c.code == "value" && !c.optional => {}
+        Some(c) if (c.code == "value" || m.waveform.is_some()) && !c.optional => {}
         _ => {
             return Err(invalid(format!(
-                "{at}: the first component must be a required `value`"
+                "{at}: the first component must be a required `value` (any required one for \
+                 a waveform)"
             )));
         }
+    }
+    if let Some(w) = &m.waveform
+        && ([&w.samples, &w.frequency, &w.scaling]
+            .iter()
+            .any(|p| parse_path(p).is_none())
+            || w.unit.trim().is_empty())
+    {
+        return Err(invalid(format!("{at}: unreadable waveform paths or unit")));
     }
     let mut codes = BTreeSet::new();
     for c in &m.components {
@@ -462,6 +497,12 @@ fn check_measurement(rule: &TypeRule, m: &MeasurementRule) -> Result<(), DataTyp
         if !(c.divisor.is_finite() && c.divisor > 0.0 && (-12..=12).contains(&c.shift)) {
             return Err(invalid(format!(
                 "{at}/{}: divisor must be positive, shift within ±12",
+                c.code
+            )));
+        }
+        if !c.codes.is_empty() && c.unit != "1" {
+            return Err(invalid(format!(
+                "{at}/{}: a coded component's unit is 1",
                 c.code
             )));
         }
@@ -982,6 +1023,19 @@ fn stage_minutes(record: &Value, types: &[String]) -> Result<(f64, i32), Miss> {
 }
 
 fn component(record: &Value, rule: &ComponentRule) -> Result<Component, Miss> {
+    if !rule.codes.is_empty() {
+        let name = lookup(record, &rule.path).ok_or(Miss::Absent)?;
+        let code = name
+            .as_str()
+            .and_then(|n| rule.codes.get(n))
+            .ok_or(Miss::Invalid)?;
+        return Ok(Component {
+            code: rule.code.clone(),
+            value: *code as f64,
+            unit: rule.unit.clone(),
+            decimals: Some(0),
+        });
+    }
     let (mut value, mut places) = match read_value(record, &rule.path, rule) {
         Err(Miss::Absent) if !rule.stage_types.is_empty() => {
             stage_minutes(record, &rule.stage_types)?
@@ -1007,6 +1061,47 @@ fn component(record: &Value, rule: &ComponentRule) -> Result<Component, Miss> {
         unit: rule.unit.clone(),
         decimals: Some(places),
     })
+}
+
+/// A positive finite number at `path`.
+fn positive(record: &Value, path: &str) -> Result<f64, Miss> {
+    let text = number_text(lookup(record, path).ok_or(Miss::Absent)?)?;
+    text.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .ok_or(Miss::Invalid)
+}
+
+/// The record's sample series, and how long it lasts in ms (the last sample's end, rounded
+/// up): int32 samples (numbers, or strings holding them), scaled by `1 / scaling`.
+fn waveform(record: &Value, rule: &WaveformRule) -> Result<(Waveform, i64), Miss> {
+    let raw = lookup(record, &rule.samples)
+        .and_then(Value::as_array)
+        .filter(|s| !s.is_empty())
+        .ok_or(Miss::Absent)?;
+    let samples = raw
+        .iter()
+        .map(|s| number_text(s).ok()?.parse::<i32>().ok())
+        .collect::<Option<Vec<i32>>>()
+        .ok_or(Miss::Invalid)?;
+    let frequency = positive(record, &rule.frequency)?;
+    let scaling = positive(record, &rule.scaling)?;
+    let length = (samples.len() as f64 * 1000.0 / frequency).ceil();
+    if !(length.is_finite() && length < i64::MAX as f64) {
+        return Err(Miss::Invalid);
+    }
+    Ok((
+        Waveform {
+            unit: rule.unit.clone(),
+            origin: 0.0,
+            factor: (scaling != 1.0).then(|| 1.0 / scaling),
+            interval: 1000.0 / frequency,
+            interval_unit: "ms".to_owned(),
+            samples,
+            code_map: None,
+        },
+        length as i64,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1131,6 +1226,14 @@ pub fn normalize_in(
                 }
                 None => {}
             }
+            let (samples, end) = match m.waveform.as_ref().map(|w| waveform(record, w)) {
+                None => (None, at.end),
+                Some(Ok((w, length))) => (Some(w), Some(at.start.saturating_add(length))),
+                Some(Err(miss)) => {
+                    out.skip(miss.reason(), &m.data_type);
+                    continue;
+                }
+            };
             made += 1;
             let measurement = Measurement {
                 context: ctx.clone(),
@@ -1139,7 +1242,7 @@ pub fn normalize_in(
                 data_type: m.data_type.clone(),
                 aggregation: policy.aggregation(&m.data_type, &m.aggregation).to_owned(),
                 effective_start: at.start,
-                effective_end: at.end,
+                effective_end: end,
                 utc_offset_seconds: at.offset,
                 components,
                 device: device.clone(),
@@ -1148,7 +1251,7 @@ pub fn normalize_in(
                 provider_modified_at: modified,
                 fetched_through: None,
                 status: None,
-                waveform: None,
+                waveform: samples,
             };
             match by_id.get(&measurement.measurement_id) {
                 Some(seen) => {
@@ -1323,6 +1426,107 @@ mod tests {
        "steps": {"countSum": "10063"}}
     ]}"#;
 
+    /// An `electrocardiogram` point shaped as the discovery document says (§3.3): the interval
+    /// starts and ends at the reading time, `beatsPerMinuteAvg` is an int64 (a string), the
+    /// samples int32 (numbers); `samples` samples at 250 Hz.
+    fn ecg_point(samples: usize, classification: &str) -> String {
+        let waveform: Vec<i64> = (0..samples as i64).map(|i| (i * 7) % 400 - 200).collect();
+        json!({"dataPoints": [{
+            "name": "users/7583570207748835967/dataTypes/electrocardiogram/dataPoints/ecg-20260723",
+            "dataSource": {"recordingMethod": "ACTIVELY_MEASURED", "platform": "FITBIT",
+                           "device": {"displayName": "Pixel Watch 3"}},
+            "electrocardiogram": {
+                "interval": {"startTime": "2026-07-23T08:00:00Z", "endTime": "2026-07-23T08:00:00Z",
+                             "startUtcOffset": "7200s", "endUtcOffset": "7200s"},
+                "beatsPerMinuteAvg": "71", "leadNumber": 1, "samplingFrequencyHertz": 250,
+                "millivoltsScalingFactor": 1000, "waveformSamples": waveform,
+                "resultClassification": classification,
+                "medicalDeviceInfo": {"deviceModel": "Pixel Watch 3", "firmwareVersion": "1.2"}}}]})
+        .to_string()
+    }
+
+    #[test]
+    fn test_an_electrocardiogram_becomes_an_ecg_waveform_in_millivolts() {
+        let n = run("electrocardiogram", &ecg_point(7500, "ATRIAL_FIBRILLATION"));
+        assert!(n.skipped.is_empty(), "{:?}", n.skipped);
+        let m = only(&n, "ecg");
+        assert_eq!(
+            m.measurement_id,
+            "google-health:7583570207748835967:electrocardiogram:ecg-20260723:ecg"
+        );
+        assert_eq!(m.effective_start, ms("2026-07-23T08:00:00Z"));
+        // 7500 samples at 250 Hz: 30 s, though the interval's end is its start.
+        assert_eq!(m.effective_end, Some(ms("2026-07-23T08:00:30Z")));
+        assert_eq!(m.utc_offset_seconds, Some(7200));
+        assert_eq!(m.components.len(), 2);
+        assert_eq!(
+            (m.components[0].code.as_str(), m.components[0].value),
+            ("rhythm", 2.0)
+        );
+        assert_eq!(m.components[0].unit, "1");
+        assert_eq!(
+            (m.components[1].code.as_str(), m.components[1].value),
+            ("heart_rate", 71.0)
+        );
+        assert_eq!(m.components[1].unit, "/min");
+        let w = m.waveform.as_ref().unwrap();
+        assert_eq!(
+            (w.unit.as_str(), w.interval, w.interval_unit.as_str()),
+            ("mV", 4.0, "ms")
+        );
+        assert_eq!(
+            w.factor,
+            Some(0.001),
+            "mV = sample / millivoltsScalingFactor"
+        );
+        assert_eq!(w.samples.len(), 7500);
+        assert_eq!(&w.samples[..3], [-200, -193, -186]);
+    }
+
+    #[test]
+    fn test_every_ecg_classification_has_a_rhythm_code_and_unusable_recordings_are_counted() {
+        for (name, code) in [
+            ("NORMAL_SINUS_RHYTHM", 1.0),
+            ("ATRIAL_FIBRILLATION", 2.0),
+            ("INCONCLUSIVE", 3.0),
+            ("INCONCLUSIVE_HIGH_HEART_RATE", 4.0),
+            ("INCONCLUSIVE_LOW_HEART_RATE", 5.0),
+            ("UNREADABLE", 6.0),
+            ("NOT_ANALYZED", 7.0),
+        ] {
+            let n = run("electrocardiogram", &ecg_point(10, name));
+            assert_eq!(only(&n, "ecg").components[0].value, code, "{name}");
+        }
+        let unspecified = run(
+            "electrocardiogram",
+            &ecg_point(10, "RESULT_CLASSIFICATION_UNSPECIFIED"),
+        );
+        assert!(unspecified.measurements.is_empty());
+        assert_eq!(
+            unspecified.skipped[&("invalid_value".into(), "ecg".into())],
+            1
+        );
+        let broken: [(&str, serde_json::Value); 4] = [
+            ("waveformSamples", json!([])),
+            ("waveformSamples", json!([1, 2, 3_000_000_000_i64])),
+            ("samplingFrequencyHertz", json!(0)),
+            ("millivoltsScalingFactor", json!("NaN")),
+        ];
+        for (field, value) in broken {
+            let mut body: serde_json::Value =
+                serde_json::from_str(&ecg_point(10, "INCONCLUSIVE")).unwrap();
+            body["dataPoints"][0]["electrocardiogram"][field] = value.clone();
+            let n = run("electrocardiogram", &body.to_string());
+            assert!(n.measurements.is_empty(), "{field} = {value}");
+            assert_eq!(
+                n.skipped.values().sum::<u64>(),
+                1,
+                "{field} = {value}: {:?}",
+                n.skipped
+            );
+        }
+    }
+
     #[test]
     fn test_builtin_table_loads_and_names_its_rules() {
         let t = table();
@@ -1335,6 +1539,7 @@ mod tests {
                 "daily-oxygen-saturation",
                 "daily-resting-heart-rate",
                 "daily-sleep-temperature-derivations",
+                "electrocardiogram",
                 "heart-rate",
                 "heart-rate-variability",
                 "oxygen-saturation",
@@ -1363,6 +1568,7 @@ mod tests {
             t.scopes(),
             [
                 "https://www.googleapis.com/auth/googlehealth.activity_and_fitness.readonly",
+                "https://www.googleapis.com/auth/googlehealth.ecg.readonly",
                 "https://www.googleapis.com/auth/googlehealth.health_metrics_and_measurements.readonly",
                 "https://www.googleapis.com/auth/googlehealth.sleep.readonly",
             ]
