@@ -817,6 +817,20 @@ fn gh_weight(user_num: &str, id: u64, ms: i64, grams: i64) -> Value {
                       "weightGrams": grams}})
 }
 
+/// A Pixel Watch ECG (§3.3): 30 s at 250 Hz, 1000 samples per mV, the interval's start and
+/// end both the reading time.
+fn gh_ecg(user_num: &str, ms: i64, samples: &[i64]) -> Value {
+    json!({"name": format!("users/{user_num}/dataTypes/electrocardiogram/dataPoints/ecg-1"),
+           "dataSource": {"recordingMethod": "ACTIVELY_MEASURED", "platform": "FITBIT",
+                          "device": {"displayName": "Pixel Watch 3", "formFactor": "WATCH"}},
+           "electrocardiogram": {"interval": {"startTime": rfc3339(ms), "endTime": rfc3339(ms),
+                                              "startUtcOffset": "-18000s", "endUtcOffset": "-18000s"},
+                                 "beatsPerMinuteAvg": "64", "leadNumber": 1, "samplingFrequencyHertz": 250,
+                                 "millivoltsScalingFactor": 1000, "waveformSamples": samples,
+                                 "resultClassification": "NORMAL_SINUS_RHYTHM",
+                                 "medicalDeviceInfo": {"deviceModel": "Pixel Watch 3", "firmwareVersion": "2.1"}}})
+}
+
 fn gh_heart_rate(ms: i64, bpm: i64) -> Value {
     json!({"dataSource": {"recordingMethod": "PASSIVELY_MEASURED", "device": {"displayName": "Inspire 3"}, "platform": "FITBIT"},
            "heartRate": {"sampleTime": {"physicalTime": rfc3339(ms), "utcOffset": "-18000s"},
@@ -825,7 +839,8 @@ fn gh_heart_rate(ms: i64, bpm: i64) -> Value {
 
 /// Google Health end to end: the project's subscriber passes Google's verification handshake
 /// against the gateway; the connect flow (PKCE, the user from `users/me/identity`) backfills
-/// weight and intraday heart rate (hourly statistics); a signed notification brings a new
+/// weight, intraday heart rate (hourly statistics) and an ECG (a DiagnosticReport with its
+/// millivolt waveform and heart rate, the shape of Withings' ECG); a signed notification brings a new
 /// weight; forged notifications (no or wrong secret, tampered body, bad signature, a key id
 /// Google does not publish) are 401 and fetch nothing; the notified weight deleted at Google
 /// becomes entered-in-error. The patient is linked to Withings too: both weights arrive, with
@@ -859,6 +874,13 @@ pub async fn google_health_connect_backfill_and_signed_webhook(
         &format!("/_sim/users/{user}/dataPoints"),
         json!({"dataType": "heart-rate", "points": [
             gh_heart_rate(hour + 60_000, 61), gh_heart_rate(hour + 120_000, 75), gh_heart_rate(hour + 180_000, 68)]}),
+    )
+    .await?;
+    let recorded = (now - 3 * HOUR) / 1000 * 1000;
+    let samples: Vec<i64> = (0..7500).map(|i| (i * 13) % 901 - 450).collect();
+    env.google_ok(
+        &format!("/_sim/users/{user}/dataPoints"),
+        json!({"dataType": "electrocardiogram", "points": [gh_ecg(user_num, recorded, &samples)]}),
     )
     .await?;
     // The same patient's Withings scale, the same minute.
@@ -925,6 +947,50 @@ pub async fn google_health_connect_backfill_and_signed_webhook(
         (quantity(&mean["valueQuantity"]).0 - 68.0).abs() < 1e-9,
         "mean of 61, 75, 68: {mean}"
     );
+    // The ECG: the same DiagnosticReport shape as Withings', in millivolts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        let reports = env
+            .search(&format!("DiagnosticReport?subject={}", p.reference))
+            .await?;
+        match reports.as_slice() {
+            [r] => break r.clone(),
+            [] if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => anyhow::bail!("one Google ECG report expected, {} found", other.len()),
+        }
+    };
+    ensure!(
+        report["conclusionCode"][0]["coding"][0]["code"] == "64730000",
+        "normal sinus rhythm: {}",
+        report["conclusionCode"]
+    );
+    let study = env
+        .fhir(report["result"][0]["reference"].as_str().context("study")?)
+        .await?;
+    let start = study["effectivePeriod"]["start"]
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis());
+    ensure!(start == Some(recorded), "{}", study["effectivePeriod"]);
+    let sampled = &study["component"][0]["valueSampledData"];
+    ensure!(
+        sampled["origin"]["code"] == "mV"
+            && sampled["factor"].as_f64() == Some(0.001)
+            && sampled["interval"].as_f64() == Some(4.0)
+            && sampled["data"].as_str().map(|d| d.split(' ').count()) == Some(7500),
+        "{sampled}"
+    );
+    let rate = env
+        .fhir(report["result"][1]["reference"].as_str().context("rate")?)
+        .await?;
+    ensure!(
+        quantity(&rate["valueQuantity"]) == (64.0, "/min".into()),
+        "{}",
+        rate["valueQuantity"]
+    );
+
     // Two providers: two weights, two identities, two Devices.
     let obs = env.search(&query).await?;
     let withings_weight = obs
