@@ -202,6 +202,10 @@ pub struct WaveformEntry {
     pub units: Vec<Unit>,
     /// Decimal places of `SampledData.interval` (1000/300 ms is written `3.333333` with 6).
     pub interval_decimals: u32,
+    /// The samples are codes: the record must name the ConceptMap defining them (`codeMap`);
+    /// else it must not.
+    #[serde(default)]
+    pub coded: bool,
 }
 
 /// A component of a record that becomes an Observation of its own.

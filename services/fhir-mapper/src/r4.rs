@@ -6,7 +6,7 @@
 //! [`FhirVersion::R4`]: crate::validate::FhirVersion::R4
 
 use serde::Deserialize;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use crate::map::MappedResource;
 
@@ -367,7 +367,8 @@ fn apply_action(rule: &PathRule, parent: &mut Map<String, Value>) -> Result<(), 
                 })?;
             let milliseconds = value
                 .as_f64()
-                .and_then(|v| Number::from_f64(v * factor))
+                // Integral milliseconds without a fraction (30 s: `30000`), as the mapper writes.
+                .and_then(|v| crate::map::decimal(v * factor, None))
                 .ok_or_else(|| ConversionError::NotANumber { path: path() })?;
             parent.insert(to.clone(), Value::Number(milliseconds));
         }

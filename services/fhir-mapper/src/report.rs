@@ -94,6 +94,9 @@ pub fn sampled_data(
     if w.samples.is_empty() {
         return Err(MappingError::InvalidField("waveform.samples"));
     }
+    if spec.coded != w.code_map.is_some() {
+        return Err(MappingError::InvalidField("waveform.code_map"));
+    }
     let origin = decimal(w.origin, None).ok_or_else(non_finite)?;
     let interval = decimal(w.interval, Some(spec.interval_decimals)).ok_or_else(non_finite)?;
     let mut out = Map::new();
@@ -638,6 +641,65 @@ mod tests {
                 .validate_all(&resource.json)
                 .unwrap();
         }
+    }
+
+    /// A night's hypnogram as the fetcher emits it: stage codes every 30 s, with their
+    /// ConceptMap.
+    fn hypnogram() -> Measurement {
+        let mut m = ecg(1.0);
+        m.measurement_id = "withings:u12345:hypnogram:2081804182".to_owned();
+        m.data_type = "sleep_hypnogram".to_owned();
+        m.components.clear();
+        m.effective_end = Some(START_MS + 600_000);
+        m.waveform = Some(Waveform {
+            unit: "1".to_owned(),
+            origin: 0.0,
+            factor: None,
+            interval: 30.0,
+            interval_unit: "s".to_owned(),
+            samples: vec![1, 1, 2, 2, 3, 4, 0, 5, 4, 4],
+            code_map: Some("https://ohx.example/fhir/ConceptMap/sleep-stage".to_owned()),
+        });
+        m
+    }
+
+    #[test]
+    fn test_a_hypnogram_is_coded_sampled_data_with_its_code_map_in_r5_and_r4() {
+        let all = map(&hypnogram()).unwrap();
+        assert_eq!(kinds(&all), ["Device", "DeviceAssociation", "Observation"]);
+        let obs = &all[2].json;
+        assert_eq!(obs["code"]["coding"][0]["code"], "sleep-hypnogram");
+        assert_eq!(obs["category"][0]["coding"][0]["code"], "activity");
+        let sampled = &obs["component"][0]["valueSampledData"];
+        assert_eq!(
+            sampled,
+            &json!({"origin": {"value": 0, "unit": "stage", "system": "http://unitsofmeasure.org", "code": "1"},
+                    "interval": 30, "intervalUnit": "s", "dimensions": 1,
+                    "codeMap": "https://ohx.example/fhir/ConceptMap/sleep-stage",
+                    "data": "1 1 2 2 3 4 0 5 4 4"})
+        );
+        shared_test_validator().validate_all(obs).unwrap();
+        let r4 = R4Rules::default_rules().unwrap().convert(all).unwrap();
+        let sampled = &r4[1].json["component"][0]["valueSampledData"];
+        assert_eq!(sampled["period"], 30000, "R4: the interval in ms");
+        assert_eq!(
+            sampled["extension"][0]["url"],
+            "http://hl7.org/fhir/5.0/StructureDefinition/extension-SampledData.codeMap"
+        );
+        FhirValidator::new(FhirVersion::R4)
+            .unwrap()
+            .validate_all(&r4[1].json)
+            .unwrap();
+        // Codes without their ConceptMap, or an ECG with one, mean nothing: refused.
+        let mut uncoded = hypnogram();
+        uncoded.waveform.as_mut().unwrap().code_map = None;
+        assert!(matches!(
+            map(&uncoded),
+            Err(MappingError::InvalidField("waveform.code_map"))
+        ));
+        let mut coded_ecg = ecg(1.0);
+        coded_ecg.waveform.as_mut().unwrap().code_map = Some("https://x/cm".to_owned());
+        assert!(map(&coded_ecg).is_err());
     }
 
     #[test]

@@ -583,6 +583,25 @@ pub struct SleepNight {
     pub data: BTreeMap<String, f64>,
 }
 
+/// One segment of `v2/sleep get`: a sleep state from `startdate` to `enddate` (epoch seconds).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SleepSegment {
+    #[serde(deserialize_with = "de_i64")]
+    pub startdate: i64,
+    #[serde(deserialize_with = "de_i64")]
+    pub enddate: i64,
+    /// 0 awake, 1 light, 2 deep, 3 REM, 4 manual, 5 unspecified, 15 out of bed.
+    #[serde(deserialize_with = "de_i64")]
+    pub state: i64,
+}
+
+/// The body of `v2/sleep get`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct SleepSeries {
+    #[serde(default, deserialize_with = "de_vec_or_empty")]
+    pub series: Vec<SleepSegment>,
+}
+
 /// One page of `getsummary`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct SleepPage {
@@ -1104,6 +1123,29 @@ impl WithingsClient {
             fields,
         )
         .await
+    }
+
+    /// `v2/sleep get`: the sleep state segments of `window` (epoch seconds; Withings answers
+    /// at most 24 h per call).
+    ///
+    /// # Errors
+    ///
+    /// See [`WithingsError`].
+    pub async fn get_sleep_segments(
+        &self,
+        token: &str,
+        window: Window,
+    ) -> Result<Vec<SleepSegment>, WithingsError> {
+        let (start, end) = (window.start_s.to_string(), window.end_s.to_string());
+        let form = [
+            ("action", "get"),
+            ("startdate", start.as_str()),
+            ("enddate", end.as_str()),
+        ];
+        let series: SleepSeries = self
+            .post(PATH_SLEEP_V2, Some(token), &form, Endpoint::Data)
+            .await?;
+        Ok(series.series)
     }
 
     /// `getintradayactivity` for `fields` (`data_fields`, e.g. `heart_rate,steps`) over

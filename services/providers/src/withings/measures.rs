@@ -90,6 +90,35 @@ pub struct SleepRule {
     pub parts: Vec<SleepPart>,
 }
 
+/// The night's hypnogram from `v2/sleep get`: its stages sampled every `epoch_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypnogramRule {
+    pub data_type: String,
+    /// Tag in the measurement id.
+    pub id: String,
+    /// Seconds between two samples.
+    pub epoch_seconds: u32,
+    /// Canonical URL of the ConceptMap defining the sample codes.
+    pub code_map: String,
+    /// Withings `state` → sample code; a state not listed, and time no segment covers, is
+    /// `unknown`.
+    pub states: BTreeMap<String, i32>,
+    /// The sample code of time without a known stage.
+    pub unknown: i32,
+}
+
+impl HypnogramRule {
+    /// The sample code of a Withings sleep `state`.
+    #[must_use]
+    pub fn code_of(&self, state: i64) -> i32 {
+        self.states
+            .get(&state.to_string())
+            .copied()
+            .unwrap_or(self.unknown)
+    }
+}
+
 /// The sleep summary's category and data types.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +126,9 @@ pub struct Sleep {
     pub category: String,
     /// Data type → its rule.
     pub types: BTreeMap<String, SleepRule>,
+    /// The hypnogram of each night (one `v2/sleep get` call per night).
+    #[serde(default)]
+    pub hypnogram: Option<HypnogramRule>,
 }
 
 /// The category whose fetch lists the user's devices.
@@ -290,6 +322,17 @@ impl MeasureTable {
                 )));
             }
         }
+        if let Some(h) = &sleep.hypnogram
+            && (h.data_type.trim().is_empty()
+                || h.id.trim().is_empty()
+                || h.epoch_seconds == 0
+                || h.code_map.trim().is_empty()
+                || h.states.keys().any(|k| k.parse::<i64>().is_err()))
+        {
+            return Err(TableError(
+                "sleep.hypnogram: every field set, states keyed by integers".into(),
+            ));
+        }
         let fetched_by = |c: &str| {
             usize::from(raw.getmeas.contains_key(c))
                 + usize::from(raw.intraday.contains_key(c))
@@ -416,6 +459,15 @@ impl MeasureTable {
     pub fn sleep(&self, category: &str) -> Option<&BTreeMap<String, SleepRule>> {
         (self.sleep.category == category && !self.sleep.types.is_empty())
             .then_some(&self.sleep.types)
+    }
+
+    /// The hypnogram rule, if `category` is the sleep category and the table has one.
+    #[must_use]
+    pub fn hypnogram(&self, category: &str) -> Option<&HypnogramRule> {
+        self.sleep
+            .hypnogram
+            .as_ref()
+            .filter(|_| self.sleep.category == category)
     }
 
     /// Whether `category` is the one that lists the user's devices.

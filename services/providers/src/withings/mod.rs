@@ -408,9 +408,10 @@ impl Withings {
         let sleep = plan
             .windows
             .iter()
-            .find_map(|(c, w)| Some((table.sleep(c)?, *w)));
-        if let Some((rules, (start, end))) = sleep
-            && rules.keys().any(|d| policy.allows(d))
+            .find_map(|(c, w)| Some((table.sleep(c)?, table.hypnogram(c), *w)));
+        if let Some((rules, hypnogram, (start, end))) = sleep
+            && (rules.keys().any(|d| policy.allows(d))
+                || hypnogram.is_some_and(|h| policy.allows(&h.data_type)))
         {
             let mut fields: Vec<&str> = rules
                 .iter()
@@ -431,6 +432,22 @@ impl Withings {
             let n = normalize::normalize_sleep(&nights, context, rules, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
+            // Each night's hypnogram: one `v2/sleep get` over the night.
+            if let Some(rule) = hypnogram.filter(|h| policy.allows(&h.data_type)) {
+                let mut stats = NormalizeStats::default();
+                for night in &nights {
+                    let window = Window {
+                        start_s: night.startdate,
+                        end_s: night.enddate,
+                    };
+                    let segments = client.get_sleep_segments(token, window).await?;
+                    fetched.api_calls += 1;
+                    out.extend(normalize::hypnogram(
+                        night, &segments, context, rule, None, &mut stats,
+                    ));
+                }
+                count_skips(&mut fetched, &stats);
+            }
         }
         // ECG recordings (v2/heart list, then get for each recording's signal).
         let heart = plan

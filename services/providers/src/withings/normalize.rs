@@ -33,9 +33,9 @@ use ohx_common::records::{
 
 use super::client::{
     ActivityDay, CATEGORY_OBJECTIVE, HeartRecording, HeartSignal, IntradayResponse, Measure,
-    MeasureGroup, MeasureResponse, SleepNight, UserDevice,
+    MeasureGroup, MeasureResponse, SleepNight, SleepSegment, UserDevice,
 };
-use super::measures::{DailyRule, HeartRule, IntradayRule, MeasureTable, SleepRule};
+use super::measures::{DailyRule, HeartRule, HypnogramRule, IntradayRule, MeasureTable, SleepRule};
 use crate::policy::Policy;
 
 /// `measurement_id` prefix and manufacturer name.
@@ -662,6 +662,82 @@ pub fn normalize_sleep(
         measurements: out,
         stats,
     }
+}
+
+/// The longest hypnogram read (Withings answers at most 24 h of `v2/sleep get` per call).
+const MAX_NIGHT_SECONDS: i64 = 24 * 3600;
+
+/// A night's hypnogram: the stage at the start of every `rule.epoch_seconds` from the night's
+/// start to its end (the last epoch may run past the end), as the rule's sample codes; time no
+/// segment covers is `rule.unknown`. `None` (counted as an invalid value) for a night that
+/// ends before it starts or lasts over 24 h, and for a night without any segment.
+#[must_use]
+pub fn hypnogram(
+    night: &SleepNight,
+    segments: &[SleepSegment],
+    ctx: &Context,
+    rule: &HypnogramRule,
+    fallback_utc_offset_seconds: Option<i32>,
+    stats: &mut NormalizeStats,
+) -> Option<Measurement> {
+    let length = night.enddate - night.startdate;
+    if length <= 0 || length > MAX_NIGHT_SECONDS || segments.is_empty() {
+        stats.invalid_values += 1;
+        return None;
+    }
+    let epoch = i64::from(rule.epoch_seconds);
+    let mut sorted: Vec<&SleepSegment> = segments.iter().collect();
+    sorted.sort_by_key(|s| s.startdate);
+    let mut samples = Vec::with_capacity(usize::try_from(length / epoch + 1).unwrap_or(0));
+    let mut next = 0;
+    let mut t = night.startdate;
+    while t < night.enddate {
+        while next < sorted.len() && sorted[next].enddate <= t {
+            next += 1;
+        }
+        let code = sorted[next..]
+            .iter()
+            .take_while(|s| s.startdate <= t)
+            .find(|s| s.enddate > t)
+            .map_or(rule.unknown, |s| rule.code_of(s.state));
+        samples.push(code);
+        t += epoch;
+    }
+    let offsets = OffsetResolver::new(
+        night.timezone.as_deref(),
+        fallback_utc_offset_seconds,
+        stats,
+    );
+    let user = &ctx.provider_user_id;
+    Some(Measurement {
+        context: ctx.clone(),
+        measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", rule.id, night.id),
+        series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
+        data_type: rule.data_type.clone(),
+        aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+        effective_start: night.startdate.saturating_mul(1000),
+        effective_end: Some(night.enddate.saturating_mul(1000)),
+        utc_offset_seconds: offsets.offset_at(night.startdate),
+        components: Vec::new(),
+        device: night
+            .hash_deviceid
+            .as_deref()
+            .and_then(|d| device(Some(d), None, night.model_id)),
+        entry_method: Some("device".to_owned()),
+        provider_group_id: Some(night.id.clone()),
+        provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
+        fetched_through: None,
+        status: None,
+        waveform: Some(Waveform {
+            unit: UNIT_CODE.to_owned(),
+            origin: 0.0,
+            factor: None,
+            interval: f64::from(rule.epoch_seconds),
+            interval_unit: "s".to_owned(),
+            samples,
+            code_map: Some(rule.code_map.clone()),
+        }),
+    })
 }
 
 /// Component code of an ECG's rhythm classification (the mapping table's rhythm code).
@@ -1857,5 +1933,95 @@ mod tests {
         let n = normalize_ecg(&heart_recordings(), &ctx(), &rule, &policy, None);
         assert!(n.measurements.is_empty());
         assert_eq!(n.stats.disabled, 2);
+    }
+
+    fn hypnogram_rule() -> HypnogramRule {
+        MeasureTable::builtin()
+            .unwrap()
+            .hypnogram("sleep")
+            .unwrap()
+            .clone()
+    }
+
+    /// A 10-minute night: `v2/sleep get` segments shaped as aiowithings' `sleep.json` fixture
+    /// (`startdate`, `enddate`, `state`, plus fields ohx does not read), out of order, with a
+    /// gap, a manual state and an out-of-bed one.
+    fn night_and_segments() -> (SleepNight, Vec<SleepSegment>) {
+        let start = 1_618_691_453;
+        let night: SleepNight = serde_json::from_value(serde_json::json!({
+            "id": 2_081_804_182_i64, "timezone": "Europe/Paris", "model_id": 63,
+            "hash_deviceid": "201d0b9a", "startdate": start, "enddate": start + 600,
+            "modified": start + 700, "data": {}}))
+        .unwrap();
+        let segment = |from: i64, to: i64, state: i64| {
+            serde_json::from_value::<SleepSegment>(serde_json::json!({
+                "startdate": start + from, "enddate": start + to, "state": state,
+                "model": "Aura Sensor V2", "model_id": 63,
+                "hr": {(start + from).to_string(): 70}, "hash_deviceid": "201d0b9a"}))
+            .unwrap()
+        };
+        let segments = vec![
+            segment(120, 240, 1), // light
+            segment(0, 120, 0),   // awake
+            segment(240, 300, 2), // deep
+            segment(300, 330, 3), // REM
+            // 330..390: no segment
+            segment(390, 450, 15), // out of bed
+            segment(450, 480, 4),  // manual
+            segment(480, 610, 3),  // REM, past the night's end
+        ];
+        (night, segments)
+    }
+
+    #[test]
+    fn test_a_hypnogram_samples_the_stage_every_epoch_as_codes() {
+        let (night, segments) = night_and_segments();
+        let mut stats = NormalizeStats::default();
+        let m = hypnogram(
+            &night,
+            &segments,
+            &ctx(),
+            &hypnogram_rule(),
+            None,
+            &mut stats,
+        )
+        .unwrap();
+        assert_eq!(stats, NormalizeStats::default());
+        assert_eq!(m.measurement_id, "withings:363:hypnogram:2081804182");
+        assert_eq!(m.data_type, "sleep_hypnogram");
+        assert_eq!(m.effective_start, 1_618_691_453_000);
+        assert_eq!(m.effective_end, Some(1_618_692_053_000));
+        assert_eq!(m.utc_offset_seconds, Some(7200));
+        assert!(m.components.is_empty());
+        let w = m.waveform.unwrap();
+        assert_eq!(
+            (w.interval, w.interval_unit.as_str(), w.unit.as_str()),
+            (30.0, "s", "1")
+        );
+        assert_eq!(
+            w.code_map.as_deref(),
+            Some("https://ohx.example/fhir/ConceptMap/sleep-stage")
+        );
+        // 20 epochs of 30 s: awake ×4, light ×4, deep ×2, REM ×1, gap ×2, out of bed ×2,
+        // manual ×1, REM ×4.
+        assert_eq!(
+            w.samples,
+            [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 4, 0, 0, 5, 5, 0, 4, 4, 4, 4]
+        );
+    }
+
+    #[test]
+    fn test_a_hypnogram_of_an_unusable_night_is_counted_not_emitted() {
+        let rule = hypnogram_rule();
+        let (night, segments) = night_and_segments();
+        let mut stats = NormalizeStats::default();
+        assert!(hypnogram(&night, &[], &ctx(), &rule, None, &mut stats).is_none());
+        let mut backwards = night.clone();
+        backwards.enddate = backwards.startdate;
+        assert!(hypnogram(&backwards, &segments, &ctx(), &rule, None, &mut stats).is_none());
+        let mut too_long = night;
+        too_long.enddate = too_long.startdate + 24 * 3600 + 1;
+        assert!(hypnogram(&too_long, &segments, &ctx(), &rule, None, &mut stats).is_none());
+        assert_eq!(stats.invalid_values, 3);
     }
 }
