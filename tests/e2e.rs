@@ -1306,7 +1306,8 @@ async fn withings_deleted_group_entered_in_error(env: Arc<Env>) -> anyhow::Resul
 }
 
 /// A sleep notification brings the night's summary: sleep duration with its stages in
-/// minutes (93832-4 over the night), and the night's average heart and breathing rates.
+/// minutes (93832-4 over the night), the night's hypnogram (its stage every 30 s as coded
+/// SampledData), and the night's average heart and breathing rates.
 async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
     let p = env.new_patient(5024).await?;
     let now = Utc::now().timestamp_millis();
@@ -1332,18 +1333,71 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
         .send()
         .await?;
     ensure!(r.status().is_success(), "sim sleep: {}", r.text().await?);
+    // The night's stages as `v2/sleep get` lists them: light, deep, REM, a gap, awake.
+    let s = start / 1000;
+    let segments = json!({"series": [
+        {"startdate": s, "enddate": s + 3_600, "state": 1, "model": "Aura Sensor V2", "model_id": 63},
+        {"startdate": s + 3_600, "enddate": s + 9_000, "state": 2, "model": "Aura Sensor V2", "model_id": 63},
+        {"startdate": s + 9_000, "enddate": s + 12_000, "state": 3, "model": "Aura Sensor V2", "model_id": 63},
+        {"startdate": s + 12_060, "enddate": end / 1000, "state": 0, "model": "Aura Sensor V2", "model_id": 63}]});
+    let r = env
+        .http
+        .post(format!(
+            "{}/_sim/users/{}/sleep-segments",
+            env.sim_url, p.userid
+        ))
+        .json(&segments)
+        .send()
+        .await?;
+    ensure!(
+        r.status().is_success(),
+        "sim sleep segments: {}",
+        r.text().await?
+    );
     env.notify(p.userid, 44, start, end).await?;
     let obs = env
         .wait_for(
             &format!("Observation?subject={}&_count=200", p.reference),
-            3,
+            4,
             Duration::from_secs(90),
         )
         .await?;
     ensure!(
-        obs.len() == 3,
-        "sleep, heart rate, breathing rate: {}",
+        obs.len() == 4,
+        "sleep, hypnogram, heart rate, breathing rate: {}",
         obs.len()
+    );
+    let hypnogram = obs
+        .iter()
+        .find(|o| o["code"]["coding"][0]["code"] == "sleep-hypnogram")
+        .context("no hypnogram")?;
+    let sampled = &hypnogram["component"][0]["valueSampledData"];
+    ensure!(
+        sampled["interval"].as_f64() == Some(30.0)
+            && sampled["intervalUnit"] == "s"
+            && sampled["codeMap"] == "https://ohx.example/fhir/ConceptMap/sleep-stage",
+        "{sampled}"
+    );
+    let stages: Vec<&str> = sampled["data"]
+        .as_str()
+        .context("data")?
+        .split(' ')
+        .collect();
+    let epochs = usize::try_from((end - start) / 30_000)?;
+    ensure!(
+        stages.len() == epochs,
+        "{} epochs, expected {epochs}",
+        stages.len()
+    );
+    // 30-s epochs: light ×120, deep ×180, REM ×100, a 60-s gap ×2, awake to the end.
+    let mut expected = Vec::with_capacity(epochs);
+    for (code, n) in [("2", 120), ("3", 180), ("4", 100), ("0", 2)] {
+        expected.extend(std::iter::repeat_n(code, n));
+    }
+    expected.resize(epochs, "1");
+    ensure!(
+        stages == expected,
+        "the stages differ from the night's segments"
     );
     let by = |code: &str| {
         obs.iter()

@@ -472,6 +472,8 @@ struct User {
     activities: BTreeMap<String, Map<String, Value>>,
     /// Sleep summaries keyed by their night `id`, as `v2/sleep getsummary` answers them.
     sleep_summaries: BTreeMap<i64, Map<String, Value>>,
+    /// `v2/sleep get` segments (`startdate`, `enddate`, `state`, ...), oldest first.
+    sleep_segments: Vec<Map<String, Value>>,
     /// ECG recordings keyed by `ecg.signalid`: the `v2/heart list` item and the `get` body.
     heart: BTreeMap<i64, Recording>,
     /// Devices as `v2/user getdevice` lists them.
@@ -611,6 +613,7 @@ impl Inner {
             activities: BTreeMap::new(),
             sleep_summaries: BTreeMap::new(),
             heart: BTreeMap::new(),
+            sleep_segments: Vec::new(),
             devices: Vec::new(),
             subscriptions: Vec::new(),
             current_access: None,
@@ -862,7 +865,8 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 ///   `refresh_token`), `revoke`;
 /// * `/measure`: `getmeas`;
 /// * `/v2/measure`: `getintradayactivity`, `getactivity` (daily rows, boolean `more`);
-/// * `/v2/sleep`: `getsummary` (nights, boolean `more`);
+/// * `/v2/sleep`: `getsummary` (nights, boolean `more`), `get` (the segments overlapping
+///   `startdate..enddate`, at most 24 h);
 /// * `/v2/heart`: `list` (recordings whose `timestamp` lies in `startdate..=enddate`, boolean
 ///   `more`), `get` (`signalid` → `signal` in µV, `sampling_frequency`, `wearposition`);
 /// * `/v2/user`: `getdevice`;
@@ -882,6 +886,8 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 ///   replaces the one of its date);
 /// * `POST /_sim/users/{userid}/sleep-summaries` `{"series":[{"id":N,...}]}` (a night replaces
 ///   the one with its id);
+/// * `POST /_sim/users/{userid}/sleep-segments` `{"series":[{"startdate","enddate","state",...}]}`
+///   (added to the user's segments);
 /// * `POST /_sim/users/{userid}/heart` `{"series":[{list item..., "signal":[...],
 ///   "sampling_frequency":N, "wearposition":N}]}` (a recording replaces the one with its
 ///   `ecg.signalid`);
@@ -919,6 +925,10 @@ pub fn router(state: Arc<SimState>) -> Router {
             post(sim_sleep_summaries),
         )
         .route("/_sim/users/{userid}/heart", post(sim_heart))
+        .route(
+            "/_sim/users/{userid}/sleep-segments",
+            post(sim_sleep_segments),
+        )
         .route("/_sim/users/{userid}/devices", post(sim_devices))
         .route(
             "/_sim/users/{userid}/expire-access-token",
@@ -1053,6 +1063,10 @@ async fn handle_api(
             ("v2/sleep", "getsummary") => {
                 inner.record_requested(userid, params, &["data_fields"], "sleep");
                 return inner.sleep_summary(userid, params, st.config.page_size);
+            }
+            ("v2/sleep", "get") => {
+                inner.record_requested(userid, params, &[], "sleep-get");
+                return inner.sleep_get(userid, params);
             }
             ("v2/heart", "list") => {
                 inner.record_requested(userid, params, &[], "heart");
@@ -1467,6 +1481,32 @@ impl Inner {
             .collect();
         let next = offset + page.len();
         Reply::ok(json!({"series": page, "more": next < nights.len(), "offset": next}))
+    }
+
+    /// `v2/sleep get`: the segments overlapping `startdate..enddate` (both required, at most
+    /// 24 h apart).
+    fn sleep_get(&self, userid: i64, params: &Params) -> Reply {
+        const MAX_RANGE_S: i64 = 24 * 3600;
+        let Some(user) = self.users.get(&userid) else {
+            return Reply::unauthorized();
+        };
+        let (start, end) = match (int_param(params, "startdate"), int_param(params, "enddate")) {
+            (Ok(Some(s)), Ok(Some(e))) => (s, e),
+            (Err(r), _) | (_, Err(r)) => return r,
+            _ => return Reply::invalid("startdate and enddate are required"),
+        };
+        if end < start || end - start > MAX_RANGE_S {
+            return Reply::invalid("startdate and enddate must be at most 24 h apart");
+        }
+        let series: Vec<&Map<String, Value>> = user
+            .sleep_segments
+            .iter()
+            .filter(|s| {
+                let at = |k: &str| s.get(k).and_then(Value::as_i64).unwrap_or(0);
+                at("startdate") < end && at("enddate") > start
+            })
+            .collect();
+        Reply::ok(json!({ "series": series }))
     }
 
     /// `v2/heart list`: the recordings whose `timestamp` lies in `startdate..=enddate` (both
@@ -1977,6 +2017,27 @@ async fn sim_sleep_summaries(
         user.sleep_summaries.insert(id, night);
         stored += 1;
     }
+    axum::Json(json!({ "stored": stored })).into_response()
+}
+
+/// `POST /_sim/users/{userid}/sleep-segments`: adds `v2/sleep get` segments.
+async fn sim_sleep_segments(
+    State(st): State<Arc<SimState>>,
+    Path(userid): Path<i64>,
+    body: Bytes,
+) -> Response {
+    let b: SleepSummariesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let mut inner = st.inner.lock().await;
+    let Some(user) = inner.users.get_mut(&userid) else {
+        return unknown_user(userid);
+    };
+    let stored = b.series.len();
+    user.sleep_segments.extend(b.series);
+    user.sleep_segments
+        .sort_by_key(|s| s.get("startdate").and_then(Value::as_i64));
     axum::Json(json!({ "stored": stored })).into_response()
 }
 
