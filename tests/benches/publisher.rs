@@ -226,6 +226,7 @@ fn items(prefix: char, n: usize, now_ms: i64) -> anyhow::Result<Vec<Item>> {
             Ok(Item {
                 resource_type: "Observation".into(),
                 hash: content_hash_of(&resource)?,
+                bytes: resource.to_string().len(),
                 resource_id: id,
                 resource,
                 revision: 1,

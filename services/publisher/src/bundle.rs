@@ -33,6 +33,32 @@ pub struct Item {
     pub hash: String,
     /// The content's source revision (0: unknown).
     pub revision: i64,
+    /// Size of the resource's JSON text (what it adds to a transaction's body).
+    pub bytes: usize,
+}
+
+/// Splits `items` into consecutive transactions of at most `max_count` items and, unless one
+/// item alone is larger, at most `max_bytes` of resource text (an ECG's waveform is tens of
+/// kilobytes: a hundred of them would be a body some servers refuse).
+pub fn transaction_ranges(
+    items: &[Item],
+    max_count: usize,
+    max_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let full = i - start >= max_count.max(1) || bytes.saturating_add(item.bytes) > max_bytes;
+        if i > start && full {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(item.bytes);
+    }
+    if start < items.len() {
+        out.push(start..items.len());
+    }
+    out
 }
 
 fn encode_query_value(s: &str) -> String {
@@ -482,6 +508,7 @@ mod tests {
 
     fn item(id: &str) -> Item {
         Item {
+            bytes: 100,
             resource_type: "Observation".into(),
             resource_id: id.into(),
             resource: json!({"resourceType": "Observation", "id": id, "status": "final",
@@ -541,6 +568,7 @@ mod tests {
     /// A Device, and an Observation referencing it as the mapper does.
     fn device_and_observation() -> (Item, Item) {
         let device = Item {
+            bytes: 100,
             resource_type: "Device".into(),
             resource_id: "dev-1".into(),
             resource: json!({"resourceType": "Device", "id": "dev-1",
@@ -698,5 +726,42 @@ mod tests {
         assert_eq!(outcome_summary("plain"), "plain");
         assert_eq!(outcome_codes(body), "error/invalid");
         assert!(!outcome_codes("value 72 is wrong").contains("72"));
+    }
+
+    #[test]
+    fn test_transactions_hold_at_most_their_count_and_bytes_and_a_big_item_alone() {
+        let sized = |bytes: &[usize]| -> Vec<Item> {
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| Item {
+                    bytes: *b,
+                    ..item(&format!("o{i}"))
+                })
+                .collect()
+        };
+        let small = sized(&[10; 7]);
+        assert_eq!(
+            transaction_ranges(&small, 3, usize::MAX),
+            [0..3, 3..6, 6..7]
+        );
+        assert_eq!(
+            transaction_ranges(&small, 100, 25),
+            [0..2, 2..4, 4..6, 6..7]
+        );
+        assert_eq!(transaction_ranges(&small, 100, 70), [0..7]);
+        // An ECG larger than the budget goes alone, between the others.
+        let mixed = sized(&[10, 10, 500, 10, 10]);
+        assert_eq!(transaction_ranges(&mixed, 100, 100), [0..2, 2..3, 3..5]);
+        assert!(transaction_ranges(&[], 100, 100).is_empty());
+        // Every item is in exactly one transaction, in order.
+        let many = sized(&[7, 300, 1, 1, 90, 90, 90, 5, 400, 2]);
+        let ranges = transaction_ranges(&many, 3, 200);
+        let flat: Vec<usize> = ranges.iter().flat_map(Clone::clone).collect();
+        assert_eq!(flat, (0..many.len()).collect::<Vec<_>>());
+        for r in &ranges {
+            let bytes: usize = many[r.clone()].iter().map(|i| i.bytes).sum();
+            assert!(r.len() <= 3 && (bytes <= 200 || r.len() == 1), "{r:?}");
+        }
     }
 }

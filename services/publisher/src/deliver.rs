@@ -297,6 +297,7 @@ pub fn item_of(r: &FhirResource, mode: bundle::UpsertMode) -> Result<Item, Strin
         resource: parsed,
         hash,
         revision: r.source_revision,
+        bytes: r.resource.len(),
     };
     bundle::upsert_url(&item, mode)?;
     Ok(item)

@@ -125,6 +125,8 @@ pub struct Ehr {
     /// Most upserts per transaction: a target's records beyond it go in further transactions,
     /// sent concurrently.
     transaction_size: usize,
+    /// Most resource text per transaction (one larger resource goes alone).
+    transaction_bytes: usize,
 }
 
 pub(crate) fn error_chain(e: &reqwest::Error) -> String {
@@ -152,7 +154,14 @@ impl Ehr {
             http,
             tokens: Tokens::default(),
             transaction_size: usize::MAX,
+            transaction_bytes: usize::MAX,
         })
+    }
+
+    /// Sets the most resource text per transaction.
+    pub fn with_transaction_bytes(mut self, bytes: usize) -> Self {
+        self.transaction_bytes = bytes.max(1);
+        self
     }
 
     /// Sets the most upserts per transaction.
@@ -327,22 +336,25 @@ impl Ehr {
     /// ([`publish_decision`]), writes one transaction and, if the server rejects it for
     /// content, isolates the rejected resources one by one. `timeout` overrides the client's
     /// request timeout (a shorter one while a target is failing: its calls stall the stage).
-    /// Publishes items to a target, at most `transaction_size` per transaction, the
-    /// transactions concurrently (each item is a different resource: the caller keeps one
-    /// record per identity, so no two versions of a resource are ever in flight together).
+    /// Publishes items to a target, at most `transaction_size` items and `transaction_bytes`
+    /// of resource text per transaction ([`bundle::transaction_ranges`]), the transactions
+    /// concurrently (each item is a different resource: the caller keeps one record per
+    /// identity, so no two versions of a resource are ever in flight together).
     pub async fn publish_target(
         &self,
         target: &Target,
         items: &[Item],
         timeout: Option<Duration>,
     ) -> TargetRun {
-        if items.len() <= self.transaction_size {
+        let ranges =
+            bundle::transaction_ranges(items, self.transaction_size, self.transaction_bytes);
+        if ranges.len() <= 1 {
             return self.publish_chunk_retried(target, items, timeout).await;
         }
         let runs = futures_util::future::join_all(
-            items
-                .chunks(self.transaction_size)
-                .map(|chunk| self.publish_chunk_retried(target, chunk, timeout)),
+            ranges
+                .into_iter()
+                .map(|range| self.publish_chunk_retried(target, &items[range], timeout)),
         )
         .await;
         merge_runs(runs)

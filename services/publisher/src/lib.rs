@@ -115,6 +115,8 @@ pub struct PublisherSettings {
     pub breaker: BreakerSettings,
     /// Held records sent per transaction by the tick.
     pub chunk: usize,
+    /// Most resource text per transaction.
+    pub transaction_bytes: usize,
     /// Chunks per target per tick.
     pub chunks_per_tick: usize,
     /// Held records (all targets) above which each tick logs a warning.
@@ -122,6 +124,10 @@ pub struct PublisherSettings {
     /// This replica's name in `ehr_target_status`.
     pub instance: String,
 }
+
+/// Default most resource text per transaction (`OHX_PUBLISH_MAX_TRANSACTION_BYTES`): 4 MiB,
+/// below the request limits FHIR servers commonly set.
+pub const DEFAULT_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
 
 impl Default for PublisherSettings {
     fn default() -> Self {
@@ -131,6 +137,7 @@ impl Default for PublisherSettings {
             targets_ttl: Duration::from_secs(60),
             breaker: BreakerSettings::default(),
             chunk: 100,
+            transaction_bytes: DEFAULT_TRANSACTION_BYTES,
             chunks_per_tick: 10,
             held_warn: 50_000,
             instance: "publisher".into(),
@@ -169,7 +176,9 @@ impl Publisher {
         settings: PublisherSettings,
     ) -> Result<Self, reqwest::Error> {
         Ok(Self {
-            ehr: Ehr::new(settings.request_timeout)?.with_transaction_size(settings.chunk),
+            ehr: Ehr::new(settings.request_timeout)?
+                .with_transaction_size(settings.chunk)
+                .with_transaction_bytes(settings.transaction_bytes),
             status: status::StatusWriter::new(settings.instance.clone()),
             pool,
             secrets,

@@ -48,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
             max_ms: millis("OHX_BREAKER_MAX_COOLDOWN_MS", 300_000)?,
         },
         chunk: transaction_size,
+        transaction_bytes: ohx_common::config::parse(
+            "OHX_PUBLISH_MAX_TRANSACTION_BYTES",
+            publisher::DEFAULT_TRANSACTION_BYTES,
+        )?
+        .max(1),
         chunks_per_tick: ohx_common::config::parse("OHX_PUBLISH_CHUNKS_PER_TICK", 10usize)?.max(1),
         held_warn: ohx_common::config::parse("OHX_PUBLISH_HELD_WARN", 50_000usize)?,
         instance: ohx_common::config::instance_name(),

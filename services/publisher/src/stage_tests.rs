@@ -865,6 +865,37 @@ async fn test_a_batch_larger_than_a_transaction_goes_out_as_concurrent_transacti
     assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 5).0, 5);
 }
 
+#[tokio::test]
+async fn test_a_batch_over_the_transaction_byte_budget_is_split_by_size() {
+    let (a, url) = fake_ehr().await;
+    let mut p = publisher(&[("a", &url)]);
+    let batch: Vec<Input<FhirResource>> = (0..5)
+        .map(|i| record(0, i, "a", &format!("r{i}"), 1, "final"))
+        .collect();
+    // Room for two of these resources per transaction, not three.
+    let size = batch[0].value.resource.len();
+    p.ehr = Ehr::new(Duration::from_secs(5))
+        .unwrap()
+        .with_transaction_size(100)
+        .with_transaction_bytes(size * 2 + size / 2);
+    let (mut out, codec) = emitter();
+    let change = p.process(&batch, &mut out).await.unwrap();
+    let (results, dead) = emitted(&out, &codec).await;
+    assert!(dead.is_empty());
+    assert_eq!(results.len(), 5);
+    let (transactions, max_entries) = {
+        let f = lock(&a);
+        (f.transactions, f.max_entries)
+    };
+    assert_eq!(
+        (transactions, max_entries),
+        (3, 2),
+        "5 resources, 2 fit the budget"
+    );
+    p.apply(&change).await.unwrap();
+    assert_eq!(p.commit_point(topic::FHIR_OUTBOX, 0, 5).0, 5);
+}
+
 #[test]
 fn test_merged_runs_keep_every_result_and_the_gravest_failure() {
     use ehr::{CallFailure, ItemResult, TargetRun, merge_runs};
