@@ -1335,9 +1335,21 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
     ensure!(r.status().is_success(), "sim sleep: {}", r.text().await?);
     // The night's stages as `v2/sleep get` lists them: light, deep, REM, a gap, awake.
     let s = start / 1000;
+    let epochs_of = |from: i64, values: &[f64]| -> Value {
+        Value::Object(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| ((from + 60 * i as i64).to_string(), json!(v)))
+                .collect(),
+        )
+    };
     let segments = json!({"series": [
-        {"startdate": s, "enddate": s + 3_600, "state": 1, "model": "Aura Sensor V2", "model_id": 63},
-        {"startdate": s + 3_600, "enddate": s + 9_000, "state": 2, "model": "Aura Sensor V2", "model_id": 63},
+        {"startdate": s, "enddate": s + 3_600, "state": 1, "model": "Aura Sensor V2", "model_id": 63,
+         "hr": epochs_of(s, &[61.0, 60.0]), "sdnn_1": epochs_of(s, &[40.0, 52.0]),
+         "rmssd": epochs_of(s, &[30.0, 33.0])},
+        {"startdate": s + 3_600, "enddate": s + 9_000, "state": 2, "model": "Aura Sensor V2", "model_id": 63,
+         "sdnn_1": epochs_of(s + 3_600, &[47.5]), "rmssd": epochs_of(s + 3_600, &[34.5])},
         {"startdate": s + 9_000, "enddate": s + 12_000, "state": 3, "model": "Aura Sensor V2", "model_id": 63},
         {"startdate": s + 12_060, "enddate": end / 1000, "state": 0, "model": "Aura Sensor V2", "model_id": 63}]});
     let r = env
@@ -1358,13 +1370,13 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
     let obs = env
         .wait_for(
             &format!("Observation?subject={}&_count=200", p.reference),
-            4,
+            6,
             Duration::from_secs(90),
         )
         .await?;
     ensure!(
-        obs.len() == 4,
-        "sleep, hypnogram, heart rate, breathing rate: {}",
+        obs.len() == 6,
+        "sleep, hypnogram, heart rate, breathing rate, SDNN, RMSSD: {}",
         obs.len()
     );
     let hypnogram = obs
@@ -1404,6 +1416,22 @@ async fn withings_sleep_summary(env: Arc<Env>) -> anyhow::Result<()> {
             .find(|o| code_of(o) == code)
             .with_context(|| format!("no {code}"))
     };
+    // The night's HRV: the average of the epochs `v2/sleep get` gave.
+    let sdnn = by("80404-7")?;
+    ensure!(
+        quantity(&sdnn["valueQuantity"]) == (46.5, "ms".into()),
+        "SDNN (40 + 52 + 47.5) / 3: {}",
+        sdnn["valueQuantity"]
+    );
+    let rmssd = obs
+        .iter()
+        .find(|o| o["code"]["coding"][0]["code"] == "hrv-rmssd")
+        .context("no RMSSD")?;
+    ensure!(
+        quantity(&rmssd["valueQuantity"]) == (32.5, "ms".into()),
+        "RMSSD (30 + 33 + 34.5) / 3: {}",
+        rmssd["valueQuantity"]
+    );
     let sleep = by("93832-4")?;
     ensure!(
         quantity(&sleep["valueQuantity"]) == (390.0, "min".into()),

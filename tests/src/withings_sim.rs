@@ -866,7 +866,7 @@ fn access_token<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a st
 /// * `/measure`: `getmeas`;
 /// * `/v2/measure`: `getintradayactivity`, `getactivity` (daily rows, boolean `more`);
 /// * `/v2/sleep`: `getsummary` (nights, boolean `more`), `get` (the segments overlapping
-///   `startdate..enddate`, at most 24 h);
+///   `startdate..enddate`, at most 24 h, with the series `data_fields` names);
 /// * `/v2/heart`: `list` (recordings whose `timestamp` lies in `startdate..=enddate`, boolean
 ///   `more`), `get` (`signalid` → `signal` in µV, `sampling_frequency`, `wearposition`);
 /// * `/v2/user`: `getdevice`;
@@ -1498,12 +1498,29 @@ impl Inner {
         if end < start || end - start > MAX_RANGE_S {
             return Reply::invalid("startdate and enddate must be at most 24 h apart");
         }
-        let series: Vec<&Map<String, Value>> = user
+        // The segment's own fields, and of its series only those `data_fields` names.
+        const OWN: [&str; 6] = [
+            "startdate",
+            "enddate",
+            "state",
+            "model",
+            "model_id",
+            "hash_deviceid",
+        ];
+        let fields: Vec<&str> = param(params, "data_fields")
+            .map(|f| f.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        let series: Vec<Map<String, Value>> = user
             .sleep_segments
             .iter()
             .filter(|s| {
                 let at = |k: &str| s.get(k).and_then(Value::as_i64).unwrap_or(0);
                 at("startdate") < end && at("enddate") > start
+            })
+            .map(|s| {
+                let mut s = s.clone();
+                s.retain(|k, _| OWN.contains(&k.as_str()) || fields.contains(&k.as_str()));
+                s
             })
             .collect();
         Reply::ok(json!({ "series": series }))

@@ -593,6 +593,9 @@ pub struct SleepSegment {
     /// 0 awake, 1 light, 2 deep, 3 REM, 4 manual, 5 unspecified, 15 out of bed.
     #[serde(deserialize_with = "de_i64")]
     pub state: i64,
+    /// The series asked for (`data_fields`): field → `{epoch: value}`.
+    #[serde(flatten)]
+    pub series: BTreeMap<String, Value>,
 }
 
 /// The body of `v2/sleep get`.
@@ -1126,7 +1129,7 @@ impl WithingsClient {
     }
 
     /// `v2/sleep get`: the sleep state segments of `window` (epoch seconds; Withings answers
-    /// at most 24 h per call).
+    /// at most 24 h per call), with the series `fields`.
     ///
     /// # Errors
     ///
@@ -1135,13 +1138,18 @@ impl WithingsClient {
         &self,
         token: &str,
         window: Window,
+        fields: &[&str],
     ) -> Result<Vec<SleepSegment>, WithingsError> {
         let (start, end) = (window.start_s.to_string(), window.end_s.to_string());
-        let form = [
+        let fields = fields.join(",");
+        let mut form = vec![
             ("action", "get"),
             ("startdate", start.as_str()),
             ("enddate", end.as_str()),
         ];
+        if !fields.is_empty() {
+            form.push(("data_fields", fields.as_str()));
+        }
         let series: SleepSeries = self
             .post(PATH_SLEEP_V2, Some(token), &form, Endpoint::Data)
             .await?;

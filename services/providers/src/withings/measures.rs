@@ -106,6 +106,21 @@ pub struct HypnogramRule {
     pub states: BTreeMap<String, i32>,
     /// The sample code of time without a known stage.
     pub unknown: i32,
+    /// Data type → a series of the same call averaged over the night.
+    #[serde(default)]
+    pub averages: BTreeMap<String, NightAverage>,
+}
+
+/// A `v2/sleep get` series (`{epoch: value}` per segment) averaged over the night.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NightAverage {
+    /// The `data_fields` name.
+    pub field: String,
+    /// UCUM unit of the values.
+    pub unit: String,
+    /// Tag in the measurement id.
+    pub id: String,
 }
 
 impl HypnogramRule {
@@ -327,7 +342,12 @@ impl MeasureTable {
                 || h.id.trim().is_empty()
                 || h.epoch_seconds == 0
                 || h.code_map.trim().is_empty()
-                || h.states.keys().any(|k| k.parse::<i64>().is_err()))
+                || h.states.keys().any(|k| k.parse::<i64>().is_err())
+                || h.averages.values().any(|a| {
+                    [&a.field, &a.unit, &a.id]
+                        .iter()
+                        .any(|t| t.trim().is_empty())
+                }))
         {
             return Err(TableError(
                 "sleep.hypnogram: every field set, states keyed by integers".into(),

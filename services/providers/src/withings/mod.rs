@@ -409,9 +409,12 @@ impl Withings {
             .windows
             .iter()
             .find_map(|(c, w)| Some((table.sleep(c)?, table.hypnogram(c), *w)));
+        // What `v2/sleep get` gives (the hypnogram, the night's HRV averages), if allowed.
+        let night_series = |h: &measures::HypnogramRule| {
+            policy.allows(&h.data_type) || h.averages.keys().any(|d| policy.allows(d))
+        };
         if let Some((rules, hypnogram, (start, end))) = sleep
-            && (rules.keys().any(|d| policy.allows(d))
-                || hypnogram.is_some_and(|h| policy.allows(&h.data_type)))
+            && (rules.keys().any(|d| policy.allows(d)) || hypnogram.is_some_and(night_series))
         {
             let mut fields: Vec<&str> = rules
                 .iter()
@@ -432,18 +435,29 @@ impl Withings {
             let n = normalize::normalize_sleep(&nights, context, rules, policy, None);
             count_skips(&mut fetched, &n.stats);
             out.extend(n.measurements);
-            // Each night's hypnogram: one `v2/sleep get` over the night.
-            if let Some(rule) = hypnogram.filter(|h| policy.allows(&h.data_type)) {
+            // Each night's hypnogram and HRV averages: one `v2/sleep get` over the night.
+            if let Some(rule) = hypnogram.filter(|h| night_series(h)) {
+                let fields: Vec<&str> = rule
+                    .averages
+                    .iter()
+                    .filter(|(d, _)| policy.allows(d))
+                    .map(|(_, a)| a.field.as_str())
+                    .collect();
                 let mut stats = NormalizeStats::default();
                 for night in &nights {
                     let window = Window {
                         start_s: night.startdate,
                         end_s: night.enddate,
                     };
-                    let segments = client.get_sleep_segments(token, window).await?;
+                    let segments = client.get_sleep_segments(token, window, &fields).await?;
                     fetched.api_calls += 1;
-                    out.extend(normalize::hypnogram(
-                        night, &segments, context, rule, None, &mut stats,
+                    if policy.allows(&rule.data_type) {
+                        out.extend(normalize::hypnogram(
+                            night, &segments, context, rule, None, &mut stats,
+                        ));
+                    }
+                    out.extend(normalize::night_averages(
+                        night, &segments, context, rule, policy, None, &mut stats,
                     ));
                 }
                 count_skips(&mut fetched, &stats);

@@ -740,6 +740,86 @@ pub fn hypnogram(
     })
 }
 
+/// The night's averages of the `v2/sleep get` series of `rule.averages` the policy allows:
+/// the mean of the series' values (finite and positive, dated within the night) with one
+/// decimal, one Measurement per data type over the night; a series without values gives
+/// none.
+#[must_use]
+pub fn night_averages(
+    night: &SleepNight,
+    segments: &[SleepSegment],
+    ctx: &Context,
+    rule: &HypnogramRule,
+    policy: &Policy,
+    fallback_utc_offset_seconds: Option<i32>,
+    stats: &mut NormalizeStats,
+) -> Vec<Measurement> {
+    let mut out = Vec::new();
+    let user = &ctx.provider_user_id;
+    for (data_type, average) in &rule.averages {
+        if !policy.allows(data_type) {
+            continue;
+        }
+        let mut seen = BTreeMap::new();
+        for segment in segments {
+            let Some(serde_json::Value::Object(values)) = segment.series.get(&average.field) else {
+                continue;
+            };
+            for (epoch, value) in values {
+                let (Ok(epoch), Some(value)) = (epoch.parse::<i64>(), value.as_f64()) else {
+                    stats.invalid_values += 1;
+                    continue;
+                };
+                if epoch < night.startdate || epoch >= night.enddate {
+                    continue;
+                }
+                if !(value.is_finite() && value > 0.0) {
+                    stats.invalid_values += 1;
+                    continue;
+                }
+                // One value per epoch, however the segments overlap.
+                seen.insert(epoch, value);
+            }
+        }
+        if seen.is_empty() {
+            continue;
+        }
+        let mean = seen.values().sum::<f64>() / seen.len() as f64;
+        let offsets = OffsetResolver::new(
+            night.timezone.as_deref(),
+            fallback_utc_offset_seconds,
+            stats,
+        );
+        out.push(Measurement {
+            context: ctx.clone(),
+            measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", average.id, night.id),
+            series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
+            data_type: data_type.clone(),
+            aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+            effective_start: night.startdate.saturating_mul(1000),
+            effective_end: Some(night.enddate.saturating_mul(1000)),
+            utc_offset_seconds: offsets.offset_at(night.startdate),
+            components: vec![Component {
+                code: COMPONENT_VALUE.to_owned(),
+                value: (mean * 10.0).round() / 10.0,
+                unit: average.unit.clone(),
+                decimals: Some(1),
+            }],
+            device: night
+                .hash_deviceid
+                .as_deref()
+                .and_then(|d| device(Some(d), None, night.model_id)),
+            entry_method: Some("device".to_owned()),
+            provider_group_id: Some(night.id.clone()),
+            provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
+            fetched_through: None,
+            status: None,
+            waveform: None,
+        });
+    }
+    out
+}
+
 /// Component code of an ECG's rhythm classification (the mapping table's rhythm code).
 pub const COMPONENT_RHYTHM: &str = "rhythm";
 /// Component code of an ECG's average heart rate.
@@ -2023,5 +2103,53 @@ mod tests {
         too_long.enddate = too_long.startdate + 24 * 3600 + 1;
         assert!(hypnogram(&too_long, &segments, &ctx(), &rule, None, &mut stats).is_none());
         assert_eq!(stats.invalid_values, 3);
+    }
+
+    #[test]
+    fn test_the_nights_hrv_is_the_average_of_its_epochs_within_the_night() {
+        let (night, mut segments) = night_and_segments();
+        let s = night.startdate;
+        segments[0].series.insert(
+            "sdnn_1".into(),
+            serde_json::json!({(s + 130).to_string(): 40, (s + 190).to_string(): 51,
+                               (s + 200).to_string(): 0}),
+        );
+        segments[2].series.insert(
+            "sdnn_1".into(),
+            serde_json::json!({(s + 250).to_string(): 42.5, (s + 900).to_string(): 999}),
+        );
+        segments[2].series.insert(
+            "rmssd".into(),
+            serde_json::json!({(s + 250).to_string(): "n/a"}),
+        );
+        let mut stats = NormalizeStats::default();
+        let rule = hypnogram_rule();
+        let n = night_averages(
+            &night,
+            &segments,
+            &ctx(),
+            &rule,
+            &Policy::default(),
+            None,
+            &mut stats,
+        );
+        assert_eq!(n.len(), 1, "RMSSD has no usable value: no measurement");
+        let m = &n[0];
+        assert_eq!(m.measurement_id, "withings:363:sleep-sdnn:2081804182");
+        assert_eq!(m.data_type, "sleep_hrv_sdnn");
+        // (40 + 51 + 42.5) / 3, one decimal; the epoch after the night and the 0 are left out.
+        assert_eq!(values(m), vec![("value", 44.5, "ms")]);
+        assert_eq!(
+            (m.effective_start, m.effective_end),
+            (s * 1000, Some((s + 600) * 1000))
+        );
+        assert_eq!(stats.invalid_values, 2, "the 0 and the text");
+        use crate::policy::PolicyDoc;
+        let doc: PolicyDoc =
+            serde_json::from_value(serde_json::json!({"disabled_data_types": ["sleep_hrv_sdnn"]}))
+                .unwrap();
+        let policy = Policy::resolve(&doc, &PolicyDoc::default(), BTreeMap::new());
+        let n = night_averages(&night, &segments, &ctx(), &rule, &policy, None, &mut stats);
+        assert!(n.is_empty());
     }
 }
