@@ -749,7 +749,7 @@ mod tests {
             transaction_ranges(&small, 100, 25),
             [0..2, 2..4, 4..6, 6..7]
         );
-        assert_eq!(transaction_ranges(&small, 100, 70), [0..7]);
+        assert_eq!(transaction_ranges(&small, 100, 70), vec![0..7]);
         // An ECG larger than the budget goes alone, between the others.
         let mixed = sized(&[10, 10, 500, 10, 10]);
         assert_eq!(transaction_ranges(&mixed, 100, 100), [0..2, 2..3, 3..5]);
