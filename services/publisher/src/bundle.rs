@@ -162,17 +162,24 @@ pub struct ServerState {
 }
 
 /// Returns a `batch` Bundle that reads the current state of each item, then of each
-/// resource the items reference ([`OwnRef::read_url`]).
+/// resource the items reference ([`OwnRef::read_url`]). Each read asks for `meta` only
+/// (`_elements`): the state is the id and the tags, and an ECG's waveform need not travel
+/// back (a server that ignores `_elements` answers the whole resource, read the same way).
 pub fn read_bundle(items: &[&Item], refs: &[OwnRef], mode: UpsertMode) -> Result<Value, String> {
+    let get = |url: String| json!({"request": {"method": "GET", "url": meta_only(url)}});
     let mut entries = items
         .iter()
-        .map(|i| Ok(json!({"request": {"method": "GET", "url": upsert_url(i, mode)?}})))
+        .map(|i| Ok(get(upsert_url(i, mode)?)))
         .collect::<Result<Vec<_>, String>>()?;
-    entries.extend(
-        refs.iter()
-            .map(|r| json!({"request": {"method": "GET", "url": r.read_url(mode)}})),
-    );
+    entries.extend(refs.iter().map(|r| get(r.read_url(mode))));
     Ok(bundle_of("batch", entries))
+}
+
+/// `url` asking for the resource's mandatory elements and `meta` only.
+fn meta_only(mut url: String) -> String {
+    url.push(if url.contains('?') { '&' } else { '?' });
+    url.push_str("_elements=meta");
+    url
 }
 
 /// Returns a `transaction` Bundle of upserts. In conditional mode the server assigns the ids:
@@ -673,9 +680,20 @@ mod tests {
         assert_eq!(
             urls,
             [
-                upsert_url(&obs, UpsertMode::Conditional).unwrap(),
-                upsert_url(&device, UpsertMode::Conditional).unwrap()
+                format!(
+                    "{}&_elements=meta",
+                    upsert_url(&obs, UpsertMode::Conditional).unwrap()
+                ),
+                format!(
+                    "{}&_elements=meta",
+                    upsert_url(&device, UpsertMode::Conditional).unwrap()
+                )
             ]
+        );
+        let by_id = read_bundle(&[&obs], &refs, UpsertMode::Put).unwrap();
+        assert_eq!(
+            by_id["entry"][0]["request"]["url"],
+            format!("Observation/{}?_elements=meta", obs.resource_id)
         );
     }
 

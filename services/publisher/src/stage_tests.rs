@@ -108,7 +108,14 @@ async fn handle(
             .iter()
             .map(|e| {
                 let url = e["request"]["url"].as_str().unwrap();
+                // `_elements=meta`: what a server answers is the id and meta only.
+                let (url, subset) = match url.split_once("?_elements=meta") {
+                    Some((path, "")) => (path, true),
+                    _ => (url, false),
+                };
                 match f.store.get(url) {
+                    Some((r, _)) if subset => json!({"response": {"status": "200 OK"},
+                        "resource": {"resourceType": r["resourceType"], "id": r["id"], "meta": r["meta"]}}),
                     Some((r, _)) => json!({"response": {"status": "200 OK"}, "resource": r}),
                     None => json!({"response": {"status": "404 Not Found"}}),
                 }
