@@ -56,7 +56,7 @@ const PATIENT: &str = "Patient/bench";
 const IDENTIFIER_BASE: &str = "https://ohx.test/fhir";
 /// Scopes of the authorization server's clients (SMART v2, as hfs advertises).
 const SCOPES: &str = "system/Observation.crus system/Device.crus system/DeviceAssociation.crus \
-                      system/Patient.crus";
+                      system/DiagnosticReport.crus system/Patient.crus";
 /// Access token lifetime with `OHX_BENCH_AUTH` (longer than a run: tokens are cached).
 const TOKEN_TTL_S: u64 = 3_600;
 /// The secret of the client-secret clients of the authorization server.
