@@ -757,6 +757,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
                 "ScanWatch",
                 93,
                 json!([
+                    m(1, 130, 0),
                     m(96, 135, 0),
                     m(162, 136, 0),
                     m(388, 137, 0),
@@ -790,7 +791,7 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
         env.notify(p.userid, appli, t_body - 60_000, t_ambiguous + 60_000)
             .await?;
     }
-    let expected = 10 + 2 + 1 + 4 + 1;
+    let expected = 10 + 2 + 1 + 4 + 1 + 1;
     let obs = env
         .wait_for(
             &format!("Observation?subject={}&_count=200", p.reference),
@@ -868,6 +869,30 @@ async fn withings_measures_to_fhir(env: Arc<Env>) -> anyhow::Result<()> {
             );
         }
     }
+    // The recording's AFib result (type 130): a coded value, SNOMED's finding as positive.
+    let afib = find(local, "afib-result", t_ecg).context("AFib result")?;
+    let codings: Vec<(&str, &str)> = afib["valueCodeableConcept"]["coding"]
+        .as_array()
+        .context("AFib concept")?
+        .iter()
+        .map(|c| {
+            (
+                c["system"].as_str().unwrap_or(""),
+                c["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    ensure!(
+        codings
+            == [
+                (
+                    "https://ohx.example/fhir/CodeSystem/withings-afib-result",
+                    "positive"
+                ),
+                ("http://snomed.info/sct", "164889003")
+            ],
+        "{afib}"
+    );
     // The typed-in weight: patient-reported, no device; the ambiguous one never arrives.
     let manual = find(loinc, "29463-7", t_manual).context("manual weight")?;
     ensure!(

@@ -846,8 +846,14 @@ fn insert_measurement_values(
     };
     if let Some(value) = &entry.value {
         let component = find(&value.source)?;
-        let quantity = component_quantity(&m.data_type, component, &value.units, value.decimals)?;
-        obs.insert("valueQuantity".to_owned(), quantity);
+        if value.codes.is_empty() {
+            let quantity =
+                component_quantity(&m.data_type, component, &value.units, value.decimals)?;
+            obs.insert("valueQuantity".to_owned(), quantity);
+        } else {
+            let concept = crate::report::coded_value(&m.data_type, component, &value.codes)?;
+            obs.insert("valueCodeableConcept".to_owned(), concept);
+        }
     }
     if entry.components.is_empty() {
         return Ok(());

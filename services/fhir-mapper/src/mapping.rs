@@ -112,6 +112,10 @@ pub struct ValueEntry {
     /// Round the value to this many decimals (none: written as received).
     #[serde(default)]
     pub decimals: Option<u32>,
+    /// The value is a code (an integer with unit `1`): written as `valueCodeableConcept` with
+    /// the codings of its value (as text); a value not listed is a mapping error.
+    #[serde(default)]
+    pub codes: BTreeMap<String, Vec<Coding>>,
 }
 
 /// One `Observation.component` of a panel.
@@ -438,6 +442,7 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
         check_token(&format!("{at}.value.source"), &value.source)?;
         check_units(&format!("{at}.value"), &value.units)?;
         check_decimals(&format!("{at}.value"), value.decimals)?;
+        check_codes(&format!("{at}.value.codes"), &value.codes)?;
     }
     let mut sources: BTreeSet<&str> = entry.value.iter().map(|v| v.source.as_str()).collect();
     for component in &entry.components {
@@ -474,13 +479,19 @@ fn check_measurement(data_type: &str, entry: &MeasurementEntry) -> Result<(), Ma
             if conclusion.codes.is_empty() {
                 return invalid(format!("{at}: needs codes"));
             }
-            for (value, codings) in &conclusion.codes {
-                if value.parse::<i64>().is_err() {
-                    return invalid(format!("{at}.codes: `{value}` is not an integer"));
-                }
-                check_codings(&format!("{at}.codes.{value}"), codings)?;
-            }
+            check_codes(&format!("{at}.codes"), &conclusion.codes)?;
         }
+    }
+    Ok(())
+}
+
+/// Codes keyed by integers, each with codings.
+fn check_codes(at: &str, codes: &BTreeMap<String, Vec<Coding>>) -> Result<(), MappingTableError> {
+    for (value, codings) in codes {
+        if value.parse::<i64>().is_err() {
+            return invalid(format!("{at}: `{value}` is not an integer"));
+        }
+        check_codings(&format!("{at}.{value}"), codings)?;
     }
     Ok(())
 }

@@ -17,7 +17,8 @@ use crate::map::{
     MappedResource, MapperSettings, MappingError, codings_json, decimal, find_unit, object,
     reference_to, resource_id,
 };
-use crate::mapping::{LinkedEntry, Mapping, MeasurementEntry, ReportEntry, WaveformEntry};
+use crate::mapping::{Coding, LinkedEntry, Mapping, MeasurementEntry, ReportEntry, WaveformEntry};
+use std::collections::BTreeMap;
 
 /// UCUM unit of a coded component (a classification): `1`.
 pub const CODED_UNIT: &str = "1";
@@ -116,6 +117,28 @@ pub fn sampled_data(
     }
     out.insert("data".to_owned(), Value::String(data_text(&w.samples)));
     Ok(Value::Object(out))
+}
+
+/// A coded component (an integer with unit [`CODED_UNIT`]) as the CodeableConcept of its
+/// value in `codes`; any other value or unit is [`MappingError::UnmappedCode`].
+pub(crate) fn coded_value(
+    data_type: &str,
+    component: &Component,
+    codes: &BTreeMap<String, Vec<Coding>>,
+) -> Result<Value, MappingError> {
+    let unknown = || MappingError::UnmappedCode {
+        data_type: data_type.to_owned(),
+        component: component.code.clone(),
+    };
+    if component.unit != CODED_UNIT
+        || !component.value.is_finite()
+        || component.value.fract() != 0.0
+    {
+        return Err(unknown());
+    }
+    let key = format!("{}", component.value as i64);
+    let codings = codes.get(&key).ok_or_else(unknown)?;
+    Ok(json!({ "coding": codings_json(codings) }))
 }
 
 /// The samples as SampledData `data`: decimal integers separated by single spaces.
@@ -294,22 +317,8 @@ fn diagnostic_report(
                 data_type: m.data_type.clone(),
                 component: conclusion.source.clone(),
             })?;
-        let unknown = || MappingError::UnmappedCode {
-            data_type: m.data_type.clone(),
-            component: conclusion.source.clone(),
-        };
-        if component.unit != CODED_UNIT
-            || !component.value.is_finite()
-            || component.value.fract() != 0.0
-        {
-            return Err(unknown());
-        }
-        let key = format!("{}", component.value as i64);
-        let codings = conclusion.codes.get(&key).ok_or_else(unknown)?;
-        dr.insert(
-            "conclusionCode".to_owned(),
-            json!([{ "coding": codings_json(codings) }]),
-        );
+        let concept = coded_value(&m.data_type, component, &conclusion.codes)?;
+        dr.insert("conclusionCode".to_owned(), Value::Array(vec![concept]));
     }
     Ok(MappedResource {
         resource_type: "DiagnosticReport".to_owned(),
@@ -700,6 +709,49 @@ mod tests {
         let mut coded_ecg = ecg(1.0);
         coded_ecg.waveform.as_mut().unwrap().code_map = Some("https://x/cm".to_owned());
         assert!(map(&coded_ecg).is_err());
+    }
+
+    #[test]
+    fn test_an_afib_result_is_a_coded_value_for_each_of_its_codes_and_refused_otherwise() {
+        let result = |value: f64, unit: &str| {
+            let mut m = ecg(1.0);
+            m.data_type = "afib_result".to_owned();
+            m.measurement_id = "withings:u12345:98765:130".to_owned();
+            m.effective_end = None;
+            m.waveform = None;
+            m.components = vec![part("value", value, unit)];
+            map(&m)
+        };
+        let validator = FhirValidator::new(FhirVersion::R4).unwrap();
+        let mut seen = Vec::new();
+        for code in 0..=13 {
+            let all = result(f64::from(code), "1").unwrap();
+            let obs = &all[2].json;
+            let concept = &obs["valueCodeableConcept"];
+            assert!(obs.get("valueQuantity").is_none());
+            assert_eq!(
+                concept["coding"][0]["system"],
+                "https://ohx.example/fhir/CodeSystem/withings-afib-result"
+            );
+            assert!(!seen.contains(concept), "{code} shares a concept");
+            seen.push(concept.clone());
+            shared_test_validator().validate_all(obs).unwrap();
+            let r4 = R4Rules::default_rules().unwrap().convert(all).unwrap();
+            validator.validate_all(&r4[1].json).unwrap();
+        }
+        for positive in [1, 11, 12] {
+            assert_eq!(
+                seen[positive]["coding"][1]["code"], "164889003",
+                "{positive}"
+            );
+        }
+        assert_eq!(seen[0]["coding"].as_array().unwrap().len(), 1);
+        for (value, unit) in [(14.0, "1"), (1.5, "1"), (-1.0, "1"), (1.0, "%")] {
+            assert!(
+                matches!(result(value, unit), Err(MappingError::UnmappedCode { .. })),
+                "{value} {unit}"
+            );
+        }
     }
 
     #[test]

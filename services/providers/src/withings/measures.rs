@@ -27,6 +27,9 @@ pub struct TypeRule {
     /// Power of ten applied to the decoded value (height: m → cm is 2).
     #[serde(default)]
     pub shift: i32,
+    /// The value is a code, and 0 one of them (else 0 is no reading).
+    #[serde(default)]
+    pub zero_is_value: bool,
 }
 
 fn value_component() -> String {

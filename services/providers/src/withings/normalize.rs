@@ -191,13 +191,11 @@ pub fn decimals_of(exponent: i32) -> i32 {
 /// otherwise. The value is `value × 10^(unit + shift)` with the decimal places reported.
 fn usable(
     m: &Measure,
-    code: &str,
-    unit: &str,
-    shift: i32,
+    (code, unit, shift, zero_is_value): (&str, &str, i32, bool),
     stats: &mut NormalizeStats,
 ) -> Option<Component> {
     let exponent = m.unit.saturating_add(shift);
-    let v = decode_value(m.value, exponent).filter(|v| *v > 0.0);
+    let v = decode_value(m.value, exponent).filter(|v| *v > 0.0 || (zero_is_value && *v == 0.0));
     if v.is_none() {
         stats.invalid_values += 1;
     }
@@ -305,7 +303,13 @@ pub fn normalize_measures(
                 );
                 continue;
             }
-            let Some(c) = usable(m, &rule.component, &rule.unit, rule.shift, &mut stats) else {
+            let read = (
+                rule.component.as_str(),
+                rule.unit.as_str(),
+                rule.shift,
+                rule.zero_is_value,
+            );
+            let Some(c) = usable(m, read, &mut stats) else {
                 continue;
             };
             out.push(group_measurement(
@@ -336,7 +340,7 @@ pub fn normalize_measures(
                 .components
                 .iter()
                 .filter_map(|c| found.get(c.as_str()).map(|f| (c, f)))
-                .map(|(c, ((_, m), shift, unit))| usable(m, c, unit, *shift, &mut stats))
+                .map(|(c, ((_, m), shift, unit))| usable(m, (c, unit, *shift, false), &mut stats))
                 .collect();
             let Some(components) = components else {
                 continue;
@@ -2151,5 +2155,28 @@ mod tests {
         let policy = Policy::resolve(&doc, &PolicyDoc::default(), BTreeMap::new());
         let n = night_averages(&night, &segments, &ctx(), &rule, &policy, None, &mut stats);
         assert!(n.is_empty());
+    }
+
+    #[test]
+    fn test_an_afib_result_of_zero_is_a_reading_not_a_gap() {
+        let body = r#"{"updatetime":1752509800,"timezone":"Europe/Paris","measuregrps":[
+            {"grpid":98765,"attrib":0,"date":1752509738,"created":1752509790,"modified":1752509790,
+             "category":1,"deviceid":"core-1","model":"BPM Core","modelid":44,
+             "measures":[{"value":0,"type":130,"unit":0,"algo":0,"fm":3},
+                         {"value":96,"type":135,"unit":0,"algo":0,"fm":3}]}]}"#;
+        let n = norm(&resp(body), &ctx(), None);
+        assert_eq!(n.stats.invalid_values, 0);
+        let afib = find(&n, "withings:363:98765:130");
+        assert_eq!(afib.data_type, "afib_result");
+        assert_eq!(values(afib), vec![("value", 0.0, "1")]);
+        assert_eq!(
+            values(find(&n, "withings:363:98765:135")),
+            vec![("value", 96.0, "ms")]
+        );
+        // A QRS duration of 0 is still no reading.
+        let zero_qrs = body.replace(r#""value":96"#, r#""value":0"#);
+        let n = norm(&resp(&zero_qrs), &ctx(), None);
+        assert_eq!(n.stats.invalid_values, 1);
+        assert_eq!(n.measurements.len(), 1);
     }
 }
