@@ -600,7 +600,6 @@ pub fn normalize_sleep(
 ) -> Normalized {
     let mut stats = NormalizeStats::default();
     let mut out = Vec::new();
-    let user = &ctx.provider_user_id;
     for night in nights {
         if night.enddate < night.startdate {
             stats.invalid_values += 1;
@@ -636,35 +635,51 @@ pub fn normalize_sleep(
             if components.first().is_none_or(|c| c.code != COMPONENT_VALUE) {
                 continue;
             }
-            out.push(Measurement {
-                context: ctx.clone(),
-                measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", rule.id, night.id),
-                series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
-                data_type: data_type.clone(),
-                aggregation: policy
-                    .aggregation(data_type, AGGREGATION_INDIVIDUAL)
-                    .to_owned(),
-                effective_start: night.startdate.saturating_mul(1000),
-                effective_end: Some(night.enddate.saturating_mul(1000)),
-                utc_offset_seconds: offsets.offset_at(night.startdate),
-                components,
-                device: night
-                    .hash_deviceid
-                    .as_deref()
-                    .and_then(|d| device(Some(d), None, night.model_id)),
-                entry_method: Some("device".to_owned()),
-                provider_group_id: Some(night.id.clone()),
-                provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
-                fetched_through: None,
-                status: None,
-                waveform: None,
-            });
+            let mut m = night_measurement(night, ctx, &offsets, data_type, &rule.id);
+            m.aggregation = policy
+                .aggregation(data_type, AGGREGATION_INDIVIDUAL)
+                .to_owned();
+            m.components = components;
+            out.push(m);
         }
     }
     sort(&mut out);
     Normalized {
         measurements: out,
         stats,
+    }
+}
+
+/// A measurement of a night (`withings:{userid}:{id}:{night id}`, INDIVIDUAL, over the
+/// night, with the night's device), without values: the caller adds them.
+fn night_measurement(
+    night: &SleepNight,
+    ctx: &Context,
+    offsets: &OffsetResolver,
+    data_type: &str,
+    id: &str,
+) -> Measurement {
+    let user = &ctx.provider_user_id;
+    Measurement {
+        context: ctx.clone(),
+        measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{id}:{}", night.id),
+        series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
+        data_type: data_type.to_owned(),
+        aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
+        effective_start: night.startdate.saturating_mul(1000),
+        effective_end: Some(night.enddate.saturating_mul(1000)),
+        utc_offset_seconds: offsets.offset_at(night.startdate),
+        components: Vec::new(),
+        device: night
+            .hash_deviceid
+            .as_deref()
+            .and_then(|d| device(Some(d), None, night.model_id)),
+        entry_method: Some("device".to_owned()),
+        provider_group_id: Some(night.id.clone()),
+        provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
+        fetched_through: None,
+        status: None,
+        waveform: None,
     }
 }
 
@@ -712,36 +727,17 @@ pub fn hypnogram(
         fallback_utc_offset_seconds,
         stats,
     );
-    let user = &ctx.provider_user_id;
-    Some(Measurement {
-        context: ctx.clone(),
-        measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", rule.id, night.id),
-        series_key: series_key(&ctx.patient_id, &ctx.provider, &rule.data_type),
-        data_type: rule.data_type.clone(),
-        aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
-        effective_start: night.startdate.saturating_mul(1000),
-        effective_end: Some(night.enddate.saturating_mul(1000)),
-        utc_offset_seconds: offsets.offset_at(night.startdate),
-        components: Vec::new(),
-        device: night
-            .hash_deviceid
-            .as_deref()
-            .and_then(|d| device(Some(d), None, night.model_id)),
-        entry_method: Some("device".to_owned()),
-        provider_group_id: Some(night.id.clone()),
-        provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
-        fetched_through: None,
-        status: None,
-        waveform: Some(Waveform {
-            unit: UNIT_CODE.to_owned(),
-            origin: 0.0,
-            factor: None,
-            interval: f64::from(rule.epoch_seconds),
-            interval_unit: "s".to_owned(),
-            samples,
-            code_map: Some(rule.code_map.clone()),
-        }),
-    })
+    let mut m = night_measurement(night, ctx, &offsets, &rule.data_type, &rule.id);
+    m.waveform = Some(Waveform {
+        unit: UNIT_CODE.to_owned(),
+        origin: 0.0,
+        factor: None,
+        interval: f64::from(rule.epoch_seconds),
+        interval_unit: "s".to_owned(),
+        samples,
+        code_map: Some(rule.code_map.clone()),
+    });
+    Some(m)
 }
 
 /// The night's averages of the `v2/sleep get` series of `rule.averages` the policy allows:
@@ -759,7 +755,11 @@ pub fn night_averages(
     stats: &mut NormalizeStats,
 ) -> Vec<Measurement> {
     let mut out = Vec::new();
-    let user = &ctx.provider_user_id;
+    let offsets = OffsetResolver::new(
+        night.timezone.as_deref(),
+        fallback_utc_offset_seconds,
+        stats,
+    );
     for (data_type, average) in &rule.averages {
         if !policy.allows(data_type) {
             continue;
@@ -789,37 +789,14 @@ pub fn night_averages(
             continue;
         }
         let mean = seen.values().sum::<f64>() / seen.len() as f64;
-        let offsets = OffsetResolver::new(
-            night.timezone.as_deref(),
-            fallback_utc_offset_seconds,
-            stats,
-        );
-        out.push(Measurement {
-            context: ctx.clone(),
-            measurement_id: format!("{PROVIDER_WITHINGS}:{user}:{}:{}", average.id, night.id),
-            series_key: series_key(&ctx.patient_id, &ctx.provider, data_type),
-            data_type: data_type.clone(),
-            aggregation: AGGREGATION_INDIVIDUAL.to_owned(),
-            effective_start: night.startdate.saturating_mul(1000),
-            effective_end: Some(night.enddate.saturating_mul(1000)),
-            utc_offset_seconds: offsets.offset_at(night.startdate),
-            components: vec![Component {
-                code: COMPONENT_VALUE.to_owned(),
-                value: (mean * 10.0).round() / 10.0,
-                unit: average.unit.clone(),
-                decimals: Some(1),
-            }],
-            device: night
-                .hash_deviceid
-                .as_deref()
-                .and_then(|d| device(Some(d), None, night.model_id)),
-            entry_method: Some("device".to_owned()),
-            provider_group_id: Some(night.id.clone()),
-            provider_modified_at: night.modified.map(|m| m.saturating_mul(1000)),
-            fetched_through: None,
-            status: None,
-            waveform: None,
-        });
+        let mut m = night_measurement(night, ctx, &offsets, data_type, &average.id);
+        m.components = vec![Component {
+            code: COMPONENT_VALUE.to_owned(),
+            value: (mean * 10.0).round() / 10.0,
+            unit: average.unit.clone(),
+            decimals: Some(1),
+        }];
+        out.push(m);
     }
     out
 }
