@@ -360,12 +360,28 @@ pub mod topic {
 /// sorted, without building the resource; any other text is parsed and re-serialized. Both
 /// give the same hash ([`content_hash_of`]); invalid JSON is an error either way.
 pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
-    use sha2::{Digest, Sha256};
     serde_json::from_str::<serde::de::IgnoredAny>(resource_json)?;
-    let Some(members) = canonical_members(resource_json) else {
-        let value: serde_json::Value = serde_json::from_str(resource_json)?;
-        return content_hash_of(&value);
-    };
+    match canonical_members(resource_json) {
+        Some(members) => Ok(hash_members(&members)),
+        None => content_hash_of(&serde_json::from_str(resource_json)?),
+    }
+}
+
+/// [`content_hash`] of a text the caller has parsed already (into `parsed`), so it is neither
+/// validated nor parsed again.
+pub fn content_hash_parsed(
+    resource_json: &str,
+    parsed: &serde_json::Value,
+) -> Result<String, serde_json::Error> {
+    match canonical_members(resource_json) {
+        Some(members) => Ok(hash_members(&members)),
+        None => content_hash_of(parsed),
+    }
+}
+
+/// SHA-256 of the canonical object made of sorted top-level members, without `meta`.
+fn hash_members(members: &[(&str, &str)]) -> String {
+    use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hasher.update(b"{");
     for (i, (key, value)) in members.iter().filter(|(k, _)| *k != "meta").enumerate() {
@@ -378,7 +394,7 @@ pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
         hasher.update(value.as_bytes());
     }
     hasher.update(b"}");
-    Ok(hex::encode(hasher.finalize()))
+    hex::encode(hasher.finalize())
 }
 
 /// The top-level members (key, value text) of a JSON object, sorted by key, when everything
@@ -557,6 +573,11 @@ mod tests {
                 canonical_fast += 1;
             }
             assert_eq!(content_hash(&canonical).unwrap(), expected, "{canonical}");
+            assert_eq!(
+                content_hash_parsed(&canonical, &value).unwrap(),
+                expected,
+                "{canonical}"
+            );
             let mut shuffled: Vec<String> = members
                 .iter()
                 .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
@@ -566,6 +587,11 @@ mod tests {
             assert_eq!(content_hash(&shuffled).unwrap(), expected, "{shuffled}");
             let pretty = serde_json::to_string_pretty(&value).unwrap();
             assert_eq!(content_hash(&pretty).unwrap(), expected, "{pretty}");
+            assert_eq!(
+                content_hash_parsed(&pretty, &value).unwrap(),
+                expected,
+                "{pretty}"
+            );
         }
         assert!(
             canonical_fast > 200,

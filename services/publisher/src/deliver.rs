@@ -6,7 +6,7 @@ use crate::ehr::{self, ItemResult};
 use crate::targets::{Configured, Entry, Target};
 use crate::{Change, Publisher, Tracked, classify};
 use ohx_common::kafka::{Emitter, Input, StageError};
-use ohx_common::records::{FhirResource, PublishResult, content_hash, topic};
+use ohx_common::records::{FhirResource, PublishResult, content_hash_parsed, topic};
 use ohx_common::trace;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
@@ -287,10 +287,12 @@ impl Publisher {
 
 /// Parses and hashes a resource and checks it can be addressed (`Err`: dead letter).
 pub fn item_of(r: &FhirResource, mode: bundle::UpsertMode) -> Result<Item, String> {
-    // Hashed from its text (the mapper's canonical JSON hashes without re-serializing).
-    let hash = content_hash(&r.resource).map_err(|e| format!("resource is not JSON: {e}"))?;
+    // Parsed once (which checks it), then hashed from its text (the mapper's canonical JSON
+    // hashes without re-serializing).
     let parsed: Value =
         serde_json::from_str(&r.resource).map_err(|e| format!("resource is not JSON: {e}"))?;
+    let hash = content_hash_parsed(&r.resource, &parsed)
+        .map_err(|e| format!("resource is not JSON: {e}"))?;
     let item = Item {
         resource_type: r.resource_type.clone(),
         resource_id: r.resource_id.clone(),
