@@ -2006,8 +2006,9 @@ async fn sim_devices(
     axum::Json(json!({ "stored": stored })).into_response()
 }
 
+/// A control body of JSON objects under `series` (nights, sleep segments, ECG recordings).
 #[derive(Deserialize)]
-struct SleepSummariesBody {
+struct SeriesBody {
     series: Vec<Map<String, Value>>,
 }
 
@@ -2018,7 +2019,7 @@ async fn sim_sleep_summaries(
     Path(userid): Path<i64>,
     body: Bytes,
 ) -> Response {
-    let b: SleepSummariesBody = match json_body(&body) {
+    let b: SeriesBody = match json_body(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -2043,7 +2044,7 @@ async fn sim_sleep_segments(
     Path(userid): Path<i64>,
     body: Bytes,
 ) -> Response {
-    let b: SleepSummariesBody = match json_body(&body) {
+    let b: SeriesBody = match json_body(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -2066,7 +2067,7 @@ async fn sim_heart(
     Path(userid): Path<i64>,
     body: Bytes,
 ) -> Response {
-    let b: SleepSummariesBody = match json_body(&body) {
+    let b: SeriesBody = match json_body(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -2637,6 +2638,39 @@ mod tests {
         assert_eq!(stats["requests"]["measure/getmeas"], 5);
         assert_eq!(stats["tokens"]["1"]["access_token"], "tok-1");
         assert_eq!(stats["tokens"]["1"]["access_token_valid"], false);
+    }
+
+    /// The client follows `v2/heart list` over its pages (`more`, `offset`) and reads each
+    /// signal: five recordings, two a page, one outside the window.
+    #[tokio::test]
+    async fn heart_list_pages_are_followed_and_signals_read() {
+        use ohx_providers::withings::client::{Window, WithingsClient};
+        let sim = start(config(2, 1000)).await;
+        sim.user(3, "tok-3", "ref-3").await;
+        let series: Vec<Value> = (0..6)
+            .map(|i| {
+                json!({"deviceid": "sw", "model": 94, "ecg": {"signalid": 100 + i, "afib": 0},
+                       "heart_rate": 60 + i, "timestamp": 1_752_500_000 + i * 600,
+                       "signal": [i, -i, 2 * i], "sampling_frequency": 300})
+            })
+            .collect();
+        sim.sim("/_sim/users/3/heart", json!({ "series": series }))
+            .await;
+        let client = WithingsClient::new(client(), sim.base.clone());
+        let window = Window {
+            start_s: 1_752_500_000,
+            end_s: 1_752_500_000 + 4 * 600,
+        };
+        let listed = client.get_heart_list("tok-3", window).await.unwrap();
+        let ids: Vec<&str> = listed
+            .iter()
+            .filter_map(|r| r.ecg.as_ref().map(|e| e.signalid.as_str()))
+            .collect();
+        assert_eq!(ids, ["100", "101", "102", "103", "104"]);
+        assert_eq!(sim.stats().await["requests"]["v2/heart/list"], 3);
+        let signal = client.get_heart_signal("tok-3", "102").await.unwrap();
+        assert_eq!(signal.signal, [2, -2, 4]);
+        assert_eq!(signal.sampling_frequency, Some(300));
     }
 
     #[tokio::test]

@@ -646,6 +646,13 @@ impl DatedPage for ActivityPage {
     }
 }
 
+impl DatedPage for HeartPage {
+    type Item = HeartRecording;
+    fn into_parts(self) -> (Vec<HeartRecording>, bool, Option<i64>) {
+        (self.series, self.more, self.offset)
+    }
+}
+
 impl DatedPage for SleepPage {
     type Item = SleepNight;
     fn into_parts(self) -> (Vec<SleepNight>, bool, Option<i64>) {
@@ -949,9 +956,8 @@ impl WithingsClient {
         .await
     }
 
-    /// One `action` over the dates `start_ymd..=end_ymd` and `fields`, following the boolean
-    /// `more` and `offset` of the `v2` list answers over all pages (one [`RateGate`] permit
-    /// per page).
+    /// One `action` over the dates `start_ymd..=end_ymd` and `fields`, all pages
+    /// ([`Self::get_pages`]).
     async fn get_dated_pages<P: DatedPage>(
         &self,
         path: &str,
@@ -960,15 +966,28 @@ impl WithingsClient {
         (start_ymd, end_ymd): (&str, &str),
         fields: &[&str],
     ) -> Result<Vec<P::Item>, WithingsError> {
+        let form = vec![
+            ("action", action.to_owned()),
+            ("startdateymd", start_ymd.to_owned()),
+            ("enddateymd", end_ymd.to_owned()),
+            ("data_fields", fields.join(",")),
+        ];
+        self.get_pages::<P>(path, action, token, form).await
+    }
+
+    /// A `v2` list call with `form`, following the boolean `more` and `offset` of its answers
+    /// over all pages (one [`RateGate`] permit per page).
+    async fn get_pages<P: DatedPage>(
+        &self,
+        path: &str,
+        action: &str,
+        token: &str,
+        form: Vec<(&str, String)>,
+    ) -> Result<Vec<P::Item>, WithingsError> {
         let mut out = Vec::new();
         let mut offset: Option<i64> = None;
         for _ in 0..MAX_MEASURE_PAGES {
-            let mut form = vec![
-                ("action", action.to_owned()),
-                ("startdateymd", start_ymd.to_owned()),
-                ("enddateymd", end_ymd.to_owned()),
-                ("data_fields", fields.join(",")),
-            ];
+            let mut form = form.clone();
             if let Some(o) = offset {
                 form.push(("offset", o.to_string()));
             }
@@ -1001,34 +1020,13 @@ impl WithingsClient {
         token: &str,
         window: Window,
     ) -> Result<Vec<HeartRecording>, WithingsError> {
-        let mut out = Vec::new();
-        let mut offset: Option<i64> = None;
-        for _ in 0..MAX_MEASURE_PAGES {
-            let mut form = vec![
-                ("action", "list".to_owned()),
-                ("startdate", window.start_s.to_string()),
-                ("enddate", window.end_s.to_string()),
-            ];
-            if let Some(o) = offset {
-                form.push(("offset", o.to_string()));
-            }
-            let page: HeartPage = self
-                .post(PATH_HEART_V2, Some(token), &form, Endpoint::Data)
-                .await?;
-            out.extend(page.series);
-            if !page.more {
-                return Ok(out);
-            }
-            match page.offset {
-                Some(next) if offset.is_none_or(|o| next > o) => offset = Some(next),
-                _ => {
-                    return Err(WithingsError::Decode(
-                        "heart list paging does not advance".into(),
-                    ));
-                }
-            }
-        }
-        Err(WithingsError::Decode("heart list: too many pages".into()))
+        let form = vec![
+            ("action", "list".to_owned()),
+            ("startdate", window.start_s.to_string()),
+            ("enddate", window.end_s.to_string()),
+        ];
+        self.get_pages::<HeartPage>(PATH_HEART_V2, "heart list", token, form)
+            .await
     }
 
     /// `v2/heart get`: the signal of one recording.
