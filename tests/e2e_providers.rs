@@ -35,6 +35,13 @@ fn instant(obs: &Value) -> i64 {
         .map_or(i64::MIN, |t| t.timestamp_millis())
 }
 
+fn period_start(obs: &Value) -> Option<i64> {
+    obs["effectivePeriod"]["start"]
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis())
+}
+
 fn source_of(obs: &Value) -> &str {
     obs["meta"]["source"].as_str().unwrap_or_default()
 }
@@ -909,10 +916,11 @@ pub async fn google_health_connect_backfill_and_signed_webhook(
             .filter(from)
             .find(|o| code_of(o) == "29463-7")
             .cloned();
+        // The hour's statistics, not the ECG's heart rate (same code, a 30 s period).
         let hourly = obs
             .iter()
             .filter(from)
-            .find(|o| code_of(o) == "8867-4" && o.get("effectivePeriod").is_some())
+            .find(|o| code_of(o) == "8867-4" && period_start(o) == Some(hour))
             .cloned();
         if let (Some(w), Some(h)) = (&weight, &hourly) {
             break (w.clone(), h.clone());
@@ -969,11 +977,11 @@ pub async fn google_health_connect_backfill_and_signed_webhook(
     let study = env
         .fhir(report["result"][0]["reference"].as_str().context("study")?)
         .await?;
-    let start = study["effectivePeriod"]["start"]
-        .as_str()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.timestamp_millis());
-    ensure!(start == Some(recorded), "{}", study["effectivePeriod"]);
+    ensure!(
+        period_start(&study) == Some(recorded),
+        "{}",
+        study["effectivePeriod"]
+    );
     let sampled = &study["component"][0]["valueSampledData"];
     ensure!(
         sampled["origin"]["code"] == "mV"
