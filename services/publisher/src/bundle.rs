@@ -2,7 +2,10 @@
 //! Bundles, and parsing the server's answers.
 
 use crate::auth::WRITTEN_TYPES;
+use serde::Serialize;
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// The `meta.tag` system carrying a resource's content hash on the server. The publisher reads
@@ -107,7 +110,8 @@ pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
 }
 
 /// Returns the resource with the content-hash and source-revision tags set in `meta.tag`
-/// (other tags kept).
+/// (other tags kept): what a transaction writes ([`Tagged`]), and what the server then holds.
+#[cfg(test)]
 pub fn with_tags(resource: &Value, hash: &str, revision: i64) -> Value {
     let mut r = resource.clone();
     if let Some(obj) = r.as_object_mut() {
@@ -115,10 +119,7 @@ pub fn with_tags(resource: &Value, hash: &str, revision: i64) -> Value {
         if let Some(meta) = meta.as_object_mut() {
             let tags = meta.entry("tag").or_insert_with(|| json!([]));
             if let Some(tags) = tags.as_array_mut() {
-                tags.retain(|t| {
-                    let system = t.get("system").and_then(Value::as_str);
-                    system != Some(HASH_TAG_SYSTEM) && system != Some(REVISION_TAG_SYSTEM)
-                });
+                tags.retain(|t| not_ours(&t));
                 tags.push(json!({"system": HASH_TAG_SYSTEM, "code": hash}));
                 tags.push(json!({"system": REVISION_TAG_SYSTEM, "code": revision.to_string()}));
             }
@@ -175,6 +176,91 @@ pub fn read_bundle(items: &[&Item], refs: &[OwnRef], mode: UpsertMode) -> Result
     Ok(bundle_of("batch", entries))
 }
 
+/// Returns, in put mode, a `batch` Bundle that reads the state of every resource of `keys`
+/// with one search per resource type (`Type?_id=a,b,…`, meta only): one query for the server
+/// where [`read_bundle`] makes one read per resource, each serialized with the writes on a
+/// server like hfs on SQLite. `None` when an id cannot go in a search list (it must then be
+/// read by itself).
+pub fn search_bundle(keys: &[RefKey]) -> Option<Value> {
+    let entries = ids_by_type(keys)?
+        .into_iter()
+        .map(|(resource_type, ids)| {
+            let url = format!("{resource_type}?_id={}&_count={}", ids.join(","), ids.len());
+            json!({"request": {"method": "GET", "url": meta_only(url)}})
+        })
+        .collect();
+    Some(bundle_of("batch", entries))
+}
+
+/// The distinct ids of `keys` per resource type, types in order (the order of a search
+/// bundle's entries); `None` if an id is not a plain FHIR id (a comma would split it).
+fn ids_by_type(keys: &[RefKey]) -> Option<std::collections::BTreeMap<&str, Vec<&str>>> {
+    let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (resource_type, id) in keys {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        };
+        if !plain(resource_type) || !plain(id) {
+            return None;
+        }
+        let ids = by_type.entry(resource_type.as_str()).or_default();
+        if !ids.contains(&id.as_str()) {
+            ids.push(id);
+        }
+    }
+    Some(by_type)
+}
+
+/// What the server holds for each of `keys`, from the answer to [`search_bundle`]: a resource
+/// the search of its type found, else absent. `None` when an answer does not settle its type
+/// (a status other than 2xx, no searchset, or a further page): those are then read one by one.
+pub fn states_from_search(response: &Value, keys: &[RefKey]) -> Option<Vec<Option<ServerState>>> {
+    let types = ids_by_type(keys)?;
+    let entries = response.get("entry").and_then(Value::as_array)?;
+    if entries.len() != types.len() {
+        return None;
+    }
+    let mut found: HashMap<(&str, &str), ServerState> = HashMap::new();
+    for (entry, resource_type) in entries.iter().zip(types.keys()) {
+        let status = entry.pointer("/response/status").and_then(Value::as_str)?;
+        let set = entry.get("resource")?;
+        let further_page = set
+            .get("link")
+            .and_then(Value::as_array)
+            .is_some_and(|links| {
+                links
+                    .iter()
+                    .any(|l| l.get("relation") == Some(&json!("next")))
+            });
+        if !status.starts_with('2')
+            || set.get("resourceType").and_then(Value::as_str) != Some("Bundle")
+            || further_page
+        {
+            return None;
+        }
+        for r in set
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("resource"))
+        {
+            if r.get("resourceType").and_then(Value::as_str) == Some(*resource_type)
+                && let Some(id) = r.get("id").and_then(Value::as_str)
+            {
+                found.insert((resource_type, id), server_state(r));
+            }
+        }
+    }
+    Some(
+        keys.iter()
+            .map(|(t, id)| found.get(&(t.as_str(), id.as_str())).cloned())
+            .collect(),
+    )
+}
+
 /// `url` asking for the resource's mandatory elements and `meta` only.
 fn meta_only(mut url: String) -> String {
     url.push(if url.contains('?') { '&' } else { '?' });
@@ -186,49 +272,166 @@ fn meta_only(mut url: String) -> String {
 /// the resources go without theirs, and their references to resources ohx writes
 /// ([`own_references`]) are rewritten to the entry of this transaction that writes the
 /// resource (its `urn:uuid` fullUrl), else to the server's id in `known` (from the read),
-/// else to a conditional reference (`Type?identifier=…`) the server resolves.
-pub fn transaction_bundle(
-    items: &[&Item],
+/// else to a conditional reference (`Type?identifier=…`) the server resolves. In put mode the
+/// resources are written as they are, tags added while serializing (no copy).
+pub fn transaction_bundle<'a>(
+    items: &[&'a Item],
     mode: UpsertMode,
     known: &HashMap<RefKey, String>,
-) -> Result<Value, String> {
-    let in_transaction: HashMap<RefKey, String> = items
+) -> Result<Transaction<'a>, String> {
+    let in_transaction: HashMap<RefKey, String> = match mode {
+        UpsertMode::Put => HashMap::new(),
+        UpsertMode::Conditional => items
+            .iter()
+            .map(|i| {
+                (
+                    (i.resource_type.clone(), i.resource_id.clone()),
+                    full_url(&i.resource_id),
+                )
+            })
+            .collect(),
+    };
+    let entry = items
         .iter()
         .map(|i| {
-            (
-                (i.resource_type.clone(), i.resource_id.clone()),
-                full_url(&i.resource_id),
-            )
-        })
-        .collect();
-    let entries = items
-        .iter()
-        .map(|i| {
-            let mut resource = with_tags(&i.resource, &i.hash, i.revision);
-            if mode == UpsertMode::Conditional {
-                if let Some(object) = resource.as_object_mut() {
-                    object.remove("id");
+            let resource = match mode {
+                UpsertMode::Put => Cow::Borrowed(&i.resource),
+                UpsertMode::Conditional => {
+                    let mut resource = i.resource.clone();
+                    if let Some(object) = resource.as_object_mut() {
+                        object.remove("id");
+                    }
+                    rewrite_references(&mut resource, WRITTEN_TYPES, &|r| {
+                        in_transaction
+                            .get(&r.key())
+                            .or_else(|| known.get(&r.key()))
+                            .cloned()
+                            .unwrap_or_else(|| r.conditional())
+                    });
+                    Cow::Owned(resource)
                 }
-                rewrite_references(&mut resource, WRITTEN_TYPES, &|r| {
-                    in_transaction
-                        .get(&r.key())
-                        .or_else(|| known.get(&r.key()))
-                        .cloned()
-                        .unwrap_or_else(|| r.conditional())
-                });
-            }
-            // Built member by member: `json!` would copy the resource through its serializer.
-            let mut entry = Map::new();
-            entry.insert("fullUrl".into(), Value::String(full_url(&i.resource_id)));
-            entry.insert("resource".into(), resource);
-            entry.insert(
-                "request".into(),
-                json!({"method": "PUT", "url": upsert_url(i, mode)?}),
-            );
-            Ok(Value::Object(entry))
+            };
+            Ok(TransactionEntry {
+                full_url: full_url(&i.resource_id),
+                resource: Tagged {
+                    resource,
+                    hash: &i.hash,
+                    revision: i.revision,
+                },
+                request: Request {
+                    method: "PUT",
+                    url: upsert_url(i, mode)?,
+                },
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(bundle_of("transaction", entries))
+    Ok(Transaction {
+        resource_type: "Bundle",
+        kind: "transaction",
+        entry,
+    })
+}
+
+/// A `transaction` Bundle as sent ([`transaction_bundle`]).
+#[derive(Debug, Serialize)]
+pub struct Transaction<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    entry: Vec<TransactionEntry<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct TransactionEntry<'a> {
+    #[serde(rename = "fullUrl")]
+    full_url: String,
+    resource: Tagged<'a>,
+    request: Request,
+}
+
+#[derive(Debug, Serialize)]
+struct Request {
+    method: &'static str,
+    url: String,
+}
+
+/// A resource serialized as [`with_tags`] would return it, without copying it.
+#[derive(Debug)]
+struct Tagged<'a> {
+    resource: Cow<'a, Value>,
+    hash: &'a str,
+    revision: i64,
+}
+
+impl Serialize for Tagged<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let Some(object) = self.resource.as_object() else {
+            return self.resource.serialize(s);
+        };
+        let meta = object.get("meta");
+        let mut map = s.serialize_map(Some(object.len() + usize::from(meta.is_none())))?;
+        for (key, value) in object {
+            match (key.as_str(), value.as_object()) {
+                ("meta", Some(meta)) => map.serialize_entry(key, &TaggedMeta { meta, of: self })?,
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if meta.is_none() {
+            map.serialize_entry(
+                "meta",
+                &TaggedMeta {
+                    meta: &Map::new(),
+                    of: self,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// A resource's `meta` with ohx's two tags in place of any earlier ones (other tags kept).
+struct TaggedMeta<'a> {
+    meta: &'a Map<String, Value>,
+    of: &'a Tagged<'a>,
+}
+
+impl Serialize for TaggedMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ours = [
+            json!({"system": HASH_TAG_SYSTEM, "code": self.of.hash}),
+            json!({"system": REVISION_TAG_SYSTEM, "code": self.of.revision.to_string()}),
+        ];
+        let tag = self.meta.get("tag");
+        let mut map = s.serialize_map(Some(self.meta.len() + usize::from(tag.is_none())))?;
+        for (key, value) in self.meta {
+            match (key.as_str(), value.as_array()) {
+                ("tag", Some(tags)) => {
+                    map.serialize_entry(key, &SeqOf(tags.iter().filter(not_ours).chain(&ours)))?
+                }
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if tag.is_none() {
+            map.serialize_entry("tag", &ours)?;
+        }
+        map.end()
+    }
+}
+
+/// Whether a tag is not one of the two ohx sets.
+fn not_ours(tag: &&Value) -> bool {
+    let system = tag.get("system").and_then(Value::as_str);
+    system != Some(HASH_TAG_SYSTEM) && system != Some(REVISION_TAG_SYSTEM)
+}
+
+/// Serializes the items of an iterator as a sequence.
+struct SeqOf<I>(I);
+
+impl<'v, I: Iterator<Item = &'v Value> + Clone> Serialize for SeqOf<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
+    }
 }
 
 /// A Bundle of `kind` with these entries, moved in (`json!` would copy them).
@@ -386,20 +589,25 @@ pub fn current_states(response: &Value, count: usize) -> Vec<Result<Option<Serve
             } else {
                 resource
             };
-            let reference = match (
-                resource.get("resourceType").and_then(Value::as_str),
-                resource.get("id").and_then(Value::as_str),
-            ) {
-                (Some(t), Some(id)) => Some(format!("{t}/{id}")),
-                _ => None,
-            };
-            Ok(Some(ServerState {
-                revision: stored_revision(resource),
-                hash: stored_hash(resource).map(str::to_string),
-                reference,
-            }))
+            Ok(Some(server_state(resource)))
         })
         .collect()
+}
+
+/// A stored resource's state: its tags and its `Type/id` on the server.
+fn server_state(resource: &Value) -> ServerState {
+    let reference = match (
+        resource.get("resourceType").and_then(Value::as_str),
+        resource.get("id").and_then(Value::as_str),
+    ) {
+        (Some(t), Some(id)) => Some(format!("{t}/{id}")),
+        _ => None,
+    };
+    ServerState {
+        revision: stored_revision(resource),
+        hash: stored_hash(resource).map(str::to_string),
+        reference,
+    }
 }
 
 /// The server's answer for one upsert.
@@ -553,10 +761,39 @@ mod tests {
         );
     }
 
+    /// The transaction Bundle as the server receives it.
+    fn tx(items: &[&Item], mode: UpsertMode, known: &HashMap<RefKey, String>) -> Value {
+        serde_json::to_value(transaction_bundle(items, mode, known).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn test_a_transaction_writes_each_resource_as_with_tags_returns_it() {
+        let ohx_tag = json!({"system": HASH_TAG_SYSTEM, "code": "stale"});
+        let other = json!({"system": "https://x.example/tags", "code": "keep"});
+        let resources = [
+            json!({"resourceType": "Observation", "id": "a", "status": "final"}),
+            json!({"resourceType": "Observation", "id": "a", "meta": {"source": "s"}}),
+            json!({"resourceType": "Observation", "id": "a", "meta": {"tag": [other, ohx_tag], "source": "s"}}),
+            json!({"resourceType": "Observation", "id": "a", "meta": "not an object"}),
+            json!({"resourceType": "Observation", "id": "a", "meta": {"tag": "not a list"}}),
+        ];
+        for resource in resources {
+            let i = Item {
+                resource: resource.clone(),
+                ..item("a")
+            };
+            assert_eq!(
+                tx(&[&i], UpsertMode::Put, &HashMap::new())["entry"][0]["resource"],
+                with_tags(&resource, &i.hash, i.revision),
+                "{resource}"
+            );
+        }
+    }
+
     #[test]
     fn test_transaction_bundle_shape() {
         let (a, b) = (item("a"), item("b"));
-        let bundle = transaction_bundle(&[&a, &b], UpsertMode::Put, &HashMap::new()).unwrap();
+        let bundle = tx(&[&a, &b], UpsertMode::Put, &HashMap::new());
         assert_eq!(bundle["type"], "transaction");
         assert_eq!(bundle["entry"][1]["request"]["method"], "PUT");
         assert_eq!(bundle["entry"][1]["request"]["url"], "Observation/b");
@@ -617,11 +854,11 @@ mod tests {
     #[test]
     fn test_put_mode_sends_references_and_ids_as_mapped() {
         let (device, obs) = device_and_observation();
-        let bundle = transaction_bundle(&[&obs], UpsertMode::Put, &HashMap::new()).unwrap();
+        let bundle = tx(&[&obs], UpsertMode::Put, &HashMap::new());
         let sent = &bundle["entry"][0]["resource"];
         assert_eq!(sent["id"], "obs-1");
         assert_eq!(sent["device"], obs.resource["device"]);
-        let both = transaction_bundle(&[&device, &obs], UpsertMode::Put, &HashMap::new()).unwrap();
+        let both = tx(&[&device, &obs], UpsertMode::Put, &HashMap::new());
         assert_eq!(
             both["entry"][1]["resource"]["device"]["reference"],
             "Device/dev-1"
@@ -632,8 +869,7 @@ mod tests {
     fn test_conditional_mode_points_references_at_the_entry_the_server_id_or_a_search() {
         let (device, obs) = device_and_observation();
         // Written together: the Device's entry.
-        let both =
-            transaction_bundle(&[&device, &obs], UpsertMode::Conditional, &HashMap::new()).unwrap();
+        let both = tx(&[&device, &obs], UpsertMode::Conditional, &HashMap::new());
         let entries = both["entry"].as_array().unwrap();
         assert_eq!(
             entries[1]["resource"]["device"]["reference"],
@@ -653,13 +889,13 @@ mod tests {
             ("Device".to_owned(), "dev-1".to_owned()),
             "Device/42".to_owned(),
         )]);
-        let alone = transaction_bundle(&[&obs], UpsertMode::Conditional, &known).unwrap();
+        let alone = tx(&[&obs], UpsertMode::Conditional, &known);
         assert_eq!(
             alone["entry"][0]["resource"]["device"]["reference"],
             "Device/42"
         );
         // Unknown: a conditional reference the server resolves.
-        let alone = transaction_bundle(&[&obs], UpsertMode::Conditional, &HashMap::new()).unwrap();
+        let alone = tx(&[&obs], UpsertMode::Conditional, &HashMap::new());
         assert_eq!(
             alone["entry"][0]["resource"]["device"]["reference"],
             "Device?identifier=https://ohx.example/fhir/sid/device%7Cwithings-abc"
@@ -735,6 +971,84 @@ mod tests {
         assert_eq!(got[4], state(0, None, "e"));
         assert!(got[5].is_err());
         assert!(got[6].is_err(), "a missing entry is not an absent resource");
+    }
+
+    fn keys(pairs: &[(&str, &str)]) -> Vec<RefKey> {
+        pairs
+            .iter()
+            .map(|(t, id)| (t.to_string(), id.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn test_search_bundle_reads_each_type_once_by_its_distinct_ids() {
+        let k = keys(&[
+            ("Observation", "o-1"),
+            ("Device", "d-1"),
+            ("Observation", "o-2"),
+            ("Device", "d-1"),
+        ]);
+        let urls: Vec<Value> = search_bundle(&k).unwrap()["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["request"]["url"].clone())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "Device?_id=d-1&_count=1&_elements=meta",
+                "Observation?_id=o-1,o-2&_count=2&_elements=meta"
+            ]
+        );
+        for odd in ["a,b", "", "a b", "a&_id=b"] {
+            assert!(
+                search_bundle(&keys(&[("Observation", odd)])).is_none(),
+                "{odd:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_states_from_search_are_found_or_absent_and_unsettled_answers_are_none() {
+        let k = keys(&[("Observation", "a"), ("Observation", "b"), ("Device", "d")]);
+        let set = |resources: Vec<Value>| {
+            json!({"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset",
+                "entry": resources.into_iter().map(|r| json!({"resource": r, "search": {"mode": "match"}})).collect::<Vec<_>>()}})
+        };
+        let device = json!({"resourceType": "Device", "id": "d"});
+        let outcome = json!({"resourceType": "OperationOutcome", "id": "a"});
+        let answer = json!({"entry": [set(vec![device.clone()]),
+                                      set(vec![with_tags(&item("b").resource, "h", 7), outcome])]});
+        assert_eq!(
+            states_from_search(&answer, &k),
+            Some(vec![
+                None,
+                Some(ServerState {
+                    revision: 7,
+                    hash: Some("h".into()),
+                    reference: Some("Observation/b".into())
+                }),
+                Some(ServerState {
+                    revision: 0,
+                    hash: None,
+                    reference: Some("Device/d".into())
+                }),
+            ])
+        );
+        let mut paged = answer.clone();
+        paged["entry"][1]["resource"]["link"] = json!([{"relation": "next", "url": "x"}]);
+        assert_eq!(states_from_search(&paged, &k), None, "a further page");
+        let mut failed = answer.clone();
+        failed["entry"][0] =
+            json!({"response": {"status": "400 Bad Request"}, "resource": outcome_of("invalid")});
+        assert_eq!(states_from_search(&failed, &k), None, "an error answer");
+        let short = json!({"entry": [set(vec![device])]});
+        assert_eq!(states_from_search(&short, &k), None, "an answer missing");
+    }
+
+    fn outcome_of(code: &str) -> Value {
+        json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code}]})
     }
 
     #[test]

@@ -35,6 +35,13 @@ static UNRESOLVED: LazyLock<Counter<u64>> = LazyLock::new(|| {
     )
 });
 
+static READS_ONE_BY_ONE: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    ohx_common::telemetry::new_counter(
+        "ohx_publisher_search_reads_unsettled",
+        "Chunks whose state the search by id did not settle (a further page, an error), read one resource at a time",
+    )
+});
+
 /// Retries of a chunk the server answered "busy" (429 or 503) within the batch, before the
 /// target is held for its breaker: a server under load (hfs on SQLite answers 503 "database
 /// table is locked" now and then) otherwise stalls the target for the breaker's retry delay.
@@ -172,10 +179,10 @@ impl Ehr {
 
     /// Posts a Bundle to the target with its credentials. A 401 answered to a cached access
     /// token drops it, and the call is made once more with a new one.
-    async fn post_bundle(
+    async fn post_bundle<B: serde::Serialize + ?Sized>(
         &self,
         target: &Target,
-        bundle: &Value,
+        bundle: &B,
         scope: Scope,
         timeout: Option<Duration>,
     ) -> Result<Value, CallFailure> {
@@ -212,11 +219,11 @@ impl Ehr {
         }
     }
 
-    async fn post_bundle_with(
+    async fn post_bundle_with<B: serde::Serialize + ?Sized>(
         &self,
         target: &Target,
         token: Option<&str>,
-        bundle: &Value,
+        bundle: &B,
         scope: Scope,
         timeout: Option<Duration>,
     ) -> Result<Value, CallFailure> {
@@ -387,6 +394,42 @@ impl Ehr {
         run
     }
 
+    /// What the server holds of `items`, then of `outside`: in put mode by one search per
+    /// resource type ([`bundle::search_bundle`]); where that cannot settle them (conditional
+    /// mode, or an answer that does not: see [`bundle::states_from_search`]), by one read per
+    /// resource.
+    async fn read_states(
+        &self,
+        target: &Target,
+        items: &[Item],
+        outside: &[OwnRef],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Result<Option<bundle::ServerState>, String>>, CallFailure> {
+        if target.mode == bundle::UpsertMode::Put {
+            let keys: Vec<RefKey> = items
+                .iter()
+                .map(|i| (i.resource_type.clone(), i.resource_id.clone()))
+                .chain(outside.iter().map(OwnRef::key))
+                .collect();
+            if let Some(search) = bundle::search_bundle(&keys) {
+                let resp = self
+                    .post_bundle(target, &search, Scope::Read, timeout)
+                    .await?;
+                if let Some(states) = bundle::states_from_search(&resp, &keys) {
+                    return Ok(states.into_iter().map(Ok).collect());
+                }
+                READS_ONE_BY_ONE.add(1, &[]);
+            }
+        }
+        let refs: Vec<&Item> = items.iter().collect();
+        let read =
+            bundle::read_bundle(&refs, outside, target.mode).map_err(CallFailure::transient)?;
+        let resp = self
+            .post_bundle(target, &read, Scope::Read, timeout)
+            .await?;
+        Ok(bundle::current_states(&resp, items.len() + outside.len()))
+    }
+
     /// Publishes items in one `batch` read and one `transaction`.
     async fn publish_chunk(
         &self,
@@ -417,16 +460,10 @@ impl Ehr {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let refs: Vec<&Item> = items.iter().collect();
-        let read = match bundle::read_bundle(&refs, &outside, target.mode) {
-            Ok(r) => r,
-            Err(e) => return stop(results, CallFailure::transient(e)),
-        };
-        let resp = match self.post_bundle(target, &read, Scope::Read, timeout).await {
-            Ok(r) => r,
+        let mut states = match self.read_states(target, items, &outside, timeout).await {
+            Ok(s) => s,
             Err(f) => return stop(results, f),
         };
-        let mut states = bundle::current_states(&resp, items.len() + outside.len());
         let outside_states = states.split_off(items.len());
         // The server's references of what it holds; what it lacks.
         let mut known: HashMap<RefKey, String> = HashMap::new();

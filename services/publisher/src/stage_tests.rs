@@ -46,6 +46,10 @@ struct FakeState {
     unauthorized: usize,
     /// Transactions still to answer 503 (busy) before the server answers as `mode` says.
     busy: usize,
+    /// The URLs of each read batch.
+    reads: Vec<Vec<String>>,
+    /// `Some(n)`: a search answers at most `n` matches a page, with a `next` link when more.
+    search_page: Option<usize>,
 }
 
 type Fake = Arc<Mutex<FakeState>>;
@@ -104,18 +108,44 @@ async fn handle(
         {
             return (status(s), outcome("exception"));
         }
-        let answers: Vec<Value> = entries
+        let urls: Vec<String> = entries
             .iter()
-            .map(|e| {
-                let url = e["request"]["url"].as_str().unwrap();
-                // `_elements=meta`: what a server answers is the id and meta only.
+            .map(|e| e["request"]["url"].as_str().unwrap().to_owned())
+            .collect();
+        f.reads.push(urls.clone());
+        // `_elements=meta`: what a server answers is the id and meta only.
+        let meta = |r: &Value| json!({"resourceType": r["resourceType"], "id": r["id"], "meta": r["meta"]});
+        let answers: Vec<Value> = urls
+            .iter()
+            .map(|url| {
+                if let Some((ty, query)) = url.split_once("?_id=") {
+                    let ids = query.split('&').next().unwrap().split(',');
+                    let subset = query.contains("&_elements=meta");
+                    let mut matches: Vec<Value> = ids
+                        .filter_map(|id| f.store.get(&format!("{ty}/{id}")))
+                        .map(|(r, _)| {
+                            json!({"resource": if subset { meta(r) } else { r.clone() },
+                                             "search": {"mode": "match"}})
+                        })
+                        .collect();
+                    let mut set = json!({"resourceType": "Bundle", "type": "searchset"});
+                    if let Some(page) = f.search_page
+                        && matches.len() > page
+                    {
+                        matches.truncate(page);
+                        set["link"] = json!([{"relation": "next", "url": "page-2"}]);
+                    }
+                    set["entry"] = Value::Array(matches);
+                    return json!({"response": {"status": "200 OK"}, "resource": set});
+                }
                 let (url, subset) = match url.split_once("?_elements=meta") {
                     Some((path, "")) => (path, true),
-                    _ => (url, false),
+                    _ => (url.as_str(), false),
                 };
                 match f.store.get(url) {
-                    Some((r, _)) if subset => json!({"response": {"status": "200 OK"},
-                        "resource": {"resourceType": r["resourceType"], "id": r["id"], "meta": r["meta"]}}),
+                    Some((r, _)) if subset => {
+                        json!({"response": {"status": "200 OK"}, "resource": meta(r)})
+                    }
                     Some((r, _)) => json!({"response": {"status": "200 OK"}, "resource": r}),
                     None => json!({"response": {"status": "404 Not Found"}}),
                 }
@@ -511,6 +541,95 @@ async fn test_replays_create_no_version_and_older_content_never_overwrites_newer
     assert_eq!(*version, 2, "no version beyond the two contents");
     assert_eq!(stored["status"], "final");
     assert_eq!(bundle::stored_revision(stored), 2);
+}
+
+/// Three Observations, one of them referencing a Device that is not among them.
+fn three_observations_and_a_device_reference() -> Vec<Input<FhirResource>> {
+    let device = json!({"reference": "Device/dev-1",
+                        "identifier": {"system": "https://ohx.example/fhir/sid/device", "value": "withings-1"}});
+    (0..3)
+        .map(|i| {
+            let id = format!("obs-{i}");
+            let mut resource = json!({"resourceType": "Observation", "id": id, "status": "final"});
+            if i == 0 {
+                resource["device"] = device.clone();
+            }
+            record_of(i, "a", "Observation", &id, resource)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn test_a_chunk_is_read_with_one_search_per_resource_type_and_replays_stay_unchanged() {
+    let (a, url) = fake_ehr().await;
+    lock(&a).store.insert(
+        "Device/dev-1".into(),
+        (json!({"resourceType": "Device", "id": "dev-1"}), 1),
+    );
+    let mut p = publisher(&[("a", &url)]);
+    for expected in ["created", "unchanged"] {
+        let (mut out, codec) = emitter();
+        let change = p
+            .process(&three_observations_and_a_device_reference(), &mut out)
+            .await
+            .unwrap();
+        p.apply(&change).await.unwrap();
+        let outcomes: Vec<String> = emitted(&out, &codec)
+            .await
+            .0
+            .into_iter()
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(outcomes, [expected; 3]);
+    }
+    let f = lock(&a);
+    assert_eq!(f.transactions, 1, "the replay wrote nothing");
+    assert!(f.store.values().all(|(_, version)| *version == 1));
+    for read in &f.reads {
+        assert_eq!(
+            read,
+            &[
+                "Device?_id=dev-1&_count=1&_elements=meta",
+                "Observation?_id=obs-0,obs-1,obs-2&_count=3&_elements=meta"
+            ],
+            "one search per type, the referenced Device's included"
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_a_search_that_does_not_settle_every_id_is_read_one_by_one() {
+    let (a, url) = fake_ehr().await;
+    let mut p = publisher(&[("a", &url)]);
+    let records = || {
+        (0..3)
+            .map(|i| record(0, i, "a", &format!("obs-{i}"), 1, "final"))
+            .collect::<Vec<_>>()
+    };
+    let (mut out, _) = emitter();
+    let change = p.process(&records(), &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    // The server now pages its search answers at one match: the search alone cannot say
+    // that obs-1 and obs-2 exist.
+    lock(&a).search_page = Some(1);
+    let (mut out, codec) = emitter();
+    let change = p.process(&records(), &mut out).await.unwrap();
+    p.apply(&change).await.unwrap();
+    let outcomes: Vec<String> = emitted(&out, &codec)
+        .await
+        .0
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(outcomes, ["unchanged"; 3]);
+    let f = lock(&a);
+    assert_eq!(f.transactions, 1, "nothing written again");
+    assert_eq!(
+        f.reads.last().map(Vec::len),
+        Some(3),
+        "after the search, one read per resource: {:?}",
+        f.reads
+    );
 }
 
 /// The offsets held for `target`, by partition then offset.
