@@ -6,6 +6,7 @@ use crate::breaker::Failure;
 use crate::bundle::{self, Item, OwnRef, RefKey};
 use crate::classify::{self, Class, Scope, TargetFault, TransportError};
 use crate::decision::{PublishDecision, publish_decision};
+use crate::read;
 use crate::targets::Target;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
@@ -395,8 +396,8 @@ impl Ehr {
     }
 
     /// What the server holds of `items`, then of `outside`: in put mode by one search per
-    /// resource type ([`bundle::search_bundle`]); where that cannot settle them (conditional
-    /// mode, or an answer that does not: see [`bundle::states_from_search`]), by one read per
+    /// resource type ([`read::search_bundle`]); where that cannot settle them (conditional
+    /// mode, or an answer that does not: see [`read::states_from_search`]), by one read per
     /// resource.
     async fn read_states(
         &self,
@@ -404,18 +405,18 @@ impl Ehr {
         items: &[Item],
         outside: &[OwnRef],
         timeout: Option<Duration>,
-    ) -> Result<Vec<Result<Option<bundle::ServerState>, String>>, CallFailure> {
+    ) -> Result<Vec<Result<Option<read::ServerState>, String>>, CallFailure> {
         if target.mode == bundle::UpsertMode::Put {
             let keys: Vec<RefKey> = items
                 .iter()
                 .map(|i| (i.resource_type.clone(), i.resource_id.clone()))
                 .chain(outside.iter().map(OwnRef::key))
                 .collect();
-            if let Some(search) = bundle::search_bundle(&keys) {
+            if let Some(search) = read::search_bundle(&keys) {
                 let resp = self
                     .post_bundle(target, &search, Scope::Read, timeout)
                     .await?;
-                if let Some(states) = bundle::states_from_search(&resp, &keys) {
+                if let Some(states) = read::states_from_search(&resp, &keys) {
                     return Ok(states.into_iter().map(Ok).collect());
                 }
                 READS_ONE_BY_ONE.add(1, &[]);
@@ -423,11 +424,11 @@ impl Ehr {
         }
         let refs: Vec<&Item> = items.iter().collect();
         let read =
-            bundle::read_bundle(&refs, outside, target.mode).map_err(CallFailure::transient)?;
+            read::read_bundle(&refs, outside, target.mode).map_err(CallFailure::transient)?;
         let resp = self
             .post_bundle(target, &read, Scope::Read, timeout)
             .await?;
-        Ok(bundle::current_states(&resp, items.len() + outside.len()))
+        Ok(read::current_states(&resp, items.len() + outside.len()))
     }
 
     /// Publishes items in one `batch` read and one `transaction`.

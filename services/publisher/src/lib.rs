@@ -1,7 +1,8 @@
 //! Sends FHIR resources to EHR targets as transaction Bundles of idempotent upserts.
 //!
-//! Per batch and target: one `batch` read of the resources' current state, one `transaction`
-//! of `PUT` upserts for what must be written, and a `PublishResult` (no values) per resource; a
+//! Per batch and target: one `batch` read of the resources' current state ([`read`]: in put
+//! mode one search per resource type), one `transaction` of `PUT` upserts for what must be
+//! written, and a `PublishResult` (no values) per resource; a
 //! batch larger than `OHX_PUBLISH_BATCH_SIZE` goes out as several such read+transaction pairs at
 //! once (at most `OHX_PUBLISH_CONCURRENCY`). A batch keeps one record per identity, so two
 //! versions of a resource are never in flight together, and the next batch starts only once
@@ -36,6 +37,7 @@ pub mod decision;
 mod deliver;
 pub mod ehr;
 pub mod ledger;
+pub mod read;
 pub mod status;
 pub mod targets;
 
