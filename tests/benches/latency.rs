@@ -24,23 +24,6 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// User + system CPU seconds of a process of the stack (`/proc/{pid}/stat`, 10 ms ticks).
-fn cpu_seconds(stack: &Stack, name: &str) -> f64 {
-    let Ok(pid) = stack.pid_of(name) else {
-        return 0.0;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn main() -> anyhow::Result<()> {
     let rate: f64 = std::env::var("OHX_BENCH_RATE")
         .ok()
@@ -123,12 +106,12 @@ fn main() -> anyhow::Result<()> {
             std::env::var("OHX_BENCH_IDLE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0),
         );
         let names = ["tansu", "webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
-        let before: Vec<f64> = names.iter().map(|name| cpu_seconds(&stack, name)).collect();
+        let before: Vec<f64> = names.iter().map(|name| stack.cpu_seconds(name)).collect();
         tokio::time::sleep(idle).await;
         let used: Vec<String> = names
             .iter()
             .zip(&before)
-            .map(|(name, b)| format!("{name} {:.1} %", 100.0 * (cpu_seconds(&stack, name) - b) / idle.as_secs_f64()))
+            .map(|(name, b)| format!("{name} {:.1} %", 100.0 * (stack.cpu_seconds(name) - b) / idle.as_secs_f64()))
             .collect();
         println!("idle for {} s, CPU as % of one core: {}", idle.as_secs(), used.join(", "));
         stack.drop_database().await?;

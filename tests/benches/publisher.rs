@@ -604,6 +604,17 @@ async fn run(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
+    // CPU seconds of hfs, the broker and the publisher in each phase: on a small machine they
+    // share the cores, so what the publisher and the broker take, hfs cannot use.
+    let cpu = |stack: &Stack| ["hfs", "tansu", "publisher"].map(|name| stack.cpu_seconds(name));
+    let report_cpu = |phase: &str, from: [f64; 3], to: [f64; 3], resources: usize| {
+        let [hfs, tansu, publisher] = [0, 1, 2].map(|i| to[i] - from[i]);
+        println!(
+            "CPU in {phase}: hfs {hfs:.1} s ({:.2} ms per resource), broker {tansu:.1} s, publisher {publisher:.1} s",
+            1000.0 * hfs / resources as f64
+        );
+    };
+    let cpu_before = cpu(stack);
     let before = hfs_ceiling(
         &http,
         &stack.fhir_base,
@@ -613,6 +624,7 @@ async fn run(
         token.as_deref(),
     )
     .await?;
+    report_cpu("the ceiling before", cpu_before, cpu(stack), set_a.len());
     println!(
         "hfs ceiling before: {} resources in {:.1} s = {:.0} resources/s ({concurrency} transactions of {TRANSACTION_SIZE} in flight; 503/429 retried: {})",
         before.resources,
@@ -628,7 +640,9 @@ async fn run(
         topic::FHIR_OUTBOX,
         produced.elapsed().as_secs_f64()
     );
+    let cpu_before = cpu(stack);
     let published = publisher_run(stack, "ohx-b", n).await?;
+    report_cpu("the publisher's run", cpu_before, cpu(stack), n);
     // Where the publisher's time went: its calls, busy retries, target failures, batches.
     let metrics = stack
         .http
@@ -645,6 +659,8 @@ async fn run(
             "ohx_publisher_target_failures",
             "ohx_batch_duration_seconds_sum",
             "ohx_batch_duration_seconds_count",
+            "ohx_records_consumed_total",
+            "ohx_publisher_search_reads_unsettled",
         ]
         .iter()
         .any(|m| l.starts_with(m))
@@ -652,6 +668,25 @@ async fn run(
         println!("publisher metric: {line}");
     }
     stack.stop("publisher").await?;
+    // Why a target was held, from the publisher's warnings (their reasons carry statuses and
+    // issue codes only).
+    let mut warnings: BTreeMap<String, usize> = BTreeMap::new();
+    for line in std::fs::read_to_string(stack.dir.join("logs").join("publisher.log"))?.lines() {
+        if let Ok(v) = serde_json::from_str::<Value>(line)
+            && v["level"] == "WARN"
+        {
+            let reason = v["reason"].as_str().unwrap_or_default();
+            *warnings
+                .entry(format!(
+                    "{} {reason}",
+                    v["message"].as_str().unwrap_or_default()
+                ))
+                .or_default() += 1;
+        }
+    }
+    for (warning, count) in &warnings {
+        println!("publisher warning ({count}x): {warning}");
+    }
     println!(
         "publisher: {} resources in {:.1} s from its start = {:.0} resources/s (first confirmation after {:.1} s; first to last: {:.0} resources/s); outcomes {:?}",
         published.resources,
@@ -662,6 +697,7 @@ async fn run(
         published.outcomes
     );
 
+    let cpu_before = cpu(stack);
     let after = hfs_ceiling(
         &http,
         &stack.fhir_base,
@@ -671,6 +707,7 @@ async fn run(
         token.as_deref(),
     )
     .await?;
+    report_cpu("the ceiling after", cpu_before, cpu(stack), set_c.len());
     println!(
         "hfs ceiling after: {} resources in {:.1} s = {:.0} resources/s (503/429 retried: {})",
         after.resources,

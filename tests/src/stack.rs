@@ -466,6 +466,25 @@ impl Stack {
             .with_context(|| format!("{name} is not running"))
     }
 
+    /// User + system CPU seconds a running process of the stack has used (`/proc/{pid}/stat`,
+    /// 10 ms ticks); 0 if it is not running.
+    pub fn cpu_seconds(&self, name: &str) -> f64 {
+        let Ok(pid) = self.pid_of(name) else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     /// Sends a signal (`STOP`, `CONT`, `TERM`...) to a running process.
     pub fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
         let pid = self.pid_of(name)?;
