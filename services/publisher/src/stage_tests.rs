@@ -519,10 +519,24 @@ async fn test_an_r4_target_is_sent_fhir_version_4_and_an_r5_target_plain_fhir_js
 }
 
 async fn publish(p: &mut Publisher, r: Input<FhirResource>) -> Vec<(String, String)> {
+    publish_all(p, &[r]).await
+}
+
+/// Processes and applies one batch; returns its (resource id, outcome) pairs, sorted.
+async fn publish_all(p: &mut Publisher, batch: &[Input<FhirResource>]) -> Vec<(String, String)> {
     let (mut out, codec) = emitter();
-    let change = p.process(&[r], &mut out).await.unwrap();
+    let change = p.process(batch, &mut out).await.unwrap();
     p.apply(&change).await.unwrap();
     emitted(&out, &codec).await.0
+}
+
+/// The outcomes of a batch, in resource id order.
+async fn outcomes(p: &mut Publisher, batch: &[Input<FhirResource>]) -> Vec<String> {
+    publish_all(p, batch)
+        .await
+        .into_iter()
+        .map(|r| r.1)
+        .collect()
 }
 
 #[tokio::test]
@@ -568,19 +582,8 @@ async fn test_a_chunk_is_read_with_one_search_per_resource_type_and_replays_stay
     );
     let mut p = publisher(&[("a", &url)]);
     for expected in ["created", "unchanged"] {
-        let (mut out, codec) = emitter();
-        let change = p
-            .process(&three_observations_and_a_device_reference(), &mut out)
-            .await
-            .unwrap();
-        p.apply(&change).await.unwrap();
-        let outcomes: Vec<String> = emitted(&out, &codec)
-            .await
-            .0
-            .into_iter()
-            .map(|r| r.1)
-            .collect();
-        assert_eq!(outcomes, [expected; 3]);
+        let batch = three_observations_and_a_device_reference();
+        assert_eq!(outcomes(&mut p, &batch).await, [expected; 3]);
     }
     let f = lock(&a);
     assert_eq!(f.transactions, 1, "the replay wrote nothing");
@@ -606,22 +609,11 @@ async fn test_a_search_that_does_not_settle_every_id_is_read_one_by_one() {
             .map(|i| record(0, i, "a", &format!("obs-{i}"), 1, "final"))
             .collect::<Vec<_>>()
     };
-    let (mut out, _) = emitter();
-    let change = p.process(&records(), &mut out).await.unwrap();
-    p.apply(&change).await.unwrap();
+    assert_eq!(outcomes(&mut p, &records()).await, ["created"; 3]);
     // The server now pages its search answers at one match: the search alone cannot say
     // that obs-1 and obs-2 exist.
     lock(&a).search_page = Some(1);
-    let (mut out, codec) = emitter();
-    let change = p.process(&records(), &mut out).await.unwrap();
-    p.apply(&change).await.unwrap();
-    let outcomes: Vec<String> = emitted(&out, &codec)
-        .await
-        .0
-        .into_iter()
-        .map(|r| r.1)
-        .collect();
-    assert_eq!(outcomes, ["unchanged"; 3]);
+    assert_eq!(outcomes(&mut p, &records()).await, ["unchanged"; 3]);
     let f = lock(&a);
     assert_eq!(f.transactions, 1, "nothing written again");
     assert_eq!(
