@@ -153,30 +153,14 @@ impl Clock {
     fn start() -> Self {
         Self {
             wall: Instant::now(),
-            cpu: process_cpu_seconds(),
+            cpu: ohx_tests::stack::cpu_seconds_of("self"),
         }
     }
 }
 
-/// User + system CPU time of the whole process (`/proc/self/stat`, in 10 ms ticks).
-fn process_cpu_seconds() -> f64 {
-    const TICKS_PER_SECOND: f64 = 100.0;
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces): state is field 3, utime 14.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
-}
-
 fn report(stage: &str, what: &str, n: usize, started: Clock) {
     let secs = started.wall.elapsed().as_secs_f64();
-    let cpu = process_cpu_seconds() - started.cpu;
+    let cpu = ohx_tests::stack::cpu_seconds_of("self") - started.cpu;
     println!(
         "{stage:<18} {what:<58} {:>9.0} records/CPU-s {:>9.0} records/s  ({n} in {secs:.2} s, {cpu:.2} CPU-s)",
         n as f64 / cpu.max(1e-9),

@@ -469,20 +469,8 @@ impl Stack {
     /// User + system CPU seconds a running process of the stack has used (`/proc/{pid}/stat`,
     /// 10 ms ticks); 0 if it is not running.
     pub fn cpu_seconds(&self, name: &str) -> f64 {
-        let Ok(pid) = self.pid_of(name) else {
-            return 0.0;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
+        self.pid_of(name)
+            .map_or(0.0, |pid| cpu_seconds_of(&pid.to_string()))
     }
 
     /// Sends a signal (`STOP`, `CONT`, `TERM`...) to a running process.
@@ -859,6 +847,22 @@ pub async fn client_token(
         .as_str()
         .map(str::to_owned)
         .context("no access_token")
+}
+
+/// User + system CPU seconds a process has used (`/proc/{pid}/stat`, 10 ms ticks; `self`: this
+/// process); 0 if it cannot be read.
+pub fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// For benchmarks: tansu, a fresh database with the topics, and nothing else (hfs and the
