@@ -362,7 +362,9 @@ fn first_records(bootstrap: &str, topic: &str, max: usize) -> anyhow::Result<Vec
     Ok(out)
 }
 
-/// The gateway's producer (services/common/src/kafka/producer.rs).
+/// A producer like the gateway's (services/common/src/kafka/producer.rs: idempotent, acks=all)
+/// with a shorter linger (2 ms against the gateway's 5): the broker's ceiling is measured with
+/// senders that each wait for one acknowledgement at a time, so a longer linger would lower it.
 fn gateway_like_producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
