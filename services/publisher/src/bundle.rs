@@ -318,15 +318,6 @@ impl<'v, I: Iterator<Item = &'v Value> + Clone> Serialize for SeqOf<I> {
     }
 }
 
-/// A Bundle of `kind` with these entries, moved in (`json!` would copy them).
-pub(crate) fn bundle_of(kind: &str, entries: Vec<Value>) -> Value {
-    let mut bundle = Map::new();
-    bundle.insert("resourceType".into(), Value::from("Bundle"));
-    bundle.insert("type".into(), Value::from(kind));
-    bundle.insert("entry".into(), Value::Array(entries));
-    Value::Object(bundle)
-}
-
 /// `(resource type, ohx id)` of a resource ohx writes.
 pub type RefKey = (String, String);
 

@@ -1,10 +1,8 @@
 //! What an EHR holds of the resources about to be written: the read Bundles (one search per
 //! resource type in put mode, else one read per resource) and their answers.
 
-use crate::bundle::{
-    Item, OwnRef, RefKey, UpsertMode, bundle_of, stored_hash, stored_revision, upsert_url,
-};
-use serde_json::{Value, json};
+use crate::bundle::{Item, OwnRef, RefKey, UpsertMode, stored_hash, stored_revision, upsert_url};
+use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 
 /// What the server holds for a resource: its source revision and content hash (`None`:
@@ -52,11 +50,6 @@ pub fn search_bundle(keys: &[RefKey]) -> Option<Value> {
 fn ids_by_type(keys: &[RefKey]) -> Option<BTreeMap<&str, Vec<&str>>> {
     let mut by_type: BTreeMap<&str, Vec<&str>> = Default::default();
     for (resource_type, id) in keys {
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        };
         if !plain(resource_type) || !plain(id) {
             return None;
         }
@@ -66,6 +59,22 @@ fn ids_by_type(keys: &[RefKey]) -> Option<BTreeMap<&str, Vec<&str>>> {
         }
     }
     Some(by_type)
+}
+
+/// Whether `s` is a type or id that can go in a search list as it is.
+fn plain(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// A Bundle of `kind` with these entries, moved in (`json!` would copy them).
+fn bundle_of(kind: &str, entries: Vec<Value>) -> Value {
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), Value::from("Bundle"));
+    bundle.insert("type".into(), Value::from(kind));
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }
 
 /// What the server holds for each of `keys`, from the answer to [`search_bundle`]: a resource
