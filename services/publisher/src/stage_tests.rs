@@ -588,6 +588,7 @@ async fn test_a_chunk_is_read_with_one_search_per_resource_type_and_replays_stay
     let f = lock(&a);
     assert_eq!(f.transactions, 1, "the replay wrote nothing");
     assert!(f.store.values().all(|(_, version)| *version == 1));
+    assert_eq!(f.reads.len(), 2, "one read a batch");
     for read in &f.reads {
         assert_eq!(
             read,
