@@ -339,7 +339,10 @@ fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
         .set("broker.address.family", "v4")
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set(
+            "linger.ms",
+            ohx_common::kafka::producer::LINGER_MS.to_string(),
+        )
         .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "0")
         .create()?)
