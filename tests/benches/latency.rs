@@ -58,9 +58,12 @@ fn main() -> anyhow::Result<()> {
         stack.ohx_id(&["create-link", "--app", &app, "--patient", &patient, "--provider-user-id", &userid.to_string(), "--access-token", "a", "--refresh-token", "r"]).await?;
 
         let n = (rate * seconds) as i64;
+        // One reading a minute, or closer at high rates: every reading stays in the past two
+        // days (a webhook window in the future is refused).
         let base = chrono::Utc::now().timestamp() - 2 * 86_400;
+        let step = (2 * 86_400 / n.max(1)).clamp(1, 60);
         let groups: Vec<_> = (0..n).map(|i| json!({
-            "grpid": 8_000_000 + i, "attrib": 0, "date": base + i * 60, "created": base + i * 60 + 5, "modified": base + i * 60 + 5,
+            "grpid": 8_000_000 + i, "attrib": 0, "date": base + i * step, "created": base + i * step + 5, "modified": base + i * step + 5,
             "category": 1, "deviceid": "bench-bpm", "hash_deviceid": "bench-bpm", "modelid": 45, "model": "BPM Connect", "comment": null,
             "measures": [{"value": 12000 + i % 300, "type": 10, "unit": -2}, {"value": 80, "type": 9, "unit": 0}, {"value": 70, "type": 11, "unit": 0}]})).collect();
         stack.http.post(format!("{}/_sim/users/{userid}/measuregrps", stack.sim_url)).json(&json!({"measuregrps": groups})).send().await?;
@@ -73,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             tokio::time::sleep_until(due.into()).await;
             let http = stack.http.clone();
             let url = format!("{gateway}/webhooks/withings?token=bench-token");
-            let t = base + i * 60;
+            let t = base + i * step;
             tasks.push(tokio::spawn(async move {
                 let r = http.post(url).form(&[("userid", userid.to_string()), ("appli", "4".into()), ("startdate", t.to_string()), ("enddate", t.to_string())]).send().await?;
                 anyhow::ensure!(r.status().is_success(), "webhook {}", r.status());
