@@ -228,7 +228,7 @@ fn items(prefix: char, n: usize, now_ms: i64) -> anyhow::Result<Vec<Item>> {
                 hash: content_hash_of(&resource)?,
                 bytes: resource.to_string().len(),
                 resource_id: id,
-                resource,
+                resource: resource.into(),
                 revision: 1,
             })
         })

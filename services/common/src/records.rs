@@ -367,15 +367,12 @@ pub fn content_hash(resource_json: &str) -> Result<String, serde_json::Error> {
     }
 }
 
-/// [`content_hash`] of a text the caller has parsed already (into `parsed`), so it is neither
-/// validated nor parsed again.
-pub fn content_hash_parsed(
-    resource_json: &str,
-    parsed: &serde_json::Value,
-) -> Result<String, serde_json::Error> {
+/// [`content_hash`] of a text the caller has checked to be JSON already: not validated again,
+/// and parsed only when it is not canonical.
+pub fn content_hash_checked(resource_json: &str) -> Result<String, serde_json::Error> {
     match canonical_members(resource_json) {
         Some(members) => Ok(hash_members(&members)),
-        None => content_hash_of(parsed),
+        None => content_hash_of(&serde_json::from_str(resource_json)?),
     }
 }
 
@@ -574,7 +571,7 @@ mod tests {
             }
             assert_eq!(content_hash(&canonical).unwrap(), expected, "{canonical}");
             assert_eq!(
-                content_hash_parsed(&canonical, &value).unwrap(),
+                content_hash_checked(&canonical).unwrap(),
                 expected,
                 "{canonical}"
             );
@@ -587,11 +584,7 @@ mod tests {
             assert_eq!(content_hash(&shuffled).unwrap(), expected, "{shuffled}");
             let pretty = serde_json::to_string_pretty(&value).unwrap();
             assert_eq!(content_hash(&pretty).unwrap(), expected, "{pretty}");
-            assert_eq!(
-                content_hash_parsed(&pretty, &value).unwrap(),
-                expected,
-                "{pretty}"
-            );
+            assert_eq!(content_hash_checked(&pretty).unwrap(), expected, "{pretty}");
         }
         assert!(
             canonical_fast > 200,

@@ -2,6 +2,7 @@
 //! and their answers, references to resources ohx writes (reads: [`crate::read`]).
 
 use crate::auth::WRITTEN_TYPES;
+pub use crate::resource::Resource;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::{Map, Value, json};
@@ -32,7 +33,7 @@ pub enum UpsertMode {
 pub struct Item {
     pub resource_type: String,
     pub resource_id: String,
-    pub resource: Value,
+    pub resource: Resource,
     pub hash: String,
     /// The content's source revision (0: unknown).
     pub revision: i64,
@@ -91,9 +92,9 @@ pub fn upsert_url(item: &Item, mode: UpsertMode) -> Result<String, String> {
     match mode {
         UpsertMode::Put => Ok(format!("{}/{}", item.resource_type, item.resource_id)),
         UpsertMode::Conditional => {
-            let ident = item
-                .resource
-                .get("identifier")
+            let identifiers = item.resource.member("identifier");
+            let ident = identifiers
+                .as_ref()
                 .and_then(|i| i.get(0))
                 .ok_or("resource has no identifier for a conditional upsert")?;
             let system = ident
@@ -181,7 +182,7 @@ pub fn transaction_bundle<'a>(
             let resource = match mode {
                 UpsertMode::Put => Cow::Borrowed(&i.resource),
                 UpsertMode::Conditional => {
-                    let mut resource = i.resource.clone();
+                    let mut resource = i.resource.to_value();
                     if let Some(object) = resource.as_object_mut() {
                         object.remove("id");
                     }
@@ -192,7 +193,7 @@ pub fn transaction_bundle<'a>(
                             .cloned()
                             .unwrap_or_else(|| r.conditional())
                     });
-                    Cow::Owned(resource)
+                    Cow::Owned(Resource::from(resource))
                 }
             };
             Ok(TransactionEntry {
@@ -240,28 +241,36 @@ struct Request {
     url: String,
 }
 
-/// A resource serialized as [`with_tags`] would return it, without copying it.
+/// A resource serialized as [`with_tags`] would return it, without copying it: its members
+/// written as they came, but `meta`.
 #[derive(Debug)]
 struct Tagged<'a> {
-    resource: Cow<'a, Value>,
+    resource: Cow<'a, Resource>,
     hash: &'a str,
     revision: i64,
 }
 
 impl Serialize for Tagged<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let Some(object) = self.resource.as_object() else {
-            return self.resource.serialize(s);
-        };
-        let meta = object.get("meta");
-        let mut map = s.serialize_map(Some(object.len() + usize::from(meta.is_none())))?;
-        for (key, value) in object {
-            match (key.as_str(), value.as_object()) {
-                ("meta", Some(meta)) => map.serialize_entry(key, &TaggedMeta { meta, of: self })?,
+        let has_meta = self.resource.contains("meta");
+        let mut map = s.serialize_map(Some(self.resource.len() + usize::from(!has_meta)))?;
+        for (key, value) in self.resource.members() {
+            if key != "meta" {
+                map.serialize_entry(key, value)?;
+                continue;
+            }
+            match self.resource.member("meta") {
+                Some(Value::Object(meta)) => map.serialize_entry(
+                    key,
+                    &TaggedMeta {
+                        meta: &meta,
+                        of: self,
+                    },
+                )?,
                 _ => map.serialize_entry(key, value)?,
             }
         }
-        if meta.is_none() {
+        if !has_meta {
             map.serialize_entry(
                 "meta",
                 &TaggedMeta {
@@ -371,6 +380,19 @@ pub fn own_references(resource: &Value, types: &[&str]) -> Vec<OwnRef> {
     }
     let mut out = Vec::new();
     walk(resource, types, &mut out);
+    out
+}
+
+/// [`own_references`] of a resource, parsing only the members that may hold a reference.
+pub fn resource_references(resource: &Resource, types: &[&str]) -> Vec<OwnRef> {
+    let mut out = Vec::new();
+    for (_, member) in resource.members_holding("\"reference\"") {
+        for r in own_references(&member, types) {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
     out
 }
 
@@ -544,7 +566,8 @@ pub(crate) mod tests {
             resource_id: id.into(),
             resource: json!({"resourceType": "Observation", "id": id, "status": "final",
                 "identifier": [{"system": "https://ohx.example/fhir/sid/observation", "value": "withings-1-2 bp"}],
-                "meta": {"source": "https://ohx.example/fhir/source/withings"}}),
+                "meta": {"source": "https://ohx.example/fhir/source/withings"}})
+            .into(),
             hash: "abc".into(),
             revision: 12,
         }
@@ -566,11 +589,11 @@ pub(crate) mod tests {
     #[test]
     fn test_tags_set_once_and_read_back() {
         let i = item("x");
-        let tagged = with_tags(&with_tags(&i.resource, "old", 1), "new", 2);
+        let tagged = with_tags(&with_tags(&i.resource.to_value(), "old", 1), "new", 2);
         assert_eq!(stored_hash(&tagged), Some("new"));
         assert_eq!(stored_revision(&tagged), 2);
         assert_eq!(tagged["meta"]["tag"].as_array().unwrap().len(), 2);
-        assert_eq!(stored_revision(&i.resource), 0);
+        assert_eq!(stored_revision(&i.resource.to_value()), 0);
         assert_eq!(
             tagged["meta"]["source"],
             "https://ohx.example/fhir/source/withings"
@@ -595,7 +618,7 @@ pub(crate) mod tests {
         ];
         for resource in resources {
             let i = Item {
-                resource: resource.clone(),
+                resource: resource.clone().into(),
                 ..item("a")
             };
             assert_eq!(
@@ -632,21 +655,27 @@ pub(crate) mod tests {
             resource_type: "Device".into(),
             resource_id: "dev-1".into(),
             resource: json!({"resourceType": "Device", "id": "dev-1",
-                "identifier": [{"system": DEVICE_SYSTEM, "value": "withings-abc"}]}),
+                "identifier": [{"system": DEVICE_SYSTEM, "value": "withings-abc"}]})
+            .into(),
             hash: "d".into(),
             revision: 0,
         };
         let mut obs = item("obs-1");
-        obs.resource["device"] = json!({"reference": "Device/dev-1",
-            "identifier": {"system": DEVICE_SYSTEM, "value": "withings-abc"}});
-        obs.resource["subject"] = json!({"reference": "Patient/7"});
+        obs.resource.set(
+            "device",
+            json!({"reference": "Device/dev-1",
+                "identifier": {"system": DEVICE_SYSTEM, "value": "withings-abc"}}),
+        );
+        obs.resource
+            .set("subject", json!({"reference": "Patient/7"}));
         (device, obs)
     }
 
     #[test]
     fn test_own_references_are_those_to_written_types_that_name_their_identifier() {
         let (_, obs) = device_and_observation();
-        let refs = own_references(&obs.resource, WRITTEN_TYPES);
+        let refs = own_references(&obs.resource.to_value(), WRITTEN_TYPES);
+        assert_eq!(resource_references(&obs.resource, WRITTEN_TYPES), refs);
         assert_eq!(
             refs,
             [OwnRef {
@@ -663,8 +692,9 @@ pub(crate) mod tests {
             "Device?identifier=https://ohx.example/fhir/sid/device%7Cwithings-abc"
         );
         let mut bare = obs.resource.clone();
-        bare["device"] = json!({"reference": "Device/dev-1"});
-        assert!(own_references(&bare, WRITTEN_TYPES).is_empty());
+        bare.set("device", json!({"reference": "Device/dev-1"}));
+        assert!(own_references(&bare.to_value(), WRITTEN_TYPES).is_empty());
+        assert!(resource_references(&bare, WRITTEN_TYPES).is_empty());
     }
 
     #[test]
@@ -673,7 +703,10 @@ pub(crate) mod tests {
         let bundle = tx(&[&obs], UpsertMode::Put, &HashMap::new());
         let sent = &bundle["entry"][0]["resource"];
         assert_eq!(sent["id"], "obs-1");
-        assert_eq!(sent["device"], obs.resource["device"]);
+        assert_eq!(
+            Some(&sent["device"]),
+            obs.resource.member("device").as_ref()
+        );
         let both = tx(&[&device, &obs], UpsertMode::Put, &HashMap::new());
         assert_eq!(
             both["entry"][1]["resource"]["device"]["reference"],

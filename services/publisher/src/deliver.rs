@@ -1,16 +1,15 @@
 //! Delivering one target's records: results, dead letters and the breaker's new state.
 
 use crate::breaker::{Breaker, Failure};
-use crate::bundle::{self, Item};
+use crate::bundle::{self, Item, Resource};
 use crate::ehr::{self, ItemResult};
 use crate::targets::{Configured, Entry, Target};
 use crate::{Change, Publisher, Tracked, classify};
 use ohx_common::kafka::{Emitter, Input, StageError};
-use ohx_common::records::{FhirResource, PublishResult, content_hash_parsed, topic};
+use ohx_common::records::{FhirResource, PublishResult, content_hash_checked, topic};
 use ohx_common::trace;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -287,16 +286,16 @@ impl Publisher {
 
 /// Parses and hashes a resource and checks it can be addressed (`Err`: dead letter).
 pub fn item_of(r: &FhirResource, mode: bundle::UpsertMode) -> Result<Item, String> {
-    // Parsed once (which checks it), then hashed from its text (the mapper's canonical JSON
-    // hashes without re-serializing).
-    let parsed: Value =
-        serde_json::from_str(&r.resource).map_err(|e| format!("resource is not JSON: {e}"))?;
-    let hash = content_hash_parsed(&r.resource, &parsed)
-        .map_err(|e| format!("resource is not JSON: {e}"))?;
+    // Parsed into its members once (which checks it), then hashed from its text (the mapper's
+    // canonical JSON hashes without re-serializing).
+    let resource =
+        Resource::parse(&r.resource).map_err(|e| format!("resource is not a JSON object: {e}"))?;
+    let hash =
+        content_hash_checked(&r.resource).map_err(|e| format!("resource is not JSON: {e}"))?;
     let item = Item {
         resource_type: r.resource_type.clone(),
         resource_id: r.resource_id.clone(),
-        resource: parsed,
+        resource,
         hash,
         revision: r.source_revision,
         bytes: r.resource.len(),

@@ -451,7 +451,7 @@ impl Ehr {
             .collect();
         let item_refs: Vec<Vec<OwnRef>> = items
             .iter()
-            .map(|i| bundle::own_references(&i.resource, WRITTEN_TYPES))
+            .map(|i| bundle::resource_references(&i.resource, WRITTEN_TYPES))
             .collect();
         let outside: Vec<OwnRef> = item_refs
             .iter()

@@ -38,6 +38,7 @@ mod deliver;
 pub mod ehr;
 pub mod ledger;
 pub mod read;
+pub mod resource;
 pub mod status;
 pub mod targets;
 

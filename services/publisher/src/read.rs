@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn test_read_bundle_reads_the_items_then_the_referenced_resources() {
         let (device, obs) = device_and_observation();
-        let refs = own_references(&obs.resource, WRITTEN_TYPES);
+        let refs = own_references(&obs.resource.to_value(), WRITTEN_TYPES);
         let read = read_bundle(&[&obs], &refs, UpsertMode::Conditional).unwrap();
         let urls: Vec<&str> = read["entry"]
             .as_array()
@@ -232,11 +232,11 @@ mod tests {
     #[test]
     fn test_parse_read_responses() {
         let read = json!({"entry": [
-            {"response": {"status": "200 OK"}, "resource": with_tags(&item("a").resource, "h1", 5)},
+            {"response": {"status": "200 OK"}, "resource": with_tags(&item("a").resource.to_value(), "h1", 5)},
             {"response": {"status": "404 Not Found"}},
-            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_tags(&item("c").resource, "h3", 0)}]}},
+            {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "entry": [{"resource": with_tags(&item("c").resource.to_value(), "h3", 0)}]}},
             {"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset"}},
-            {"response": {"status": "200 OK"}, "resource": item("e").resource},
+            {"response": {"status": "200 OK"}, "resource": item("e").resource.to_value()},
             {"response": {"status": "500 Internal Server Error"}}]});
         let state = |revision, hash: Option<&str>, id: &str| {
             Ok(Some(ServerState {
@@ -301,7 +301,7 @@ mod tests {
         let device = json!({"resourceType": "Device", "id": "d"});
         let outcome = json!({"resourceType": "OperationOutcome", "id": "a"});
         let answer = json!({"entry": [set(vec![device.clone()]),
-                                      set(vec![with_tags(&item("b").resource, "h", 7), outcome])]});
+                                      set(vec![with_tags(&item("b").resource.to_value(), "h", 7), outcome])]});
         assert_eq!(
             states_from_search(&answer, &k),
             Some(vec![
