@@ -6,7 +6,8 @@
 //! Run: `cargo build --release --workspace --bins && OHX_BIN_DIR=target/release cargo bench -p ohx-tests --bench latency`
 //! Then, with every stage idle, the CPU the broker and each stage burn over
 //! `OHX_BENCH_IDLE_SECONDS` (default 30).
-//! Settings: `OHX_BENCH_RATE` webhooks/s (default 5), `OHX_BENCH_SECONDS` (default 60).
+//! Settings: `OHX_BENCH_RATE` webhooks/s (default 5), `OHX_BENCH_SECONDS` (default 60), and
+//! `OHX_FETCH_WAIT_MS` passed to every stage when set (the local stack's default is 50 ms).
 
 use anyhow::ensure;
 use ohx_common::codec::Codec;
@@ -39,9 +40,19 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let options = StackOptions {
             sim_rate_limit_per_minute: Some(per_minute as u32),
-            stage_env: vec![("OHX_WITHINGS_RATE_PER_MINUTE".into(), per_minute.to_string())],
+            stage_env: [("OHX_WITHINGS_RATE_PER_MINUTE".to_owned(), per_minute.to_string())]
+                .into_iter()
+                .chain(std::env::var("OHX_FETCH_WAIT_MS").ok().map(|v| ("OHX_FETCH_WAIT_MS".to_owned(), v)))
+                .collect(),
         };
         let stack = Stack::start_with(options).await?;
+        let names = ["tansu", "hfs", "withings-sim", "webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
+        let cpu = |stack: &Stack| -> Vec<f64> { names.iter().map(|name| stack.cpu_seconds(name)).collect() };
+        let used = |before: &[f64], after: &[f64], over: Duration| -> String {
+            names.iter().zip(before.iter().zip(after))
+                .map(|(name, (b, a))| format!("{name} {:.1} %", 100.0 * (a - b) / over.as_secs_f64()))
+                .collect::<Vec<_>>().join(", ")
+        };
         let org = stack.ohx_id(&["create-org", "--name", "Bench"]).await?;
         let target = stack.ohx_id(&["create-target", "--org", &org, "--name", "hfs", "--base-url", &stack.fhir_base]).await?;
         let app = stack
@@ -69,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         stack.http.post(format!("{}/_sim/users/{userid}/measuregrps", stack.sim_url)).json(&json!({"measuregrps": groups})).send().await?;
 
         let gateway = stack.http_of("webhook-gateway")?;
+        let cpu_before = cpu(&stack);
         let started = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..n {
@@ -88,6 +100,8 @@ fn main() -> anyhow::Result<()> {
         }
         let sent_in = started.elapsed();
         wait_settled(&stack.kafka, Duration::from_secs(600)).await?;
+        let busy = started.elapsed();
+        let cpu_busy = used(&cpu_before, &cpu(&stack), busy);
         let codec = Codec::embedded()?;
         let mut latencies = Vec::new();
         for (_, payload) in read_all(&stack.kafka, topic::PUBLISH_RESULTS)? {
@@ -102,21 +116,16 @@ fn main() -> anyhow::Result<()> {
             "webhook -> FHIR confirmed latency: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
             percentile(&latencies, 0.5), percentile(&latencies, 0.9), percentile(&latencies, 0.99), latencies.last().copied().unwrap_or(0)
         );
+        println!("from the first webhook until every stage was idle ({:.1} s), CPU as % of one core: {cpu_busy}", busy.as_secs_f64());
         ensure!(latencies.len() as i64 >= 2 * n, "expected {} observations, saw {}", 2 * n, latencies.len());
 
         // Idle cost: with nothing to do, how much CPU the broker and each stage burn.
         let idle = Duration::from_secs_f64(
             std::env::var("OHX_BENCH_IDLE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0),
         );
-        let names = ["tansu", "webhook-gateway", "fetcher", "hourly-aggregator", "fhir-mapper", "deduplicator", "publisher"];
-        let before: Vec<f64> = names.iter().map(|name| stack.cpu_seconds(name)).collect();
+        let before = cpu(&stack);
         tokio::time::sleep(idle).await;
-        let used: Vec<String> = names
-            .iter()
-            .zip(&before)
-            .map(|(name, b)| format!("{name} {:.1} %", 100.0 * (stack.cpu_seconds(name) - b) / idle.as_secs_f64()))
-            .collect();
-        println!("idle for {} s, CPU as % of one core: {}", idle.as_secs(), used.join(", "));
+        println!("idle for {} s, CPU as % of one core: {}", idle.as_secs(), used(&before, &cpu(&stack), idle));
         stack.drop_database().await?;
         anyhow::Ok(())
     })

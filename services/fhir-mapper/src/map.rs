@@ -284,10 +284,17 @@ fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out
 /// SHA-256 over `{resource_type}|{system}|{value}` (36 characters, matching FHIR's id pattern
 /// `[A-Za-z0-9\-\.]{1,64}`; the prefix keeps ids from being all digits).
 pub fn resource_id(resource_type: &str, system: &str, value: &str) -> String {
-    let digest = Sha256::digest(format!("{resource_type}|{system}|{value}").as_bytes());
-    let mut hex = hex::encode(digest);
-    hex.truncate(ID_HASH_HEX_LEN);
-    format!("{ID_PREFIX}{hex}")
+    let digest = Sha256::new()
+        .chain_update(resource_type)
+        .chain_update("|")
+        .chain_update(system)
+        .chain_update("|")
+        .chain_update(value)
+        .finalize();
+    let mut id = String::with_capacity(ID_PREFIX.len() + ID_HASH_HEX_LEN);
+    id.push_str(ID_PREFIX);
+    id.push_str(&hex::encode(&digest[..ID_HASH_HEX_LEN / 2]));
+    id
 }
 
 /// `identifier.value` of the Observation of a Measurement:
